@@ -1,0 +1,1 @@
+"""Example federations that ship with fedray (workloads, not library code)."""

@@ -1,0 +1,92 @@
+"""The gRPC face of a combiner: a thin adapter from RPCs to ``CombinerCore`` calls.
+
+Protocol errors from the network are answered with a status and a public message; they
+never reach the core as exceptions and never stop the server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from fedray.actors.combiner_core import CombinerCore
+from fedray.errors import UpdateRejected
+from fedray.proto import fedray_v1_pb2 as pb
+from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.wire import from_struct, header_from_proto, task_to_proto, validation_from_proto
+
+log = logging.getLogger(__name__)
+
+
+class CombinerServicer(pb_grpc.CombinerServicer):
+    def __init__(self, core: CombinerCore, packages: dict[str, bytes] | None = None) -> None:
+        self.core = core
+        self.packages = packages if packages is not None else {}
+
+    async def Join(self, request: pb.JoinRequest, context):
+        if not request.client_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is required")
+        if request.client_id not in self.core.clients and not self.core.accepts_clients():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"combiner {self.core.name} is full; ask the gateway again")
+        async for task in self.core.join(request.client_id, request.name or request.client_id):
+            yield task_to_proto(task)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        known = self.core.heartbeat(request.client_id, request.status)
+        return pb.HeartbeatReply(interval_s=self.core.settings.heartbeat_interval_s, known=known)
+
+    async def FetchModel(self, request: pb.FetchModelRequest, context):
+        try:
+            chunks = self.core.model_chunks(request.model_id)
+            first = next(chunks)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model {request.model_id[:12]} is not served by this combiner")
+        for chunk, offset, total in _prepend(first, chunks):
+            yield pb.Chunk(data=bytes(chunk), offset=offset, total_size=total)
+
+    async def FetchPackage(self, request: pb.FetchPackageRequest, context):
+        data = self.packages.get(request.sha256)
+        if data is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no package {request.sha256[:12]}")
+        step = self.core.settings.chunk_kib * 1024
+        for offset in range(0, max(len(data), 1), step):
+            yield pb.Chunk(data=data[offset : offset + step], offset=offset, total_size=len(data))
+
+    async def PushUpdate(self, request_iterator, context) -> pb.PushReply:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            return pb.PushReply(accepted=False, reason="malformed: the first part must be a header")
+        header = header_from_proto(first.header, first.header.client_id)
+
+        async def chunks():
+            async for part in request_iterator:
+                if part.WhichOneof("part") != "chunk":
+                    raise UpdateRejected("malformed", "only chunks may follow the header")
+                yield part.chunk.data, part.chunk.offset
+
+        accepted, reason = await self.core.push_update(header, chunks())
+        return pb.PushReply(accepted=accepted, reason=reason)
+
+    async def PushValidation(self, request: pb.ValidationReport, context) -> pb.Ack:
+        accepted, reason = self.core.push_validation(validation_from_proto(request, request.client_id))
+        if not accepted:
+            log.info("validation from %s refused: %s", request.client_id, reason)
+        return pb.Ack()
+
+    async def PushEvent(self, request: pb.EventReport, context) -> pb.Ack:
+        level = request.level if request.level in {"debug", "info", "warning", "error"} else "info"
+        message = request.message[:2000]
+        if request.task_id and level == "error":
+            self.core.task_failed(request.client_id, request.task_id, message)
+        else:
+            self.core.listener.event(level, f"client {request.client_id}: {message}",
+                                     client_id=request.client_id, data=from_struct(request.data))
+        return pb.Ack()
+
+
+def _prepend(first, rest):
+    yield first
+    yield from rest

@@ -1,0 +1,143 @@
+"""The controller Ray actor: owns sessions, reduces across combiners, hosts the gateway.
+
+A named, detached actor in the federation's namespace. The gateway (client discovery) is a
+grpc.aio server in the actor's own event loop; sessions run as asyncio tasks beside it.
+`fedray run` follows progress through ``watch``, which returns as soon as the status
+changes instead of being polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+import grpc
+import numpy as np
+import ray
+
+from fedray.actors.combiner import advertised_host
+from fedray.actors.grpc_server import start_server
+from fedray.actors.messages import RoundResult, RoundSpec
+from fedray.actors.observers import TrackingObserver
+from fedray.actors.session_runner import SessionRunner, SessionStatus
+from fedray.config import FederationConfig
+from fedray.errors import SessionError
+from fedray.policy import pick_combiner
+from fedray.proto import fedray_v1_pb2 as pb
+from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.storage import open_model_store
+
+log = logging.getLogger(__name__)
+
+
+class RayCombinerPool:
+    """The controller's view of its combiners, through Ray actor handles looked up by name."""
+
+    def __init__(self, names: list[str], namespace: str) -> None:
+        self.names = names
+        self.namespace = namespace
+
+    def handle(self, name: str):
+        return ray.get_actor(name, namespace=self.namespace)
+
+    async def _ask(self, name: str, method: str, *args: Any) -> Any:
+        return await getattr(self.handle(name), method).remote(*args)
+
+    async def online(self) -> dict[str, list[str]]:
+        answers = await asyncio.gather(*(self._ask(n, "online_clients") for n in self.names),
+                                       return_exceptions=True)
+        return {n: a for n, a in zip(self.names, answers, strict=True) if isinstance(a, list)}
+
+    async def loads(self) -> dict[str, tuple[int, str]]:
+        answers = await asyncio.gather(*(self._ask(n, "info") for n in self.names),
+                                       return_exceptions=True)
+        return {n: (a["load"], a["address"]) for n, a in zip(self.names, answers, strict=True)
+                if isinstance(a, dict)}
+
+    def put_model(self, data: bytes) -> Any:
+        # One copy in the object store per round; every combiner gets the same ref.
+        return ray.put(np.frombuffer(data, dtype=np.uint8))
+
+    async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult:
+        return await self.handle(combiner).run_round.remote(spec, model_ref)
+
+
+class GatewayServicer(pb_grpc.GatewayServicer):
+    def __init__(self, pool: RayCombinerPool, max_clients: int) -> None:
+        self.pool = pool
+        self.max_clients = max_clients
+
+    async def Assign(self, request: pb.AssignRequest, context) -> pb.Assignment:
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a client needs a name")
+        loads = await self.pool.loads()
+        choice = pick_combiner({n: c for n, (c, _) in loads.items()}, self.max_clients,
+                               avoid=request.previous_combiner)
+        if choice is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no combiner accepts clients now")
+        return pb.Assignment(client_id=request.name, combiner=choice, address=loads[choice][1])
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class Controller:
+    def __init__(self, config: FederationConfig, combiner_names: list[str], token: str | None,
+                 tracking_uri: str | None) -> None:
+        self.config = config
+        self.pool = RayCombinerPool(combiner_names, config.namespace)
+        self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller")
+        self.store = open_model_store(config.storage.uri, config.resolved_data_dir())
+        self.sessions: dict[str, asyncio.Task[SessionStatus]] = {}
+        self.status: SessionStatus | None = None
+        self._version = 0
+        self._changed = asyncio.Condition()
+        self._ready = asyncio.ensure_future(self._serve(token))
+
+    async def _serve(self, token: str | None) -> dict[str, Any]:
+        c = self.config.controller
+
+        def register(server):
+            servicer = GatewayServicer(self.pool, self.config.combiners.max_clients)
+            pb_grpc.add_GatewayServicer_to_server(servicer, server)
+
+        self._server, bound = await start_server(register, c.host, c.port, token)
+        return {"address": f"{advertised_host(c.host, self.config.combiners.advertise)}:{bound}",
+                "port": bound}
+
+    async def ready(self) -> dict[str, Any]:
+        return await self._ready
+
+    async def _notify(self, status: SessionStatus) -> None:
+        async with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    def _on_change(self, status: SessionStatus) -> None:
+        self.status = status
+        asyncio.ensure_future(self._notify(status))
+
+    async def start_session(self, seed_model_id: str) -> str:
+        running = [s for s, t in self.sessions.items() if not t.done()]
+        if running:
+            raise SessionError(f"session {running[0]} is still running; wait for it to end")
+        session_id = uuid.uuid4().hex[:16]
+        runner = SessionRunner(self.config.federation, session_id, self.config.session, self.pool,
+                               self.store, self.observer, self._on_change)
+        self.status = runner.status
+        self.sessions[session_id] = asyncio.ensure_future(runner.run(seed_model_id))
+        return session_id
+
+    async def watch(self, version: int, timeout_s: float = 5.0) -> tuple[int, dict[str, Any] | None]:
+        """Return (version, status) once the status is newer than ``version``, or on timeout."""
+        async with self._changed:
+            if self._version <= version:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout_s)
+            return self._version, asdict(self.status) if self.status else None
+
+    async def stop(self) -> None:
+        await self._server.stop(grace=1.0)
+        await asyncio.to_thread(self.observer.close)

@@ -1,0 +1,93 @@
+"""Typed values that cross module lines between controller, combiners and the gRPC adapter.
+
+These are plain frozen dataclasses (picklable by Ray, independent of protobuf), so the
+combiner core and the controller never import grpc; the servicer converts at the edge.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedray.aggregators.base import Partial
+
+
+class TaskKind(enum.StrEnum):
+    TRAIN = "train"
+    VALIDATE = "validate"
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    task_id: str
+    kind: TaskKind
+    session_id: str
+    round: int
+    model_id: str
+    model_size: int
+    config: dict[str, Any]
+    deadline_unix: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateHeader:
+    client_id: str
+    task_id: str
+    session_id: str
+    round: int
+    model_id: str
+    num_examples: int
+    metrics: dict[str, Any]
+    size: int
+    sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationReport:
+    client_id: str
+    task_id: str
+    session_id: str
+    round: int
+    model_id: str
+    num_examples: int
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSpec:
+    """The controller's order to one combiner for one round (or validation pass)."""
+
+    session_id: str
+    round: int
+    kind: TaskKind
+    clients: tuple[str, ...]
+    config: dict[str, Any]
+    timeout_s: float
+    aggregator: str = "fedavg"
+    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.session_id, self.round, self.kind.value)
+
+
+@dataclass(slots=True)
+class RoundResult:
+    """What a combiner returns for its share of a round."""
+
+    combiner: str
+    session_id: str
+    round: int
+    asked: int
+    updates: int
+    rejected: int
+    failed: int
+    close_reason: str
+    seconds: float
+    bytes_in: int
+    bytes_out: int
+    aggregation_s: float
+    partial: Partial | None = None
+    validations: list[ValidationReport] = field(default_factory=list)
+    rejections: dict[str, int] = field(default_factory=dict)

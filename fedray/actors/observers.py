@@ -1,0 +1,49 @@
+"""Tracking as a callback: actors report what happens, this turns it into tracking writes.
+
+Writes go through ``TrackingWriter``'s background thread, so an actor's event loop never
+waits on the database and a slow or restarting tracking server never stops a round.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fedray.tracking.store import TrackingStore
+from fedray.tracking.writer import TrackingWriter
+
+log = logging.getLogger(__name__)
+
+
+class TrackingObserver:
+    def __init__(self, uri: str | None, database: str, source: str, combiner: str = "") -> None:
+        self.source = source
+        self.combiner = combiner
+        self.writer = TrackingWriter(lambda: TrackingStore.from_uri(uri, database)) if uri else None
+
+    def write(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.writer is not None:
+            self.writer.submit(method, *args, **kwargs)
+
+    def event(self, level: str, message: str, **data: Any) -> None:
+        log.log(logging.getLevelName(level.upper()), "%s: %s", self.source, message)
+        session_id = data.pop("session_id", None)
+        round_ = data.pop("round", None)
+        self.write("event", level, self.source, message, session_id=session_id, round=round_,
+                   data=data or None)
+
+    def client_status(self, client_id: str, name: str, status: str) -> None:
+        self.write("upsert_client", client_id, name=name, combiner=self.combiner, status=status)
+
+    def combiner_status(self, address: str, status: str, restarted: bool = False) -> None:
+        self.write("upsert_combiner", self.combiner, address=address, status=status)
+        if restarted:
+            self.write("increment_combiner_restarts", self.combiner)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        if self.writer is not None:
+            self.writer.flush(timeout)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,243 @@
+"""One training session, round by round: select, dispatch, reduce, commit, validate.
+
+Runs inside the controller actor's event loop. Combiners are reached only through the
+``CombinerPool`` callables, the model store and tracking through their interfaces, so the
+loop itself holds the policy of a session and none of the plumbing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from fedray.actors.messages import RoundResult, RoundSpec, TaskKind
+from fedray.actors.observers import TrackingObserver
+from fedray.aggregators import make_aggregator
+from fedray.aggregators.base import Partial, fold_metrics
+from fedray.config import SessionConfig
+from fedray.errors import SessionError
+from fedray.policy import clients_wanted, round_verdict, select_clients
+from fedray.serialization import decode, encode, read_layout
+from fedray.states import RoundState, SessionState, next_round_state, next_session_state
+from fedray.storage.base import ModelStore
+
+log = logging.getLogger(__name__)
+
+RPC_GRACE_S = 30.0  # how long past a round's deadline a combiner may take to answer
+
+
+class CombinerPool(Protocol):
+    async def online(self) -> dict[str, list[str]]: ...
+    def put_model(self, data: bytes) -> Any: ...
+    async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult: ...
+
+
+@dataclass
+class SessionStatus:
+    """What `fedray run` shows while a session runs; sent as a plain dict."""
+
+    session_id: str
+    state: str = SessionState.CREATED.value
+    rounds_planned: int = 0
+    rounds_done: int = 0
+    round: int = 0
+    round_state: str = ""
+    clients_online: int = 0
+    model_id: str = ""
+    reason: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SessionRunner:
+    def __init__(self, federation: str, session_id: str, settings: SessionConfig, pool: CombinerPool,
+                 store: ModelStore, observer: TrackingObserver,
+                 on_change: Callable[[SessionStatus], Awaitable[None] | None]) -> None:
+        self.federation = federation
+        self.settings = settings
+        self.pool = pool
+        self.store = store
+        self.observer = observer
+        self.on_change = on_change
+        self.aggregator = make_aggregator(settings.aggregator, settings.aggregator_kwargs)
+        self.status = SessionStatus(session_id=session_id, rounds_planned=settings.rounds)
+        self._state = SessionState.CREATED
+
+    @property
+    def session_id(self) -> str:
+        return self.status.session_id
+
+    def _changed(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            setattr(self.status, name, value)
+        self.on_change(self.status)
+
+    def _move(self, state: SessionState, **fields: Any) -> None:
+        self._state = next_session_state(self._state, state)
+        self.observer.write("update_session", self.session_id, status=state.value, **fields)
+        self._changed(state=state.value)
+
+    async def run(self, seed_model_id: str) -> SessionStatus:
+        self.observer.write("create_session", self.session_id, self.federation,
+                            self.settings_dict(), self.settings.rounds, seed_model_id)
+        self.observer.event("info", f"session {self.session_id} created",
+                            session_id=self.session_id)
+        try:
+            model = await asyncio.to_thread(self.store.get, seed_model_id)
+            self._changed(model_id=seed_model_id)
+            for number in range(1, self.settings.rounds + 1):
+                await self._wait_for_clients()
+                model = await self._round(number, model)
+            self._move(SessionState.FINISHED, rounds_done=self.status.rounds_done,
+                       model_id=self.status.model_id)
+            self.observer.event("info", f"session {self.session_id} finished after "
+                                f"{self.status.rounds_done} rounds", session_id=self.session_id)
+        except (SessionError, Exception) as exc:  # noqa: BLE001 - every failure ends the session
+            reason = str(exc) if isinstance(exc, SessionError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, SessionError):
+                log.exception("session %s crashed", self.session_id)
+            self.status.reason = reason
+            self._move(SessionState.FAILED, reason=reason)
+            self.observer.event("error", f"session {self.session_id} failed: {reason}",
+                                session_id=self.session_id)
+        return self.status
+
+    def settings_dict(self) -> dict[str, Any]:
+        return asdict(self.settings)
+
+    async def _wait_for_clients(self) -> None:
+        give_up = time.monotonic() + self.settings.wait_for_clients_s
+        announced = False
+        while True:
+            online = await self.pool.online()
+            count = sum(len(c) for c in online.values())
+            self._changed(clients_online=count)
+            if count >= self.settings.min_clients:
+                if self._state is not SessionState.RUNNING:
+                    self._move(SessionState.RUNNING)
+                return
+            if not announced:
+                if self._state is not SessionState.WAITING:
+                    self._move(SessionState.WAITING)
+                self.observer.event("info", f"waiting for clients: {count} of "
+                                    f"{self.settings.min_clients} connected", session_id=self.session_id)
+                announced = True
+            if time.monotonic() > give_up:
+                raise SessionError(f"only {count} client(s) connected within "
+                                   f"{self.settings.wait_for_clients_s:g}s; session.min_clients is "
+                                   f"{self.settings.min_clients}")
+            await asyncio.sleep(0.5)
+
+    async def _dispatch(self, number: int, kind: TaskKind, model_ref: Any,
+                        plan: dict[str, list[str]]) -> tuple[list[RoundResult], list[str]]:
+        spec_for = {
+            name: RoundSpec(session_id=self.session_id, round=number, kind=kind,
+                            clients=tuple(clients), config=dict(self.settings.round_config),
+                            timeout_s=self.settings.round_timeout_s,
+                            aggregator=self.settings.aggregator,
+                            aggregator_kwargs=dict(self.settings.aggregator_kwargs))
+            for name, clients in plan.items() if clients
+        }
+        calls = [asyncio.wait_for(self.pool.run_round(name, spec, model_ref),
+                                  self.settings.round_timeout_s + RPC_GRACE_S)
+                 for name, spec in spec_for.items()]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        results, lost = [], []
+        for name, answer in zip(spec_for, answers, strict=True):
+            if isinstance(answer, BaseException):
+                lost.append(name)
+                self.observer.event("error", f"combiner {name} gave no result for round {number}: "
+                                    f"{type(answer).__name__}: {answer}",
+                                    session_id=self.session_id, round=number)
+            else:
+                results.append(answer)
+        return results, lost
+
+    async def _round(self, number: int, model: bytes) -> bytes:
+        started = time.monotonic()
+        state = RoundState.RUNNING
+        online = await self.pool.online()
+        count = sum(len(c) for c in online.values())
+        plan = select_clients(online, clients_wanted(self.settings.clients_per_round, count,
+                                                     self.settings.min_clients),
+                              seed=self.settings.seed * 100_003 + number)
+        parent_id = self.status.model_id
+        self.observer.write("start_round", self.session_id, number, model_id=parent_id,
+                            clients_asked={k: len(v) for k, v in plan.items()})
+        self._changed(round=number, round_state=state.value)
+        model_ref = self.pool.put_model(model)
+        results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, plan)
+        updates = sum(r.updates for r in results)
+        verdict = round_verdict(updates, self.settings.min_clients, lost)
+        combiners_doc = {r.combiner: _combiner_doc(r) for r in results}
+        if not verdict.ok:
+            self.observer.write("update_round", self.session_id, number, status=RoundState.FAILED.value,
+                                reason=verdict.reason, combiners=combiners_doc)
+            self.observer.event("error", f"round {number} failed: {verdict.reason}",
+                                session_id=self.session_id, round=number)
+            raise SessionError(f"round {number} failed: {verdict.reason}")
+        state = next_round_state(state, RoundState.REDUCING)
+        self._changed(round_state=state.value)
+        reduce_started = time.monotonic()
+        new_model, reduced = await asyncio.to_thread(
+            self._reduce, model, [r.partial for r in results if r.partial])
+        new_id = await asyncio.to_thread(self.store.put, new_model)
+        layout = read_layout(new_model)
+        self.observer.write("add_model", new_id, parent_id, self.session_id, number, len(new_model),
+                            self.store.uri(new_id),
+                            {k: {"dtype": d, "shape": list(s)} for k, (d, s) in layout.spec().items()})
+        reduce_s = time.monotonic() - reduce_started
+        train_metrics = reduced.metrics()
+        record: dict[str, Any] = {
+            "round": number, "updates": updates, "seconds": 0.0, "model_id": new_id,
+            "train_metrics": train_metrics, "validation_metrics": {},
+        }
+        if self.settings.validate:
+            state = next_round_state(state, RoundState.VALIDATING)
+            self._changed(round_state=state.value)
+            record["validation_metrics"] = await self._validate(number, new_model)
+        seconds = time.monotonic() - started
+        record["seconds"] = seconds
+        self.observer.write("update_round", self.session_id, number, status=RoundState.FINISHED.value,
+                            model_id=new_id, parent_model_id=parent_id, updates=updates,
+                            rejected=sum(r.rejected for r in results), combiners=combiners_doc,
+                            lost_combiners=lost, reduce_s=reduce_s, seconds=seconds,
+                            train_metrics=train_metrics,
+                            validation_metrics=record["validation_metrics"])
+        self.observer.write("update_session", self.session_id, rounds_done=number, model_id=new_id)
+        self.status.history.append(record)
+        self._changed(rounds_done=number, model_id=new_id, round_state=RoundState.FINISHED.value)
+        self.observer.event("info", f"round {number} committed model {new_id[:12]} from "
+                            f"{updates} update(s) in {seconds:.2f}s",
+                            session_id=self.session_id, round=number)
+        return new_model
+
+    def _reduce(self, model: bytes, partials: list[Partial]) -> tuple[bytes, Partial]:
+        reduced = self.aggregator.reduce(partials)
+        new = self.aggregator.finish(decode(model), reduced)
+        return encode(new), reduced
+
+    async def _validate(self, number: int, model: bytes) -> dict[str, float]:
+        online = await self.pool.online()
+        ref = self.pool.put_model(model)
+        results, _ = await self._dispatch(number, TaskKind.VALIDATE, ref, online)
+        weighted = Partial(sums={})
+        for result in results:
+            for report in result.validations:
+                self.observer.write("add_validation", {
+                    "session_id": self.session_id, "round": number, "model_id": report.model_id,
+                    "client_id": report.client_id, "combiner": result.combiner,
+                    "num_examples": report.num_examples, "metrics": report.metrics})
+                fold_metrics(weighted, report.metrics, float(max(report.num_examples, 1)))
+        return weighted.metrics()
+
+
+def _combiner_doc(result: RoundResult) -> dict[str, Any]:
+    return {"asked": result.asked, "updates": result.updates, "rejected": result.rejected,
+            "rejections": result.rejections, "failed": result.failed,
+            "close_reason": result.close_reason, "seconds": round(result.seconds, 4),
+            "bytes_in": result.bytes_in, "bytes_out": result.bytes_out,
+            "aggregation_s": round(result.aggregation_s, 4)}

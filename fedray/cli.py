@@ -1,0 +1,178 @@
+"""The `fedray` command: run, demo, edge, package and the tracking queries.
+
+User mistakes end as one line on stderr and a stable exit code (see ``fedray.errors``);
+a traceback is printed only for a bug in fedray itself (exit code 70). Server-side imports
+(Ray, pymongo) stay inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from fedray.edge.cli import edge
+from fedray.errors import ConfigError, FedrayError
+
+INTERNAL_ERROR = 70
+QUERY_COLLECTIONS = ("sessions", "rounds", "models", "clients", "events", "validations")
+
+
+class FedrayGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FedrayError as exc:
+            click.echo(f"fedray: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("fedray: interrupted", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception:  # noqa: BLE001 - a bug in fedray: show it whole
+            traceback.print_exc()
+            click.echo("fedray: internal error (a bug in fedray; please report the trace above)",
+                       err=True)
+            sys.exit(INTERNAL_ERROR)
+
+
+@click.group(cls=FedrayGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fedray")
+def main() -> None:
+    """fedray: federated learning on Ray, with edge clients that only dial out."""
+
+
+main.add_command(edge)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where models and tracking live (default ~/.fedray/<federation>).")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Override a config field, e.g. --set session.rounds=3 (YAML value).")
+def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Run a federation from CONFIG until its session ends (joins Ray when told to)."""
+    import yaml
+
+    from fedray.config import load_config
+    from fedray.runner import print_summary, run_federation
+
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        parsed[key] = yaml.safe_load(value)
+    if data_dir is not None:
+        parsed["data_dir"] = str(data_dir)
+    config = load_config(config_path, parsed)
+    console = _stderr()
+    result = run_federation(config, console=console)
+    print_summary(result, console)
+    if as_json:
+        click.echo(json.dumps(result.summary()))
+    if not result.ok:
+        sys.exit(9)
+
+
+@main.command()
+@click.option("--clients", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--combiners", default=2, show_default=True, type=click.IntRange(1, 16))
+@click.option("--partition", type=click.Choice(["iid", "label_skew"]), default="iid",
+              show_default=True, help="How the digits are split across clients.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the demo keeps data, models and tracking (default ~/.fedray/demo).")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
+def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Path | None,
+         as_json: bool) -> None:
+    """Run a whole federation on this machine: digits data, edge clients as processes."""
+    from fedray.demo import run_demo
+
+    summary = run_demo(clients=clients, rounds=rounds, combiners=combiners, partition=partition,
+                       data_dir=data_dir, console=_stderr())
+    if as_json:
+        click.echo(json.dumps(summary))
+    if summary["state"] != "finished":
+        sys.exit(9)
+
+
+@main.group()
+def package() -> None:
+    """Build compute packages."""
+
+
+@package.command("build")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+def package_build(src: Path, output: Path) -> None:
+    """Pack the folder SRC (with its fedray.yaml) into a .tgz."""
+    from fedray.packages import build_package
+
+    digest = build_package(src, output)
+    click.echo(f"wrote {output} (sha256 {digest})")
+
+
+def _query_command(collection: str) -> click.Command:
+    @click.option("--filter", "filter_json", default=None, metavar="JSON",
+                  help='A Mongo filter, e.g. \'{"status": "failed"}\'.')
+    @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+    @click.option("--limit", default=200, show_default=True, type=click.IntRange(1, 1_000_000))
+    @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                  help="A federation's data directory (default: the newest under ~/.fedray).")
+    @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
+                  help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+    def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
+                tracking_uri: str | None) -> None:
+        from fedray.tracking.embedded import connect_or_start
+        from fedray.tracking.query import render_table, run_query, to_json
+
+        server = None
+        if tracking_uri is None:
+            folder = data_dir or default_data_dir()
+            tracking_uri, server = connect_or_start(folder)
+        try:
+            docs = run_query(tracking_uri, collection, filter_json, limit)
+        finally:
+            if server is not None:
+                server.stop()
+        if as_json:
+            click.echo(to_json(docs))
+        else:
+            render_table(collection, docs, Console())
+
+    command.__doc__ = f"List {collection} from tracking."
+    return click.command(collection)(command)
+
+
+for _collection in QUERY_COLLECTIONS:
+    main.add_command(_query_command(_collection))
+
+
+def default_data_dir() -> Path:
+    """$FEDRAY_DATA_DIR, else the most recently used federation under ~/.fedray."""
+    if os.environ.get("FEDRAY_DATA_DIR"):
+        return Path(os.environ["FEDRAY_DATA_DIR"])
+    root = Path.home() / ".fedray"
+    candidates = [d for d in root.glob("*") if (d / "tracking").is_dir()] if root.is_dir() else []
+    if not candidates:
+        raise ConfigError("no federation data found under ~/.fedray; pass --data-dir or --tracking")
+    newest = max(candidates, key=lambda d: (d / "tracking").stat().st_mtime)
+    click.echo(f"(tracking of {newest})", err=True)
+    return newest
+
+
+if __name__ == "__main__":
+    main()

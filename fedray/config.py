@@ -1,0 +1,221 @@
+"""Federation configs: YAML in, frozen dataclasses out, one-line errors that name the field.
+
+Everything an actor needs travels as one of these objects, parsed and checked once here,
+so a typo in a config stops `fedray run` before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedray.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # "local": start a private Ray (or join the cluster of a `ray job submit` driver);
+    # "auto": join the running cluster on this machine; "HOST:PORT": join that one.
+    address: str = "local"
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    host: str = "0.0.0.0"
+    port: int = 12080
+
+
+@dataclass(frozen=True)
+class CombinersConfig:
+    count: int = 2
+    host: str = "0.0.0.0"
+    base_port: int = 12081  # combiner i listens on base_port + i; 0 picks free ports
+    advertise: str = "auto"  # the host clients are told to dial; auto = this node's IP
+    max_clients: int = 10_000
+    max_inflight_uploads: int = 4
+    max_update_mb: float = 2048.0
+    chunk_kib: int = 1024
+    heartbeat_interval_s: float = 2.0
+    offline_after_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    rounds: int = 5
+    aggregator: str = "fedavg"
+    aggregator_kwargs: dict = field(default_factory=dict)
+    clients_per_round: float = 1.0  # a fraction (<= 1.0) or a count (> 1)
+    min_clients: int = 2
+    round_timeout_s: float = 120.0
+    wait_for_clients_s: float = 600.0
+    validate: bool = True
+    round_config: dict = field(default_factory=dict)  # sent to clients with every task
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = "embedded"  # or mongodb://host:27017/
+    database: str = "fedray"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    uri: str = "file"  # or file:///abs/path
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    token_env: str = "FEDRAY_TOKEN"  # the shared federation token is read from this variable
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    federation: str
+    seed_model: str  # a .safetensors path or module:function returning a dict of arrays
+    package: str | None = None
+    data_dir: str | None = None
+    ray: RayConfig = field(default_factory=RayConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    combiners: CombinersConfig = field(default_factory=CombinersConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    source: str = "<dict>"  # where the config came from, for error messages
+
+    @property
+    def namespace(self) -> str:
+        return f"fedray-{self.federation}"
+
+    def resolved_data_dir(self) -> Path:
+        raw = os.environ.get("FEDRAY_DATA_DIR") or self.data_dir
+        base = Path(raw) if raw else Path.home() / ".fedray" / self.federation
+        return base.expanduser().resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
+    """Read a YAML config; ``overrides`` uses dotted keys (``{"session.rounds": 3}``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> FederationConfig:
+    config = _build(FederationConfig, {**raw, "source": source}, "", source)
+    _check(config)
+    return config
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(n for n in fields if n != "source"))
+        raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]} (known: {known})")
+    values = {}
+    for name, f in fields.items():
+        where = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing required field {where}")
+            continue
+        values[name] = _coerce(hints[name], raw[name], where, source)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str, source: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, f"{where}.", source)
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if option is dict and isinstance(value, dict):
+            return value
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{source}: {where} must be {wanted}, got {value!r}")
+
+
+def _check(c: FederationConfig) -> None:
+    def bad(where: str, why: str) -> ConfigError:
+        return ConfigError(f"{c.source}: {where} {why}")
+
+    if not _NAME.match(c.federation):
+        raise bad("federation", "must be 1-63 letters, digits, '-' or '_'")
+    ports = {"controller.port": c.controller.port, "combiners.base_port": c.combiners.base_port}
+    for where, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise bad(where, f"must be a port number (0-65535), got {port}")
+    positive = {
+        "combiners.count": c.combiners.count,
+        "combiners.max_clients": c.combiners.max_clients,
+        "combiners.max_inflight_uploads": c.combiners.max_inflight_uploads,
+        "combiners.max_update_mb": c.combiners.max_update_mb,
+        "combiners.chunk_kib": c.combiners.chunk_kib,
+        "combiners.heartbeat_interval_s": c.combiners.heartbeat_interval_s,
+        "session.rounds": c.session.rounds,
+        "session.min_clients": c.session.min_clients,
+        "session.round_timeout_s": c.session.round_timeout_s,
+        "session.clients_per_round": c.session.clients_per_round,
+        "session.wait_for_clients_s": c.session.wait_for_clients_s,
+    }
+    for where, value in positive.items():
+        if value <= 0:
+            raise bad(where, f"must be greater than 0, got {value}")
+    if c.combiners.offline_after_s <= c.combiners.heartbeat_interval_s:
+        raise bad("combiners.offline_after_s", "must be longer than combiners.heartbeat_interval_s")
+    if c.session.clients_per_round > 1 and c.session.clients_per_round != int(c.session.clients_per_round):
+        raise bad("session.clients_per_round", "must be a fraction <= 1 or a whole count")
+    if c.combiners.chunk_kib > 3 * 1024:
+        raise bad("combiners.chunk_kib", "must stay under gRPC's 4 MiB message limit (max 3072)")
+    from fedray.aggregators import known_aggregator
+
+    if not known_aggregator(c.session.aggregator):
+        raise bad("session.aggregator", f"names no aggregator: {c.session.aggregator!r}")
+    uri = c.tracking.uri
+    if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")

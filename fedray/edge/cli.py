@@ -1,0 +1,79 @@
+"""`fedray edge ...`: start an edge client from the command line.
+
+Kept apart from the server CLI and free of Ray/pymongo/minio imports, so an edge machine
+needs only what a client needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from fedray.edge.client import EdgeRunner, EdgeSettings
+from fedray.edge.workers import CallbackWorker, PackageWorker, Worker
+from fedray.errors import ConfigError
+
+
+@click.group()
+def edge() -> None:
+    """Run an edge client next to your data (it only dials out; it opens no port)."""
+
+
+@edge.command("start")
+@click.option("--gateway", required=True, metavar="HOST:PORT", help="The federation's gateway.")
+@click.option("--token", envvar="FEDRAY_TOKEN", default=None,
+              help="Federation token (default: $FEDRAY_TOKEN).")
+@click.option("--name", required=True, help="This client's name, unique in the federation.")
+@click.option("--app", "app", default=None, metavar="MODULE[:OBJECT]",
+              help="Python code with train(params, config) and validate(params, config).")
+@click.option("--package", "package", default=None, type=click.Path(exists=True, path_type=Path),
+              help="A compute package folder or .tgz with a fedray.yaml.")
+@click.option("--data", default="", help="Path to this client's data (passed to the code).")
+def start(gateway: str, token: str | None, name: str, app: str | None, package: Path | None,
+          data: str) -> None:
+    """Connect to a federation and serve its train/validate tasks until stopped."""
+    if (app is None) == (package is None):
+        raise ConfigError("give exactly one of --app MODULE[:OBJECT] or --package PATH")
+    if data:
+        os.environ["FEDRAY_DATA"] = data
+    worker = load_app(app) if app else load_package_worker(package, data)
+    runner = EdgeRunner(worker, EdgeSettings(gateway=gateway, name=name, token=token))
+    click.echo(f"[{name}] starting; gateway {gateway}; Ctrl-C to stop")
+    asyncio.run(_serve(runner))
+    click.echo(f"[{name}] stopped after {runner.tasks_done} task(s)")
+
+
+async def _serve(runner: EdgeRunner) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.stop.set)
+    await runner.run()
+
+
+def load_app(target: str) -> Worker:
+    """``module[:object]`` whose ``train`` (and optionally ``validate``) are callbacks."""
+    module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+        if attr:
+            obj = getattr(obj, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--app {target}: cannot import it ({exc})") from None
+    train = getattr(obj, "train", None)
+    if not callable(train):
+        raise ConfigError(f"--app {target}: has no train(params, config) function")
+    return CallbackWorker(train, getattr(obj, "validate", None))
+
+
+def load_package_worker(path: Path, data: str) -> Worker:
+    from fedray.packages import load_package
+
+    return PackageWorker(load_package(path), data)

@@ -1,0 +1,214 @@
+"""The edge client: dials out to the gateway and a combiner, runs tasks, reconnects.
+
+An asyncio core, so one process can host many clients (the benchmark runs hundreds).
+It never listens on a port and never imports Ray, pymongo or minio. User code (a Python
+callback or a compute package) runs in a worker thread, so heartbeats keep flowing while
+it trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from fedray.actors.messages import Task, TaskKind
+from fedray.edge.workers import Worker
+from fedray.errors import AuthError, TransportError
+from fedray.proto import fedray_v1_pb2 as pb
+from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.wire import auth_metadata, task_from_proto, to_struct
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    gateway: str
+    name: str
+    token: str | None = None
+    heartbeat_s: float = 2.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 15.0
+    cached_models: int = 2
+    version: str = "fedray-0.1"
+
+
+class ModelCache:
+    """Models by id; an entry is only ever stored after its sha256 matched the id."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, model_id: str) -> bytes | None:
+        data = self._items.get(model_id)
+        if data is not None:
+            self._items.move_to_end(model_id)
+        return data
+
+    def put(self, model_id: str, data: bytes) -> None:
+        self._items[model_id] = data
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+class EdgeRunner:
+    """One client's connection loop. ``run`` returns only when ``stop`` is set."""
+
+    def __init__(self, worker: Worker, settings: EdgeSettings,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.worker = worker
+        self.settings = settings
+        self.say = say or (lambda line: print(line, flush=True))
+        self.cache = ModelCache(settings.cached_models)
+        self.metadata = auth_metadata(settings.token)
+        self.client_id = ""
+        self.combiner = ""
+        self.tasks_done = 0
+        self.stop = asyncio.Event()
+
+    def _line(self, text: str) -> None:
+        self.say(f"[{self.settings.name}] {text}")
+
+    async def run(self) -> None:
+        backoff = self.settings.backoff_initial_s
+        while not self.stop.is_set():
+            try:
+                joined = await self._session()
+                if joined:
+                    backoff = self.settings.backoff_initial_s
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL:
+                    raise AuthError(f"{self.settings.name}: {exc.details()} (check --token)") from None
+                self._line(f"connection lost ({exc.code().name}: {exc.details()}); "
+                           f"retrying in {backoff:.1f}s")
+            if self.stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, self.settings.backoff_max_s)
+
+    async def _assign(self) -> pb.Assignment:
+        async with grpc.aio.insecure_channel(self.settings.gateway, options=CHANNEL_OPTIONS) as ch:
+            return await pb_grpc.GatewayStub(ch).Assign(
+                pb.AssignRequest(name=self.settings.name, version=self.settings.version,
+                                 previous_combiner=self.combiner),
+                metadata=self.metadata, timeout=15)
+
+    async def _session(self) -> bool:
+        """Join one combiner and serve its tasks until the stream ends; True once joined."""
+        assignment = await self._assign()
+        self.client_id, self.combiner = assignment.client_id, assignment.combiner
+        async with grpc.aio.insecure_channel(assignment.address, options=CHANNEL_OPTIONS) as ch:
+            stub = pb_grpc.CombinerStub(ch)
+            stream = stub.Join(pb.JoinRequest(client_id=self.client_id, name=self.settings.name,
+                                              version=self.settings.version), metadata=self.metadata)
+            await stream.wait_for_connection()
+            self._line(f"connected to {assignment.combiner} at {assignment.address}")
+            beats = asyncio.ensure_future(self._heartbeats(stub, stream))
+            stopper = asyncio.ensure_future(self.stop.wait())
+            try:
+                reader = aiter(stream)
+                while True:
+                    nxt = asyncio.ensure_future(anext(reader, None))
+                    done, _ = await asyncio.wait({nxt, stopper, beats},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:
+                        nxt.cancel()
+                        if beats in done and beats.exception() is not None:
+                            raise beats.exception()
+                        return True
+                    msg = nxt.result()
+                    if msg is None:
+                        self._line(f"{assignment.combiner} closed the task stream")
+                        return True
+                    await self._handle(stub, task_from_proto(msg))
+            finally:
+                beats.cancel()
+                stopper.cancel()
+                stream.cancel()
+
+    async def _heartbeats(self, stub: pb_grpc.CombinerStub, stream) -> None:
+        interval = self.settings.heartbeat_s
+        while True:
+            reply = await stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id),
+                                         metadata=self.metadata, timeout=max(interval * 3, 5))
+            if not reply.known:
+                self._line(f"{self.combiner} no longer knows this client; joining again")
+                return
+            interval = reply.interval_s or interval
+            await asyncio.sleep(interval)
+
+    async def _fetch(self, stub: pb_grpc.CombinerStub, model_id: str) -> bytes:
+        cached = self.cache.get(model_id)
+        if cached is not None:
+            return cached
+        parts: list[bytes] = []
+        call = stub.FetchModel(pb.FetchModelRequest(client_id=self.client_id, model_id=model_id),
+                               metadata=self.metadata)
+        async for chunk in call:
+            parts.append(chunk.data)
+        data = b"".join(parts)
+        if hashlib.sha256(data).hexdigest() != model_id:
+            raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
+        self.cache.put(model_id, data)
+        return data
+
+    async def _handle(self, stub: pb_grpc.CombinerStub, task: Task) -> None:
+        what = f"round {task.round} {task.kind.value}"
+        started = time.perf_counter()
+        try:
+            model = await self._fetch(stub, task.model_id)
+            if task.kind is TaskKind.TRAIN:
+                data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
+                reply = await stub.PushUpdate(self._parts(task, data, examples, metrics),
+                                              metadata=self.metadata)
+                outcome = "update accepted" if reply.accepted else f"update REJECTED: {reply.reason}"
+            else:
+                examples, metrics = await asyncio.to_thread(self.worker.validate, model, task.config)
+                await stub.PushValidation(pb.ValidationReport(
+                    client_id=self.client_id, task_id=task.task_id, session_id=task.session_id,
+                    round=task.round, model_id=task.model_id, num_examples=examples,
+                    metrics=to_struct(metrics)), metadata=self.metadata)
+                outcome = "validation sent"
+        except grpc.aio.AioRpcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user code failed: report it, stay up
+            tail = "".join(traceback.format_exception(exc)[-3:]).strip()
+            self._line(f"{what} FAILED: {type(exc).__name__}: {exc}")
+            await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="error",
+                                                message=tail[-2000:], task_id=task.task_id),
+                                 metadata=self.metadata)
+            return
+        self.tasks_done += 1
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+        self._line(f"{what} on model {task.model_id[:10]}: {examples} examples, "
+                   f"{time.perf_counter() - started:.2f}s{', ' + shown if shown else ''} -> {outcome}")
+
+    async def _parts(self, task: Task, data: bytes, examples: int, metrics: dict):
+        yield pb.UpdatePart(header=pb.UpdateHeader(
+            client_id=self.client_id, task_id=task.task_id, session_id=task.session_id,
+            round=task.round, model_id=task.model_id, num_examples=examples,
+            metrics=to_struct(metrics), size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        view = memoryview(data)
+        for offset in range(0, len(data), CHUNK):
+            yield pb.UpdatePart(chunk=pb.Chunk(data=bytes(view[offset : offset + CHUNK]),
+                                               offset=offset, total_size=len(data)))

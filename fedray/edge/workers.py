@@ -1,0 +1,72 @@
+"""How an edge client runs user code: a Python callback or a compute package.
+
+Both take and give model bytes, so the connection loop does not care which one it has.
+Callbacks get writable numpy copies and must return arrays with the same names; what they
+return is checked here so that a mistake is reported at the client, with a clear message,
+instead of as a rejected update at the combiner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedray.errors import FedrayError
+from fedray.serialization import copy_model, decode, encode
+
+TrainFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[Mapping[str, np.ndarray], int, dict]]
+ValidateFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[int, dict]]
+
+
+class Worker(Protocol):
+    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]: ...
+    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]: ...
+
+
+class CallbackWorker:
+    def __init__(self, train: TrainFn, validate: ValidateFn | None = None) -> None:
+        if not callable(train):
+            raise TypeError("train must be a callable (params, config) -> (params, n, metrics)")
+        self._train = train
+        self._validate = validate
+
+    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+        params = copy_model(decode(model))
+        result = self._train(params, dict(config))
+        if not (isinstance(result, tuple) and len(result) == 3):
+            raise FedrayError("train must return (params, num_examples, metrics)")
+        new, examples, metrics = result
+        if not isinstance(new, Mapping) or set(new) != set(params):
+            raise FedrayError(f"train must return the same tensor names as it got: {sorted(params)[:5]}")
+        return encode({k: np.asarray(v, dtype=params[k].dtype) for k, v in new.items()}), \
+            _count(examples), dict(metrics or {})
+
+    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
+        if self._validate is None:
+            raise FedrayError("this client has no validate function")
+        result = self._validate(copy_model(decode(model)), dict(config))
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise FedrayError("validate must return (num_examples, metrics)")
+        return _count(result[0]), dict(result[1] or {})
+
+
+class PackageWorker:
+    """Runs a compute package's entrypoints on files, with the client's data path."""
+
+    def __init__(self, package, data: str = "") -> None:
+        self.package = package
+        self.data = data
+
+    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+        return self.package.train(model, config, self.data)
+
+    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
+        return self.package.validate(model, config, self.data)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise FedrayError(f"num_examples must be a positive integer, got {value!r}")
+    return int(value)

@@ -1,0 +1,71 @@
+"""The one exception hierarchy of fedray.
+
+    FedrayError                 base; ``exit_code`` is what the CLI exits with
+    ├── ConfigError             a bad config field or CLI argument (names the field and file)
+    ├── SerializationError      bytes that are not a valid safetensors model
+    ├── UpdateRejected          an update failed its checks (``reason`` is a short code)
+    ├── PackageError            a compute package that is unsafe, malformed or failing
+    ├── StorageError            the model store could not read or write
+    ├── TrackingError           the tracking database is unreachable or refused a write
+    ├── TransportError          a gRPC call to the gateway or a combiner failed
+    │   └── AuthError           the token was missing, wrong or revoked
+    └── SessionError            a session or round could not complete
+
+Lower-layer exceptions (grpc, ray, pymongo, minio) are translated into these once, at the
+adapter that calls the library. All of them stay picklable so they can cross actor
+boundaries.
+"""
+
+from __future__ import annotations
+
+
+class FedrayError(Exception):
+    """Base of every error fedray raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(FedrayError):
+    exit_code = 2
+
+
+class SerializationError(FedrayError):
+    exit_code = 3
+
+
+class UpdateRejected(FedrayError):
+    """An update failed a check; ``reason`` is a stable short code for events and metrics."""
+
+    exit_code = 3
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.detail))
+
+
+class PackageError(FedrayError):
+    exit_code = 4
+
+
+class StorageError(FedrayError):
+    exit_code = 5
+
+
+class TrackingError(FedrayError):
+    exit_code = 6
+
+
+class TransportError(FedrayError):
+    exit_code = 7
+
+
+class AuthError(TransportError):
+    exit_code = 8
+
+
+class SessionError(FedrayError):
+    exit_code = 9

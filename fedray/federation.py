@@ -1,0 +1,108 @@
+"""Driver-side handle on a federation: join or start Ray, deploy the actors, follow, tear down.
+
+`fedray run`, `fedray demo`, the tests and the benchmark all deploy through this one class,
+so they exercise exactly the path users take.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from fedray.actors.combiner import Combiner
+from fedray.actors.controller import Controller
+from fedray.config import FederationConfig, RayConfig
+from fedray.errors import SessionError
+
+log = logging.getLogger(__name__)
+
+CONTROLLER = "controller"
+FOLLOW_POLL_S = 5.0
+
+
+def combiner_name(index: int) -> str:
+    return f"combiner-{index}"
+
+
+def connect_ray(rc: RayConfig, namespace: str) -> bool:
+    """Join or start Ray; True when this process started a private local instance."""
+    if ray.is_initialized():
+        return False
+    if rc.address == "local" and not os.environ.get("RAY_ADDRESS"):
+        ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
+                 namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+        return True
+    address = None if rc.address == "local" else rc.address  # None: RAY_ADDRESS of a Ray job
+    ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
+             log_to_driver=False)
+    return False
+
+
+class Federation:
+    def __init__(self, config: FederationConfig, token: str | None, tracking_uri: str | None) -> None:
+        self.config = config
+        self.token = token
+        self.tracking_uri = tracking_uri
+        self.namespace = config.namespace
+        self.combiners: list[Any] = []
+        self.combiner_info: list[dict[str, Any]] = []
+        self.controller: Any = None
+        self.gateway = ""
+
+    def deploy(self) -> Federation:
+        self._remove_stale()
+        c = self.config.combiners
+        names = [combiner_name(i) for i in range(c.count)]
+        common = {"namespace": self.namespace, "lifetime": "detached"}
+        for i, name in enumerate(names):
+            port = c.base_port + i if c.base_port else 0
+            self.combiners.append(Combiner.options(name=name, **common).remote(
+                name, self.config.federation, c, port, self.token, self.tracking_uri,
+                self.config.tracking.database))
+        self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
+        self.controller = Controller.options(name=CONTROLLER, **common).remote(
+            self.config, names, self.token, self.tracking_uri)
+        self.gateway = ray.get(self.controller.ready.remote())["address"]
+        return self
+
+    def _remove_stale(self) -> None:
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] != self.namespace:
+                continue
+            log.warning("removing actor %s left over from an earlier run of %s", entry["name"],
+                        self.config.federation)
+            ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
+
+    def start_session(self, seed_model_id: str) -> str:
+        return ray.get(self.controller.start_session.remote(seed_model_id))
+
+    def follow(self, on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Call ``on_status`` on every change until the session ends; return the last status."""
+        version = -1
+        while True:
+            version, status = ray.get(self.controller.watch.remote(version, FOLLOW_POLL_S))
+            if status is None:
+                continue
+            on_status(status)
+            if status["state"] in {"finished", "failed"}:
+                return status
+
+    def shutdown(self) -> None:
+        handles = [h for h in [self.controller, *self.combiners] if h is not None]
+        stops = [h.stop.remote() for h in handles]
+        try:
+            ray.get(stops, timeout=20)
+        except Exception as exc:  # noqa: BLE001 - tearing down: report and go on
+            log.warning("actors did not stop cleanly: %s", exc)
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
+        self.combiners, self.controller = [], None
+
+
+def require_finished(status: dict[str, Any]) -> None:
+    if status["state"] != "finished":
+        raise SessionError(f"session {status['session_id']} failed: {status.get('reason', '')}")

@@ -1,0 +1,165 @@
+"""`fedray run`: bring up tracking, store and actors, run one session, show it, tear down.
+
+Progress goes to stderr (a rich progress bar and one line per round), the summary to
+stdout, so ``--json`` output stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedray.config import FederationConfig
+from fedray.errors import ConfigError, FedrayError, SerializationError
+from fedray.serialization import encode, read_layout
+
+
+@dataclass
+class RunResult:
+    status: dict[str, Any]
+    data_dir: Path
+    tracking_uri: str
+    gateway: str
+    model_uris: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status["state"] == "finished"
+
+    def summary(self) -> dict[str, Any]:
+        s = self.status
+        return {"session_id": s["session_id"], "state": s["state"], "reason": s.get("reason", ""),
+                "rounds": s["rounds_done"], "rounds_planned": s["rounds_planned"],
+                "model_id": s["model_id"], "history": s["history"],
+                "data_dir": str(self.data_dir), "tracking_uri": self.tracking_uri}
+
+
+def load_seed(spec: str) -> bytes:
+    """Seed model bytes from a ``.safetensors`` file or a ``module:function`` returning arrays."""
+    path = Path(spec)
+    if path.suffix == ".safetensors" or path.exists():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"seed_model: cannot read {spec} ({exc.strerror})") from None
+        try:
+            read_layout(data)
+        except SerializationError as exc:
+            raise ConfigError(f"seed_model: {spec} is not a safetensors model ({exc})") from None
+        return data
+    if ":" not in spec:
+        raise ConfigError(f"seed_model: {spec!r} is neither a .safetensors file nor module:function")
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+        return encode(factory())
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"seed_model: cannot load {spec!r} ({exc})") from None
+
+
+def federation_token(config: FederationConfig) -> str | None:
+    return os.environ.get(config.auth.token_env) or None
+
+
+def run_federation(config: FederationConfig, *, console: Console,
+                   on_ready: Callable[[str], None] | None = None) -> RunResult:
+    """Deploy ``config``'s federation, run one session and tear everything down again."""
+    import ray
+
+    from fedray.federation import Federation, connect_ray
+    from fedray.storage import open_model_store
+    from fedray.tracking.embedded import EmbeddedMongo
+
+    data_dir = config.resolved_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_model_store(config.storage.uri, data_dir)
+    seed_id = store.put(load_seed(config.seed_model))
+    token = federation_token(config)
+    if token is None:
+        console.print(f"[yellow]warning:[/] ${config.auth.token_env} is not set: the bridge "
+                      "accepts clients without a token")
+    embedded = None
+    started_ray = False
+    federation = None
+    try:
+        if config.tracking.uri == "embedded":
+            embedded = EmbeddedMongo(data_dir)
+            embedded.start()
+            tracking_uri = embedded.uri
+        else:
+            tracking_uri = config.tracking.uri
+        with console.status("starting Ray and the federation actors..."):
+            started_ray = connect_ray(config.ray, config.namespace)
+            federation = Federation(config, token, tracking_uri).deploy()
+        console.print(f"gateway listening at [bold]{federation.gateway}[/]; combiners: "
+                      + ", ".join(f"{c['name']}@{c['address']}" for c in federation.combiner_info))
+        console.print(f"tracking: {tracking_uri} (database {config.tracking.database}); "
+                      f"data: {data_dir}")
+        if on_ready is not None:
+            on_ready(federation.gateway)
+        session_id = federation.start_session(seed_id)
+        status = _follow(federation, session_id, config, console)
+        return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
+                         gateway=federation.gateway)
+    finally:
+        if federation is not None:
+            federation.shutdown()
+        if started_ray:
+            ray.shutdown()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _follow(federation, session_id: str, config: FederationConfig, console: Console) -> dict:
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} rounds"),
+                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                        console=console, transient=True)
+    shown = 0
+    with progress:
+        bar = progress.add_task(f"session {session_id}", total=config.session.rounds, detail="")
+
+        def on_status(status: dict[str, Any]) -> None:
+            nonlocal shown
+            for record in status["history"][shown:]:
+                progress.console.print(round_line(record, config.session.rounds))
+            shown = len(status["history"])
+            if status["state"] == "waiting":
+                detail = f"waiting for clients ({status['clients_online']}/{config.session.min_clients})"
+            else:
+                detail = f"round {status['round']} {status['round_state']} · " \
+                         f"{status['clients_online']} clients online"
+            progress.update(bar, completed=status["rounds_done"], detail=detail)
+
+        return federation.follow(on_status)
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    metrics = {**{f"train {k}": v for k, v in record["train_metrics"].items()},
+               **{f"val {k}": v for k, v in record["validation_metrics"].items()}}
+    shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return (f"round {record['round']}/{rounds} · {record['updates']} updates · "
+            f"{record['seconds']:.2f}s · model {record['model_id'][:10]}" + (f" · {shown}" if shown else ""))
+
+
+def print_summary(result: RunResult, console: Console) -> None:
+    s = result.summary()
+    if result.ok:
+        console.print(f"[green]session {s['session_id']} finished[/]: {s['rounds']} rounds, "
+                      f"final model {s['model_id'][:16]}")
+    else:
+        console.print(f"[red]session {s['session_id']} failed[/]: {s['reason']}")
+    console.print(f"inspect it with: fedray rounds --data-dir {s['data_dir']}")
+
+
+__all__ = ["FedrayError", "RunResult", "load_seed", "print_summary", "run_federation"]

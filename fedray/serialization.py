@@ -1,0 +1,145 @@
+"""Models as safetensors bytes: encode, decode (zero-copy, validated), and model ids.
+
+A model is an ordered mapping of names to numpy arrays. On the wire and on disk it is the
+safetensors format (never pickle); its id is the sha256 of those bytes, so stores and
+caches are content-addressed. ``decode`` parses the header itself and checks every offset
+before building read-only views into the buffer, so untrusted bytes cannot make it read
+out of bounds or allocate a copy of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from safetensors.numpy import save as _st_save
+
+from fedray.errors import SerializationError
+
+Model = dict[str, np.ndarray]
+Buffer = bytes | bytearray | memoryview | np.ndarray
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What a safetensors header says: tensors in file order and where data begins."""
+
+    tensors: dict[str, TensorInfo]
+    data_offset: int
+    total_size: int
+
+    def spec(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {name: (t.dtype, t.shape) for name, t in self.tensors.items()}
+
+
+def model_id(data: Buffer) -> str:
+    return hashlib.sha256(memoryview(data).cast("B") if not isinstance(data, bytes) else data).hexdigest()
+
+
+def encode(model: Mapping[str, np.ndarray]) -> bytes:
+    """Serialize a model; names keep their order in the mapping for readability only."""
+    if not model:
+        raise SerializationError("a model needs at least one tensor")
+    arrays = {}
+    for name, value in model.items():
+        if not isinstance(name, str):
+            raise SerializationError(f"tensor names must be strings, got {name!r}")
+        arr = np.ascontiguousarray(value)
+        if arr.dtype.str.lstrip("<>|=") not in {d.str.lstrip("<>|=") for d in _DTYPES.values()}:
+            raise SerializationError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+        arrays[name] = arr
+    return _st_save(arrays)
+
+
+def read_layout(data: Buffer) -> Layout:
+    """Parse and bound-check a safetensors header without touching the tensor data."""
+    view = memoryview(data).cast("B")
+    if len(view) < 8:
+        raise SerializationError("model bytes are shorter than a safetensors header")
+    (header_len,) = struct.unpack("<Q", view[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(view):
+        raise SerializationError(f"safetensors header length {header_len} is out of bounds")
+    try:
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SerializationError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise SerializationError("safetensors header is not a JSON object")
+    data_offset = 8 + header_len
+    data_len = len(view) - data_offset
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor_info(name, entry, data_len)
+    if not tensors:
+        raise SerializationError("model has no tensors")
+    return Layout(tensors=tensors, data_offset=data_offset, total_size=len(view))
+
+
+def _tensor_info(name: str, entry: object, data_len: int) -> TensorInfo:
+    try:
+        dtype = entry["dtype"]  # type: ignore[index]
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+        start, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise SerializationError(f"tensor {name!r} has a malformed header entry ({exc})") from None
+    if dtype not in _DTYPES:
+        raise SerializationError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+    if any(d < 0 for d in shape):
+        raise SerializationError(f"tensor {name!r} has a negative dimension")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+    if not 0 <= start <= end <= data_len or end - start != nbytes:
+        raise SerializationError(
+            f"tensor {name!r} claims bytes {start}:{end} but needs {nbytes} of {data_len}"
+        )
+    return TensorInfo(dtype=dtype, shape=shape, start=start, end=end)
+
+
+def decode(data: Buffer, layout: Layout | None = None) -> Model:
+    """Read-only numpy views into ``data``, in file order; copy them if you must write."""
+    layout = layout or read_layout(data)
+    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    model: Model = {}
+    for name, info in layout.tensors.items():
+        dtype = _DTYPES[info.dtype]
+        begin = layout.data_offset + info.start
+        flat = buf[begin : layout.data_offset + info.end].view(dtype) if info.end > info.start \
+            else np.empty(0, dtype=dtype)
+        arr = flat.reshape(info.shape)
+        arr.flags.writeable = False
+        model[name] = arr
+    return model
+
+
+def copy_model(model: Mapping[str, np.ndarray]) -> Model:
+    return {name: np.array(arr, copy=True) for name, arr in model.items()}

@@ -1,0 +1,25 @@
+"""Tracking: the history of sessions, rounds, models, clients and events, in MongoDB.
+
+``TrackingStore`` is the only code that talks to the database (pymongo's API, so a real
+MongoDB and the embedded ``nx-27017`` both work); ``TrackingWriter`` lets actors write
+without blocking their event loop or losing writes during an outage; ``documents``
+builds what they store; ``embedded`` runs the default local server; ``query``
+(imported on its own, it needs rich) serves the CLI.
+"""
+
+from __future__ import annotations
+
+from fedray.tracking.documents import LEVELS
+from fedray.tracking.embedded import EmbeddedMongo, connect_or_start
+from fedray.tracking.store import COLLECTIONS, TrackingStore, is_transient
+from fedray.tracking.writer import TrackingWriter
+
+__all__ = [
+    "COLLECTIONS",
+    "LEVELS",
+    "EmbeddedMongo",
+    "TrackingStore",
+    "TrackingWriter",
+    "connect_or_start",
+    "is_transient",
+]

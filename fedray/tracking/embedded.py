@@ -1,0 +1,320 @@
+"""The embedded tracking database: an ``nx-27017`` server on loopback, run by fedray.
+
+Tracking needs a MongoDB, but nobody should have to install one to try fedray. The
+default (``tracking: {uri: embedded}``) launches ``nx-27017`` (a MongoDB wire-protocol
+server backed by SQLite, installed from PyPI) as a child process bound to 127.0.0.1, with
+its data under ``<data_dir>/tracking/``. fedray then talks to it with the same pymongo
+code it uses for a real MongoDB, and so can mongosh, Compass or a notebook.
+
+Files in ``<data_dir>/tracking/``:
+
+    <db>.db            SQLite database per logical database (``fedray.db`` by default)
+    server.json        ``{"pid": ..., "port": ...}`` of the live server, for reuse
+    nx-27017.log       the server's log (appended across runs)
+    nx-27017.out       its stdout/stderr of the latest run (start-up tracebacks land here)
+    nx-27017.pid       the server's own pid file
+    server.lock        serializes "reuse or start" between processes
+
+The server runs in its own session, so a Ctrl-C in the terminal reaches the driver, which
+then stops it by its PID (SIGTERM, then SIGKILL). Nothing here ever signals a process
+by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+from fedray.errors import TrackingError
+
+EXECUTABLE = "nx-27017"
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+def tracking_dir(data_dir: Path | str) -> Path:
+    """Where the embedded server keeps its data for a federation's ``data_dir``."""
+    return Path(data_dir).expanduser().resolve() / "tracking"
+
+
+def find_executable() -> str:
+    """The ``nx-27017`` launcher: next to this Python first (a venv), else on PATH."""
+    beside = Path(sys.executable).parent / EXECUTABLE
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(EXECUTABLE)
+    if found:
+        return found
+    raise TrackingError(
+        f"the embedded tracking server {EXECUTABLE!r} was not found next to {sys.executable} "
+        "or on PATH: install it (pip install nx-27017) or set tracking.uri to a mongodb:// URI"
+    )
+
+
+def mongo_uri(port: int) -> str:
+    return f"mongodb://{HOST}:{port}/"
+
+
+def ping(uri: str, timeout_s: float = 1.0) -> bool:
+    """Whether a MongoDB-speaking server answers ``ping`` at ``uri`` within ``timeout_s``."""
+    ms = max(1, int(timeout_s * 1000))
+    client: MongoClient = MongoClient(
+        uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms
+    )
+    try:
+        client.admin.command("ping")
+        return True
+    except PyMongoError:
+        return False
+    finally:
+        client.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (signal 0; nothing is sent)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def read_server_record(data_dir: Path | str) -> dict | None:
+    """The ``{pid, port}`` recorded in ``<data_dir>/tracking/server.json``, if readable."""
+    try:
+        record = json.loads((tracking_dir(data_dir) / "server.json").read_text())
+        return {"pid": int(record["pid"]), "port": int(record["port"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class EmbeddedMongo:
+    """One ``nx-27017`` child process serving ``<data_dir>/tracking/`` on loopback.
+
+    ``port`` is picked at the first start when not given, and kept, so ``stop()`` then
+    ``start()`` brings the server back at the same URI (clients reconnect by themselves).
+    """
+
+    def __init__(self, data_dir: Path | str, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.dir = tracking_dir(self.data_dir)
+        self.port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._exit_code: int | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedMongo({str(self.data_dir)!r}, port={self.port}, pid={self.pid})"
+
+    @property
+    def uri(self) -> str:
+        if self.port is None:
+            raise TrackingError("the embedded tracking server has not been started")
+        return mongo_uri(self.port)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "nx-27017.log"
+
+    @property
+    def out_file(self) -> Path:
+        return self.dir / "nx-27017.out"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "nx-27017.pid"
+
+    @property
+    def server_file(self) -> Path:
+        return self.dir / "server.json"
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> EmbeddedMongo:
+        """Launch the server and wait until it answers ``ping``; a no-op when running."""
+        if self.running:
+            return self
+        executable = find_executable()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"cannot create tracking folder {self.dir}: {exc}") from exc
+        # Only a port we picked ourselves may be re-picked when another process grabs it
+        # between our probe and the server's bind.
+        attempts = 1 if self.port is not None else 3
+        for attempt in range(attempts):
+            if self.port is None or (attempts > 1 and attempt > 0):
+                self.port = free_port()
+            if self._launch(executable, timeout_s):
+                self._write_record()
+                return self
+        raise TrackingError(
+            f"{EXECUTABLE} exited during start-up (exit code {self._exit_code}); "
+            f"see {self.out_file} and {self.log_file}"
+        )
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Terminate the server by its PID (SIGTERM, then SIGKILL); a no-op when stopped."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout_s)
+        record = read_server_record(self.data_dir)
+        if record is not None and record["pid"] == proc.pid:
+            with contextlib.suppress(OSError):
+                self.server_file.unlink()
+
+    def __enter__(self) -> EmbeddedMongo:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _launch(self, executable: str, timeout_s: float) -> bool:
+        """Start one process; True once it answers, False if it exited (e.g. port taken)."""
+        self._clear_stale_pid_file()
+        argv = [
+            executable,
+            "--data-dir", str(self.dir),
+            "--host", HOST,
+            "-p", str(self.port),
+            "--log-file", str(self.log_file),
+            "--pid-file", str(self.pid_file),
+        ]  # fmt: skip
+        try:
+            with open(self.out_file, "wb") as out:
+                self._proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.dir,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as exc:
+            raise TrackingError(f"cannot launch {executable}: {exc}") from exc
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._exit_code = self._proc.poll()
+            if self._exit_code is not None:
+                self._proc = None
+                return False
+            if ping(self.uri, timeout_s=0.5):
+                return True
+            time.sleep(0.1)
+        self.stop()
+        raise TrackingError(
+            f"{EXECUTABLE} did not answer on {self.uri} within {timeout_s:.0f} s; "
+            f"see {self.log_file} and {self.out_file}"
+        )
+
+    def _clear_stale_pid_file(self) -> None:
+        # nx-27017 refuses to start while its pid file names a live process, and after a
+        # crash that PID may belong to an unrelated process by now. We only launch when no
+        # server of ours answers, so the file is stale.
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
+
+    def _write_record(self) -> None:
+        assert self._proc is not None
+        record = {"pid": self._proc.pid, "port": self.port}
+        tmp = self.server_file.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.server_file)
+        except OSError as exc:
+            raise TrackingError(f"cannot write {self.server_file}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def connect_or_start(
+    data_dir: Path | str, timeout_s: float = START_TIMEOUT_S
+) -> tuple[str, EmbeddedMongo | None]:
+    """The URI of the embedded server for ``data_dir``, starting one if none is live.
+
+    A server recorded in ``server.json`` is reused when its PID is alive and it answers
+    ``ping``; then the second item is None. Otherwise a new server is started (on the
+    recorded port when that is free, so old clients find it again) and returned: the
+    caller owns it and must ``stop()`` it.
+    """
+    folder = tracking_dir(data_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(f"cannot create tracking folder {folder}: {exc}") from exc
+    with _locked(folder / "server.lock"):
+        record = read_server_record(data_dir)
+        if record is not None:
+            uri = mongo_uri(record["port"])
+            if pid_alive(record["pid"]) and ping(uri):
+                return uri, None
+        port = record["port"] if record is not None and port_is_free(record["port"]) else None
+        server = EmbeddedMongo(data_dir, port=port)
+        try:
+            server.start(timeout_s)
+        except TrackingError:
+            if port is None:
+                raise
+            server = EmbeddedMongo(data_dir).start(timeout_s)
+        return server.uri, server

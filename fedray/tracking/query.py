@@ -1,0 +1,286 @@
+"""What the CLI's query commands need: run a filtered query, show it as a table or JSON.
+
+``fedray sessions|rounds|models|clients|events|validations [--filter JSON] [--json]``
+call ``run_query`` and then ``render_table`` or ``to_json``. Filters are MongoDB
+Extended JSON (``{"ts": {"$gte": {"$date": "2025-01-01T00:00:00Z"}}}`` works). Each
+collection has a default order: the latest ``limit`` documents are fetched, and rounds,
+events, models and validations are then shown oldest first, like a log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId, json_util
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from fedray.errors import ConfigError
+from fedray.tracking.store import COLLECTIONS, TrackingStore
+
+Doc = Mapping[str, Any]
+
+# collection -> (sort for the query, show oldest first)
+_ORDER: dict[str, tuple[list[tuple[str, int]], bool]] = {
+    "sessions": ([("created_at", -1)], False),
+    "rounds": ([("started_at", -1)], True),
+    "models": ([("created_at", -1)], True),
+    "clients": ([("last_seen", -1)], False),
+    "combiners": ([("name", 1)], False),
+    "validations": ([("ts", -1)], True),
+    "events": ([("ts", -1)], True),
+    "packages": ([("created_at", -1)], False),
+}
+
+_STYLES = {
+    "created": "cyan",
+    "running": "yellow",
+    "training": "yellow",
+    "validating": "yellow",
+    "finished": "green",
+    "committed": "green",
+    "online": "green",
+    "failed": "bold red",
+    "offline": "dim",
+    "debug": "dim",
+    "info": "blue",
+    "warning": "yellow",
+    "error": "bold red",
+}
+
+
+def parse_filter(filter_json: str | None) -> dict[str, Any]:
+    """The ``--filter`` option as a query document (empty when not given)."""
+    if filter_json is None or not filter_json.strip():
+        return {}
+    try:
+        value = json_util.loads(filter_json)
+    except Exception as exc:  # json, bson and extended-JSON errors alike
+        raise ConfigError(f"--filter: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError('--filter: expected a JSON object, such as \'{"status": "failed"}\'')
+    return value
+
+
+def run_query(
+    uri: str,
+    collection: str,
+    filter_json: str | None = None,
+    limit: int = 50,
+    *,
+    database: str | None = None,
+) -> list[dict[str, Any]]:
+    """The latest ``limit`` documents of ``collection`` matching ``--filter`` (0: all)."""
+    if collection not in COLLECTIONS:
+        raise ConfigError(
+            f"unknown tracking collection {collection!r}; one of {', '.join(COLLECTIONS)}"
+        )
+    query = parse_filter(filter_json)
+    sort, oldest_first = _ORDER[collection]
+    store = TrackingStore.from_uri(uri, database)
+    try:
+        docs = store.find(collection, query, sort, limit)
+    finally:
+        store.close()
+    if oldest_first:
+        docs.reverse()
+    return docs
+
+
+def to_json(docs: Sequence[Doc]) -> str:
+    """One JSON array; datetimes as ISO 8601 strings, non-finite numbers as null."""
+    return json.dumps([_plain(doc) for doc in docs], indent=2, ensure_ascii=False)
+
+
+def render_table(collection: str, docs: Sequence[Doc], console: Console) -> None:
+    """Print ``docs`` as a table with the columns that matter for ``collection``."""
+    columns = _COLUMNS.get(collection) or _generic_columns(docs)
+    table = Table(title=f"{collection} ({len(docs)})", title_justify="left")
+    for header, _ in columns:
+        table.add_column(header, overflow="fold")
+    for doc in docs:
+        table.add_row(*(_cell(get(doc)) for _, get in columns))
+    console.print(table)
+
+
+# formatting helpers
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _cell(value: Any) -> Text:
+    if isinstance(value, Text):
+        return value
+    return Text("" if value is None else str(value))
+
+
+def _short(value: Any, n: int = 12) -> str:
+    return value[:n] if isinstance(value, str) else ""
+
+
+def _time(value: Any) -> str:
+    if not isinstance(value, datetime):
+        return ""
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _styled(value: Any) -> Text:
+    text = "" if value is None else str(value)
+    return Text(text, style=_STYLES.get(text, ""))
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""  # unreachable
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, seconds = divmod(int(round(value)), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _metrics(value: Any) -> str:
+    if not isinstance(value, Mapping):
+        return ""
+    return " ".join(f"{k}={_number(v)}" for k, v in value.items())
+
+
+def _round_duration(doc: Doc) -> str:
+    if isinstance(doc.get("duration_s"), int | float):
+        return _seconds(doc["duration_s"])
+    start, end = doc.get("started_at"), doc.get("finished_at")
+    if isinstance(start, datetime) and isinstance(end, datetime):
+        return _seconds((end - start).total_seconds())
+    return ""
+
+
+def _round_updates(doc: Doc) -> str:
+    received, rejected = doc.get("updates_received"), doc.get("updates_rejected")
+    combiners = doc.get("combiners")
+    if received is None and isinstance(combiners, Mapping):
+        parts = [c for c in combiners.values() if isinstance(c, Mapping)]
+        received = sum(int(c.get("updates_received") or 0) for c in parts)
+        rejected = sum(int(c.get("updates_rejected") or 0) for c in parts)
+    if received is None:
+        return ""
+    return f"{received} ({rejected} rejected)" if rejected else str(received)
+
+
+def _session_rounds(doc: Doc) -> str:
+    done, planned = doc.get("rounds_done"), doc.get("rounds_planned")
+    return f"{done if done is not None else '?'}/{planned if planned is not None else '?'}"
+
+
+Column = tuple[str, Callable[[Doc], Any]]
+
+_COLUMNS: dict[str, list[Column]] = {
+    "sessions": [
+        ("session", lambda d: d.get("session_id")),
+        ("federation", lambda d: d.get("federation")),
+        ("status", lambda d: _styled(d.get("status"))),
+        ("rounds", _session_rounds),
+        ("model", lambda d: _short(d.get("model_id"))),
+        ("created", lambda d: _time(d.get("created_at"))),
+        ("updated", lambda d: _time(d.get("updated_at"))),
+    ],
+    "rounds": [
+        ("session", lambda d: _short(d.get("session_id"))),
+        ("round", lambda d: d.get("round")),
+        ("status", lambda d: _styled(d.get("status"))),
+        ("updates", _round_updates),
+        ("duration", _round_duration),
+        ("metrics", lambda d: _metrics(d.get("metrics"))),
+        ("model", lambda d: _short(d.get("model_id"))),
+    ],
+    "models": [
+        ("model", lambda d: _short(d.get("model_id"))),
+        ("parent", lambda d: _short(d.get("parent_id"))),
+        ("session", lambda d: _short(d.get("session_id"))),
+        ("round", lambda d: d.get("round")),
+        ("size", lambda d: _size(d.get("size"))),
+        ("created", lambda d: _time(d.get("created_at"))),
+    ],
+    "clients": [
+        ("name", lambda d: d.get("name") or d.get("client_id")),
+        ("combiner", lambda d: d.get("combiner")),
+        ("status", lambda d: _styled(d.get("status"))),
+        ("last seen", lambda d: _time(d.get("last_seen"))),
+        ("version", lambda d: d.get("version")),
+    ],
+    "combiners": [
+        ("name", lambda d: d.get("name")),
+        ("address", lambda d: d.get("address")),
+        ("status", lambda d: _styled(d.get("status"))),
+        ("clients", lambda d: d.get("clients")),
+        ("restarts", lambda d: d.get("restarts")),
+        ("updated", lambda d: _time(d.get("updated_at"))),
+    ],
+    "events": [
+        ("time", lambda d: _time(d.get("ts"))),
+        ("level", lambda d: _styled(d.get("level"))),
+        ("source", lambda d: d.get("source")),
+        ("session", lambda d: _short(d.get("session_id"), 8)),
+        ("round", lambda d: d.get("round")),
+        ("message", lambda d: d.get("message")),
+    ],
+    "validations": [
+        ("time", lambda d: _time(d.get("ts"))),
+        ("session", lambda d: _short(d.get("session_id"), 8)),
+        ("round", lambda d: d.get("round")),
+        ("client", lambda d: d.get("client_id")),
+        ("model", lambda d: _short(d.get("model_id"))),
+        ("metrics", lambda d: _metrics(d.get("metrics"))),
+    ],
+    "packages": [
+        ("sha256", lambda d: _short(d.get("sha256"))),
+        ("name", lambda d: d.get("name")),
+        ("size", lambda d: _size(d.get("size"))),
+        ("created", lambda d: _time(d.get("created_at"))),
+    ],
+}
+
+
+def _generic_columns(docs: Sequence[Doc]) -> list[Column]:
+    keys: list[str] = []
+    for doc in docs[:20]:
+        keys.extend(k for k in doc if k not in keys)
+
+    def getter(key: str) -> Callable[[Doc], Any]:
+        return lambda d: _time(d[key]) if isinstance(d.get(key), datetime) else d.get(key)
+
+    return [(key, getter(key)) for key in keys]

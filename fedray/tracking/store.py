@@ -1,0 +1,400 @@
+"""Tracking documents in MongoDB (or the embedded nx-27017), through pymongo only.
+
+The controller, combiners and CLI record what happens here; users query the same
+collections with any Mongo client. Only the pymongo subset that both a real MongoDB and
+nx-27017 serve is used (find/sort/limit/projection, insert_one/insert_many, update_one
+with ``$set``/``$setOnInsert``/``$inc`` and upsert, create_index), and every pymongo error
+is translated into ``TrackingError`` here, once. ``is_transient`` tells a connection
+problem (worth retrying) from a refused write.
+
+All timestamps are timezone-aware UTC datetimes. Collections and their fields:
+
+    sessions     session_id (unique), federation, status (created|running|finished|failed),
+                 config, rounds_planned, rounds_done, model_id (current global model),
+                 created_at, updated_at, and what the controller adds (finished_at, error, ...)
+    rounds       session_id + round (unique), status (running|committed|failed|...),
+                 started_at, updated_at, finished_at, duration_s, clients_asked,
+                 updates_received, updates_rejected, bytes_in, reduce_s, commit_s,
+                 combiners {<name>: {clients_asked, updates_received, updates_rejected,
+                 bytes_in, aggregation_s}}, metrics, model_id, parent_model_id
+    models       model_id (unique), parent_id, session_id, round, size, storage_uri,
+                 tensors [{name, dtype, shape}] in file order, created_at
+    clients      client_id (unique), name, combiner, status (online|offline|training|
+                 validating), version, address, first_seen, last_seen
+    combiners    name (unique), address, status, clients (connected), restarts, updated_at
+    validations  session_id, round, model_id, client_id, num_examples, metrics, ts
+    events       ts, level (debug|info|warning|error), source, session_id, round, message,
+                 data (optional dict)
+    packages     sha256 (unique), name, size, storage_uri, created_at
+
+``update_*`` and ``upsert_*`` take fields as keyword arguments and ``$set`` them, so a
+dotted key reaches into a sub-document: ``update_round(s, 3, **{"combiners.c0":
+{...}})``. Tensor names go into a list, never into keys, because they contain dots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC
+from typing import Any
+
+from bson import ObjectId
+from bson.codec_options import CodecOptions
+from bson.errors import BSONError
+from pymongo import ASCENDING, MongoClient
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from fedray.errors import TrackingError
+from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
+
+DEFAULT_DATABASE = "fedray"
+COLLECTIONS = (
+    "sessions",
+    "rounds",
+    "models",
+    "clients",
+    "combiners",
+    "validations",
+    "events",
+    "packages",
+)
+
+# (keys, unique) per collection: what the controller, the CLI and ``find`` look up.
+INDEXES: dict[str, list[tuple[tuple[str, ...], bool]]] = {
+    "sessions": [(("session_id",), True), (("federation", "created_at"), False)],
+    "rounds": [(("session_id", "round"), True)],
+    "models": [(("model_id",), True), (("session_id", "round"), False)],
+    "clients": [(("client_id",), True)],
+    "combiners": [(("name",), True)],
+    "validations": [(("session_id", "round"), False)],
+    "events": [(("session_id", "ts"), False), (("level",), False), (("ts",), False)],
+    "packages": [(("sha256",), True)],
+}
+
+# The methods a TrackingWriter may queue: writes only, never reads.
+WRITE_METHODS = frozenset(
+    {
+        "ensure_indexes",
+        "create_session",
+        "update_session",
+        "start_round",
+        "update_round",
+        "add_model",
+        "upsert_client",
+        "upsert_combiner",
+        "increment_combiner_restarts",
+        "add_validation",
+        "add_package",
+        "event",
+        "insert_events",
+    }
+)
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a connection problem worth a retry."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConnectionFailure):
+            return True
+        seen.add(id(current))
+        current = current.__cause__
+    return False
+
+
+def redact(uri: str) -> str:
+    """``uri`` with any password replaced, fit for messages and logs."""
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri)
+
+
+class TrackingStore:
+    """The tracking collections of one database, behind a few intention-named methods."""
+
+    def __init__(
+        self, db: Database, *, client: MongoClient | None = None, where: str | None = None
+    ) -> None:
+        options = CodecOptions(tz_aware=True, tzinfo=UTC)
+        self.db: Database = db.with_options(codec_options=options)
+        self.where = where or f"database {db.name!r}"
+        self._client = client
+
+    @classmethod
+    def from_uri(
+        cls, uri: str, database: str | None = None, *, timeout_s: float = 5.0
+    ) -> TrackingStore:
+        """Open ``database`` (else the URI's own, else "fedray") at ``uri``.
+
+        Connecting is lazy: an unreachable server shows up as a TrackingError on the
+        first call, naming the URI.
+        """
+        shown = redact(uri)
+        ms = int(timeout_s * 1000)
+        try:
+            client: MongoClient = MongoClient(
+                uri,
+                serverSelectionTimeoutMS=ms,
+                connectTimeoutMS=ms,
+                socketTimeoutMS=60_000,
+                tz_aware=True,
+                tzinfo=UTC,
+                appname="fedray",
+            )
+            if database is None:
+                db = client.get_default_database(default=DEFAULT_DATABASE)
+            else:
+                db = client[database]
+        except (PyMongoError, ValueError, TypeError) as exc:
+            raise TrackingError(f"tracking database {shown}: {_short(exc)}") from exc
+        return cls(db, client=client, where=f"{shown} (database {db.name!r})")
+
+    def __repr__(self) -> str:
+        return f"TrackingStore({self.where})"
+
+    def close(self) -> None:
+        """Close the connection pool if this store opened it (``from_uri``)."""
+        if self._client is not None:
+            self._client.close()
+
+    @contextlib.contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (PyMongoError, BSONError) as exc:
+            raise TrackingError(f"tracking database {self.where}: {what}: {_short(exc)}") from exc
+
+    def ping(self) -> None:
+        with self._translate("ping"):
+            self.db.command("ping")
+
+    def ensure_indexes(self) -> None:
+        with self._translate("create indexes"):
+            for collection, indexes in INDEXES.items():
+                for keys, unique in indexes:
+                    self.db[collection].create_index(
+                        [(key, ASCENDING) for key in keys], unique=unique
+                    )
+
+    # sessions
+
+    def create_session(
+        self,
+        session_id: str,
+        federation: str,
+        config: Mapping[str, Any],
+        rounds_planned: int,
+        model_id: str,
+    ) -> bool:
+        """Record a new session (status "created"); True if new, False if it existed."""
+        now = utcnow()
+        doc = {
+            "federation": federation,
+            "status": "created",
+            "config": clean(dict(config)),
+            "rounds_planned": int(rounds_planned),
+            "rounds_done": 0,
+            "model_id": model_id,
+            "created_at": now,
+            "updated_at": now,
+        }
+        return self._insert_once("sessions", {"session_id": session_id}, doc)
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        self._update("sessions", {"session_id": session_id}, fields, f"session {session_id!r}")
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        return self._find_one("sessions", {"session_id": session_id})
+
+    def latest_session(self, federation: str | None = None) -> dict[str, Any] | None:
+        """The most recently created session (of ``federation`` when given)."""
+        flt = {} if federation is None else {"federation": federation}
+        return self._find_one("sessions", flt, sort=[("created_at", -1), ("_id", -1)])
+
+    # rounds
+
+    def start_round(self, session_id: str, round: int, **fields: Any) -> None:
+        """Create or restart a round: status "running", ``started_at`` now, plus fields."""
+        now = utcnow()
+        update = {"status": "running", "started_at": now, "updated_at": now, **clean(fields)}
+        _check_fields(update)
+        with self._translate(f"start round {round} of session {session_id!r}"):
+            self._retry_dup(
+                lambda: self.db.rounds.update_one(
+                    {"session_id": session_id, "round": int(round)}, {"$set": update}, upsert=True
+                )
+            )
+
+    def update_round(self, session_id: str, round: int, **fields: Any) -> None:
+        flt = {"session_id": session_id, "round": int(round)}
+        self._update("rounds", flt, fields, f"round {round} of session {session_id!r}")
+
+    def get_round(self, session_id: str, round: int) -> dict[str, Any] | None:
+        return self._find_one("rounds", {"session_id": session_id, "round": int(round)})
+
+    # models, packages
+
+    def add_model(
+        self,
+        model_id: str,
+        parent_id: str | None,
+        session_id: str | None,
+        round: int | None,
+        size: int,
+        storage_uri: str,
+        tensors: Mapping[str, Any],
+    ) -> bool:
+        """Add a model to the trail; True if new, False if the id was already there."""
+        doc = {
+            "parent_id": parent_id,
+            "session_id": session_id,
+            "round": None if round is None else int(round),
+            "size": int(size),
+            "storage_uri": storage_uri,
+            "tensors": tensor_list(tensors),
+            "created_at": utcnow(),
+        }
+        return self._insert_once("models", {"model_id": model_id}, doc)
+
+    def get_model(self, model_id: str) -> dict[str, Any] | None:
+        return self._find_one("models", {"model_id": model_id})
+
+    def add_package(self, sha256: str, **fields: Any) -> bool:
+        """Record a compute package by checksum; True if new."""
+        doc = {**clean(fields), "created_at": utcnow()}
+        return self._insert_once("packages", {"sha256": sha256}, doc)
+
+    # clients, combiners
+
+    def upsert_client(self, client_id: str, **fields: Any) -> None:
+        """Create or update an edge client; ``last_seen`` is now unless given."""
+        now = utcnow()
+        fields = {"last_seen": now, **clean(fields)}
+        self._upsert("clients", {"client_id": client_id}, fields, {"first_seen": now})
+
+    def upsert_combiner(self, name: str, **fields: Any) -> None:
+        fields = {"updated_at": utcnow(), **clean(fields)}
+        self._upsert("combiners", {"name": name}, fields, {"restarts": 0})
+
+    def increment_combiner_restarts(self, name: str) -> None:
+        """Count one more restart of combiner ``name`` (not idempotent: a counter)."""
+        update = {"$inc": {"restarts": 1}, "$set": {"updated_at": utcnow()}}
+        with self._translate(f"count a restart of combiner {name!r}"):
+            self._retry_dup(lambda: self.db.combiners.update_one({"name": name}, update, upsert=True))
+
+    # validations, events
+
+    def add_validation(self, doc: dict[str, Any]) -> None:
+        """Insert one client's metrics for one model; ``ts`` defaults to now.
+
+        Like pymongo's ``insert_one``, this sets ``_id`` on ``doc`` itself, so calling it
+        again with the same dict (a retry) never stores it twice.
+        """
+        if not isinstance(doc, dict):
+            raise TypeError(f"a validation is a dict, got {type(doc).__name__}")
+        doc.setdefault("_id", ObjectId())
+        doc.setdefault("ts", utcnow())
+        with self._translate("add a validation"), contextlib.suppress(DuplicateKeyError):
+            self.db.validations.insert_one(clean(doc))
+
+    def event(
+        self,
+        level: str,
+        source: str,
+        message: str,
+        *,
+        session_id: str | None = None,
+        round: int | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record an event (level is one of debug, info, warning, error)."""
+        doc = make_event(level, source, message, session_id=session_id, round=round, data=data)
+        self.insert_events([doc])
+
+    def insert_events(self, docs: Sequence[dict[str, Any]]) -> None:
+        """Insert event documents made by ``make_event``; ones already stored are skipped."""
+        if not docs:
+            return
+        with self._translate(f"insert {len(docs)} event(s)"):
+            try:
+                self.db.events.insert_many(list(docs), ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if not errors or any(e.get("code") != 11000 for e in errors):
+                    raise
+
+    # queries
+
+    def find(
+        self,
+        collection: str,
+        filter: Mapping[str, Any] | None = None,
+        sort: Sequence[tuple[str, int]] | None = None,
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Documents of ``collection`` matching ``filter``, without ``_id``."""
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown tracking collection {collection!r}")
+        with self._translate(f"query {collection}"):
+            cursor = self.db[collection].find(dict(filter or {}), {"_id": 0})
+            if sort:
+                cursor = cursor.sort(list(sort))
+            if limit:
+                cursor = cursor.limit(int(limit))
+            return list(cursor)
+
+    # helpers
+
+    def _find_one(
+        self, collection: str, flt: dict[str, Any], sort: list[tuple[str, int]] | None = None
+    ) -> dict[str, Any] | None:
+        with self._translate(f"read {collection}"):
+            return self.db[collection].find_one(flt, {"_id": 0}, sort=sort)
+
+    def _insert_once(self, collection: str, key: dict[str, Any], doc: dict[str, Any]) -> bool:
+        with self._translate(f"insert into {collection}"):
+            result = self._retry_dup(
+                lambda: self.db[collection].update_one(key, {"$setOnInsert": doc}, upsert=True)
+            )
+        return result.upserted_id is not None
+
+    def _update(self, collection: str, flt: dict[str, Any], fields: dict[str, Any], what: str) -> None:
+        update = {**clean(fields), "updated_at": utcnow()}
+        _check_fields(update)
+        with self._translate(f"update {what}"):
+            result = self.db[collection].update_one(flt, {"$set": update})
+        if result.matched_count == 0:
+            raise TrackingError(f"tracking database {self.where}: no {what} to update")
+
+    def _upsert(
+        self, collection: str, key: dict[str, Any], fields: dict[str, Any], defaults: dict[str, Any]
+    ) -> None:
+        _check_fields(fields)
+        update: dict[str, Any] = {"$set": fields}
+        on_insert = {k: v for k, v in defaults.items() if k not in fields}
+        if on_insert:
+            update["$setOnInsert"] = on_insert
+        with self._translate(f"upsert into {collection}"):
+            self._retry_dup(lambda: self.db[collection].update_one(key, update, upsert=True))
+
+    @staticmethod
+    def _retry_dup(write: Any) -> Any:
+        # Two concurrent upserts of a new key can race on a unique index in MongoDB; the
+        # loser's retry then finds the winner's document and updates it.
+        try:
+            return write()
+        except DuplicateKeyError:
+            return write()
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    for key in fields:
+        if not key or key.startswith("$"):
+            raise ValueError(f"invalid tracking field name {key!r}")
+
+
+def _short(exc: BaseException) -> str:
+    """The first useful part of a pymongo message (they can embed a topology dump)."""
+    text = str(exc).split(", Timeout:")[0].split(", full error:")[0].strip()
+    return text if len(text) <= 300 else text[:297] + "..."
