@@ -33,7 +33,7 @@ def connect_ray(rc: RayConfig, namespace: str) -> bool:
     if ray.is_initialized():
         return False
     if rc.address == "local" and not os.environ.get("RAY_ADDRESS"):
-        ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
+        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
                  namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
         return True
     address = None if rc.address == "local" else rc.address  # None: RAY_ADDRESS of a Ray job

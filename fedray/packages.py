@@ -355,7 +355,7 @@ def load_package(
     """
     path = Path(path)
     if path.is_dir():
-        return Package(path, read_manifest(path))
+        return Package(path.resolve(), read_manifest(path))
     if not path.is_file():
         raise PackageError(f"{path}: no such package (a directory or .tgz is expected)")
     sha = sha256_file(path)

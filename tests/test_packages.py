@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -228,7 +230,8 @@ def test_bad_metadata_is_refused(tmp_path: Path) -> None:
         pkg.validate(b"", {}, "")
 
 
-def test_digits_package_trains_end_to_end(tmp_path: Path) -> None:
+def test_digits_package_trains_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))  # examples/ imports from the repository root
     from examples.digits.data import write_partitions
     from examples.digits.seed import seed_model
 
@@ -248,3 +251,14 @@ def test_digits_package_trains_end_to_end(tmp_path: Path) -> None:
     assert metrics["train_accuracy"] > 0.5 and val["accuracy"] > 0.5
     with pytest.raises(PackageError, match="no data path"):
         pkg.train(seed, {}, "")
+
+
+def test_packages_module_stays_edge_safe() -> None:
+    code = (
+        "import sys, fedray.packages; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pymongo', 'minio'}))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

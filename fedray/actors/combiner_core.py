@@ -112,15 +112,19 @@ class CombinerCore:
     def accepts_clients(self) -> bool:
         return len(self.online_clients()) < self.settings.max_clients
 
-    async def join(self, client_id: str, name: str) -> AsyncIterator[Task]:
-        """The task stream of one client; the client is online while this is iterated."""
+    def connect(self, client_id: str, name: str) -> ClientLink:
+        """Register a client (a reconnect replaces its old stream); it is online from now."""
         old = self.clients.get(client_id)
         if old is not None:
-            old.queue.put_nowait(None)  # a reconnect replaces the old stream
+            old.queue.put_nowait(None)
         link = ClientLink(client_id=client_id, name=name)
         self.clients[client_id] = link
         self.listener.client_status(client_id, name, "online")
         self.listener.event("info", f"client {name} joined combiner {self.name}", client_id=client_id)
+        return link
+
+    async def tasks(self, link: ClientLink) -> AsyncIterator[Task]:
+        """The task stream of one connected client; it goes offline when this ends."""
         try:
             while True:
                 task = await link.queue.get()
@@ -128,7 +132,7 @@ class CombinerCore:
                     return
                 yield task
         finally:
-            if self.clients.get(client_id) is link:
+            if self.clients.get(link.client_id) is link and link.status != "offline":
                 self._client_gone(link, "its task stream closed")
 
     def heartbeat(self, client_id: str, status: str = "") -> bool:

@@ -30,7 +30,9 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         if request.client_id not in self.core.clients and not self.core.accepts_clients():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"combiner {self.core.name} is full; ask the gateway again")
-        async for task in self.core.join(request.client_id, request.name or request.client_id):
+        link = self.core.connect(request.client_id, request.name or request.client_id)
+        await context.send_initial_metadata(())  # the client's wait_for_connection returns now
+        async for task in self.core.tasks(link):
             yield task_to_proto(task)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:

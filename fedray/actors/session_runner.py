@@ -87,6 +87,7 @@ class SessionRunner:
                             session_id=self.session_id)
         try:
             model = await asyncio.to_thread(self.store.get, seed_model_id)
+            self._record_model(seed_model_id, None, 0, model)
             self._changed(model_id=seed_model_id)
             for number in range(1, self.settings.rounds + 1):
                 await self._wait_for_clients()
@@ -185,10 +186,7 @@ class SessionRunner:
         new_model, reduced = await asyncio.to_thread(
             self._reduce, model, [r.partial for r in results if r.partial])
         new_id = await asyncio.to_thread(self.store.put, new_model)
-        layout = read_layout(new_model)
-        self.observer.write("add_model", new_id, parent_id, self.session_id, number, len(new_model),
-                            self.store.uri(new_id),
-                            {k: {"dtype": d, "shape": list(s)} for k, (d, s) in layout.spec().items()})
+        self._record_model(new_id, parent_id, number, new_model)
         reduce_s = time.monotonic() - reduce_started
         train_metrics = reduced.metrics()
         record: dict[str, Any] = {
@@ -214,6 +212,12 @@ class SessionRunner:
                             f"{updates} update(s) in {seconds:.2f}s",
                             session_id=self.session_id, round=number)
         return new_model
+
+    def _record_model(self, mid: str, parent_id: str | None, number: int, data: bytes) -> None:
+        spec = read_layout(data).spec()
+        self.observer.write("add_model", mid, parent_id, self.session_id, number, len(data),
+                            self.store.uri(mid),
+                            {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec.items()})
 
     def _reduce(self, model: bytes, partials: list[Partial]) -> tuple[bytes, Partial]:
         reduced = self.aggregator.reduce(partials)

@@ -1,10 +1,9 @@
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -25,7 +24,7 @@ class AssignRequest(_message.Message):
     name: str
     version: str
     previous_combiner: str
-    def __init__(self, name: str | None = ..., version: str | None = ..., previous_combiner: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., previous_combiner: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("client_id", "combiner", "address")
@@ -35,7 +34,7 @@ class Assignment(_message.Message):
     client_id: str
     combiner: str
     address: str
-    def __init__(self, client_id: str | None = ..., combiner: str | None = ..., address: str | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., combiner: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "name", "version")
@@ -45,7 +44,7 @@ class JoinRequest(_message.Message):
     client_id: str
     name: str
     version: str
-    def __init__(self, client_id: str | None = ..., name: str | None = ..., version: str | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "kind", "session_id", "round", "model_id", "model_size", "config", "deadline_unix")
@@ -65,7 +64,7 @@ class Task(_message.Message):
     model_size: int
     config: _struct_pb2.Struct
     deadline_unix: float
-    def __init__(self, task_id: str | None = ..., kind: TaskKind | str | None = ..., session_id: str | None = ..., round: int | None = ..., model_id: str | None = ..., model_size: int | None = ..., config: _struct_pb2.Struct | _Mapping | None = ..., deadline_unix: float | None = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., model_size: _Optional[int] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "status")
@@ -73,7 +72,7 @@ class HeartbeatRequest(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     status: str
-    def __init__(self, client_id: str | None = ..., status: str | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("interval_s", "known")
@@ -81,7 +80,7 @@ class HeartbeatReply(_message.Message):
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     interval_s: float
     known: bool
-    def __init__(self, interval_s: float | None = ..., known: bool | None = ...) -> None: ...
+    def __init__(self, interval_s: _Optional[float] = ..., known: _Optional[bool] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
     __slots__ = ("client_id", "model_id")
@@ -89,7 +88,7 @@ class FetchModelRequest(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     model_id: str
-    def __init__(self, client_id: str | None = ..., model_id: str | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class FetchPackageRequest(_message.Message):
     __slots__ = ("client_id", "sha256")
@@ -97,7 +96,7 @@ class FetchPackageRequest(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     sha256: str
-    def __init__(self, client_id: str | None = ..., sha256: str | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data", "offset", "total_size")
@@ -107,7 +106,7 @@ class Chunk(_message.Message):
     data: bytes
     offset: int
     total_size: int
-    def __init__(self, data: bytes | None = ..., offset: int | None = ..., total_size: int | None = ...) -> None: ...
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "task_id", "session_id", "round", "model_id", "num_examples", "metrics", "size", "sha256")
@@ -129,7 +128,7 @@ class UpdateHeader(_message.Message):
     metrics: _struct_pb2.Struct
     size: int
     sha256: str
-    def __init__(self, client_id: str | None = ..., task_id: str | None = ..., session_id: str | None = ..., round: int | None = ..., model_id: str | None = ..., num_examples: int | None = ..., metrics: _struct_pb2.Struct | _Mapping | None = ..., size: int | None = ..., sha256: str | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., task_id: _Optional[str] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UpdatePart(_message.Message):
     __slots__ = ("header", "chunk")
@@ -137,7 +136,7 @@ class UpdatePart(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     chunk: Chunk
-    def __init__(self, header: UpdateHeader | _Mapping | None = ..., chunk: Chunk | _Mapping | None = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "reason")
@@ -145,7 +144,7 @@ class PushReply(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
-    def __init__(self, accepted: bool | None = ..., reason: str | None = ...) -> None: ...
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ValidationReport(_message.Message):
     __slots__ = ("client_id", "task_id", "session_id", "round", "model_id", "num_examples", "metrics")
@@ -163,7 +162,7 @@ class ValidationReport(_message.Message):
     model_id: str
     num_examples: int
     metrics: _struct_pb2.Struct
-    def __init__(self, client_id: str | None = ..., task_id: str | None = ..., session_id: str | None = ..., round: int | None = ..., model_id: str | None = ..., num_examples: int | None = ..., metrics: _struct_pb2.Struct | _Mapping | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., task_id: _Optional[str] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class EventReport(_message.Message):
     __slots__ = ("client_id", "level", "message", "task_id", "data")
@@ -177,7 +176,7 @@ class EventReport(_message.Message):
     message: str
     task_id: str
     data: _struct_pb2.Struct
-    def __init__(self, client_id: str | None = ..., level: str | None = ..., message: str | None = ..., task_id: str | None = ..., data: _struct_pb2.Struct | _Mapping | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., task_id: _Optional[str] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()

@@ -9,7 +9,7 @@ code it uses for a real MongoDB, and so can mongosh, Compass or a notebook.
 Files in ``<data_dir>/tracking/``:
 
     <db>.db            SQLite database per logical database (``fedray.db`` by default)
-    server.json        ``{"pid": ..., "port": ...}`` of the live server, for reuse
+    server.json        ``{"pid": ..., "port": ...}`` of the latest server, for reuse
     nx-27017.log       the server's log (appended across runs)
     nx-27017.out       its stdout/stderr of the latest run (start-up tracebacks land here)
     nx-27017.pid       the server's own pid file
@@ -105,6 +105,8 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    if not 1024 <= port <= 65535:
+        return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -205,10 +207,8 @@ class EmbeddedMongo:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout_s)
-        record = read_server_record(self.data_dir)
-        if record is not None and record["pid"] == proc.pid:
-            with contextlib.suppress(OSError):
-                self.server_file.unlink()
+        # server.json stays: a dead PID marks it stale, and the next server takes the same
+        # port when it can, so clients holding the old URI find it again.
 
     def __enter__(self) -> EmbeddedMongo:
         return self.start()
@@ -278,6 +278,15 @@ class EmbeddedMongo:
             raise TrackingError(f"cannot write {self.server_file}: {exc}") from exc
 
 
+def live_uri(data_dir: Path | str) -> str | None:
+    """The URI of the server recorded for ``data_dir`` if its PID is alive and it answers."""
+    record = read_server_record(data_dir)
+    if record is None or not pid_alive(record["pid"]):
+        return None
+    uri = mongo_uri(record["port"])
+    return uri if ping(uri) else None
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a+b") as fh:
@@ -304,11 +313,10 @@ def connect_or_start(
     except OSError as exc:
         raise TrackingError(f"cannot create tracking folder {folder}: {exc}") from exc
     with _locked(folder / "server.lock"):
+        uri = live_uri(data_dir)
+        if uri is not None:
+            return uri, None
         record = read_server_record(data_dir)
-        if record is not None:
-            uri = mongo_uri(record["port"])
-            if pid_alive(record["pid"]) and ping(uri):
-                return uri, None
         port = record["port"] if record is not None and port_is_free(record["port"]) else None
         server = EmbeddedMongo(data_dir, port=port)
         try:

@@ -74,6 +74,8 @@ INDEXES: dict[str, list[tuple[tuple[str, ...], bool]]] = {
     "packages": [(("sha256",), True)],
 }
 
+_NO_SUCH_FIELD = "_fedray_never_set"  # see _setting
+
 # The methods a TrackingWriter may queue: writes only, never reads.
 WRITE_METHODS = frozenset(
     {
@@ -222,7 +224,7 @@ class TrackingStore:
         with self._translate(f"start round {round} of session {session_id!r}"):
             self._retry_dup(
                 lambda: self.db.rounds.update_one(
-                    {"session_id": session_id, "round": int(round)}, {"$set": update}, upsert=True
+                    {"session_id": session_id, "round": int(round)}, _setting(update), upsert=True
                 )
             )
 
@@ -279,7 +281,7 @@ class TrackingStore:
 
     def increment_combiner_restarts(self, name: str) -> None:
         """Count one more restart of combiner ``name`` (not idempotent: a counter)."""
-        update = {"$inc": {"restarts": 1}, "$set": {"updated_at": utcnow()}}
+        update = {"$inc": {"restarts": 1}, **_setting({"updated_at": utcnow()})}
         with self._translate(f"count a restart of combiner {name!r}"):
             self._retry_dup(lambda: self.db.combiners.update_one({"name": name}, update, upsert=True))
 
@@ -363,7 +365,7 @@ class TrackingStore:
         update = {**clean(fields), "updated_at": utcnow()}
         _check_fields(update)
         with self._translate(f"update {what}"):
-            result = self.db[collection].update_one(flt, {"$set": update})
+            result = self.db[collection].update_one(flt, _setting(update))
         if result.matched_count == 0:
             raise TrackingError(f"tracking database {self.where}: no {what} to update")
 
@@ -371,7 +373,7 @@ class TrackingStore:
         self, collection: str, key: dict[str, Any], fields: dict[str, Any], defaults: dict[str, Any]
     ) -> None:
         _check_fields(fields)
-        update: dict[str, Any] = {"$set": fields}
+        update = _setting(fields)
         on_insert = {k: v for k, v in defaults.items() if k not in fields}
         if on_insert:
             update["$setOnInsert"] = on_insert
@@ -388,9 +390,21 @@ class TrackingStore:
             return write()
 
 
+def _setting(fields: dict[str, Any]) -> dict[str, Any]:
+    """The update document ``{"$set": fields}``, safe for datetimes on nx-27017.
+
+    nx-27017 0.8.1 stores a datetime that ``$set`` writes into an existing document as a
+    plain string (its SQL update path binds it as text). A ``$pull`` on a field that never
+    exists sends the update down its Python path, which keeps the type; on MongoDB that
+    ``$pull`` is a no-op. ``test_tracking`` checks the types, so a server that changes
+    this shows up there.
+    """
+    return {"$set": fields, "$pull": {_NO_SUCH_FIELD: None}}
+
+
 def _check_fields(fields: Mapping[str, Any]) -> None:
     for key in fields:
-        if not key or key.startswith("$"):
+        if not key or key.startswith("$") or key.split(".")[0] == _NO_SUCH_FIELD:
             raise ValueError(f"invalid tracking field name {key!r}")
 
 

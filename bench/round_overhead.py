@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+"""Round overhead of a real federation: N edge clients over the gRPC bridge, P parameters.
+
+    python bench/round_overhead.py --clients N --params P --rounds R [--combiners K] [--procs M]
+
+The federation is deployed exactly like ``fedray run`` does it (``run_federation``: a private
+local Ray, the embedded nx-27017 tracking server, ``Federation.deploy``), with K combiners
+on 127.0.0.1. The N clients are real ``EdgeRunner``s (asyncio, many per process) spread over
+M worker processes, each started as ``python bench/round_overhead.py --worker ...``.
+"Training" adds small deterministic noise (seeded by client index and round) to every
+parameter and reports 100 examples, so the figures are the runtime's own overhead.
+
+Exactly one JSON line goes to stdout; everything else (progress, logs) goes to stderr.
+The exit status is non-zero when the session did not finish. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.time()  # "start of the bench": before the heavy imports (Ray, grpc, numpy)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+TENSORS = 4
+EXAMPLES = 100
+NOISE = 1e-3  # noise amplitude: uniform in [-NOISE, +NOISE)
+SAMPLE_S = 0.2  # how often /proc/<pid>/status is read for VmHWM
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.time() - T0:7.2f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """VmHWM (peak resident set size) of a process in MiB, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def make_train(index: int):
+    """A client's train callback: params + noise seeded by (client index, round)."""
+    rounds = 0
+
+    def train(params: dict[str, np.ndarray], config: dict[str, Any]):
+        nonlocal rounds
+        rounds += 1  # every client trains every round (clients_per_round 1.0, min_clients N)
+        rng = np.random.default_rng([index, rounds])
+        for arr in params.values():
+            flat = arr.reshape(-1)
+            noise = rng.random(flat.size, dtype=np.float32)
+            noise -= 0.5
+            noise *= 2 * NOISE
+            flat += noise
+        return params, EXAMPLES, {"loss": 1.0 / rounds}
+
+    return train
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Host ``--count`` edge clients (indices from ``--first``) in one asyncio loop."""
+    from fedray.edge.client import EdgeRunner, EdgeSettings
+    from fedray.edge.workers import CallbackWorker
+
+    first_task: list[float] = []
+
+    def report(**fields: Any) -> None:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+    class BenchRunner(EdgeRunner):
+        async def _handle(self, stub, task):  # noqa: ANN001 - EdgeRunner's own signature
+            if not first_task:
+                first_task.append(time.time())
+                report(first_task=first_task[0], name=self.settings.name)
+            await super()._handle(stub, task)
+
+    def say(line: str) -> None:
+        routine = line.endswith("-> update accepted") or "] connected to " in line
+        if not (args.quiet and routine):
+            print(line, file=sys.stderr, flush=True)
+
+    token = os.environ.get("FEDRAY_TOKEN") or None
+    runners = [
+        BenchRunner(CallbackWorker(make_train(i)),
+                    EdgeSettings(gateway=args.gateway, name=f"client-{i:05d}", token=token),
+                    say=say)
+        for i in range(args.first, args.first + args.count)
+    ]
+
+    async def serve() -> list[Any]:
+        loop = asyncio.get_running_loop()
+
+        def stop_all() -> None:
+            for r in runners:
+                r.stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop_all)
+        parent = os.getppid()
+
+        async def orphan_guard() -> None:  # stop if the bench driver died
+            while not all(r.stop.is_set() for r in runners):
+                if os.getppid() != parent:
+                    stop_all()
+                await asyncio.sleep(2.0)
+
+        guard = asyncio.ensure_future(orphan_guard())
+        try:
+            return await asyncio.gather(*(r.run() for r in runners), return_exceptions=True)
+        finally:
+            guard.cancel()
+
+    results = asyncio.run(serve())
+    errors = [f"{r.settings.name}: {type(e).__name__}: {e}" for r, e in zip(runners, results)
+              if isinstance(e, BaseException)]
+    for line in errors[:5]:
+        print(line, file=sys.stderr)
+    report(exit=True, tasks=sum(r.tasks_done for r in runners), errors=len(errors),
+           peak_rss_mb=peak_rss_mb())
+    return 1 if errors else 0
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def write_seed(data_dir: Path, params: int) -> tuple[Path, int]:
+    """P float32 parameters over up to TENSORS 1-D tensors, as a .safetensors file."""
+    from fedray.serialization import encode
+
+    parts = min(TENSORS, params)
+    sizes = [params // parts + (1 if k < params % parts else 0) for k in range(parts)]
+    rng = np.random.default_rng(0)
+    model = {f"layer{k}.weight": rng.standard_normal(n, dtype=np.float32) * 0.01
+             for k, n in enumerate(sizes)}
+    data = encode(model)
+    path = data_dir / "seed.safetensors"
+    path.write_bytes(data)
+    return path, len(data)
+
+
+def bench_config(args: argparse.Namespace, data_dir: Path, seed: Path) -> dict[str, Any]:
+    return {
+        "federation": "bench",
+        "seed_model": str(seed),
+        "data_dir": str(data_dir),
+        "ray": {"address": "local", "num_cpus": 2},
+        "controller": {"host": "127.0.0.1", "port": 0},
+        "combiners": {"count": args.combiners, "host": "127.0.0.1", "base_port": 0},
+        "session": {"rounds": args.rounds, "aggregator": "fedavg", "clients_per_round": 1.0,
+                    "min_clients": args.clients, "round_timeout_s": args.round_timeout,
+                    "wait_for_clients_s": args.round_timeout, "validate": False},
+    }
+
+
+class Workers:
+    """The client worker processes, and what they report on stdout."""
+
+    def __init__(self, args: argparse.Namespace, logs: Path) -> None:
+        self.args = args
+        self.logs = logs
+        self.procs: list[subprocess.Popen] = []
+        self.first_task: list[float] = []
+        self.exits: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._readers: list[threading.Thread] = []
+
+    def start(self, gateway: str) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        n, m = self.args.clients, min(self.args.procs, self.args.clients)
+        counts = [n // m + (1 if k < n % m else 0) for k in range(m)]
+        first = 0
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for k, count in enumerate(counts):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--gateway", gateway,
+                   "--first", str(first), "--count", str(count), "--params", str(self.args.params)]
+            if not self.args.client_logs:
+                cmd.append("--quiet")
+            with open(self.logs / f"worker-{k}.log", "wb") as err:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env,
+                                        stdin=subprocess.DEVNULL)
+            self.procs.append(proc)
+            reader = threading.Thread(target=self._read, args=(k, proc), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+            first += count
+        log(f"started {len(self.procs)} worker process(es) with {counts} clients "
+            f"(pids {[p.pid for p in self.procs]})")
+
+    def _read(self, k: int, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            with self._lock:
+                if "first_task" in msg:
+                    self.first_task.append(float(msg["first_task"]))
+                if msg.get("exit"):
+                    self.exits[k] = msg
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"worker {proc.pid} ignored SIGTERM; killing it")
+                proc.kill()
+                proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+
+    def tails(self, lines: int = 15) -> str:
+        out = []
+        for path in sorted(self.logs.glob("worker-*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+
+class PeakSampler:
+    """Samples VmHWM of the federation's actor processes until stopped (VmHWM only grows,
+    so the last sample before teardown is the peak of the whole run)."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {}
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, names: set[str]) -> None:
+        import ray._private.state as ray_state  # the GCS actor table; no dashboard needed
+
+        for entry in ray_state.actors().values():
+            if entry.get("State") == "ALIVE" and entry.get("Name") in names:
+                self.pids[entry["Name"]] = int(entry["Pid"])
+        log(f"actor pids: {self.pids}")
+        self._sample()
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            value = peak_rss_mb(pid)
+            if value is not None:
+                self.peaks[name] = max(value, self.peaks.get(name, 0.0))
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def read_rounds(data_dir: Path, database: str, session_id: str) -> list[dict[str, Any]]:
+    """The session's round documents, from the embedded tracking data the run left behind."""
+    from fedray.tracking.embedded import EmbeddedMongo
+    from fedray.tracking.store import TrackingStore
+
+    with EmbeddedMongo(data_dir) as server:
+        store = TrackingStore.from_uri(server.uri, database)
+        try:
+            return store.find("rounds", {"session_id": session_id}, sort=[("round", 1)])
+        finally:
+            store.close()
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.pop("FEDRAY_DATA_DIR", None)  # it would override the bench's own data dir
+    os.environ["FEDRAY_TOKEN"] = secrets.token_hex(16)  # exercise token auth on every RPC
+
+    from rich.console import Console
+
+    from fedray.config import config_from_dict
+    from fedray.federation import CONTROLLER, combiner_name
+    from fedray.runner import run_federation
+
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else \
+        Path(tempfile.mkdtemp(prefix="fedray-bench-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    seed, model_bytes = write_seed(data_dir, args.params)
+    config = config_from_dict(bench_config(args, data_dir, seed), source="bench/round_overhead.py")
+    console = Console(stderr=True, width=120)
+    workers = Workers(args, data_dir / "logs")
+    sampler = PeakSampler()
+    ready_at: list[float] = []
+    log(f"{args.clients} clients x {args.params:,} params ({model_bytes / 2**20:.1f} MiB model), "
+        f"{args.rounds} rounds, {args.combiners} combiner(s), {args.procs} worker process(es); "
+        f"data in {data_dir}")
+
+    def on_ready(gateway: str) -> None:
+        ready_at.append(time.time())
+        sampler.start({CONTROLLER, *(combiner_name(i) for i in range(args.combiners))})
+        workers.start(gateway)
+
+    out: dict[str, Any] = {
+        "clients": args.clients, "params": args.params, "rounds": args.rounds,
+        "combiners": args.combiners, "procs": min(args.procs, args.clients),
+        "model_bytes": model_bytes,
+    }
+    status: dict[str, Any] = {}
+    try:
+        try:
+            result = run_federation(config, console=console, on_ready=on_ready)
+            status = result.status
+        finally:
+            sampler.stop()
+            workers.stop()
+        total_s = time.time() - T0
+        rounds = read_rounds(data_dir, config.tracking.database, status["session_id"])
+    except Exception as exc:  # noqa: BLE001 - report it in the JSON line, then fail
+        traceback.print_exc()
+        out.update(state="error", reason=f"{type(exc).__name__}: {exc}")
+        print(workers.tails(), file=sys.stderr)
+        print(json.dumps(out))
+        return 2
+    finally:
+        if not args.keep and not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+    round_s = [round(r["seconds"], 3) for r in status["history"]]
+    by_round = {r["round"]: r for r in rounds}
+    bytes_per_round = []
+    for record in status["history"]:
+        doc = by_round.get(record["round"], {})
+        combiners = doc.get("combiners") or {}
+        bytes_per_round.append(sum(int(c.get("bytes_in", 0)) + int(c.get("bytes_out", 0))
+                                   for c in combiners.values()))
+    exits = [workers.exits.get(k, {}) for k in range(len(workers.procs))]
+    out.update(
+        startup_s=round(min(workers.first_task) - T0, 3) if workers.first_task else None,
+        ready_s=round(ready_at[0] - T0, 3) if ready_at else None,
+        round_s=round_s,
+        median_round_s=round(statistics.median(round_s), 3) if round_s else None,
+        bytes_per_round=bytes_per_round,
+        expected_bytes_per_round=2 * args.clients * model_bytes,
+        peak_rss_mb={n: v for n, v in sorted(sampler.peaks.items()) if n != CONTROLLER},
+        controller_peak_rss_mb=sampler.peaks.get(CONTROLLER),
+        client_proc_peak_rss_mb=[e.get("peak_rss_mb") for e in exits],
+        client_tasks=sum(int(e.get("tasks", 0)) for e in exits),
+        total_s=round(total_s, 2),
+        state=status["state"],
+        reason=status.get("reason", ""),
+        rounds_done=status["rounds_done"],
+    )
+    ok = status["state"] == "finished"
+    if not ok:
+        print(workers.tails(), file=sys.stderr)
+    print(json.dumps(out))
+    return 0 if ok else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=8, help="edge clients (N)")
+    p.add_argument("--params", type=int, default=100_000, help="float32 parameters (P)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (R)")
+    p.add_argument("--combiners", type=int, default=2, help="combiner actors (K)")
+    p.add_argument("--procs", type=int, default=1, help="client worker processes (M)")
+    p.add_argument("--round-timeout", type=float, default=600.0,
+                   help="session.round_timeout_s and wait_for_clients_s")
+    p.add_argument("--data-dir", default=None, help="keep everything here (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="do not delete the temp data dir")
+    p.add_argument("--client-logs", action="store_true",
+                   help="let clients log every task to <data_dir>/logs/worker-*.log")
+    # worker entry (started by the driver, not by hand)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gateway", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("clients", "params", "rounds", "combiners", "procs", "count"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    if args.worker and not args.gateway:
+        p.error("--worker needs --gateway")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return worker_main(args) if args.worker else bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

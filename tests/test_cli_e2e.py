@@ -1,0 +1,105 @@
+"""End to end, as a user would: `fedray run CONFIG` plus `fedray edge start` processes,
+then the query commands on the finished run's tracking."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _fedray(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedray", *args], cwd=ROOT, **kwargs)
+
+
+def _query(data_dir: Path, collection: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "fedray", collection, "--json",
+                          "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
+    from examples.digits.data import write_partitions
+
+    gateway_port, combiner_port, _ = _free_ports(3)
+    data_dir = tmp_path / "fed"
+    paths = write_partitions(tmp_path / "data", 3, seed=1)
+    config = tmp_path / "digits.yaml"
+    config.write_text((ROOT / "configs" / "digits.yaml").read_text())
+    env = {**os.environ, "FEDRAY_TOKEN": "e2e-token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    run = _fedray("run", str(config), "--json", "--data-dir", str(data_dir),
+                  "--set", f"ray.address={ray_session}", "--set", "session.rounds=3",
+                  "--set", f"controller.port={gateway_port}", "--set", "controller.host=127.0.0.1",
+                  "--set", "combiners.host=127.0.0.1", "--set", f"combiners.base_port={combiner_port}",
+                  "--set", "session.min_clients=3", "--set", "session.wait_for_clients_s=120",
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    clients = []
+    try:
+        for i, path in enumerate(paths):
+            clients.append(_fedray("edge", "start", "--gateway", f"127.0.0.1:{gateway_port}",
+                                   "--name", f"site-{i}", "--app", "examples.digits.app",
+                                   "--data", str(path), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=env))
+        out, err = run.communicate(timeout=240)
+    finally:
+        run.kill() if run.poll() is None else None
+        for proc in clients:
+            proc.terminate()
+        logs = [proc.communicate(timeout=20)[0] for proc in clients]
+    assert run.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["state"] == "finished" and summary["rounds"] == 3
+    assert "round 3/3" in err
+    assert all("round 3 train" in log and "update accepted" in log for log in logs), logs[0]
+    assert summary["history"][-1]["validation_metrics"]["accuracy"] > 0.8
+
+    rounds = _query(data_dir, "rounds")
+    assert sorted(r["round"] for r in rounds) == [1, 2, 3]
+    assert all(r["status"] == "finished" for r in rounds)
+    models = {m["model_id"]: m for m in _query(data_dir, "models")}
+    final = models[summary["model_id"]]
+    trail = [final]
+    while trail[-1]["parent_id"]:
+        trail.append(models[trail[-1]["parent_id"]])
+    assert [m["round"] for m in trail] == [3, 2, 1, 0]  # seed + one model per round
+    clients_doc = _query(data_dir, "clients")
+    assert {c["name"] for c in clients_doc} >= {"site-0", "site-1", "site-2"}
+    assert _query(data_dir, "sessions")[0]["status"] == "finished"
+    assert len(_query(data_dir, "validations")) == 9
+
+
+def test_cli_user_mistakes_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: x\nseed_model: s\nsession: {rounds: 0}\n")
+    for args, code, needle in [
+        (["run", str(bad)], 2, "session.rounds must be greater than 0"),
+        (["run", str(tmp_path / "missing.yaml")], 2, "no such config file"),
+        (["edge", "start", "--gateway", "x:1", "--name", "n"], 2, "exactly one of --app"),
+        (["edge", "start", "--gateway", "x:1", "--name", "n", "--app", "no.such.module"], 2,
+         "cannot import"),
+        (["rounds", "--filter", "{not json", "--data-dir", str(tmp_path)], 2, "--filter"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "fedray", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == code, (args, result.stderr)
+        assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -1,0 +1,68 @@
+"""Config loading: defaults, overrides, and one-line errors that name field and file."""
+
+import pytest
+
+from fedray.config import config_from_dict, load_config
+from fedray.errors import ConfigError
+
+MINIMAL = "federation: demo\nseed_model: seed.safetensors\n"
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "fed.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    config = load_config(_write(tmp_path, MINIMAL))
+    assert config.session.aggregator == "fedavg" and config.combiners.count == 2
+    assert config.namespace == "fedray-demo"
+    assert config.tracking.uri == "embedded"
+
+
+def test_overrides_use_dotted_names(tmp_path):
+    config = load_config(_write(tmp_path, MINIMAL), {"session.rounds": 7, "combiners.count": 1})
+    assert config.session.rounds == 7 and config.combiners.count == 1
+
+
+def test_the_repository_config_loads():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "digits.yaml")
+    assert config.federation == "digits"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (MINIMAL + "session: {rounds: -1}\n", "session.rounds must be greater than 0"),
+    (MINIMAL + "session: {rounds: ten}\n", "session.rounds must be int"),
+    (MINIMAL + "session: {roundz: 3}\n", "unknown field session.roundz"),
+    (MINIMAL + "combiners: {base_port: 70000}\n", "combiners.base_port must be a port"),
+    (MINIMAL + "session: {aggregator: nope}\n", "session.aggregator names no aggregator"),
+    (MINIMAL + "tracking: {uri: http://x}\n", "tracking.uri must be"),
+    (MINIMAL + "session: {validate: 'yes'}\n", "session.validate must be bool"),
+    (MINIMAL + "combiners: {offline_after_s: 1}\n", "combiners.offline_after_s"),
+    (MINIMAL + "session: {clients_per_round: 2.5}\n", "session.clients_per_round"),
+    ("seed_model: x\n", "missing required field federation"),
+    ("federation: 'bad name!'\nseed_model: x\n", "federation must be"),
+    ("- a list\n", "top level must be a mapping"),
+    ("federation: [unclosed\n", "not valid YAML"),
+    (MINIMAL + "session: 3\n", "session must be a mapping"),
+])
+def test_bad_fields_give_one_line_errors_naming_field_and_file(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert needle in message and str(path) in message and "\n" not in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_data_dir_env_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDRAY_DATA_DIR", str(tmp_path / "d"))
+    config = config_from_dict({"federation": "x", "seed_model": "s"})
+    assert config.resolved_data_dir() == (tmp_path / "d").resolve()

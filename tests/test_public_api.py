@@ -1,0 +1,36 @@
+"""The public API is what __all__ says, and importing it pulls in no server dependency."""
+
+import subprocess
+import sys
+
+import fedray
+
+
+def test_all_names_exist_and_public_names_are_listed():
+    for name in fedray.__all__:
+        assert hasattr(fedray, name), name
+    public = {n for n in dir(fedray) if not n.startswith("_") and not _is_module(getattr(fedray, n))}
+    assert public <= set(fedray.__all__), public - set(fedray.__all__)
+
+
+def _is_module(obj) -> bool:
+    return type(obj).__name__ == "module"
+
+
+def test_edge_side_imports_no_ray_pymongo_or_minio():
+    code = ("import sys, fedray, fedray.edge.cli, fedray.packages; "
+            "bad = [m for m in ('ray', 'pymongo', 'minio') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_pickle_family_imports_in_the_package():
+    from pathlib import Path
+
+    root = Path(fedray.__file__).parent
+    offenders = [str(p) for p in root.rglob("*.py")
+                 if any(line.strip().startswith(("import pickle", "from pickle", "import cloudpickle",
+                                                 "import dill", "import marshal"))
+                        for line in p.read_text().splitlines())]
+    assert offenders == []

@@ -1,0 +1,531 @@
+"""Tracking against real servers: the embedded nx-27017, and MongoDB when one is given.
+
+Every ``store`` test runs against each backend of the session-scoped ``mongo_uri``
+fixture: an embedded server started once for the file, and the MongoDB named by
+``FEDRAY_TEST_MONGO_URI`` when that is set. Each test works in a database of its own.
+Tests that stop and restart a server start their own embedded one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymongo.errors import DuplicateKeyError
+from rich.console import Console
+
+from fedray.errors import ConfigError, TrackingError
+from fedray.tracking import (
+    COLLECTIONS,
+    EmbeddedMongo,
+    TrackingStore,
+    TrackingWriter,
+    connect_or_start,
+    is_transient,
+)
+from fedray.tracking.documents import make_event, written_at
+from fedray.tracking.embedded import free_port, live_uri, read_server_record
+from fedray.tracking.query import parse_filter, render_table, run_query, to_json
+from fedray.tracking.store import INDEXES
+
+MODEL_A = "a" * 64
+MODEL_B = "b" * 64
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedMongo]:
+    server = EmbeddedMongo(tmp_path_factory.mktemp("federation")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["embedded", "mongodb"])
+def mongo_uri(request: pytest.FixtureRequest) -> str:
+    if request.param == "mongodb":
+        uri = os.environ.get("FEDRAY_TEST_MONGO_URI")
+        if not uri:
+            pytest.skip("FEDRAY_TEST_MONGO_URI is not set: no real MongoDB to test against")
+        return uri
+    return request.getfixturevalue("embedded_server").uri
+
+
+@pytest.fixture
+def db_name() -> str:
+    return f"t_{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def store(mongo_uri: str, db_name: str) -> Iterator[TrackingStore]:
+    store = TrackingStore.from_uri(mongo_uri, db_name)
+    store.ensure_indexes()
+    yield store
+    store.db.client.drop_database(db_name)
+    store.close()
+
+
+def _at(seconds: float) -> datetime:
+    return datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
+
+
+# store
+
+
+def test_indexes_exist_and_are_enforced(store: TrackingStore) -> None:
+    store.ensure_indexes()  # a second time is harmless
+
+    for collection, indexes in INDEXES.items():
+        info = store.db[collection].index_information()
+        # compare keys, not names: nx-27017 names indexes differently from MongoDB
+        found = {
+            tuple(k for k, _ in spec["key"]): bool(spec.get("unique")) for spec in info.values()
+        }
+        for keys, unique in indexes:
+            assert found.get(keys) == unique, (collection, keys, found)
+    store.db.sessions.insert_one({"session_id": "dup"})
+    with pytest.raises(DuplicateKeyError):
+        store.db.sessions.insert_one({"session_id": "dup"})
+
+
+def test_sessions(store: TrackingStore) -> None:
+    config = {"rounds": 3, "lr": np.float32(0.5), "layers": (1, 2)}
+    with written_at(_at(0)):
+        assert store.create_session("s1", "digits", config, 3, MODEL_A) is True
+    with written_at(_at(1)):
+        assert store.create_session("s2", "faces", {}, 5, MODEL_B) is True
+    assert store.create_session("s1", "digits", {}, 9, MODEL_B) is False
+
+    store.update_session("s1", status="running", rounds_done=1, model_id=MODEL_B)
+
+    s1 = store.get_session("s1")
+    assert s1 is not None and "_id" not in s1
+    assert s1["status"] == "running" and s1["rounds_done"] == 1 and s1["rounds_planned"] == 3
+    assert s1["config"] == {"rounds": 3, "lr": 0.5, "layers": [1, 2]}
+    assert s1["model_id"] == MODEL_B
+    assert s1["created_at"] == _at(0) and s1["created_at"].tzinfo is not None
+    assert s1["created_at"].utcoffset() == timedelta(0)
+    assert s1["updated_at"] > _at(0) - timedelta(days=3650)
+    assert store.get_session("nope") is None
+    assert store.latest_session()["session_id"] == "s2"
+    assert store.latest_session("digits")["session_id"] == "s1"
+    assert store.latest_session("unknown") is None
+    with pytest.raises(TrackingError, match="no session 'nope'"):
+        store.update_session("nope", status="failed")
+
+
+def test_datetimes_set_on_existing_documents_stay_datetimes(store: TrackingStore) -> None:
+    store.create_session("s1", "digits", {}, 1, MODEL_A)
+    store.start_round("s1", 1)
+    store.upsert_client("c1")
+    store.upsert_combiner("combiner-0")
+
+    with written_at(_at(10)):
+        store.update_session("s1", finished_at=_at(9))
+        store.start_round("s1", 1)
+        store.update_round("s1", 1, finished_at=_at(11))
+        store.upsert_client("c1", status="offline")
+        store.upsert_combiner("combiner-0", status="up")
+        store.increment_combiner_restarts("combiner-0")
+
+    session, round_ = store.get_session("s1"), store.get_round("s1", 1)
+    client, combiner = store.find("clients")[0], store.find("combiners")[0]
+    assert (session["finished_at"], session["updated_at"]) == (_at(9), _at(10))
+    assert (round_["started_at"], round_["finished_at"]) == (_at(10), _at(11))
+    assert client["last_seen"] == _at(10) and combiner["updated_at"] == _at(10)
+    assert store.find("rounds", {"finished_at": {"$gt": _at(10.5)}}) == [round_]
+
+
+def test_rounds(store: TrackingStore) -> None:
+    store.start_round("s1", 1, clients_asked=4)
+    store.start_round("s1", 1, clients_asked=5)  # a rerun restarts the same document
+
+    store.update_round(
+        "s1",
+        1,
+        status="committed",
+        model_id=MODEL_A,
+        metrics={"loss": np.float64(0.25)},
+        **{"combiners.combiner-0": {"updates_received": 3, "updates_rejected": 1}},
+    )
+
+    doc = store.get_round("s1", 1)
+    assert doc is not None and "_id" not in doc
+    assert doc["status"] == "committed" and doc["clients_asked"] == 5
+    assert doc["combiners"] == {"combiner-0": {"updates_received": 3, "updates_rejected": 1}}
+    assert doc["metrics"] == {"loss": 0.25}
+    assert doc["started_at"].tzinfo is not None
+    assert store.db.rounds.count_documents({"session_id": "s1"}) == 1
+    assert store.get_round("s1", 2) is None
+    with pytest.raises(TrackingError, match="no round 2"):
+        store.update_round("s1", 2, status="failed")
+
+
+def test_models(store: TrackingStore) -> None:
+    tensors = {"layer.0.weight": ("F32", (4, 3)), "bias": {"dtype": "F32", "shape": [3]}}
+
+    assert store.add_model(MODEL_A, None, "s1", 0, 100, "file:///m/a", tensors) is True
+    assert store.add_model(MODEL_A, None, "s1", 0, 100, "file:///m/a", tensors) is False
+    assert store.add_model(MODEL_B, MODEL_A, "s1", 1, 100, "file:///m/b", {"w": np.zeros((2, 2))})
+
+    a, b = store.get_model(MODEL_A), store.get_model(MODEL_B)
+    assert a["tensors"] == [
+        {"name": "layer.0.weight", "dtype": "F32", "shape": [4, 3]},
+        {"name": "bias", "dtype": "F32", "shape": [3]},
+    ]
+    assert a["parent_id"] is None and a["size"] == 100 and a["storage_uri"] == "file:///m/a"
+    assert b["parent_id"] == MODEL_A and b["round"] == 1
+    assert b["tensors"] == [{"name": "w", "dtype": "float64", "shape": [2, 2]}]
+    assert store.db.models.count_documents({}) == 2
+
+
+def test_clients_and_combiners(store: TrackingStore) -> None:
+    with written_at(_at(0)):
+        store.upsert_client("c1", name="alice", combiner="combiner-0", status="online")
+    with written_at(_at(5)):
+        store.upsert_client("c1", status="training")
+
+    client = store.find("clients", {"client_id": "c1"})[0]
+    assert client["name"] == "alice" and client["status"] == "training"
+    assert client["first_seen"] == _at(0) and client["last_seen"] == _at(5)
+
+    store.upsert_combiner("combiner-0", address="127.0.0.1:12081", status="up", clients=1)
+    store.increment_combiner_restarts("combiner-0")
+    store.increment_combiner_restarts("combiner-0")
+    store.increment_combiner_restarts("combiner-1")  # unknown so far: created
+    store.upsert_combiner("combiner-2", restarts=7)
+
+    combiners = {c["name"]: c for c in store.find("combiners")}
+    assert combiners["combiner-0"]["restarts"] == 2
+    assert combiners["combiner-0"]["address"] == "127.0.0.1:12081"
+    assert combiners["combiner-1"]["restarts"] == 1
+    assert combiners["combiner-2"]["restarts"] == 7
+
+
+def test_validations_packages_and_events(store: TrackingStore) -> None:
+    validation = {"session_id": "s1", "round": 1, "client_id": "c1", "model_id": MODEL_A,
+                  "metrics": {"accuracy": np.float32(0.75)}, "num_examples": 10}  # fmt: skip
+    store.add_validation(validation)
+    store.add_validation(validation)  # a retry of the same write: stored once
+    assert store.add_package("f" * 64, name="digits", size=1234) is True
+    assert store.add_package("f" * 64, name="again") is False
+
+    store.event("info", "controller", "session started", session_id="s1")
+    store.event("error", "combiner-0", "update rejected", session_id="s1", round=1,
+                data={"reason": "non_finite", "values": np.array([1, 2])})  # fmt: skip
+    events = [make_event("debug", "test", f"e{i}") for i in range(3)]
+    store.insert_events(events)
+    store.insert_events(events + [make_event("warning", "test", "new")])  # retried batch
+
+    [stored] = store.find("validations")
+    assert stored["metrics"] == {"accuracy": 0.75} and stored["ts"].tzinfo is not None
+    assert store.find("packages", {"sha256": "f" * 64})[0]["name"] == "digits"
+    assert store.db.events.count_documents({}) == 6
+    [error] = store.find("events", {"level": "error"})
+    assert error["data"] == {"reason": "non_finite", "values": [1, 2]}
+    assert error["round"] == 1 and error["source"] == "combiner-0"
+    with pytest.raises(ValueError, match="level"):
+        store.event("fatal", "test", "nope")
+
+
+def test_find(store: TrackingStore) -> None:
+    for i in range(5):
+        with written_at(_at(i)):
+            store.event("info" if i % 2 else "error", "test", f"m{i}", round=i)
+
+    newest = store.find("events", {"level": "info"}, sort=[("ts", -1)], limit=1)
+    everything = store.find("events", None, sort=[("round", 1)])
+
+    assert [d["message"] for d in newest] == ["m3"]
+    assert [d["round"] for d in everything] == [0, 1, 2, 3, 4]
+    assert all("_id" not in d for d in everything)
+    with pytest.raises(ValueError, match="unknown tracking collection"):
+        store.find("network.clients")
+
+
+def test_from_uri_database_choice(mongo_uri: str) -> None:
+    base = mongo_uri.split("?")[0].rstrip("/")
+    assert TrackingStore.from_uri(mongo_uri).db.name == "fedray"
+    assert TrackingStore.from_uri(base + "/fromuri").db.name == "fromuri"
+    assert TrackingStore.from_uri(base + "/fromuri", "explicit").db.name == "explicit"
+
+
+def test_unreachable_and_invalid_uris() -> None:
+    uri = f"mongodb://fedray:secret@127.0.0.1:{free_port()}/"
+    store = TrackingStore.from_uri(uri, timeout_s=0.3)
+
+    with pytest.raises(TrackingError) as info:
+        store.ping()
+
+    assert f"127.0.0.1:{uri.rsplit(':', 1)[1].rstrip('/')}" in str(info.value)
+    assert "secret" not in str(info.value)
+    assert is_transient(info.value)
+    with pytest.raises(TrackingError, match="notmongo://"):
+        TrackingStore.from_uri("notmongo://host")
+
+
+# writer
+
+
+class CountingStore(TrackingStore):
+    """A real store that also counts how many event batches it wrote."""
+
+    batches: list[int] = []
+
+    def insert_events(self, docs):  # type: ignore[no-untyped-def]
+        CountingStore.batches.append(len(docs))
+        super().insert_events(docs)
+
+
+def test_writer_delivers_in_order_and_batches_events(mongo_uri: str, db_name: str) -> None:
+    CountingStore.batches = []
+    store = TrackingStore.from_uri(mongo_uri, db_name)
+    writer = TrackingWriter(lambda: CountingStore.from_uri(mongo_uri, db_name))
+    config = {"lr": 0.1}
+    try:
+        writer.submit("create_session", "s1", "digits", config, 2, MODEL_A)
+        config["lr"] = 99.0  # arguments were copied at submit
+        writer.submit("update_session", "s1", status="running")
+        for i in range(200):
+            writer.event("info", "test", f"e{i}", session_id="s1")
+        writer.submit("start_round", "s1", 1)
+
+        assert writer.flush(20)
+
+        assert store.get_session("s1")["config"] == {"lr": 0.1}
+        assert store.get_session("s1")["status"] == "running"
+        assert store.db.events.count_documents({"session_id": "s1"}) == 200
+        assert store.get_round("s1", 1)["status"] == "running"
+        assert sum(CountingStore.batches) == 200 and len(CountingStore.batches) < 200
+        assert writer.written == 203 and writer.dropped == 0
+    finally:
+        assert writer.close()
+        store.db.client.drop_database(db_name)
+        store.close()
+
+
+def test_writer_drops_refused_writes_and_goes_on(
+    mongo_uri: str, db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TrackingStore.from_uri(mongo_uri, db_name)
+    with TrackingWriter(lambda: TrackingStore.from_uri(mongo_uri, db_name)) as writer:
+        writer.submit("update_session", "missing", status="failed")
+        writer.submit("upsert_client", "c1", status="online")
+
+        with caplog.at_level(logging.ERROR, logger="fedray.tracking.writer"):
+            assert writer.flush(20)
+
+        assert writer.dropped == 1 and writer.written == 1
+        assert "no session 'missing'" in caplog.text
+        assert store.find("clients")[0]["status"] == "online"
+        with pytest.raises(ValueError, match="not a TrackingStore write method"):
+            writer.submit("find", "events")
+        with pytest.raises(ValueError, match="level"):
+            writer.event("loud", "test", "x")
+    with pytest.raises(TrackingError, match="closed"):
+        writer.submit("upsert_client", "c2")
+    store.db.client.drop_database(db_name)
+    store.close()
+
+
+def test_writer_survives_a_server_restart(tmp_path: Path) -> None:
+    server = EmbeddedMongo(tmp_path).start()
+    port = server.port
+    writer = TrackingWriter(
+        lambda: TrackingStore.from_uri(server.uri, "restart", timeout_s=1.0), max_backoff_s=0.5
+    )
+    try:
+        writer.submit("create_session", "s1", "digits", {}, 3, MODEL_A)
+        assert writer.flush(10)
+        server.stop()
+        submitted = datetime.now(UTC)
+        writer.submit("update_session", "s1", status="running")
+        for r in range(3):
+            writer.submit("start_round", "s1", r)
+            writer.event("info", "test", f"round {r}", session_id="s1", round=r)
+        writer.submit("add_model", MODEL_B, MODEL_A, "s1", 1, 10, "file:///b", {"w": ("F32", [1])})
+        time.sleep(1.5)  # the writer is retrying now
+        assert writer.pending > 0
+
+        server.start()
+        restarted = datetime.now(UTC)
+
+        assert server.port == port
+        assert writer.flush(30)
+        store = TrackingStore.from_uri(server.uri, "restart")
+        assert store.get_session("s1")["status"] == "running"
+        assert [store.get_round("s1", r)["status"] for r in range(3)] == ["running"] * 3
+        events = store.find("events", {"session_id": "s1"}, sort=[("round", 1)])
+        assert [e["message"] for e in events] == ["round 0", "round 1", "round 2"]
+        assert all(submitted - timedelta(seconds=1) <= e["ts"] < restarted for e in events)
+        assert store.get_round("s1", 0)["started_at"] < restarted  # stamped at submit
+        assert store.get_model(MODEL_B)["parent_id"] == MODEL_A
+        store.close()
+    finally:
+        writer.close(timeout=5)
+        server.stop()
+
+
+def test_writer_close_gives_up_on_an_unreachable_server() -> None:
+    uri = f"mongodb://127.0.0.1:{free_port()}/"
+    writer = TrackingWriter(lambda: TrackingStore.from_uri(uri, timeout_s=0.2), max_backoff_s=0.2)
+    writer.submit("upsert_client", "c1")
+    writer.event("info", "test", "lost")
+    started = time.monotonic()
+
+    assert writer.close(timeout=0.5) is False
+
+    assert time.monotonic() - started < 5
+    assert writer.dropped == 2 and writer.pending == 0
+
+
+# query
+
+
+def test_run_query_filters_and_orders(mongo_uri: str, store: TrackingStore) -> None:
+    for i in range(4):
+        with written_at(_at(i)):
+            store.event("error" if i % 2 else "info", "test", f"m{i}", session_id="s1", round=i)
+
+    errors = run_query(mongo_uri, "events", '{"level": "error"}', 50, database=store.db.name)
+    latest = run_query(mongo_uri, "events", None, 2, database=store.db.name)
+    since = run_query(
+        mongo_uri, "events", '{"ts": {"$gte": {"$date": "2030-01-01T00:00:02Z"}}}', 0,
+        database=store.db.name,
+    )  # fmt: skip
+
+    assert [d["message"] for d in errors] == ["m1", "m3"]
+    assert [d["message"] for d in latest] == ["m2", "m3"]  # the latest two, oldest first
+    assert [d["message"] for d in since] == ["m2", "m3"]
+
+
+@pytest.mark.parametrize(
+    ("filter_json", "message"),
+    [("{status: failed}", "--filter: not valid JSON"), ('["a"]', "--filter: expected a JSON object")],
+)
+def test_bad_filters(filter_json: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_query("mongodb://127.0.0.1:1/", "events", filter_json, 10)
+
+
+def test_parse_filter_and_unknown_collection() -> None:
+    assert parse_filter(None) == {} and parse_filter("  ") == {}
+    assert parse_filter('{"status": "failed"}') == {"status": "failed"}
+    with pytest.raises(ConfigError, match="unknown tracking collection"):
+        run_query("mongodb://127.0.0.1:1/", "nope", None, 10)
+
+
+def test_to_json() -> None:
+    docs = [{"ts": _at(0), "metrics": {"loss": float("nan"), "acc": 0.5}, "n": [1, (2, 3)]}]
+
+    parsed = json.loads(to_json(docs))
+
+    assert parsed == [
+        {"ts": "2030-01-01T00:00:00+00:00", "metrics": {"loss": None, "acc": 0.5}, "n": [1, [2, 3]]}
+    ]
+
+
+def test_render_table_for_every_collection() -> None:
+    docs = {
+        "sessions": [{"session_id": "s1", "status": "failed", "rounds_done": 2, "rounds_planned": 5,
+                      "model_id": MODEL_A, "created_at": _at(0)}],
+        "rounds": [{"session_id": "s1", "round": 3, "status": "committed", "model_id": MODEL_B,
+                    "duration_s": 75.0, "combiners": {"c0": {"updates_received": 4,
+                                                             "updates_rejected": 1}}}],
+        "models": [{"model_id": MODEL_A, "parent_id": MODEL_B, "round": 2, "size": 3 * 2**20}],
+        "clients": [{"client_id": "c1", "name": "alice", "combiner": "combiner-0",
+                     "status": "online", "last_seen": _at(0)}],
+        "events": [{"ts": _at(0), "level": "error", "source": "combiner-0",
+                    "message": "rejected [bold]x[/bold]", "session_id": "s1", "round": 2}],
+        "validations": [{"ts": _at(0), "client_id": "c1", "metrics": {"acc": 0.91234567}}],
+        "combiners": [{"name": "combiner-0", "restarts": 2}],
+        "packages": [{"sha256": "f" * 64, "name": "digits", "size": 2048}],
+    }  # fmt: skip
+    expected = {
+        "sessions": ["s1", "failed", "2/5", MODEL_A[:12]],
+        "rounds": ["committed", "4 (1 rejected)", "1m15s", MODEL_B[:12]],
+        "models": [MODEL_A[:12], MODEL_B[:12], "3.0 MiB"],
+        "clients": ["alice", "combiner-0", "online"],
+        "events": ["error", "combiner-0", "rejected [bold]x[/bold]"],
+        "validations": ["c1", "acc=0.9123"],
+        "combiners": ["combiner-0", "2"],
+        "packages": ["digits", "2.0 KiB"],
+    }
+    assert set(docs) == set(COLLECTIONS)
+    for collection, rows in docs.items():
+        console = Console(record=True, width=250, color_system=None)
+
+        render_table(collection, rows, console)
+
+        text = console.export_text()
+        for value in expected[collection]:
+            assert value in text, (collection, value, text)
+
+
+# embedded server
+
+
+def test_connect_or_start_reuses_a_live_server(tmp_path: Path) -> None:
+    uri, server = connect_or_start(tmp_path)
+    try:
+        assert server is not None and uri == server.uri
+        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port}
+
+        again, other = connect_or_start(tmp_path)
+
+        assert again == uri and other is None
+        TrackingStore.from_uri(uri).event("info", "test", "hello")
+        assert (tmp_path / "tracking" / "fedray.db").is_file()
+    finally:
+        server.stop()
+    assert live_uri(tmp_path) is None
+
+    uri2, server2 = connect_or_start(tmp_path)  # nothing live: a new one, same port
+    try:
+        assert server2 is not None and uri2 == uri
+        assert TrackingStore.from_uri(uri2).find("events")[0]["message"] == "hello"
+    finally:
+        server2.stop()
+
+
+def test_connect_or_start_ignores_a_stale_record(tmp_path: Path) -> None:
+    (tmp_path / "tracking").mkdir()
+    with socket.socket() as busy:  # the recorded port now belongs to someone else
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        record = {"pid": 2**22 + 7, "port": taken}  # above Linux's default pid_max
+        (tmp_path / "tracking" / "server.json").write_text(json.dumps(record))
+
+        uri, server = connect_or_start(tmp_path)
+
+    try:
+        assert server is not None and server.running
+        assert server.port != taken and uri == server.uri
+        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port}
+    finally:
+        server.stop()
+
+
+def test_embedded_start_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        server = EmbeddedMongo(tmp_path, port=busy.getsockname()[1])
+        with pytest.raises(TrackingError, match="exited during start-up") as info:
+            server.start()
+    assert "nx-27017.out" in str(info.value)
+    assert not server.running
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "nowhere" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(TrackingError, match="not found"):
+        EmbeddedMongo(tmp_path).start()
