@@ -48,6 +48,16 @@ def log(msg: str) -> None:
     print(f"[bench {time.time() - T0:7.2f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def cpu_seconds(pid: int | str = "self") -> float | None:
+    """utime + stime of a process (all its threads) in seconds, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int | str = "self") -> float | None:
     """VmHWM (peak resident set size) of a process in MiB, or None when it is gone."""
     try:
@@ -142,7 +152,7 @@ def worker_main(args: argparse.Namespace) -> int:
     for line in errors[:5]:
         print(line, file=sys.stderr)
     report(exit=True, tasks=sum(r.tasks_done for r in runners), errors=len(errors),
-           peak_rss_mb=peak_rss_mb())
+           peak_rss_mb=peak_rss_mb(), cpu_s=round(cpu_seconds() or 0.0, 2))
     return 1 if errors else 0
 
 
@@ -255,6 +265,8 @@ class PeakSampler:
     def __init__(self) -> None:
         self.pids: dict[str, int] = {}
         self.peaks: dict[str, float] = {}
+        self.cpu_start: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds since start(), at the last sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -265,6 +277,8 @@ class PeakSampler:
             if entry.get("State") == "ALIVE" and entry.get("Name") in names:
                 self.pids[entry["Name"]] = int(entry["Pid"])
         log(f"actor pids: {self.pids}")
+        for name, pid in self.pids.items():
+            self.cpu_start[name] = cpu_seconds(pid) or 0.0
         self._sample()
         self._thread.start()
 
@@ -273,6 +287,9 @@ class PeakSampler:
             value = peak_rss_mb(pid)
             if value is not None:
                 self.peaks[name] = max(value, self.peaks.get(name, 0.0))
+            cpu = cpu_seconds(pid)
+            if cpu is not None:
+                self.cpu[name] = round(cpu - self.cpu_start[name], 2)
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
@@ -346,10 +363,8 @@ def bench_main(args: argparse.Namespace) -> int:
         out.update(state="error", reason=f"{type(exc).__name__}: {exc}")
         print(workers.tails(), file=sys.stderr)
         print(json.dumps(out))
+        cleanup(args, data_dir)
         return 2
-    finally:
-        if not args.keep and not args.data_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
 
     round_s = [round(r["seconds"], 3) for r in status["history"]]
     by_round = {r["round"]: r for r in rounds}
@@ -371,6 +386,8 @@ def bench_main(args: argparse.Namespace) -> int:
         controller_peak_rss_mb=sampler.peaks.get(CONTROLLER),
         client_proc_peak_rss_mb=[e.get("peak_rss_mb") for e in exits],
         client_tasks=sum(int(e.get("tasks", 0)) for e in exits),
+        actor_cpu_s=dict(sorted(sampler.cpu.items())),
+        client_proc_cpu_s=[e.get("cpu_s") for e in exits],
         total_s=round(total_s, 2),
         state=status["state"],
         reason=status.get("reason", ""),
@@ -380,7 +397,15 @@ def bench_main(args: argparse.Namespace) -> int:
     if not ok:
         print(workers.tails(), file=sys.stderr)
     print(json.dumps(out))
+    cleanup(args, data_dir)
     return 0 if ok else 1
+
+
+def cleanup(args: argparse.Namespace, data_dir: Path) -> None:
+    if args.keep or args.data_dir:
+        log(f"kept {data_dir}")
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

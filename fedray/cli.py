@@ -52,7 +52,7 @@ main.add_command(edge)
 
 
 def _stderr() -> Console:
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 @main.command()

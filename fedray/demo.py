@@ -9,6 +9,7 @@ data that no client ever saw.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from rich.console import Console
 
 from fedray.config import config_from_dict
 from fedray.errors import ConfigError
-from fedray.runner import print_summary, run_federation
+from fedray.runner import federation_token, print_summary, run_federation
 from fedray.serialization import decode
+from fedray.storage import open_model_store
 
 
 def _examples():
@@ -79,6 +81,8 @@ def stop_clients(procs: list[subprocess.Popen]) -> None:
 def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
              data_dir: Path | None, console: Console) -> dict[str, Any]:
     data_mod, model_mod = _examples()
+    # The demo is authenticated like any federation: a fresh token unless one is set.
+    os.environ.setdefault("FEDRAY_TOKEN", secrets.token_hex(16))
     data_dir = (data_dir or Path(os.environ.get("FEDRAY_DATA_DIR") or Path.home() / ".fedray" / "demo"))
     data_dir = data_dir.expanduser().resolve()
     paths = data_mod.write_partitions(data_dir / "data", clients, scheme=partition, seed=0)
@@ -87,7 +91,6 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
     console.print(f"demo: {clients} clients ({partition} digits), {combiners} combiners, "
                   f"{rounds} rounds; client logs in {data_dir / 'logs'}")
     procs: list[subprocess.Popen] = []
-    from fedray.runner import federation_token
 
     def on_ready(gateway: str) -> None:
         procs.extend(start_clients(gateway, paths, data_dir / "logs", federation_token(config)))
@@ -97,8 +100,6 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
     finally:
         stop_clients(procs)
     print_summary(result, console)
-    from fedray.storage import open_model_store
-
     store = open_model_store(config.storage.uri, data_dir)
     accuracy = []
     for record in result.status["history"]:

@@ -145,7 +145,8 @@ def _follow(federation, session_id: str, config: FederationConfig, console: Cons
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
-    metrics = {**{f"train {k}": v for k, v in record["train_metrics"].items()},
+    metrics = {**{(k if k.startswith("train") else f"train {k}"): v
+                  for k, v in record["train_metrics"].items()},
                **{f"val {k}": v for k, v in record["validation_metrics"].items()}}
     shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     return (f"round {record['round']}/{rounds} · {record['updates']} updates · "

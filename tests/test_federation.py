@@ -180,3 +180,29 @@ def test_a_wrong_token_is_refused_and_the_right_one_works(ray_session, tracking_
         assert intruder.tasks_done == 0
     finally:
         fed.shutdown()
+
+
+def test_clients_reconnect_through_the_gateway_when_their_combiner_dies(
+        ray_session, tracking_uri, fleet, tmp_path):
+    import ray
+
+    config = _config("reconnect", tmp_path, combiners=2, min_clients=2)
+    store = open_model_store("file", config.resolved_data_dir())
+    seed_id = store.put(encode(SEED))
+    fed = Federation(config, None, tracking_uri).deploy()
+    try:
+        runners = [fleet.add(f"r{i}", DeltaWorker(1.0, 10), fed.gateway, backoff_initial_s=0.2)
+                   for i in range(2)]
+        _wait_connected(fleet, 2)
+        victim = runners[0].combiner
+        ray.kill(ray.get_actor(victim, namespace=config.namespace), no_restart=False)
+        _wait_connected(fleet, 3, timeout=30)
+        fed.start_session(seed_id)
+        status = fed.follow(lambda s: None)
+        assert status["state"] == "finished", status
+        assert runners[0].tasks_done == 1 and runners[1].tasks_done == 1
+    finally:
+        fed.shutdown()
+    tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    combiner_doc = tracking.find("combiners", {"name": victim})[0]
+    assert combiner_doc["restarts"] >= 1

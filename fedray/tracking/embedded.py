@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -39,6 +40,8 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from fedray.errors import TrackingError
+
+log = logging.getLogger(__name__)
 
 EXECUTABLE = "nx-27017"
 HOST = "127.0.0.1"
@@ -205,6 +208,8 @@ class EmbeddedMongo:
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it",
+                            EXECUTABLE, proc.pid, timeout_s)  # fmt: skip
                 proc.kill()
                 proc.wait(timeout_s)
         # server.json stays: a dead PID marks it stale, and the next server takes the same
