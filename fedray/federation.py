@@ -84,7 +84,10 @@ class Federation:
         """Call ``on_status`` on every change until the session ends; return the last status."""
         version = -1
         while True:
-            version, status = ray.get(self.controller.watch.remote(version, FOLLOW_POLL_S))
+            try:
+                version, status = ray.get(self.controller.watch.remote(version, FOLLOW_POLL_S))
+            except ray.exceptions.RayActorError as exc:
+                raise SessionError(f"the controller of {self.config.federation} died: {exc}") from None
             if status is None:
                 continue
             on_status(status)

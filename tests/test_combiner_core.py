@@ -24,7 +24,7 @@ class Recorder:
     def event(self, level, message, **data):
         self.events.append((level, message, data))
 
-    def client_status(self, client_id, name, status):
+    def client_status(self, client_id, name, status, online):
         self.statuses.append((client_id, status))
 
 

@@ -44,14 +44,14 @@ KEPT_MODELS = 3
 
 class CombinerListener(Protocol):
     def event(self, level: str, message: str, **data: Any) -> None: ...
-    def client_status(self, client_id: str, name: str, status: str) -> None: ...
+    def client_status(self, client_id: str, name: str, status: str, online: int) -> None: ...
 
 
 class NullListener:
     def event(self, level: str, message: str, **data: Any) -> None:
         log.log(logging.getLevelName(level.upper()), message)
 
-    def client_status(self, client_id: str, name: str, status: str) -> None:
+    def client_status(self, client_id: str, name: str, status: str, online: int) -> None:
         pass
 
 
@@ -119,7 +119,7 @@ class CombinerCore:
             old.queue.put_nowait(None)
         link = ClientLink(client_id=client_id, name=name)
         self.clients[client_id] = link
-        self.listener.client_status(client_id, name, "online")
+        self.listener.client_status(client_id, name, "online", len(self.online_clients()))
         self.listener.event("info", f"client {name} joined combiner {self.name}", client_id=client_id)
         return link
 
@@ -142,7 +142,7 @@ class CombinerCore:
         link.last_seen = time.monotonic()
         if status and status != link.status:
             link.status = status
-            self.listener.client_status(client_id, link.name, status)
+            self.listener.client_status(client_id, link.name, status, len(self.online_clients()))
         return True
 
     def sweep(self) -> None:
@@ -155,7 +155,7 @@ class CombinerCore:
 
     def _client_gone(self, link: ClientLink, why: str) -> None:
         link.status = "offline"
-        self.listener.client_status(link.client_id, link.name, "offline")
+        self.listener.client_status(link.client_id, link.name, "offline", len(self.online_clients()))
         self.listener.event("warning", f"client {link.name} is offline: {why}", client_id=link.client_id)
         run = self.run
         if run and not run.closed.is_set() and link.client_id in run.tasks.values() \

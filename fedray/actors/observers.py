@@ -32,8 +32,9 @@ class TrackingObserver:
         self.write("event", level, self.source, message, session_id=session_id, round=round_,
                    data=data or None)
 
-    def client_status(self, client_id: str, name: str, status: str) -> None:
+    def client_status(self, client_id: str, name: str, status: str, online: int) -> None:
         self.write("upsert_client", client_id, name=name, combiner=self.combiner, status=status)
+        self.write("upsert_combiner", self.combiner, clients=online)
 
     def combiner_status(self, address: str, status: str, restarted: bool = False) -> None:
         self.write("upsert_combiner", self.combiner, address=address, status=status)

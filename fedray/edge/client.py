@@ -83,6 +83,7 @@ class EdgeRunner:
         self.client_id = ""
         self.combiner = ""
         self.tasks_done = 0
+        self.target = f"gateway {settings.gateway}"  # what we are talking to, for messages
         self.stop = asyncio.Event()
 
     def _line(self, text: str) -> None:
@@ -98,7 +99,7 @@ class EdgeRunner:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise AuthError(f"{self.settings.name}: {exc.details()} (check --token)") from None
-                self._line(f"connection lost ({exc.code().name}: {exc.details()}); "
+                self._line(f"{self.target}: {exc.code().name} ({exc.details()}); "
                            f"retrying in {backoff:.1f}s")
             if self.stop.is_set():
                 break
@@ -115,8 +116,10 @@ class EdgeRunner:
 
     async def _session(self) -> bool:
         """Join one combiner and serve its tasks until the stream ends; True once joined."""
+        self.target = f"gateway {self.settings.gateway}"
         assignment = await self._assign()
         self.client_id, self.combiner = assignment.client_id, assignment.combiner
+        self.target = f"{assignment.combiner} at {assignment.address}"
         async with grpc.aio.insecure_channel(assignment.address, options=CHANNEL_OPTIONS) as ch:
             stub = pb_grpc.CombinerStub(ch)
             stream = stub.Join(pb.JoinRequest(client_id=self.client_id, name=self.settings.name,
