@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 TENSORS = 4
 EXAMPLES = 100
 NOISE = 1e-3  # noise amplitude: uniform in [-NOISE, +NOISE)
+LOAD_AT_START = round(os.getloadavg()[0], 2)
 SAMPLE_S = 0.2  # how often /proc/<pid>/status is read for VmHWM
 
 
@@ -103,12 +104,50 @@ def worker_main(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(fields) + "\n")
         sys.stdout.flush()
 
+    timings: dict[str, list[float]] = {"fetch": [], "train": [], "task": [], "heartbeat": []}
+
+    class TimedWorker(CallbackWorker):
+        def train(self, model, config):  # noqa: ANN001 - Worker protocol
+            started = time.perf_counter()
+            try:
+                return super().train(model, config)
+            finally:
+                timings["train"].append(time.perf_counter() - started)
+
+    class TimedStub:
+        """Times Heartbeat RPCs (round trip as the client sees it); passes the rest on."""
+
+        def __init__(self, stub) -> None:  # noqa: ANN001
+            self._stub = stub
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._stub, name)
+
+        async def Heartbeat(self, *a: Any, **kw: Any) -> Any:  # noqa: N802 - gRPC's name
+            started = time.perf_counter()
+            try:
+                return await self._stub.Heartbeat(*a, **kw)
+            finally:
+                timings["heartbeat"].append(time.perf_counter() - started)
+
     class BenchRunner(EdgeRunner):
         async def _handle(self, stub, task):  # noqa: ANN001 - EdgeRunner's own signature
             if not first_task:
                 first_task.append(time.time())
                 report(first_task=first_task[0], name=self.settings.name)
+            started = time.perf_counter()
             await super()._handle(stub, task)
+            timings["task"].append(time.perf_counter() - started)
+
+        async def _fetch(self, stub, model_id):  # noqa: ANN001
+            started = time.perf_counter()
+            try:
+                return await super()._fetch(stub, model_id)
+            finally:
+                timings["fetch"].append(time.perf_counter() - started)
+
+        async def _heartbeats(self, stub, stream):  # noqa: ANN001
+            return await super()._heartbeats(TimedStub(stub), stream)
 
     def say(line: str) -> None:
         routine = line.endswith("-> update accepted") or "] connected to " in line
@@ -117,7 +156,7 @@ def worker_main(args: argparse.Namespace) -> int:
 
     token = os.environ.get("FEDRAY_TOKEN") or None
     runners = [
-        BenchRunner(CallbackWorker(make_train(i)),
+        BenchRunner(TimedWorker(make_train(i)),
                     EdgeSettings(gateway=args.gateway, name=f"client-{i:05d}", token=token),
                     say=say)
         for i in range(args.first, args.first + args.count)
@@ -147,12 +186,12 @@ def worker_main(args: argparse.Namespace) -> int:
             guard.cancel()
 
     results = asyncio.run(serve())
-    errors = [f"{r.settings.name}: {type(e).__name__}: {e}" for r, e in zip(runners, results)
-              if isinstance(e, BaseException)]
+    errors = [f"{r.settings.name}: {type(e).__name__}: {e}"
+              for r, e in zip(runners, results, strict=True) if isinstance(e, BaseException)]
     for line in errors[:5]:
         print(line, file=sys.stderr)
     report(exit=True, tasks=sum(r.tasks_done for r in runners), errors=len(errors),
-           peak_rss_mb=peak_rss_mb(), cpu_s=round(cpu_seconds() or 0.0, 2))
+           peak_rss_mb=peak_rss_mb(), cpu_s=round(cpu_seconds() or 0.0, 2), timings=timings)
     return 1 if errors else 0
 
 
@@ -251,10 +290,12 @@ class Workers:
             reader.join(timeout=5)
 
     def tails(self, lines: int = 15) -> str:
+        """The first lines of each worker's log: the first trouble, not the teardown noise."""
         out = []
         for path in sorted(self.logs.glob("worker-*.log")):
-            text = path.read_text(errors="replace").splitlines()[-lines:]
-            out.append(f"--- {path.name}\n" + "\n".join(text))
+            text = path.read_text(errors="replace").splitlines()
+            out.append(f"--- {path.name} (first {min(lines, len(text))} of {len(text)} lines)\n"
+                       + "\n".join(text[:lines]))
         return "\n".join(out)
 
 
@@ -374,6 +415,11 @@ def bench_main(args: argparse.Namespace) -> int:
         combiners = doc.get("combiners") or {}
         bytes_per_round.append(sum(int(c.get("bytes_in", 0)) + int(c.get("bytes_out", 0))
                                    for c in combiners.values()))
+    first_doc = rounds[0] if rounds else {}
+    clients_asked = {name: c.get("asked") for name, c in
+                     sorted((first_doc.get("combiners") or {}).items())}
+    lost = sum(int(c.get("failed", 0)) + int(c.get("rejected", 0))
+               for doc in rounds for c in (doc.get("combiners") or {}).values())
     exits = [workers.exits.get(k, {}) for k in range(len(workers.procs))]
     out.update(
         startup_s=round(min(workers.first_task) - T0, 3) if workers.first_task else None,
@@ -382,13 +428,17 @@ def bench_main(args: argparse.Namespace) -> int:
         median_round_s=round(statistics.median(round_s), 3) if round_s else None,
         bytes_per_round=bytes_per_round,
         expected_bytes_per_round=2 * args.clients * model_bytes,
+        clients_asked=clients_asked,
+        updates_failed_or_rejected=lost,
         peak_rss_mb={n: v for n, v in sorted(sampler.peaks.items()) if n != CONTROLLER},
         controller_peak_rss_mb=sampler.peaks.get(CONTROLLER),
         client_proc_peak_rss_mb=[e.get("peak_rss_mb") for e in exits],
         client_tasks=sum(int(e.get("tasks", 0)) for e in exits),
         actor_cpu_s=dict(sorted(sampler.cpu.items())),
+        client_timings_s=summarize_timings(exits),
         client_proc_cpu_s=[e.get("cpu_s") for e in exits],
         total_s=round(total_s, 2),
+        loadavg_1m=[LOAD_AT_START, round(os.getloadavg()[0], 2)],  # others' work skews times
         state=status["state"],
         reason=status.get("reason", ""),
         rounds_done=status["rounds_done"],
@@ -399,6 +449,16 @@ def bench_main(args: argparse.Namespace) -> int:
     print(json.dumps(out))
     cleanup(args, data_dir)
     return 0 if ok else 1
+
+
+def summarize_timings(exits: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median and max, over all clients, of per-task fetch/train/task and heartbeat seconds."""
+    merged: dict[str, list[float]] = {}
+    for e in exits:
+        for key, values in (e.get("timings") or {}).items():
+            merged.setdefault(key, []).extend(values)
+    return {key: {"median": round(statistics.median(v), 4), "max": round(max(v), 4)}
+            for key, v in merged.items() if v}
 
 
 def cleanup(args: argparse.Namespace, data_dir: Path) -> None:

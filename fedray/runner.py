@@ -78,7 +78,7 @@ def run_federation(config: FederationConfig, *, console: Console,
 
     from fedray.federation import Federation, connect_ray
     from fedray.storage import open_model_store
-    from fedray.tracking.embedded import EmbeddedMongo
+    from fedray.tracking.embedded import connect_or_start
 
     data_dir = config.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -93,9 +93,7 @@ def run_federation(config: FederationConfig, *, console: Console,
     federation = None
     try:
         if config.tracking.uri == "embedded":
-            embedded = EmbeddedMongo(data_dir)
-            embedded.start()
-            tracking_uri = embedded.uri
+            tracking_uri, embedded = connect_or_start(data_dir)
         else:
             tracking_uri = config.tracking.uri
         with console.status("starting Ray and the federation actors..."):
@@ -145,8 +143,7 @@ def _follow(federation, session_id: str, config: FederationConfig, console: Cons
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
-    metrics = {**{(k if k.startswith("train") else f"train {k}"): v
-                  for k, v in record["train_metrics"].items()},
+    metrics = {**{f"train {k}": v for k, v in record["train_metrics"].items()},
                **{f"val {k}": v for k, v in record["validation_metrics"].items()}}
     shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     return (f"round {record['round']}/{rounds} · {record['updates']} updates · "

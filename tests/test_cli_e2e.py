@@ -56,10 +56,13 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     clients = []
     try:
         for i, path in enumerate(paths):
+            # Two sites run Python callbacks; the last one runs the compute package.
+            code = (["--app", "examples.digits.app"] if i < len(paths) - 1
+                    else ["--package", "examples/digits/client"])
             clients.append(_fedray("edge", "start", "--gateway", f"127.0.0.1:{gateway_port}",
-                                   "--name", f"site-{i}", "--app", "examples.digits.app",
-                                   "--data", str(path), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, env=env))
+                                   "--name", f"site-{i}", *code, "--data", str(path),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env=env))
         out, err = run.communicate(timeout=240)
     finally:
         run.kill() if run.poll() is None else None

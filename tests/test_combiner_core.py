@@ -191,3 +191,16 @@ async def test_reconnect_replaces_the_old_stream():
     core.connect("a", "a")
     assert await anext(old_stream, None) is None
     assert core.online_clients() == ["a"]
+
+
+async def test_an_update_from_a_client_marked_offline_still_counts_once():
+    core = _core()
+    run, tasks, _ = await _start(core, ["a", "b"])
+    core.clients["a"].last_seen -= 10
+    core.sweep()  # "a" looks dead: its task is settled as failed for now
+    assert core.run.failed == 1
+    data = _update(1.0)
+    assert (await core.push_update(_header(tasks["a"], "a", data), _chunks(data)))[0]
+    assert (await core.push_update(_header(tasks["b"], "b", data), _chunks(data)))[0]
+    result = await asyncio.wait_for(run, 2)
+    assert result.updates == 2 and result.failed == 0

@@ -90,7 +90,7 @@ def test_app_callbacks_signatures(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         k: (v.shape, np.dtype(np.float32)) for k, v in params.items()
     }
     assert num_examples == len(load_client_data(paths[0]).y) and env_n > 0
-    assert set(metrics) == {"train_loss", "train_accuracy"}
+    assert set(metrics) == {"loss", "accuracy"}
     assert count == len(load_client_data(paths[0]).y_val) and env_count > 0
     assert set(val) == {"accuracy", "loss"} and 0.0 <= val["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="lr"):

@@ -248,7 +248,7 @@ def test_digits_package_trains_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     assert {k: v.shape for k, v in decode(new).items()} == {
         k: v.shape for k, v in seed_model().items()
     }
-    assert metrics["train_accuracy"] > 0.5 and val["accuracy"] > 0.5
+    assert metrics["accuracy"] > 0.5 and val["accuracy"] > 0.5
     with pytest.raises(PackageError, match="no data path"):
         pkg.train(seed, {}, "")
 

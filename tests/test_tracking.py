@@ -13,11 +13,13 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -280,7 +282,7 @@ class CountingStore(TrackingStore):
 
     batches: list[int] = []
 
-    def insert_events(self, docs):  # type: ignore[no-untyped-def]
+    def insert_events(self, docs: Sequence[dict[str, Any]]) -> None:
         CountingStore.batches.append(len(docs))
         super().insert_events(docs)
 
@@ -288,7 +290,13 @@ class CountingStore(TrackingStore):
 def test_writer_delivers_in_order_and_batches_events(mongo_uri: str, db_name: str) -> None:
     CountingStore.batches = []
     store = TrackingStore.from_uri(mongo_uri, db_name)
-    writer = TrackingWriter(lambda: CountingStore.from_uri(mongo_uri, db_name))
+    release = threading.Event()
+
+    def held_store() -> TrackingStore:  # the writer waits here until all is queued
+        release.wait(10)
+        return CountingStore.from_uri(mongo_uri, db_name)
+
+    writer = TrackingWriter(held_store)
     config = {"lr": 0.1}
     try:
         writer.submit("create_session", "s1", "digits", config, 2, MODEL_A)
@@ -297,6 +305,8 @@ def test_writer_delivers_in_order_and_batches_events(mongo_uri: str, db_name: st
         for i in range(200):
             writer.event("info", "test", f"e{i}", session_id="s1")
         writer.submit("start_round", "s1", 1)
+        assert writer.pending == 203
+        release.set()
 
         assert writer.flush(20)
 
@@ -304,7 +314,7 @@ def test_writer_delivers_in_order_and_batches_events(mongo_uri: str, db_name: st
         assert store.get_session("s1")["status"] == "running"
         assert store.db.events.count_documents({"session_id": "s1"}) == 200
         assert store.get_round("s1", 1)["status"] == "running"
-        assert sum(CountingStore.batches) == 200 and len(CountingStore.batches) < 200
+        assert CountingStore.batches == [200]  # consecutive events: one insert_many
         assert writer.written == 203 and writer.dropped == 0
     finally:
         assert writer.close()
@@ -409,7 +419,10 @@ def test_run_query_filters_and_orders(mongo_uri: str, store: TrackingStore) -> N
 
 @pytest.mark.parametrize(
     ("filter_json", "message"),
-    [("{status: failed}", "--filter: not valid JSON"), ('["a"]', "--filter: expected a JSON object")],
+    [
+        ("{status: failed}", "--filter: not valid JSON"),
+        ('["a"]', "--filter: expected a JSON object"),
+    ],
 )
 def test_bad_filters(filter_json: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -437,9 +450,9 @@ def test_render_table_for_every_collection() -> None:
     docs = {
         "sessions": [{"session_id": "s1", "status": "failed", "rounds_done": 2, "rounds_planned": 5,
                       "model_id": MODEL_A, "created_at": _at(0)}],
-        "rounds": [{"session_id": "s1", "round": 3, "status": "committed", "model_id": MODEL_B,
-                    "duration_s": 75.0, "combiners": {"c0": {"updates_received": 4,
-                                                             "updates_rejected": 1}}}],
+        "rounds": [{"session_id": "s1", "round": 3, "status": "finished", "model_id": MODEL_B,
+                    "seconds": 75.0, "updates": 4, "rejected": 1,
+                    "validation_metrics": {"accuracy": 0.5}}],
         "models": [{"model_id": MODEL_A, "parent_id": MODEL_B, "round": 2, "size": 3 * 2**20}],
         "clients": [{"client_id": "c1", "name": "alice", "combiner": "combiner-0",
                      "status": "online", "last_seen": _at(0)}],
@@ -451,7 +464,7 @@ def test_render_table_for_every_collection() -> None:
     }  # fmt: skip
     expected = {
         "sessions": ["s1", "failed", "2/5", MODEL_A[:12]],
-        "rounds": ["committed", "4 (1 rejected)", "1m15s", MODEL_B[:12]],
+        "rounds": ["finished", "4 (1 rejected)", "1m15s", "val.accuracy=0.5", MODEL_B[:12]],
         "models": [MODEL_A[:12], MODEL_B[:12], "3.0 MiB"],
         "clients": ["alice", "combiner-0", "online"],
         "events": ["error", "combiner-0", "rejected [bold]x[/bold]"],

@@ -39,7 +39,7 @@ from fedray.updates import check_update
 log = logging.getLogger(__name__)
 
 HEADER_SLACK = 1 << 20  # an update's header may differ a little from the global model's
-KEPT_MODELS = 3
+KEPT_MODELS = 2  # the round's model and the one before, for clients that are a bit late
 
 
 class CombinerListener(Protocol):
@@ -75,6 +75,7 @@ class RoundRun:
     accumulator: Accumulator | None
     started: float = field(default_factory=time.monotonic)
     settled: set[str] = field(default_factory=set)  # client ids
+    gone: set[str] = field(default_factory=set)  # settled because they went offline
     updates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     failed: int = 0
@@ -161,6 +162,7 @@ class CombinerCore:
         if run and not run.closed.is_set() and link.client_id in run.tasks.values() \
                 and link.client_id not in run.settled:
             run.failed += 1
+            run.gone.add(link.client_id)
             self._settle(run, link.client_id)
 
     # ----------------------------------------------------------------- models
@@ -178,8 +180,8 @@ class CombinerCore:
             self.bytes_out += len(chunk)
             yield chunk, offset, total
 
-    def _keep_model(self, data: np.ndarray) -> str:
-        mid = model_id(data)
+    def _keep_model(self, data: np.ndarray, known_id: str = "") -> str:
+        mid = known_id or model_id(data)  # the controller hashed it once already
         self.models[mid] = data
         self.models.move_to_end(mid)
         while len(self.models) > KEPT_MODELS:
@@ -198,7 +200,7 @@ class CombinerCore:
         return await asyncio.shield(existing)
 
     async def _run_round(self, spec: RoundSpec, model: np.ndarray) -> RoundResult:
-        mid = self._keep_model(model)
+        mid = self._keep_model(model, spec.model_id)
         layout = read_layout(model)
         deadline = time.monotonic() + spec.timeout_s
         tasks = {uuid.uuid4().hex: client for client in spec.clients}
@@ -262,7 +264,7 @@ class CombinerCore:
             raise UpdateRejected("stale", f"no open {kind.value} round {round_} of session {session_id}")
         if run.tasks.get(task_id) != client_id:
             raise UpdateRejected("unknown_task", f"task {task_id} was not given to {client_id}")
-        if client_id in run.settled:
+        if client_id in run.settled and client_id not in run.gone:
             raise UpdateRejected("duplicate", f"{client_id} already answered task {task_id}")
         if mid != run.model_id:
             raise UpdateRejected("wrong_model", f"trained from {mid[:12]}, round uses {run.model_id[:12]}")
@@ -294,6 +296,9 @@ class CombinerCore:
         except UpdateRejected as exc:
             self._reject(run, header, exc)
             return False, str(exc)
+        if header.client_id in run.gone:  # marked offline while uploading, but it delivered
+            run.gone.discard(header.client_id)
+            run.failed -= 1
         run.updates += 1
         self.listener.event("info", f"update from {header.client_id} accepted for round {header.round}",
                             client_id=header.client_id, session_id=header.session_id,
@@ -301,29 +306,27 @@ class CombinerCore:
         self._settle(run, header.client_id)
         return True, "accepted"
 
-    def _check_and_fold(self, run: RoundRun, data: bytearray, header: UpdateHeader) -> None:
+    def _check_and_fold(self, run: RoundRun, data: np.ndarray, header: UpdateHeader) -> None:
+        """Runs in a worker thread: hashing and folding never stall the event loop."""
+        if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
+            raise UpdateRejected("checksum", "payload does not match the header's sha256")
         update = check_update(data, run.layout, self.max_update_bytes)
         assert run.accumulator is not None
         run.accumulator.fold(update, float(header.num_examples), header.metrics)
 
-    async def _receive(self, header: UpdateHeader, chunks: AsyncIterator[tuple[bytes, int]]) -> bytearray:
-        data = bytearray(header.size)
-        view = memoryview(data)
+    async def _receive(self, header: UpdateHeader, chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
+        data = np.empty(header.size, dtype=np.uint8)  # not zero-filled: every byte is written
         received = 0
-        digest = hashlib.sha256()
         async for chunk, offset in chunks:
             if offset != received:
                 raise UpdateRejected("out_of_order", f"chunk at {offset}, expected {received}")
             end = received + len(chunk)
             if end > header.size:
                 raise UpdateRejected("too_large", f"more than the announced {header.size} bytes")
-            view[received:end] = chunk
-            digest.update(chunk)
+            data[received:end] = np.frombuffer(chunk, dtype=np.uint8)
             received = end
         if received != header.size:
             raise UpdateRejected("truncated", f"{received} of {header.size} bytes arrived")
-        if header.sha256 and digest.hexdigest() != header.sha256:
-            raise UpdateRejected("checksum", "payload does not match the header's sha256")
         return data
 
     def _reject(self, run: RoundRun | None, header: UpdateHeader, exc: UpdateRejected) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import asdict
 from typing import Any
@@ -67,18 +68,29 @@ class RayCombinerPool:
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
+    """Client discovery. Assignments from the last few seconds count towards a combiner's
+    load, so a burst of clients starting together is spread instead of piling onto the
+    combiner that was least loaded a moment ago."""
+
+    RECENT_S = 5.0
+
     def __init__(self, pool: RayCombinerPool, max_clients: int) -> None:
         self.pool = pool
         self.max_clients = max_clients
+        self.recent: dict[str, list[float]] = {}
 
     async def Assign(self, request: pb.AssignRequest, context) -> pb.Assignment:
         if not request.name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a client needs a name")
         loads = await self.pool.loads()
-        choice = pick_combiner({n: c for n, (c, _) in loads.items()}, self.max_clients,
-                               avoid=request.previous_combiner)
+        now = time.monotonic()
+        for name in loads:
+            self.recent[name] = [t for t in self.recent.get(name, []) if now - t < self.RECENT_S]
+        choice = pick_combiner({n: c + len(self.recent[n]) for n, (c, _) in loads.items()},
+                               self.max_clients, avoid=request.previous_combiner)
         if choice is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no combiner accepts clients now")
+        self.recent[choice].append(now)
         return pb.Assignment(client_id=request.name, combiner=choice, address=loads[choice][1])
 
 

@@ -66,6 +66,7 @@ class RoundSpec:
     timeout_s: float
     aggregator: str = "fedavg"
     aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_id: str = ""  # sha256 of the model bytes, when the sender already knows it
 
     @property
     def key(self) -> tuple[str, int, str]:

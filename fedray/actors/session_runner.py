@@ -132,14 +132,15 @@ class SessionRunner:
                                    f"{self.settings.min_clients}")
             await asyncio.sleep(0.5)
 
-    async def _dispatch(self, number: int, kind: TaskKind, model_ref: Any,
+    async def _dispatch(self, number: int, kind: TaskKind, model_ref: Any, model_id: str,
                         plan: dict[str, list[str]]) -> tuple[list[RoundResult], list[str]]:
         spec_for = {
             name: RoundSpec(session_id=self.session_id, round=number, kind=kind,
                             clients=tuple(clients), config=dict(self.settings.round_config),
                             timeout_s=self.settings.round_timeout_s,
                             aggregator=self.settings.aggregator,
-                            aggregator_kwargs=dict(self.settings.aggregator_kwargs))
+                            aggregator_kwargs=dict(self.settings.aggregator_kwargs),
+                            model_id=model_id)
             for name, clients in plan.items() if clients
         }
         calls = [asyncio.wait_for(self.pool.run_round(name, spec, model_ref),
@@ -170,7 +171,7 @@ class SessionRunner:
                             clients_asked={k: len(v) for k, v in plan.items()})
         self._changed(round=number, round_state=state.value)
         model_ref = self.pool.put_model(model)
-        results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, plan)
+        results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, parent_id, plan)
         updates = sum(r.updates for r in results)
         verdict = round_verdict(updates, self.settings.min_clients, lost)
         combiners_doc = {r.combiner: _combiner_doc(r) for r in results}
@@ -196,7 +197,7 @@ class SessionRunner:
         if self.settings.validate:
             state = next_round_state(state, RoundState.VALIDATING)
             self._changed(round_state=state.value)
-            record["validation_metrics"] = await self._validate(number, new_model)
+            record["validation_metrics"] = await self._validate(number, new_model, new_id)
         seconds = time.monotonic() - started
         record["seconds"] = seconds
         self.observer.write("update_round", self.session_id, number, status=RoundState.FINISHED.value,
@@ -224,10 +225,10 @@ class SessionRunner:
         new = self.aggregator.finish(decode(model), reduced)
         return encode(new), reduced
 
-    async def _validate(self, number: int, model: bytes) -> dict[str, float]:
+    async def _validate(self, number: int, model: bytes, mid: str) -> dict[str, float]:
         online = await self.pool.online()
         ref = self.pool.put_model(model)
-        results, _ = await self._dispatch(number, TaskKind.VALIDATE, ref, online)
+        results, _ = await self._dispatch(number, TaskKind.VALIDATE, ref, mid, online)
         weighted = Partial(sums={})
         for result in results:
             for report in result.validations:

@@ -37,6 +37,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+MAX_HEARTBEAT_MISSES = 3
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class EdgeRunner:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise AuthError(f"{self.settings.name}: {exc.details()} (check --token)") from None
-                self._line(f"{self.target}: {exc.code().name} ({exc.details()}); "
+                why = (exc.details() or "").rsplit(": ", 1)[-1]
+                self._line(f"{self.target}: {exc.code().name.lower()} ({why}); "
                            f"retrying in {backoff:.1f}s")
             if self.stop.is_set():
                 break
@@ -150,10 +152,20 @@ class EdgeRunner:
                 stream.cancel()
 
     async def _heartbeats(self, stub: pb_grpc.CombinerStub, stream) -> None:
+        """Beat until the combiner forgets us; a few slow or lost beats are not fatal."""
         interval = self.settings.heartbeat_s
+        misses = 0
         while True:
-            reply = await stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id),
-                                         metadata=self.metadata, timeout=max(interval * 3, 5))
+            try:
+                reply = await stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id),
+                                             metadata=self.metadata, timeout=max(interval * 3, 5))
+            except grpc.aio.AioRpcError as exc:
+                misses += 1
+                if exc.code() in FATAL or misses >= MAX_HEARTBEAT_MISSES:
+                    raise
+                await asyncio.sleep(interval)
+                continue
+            misses = 0
             if not reply.known:
                 self._line(f"{self.combiner} no longer knows this client; joining again")
                 return
@@ -170,7 +182,7 @@ class EdgeRunner:
         async for chunk in call:
             parts.append(chunk.data)
         data = b"".join(parts)
-        if hashlib.sha256(data).hexdigest() != model_id:
+        if await asyncio.to_thread(_sha256, data) != model_id:
             raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
         self.cache.put(model_id, data)
         return data
@@ -182,7 +194,8 @@ class EdgeRunner:
             model = await self._fetch(stub, task.model_id)
             if task.kind is TaskKind.TRAIN:
                 data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
-                reply = await stub.PushUpdate(self._parts(task, data, examples, metrics),
+                digest = await asyncio.to_thread(_sha256, data)
+                reply = await stub.PushUpdate(self._parts(task, data, digest, examples, metrics),
                                               metadata=self.metadata)
                 outcome = "update accepted" if reply.accepted else f"update REJECTED: {reply.reason}"
             else:
@@ -206,12 +219,16 @@ class EdgeRunner:
         self._line(f"{what} on model {task.model_id[:10]}: {examples} examples, "
                    f"{time.perf_counter() - started:.2f}s{', ' + shown if shown else ''} -> {outcome}")
 
-    async def _parts(self, task: Task, data: bytes, examples: int, metrics: dict):
+    async def _parts(self, task: Task, data: bytes, digest: str, examples: int, metrics: dict):
         yield pb.UpdatePart(header=pb.UpdateHeader(
             client_id=self.client_id, task_id=task.task_id, session_id=task.session_id,
             round=task.round, model_id=task.model_id, num_examples=examples,
-            metrics=to_struct(metrics), size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+            metrics=to_struct(metrics), size=len(data), sha256=digest))
         view = memoryview(data)
         for offset in range(0, len(data), CHUNK):
             yield pb.UpdatePart(chunk=pb.Chunk(data=bytes(view[offset : offset + CHUNK]),
                                                offset=offset, total_size=len(data)))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -66,7 +66,6 @@ class ModelStore(ABC):
         actual = sha256_hex(data)
         if actual != model_id:
             raise StorageError(
-                f"model {model_id} in {self.uri(model_id)} is corrupt: "
-                f"its bytes hash to {actual}"
+                f"model {model_id} in {self.uri(model_id)} is corrupt: its bytes hash to {actual}"
             )
         return data if isinstance(data, bytes) else bytes(data)

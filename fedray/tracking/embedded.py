@@ -199,19 +199,23 @@ class EmbeddedMongo:
         )
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Terminate the server by its PID (SIGTERM, then SIGKILL); a no-op when stopped."""
+        """Terminate the server by its PID (SIGTERM, repeated, then SIGKILL); no-op if stopped."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
+        # nx-27017 exits from its SIGTERM handler by raising SystemExit, which is lost when
+        # the signal lands while a finalizer runs ("Exception ignored in ... __del__"). So
+        # SIGTERM is repeated every second, and SIGKILL (safe for SQLite) ends the wait.
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
             proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it",
-                            EXECUTABLE, proc.pid, timeout_s)  # fmt: skip
-                proc.kill()
-                proc.wait(timeout_s)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        if proc.poll() is None:
+            log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it",
+                        EXECUTABLE, proc.pid, timeout_s)  # fmt: skip
+            proc.kill()
+            proc.wait()
         # server.json stays: a dead PID marks it stale, and the next server takes the same
         # port when it can, so clients holding the old URI find it again.
 

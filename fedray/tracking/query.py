@@ -181,8 +181,8 @@ def _metrics(value: Any) -> str:
 
 
 def _round_duration(doc: Doc) -> str:
-    if isinstance(doc.get("duration_s"), int | float):
-        return _seconds(doc["duration_s"])
+    if isinstance(doc.get("seconds"), int | float):
+        return _seconds(doc["seconds"])
     start, end = doc.get("started_at"), doc.get("finished_at")
     if isinstance(start, datetime) and isinstance(end, datetime):
         return _seconds((end - start).total_seconds())
@@ -190,15 +190,16 @@ def _round_duration(doc: Doc) -> str:
 
 
 def _round_updates(doc: Doc) -> str:
-    received, rejected = doc.get("updates_received"), doc.get("updates_rejected")
-    combiners = doc.get("combiners")
-    if received is None and isinstance(combiners, Mapping):
-        parts = [c for c in combiners.values() if isinstance(c, Mapping)]
-        received = sum(int(c.get("updates_received") or 0) for c in parts)
-        rejected = sum(int(c.get("updates_rejected") or 0) for c in parts)
+    received, rejected = doc.get("updates"), doc.get("rejected")
     if received is None:
         return ""
     return f"{received} ({rejected} rejected)" if rejected else str(received)
+
+
+def _round_metrics(doc: Doc) -> str:
+    train = {f"train.{k}": v for k, v in (doc.get("train_metrics") or {}).items()}
+    val = {f"val.{k}": v for k, v in (doc.get("validation_metrics") or {}).items()}
+    return _metrics({**train, **val})
 
 
 def _session_rounds(doc: Doc) -> str:
@@ -224,7 +225,7 @@ _COLUMNS: dict[str, list[Column]] = {
         ("status", lambda d: _styled(d.get("status"))),
         ("updates", _round_updates),
         ("duration", _round_duration),
-        ("metrics", lambda d: _metrics(d.get("metrics"))),
+        ("metrics", _round_metrics),
         ("model", lambda d: _short(d.get("model_id"))),
     ],
     "models": [

@@ -95,6 +95,7 @@ WRITE_METHODS = frozenset(
     }
 )
 
+
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it was raised from) is a connection problem worth a retry."""
     seen: set[int] = set()
@@ -283,7 +284,9 @@ class TrackingStore:
         """Count one more restart of combiner ``name`` (not idempotent: a counter)."""
         update = {"$inc": {"restarts": 1}, **_setting({"updated_at": utcnow()})}
         with self._translate(f"count a restart of combiner {name!r}"):
-            self._retry_dup(lambda: self.db.combiners.update_one({"name": name}, update, upsert=True))
+            self._retry_dup(
+                lambda: self.db.combiners.update_one({"name": name}, update, upsert=True)
+            )
 
     # validations, events
 
@@ -361,7 +364,9 @@ class TrackingStore:
             )
         return result.upserted_id is not None
 
-    def _update(self, collection: str, flt: dict[str, Any], fields: dict[str, Any], what: str) -> None:
+    def _update(
+        self, collection: str, flt: dict[str, Any], fields: dict[str, Any], what: str
+    ) -> None:
         update = {**clean(fields), "updated_at": utcnow()}
         _check_fields(update)
         with self._translate(f"update {what}"):

@@ -105,9 +105,7 @@ class TrackingWriter:
         data: Mapping[str, Any] | None = None,
     ) -> None:
         """Shorthand for ``submit("event", ...)``."""
-        self.submit(
-            "event", level, source, message, session_id=session_id, round=round, data=data
-        )
+        self.submit("event", level, source, message, session_id=session_id, round=round, data=data)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every write submitted so far is done; False if ``timeout`` passed."""

@@ -107,7 +107,7 @@ def train(
             p["hidden.weight"] -= lr * (xb.T @ grad_h)
             p["hidden.bias"] -= lr * grad_h.sum(axis=0)
     metrics = evaluate(p, X, y)
-    return p, {"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"]}
+    return p, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
 
 
 def evaluate(params: Mapping[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> dict[str, float]:
