@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedray.aggregators.base import (
+    BLOCK,
     Accumulator,
     Aggregator,
     Model,
@@ -48,8 +49,12 @@ class FedAvg(Aggregator):
             raise ValueError("cannot average zero examples")
         out: Model = {}
         for name, reference in global_model.items():
-            mean = reduced.sums[name] / reduced.weight
-            if np.issubdtype(reference.dtype, np.integer):
-                mean = np.rint(mean)
-            out[name] = mean.astype(reference.dtype)
+            total = reduced.sums[name].reshape(-1)
+            mean = np.empty(total.size, dtype=reference.dtype)
+            for start in range(0, total.size, BLOCK):  # no model-sized float64 temporaries
+                block = total[start : start + BLOCK] / reduced.weight
+                if np.issubdtype(reference.dtype, np.integer):
+                    block = np.rint(block)
+                mean[start : start + BLOCK] = block
+            out[name] = mean.reshape(reference.shape)
         return out
