@@ -82,14 +82,18 @@ class Federation:
 
     def follow(self, on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Call ``on_status`` on every change until the session ends; return the last status."""
-        version = -1
+        version, seen = -1, False
         while True:
             try:
                 version, status = ray.get(self.controller.watch.remote(version, FOLLOW_POLL_S))
             except ray.exceptions.RayActorError as exc:
                 raise SessionError(f"the controller of {self.config.federation} died: {exc}") from None
             if status is None:
+                if seen:  # a restarted controller that no longer knows the session
+                    raise SessionError(f"the controller of {self.config.federation} restarted "
+                                       "and lost the running session; start it again")
                 continue
+            seen = True
             on_status(status)
             if status["state"] in {"finished", "failed"}:
                 return status
