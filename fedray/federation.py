@@ -53,7 +53,8 @@ class Federation:
         self.controller: Any = None
         self.gateway = ""
 
-    def deploy(self) -> Federation:
+    def deploy(self, package: tuple[str, bytes] | None = None) -> Federation:
+        """Start combiners and controller; ``package`` is (sha256, .tgz bytes) to serve."""
         self._remove_stale()
         c = self.config.combiners
         names = [combiner_name(i) for i in range(c.count)]
@@ -62,7 +63,7 @@ class Federation:
             port = c.base_port + i if c.base_port else 0
             self.combiners.append(Combiner.options(name=name, **common).remote(
                 name, self.config.federation, c, port, self.token, self.tracking_uri,
-                self.config.tracking.database))
+                self.config.tracking.database, package))
         self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
         self.controller = Controller.options(name=CONTROLLER, **common).remote(
             self.config, names, self.token, self.tracking_uri)
@@ -77,8 +78,12 @@ class Federation:
                         self.config.federation)
             ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
 
-    def start_session(self, seed_model_id: str) -> str:
-        return ray.get(self.controller.start_session.remote(seed_model_id))
+    def serve_package(self, sha256: str, data: bytes) -> None:
+        """Make every combiner serve this compute package (for the next session)."""
+        ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
+
+    def start_session(self, seed_model_id: str, package_sha256: str = "") -> str:
+        return ray.get(self.controller.start_session.remote(seed_model_id, package_sha256))
 
     def follow(self, on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Call ``on_status`` on every change until the session ends; return the last status."""

@@ -67,6 +67,25 @@ def load_seed(spec: str) -> bytes:
         raise ConfigError(f"seed_model: cannot load {spec!r} ({exc})") from None
 
 
+def session_package(spec: str | None, data_dir: Path) -> tuple[str, bytes, str] | None:
+    """The config's compute package as (sha256, .tgz bytes, name), checked before serving."""
+    if not spec:
+        return None
+    from fedray.packages import build_package, load_package, sha256_file
+
+    src = Path(spec)
+    if src.is_dir():
+        archive = data_dir / "packages" / f"{src.resolve().name}.tgz"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        sha = build_package(src, archive)
+    elif src.is_file():
+        archive, sha = src, sha256_file(src)
+    else:
+        raise ConfigError(f"package: {spec} is neither a folder nor a .tgz file")
+    package = load_package(archive, expected_sha256=sha)  # refuses unsafe archives now
+    return sha, archive.read_bytes(), package.manifest.name
+
+
 def federation_token(config: FederationConfig) -> str | None:
     return os.environ.get(config.auth.token_env) or None
 
@@ -84,6 +103,7 @@ def run_federation(config: FederationConfig, *, console: Console,
     data_dir.mkdir(parents=True, exist_ok=True)
     store = open_model_store(config.storage.uri, data_dir)
     seed_id = store.put(load_seed(config.seed_model))
+    package = session_package(config.package, data_dir)
     token = federation_token(config)
     if token is None:
         console.print(f"[yellow]warning:[/] ${config.auth.token_env} is not set: the bridge "
@@ -98,14 +118,17 @@ def run_federation(config: FederationConfig, *, console: Console,
             tracking_uri = config.tracking.uri
         with console.status("starting Ray and the federation actors..."):
             started_ray = connect_ray(config.ray, config.namespace)
-            federation = Federation(config, token, tracking_uri).deploy()
+            federation = Federation(config, token, tracking_uri).deploy(package[:2] if package else None)
         console.print(f"gateway listening at [bold]{federation.gateway}[/]; combiners: "
                       + ", ".join(f"{c['name']}@{c['address']}" for c in federation.combiner_info))
         console.print(f"tracking: {tracking_uri} (database {config.tracking.database}); "
                       f"data: {data_dir}")
         if on_ready is not None:
             on_ready(federation.gateway)
-        session_id = federation.start_session(seed_id)
+        if package is not None:
+            _record_package(tracking_uri, config, package)
+            console.print(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})")
+        session_id = federation.start_session(seed_id, package[0] if package else "")
         status = _follow(federation, session_id, config, console)
         return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
                          gateway=federation.gateway)
@@ -116,6 +139,18 @@ def run_federation(config: FederationConfig, *, console: Console,
             ray.shutdown()
         if embedded is not None:
             embedded.stop()
+
+
+def _record_package(tracking_uri: str, config: FederationConfig,
+                    package: tuple[str, bytes, str]) -> None:
+    from fedray.tracking.store import TrackingStore
+
+    store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    try:
+        store.add_package(package[0], name=package[2], size=len(package[1]),
+                          source=str(config.package), federation=config.federation)
+    finally:
+        store.close()
 
 
 def _follow(federation, session_id: str, config: FederationConfig, console: Console) -> dict:

@@ -46,7 +46,8 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     paths = write_partitions(tmp_path / "data", 3, seed=1)
     config = tmp_path / "digits.yaml"
     config.write_text((ROOT / "configs" / "digits.yaml").read_text())
-    env = {**os.environ, "FEDRAY_TOKEN": "e2e-token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "FEDRAY_TOKEN": "e2e-token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "FEDRAY_PACKAGE_CACHE": str(tmp_path / "package-cache")}
     run = _fedray("run", str(config), "--json", "--data-dir", str(data_dir),
                   "--set", f"ray.address={ray_session}", "--set", "session.rounds=3",
                   "--set", f"controller.port={gateway_port}", "--set", "controller.host=127.0.0.1",
@@ -56,9 +57,10 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     clients = []
     try:
         for i, path in enumerate(paths):
-            # Two sites run Python callbacks; the last one runs the compute package.
-            code = (["--app", "examples.digits.app"] if i < len(paths) - 1
-                    else ["--package", "examples/digits/client"])
+            # One site runs Python callbacks, one a local compute package, and one (no
+            # flag) downloads the package the federation serves.
+            code = [["--app", "examples.digits.app"], ["--package", "examples/digits/client"],
+                    []][i]
             clients.append(_fedray("edge", "start", "--gateway", f"127.0.0.1:{gateway_port}",
                                    "--name", f"site-{i}", *code, "--data", str(path),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -73,7 +75,8 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["state"] == "finished" and summary["rounds"] == 3
     assert "round 3/3" in err
-    assert all("round 3 train" in log and "update accepted" in log for log in logs), logs[0]
+    assert all("round 3 train" in log and "update accepted" in log for log in logs), logs
+    assert "installed compute package 'digits'" in logs[2]
     assert summary["history"][-1]["validation_metrics"]["accuracy"] > 0.8
 
     rounds = _query(data_dir, "rounds")
@@ -89,6 +92,8 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     assert {c["name"] for c in clients_doc} >= {"site-0", "site-1", "site-2"}
     assert _query(data_dir, "sessions")[0]["status"] == "finished"
     assert len(_query(data_dir, "validations")) == 9
+    packages = _query(data_dir, "packages")
+    assert packages[0]["name"] == "digits" and len(packages[0]["sha256"]) == 64
 
 
 def test_cli_user_mistakes_are_one_line_errors(tmp_path):
@@ -97,7 +102,10 @@ def test_cli_user_mistakes_are_one_line_errors(tmp_path):
     for args, code, needle in [
         (["run", str(bad)], 2, "session.rounds must be greater than 0"),
         (["run", str(tmp_path / "missing.yaml")], 2, "no such config file"),
-        (["edge", "start", "--gateway", "x:1", "--name", "n"], 2, "exactly one of --app"),
+        (["edge", "start", "--gateway", "x:1", "--name", "n", "--app", "a", "--package", "b"], 2,
+         "not both"),
+        (["edge", "start", "--gateway", "x:1", "--name", "n", "--package", "/no/such"], 2,
+         "no such folder"),
         (["edge", "start", "--gateway", "x:1", "--name", "n", "--app", "no.such.module"], 2,
          "cannot import"),
         (["rounds", "--filter", "{not json", "--data-dir", str(tmp_path)], 2, "--filter"),

@@ -204,3 +204,17 @@ async def test_an_update_from_a_client_marked_offline_still_counts_once():
     assert (await core.push_update(_header(tasks["b"], "b", data), _chunks(data)))[0]
     result = await asyncio.wait_for(run, 2)
     assert result.updates == 2 and result.failed == 0
+
+
+async def test_an_update_still_waiting_to_fold_when_the_round_closes_is_refused():
+    core = _core()
+    run, tasks, _ = await _start(core, ["a", "b"], timeout=0.3)
+    await core.run.fold_lock.acquire()  # a long fold of someone else's update
+    data = _update(1.0)
+    push = asyncio.ensure_future(core.push_update(_header(tasks["b"], "b", data), _chunks(data)))
+    await asyncio.sleep(0.5)  # the deadline passes while "b" waits to fold
+    core.run.fold_lock.release()
+    accepted, why = await push
+    result = await asyncio.wait_for(run, 2)
+    assert not accepted and why.startswith("round_closed")
+    assert result.updates == 0 and result.partial.count == 0

@@ -206,3 +206,47 @@ def test_clients_reconnect_through_the_gateway_when_their_combiner_dies(
     tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
     combiner_doc = tracking.find("combiners", {"name": victim})[0]
     assert combiner_doc["restarts"] >= 1
+
+
+def test_remote_package_clients_pick_up_a_changed_package_between_sessions(
+        ray_session, tracking_uri, fleet, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from examples.digits.data import write_partitions
+    from examples.digits.seed import seed_model
+    from fedray.edge.workers import RemotePackageWorker
+    from fedray.runner import session_package
+
+    root = Path(__file__).resolve().parent.parent
+    first = session_package(str(root / "examples" / "digits" / "client"), tmp_path)
+    changed = tmp_path / "digits-v2"
+    shutil.copytree(root / "examples" / "digits" / "client", changed,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (changed / "fedray.yaml").write_text((changed / "fedray.yaml").read_text()
+                                         .replace('version: "1"', 'version: "2"'))
+    second = session_package(str(changed), tmp_path)
+    assert first[0] != second[0]
+
+    config = _config("remote-package", tmp_path, combiners=1, min_clients=2)
+    store = open_model_store("file", config.resolved_data_dir())
+    seed_id = store.put(encode(seed_model()))
+    paths = write_partitions(tmp_path / "data", 2)
+    workers = [RemotePackageWorker(str(p), cache_dir=tmp_path / "cache") for p in paths]
+    fed = Federation(config, None, tracking_uri).deploy(first[:2])
+    try:
+        for i, worker in enumerate(workers):
+            fleet.add(f"remote-{i}", worker, fed.gateway)
+        _wait_connected(fleet, 2)
+        fed.start_session(seed_id, first[0])
+        status = fed.follow(lambda s: None)
+        assert status["state"] == "finished", (status["reason"], fleet.lines)
+        assert all(w.sha256 == first[0] for w in workers)
+        fed.serve_package(*second[:2])
+        fed.start_session(seed_id, second[0])
+        assert fed.follow(lambda s: None)["state"] == "finished"
+        assert all(w.sha256 == second[0] for w in workers)
+    finally:
+        fed.shutdown()
+    installs = [line for line in fleet.lines if "installed compute package" in line]
+    assert len(installs) == 4, fleet.lines

@@ -39,12 +39,14 @@ def advertised_host(bind_host: str, advertise: str) -> str:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Combiner:
     def __init__(self, name: str, federation: str, settings: CombinersConfig, port: int,
-                 token: str | None, tracking_uri: str | None, tracking_db: str = "fedray") -> None:
+                 token: str | None, tracking_uri: str | None, tracking_db: str = "fedray",
+                 package: tuple[str, bytes] | None = None) -> None:
         self.name = name
         self.settings = settings
         self.observer = TrackingObserver(tracking_uri, tracking_db, source=name, combiner=name)
         self.core = CombinerCore(name, settings, listener=self.observer)
-        self.packages: dict[str, bytes] = {}
+        # Given at construction too, so a combiner that Ray restarts still serves it.
+        self.packages: dict[str, bytes] = dict([package]) if package else {}
         self.address = ""
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._ready = asyncio.ensure_future(self._serve(port, token))

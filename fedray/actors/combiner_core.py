@@ -222,7 +222,8 @@ class CombinerCore:
                 continue
             link.queue.put_nowait(Task(task_id=task_id, kind=spec.kind, session_id=spec.session_id,
                                        round=spec.round, model_id=mid, model_size=model.nbytes,
-                                       config=spec.config, deadline_unix=deadline_unix))
+                                       config=spec.config, deadline_unix=deadline_unix,
+                                       package_sha256=spec.package_sha256))
         self._check_close(run)
         timer = asyncio.get_running_loop().call_later(spec.timeout_s, self._check_close, run)
         try:
@@ -290,6 +291,9 @@ class CombinerCore:
                 self._task_for(run, header.client_id, header.task_id, header.session_id,
                                header.round, header.model_id, TaskKind.TRAIN)
                 async with run.fold_lock:
+                    if run.closed.is_set():  # closed while we waited: its partial is taken
+                        raise UpdateRejected("round_closed", f"round {header.round} closed "
+                                             f"({run.close_reason}) during the upload")
                     started = time.perf_counter()
                     await asyncio.to_thread(self._check_and_fold, run, data, header)
                     run.aggregation_s += time.perf_counter() - started

@@ -131,13 +131,13 @@ class Controller:
         self.status = status
         asyncio.ensure_future(self._notify(status))
 
-    async def start_session(self, seed_model_id: str) -> str:
+    async def start_session(self, seed_model_id: str, package_sha256: str = "") -> str:
         running = [s for s, t in self.sessions.items() if not t.done()]
         if running:
             raise SessionError(f"session {running[0]} is still running; wait for it to end")
         session_id = uuid.uuid4().hex[:16]
         runner = SessionRunner(self.config.federation, session_id, self.config.session, self.pool,
-                               self.store, self.observer, self._on_change)
+                               self.store, self.observer, self._on_change, package_sha256)
         self.status = runner.status
         self.sessions[session_id] = asyncio.ensure_future(runner.run(seed_model_id))
         return session_id

@@ -28,6 +28,7 @@ class Task:
     model_size: int
     config: dict[str, Any]
     deadline_unix: float
+    package_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ class RoundSpec:
     aggregator: str = "fedavg"
     aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
     model_id: str = ""  # sha256 of the model bytes, when the sender already knows it
+    package_sha256: str = ""  # the session's compute package, if it has one
 
     @property
     def key(self) -> tuple[str, int, str]:

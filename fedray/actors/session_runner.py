@@ -55,8 +55,10 @@ class SessionStatus:
 class SessionRunner:
     def __init__(self, federation: str, session_id: str, settings: SessionConfig, pool: CombinerPool,
                  store: ModelStore, observer: TrackingObserver,
-                 on_change: Callable[[SessionStatus], Awaitable[None] | None]) -> None:
+                 on_change: Callable[[SessionStatus], Awaitable[None] | None],
+                 package_sha256: str = "") -> None:
         self.federation = federation
+        self.package_sha256 = package_sha256
         self.settings = settings
         self.pool = pool
         self.store = store
@@ -140,7 +142,7 @@ class SessionRunner:
                             timeout_s=self.settings.round_timeout_s,
                             aggregator=self.settings.aggregator,
                             aggregator_kwargs=dict(self.settings.aggregator_kwargs),
-                            model_id=model_id)
+                            model_id=model_id, package_sha256=self.package_sha256)
             for name, clients in plan.items() if clients
         }
         calls = [asyncio.wait_for(self.pool.run_round(name, spec, model_ref),

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
-from fedray.edge.workers import CallbackWorker, PackageWorker, Worker
+from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker, Worker
 from fedray.errors import ConfigError
 
 
@@ -32,17 +32,23 @@ def edge() -> None:
 @click.option("--name", required=True, help="This client's name, unique in the federation.")
 @click.option("--app", "app", default=None, metavar="MODULE[:OBJECT]",
               help="Python code with train(params, config) and validate(params, config).")
-@click.option("--package", "package", default=None, type=click.Path(exists=True, path_type=Path),
-              help="A compute package folder or .tgz with a fedray.yaml.")
+@click.option("--package", "package", default=None, metavar="PATH|remote",
+              help="A compute package folder or .tgz with a fedray.yaml, or 'remote' (the "
+                   "default without --app) to run the package the federation serves.")
 @click.option("--data", default="", help="Path to this client's data (passed to the code).")
-def start(gateway: str, token: str | None, name: str, app: str | None, package: Path | None,
+def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
           data: str) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
-    if (app is None) == (package is None):
-        raise ConfigError("give exactly one of --app MODULE[:OBJECT] or --package PATH")
+    if app is not None and package is not None:
+        raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
     if data:
         os.environ["FEDRAY_DATA"] = data
-    worker = load_app(app) if app else load_package_worker(package, data)
+    if app is not None:
+        worker = load_app(app)
+    elif package is None or package == "remote":
+        worker = RemotePackageWorker(data)
+    else:
+        worker = load_package_worker(Path(package), data)
     runner = EdgeRunner(worker, EdgeSettings(gateway=gateway, name=name, token=token))
     click.echo(f"[{name}] starting; gateway {gateway}; Ctrl-C to stop")
     asyncio.run(_serve(runner))
@@ -76,4 +82,6 @@ def load_app(target: str) -> Worker:
 def load_package_worker(path: Path, data: str) -> Worker:
     from fedray.packages import load_package
 
+    if not path.exists():
+        raise ConfigError(f"--package {path}: no such folder or file")
     return PackageWorker(load_package(path), data)

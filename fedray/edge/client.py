@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import random
+import tempfile
 import time
 import traceback
 from collections import OrderedDict
@@ -22,8 +24,9 @@ from dataclasses import dataclass
 import grpc
 
 from fedray.actors.messages import Task, TaskKind
-from fedray.edge.workers import Worker
-from fedray.errors import AuthError, TransportError
+from fedray.edge.workers import RemotePackageWorker, Worker
+from fedray.errors import AuthError, PackageError, TransportError
+from fedray.packages.run import default_cache_dir
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.wire import auth_metadata, task_from_proto, to_struct
@@ -172,15 +175,38 @@ class EdgeRunner:
             interval = reply.interval_s or interval
             await asyncio.sleep(interval)
 
+    async def _install_package(self, stub: pb_grpc.CombinerStub, sha256: str) -> None:
+        """Download the session's compute package, verify it, unpack it, and use it."""
+        cache = self.worker.cache_dir or default_cache_dir()
+        archive = cache / "archives" / f"{sha256}.tgz"
+        if not archive.is_file():
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            fd, partial = tempfile.mkstemp(dir=archive.parent, suffix=".part")
+            with open(fd, "wb") as out, _not_found_is(PackageError):
+                call = stub.FetchPackage(pb.FetchPackageRequest(client_id=self.client_id,
+                                                                sha256=sha256),
+                                         metadata=self.metadata)
+                async for chunk in call:
+                    out.write(chunk.data)
+            os.replace(partial, archive)  # load_package checks the sha256 before unpacking
+        try:
+            name = await asyncio.to_thread(self.worker.install, sha256, archive)
+        except PackageError:
+            archive.unlink(missing_ok=True)  # fetch it afresh next time
+            raise
+        self._line(f"installed compute package {name!r} (sha256 {sha256[:12]})")
+
     async def _fetch(self, stub: pb_grpc.CombinerStub, model_id: str) -> bytes:
         cached = self.cache.get(model_id)
         if cached is not None:
             return cached
         parts: list[bytes] = []
-        call = stub.FetchModel(pb.FetchModelRequest(client_id=self.client_id, model_id=model_id),
-                               metadata=self.metadata)
-        async for chunk in call:
-            parts.append(chunk.data)
+        with _not_found_is(TransportError):
+            call = stub.FetchModel(pb.FetchModelRequest(client_id=self.client_id,
+                                                        model_id=model_id),
+                                   metadata=self.metadata)
+            async for chunk in call:
+                parts.append(chunk.data)
         data = b"".join(parts)
         if await asyncio.to_thread(_sha256, data) != model_id:
             raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
@@ -191,6 +217,9 @@ class EdgeRunner:
         what = f"round {task.round} {task.kind.value}"
         started = time.perf_counter()
         try:
+            if isinstance(self.worker, RemotePackageWorker) and task.package_sha256 \
+                    and task.package_sha256 != self.worker.sha256:
+                await self._install_package(stub, task.package_sha256)
             model = await self._fetch(stub, task.model_id)
             if task.kind is TaskKind.TRAIN:
                 data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
@@ -208,10 +237,12 @@ class EdgeRunner:
         except grpc.aio.AioRpcError:
             raise
         except Exception as exc:  # noqa: BLE001 - user code failed: report it, stay up
+            summary = f"{type(exc).__name__}: {exc}"
             tail = "".join(traceback.format_exception(exc)[-3:]).strip()
-            self._line(f"{what} FAILED: {type(exc).__name__}: {exc}")
+            self._line(f"{what} FAILED: {summary}")
             await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="error",
-                                                message=tail[-2000:], task_id=task.task_id),
+                                                message=f"{summary[:1000]}\n{tail[-1000:]}",
+                                                task_id=task.task_id),
                                  metadata=self.metadata)
             return
         self.tasks_done += 1
@@ -232,3 +263,14 @@ class EdgeRunner:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _not_found_is(error: type[Exception]):
+    """NOT_FOUND fails the task (as ``error``); other RPC errors mean a broken connection."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is grpc.StatusCode.NOT_FOUND:
+            raise error(exc.details()) from None
+        raise

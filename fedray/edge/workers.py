@@ -9,6 +9,7 @@ instead of as a rejected update at the combiner.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,6 +65,40 @@ class PackageWorker:
 
     def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
         return self.package.validate(model, config, self.data)
+
+
+class RemotePackageWorker:
+    """Runs the compute package the federation serves, fetched and verified per session.
+
+    The connection loop calls ``install`` with the task's package sha256 before the task
+    runs; the package is downloaded once per sha256, checked against it, unpacked safely
+    into the package cache, and reused while the federation keeps serving it.
+    """
+
+    def __init__(self, data: str = "", cache_dir: Path | None = None) -> None:
+        self.data = data
+        self.cache_dir = cache_dir
+        self.sha256 = ""
+        self._current: PackageWorker | None = None
+
+    def install(self, sha256: str, archive: Path) -> str:
+        from fedray.packages import load_package
+
+        package = load_package(archive, cache_dir=self.cache_dir, expected_sha256=sha256)
+        self._current, self.sha256 = PackageWorker(package, self.data), sha256
+        return package.manifest.name
+
+    def _worker(self) -> PackageWorker:
+        if self._current is None:
+            raise FedrayError("the federation serves no compute package; start this client "
+                              "with --app MODULE or --package PATH")
+        return self._current
+
+    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+        return self._worker().train(model, config)
+
+    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
+        return self._worker().validate(model, config)
 
 
 def _count(value: Any) -> int:
