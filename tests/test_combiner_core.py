@@ -27,6 +27,9 @@ class Recorder:
     def client_status(self, client_id, name, status, online):
         self.statuses.append((client_id, status))
 
+    def round_closed(self, result):
+        self.events.append(("round", result.close_reason, {}))
+
 
 def _core(**settings) -> CombinerCore:
     base = {"heartbeat_interval_s": 0.05, "offline_after_s": 0.2, "chunk_kib": 1}

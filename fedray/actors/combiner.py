@@ -19,6 +19,7 @@ from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
 from fedray.actors.grpc_server import start_server
 from fedray.actors.messages import RoundResult, RoundSpec
+from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.config import CombinersConfig
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -43,7 +44,8 @@ class Combiner:
                  package: tuple[str, bytes] | None = None) -> None:
         self.name = name
         self.settings = settings
-        self.observer = TrackingObserver(tracking_uri, tracking_db, source=name, combiner=name)
+        self.observer = TrackingObserver(tracking_uri, tracking_db, source=name, combiner=name,
+                                         metrics=FederationMetrics(federation, name))
         self.core = CombinerCore(name, settings, listener=self.observer)
         # Given at construction too, so a combiner that Ray restarts still serves it.
         self.packages: dict[str, bytes] = dict([package]) if package else {}

@@ -45,6 +45,7 @@ KEPT_MODELS = 2  # the round's model and the one before, for clients that are a 
 class CombinerListener(Protocol):
     def event(self, level: str, message: str, **data: Any) -> None: ...
     def client_status(self, client_id: str, name: str, status: str, online: int) -> None: ...
+    def round_closed(self, result: RoundResult) -> None: ...
 
 
 class NullListener:
@@ -52,6 +53,9 @@ class NullListener:
         log.log(logging.getLevelName(level.upper()), message)
 
     def client_status(self, client_id: str, name: str, status: str, online: int) -> None:
+        pass
+
+    def round_closed(self, result: RoundResult) -> None:
         pass
 
 
@@ -232,13 +236,15 @@ class CombinerCore:
             timer.cancel()
         async with run.fold_lock:  # folds that were already accepted finish first
             partial = accumulator.partial() if accumulator else None
-        return RoundResult(
+        result = RoundResult(
             combiner=self.name, session_id=spec.session_id, round=spec.round, asked=len(tasks),
             updates=run.updates, rejected=sum(run.rejected.values()), failed=run.failed,
             close_reason=run.close_reason, seconds=time.monotonic() - run.started,
             bytes_in=run.bytes_in, bytes_out=self.bytes_out - bytes_out_before,
             aggregation_s=run.aggregation_s, partial=partial, validations=run.validations,
             rejections=dict(run.rejected))
+        self.listener.round_closed(result)
+        return result
 
     def _settle(self, run: RoundRun, client_id: str) -> None:
         run.settled.add(client_id)

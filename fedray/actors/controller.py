@@ -23,6 +23,7 @@ import ray
 from fedray.actors.combiner import advertised_host
 from fedray.actors.grpc_server import start_server
 from fedray.actors.messages import RoundResult, RoundSpec
+from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.actors.session_runner import SessionRunner, SessionStatus
 from fedray.config import FederationConfig
@@ -100,7 +101,8 @@ class Controller:
                  tracking_uri: str | None) -> None:
         self.config = config
         self.pool = RayCombinerPool(combiner_names, config.namespace)
-        self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller")
+        self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller",
+                                         metrics=FederationMetrics(config.federation, "controller"))
         self.store = open_model_store(config.storage.uri, config.resolved_data_dir())
         self.sessions: dict[str, asyncio.Task[SessionStatus]] = {}
         self.status: SessionStatus | None = None

@@ -16,9 +16,11 @@ log = logging.getLogger(__name__)
 
 
 class TrackingObserver:
-    def __init__(self, uri: str | None, database: str, source: str, combiner: str = "") -> None:
+    def __init__(self, uri: str | None, database: str, source: str, combiner: str = "",
+                 metrics: Any = None) -> None:
         self.source = source
         self.combiner = combiner
+        self.metrics = metrics  # a FederationMetrics inside Ray actors, None elsewhere
         self.writer = TrackingWriter(lambda: TrackingStore.from_uri(uri, database)) if uri else None
 
     def write(self, method: str, *args: Any, **kwargs: Any) -> None:
@@ -35,6 +37,17 @@ class TrackingObserver:
     def client_status(self, client_id: str, name: str, status: str, online: int) -> None:
         self.write("upsert_client", client_id, name=name, combiner=self.combiner, status=status)
         self.write("upsert_combiner", self.combiner, clients=online)
+        if self.metrics is not None:
+            self.metrics.clients.set(online)
+
+    def round_closed(self, result: Any) -> None:
+        """A combiner's share of a round ended (``RoundResult``)."""
+        if self.metrics is not None:
+            self.metrics.combiner_round(result)
+
+    def round_committed(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.round_committed(seconds)
 
     def combiner_status(self, address: str, status: str, restarted: bool = False) -> None:
         self.write("upsert_combiner", self.combiner, address=address, status=status)

@@ -80,6 +80,9 @@ class SessionRunner:
     def _move(self, state: SessionState, **fields: Any) -> None:
         self._state = next_session_state(self._state, state)
         self.observer.write("update_session", self.session_id, status=state.value, **fields)
+        if state is SessionState.RUNNING:
+            self.observer.event("info", f"session {self.session_id} is running",
+                                session_id=self.session_id)
         self._changed(state=state.value)
 
     async def run(self, seed_model_id: str) -> SessionStatus:
@@ -172,6 +175,10 @@ class SessionRunner:
         self.observer.write("start_round", self.session_id, number, model_id=parent_id,
                             clients_asked={k: len(v) for k, v in plan.items()})
         self._changed(round=number, round_state=state.value)
+        asked = sum(len(v) for v in plan.values())
+        self.observer.event("info", f"round {number} started: {asked} client(s) asked to train "
+                            f"model {parent_id[:12]}", session_id=self.session_id, round=number,
+                            clients_asked={k: len(v) for k, v in plan.items()})
         model_ref = self.pool.put_model(model)
         results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, parent_id, plan)
         updates = sum(r.updates for r in results)
@@ -209,6 +216,7 @@ class SessionRunner:
                             train_metrics=train_metrics,
                             validation_metrics=record["validation_metrics"])
         self.observer.write("update_session", self.session_id, rounds_done=number, model_id=new_id)
+        self.observer.round_committed(seconds)
         self.status.history.append(record)
         self._changed(rounds_done=number, model_id=new_id, round_state=RoundState.FINISHED.value)
         self.observer.event("info", f"round {number} committed model {new_id[:12]} from "
