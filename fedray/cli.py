@@ -1,4 +1,4 @@
-"""The `fedray` command: run, demo, edge, package and the tracking queries.
+"""The `fedray` command: run, demo, edge, package, the tracking queries and plot.
 
 User mistakes end as one line on stderr and a stable exit code (see ``fedray.errors``);
 a traceback is printed only for a bug in fedray itself (exit code 70). Server-side imports
@@ -7,10 +7,12 @@ a traceback is printed only for a bug in fedray itself (exit code 70). Server-si
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -18,9 +20,13 @@ from rich.console import Console
 
 from fedray.edge.cli import edge
 from fedray.errors import ConfigError, FedrayError
+from fedray.status import status
 
 INTERNAL_ERROR = 70
-QUERY_COLLECTIONS = ("sessions", "rounds", "models", "clients", "events", "validations")
+SESSION_COLLECTIONS = ("rounds", "models", "events", "validations")  # have a session_id
+EVENT_LEVELS = ("debug", "info", "warning", "error")  # tracking's LEVELS, without pymongo
+QUERY_COLLECTIONS = ("sessions", "rounds", "models", "clients", "combiners", "events", "validations",
+                     "packages")
 
 
 class FedrayGroup(click.Group):
@@ -49,6 +55,7 @@ def main() -> None:
 
 
 main.add_command(edge)
+main.add_command(status)
 
 
 def _stderr() -> Console:
@@ -95,14 +102,19 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
               show_default=True, help="How the digits are split across clients.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Where the demo keeps data, models and tracking (default ~/.fedray/demo).")
+@click.option("--storage", default="file", show_default=True, metavar="URI",
+              help="storage.uri for the models, e.g. s3://BUCKET?endpoint=HOST:9000&secure=false "
+                   "(keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")
+@click.option("--tracking", default="embedded", show_default=True, metavar="URI",
+              help="tracking.uri, e.g. mongodb://HOST:27017/ instead of the embedded server.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Path | None,
-         as_json: bool) -> None:
+         storage: str, tracking: str, as_json: bool) -> None:
     """Run a whole federation on this machine: digits data, edge clients as processes."""
     from fedray.demo import run_demo
 
     summary = run_demo(clients=clients, rounds=rounds, combiners=combiners, partition=partition,
-                       data_dir=data_dir, console=_stderr())
+                       data_dir=data_dir, console=_stderr(), storage=storage, tracking=tracking)
     if as_json:
         click.echo(json.dumps(summary))
     if summary["state"] != "finished":
@@ -135,30 +147,70 @@ def _query_command(collection: str) -> click.Command:
     @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
                   help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
     def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
-                tracking_uri: str | None) -> None:
-        from fedray.tracking.embedded import connect_or_start
-        from fedray.tracking.query import render_table, run_query, to_json
+                tracking_uri: str | None, session: str | None = None,
+                level: str | None = None) -> None:
+        from fedray.tracking.query import query_page, render_table, to_json
 
-        server = None
-        if tracking_uri is None:
-            folder = data_dir or default_data_dir()
-            tracking_uri, server = connect_or_start(folder)
-        try:
-            docs = run_query(tracking_uri, collection, filter_json, limit)
-        finally:
-            if server is not None:
-                server.stop()
+        with _tracking(data_dir, tracking_uri) as uri:
+            page = query_page(uri, collection, filter_json, limit, session=session, level=level,
+                              count=not as_json)
         if as_json:
-            click.echo(to_json(docs))
+            click.echo(to_json(page.docs))
         else:
-            render_table(collection, docs, Console())
+            render_table(collection, page.docs, Console(), total=page.total)
 
+    if collection == "events":
+        command = click.option(
+            "--level", type=click.Choice(EVENT_LEVELS), default=None,
+            help="Show this level and above (debug < info < warning < error).")(command)
+    if collection in SESSION_COLLECTIONS:
+        command = click.option(
+            "--session", default=None, metavar="ID",
+            help="Only this session: its id or the first characters of it.")(command)
     command.__doc__ = f"List {collection} from tracking."
     return click.command(collection)(command)
 
 
+@contextlib.contextmanager
+def _tracking(data_dir: Path | None, tracking_uri: str | None) -> Iterator[str]:
+    """The tracking URI to query: --tracking, else the embedded server of the data directory
+    (started for the command, and stopped after it, when it is not already running)."""
+    from fedray.tracking.embedded import connect_or_start
+
+    if tracking_uri is not None:
+        yield tracking_uri
+        return
+    uri, server = connect_or_start(data_dir or default_data_dir())
+    try:
+        yield uri
+    finally:
+        if server is not None:
+            server.stop()
+
+
 for _collection in QUERY_COLLECTIONS:
     main.add_command(_query_command(_collection))
+
+
+@main.command()
+@click.option("--session", default=None, metavar="ID",
+              help="A session id or its first characters (default: the latest session).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("curve.png"), show_default=True, help="The PNG file to write.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="A federation's data directory (default: the newest under ~/.fedray).")
+@click.option("--tracking", "tracking_uri", default=None, metavar="URI",
+              help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+def plot(session: str | None, output: Path, data_dir: Path | None,
+         tracking_uri: str | None) -> None:
+    """Draw a session's training and validation curves, round by round, into a PNG."""
+    from fedray.plot import plot_session
+
+    with _tracking(data_dir, tracking_uri) as uri:
+        info = plot_session(uri, output, session=session)
+    shown = ", ".join(info.metrics) or "no metrics yet"
+    click.echo(f"wrote {info.path}: session {info.session_id} of {info.federation} "
+               f"({info.status}), {info.rounds} rounds; {shown}")
 
 
 def default_data_dir() -> Path:

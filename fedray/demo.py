@@ -3,7 +3,8 @@
 It partitions scikit-learn's bundled digits across clients, runs the federation through
 ``run_federation`` (the code behind `fedray run`), starts every edge client as its own
 process with `fedray edge start`, and measures each round's committed model on held-out
-data that no client ever saw.
+data that no client ever saw. It ends by drawing the training curves (``fedray.plot``,
+as `fedray plot` does) into ``<data_dir>/curve.png``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 from rich.console import Console
 
 from fedray.config import config_from_dict
-from fedray.errors import ConfigError
-from fedray.runner import federation_token, print_summary, run_federation
+from fedray.errors import ConfigError, FedrayError
+from fedray.runner import RunResult, federation_token, print_summary, run_federation
 from fedray.serialization import decode
 from fedray.storage import open_model_store
 
@@ -37,7 +38,8 @@ def _examples():
     return data, model
 
 
-def demo_config(clients: int, rounds: int, combiners: int, data_dir: Path) -> dict[str, Any]:
+def demo_config(clients: int, rounds: int, combiners: int, data_dir: Path,
+                storage: str = "file", tracking: str = "embedded") -> dict[str, Any]:
     return {
         "federation": "demo",
         "seed_model": "examples.digits.seed:seed_model",
@@ -48,6 +50,8 @@ def demo_config(clients: int, rounds: int, combiners: int, data_dir: Path) -> di
         "session": {"rounds": rounds, "min_clients": clients, "round_timeout_s": 120,
                     "wait_for_clients_s": 120, "validate": True,
                     "round_config": {"epochs": 5, "lr": 0.3, "batch_size": 32}},
+        "storage": {"uri": storage},
+        "tracking": {"uri": tracking},
     }
 
 
@@ -79,7 +83,10 @@ def stop_clients(procs: list[subprocess.Popen]) -> None:
 
 
 def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
-             data_dir: Path | None, console: Console) -> dict[str, Any]:
+             data_dir: Path | None, console: Console, storage: str = "file",
+             tracking: str = "embedded") -> dict[str, Any]:
+    """Run the demo; ``storage``/``tracking`` are ``storage.uri``/``tracking.uri`` values
+    (e.g. ``s3://bucket?endpoint=host:9000&secure=false`` and ``mongodb://host:27017/``)."""
     data_mod, model_mod = _examples()
     # The demo is authenticated like any federation: a fresh token unless one is set.
     os.environ.setdefault("FEDRAY_TOKEN", secrets.token_hex(16))
@@ -87,7 +94,8 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
     data_dir = data_dir.expanduser().resolve()
     paths = data_mod.write_partitions(data_dir / "data", clients, scheme=partition, seed=0)
     test = data_mod.load_client_data(data_dir / "data" / "test.npz")
-    config = config_from_dict(demo_config(clients, rounds, combiners, data_dir), source="fedray demo")
+    config = config_from_dict(demo_config(clients, rounds, combiners, data_dir, storage, tracking),
+                              source="fedray demo")
     console.print(f"demo: {clients} clients ({partition} digits), {combiners} combiners, "
                   f"{rounds} rounds; client logs in {data_dir / 'logs'}")
     procs: list[subprocess.Popen] = []
@@ -107,7 +115,28 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
         accuracy.append(round(float(model_mod.evaluate(params, test.X, test.y)["accuracy"]), 4))
     if accuracy:
         console.print("held-out accuracy per round: " + ", ".join(f"{a:.3f}" for a in accuracy))
+    curve = plot_curve(result, accuracy, data_dir / "curve.png", console)
     summary = result.summary()
     summary.update(accuracy=accuracy, final_accuracy=accuracy[-1] if accuracy else None,
-                   clients=clients, combiners=combiners, partition=partition)
+                   clients=clients, combiners=combiners, partition=partition,
+                   curve=str(curve) if curve else None)
     return summary
+
+
+def plot_curve(result: RunResult, accuracy: list[float], path: Path,
+               console: Console) -> Path | None:
+    """Draw the session's curves (plus held-out accuracy) like `fedray plot` does."""
+    from fedray.plot import curve_title, plot_rounds
+
+    status = result.status
+    records = [{**record, "test_metrics": {"accuracy": acc}}
+               for record, acc in zip(status["history"], accuracy, strict=False)]
+    title = curve_title("demo", status["session_id"], status["state"])
+    try:
+        plot_rounds(records, path, title=title,
+                    subtitle=f"{status['rounds_done']} of {status['rounds_planned']} rounds done")
+    except FedrayError as exc:  # the run itself went fine: say so, don't fail it
+        console.print(f"[yellow]warning:[/] no training curve: {exc}")
+        return None
+    console.print(f"training curve: {path}")
+    return path

@@ -42,6 +42,16 @@ def connect_ray(rc: RayConfig, namespace: str) -> bool:
     return False
 
 
+# Credentials the actors need (the model store's keys). Actors of a cluster that was joined
+# rather than started here do not inherit the driver's environment, so pass them along.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
 class Federation:
     def __init__(self, config: FederationConfig, token: str | None, tracking_uri: str | None) -> None:
         self.config = config
@@ -58,7 +68,8 @@ class Federation:
         self._remove_stale()
         c = self.config.combiners
         names = [combiner_name(i) for i in range(c.count)]
-        common = {"namespace": self.namespace, "lifetime": "detached"}
+        common = {"namespace": self.namespace, "lifetime": "detached",
+                  "runtime_env": {"env_vars": forwarded_env()}}
         for i, name in enumerate(names):
             port = c.base_port + i if c.base_port else 0
             self.combiners.append(Combiner.options(name=name, **common).remote(

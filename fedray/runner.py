@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ class RunResult:
     data_dir: Path
     tracking_uri: str
     gateway: str
-    model_uris: dict[str, str] = field(default_factory=dict)
+    embedded_tracking: bool = True
 
     @property
     def ok(self) -> bool:
@@ -131,7 +131,8 @@ def run_federation(config: FederationConfig, *, console: Console,
         session_id = federation.start_session(seed_id, package[0] if package else "")
         status = _follow(federation, session_id, config, console)
         return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
-                         gateway=federation.gateway)
+                         gateway=federation.gateway,
+                         embedded_tracking=config.tracking.uri == "embedded")
     finally:
         if federation is not None:
             federation.shutdown()
@@ -192,7 +193,9 @@ def print_summary(result: RunResult, console: Console) -> None:
                       f"final model {s['model_id'][:16]}")
     else:
         console.print(f"[red]session {s['session_id']} failed[/]: {s['reason']}")
-    console.print(f"inspect it with: fedray rounds --data-dir {s['data_dir']}")
+    where = f"--data-dir {s['data_dir']}" if result.embedded_tracking \
+        else f"--tracking {s['tracking_uri']}"
+    console.print(f"inspect it with: fedray rounds {where}")
 
 
 __all__ = ["FedrayError", "RunResult", "load_seed", "print_summary", "run_federation"]

