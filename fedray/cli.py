@@ -69,7 +69,11 @@ def _stderr() -> Console:
               help="Where models and tracking live (default ~/.fedray/<federation>).")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a config field, e.g. --set session.rounds=3 (YAML value).")
-def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tuple[str, ...]) -> None:
+@click.option("--new-session", is_flag=True,
+              help="Start a new session even if an earlier run left one unfinished "
+                   "(by default that one resumes after its last committed round).")
+def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tuple[str, ...],
+        new_session: bool) -> None:
     """Run a federation from CONFIG until its session ends (joins Ray when told to)."""
     import yaml
 
@@ -86,7 +90,7 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
         parsed["data_dir"] = str(data_dir)
     config = load_config(config_path, parsed)
     console = _stderr()
-    result = run_federation(config, console=console)
+    result = run_federation(config, console=console, resume=not new_session)
     print_summary(result, console)
     if as_json:
         click.echo(json.dumps(result.summary()))
@@ -211,6 +215,92 @@ def plot(session: str | None, output: Path, data_dir: Path | None,
     shown = ", ".join(info.metrics) or "no metrics yet"
     click.echo(f"wrote {info.path}: session {info.session_id} of {info.federation} "
                f"({info.status}), {info.rounds} rounds; {shown}")
+
+
+def _tracking_options(command):
+    command = click.option("--database", default=None, metavar="NAME",
+                           help="The tracking database (default: the URI's, else 'fedray'; "
+                                "a config's tracking.database).")(command)
+    command = click.option("--tracking", "tracking_uri", default=None, metavar="URI",
+                           help="A mongodb:// URI instead of the embedded tracking of "
+                                "--data-dir.")(command)
+    return click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                        help="A federation's data directory (default: the newest under "
+                             "~/.fedray).")(command)
+
+
+@contextlib.contextmanager
+def _token_store(data_dir: Path | None, tracking_uri: str | None, database: str | None):
+    from fedray.tracking.store import TrackingStore
+
+    with _tracking(data_dir, tracking_uri) as uri:
+        store = TrackingStore.from_uri(uri, database)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@main.group()
+def token() -> None:
+    """Per-client tokens: the gateway and combiners accept them (and the shared token)
+    within seconds, and a client's identity is its token's name."""
+
+
+@token.command("create")
+@click.option("--name", required=True, help="The client's name (its identity in tracking).")
+@_tracking_options
+def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
+                 database: str | None) -> None:
+    """Create a token for client NAME and print it once (only its sha256 is stored)."""
+    from fedray.tracking.tokens import create_token
+
+    with _token_store(data_dir, tracking_uri, database) as store:
+        secret = create_token(store, name)
+    click.echo(secret)
+    click.echo(f"token for {name} created; it is shown only now. On that client: "
+               f"fedray edge start --token <token> ...", err=True)
+
+
+@token.command("revoke")
+@click.option("--name", required=True, help="The client whose token stops working.")
+@_tracking_options
+def token_revoke(name: str, data_dir: Path | None, tracking_uri: str | None,
+                 database: str | None) -> None:
+    """Revoke the token of client NAME; servers refuse it within a few seconds."""
+    from fedray.tracking.tokens import revoke_token
+
+    with _token_store(data_dir, tracking_uri, database) as store:
+        count = revoke_token(store, name)
+    if count == 0:
+        raise ConfigError(f"--name {name}: no live token to revoke (see fedray token list)")
+    click.echo(f"revoked the token of {name}")
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@_tracking_options
+def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
+               database: str | None) -> None:
+    """List per-client tokens: name, id (a hash prefix), created, revoked."""
+    from fedray.tracking.tokens import list_tokens
+
+    with _token_store(data_dir, tracking_uri, database) as store:
+        rows = list_tokens(store)
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+        return
+    from rich.table import Table
+
+    table = Table("name", "id", "created", "state", title=f"{len(rows)} token(s)")
+    for row in rows:
+        when = row["revoked_at"] or ""
+        state = f"revoked {when:%Y-%m-%d %H:%M}" if row["revoked"] and when else \
+            "revoked" if row["revoked"] else "live"
+        created = row["created_at"]
+        table.add_row(row["name"], row["id"], f"{created:%Y-%m-%d %H:%M}" if created else "",
+                      state)
+    Console().print(table)
 
 
 def default_data_dir() -> Path:

@@ -49,6 +49,7 @@ class CombinersConfig:
     chunk_kib: int = 1024
     heartbeat_interval_s: float = 2.0
     offline_after_s: float = 10.0
+    max_rpcs_per_s: float = 50.0  # per client (its token's name, else its claimed name)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class SessionConfig:
     clients_per_round: float = 1.0  # a fraction (<= 1.0) or a count (> 1)
     min_clients: int = 2
     round_timeout_s: float = 120.0
+    round_attempts: int = 3  # a round with too few updates runs again, up to this many times
     wait_for_clients_s: float = 600.0
     validate: bool = True
     round_config: dict = field(default_factory=dict)  # sent to clients with every task
@@ -82,6 +84,14 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert: str | None = None  # PEM certificate (chain) of the gateway and combiners
+    key: str | None = None  # its PEM private key
+    ca: str | None = None  # PEM CA that signs client certificates: mutual TLS
+    client_auth: bool | None = None  # require a client certificate; default: when ca is set
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     federation: str
     seed_model: str  # a .safetensors path or module:function returning a dict of arrays
@@ -94,6 +104,7 @@ class FederationConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     source: str = "<dict>"  # where the config came from, for error messages
 
     @property
@@ -196,10 +207,12 @@ def _check(c: FederationConfig) -> None:
         "combiners.max_inflight_uploads": c.combiners.max_inflight_uploads,
         "combiners.max_update_mb": c.combiners.max_update_mb,
         "combiners.chunk_kib": c.combiners.chunk_kib,
+        "combiners.max_rpcs_per_s": c.combiners.max_rpcs_per_s,
         "combiners.heartbeat_interval_s": c.combiners.heartbeat_interval_s,
         "session.rounds": c.session.rounds,
         "session.min_clients": c.session.min_clients,
         "session.round_timeout_s": c.session.round_timeout_s,
+        "session.round_attempts": c.session.round_attempts,
         "session.clients_per_round": c.session.clients_per_round,
         "session.wait_for_clients_s": c.session.wait_for_clients_s,
     }
@@ -219,3 +232,6 @@ def _check(c: FederationConfig) -> None:
     uri = c.tracking.uri
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")
+    from fedray.tls import server_tls
+
+    server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field

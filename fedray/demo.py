@@ -104,7 +104,7 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
         procs.extend(start_clients(gateway, paths, data_dir / "logs", federation_token(config)))
 
     try:
-        result = run_federation(config, console=console, on_ready=on_ready)
+        result = run_federation(config, console=console, on_ready=on_ready, resume=False)
     finally:
         stop_clients(procs)
     print_summary(result, console)

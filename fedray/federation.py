@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +18,13 @@ from fedray.actors.combiner import Combiner
 from fedray.actors.controller import Controller
 from fedray.config import FederationConfig, RayConfig
 from fedray.errors import SessionError
+from fedray.tls import server_tls
 
 log = logging.getLogger(__name__)
 
 CONTROLLER = "controller"
 FOLLOW_POLL_S = 5.0
+CONTROLLER_RESTART_S = 120.0
 
 
 def combiner_name(index: int) -> str:
@@ -62,9 +65,11 @@ class Federation:
         self.combiner_info: list[dict[str, Any]] = []
         self.controller: Any = None
         self.gateway = ""
+        self.resumed_after: int | None = None
 
     def deploy(self, package: tuple[str, bytes] | None = None) -> Federation:
         """Start combiners and controller; ``package`` is (sha256, .tgz bytes) to serve."""
+        tls = server_tls(self.config.tls, self.config.source)  # PEM bytes, read here once
         self._remove_stale()
         c = self.config.combiners
         names = [combiner_name(i) for i in range(c.count)]
@@ -74,10 +79,10 @@ class Federation:
             port = c.base_port + i if c.base_port else 0
             self.combiners.append(Combiner.options(name=name, **common).remote(
                 name, self.config.federation, c, port, self.token, self.tracking_uri,
-                self.config.tracking.database, package))
+                self.config.tracking.database, package, tls=tls))
         self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
         self.controller = Controller.options(name=CONTROLLER, **common).remote(
-            self.config, names, self.token, self.tracking_uri)
+            self.config, names, self.token, self.tracking_uri, tls=tls)
         self.gateway = ray.get(self.controller.ready.remote())["address"]
         return self
 
@@ -93,17 +98,32 @@ class Federation:
         """Make every combiner serve this compute package (for the next session)."""
         ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
 
-    def start_session(self, seed_model_id: str, package_sha256: str = "") -> str:
-        return ray.get(self.controller.start_session.remote(seed_model_id, package_sha256))
+    def start_session(self, seed_model_id: str, package_sha256: str = "",
+                      resume: bool = False) -> str:
+        """Start a session; with ``resume``, continue the federation's unfinished one if any
+        (``self.resumed_after`` then says after which round)."""
+        started = ray.get(self.controller.start_session.remote(seed_model_id, package_sha256,
+                                                               resume))
+        self.resumed_after = started["resumed_after"]
+        return started["session_id"]
 
     def follow(self, on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Call ``on_status`` on every change until the session ends; return the last status."""
-        version, seen = -1, False
+        version, seen, lost_since = -1, False, None
         while True:
             try:
                 version, status = ray.get(self.controller.watch.remote(version, FOLLOW_POLL_S))
-            except ray.exceptions.RayActorError as exc:
-                raise SessionError(f"the controller of {self.config.federation} died: {exc}") from None
+                lost_since = None
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                # Ray restarts the controller, which resumes the session: wait for it.
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > CONTROLLER_RESTART_S:
+                    raise SessionError(f"the controller of {self.config.federation} is gone and "
+                                       f"did not come back: {exc}") from None
+                log.warning("controller unavailable (%s); waiting for Ray to restart it", exc)
+                version = -1
+                time.sleep(1.0)
+                continue
             if status is None:
                 if seen:  # a restarted controller that no longer knows the session
                     raise SessionError(f"the controller of {self.config.federation} restarted "

@@ -77,3 +77,21 @@ def pick_combiner(loads: Mapping[str, int], capacity: int, avoid: str = "") -> s
     candidates = [(load, name) for name, load in loads.items() if load < capacity]
     preferred = [c for c in candidates if c[1] != avoid] or candidates
     return min(preferred)[1] if preferred else None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where an interrupted session continues: after ``rounds_done``, from ``model_id``."""
+
+    rounds_done: int
+    model_id: str
+
+
+def resume_point(session: Mapping[str, object],
+                 rounds: Sequence[Mapping[str, object]]) -> ResumePoint:
+    """The last committed round decides; a round is committed once its document says so."""
+    committed = [r for r in rounds if r.get("status") == "finished" and r.get("model_id")]
+    if committed:
+        last = max(committed, key=lambda r: int(r["round"]))  # type: ignore[arg-type]
+        return ResumePoint(int(last["round"]), str(last["model_id"]))  # type: ignore[arg-type]
+    return ResumePoint(0, str(session.get("seed_model_id") or session.get("model_id") or ""))

@@ -91,8 +91,13 @@ def federation_token(config: FederationConfig) -> str | None:
 
 
 def run_federation(config: FederationConfig, *, console: Console,
-                   on_ready: Callable[[str], None] | None = None) -> RunResult:
-    """Deploy ``config``'s federation, run one session and tear everything down again."""
+                   on_ready: Callable[[str], None] | None = None,
+                   resume: bool = True) -> RunResult:
+    """Deploy ``config``'s federation, run one session and tear everything down again.
+
+    With ``resume`` (the default for `fedray run`), a session of this federation that an
+    earlier run left unfinished continues after its last committed round.
+    """
     import ray
 
     from fedray.federation import Federation, connect_ray
@@ -128,7 +133,10 @@ def run_federation(config: FederationConfig, *, console: Console,
         if package is not None:
             _record_package(tracking_uri, config, package)
             console.print(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})")
-        session_id = federation.start_session(seed_id, package[0] if package else "")
+        session_id = federation.start_session(seed_id, package[0] if package else "", resume)
+        if federation.resumed_after is not None:
+            console.print(f"[yellow]resuming[/] unfinished session {session_id} after round "
+                          f"{federation.resumed_after} (start a new one with --new-session)")
         status = _follow(federation, session_id, config, console)
         return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
                          gateway=federation.gateway,

@@ -20,20 +20,25 @@ import grpc
 import numpy as np
 import ray
 
+from fedray.actors.auth import make_gate
 from fedray.actors.combiner import advertised_host
-from fedray.actors.grpc_server import start_server
+from fedray.actors.grpc_server import caller_id, start_server
 from fedray.actors.messages import RoundResult, RoundSpec
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.actors.session_runner import SessionRunner, SessionStatus
 from fedray.config import FederationConfig
 from fedray.errors import SessionError
-from fedray.policy import pick_combiner
+from fedray.policy import ResumePoint, pick_combiner, resume_point
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.storage import open_model_store
+from fedray.tls import ServerTls
+from fedray.tracking.store import TrackingStore
 
 log = logging.getLogger(__name__)
+
+UNFINISHED = ["created", "waiting", "running"]
 
 
 class RayCombinerPool:
@@ -81,7 +86,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.recent: dict[str, list[float]] = {}
 
     async def Assign(self, request: pb.AssignRequest, context) -> pb.Assignment:
-        if not request.name:
+        client_id = await caller_id(context, request.name, request.name)
+        if not client_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a client needs a name")
         loads = await self.pool.loads()
         now = time.monotonic()
@@ -92,14 +98,15 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if choice is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no combiner accepts clients now")
         self.recent[choice].append(now)
-        return pb.Assignment(client_id=request.name, combiner=choice, address=loads[choice][1])
+        return pb.Assignment(client_id=client_id, combiner=choice, address=loads[choice][1])
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Controller:
     def __init__(self, config: FederationConfig, combiner_names: list[str], token: str | None,
-                 tracking_uri: str | None) -> None:
+                 tracking_uri: str | None, tls: ServerTls | None = None) -> None:
         self.config = config
+        self.tls = tls
         self.pool = RayCombinerPool(combiner_names, config.namespace)
         self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller",
                                          metrics=FederationMetrics(config.federation, "controller"))
@@ -108,7 +115,11 @@ class Controller:
         self.status: SessionStatus | None = None
         self._version = 0
         self._changed = asyncio.Condition()
+        self.tracking_uri = tracking_uri
         self._ready = asyncio.ensure_future(self._serve(token))
+        # Restarted by Ray after a crash: pick the interrupted session up where it stopped.
+        self._resumed = (asyncio.ensure_future(self._resume_after_restart())
+                         if ray.get_runtime_context().was_current_actor_reconstructed else None)
 
     async def _serve(self, token: str | None) -> dict[str, Any]:
         c = self.config.controller
@@ -117,7 +128,10 @@ class Controller:
             servicer = GatewayServicer(self.pool, self.config.combiners.max_clients)
             pb_grpc.add_GatewayServicer_to_server(servicer, server)
 
-        self._server, bound = await start_server(register, c.host, c.port, token)
+        gate = make_gate(token, self.tracking_uri, self.config.tracking.database,
+                         self.config.combiners.max_rpcs_per_s, self.observer.event)
+        self._server, bound = await start_server(register, c.host, c.port, gate, self.tls)
+        self._gate = gate
         return {"address": f"{advertised_host(c.host, self.config.combiners.advertise)}:{bound}",
                 "port": bound}
 
@@ -133,19 +147,64 @@ class Controller:
         self.status = status
         asyncio.ensure_future(self._notify(status))
 
-    async def start_session(self, seed_model_id: str, package_sha256: str = "") -> str:
-        running = [s for s, t in self.sessions.items() if not t.done()]
-        if running:
-            raise SessionError(f"session {running[0]} is still running; wait for it to end")
-        session_id = uuid.uuid4().hex[:16]
+    def _unfinished_session(self) -> tuple[dict[str, Any], ResumePoint] | None:
+        """The federation's latest session that did not end, and where to resume it."""
+        if not self.tracking_uri:
+            return None
+        store = TrackingStore.from_uri(self.tracking_uri, self.config.tracking.database)
+        try:
+            docs = store.find("sessions", {"federation": self.config.federation,
+                                           "status": {"$in": UNFINISHED}},
+                              sort=[("created_at", -1)], limit=1)
+            if not docs:
+                return None
+            rounds = store.find("rounds", {"session_id": docs[0]["session_id"]})
+            return docs[0], resume_point(docs[0], rounds)
+        finally:
+            store.close()
+
+    async def _resume_after_restart(self) -> None:
+        await self._ready
+        self.observer.event("warning", "controller was restarted by Ray; looking for a session "
+                            "to resume")
+        found = await asyncio.to_thread(self._unfinished_session)
+        if found is not None:
+            doc, point = found
+            self._launch(doc["session_id"], point.model_id, doc.get("package_sha256") or "", point)
+
+    def _launch(self, session_id: str, model_id: str, package_sha256: str,
+                resume: ResumePoint | None) -> None:
         runner = SessionRunner(self.config.federation, session_id, self.config.session, self.pool,
                                self.store, self.observer, self._on_change, package_sha256)
         self.status = runner.status
-        self.sessions[session_id] = asyncio.ensure_future(runner.run(seed_model_id))
-        return session_id
+        self.sessions[session_id] = asyncio.ensure_future(runner.run(model_id, resume))
+
+    async def start_session(self, seed_model_id: str, package_sha256: str = "",
+                            resume: bool = False) -> dict[str, Any]:
+        """Start a session (or, with ``resume``, continue the federation's unfinished one)."""
+        if self._resumed is not None:
+            await self._resumed
+        for session_id, task in self.sessions.items():
+            if task.done():
+                continue
+            if self.status is not None and self.status.session_id == session_id \
+                    and self.status.state in ("finished", "failed"):
+                await task  # it has ended and is only flushing its last tracking writes
+            else:
+                raise SessionError(f"session {session_id} is still running; wait for it to end")
+        found = await asyncio.to_thread(self._unfinished_session) if resume else None
+        if found is not None:
+            doc, point = found
+            self._launch(doc["session_id"], point.model_id, package_sha256, point)
+            return {"session_id": doc["session_id"], "resumed_after": point.rounds_done}
+        session_id = uuid.uuid4().hex[:16]
+        self._launch(session_id, seed_model_id, package_sha256, None)
+        return {"session_id": session_id, "resumed_after": None}
 
     async def watch(self, version: int, timeout_s: float = 5.0) -> tuple[int, dict[str, Any] | None]:
         """Return (version, status) once the status is newer than ``version``, or on timeout."""
+        if self._resumed is not None:
+            await self._resumed
         async with self._changed:
             if self._version <= version:
                 with contextlib.suppress(TimeoutError):
@@ -154,4 +213,5 @@ class Controller:
 
     async def stop(self) -> None:
         await self._server.stop(grace=1.0)
+        await self._gate.close()
         await asyncio.to_thread(self.observer.close)

@@ -69,10 +69,11 @@ class RoundSpec:
     aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
     model_id: str = ""  # sha256 of the model bytes, when the sender already knows it
     package_sha256: str = ""  # the session's compute package, if it has one
+    attempt: int = 1  # a round that failed runs again as attempt 2, 3, ...
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.session_id, self.round, self.kind.value)
+    def key(self) -> tuple[str, int, str, int]:
+        return (self.session_id, self.round, self.kind.value, self.attempt)
 
 
 @dataclass(slots=True)

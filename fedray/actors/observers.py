@@ -54,9 +54,9 @@ class TrackingObserver:
         if restarted:
             self.write("increment_combiner_restarts", self.combiner)
 
-    def flush(self, timeout: float = 10.0) -> None:
-        if self.writer is not None:
-            self.writer.flush(timeout)
+    def flush(self, timeout: float = 10.0) -> bool:
+        """True once every write so far has landed; False if ``timeout`` passed first."""
+        return self.writer.flush(timeout) if self.writer is not None else True
 
     def close(self) -> None:
         if self.writer is not None:

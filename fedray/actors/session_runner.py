@@ -20,12 +20,16 @@ from fedray.aggregators import make_aggregator
 from fedray.aggregators.base import Partial, fold_metrics
 from fedray.config import SessionConfig
 from fedray.errors import SessionError
-from fedray.policy import clients_wanted, round_verdict, select_clients
+from fedray.policy import ResumePoint, clients_wanted, round_verdict, select_clients
 from fedray.serialization import decode, encode, read_layout
 from fedray.states import RoundState, SessionState, next_round_state, next_session_state
 from fedray.storage.base import ModelStore
 
 log = logging.getLogger(__name__)
+
+class RoundFailed(SessionError):
+    """One attempt at a round ended with too few updates; the round may run again."""
+
 
 RPC_GRACE_S = 30.0  # how long past a round's deadline a combiner may take to answer
 
@@ -85,17 +89,29 @@ class SessionRunner:
                                 session_id=self.session_id)
         self._changed(state=state.value)
 
-    async def run(self, seed_model_id: str) -> SessionStatus:
-        self.observer.write("create_session", self.session_id, self.federation,
-                            self.settings_dict(), self.settings.rounds, seed_model_id)
-        self.observer.event("info", f"session {self.session_id} created",
-                            session_id=self.session_id)
+    async def run(self, seed_model_id: str, resume: ResumePoint | None = None) -> SessionStatus:
+        """Run the session; with ``resume``, continue after its last committed round."""
         try:
-            model = await asyncio.to_thread(self.store.get, seed_model_id)
-            self._record_model(seed_model_id, None, 0, model)
-            self._changed(model_id=seed_model_id)
-            for number in range(1, self.settings.rounds + 1):
-                await self._wait_for_clients()
+            if resume is None:
+                self.observer.write("create_session", self.session_id, self.federation,
+                                    self.settings_dict(), self.settings.rounds, seed_model_id)
+                self.observer.write("update_session", self.session_id,
+                                    seed_model_id=seed_model_id,
+                                    package_sha256=self.package_sha256)
+                self.observer.event("info", f"session {self.session_id} created",
+                                    session_id=self.session_id)
+                model_id, first = seed_model_id, 1
+            else:
+                model_id, first = resume.model_id, resume.rounds_done + 1
+                self.observer.event("warning", f"session {self.session_id} resumed after round "
+                                    f"{resume.rounds_done} from model {model_id[:12]}",
+                                    session_id=self.session_id)
+            model = await asyncio.to_thread(self.store.get, model_id)
+            if resume is None:
+                self._record_model(model_id, None, 0, model)
+            await self._durable()
+            self._changed(model_id=model_id, rounds_done=first - 1)
+            for number in range(first, self.settings.rounds + 1):
                 model = await self._round(number, model)
             self._move(SessionState.FINISHED, rounds_done=self.status.rounds_done,
                        model_id=self.status.model_id)
@@ -109,7 +125,17 @@ class SessionRunner:
             self._move(SessionState.FAILED, reason=reason)
             self.observer.event("error", f"session {self.session_id} failed: {reason}",
                                 session_id=self.session_id)
+        await self._durable()
         return self.status
+
+    async def _durable(self) -> None:
+        """Wait until every tracking write so far has landed (retried while tracking is down).
+
+        Called after each commit: a controller that dies later resumes from what is here.
+        """
+        while not await asyncio.to_thread(self.observer.flush, 10.0):
+            log.warning("tracking is not answering; session %s waits for its writes",
+                        self.session_id)
 
     def settings_dict(self) -> dict[str, Any]:
         return asdict(self.settings)
@@ -138,14 +164,16 @@ class SessionRunner:
             await asyncio.sleep(0.5)
 
     async def _dispatch(self, number: int, kind: TaskKind, model_ref: Any, model_id: str,
-                        plan: dict[str, list[str]]) -> tuple[list[RoundResult], list[str]]:
+                        plan: dict[str, list[str]], attempt: int = 1,
+                        ) -> tuple[list[RoundResult], list[str]]:
         spec_for = {
             name: RoundSpec(session_id=self.session_id, round=number, kind=kind,
                             clients=tuple(clients), config=dict(self.settings.round_config),
                             timeout_s=self.settings.round_timeout_s,
                             aggregator=self.settings.aggregator,
                             aggregator_kwargs=dict(self.settings.aggregator_kwargs),
-                            model_id=model_id, package_sha256=self.package_sha256)
+                            model_id=model_id, package_sha256=self.package_sha256,
+                            attempt=attempt)
             for name, clients in plan.items() if clients
         }
         calls = [asyncio.wait_for(self.pool.run_round(name, spec, model_ref),
@@ -164,32 +192,49 @@ class SessionRunner:
         return results, lost
 
     async def _round(self, number: int, model: bytes) -> bytes:
+        """Run round ``number``, rerunning it when too few updates arrived."""
+        attempts = self.settings.round_attempts
+        for attempt in range(1, attempts + 1):
+            await self._wait_for_clients()
+            try:
+                return await self._attempt(number, attempt, model)
+            except RoundFailed as exc:
+                if attempt == attempts:
+                    raise SessionError(f"round {number} failed {attempts} time(s); last: "
+                                       f"{exc}") from None
+                self.observer.event("warning", f"round {number} attempt {attempt} failed: {exc}; "
+                                    f"running it again ({attempt + 1} of {attempts})",
+                                    session_id=self.session_id, round=number)
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, number: int, attempt: int, model: bytes) -> bytes:
         started = time.monotonic()
         state = RoundState.RUNNING
         online = await self.pool.online()
         count = sum(len(c) for c in online.values())
         plan = select_clients(online, clients_wanted(self.settings.clients_per_round, count,
                                                      self.settings.min_clients),
-                              seed=self.settings.seed * 100_003 + number)
+                              seed=self.settings.seed * 100_003 + number * 101 + attempt)
         parent_id = self.status.model_id
         self.observer.write("start_round", self.session_id, number, model_id=parent_id,
-                            clients_asked={k: len(v) for k, v in plan.items()})
+                            attempt=attempt, clients_asked={k: len(v) for k, v in plan.items()})
         self._changed(round=number, round_state=state.value)
         asked = sum(len(v) for v in plan.values())
         self.observer.event("info", f"round {number} started: {asked} client(s) asked to train "
                             f"model {parent_id[:12]}", session_id=self.session_id, round=number,
-                            clients_asked={k: len(v) for k, v in plan.items()})
+                            attempt=attempt, clients_asked={k: len(v) for k, v in plan.items()})
         model_ref = self.pool.put_model(model)
-        results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, parent_id, plan)
+        results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, parent_id, plan,
+                                             attempt)
         updates = sum(r.updates for r in results)
         verdict = round_verdict(updates, self.settings.min_clients, lost)
         combiners_doc = {r.combiner: _combiner_doc(r) for r in results}
         if not verdict.ok:
             self.observer.write("update_round", self.session_id, number, status=RoundState.FAILED.value,
-                                reason=verdict.reason, combiners=combiners_doc)
+                                reason=verdict.reason, combiners=combiners_doc, attempt=attempt)
             self.observer.event("error", f"round {number} failed: {verdict.reason}",
                                 session_id=self.session_id, round=number)
-            raise SessionError(f"round {number} failed: {verdict.reason}")
+            raise RoundFailed(verdict.reason)
         state = next_round_state(state, RoundState.REDUCING)
         self._changed(round_state=state.value)
         reduce_started = time.monotonic()
@@ -213,9 +258,11 @@ class SessionRunner:
                             model_id=new_id, parent_model_id=parent_id, updates=updates,
                             rejected=sum(r.rejected for r in results), combiners=combiners_doc,
                             lost_combiners=lost, reduce_s=reduce_s, seconds=seconds,
+                            attempt=attempt,
                             train_metrics=train_metrics,
                             validation_metrics=record["validation_metrics"])
         self.observer.write("update_session", self.session_id, rounds_done=number, model_id=new_id)
+        await self._durable()  # committed: a restarted controller resumes after this round
         self.observer.round_committed(seconds)
         self.status.history.append(record)
         self._changed(rounds_done=number, model_id=new_id, round_state=RoundState.FINISHED.value)

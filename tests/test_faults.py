@@ -1,0 +1,106 @@
+"""Faults injected for real: actors killed mid-session, rounds rerun, sessions resumed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+from test_federation import SEED, DeltaWorker, _config, _wait_connected
+
+from fedray.federation import Federation
+from fedray.policy import ResumePoint, resume_point
+from fedray.serialization import decode, encode
+from fedray.storage import open_model_store
+from fedray.tracking.store import TrackingStore
+
+pytestmark = pytest.mark.integration
+
+
+class SlowWorker(DeltaWorker):
+    """Trains for ``seconds`` so a fault can land mid-round."""
+
+    def __init__(self, delta: float, examples: int, seconds: float) -> None:
+        super().__init__(delta, examples)
+        self.seconds = seconds
+
+    def train(self, model: bytes, config: dict):
+        time.sleep(self.seconds)
+        return super().train(model, config)
+
+
+def _deploy(config, tracking_uri, fleet, workers, **settings):
+    store = open_model_store("file", config.resolved_data_dir())
+    seed_id = store.put(encode(SEED))
+    fed = Federation(config, None, tracking_uri).deploy()
+    for i, (name, worker) in enumerate(workers.items()):
+        fleet.add(name, worker, fed.gateway, backoff_initial_s=0.2, **settings)
+        _wait_connected(fleet, i + 1)
+    return fed, store, seed_id
+
+
+def test_a_killed_controller_resumes_after_its_last_committed_round(
+        ray_session, tracking_uri, fleet, tmp_path):
+    config = _config("controller-dies", tmp_path, combiners=1, rounds=4, min_clients=2)
+    workers = {"a": SlowWorker(1.0, 10, 0.3), "b": SlowWorker(1.0, 10, 0.3)}
+    fed, store, seed_id = _deploy(config, tracking_uri, fleet, workers)
+    killed = threading.Event()
+
+    def on_status(status):
+        if status["rounds_done"] == 2 and not killed.is_set():
+            killed.set()
+            ray.kill(ray.get_actor("controller", namespace=config.namespace), no_restart=False)
+
+    try:
+        session_id = fed.start_session(seed_id)
+        status = fed.follow(on_status)
+    finally:
+        fed.shutdown()
+    assert killed.is_set()
+    assert status["state"] == "finished" and status["session_id"] == session_id, status
+    tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    rounds = tracking.find("rounds", {"session_id": session_id}, sort=[("round", 1)])
+    assert [(r["round"], r["status"]) for r in rounds] == [(i, "finished") for i in range(1, 5)]
+    trail = tracking.find("models", {"session_id": session_id}, sort=[("round", 1)])
+    assert [m["round"] for m in trail] == [0, 1, 2, 3, 4]  # no round committed twice
+    for parent, child in zip(trail, trail[1:], strict=False):
+        assert child["parent_id"] == parent["model_id"]
+    np.testing.assert_allclose(decode(store.get(status["model_id"]))["w"], 4.0)
+    events = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
+    assert any("resumed after round 2" in m for m in events), events
+
+
+def test_a_combiner_killed_mid_round_does_not_hang_the_round(
+        ray_session, tracking_uri, fleet, tmp_path):
+    config = _config("combiner-dies", tmp_path, combiners=2, rounds=2, min_clients=4,
+                     round_timeout_s=20)
+    workers = {f"w{i}": SlowWorker(1.0, 10, 1.5) for i in range(4)}
+    fed, store, seed_id = _deploy(config, tracking_uri, fleet, workers)
+    started = time.monotonic()
+    try:
+        fed.start_session(seed_id)
+        time.sleep(0.8)  # round 1 is out: every client is training
+        ray.kill(ray.get_actor("combiner-1", namespace=config.namespace), no_restart=False)
+        status = fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+    assert status["state"] == "finished", status["reason"]
+    assert time.monotonic() - started < 60
+    tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    round_one = tracking.get_round(status["session_id"], 1)
+    assert round_one["status"] == "finished" and round_one["attempt"] == 2  # rerun, not hung
+    events = [e["message"] for e in tracking.find("events", {"round": 1})]
+    assert any("attempt 1 failed" in m for m in events), events
+    assert tracking.find("combiners", {"name": "combiner-1"})[0]["restarts"] >= 1
+
+
+def test_resume_point_is_the_last_committed_round():
+    session = {"seed_model_id": "seed"}
+    assert resume_point(session, []) == ResumePoint(0, "seed")
+    rounds = [{"round": 1, "status": "finished", "model_id": "m1"},
+              {"round": 2, "status": "finished", "model_id": "m2"},
+              {"round": 3, "status": "running", "model_id": "m2"}]
+    assert resume_point(session, rounds) == ResumePoint(2, "m2")
+    assert resume_point(session, rounds[::-1]) == ResumePoint(2, "m2")
