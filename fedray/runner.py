@@ -119,6 +119,8 @@ def run_federation(config: FederationConfig, *, console: Console,
     try:
         if config.tracking.uri == "embedded":
             tracking_uri, embedded = connect_or_start(data_dir)
+            if embedded is not None:  # ours: keep it alive while the federation runs
+                embedded = _supervise(embedded, config)
         else:
             tracking_uri = config.tracking.uri
         with console.status("starting Ray and the federation actors..."):
@@ -148,6 +150,21 @@ def run_federation(config: FederationConfig, *, console: Console,
             ray.shutdown()
         if embedded is not None:
             embedded.stop()
+
+
+def _supervise(server, config: FederationConfig):
+    from fedray.tracking.store import TrackingStore
+    from fedray.tracking.supervisor import SupervisedMongo
+
+    def restarted(code: int | None) -> None:
+        store = TrackingStore.from_uri(server.uri, config.tracking.database)
+        try:
+            store.event("warning", "driver", f"the embedded tracking server died (exit code "
+                        f"{code}) and was restarted on the same data")
+        finally:
+            store.close()
+
+    return SupervisedMongo(server, on_restart=restarted).start()  # start(): no-op if running
 
 
 def _record_package(tracking_uri: str, config: FederationConfig,

@@ -104,3 +104,42 @@ def test_resume_point_is_the_last_committed_round():
               {"round": 3, "status": "running", "model_id": "m2"}]
     assert resume_point(session, rounds) == ResumePoint(2, "m2")
     assert resume_point(session, rounds[::-1]) == ResumePoint(2, "m2")
+
+
+def test_the_embedded_tracking_server_dies_and_nothing_committed_is_lost(
+        ray_session, fleet, tmp_path):
+    import os
+    import signal
+
+    from fedray.tracking.embedded import EmbeddedMongo
+    from fedray.tracking.supervisor import SupervisedMongo
+
+    supervised = SupervisedMongo(EmbeddedMongo(tmp_path / "trk")).start()
+    config = _config("tracking-dies", tmp_path, combiners=1, rounds=3, min_clients=2)
+    workers = {"a": SlowWorker(1.0, 10, 0.4), "b": SlowWorker(1.0, 10, 0.4)}
+    fed, _, seed_id = _deploy(config, supervised.uri, fleet, workers)
+    killed = threading.Event()
+
+    def on_status(status):
+        if status["rounds_done"] == 1 and not killed.is_set():
+            killed.set()
+            os.kill(supervised.server.pid, signal.SIGKILL)
+
+    try:
+        session_id = fed.start_session(seed_id)
+        status = fed.follow(on_status)
+    finally:
+        fed.shutdown()
+    try:
+        assert status["state"] == "finished", status["reason"]
+        assert supervised.restarts == 1
+        tracking = TrackingStore.from_uri(supervised.uri, config.tracking.database)
+        rounds = tracking.find("rounds", {"session_id": session_id}, sort=[("round", 1)])
+        assert [(r["round"], r["status"]) for r in rounds] == [(1, "finished"), (2, "finished"),
+                                                              (3, "finished")]
+        assert tracking.get_session(session_id)["status"] == "finished"
+        messages = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
+        for n in (1, 2, 3):
+            assert any(f"round {n} committed" in m for m in messages), messages
+    finally:
+        supervised.stop()

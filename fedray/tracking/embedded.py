@@ -219,6 +219,11 @@ class EmbeddedMongo:
         # server.json stays: a dead PID marks it stale, and the next server takes the same
         # port when it can, so clients holding the old URI find it again.
 
+    def wait(self) -> int | None:
+        """Block until the server process exits and return its exit code (None if not started)."""
+        proc = self._proc
+        return proc.wait() if proc is not None else None
+
     def __enter__(self) -> EmbeddedMongo:
         return self.start()
 
