@@ -1,0 +1,90 @@
+"""Edge clients as real processes, killed with SIGKILL mid-task and started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_federation import SEED, _config
+
+from fedray.federation import Federation
+from fedray.serialization import encode
+from fedray.storage import open_model_store
+from fedray.tracking.store import TrackingStore
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+SLOW_APP = textwrap.dedent('''
+    """Adds 1.0 to every weight after a pause; touches a marker file when training starts."""
+    import os
+    import pathlib
+    import time
+
+
+    def train(params, config):
+        pathlib.Path(os.environ["MARKER"]).touch()
+        time.sleep(float(os.environ.get("TRAIN_S", "3")))
+        return {k: v + 1.0 for k, v in params.items()}, 10, {"loss": 1.0}
+''')
+
+
+def _client(tmp_path: Path, gateway: str, name: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+           "MARKER": str(tmp_path / f"{name}.training")}
+    log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "fedray", "edge", "start", "--gateway", gateway,
+                             "--name", name, "--app", "slowapp"], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_client_killed_mid_training_is_dropped_and_rejoins_the_next_round(
+        ray_session, tracking_uri, tmp_path):
+    (tmp_path / "slowapp.py").write_text(SLOW_APP)
+    config = _config("edge-killed", tmp_path, combiners=1, rounds=2, min_clients=2,
+                     round_timeout_s=60)
+    store = open_model_store("file", config.resolved_data_dir())
+    seed_id = store.put(encode(SEED))
+    fed = Federation(config, None, tracking_uri).deploy()
+    procs = {}
+    try:
+        for name in ("steady-1", "steady-2", "victim"):
+            procs[name] = _client(tmp_path, fed.gateway, name)
+        tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+        _wait_for(lambda: len(tracking.find("clients", {"status": "online"})) == 3, 60,
+                  "three clients online")
+        session_id = fed.start_session(seed_id)
+        marker = tmp_path / "victim.training"
+        _wait_for(marker.exists, 30, "the victim to start training")
+        procs["victim"].send_signal(signal.SIGKILL)
+        procs["victim"].wait()
+        marker.unlink()
+        procs["victim"] = _client(tmp_path, fed.gateway, "victim")  # back while round 1 runs
+        status = fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=20)
+    assert status["state"] == "finished", status["reason"]
+    first = tracking.get_round(session_id, 1)["combiners"]["combiner-0"]
+    second = tracking.get_round(session_id, 2)["combiners"]["combiner-0"]
+    assert first["updates"] == 2 and first["failed"] == 1 and first["close_reason"] == "all_answered"
+    assert second["updates"] == 3  # the restarted client took part again
+    log = (tmp_path / "victim.log").read_text()
+    assert "round 2 train" in log and "update accepted" in log
+    events = [e["message"] for e in tracking.find("events", {"level": "warning"})]
+    assert any("client victim is offline" in m for m in events)
