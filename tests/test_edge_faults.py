@@ -35,9 +35,9 @@ SLOW_APP = textwrap.dedent('''
 ''')
 
 
-def _client(tmp_path: Path, gateway: str, name: str) -> subprocess.Popen:
+def _client(tmp_path: Path, gateway: str, name: str, train_s: float = 3.0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
-           "MARKER": str(tmp_path / f"{name}.training")}
+           "MARKER": str(tmp_path / f"{name}.training"), "TRAIN_S": str(train_s)}
     log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "fedray", "edge", "start", "--gateway", gateway,
                              "--name", name, "--app", "slowapp"], cwd=tmp_path, env=env,
@@ -88,3 +88,65 @@ def test_a_client_killed_mid_training_is_dropped_and_rejoins_the_next_round(
     assert "round 2 train" in log and "update accepted" in log
     events = [e["message"] for e in tracking.find("events", {"level": "warning"})]
     assert any("client victim is offline" in m for m in events)
+
+
+def test_fedray_run_killed_and_started_again_resumes_the_session(ray_session, tmp_path):
+    import contextlib
+    import json
+    import socket
+
+    from fedray.tracking.embedded import live_uri, read_server_record
+
+    (tmp_path / "slowapp.py").write_text(SLOW_APP)
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    gateway_port, combiner_port = (s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    data_dir = tmp_path / "fed"
+    config = tmp_path / "fed.yaml"
+    config.write_text(textwrap.dedent(f"""
+        federation: whole-run
+        seed_model: {tmp_path / "seed.safetensors"}
+        ray: {{address: "{ray_session}"}}
+        controller: {{host: 127.0.0.1, port: {gateway_port}}}
+        combiners: {{count: 1, host: 127.0.0.1, base_port: {combiner_port}}}
+        session: {{rounds: 3, min_clients: 2, validate: false, round_timeout_s: 60}}
+    """))
+    (tmp_path / "seed.safetensors").write_bytes(encode(SEED))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def fedray_run() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fedray", "run", str(config), "--json",
+                                 "--data-dir", str(data_dir)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = fedray_run()
+    clients = [_client(tmp_path, f"127.0.0.1:{gateway_port}", f"site-{i}", train_s=1.0)
+               for i in range(2)]
+    try:
+        _wait_for(lambda: live_uri(data_dir) is not None, 60, "the tracking server")
+        tracking = TrackingStore.from_uri(live_uri(data_dir))
+        _wait_for(lambda: tracking.find("rounds", {"status": "finished"}), 90, "round 1")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        session_id = tracking.find("sessions", {})[0]["session_id"]
+        second = fedray_run()
+        out, err = second.communicate(timeout=180)
+        rounds = tracking.find("rounds", {"session_id": session_id}, sort=[("round", 1)])
+    finally:
+        for proc in [first, *clients]:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=20)
+        record = read_server_record(data_dir)  # the killed run's tracking server is orphaned
+        if record and record.get("pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record["pid"], signal.SIGTERM)
+    assert second.returncode == 0, err[-2000:]
+    assert f"resuming unfinished session {session_id}" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["session_id"] == session_id and summary["rounds"] == 3
+    assert [(r["round"], r["status"]) for r in rounds] == [(1, "finished"), (2, "finished"),
+                                                          (3, "finished")]
