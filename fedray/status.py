@@ -189,13 +189,17 @@ def render(status: dict[str, Any], console: Console) -> None:
             metrics = {**last.get("train_metrics", {}),
                        **{f"val {k}": v for k, v in last.get("validation_metrics", {}).items()}}
             lines.append(f"last     round {last['round']}: {last['updates']} updates"
-                         + "".join(f" · {k} {v:.4f}" for k, v in metrics.items()))
+                         + "".join(f" · {k} {_number(v)}" for k, v in metrics.items()))
     console.print(Panel(Group(*lines, "", table), title=f"federation {status['federation']}",
-                        title_align="left"))
+                        title_align="left", expand=False))
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else str(value)
 
 
 def default_address(config_address: str | None = None) -> str:
-    """``--address``, else $RAY_ADDRESS, else the config's explicit address, else ``auto``."""
+    """Where to look without ``--address``: $RAY_ADDRESS, the config's HOST:PORT, or auto."""
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     if config_address and config_address not in {"local", "auto"}:
