@@ -85,6 +85,7 @@ class ResumePoint:
 
     rounds_done: int
     model_id: str
+    aggregator_state_id: str = ""  # server-side optimizer state saved with that round
 
 
 def resume_point(session: Mapping[str, object],
@@ -93,5 +94,6 @@ def resume_point(session: Mapping[str, object],
     committed = [r for r in rounds if r.get("status") == "finished" and r.get("model_id")]
     if committed:
         last = max(committed, key=lambda r: int(r["round"]))  # type: ignore[arg-type]
-        return ResumePoint(int(last["round"]), str(last["model_id"]))  # type: ignore[arg-type]
+        return ResumePoint(int(last["round"]), str(last["model_id"]),  # type: ignore[arg-type]
+                           str(last.get("aggregator_state_id") or ""))
     return ResumePoint(0, str(session.get("seed_model_id") or session.get("model_id") or ""))

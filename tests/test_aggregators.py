@@ -103,3 +103,18 @@ def test_unknown_aggregator_and_bad_kwargs_are_config_errors():
         make_aggregator("fedavg", {"lr": 1})
     with pytest.raises(ConfigError, match="cannot load"):
         make_aggregator("no_such_module:Thing")
+
+
+def test_fedavgm_moves_with_server_momentum_and_its_state_round_trips():
+    agg = make_aggregator("fedavgm", {"momentum": 0.5, "server_lr": 1.0})
+    model = _global()
+    for _ in range(2):
+        acc = agg.start(SPEC)
+        acc.fold({k: v + 1 for k, v in model.items()}, 10)
+        model = agg.finish(model, agg.reduce([acc.partial()]))
+    np.testing.assert_allclose(model["w"], 1 + 1.5)  # velocity -1, then -1.5
+    restored = make_aggregator("fedavgm", {"momentum": 0.5})
+    restored.load_state_dict(agg.state_dict())
+    np.testing.assert_array_equal(restored.velocity["w"], agg.velocity["w"])
+    with pytest.raises(ConfigError):
+        make_aggregator("fedavgm", {"momentum": 1.5})

@@ -21,7 +21,7 @@ from fedray.aggregators.base import Partial, fold_metrics
 from fedray.config import SessionConfig
 from fedray.errors import SessionError
 from fedray.policy import ResumePoint, clients_wanted, round_verdict, select_clients
-from fedray.serialization import decode, encode, read_layout
+from fedray.serialization import copy_model, decode, encode, read_layout
 from fedray.states import RoundState, SessionState, next_round_state, next_session_state
 from fedray.storage.base import ModelStore
 
@@ -103,6 +103,9 @@ class SessionRunner:
                 model_id, first = seed_model_id, 1
             else:
                 model_id, first = resume.model_id, resume.rounds_done + 1
+                if resume.aggregator_state_id:
+                    state = await asyncio.to_thread(self.store.get, resume.aggregator_state_id)
+                    self.aggregator.load_state_dict(copy_model(decode(state)))
                 self.observer.event("warning", f"session {self.session_id} resumed after round "
                                     f"{resume.rounds_done} from model {model_id[:12]}",
                                     session_id=self.session_id)
@@ -241,6 +244,7 @@ class SessionRunner:
         new_model, reduced = await asyncio.to_thread(
             self._reduce, model, [r.partial for r in results if r.partial])
         new_id = await asyncio.to_thread(self.store.put, new_model)
+        state_id = await asyncio.to_thread(self._save_aggregator_state)
         self._record_model(new_id, parent_id, number, new_model)
         reduce_s = time.monotonic() - reduce_started
         train_metrics = reduced.metrics()
@@ -258,7 +262,7 @@ class SessionRunner:
                             model_id=new_id, parent_model_id=parent_id, updates=updates,
                             rejected=sum(r.rejected for r in results), combiners=combiners_doc,
                             lost_combiners=lost, reduce_s=reduce_s, seconds=seconds,
-                            attempt=attempt,
+                            attempt=attempt, aggregator_state_id=state_id,
                             train_metrics=train_metrics,
                             validation_metrics=record["validation_metrics"])
         self.observer.write("update_session", self.session_id, rounds_done=number, model_id=new_id)
@@ -276,6 +280,11 @@ class SessionRunner:
         self.observer.write("add_model", mid, parent_id, self.session_id, number, len(data),
                             self.store.uri(mid),
                             {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec.items()})
+
+    def _save_aggregator_state(self) -> str:
+        """Server-side optimizer state, content-addressed beside the models ("" if none)."""
+        state = self.aggregator.state_dict()
+        return self.store.put(encode(state)) if state else ""
 
     def _reduce(self, model: bytes, partials: list[Partial]) -> tuple[bytes, Partial]:
         reduced = self.aggregator.reduce(partials)

@@ -14,6 +14,7 @@ from fedray.errors import ConfigError
 
 REGISTRY: dict[str, str] = {
     "fedavg": "fedray.aggregators.fedavg:FedAvg",
+    "fedavgm": "fedray.aggregators.fedavgm:FedAvgM",
 }
 
 __all__ = ["Accumulator", "Aggregator", "Partial", "REGISTRY", "known_aggregator", "make_aggregator"]
