@@ -19,11 +19,13 @@ from fedray.errors import (
     UpdateRejected,
 )
 from fedray.serialization import decode, encode, model_id
+from fedray.tls import ClientTls
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthError",
+    "ClientTls",
     "ConfigError",
     "EdgeClient",
     "FederationConfig",

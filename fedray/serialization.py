@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,7 +74,9 @@ def encode(model: Mapping[str, np.ndarray]) -> bytes:
     for name, value in model.items():
         if not isinstance(name, str):
             raise SerializationError(f"tensor names must be strings, got {name!r}")
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value)  # not ascontiguousarray: it turns a 0-d scalar into shape (1,)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
         if arr.dtype.str.lstrip("<>|=") not in {d.str.lstrip("<>|=") for d in _DTYPES.values()}:
             raise SerializationError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
         arrays[name] = arr
@@ -90,7 +93,7 @@ def read_layout(data: Buffer) -> Layout:
         raise SerializationError(f"safetensors header length {header_len} is out of bounds")
     try:
         header = json.loads(bytes(view[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested arrays
         raise SerializationError(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise SerializationError("safetensors header is not a JSON object")
@@ -107,22 +110,28 @@ def read_layout(data: Buffer) -> Layout:
 
 
 def _tensor_info(name: str, entry: object, data_len: int) -> TensorInfo:
-    try:
-        dtype = entry["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-        start, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError) as exc:
-        raise SerializationError(f"tensor {name!r} has a malformed header entry ({exc})") from None
-    if dtype not in _DTYPES:
-        raise SerializationError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+    # Strict: JSON integers only (no floats, strings, booleans or Infinity to coerce), and
+    # sizes in Python ints, so no dimension can overflow into a small byte count.
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise SerializationError(f"tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise SerializationError(f"tensor {name!r} has unsupported dtype {str(dtype)[:20]!r}")
+    if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+        raise SerializationError(f"tensor {name!r} needs integer shape and data_offsets")
     if any(d < 0 for d in shape):
         raise SerializationError(f"tensor {name!r} has a negative dimension")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+    start, end = offsets
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
     if not 0 <= start <= end <= data_len or end - start != nbytes:
         raise SerializationError(
             f"tensor {name!r} claims bytes {start}:{end} but needs {nbytes} of {data_len}"
         )
-    return TensorInfo(dtype=dtype, shape=shape, start=start, end=end)
+    return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
 
 
 def decode(data: Buffer, layout: Layout | None = None) -> Model:

@@ -14,13 +14,16 @@ from fedray.actors.messages import Task, TaskKind, UpdateHeader, ValidationRepor
 from fedray.proto import fedray_v1_pb2 as pb
 
 AUTH_HEADER = "authorization"
+CLIENT_HEADER = "x-fedray-client"  # the name a client claims; keys its rate limit
 
 _KINDS = {TaskKind.TRAIN: pb.TASK_KIND_TRAIN, TaskKind.VALIDATE: pb.TASK_KIND_VALIDATE}
 _KINDS_BACK = {v: k for k, v in _KINDS.items()}
 
 
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
+def auth_metadata(token: str | None, name: str = "") -> tuple[tuple[str, str], ...]:
+    """The metadata of every call: the token, and the client's name when it is plain ASCII."""
+    named = ((CLIENT_HEADER, name),) if name and name.isascii() and name.isprintable() else ()
+    return (((AUTH_HEADER, f"Bearer {token}"),) if token else ()) + named
 
 
 def to_struct(values: dict[str, Any] | None) -> struct_pb2.Struct:
@@ -33,6 +36,34 @@ def to_struct(values: dict[str, Any] | None) -> struct_pb2.Struct:
 def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     values = json_format.MessageToDict(struct)
     return {k: _whole(v) for k, v in values.items()}
+
+
+MAX_CLIENT_VALUES = 64  # metrics (or event data) one client message may carry
+MAX_KEY_CHARS = 128
+MAX_TEXT_CHARS = 1024
+
+
+def client_values(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """Metrics or event data from a client, made safe to fold and to store.
+
+    What a client sends is a flat mapping of names to finite numbers, booleans or short
+    strings; anything else (NaN and infinities, nested values, names that are empty, too
+    long, start with ``$`` or hold a NUL byte, which tracking cannot store) is dropped.
+    """
+    values: dict[str, Any] = {}
+    for key, value in struct.fields.items():
+        if len(values) >= MAX_CLIENT_VALUES:
+            break
+        if not key or len(key) > MAX_KEY_CHARS or key.startswith("$") or "\x00" in key:
+            continue
+        kind = value.WhichOneof("kind")
+        if kind == "number_value" and math.isfinite(value.number_value):
+            values[key] = _whole(value.number_value)
+        elif kind == "bool_value":
+            values[key] = value.bool_value
+        elif kind == "string_value":
+            values[key] = value.string_value[:MAX_TEXT_CHARS]
+    return values
 
 
 def _whole(value: Any) -> Any:
@@ -77,10 +108,10 @@ def task_from_proto(msg: pb.Task) -> Task:
 def header_from_proto(msg: pb.UpdateHeader, client_id: str) -> UpdateHeader:
     return UpdateHeader(client_id=client_id, task_id=msg.task_id, session_id=msg.session_id,
                         round=msg.round, model_id=msg.model_id, num_examples=msg.num_examples,
-                        metrics=from_struct(msg.metrics), size=msg.size, sha256=msg.sha256)
+                        metrics=client_values(msg.metrics), size=msg.size, sha256=msg.sha256)
 
 
 def validation_from_proto(msg: pb.ValidationReport, client_id: str) -> ValidationReport:
     return ValidationReport(client_id=client_id, task_id=msg.task_id, session_id=msg.session_id,
                             round=msg.round, model_id=msg.model_id, num_examples=msg.num_examples,
-                            metrics=from_struct(msg.metrics))
+                            metrics=client_values(msg.metrics))

@@ -1,14 +1,16 @@
 """The update checker: what an update must look like before it is folded."""
 
 import contextlib
+import json
+import struct
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedray.errors import UpdateRejected
-from fedray.serialization import encode, read_layout
+from fedray.errors import SerializationError, UpdateRejected
+from fedray.serialization import decode, encode, read_layout
 from fedray.updates import check_update
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -64,3 +66,109 @@ def test_non_finite_values_anywhere_are_caught(values):
         check_update(encode(update), LAYOUT, 1 << 20)
     else:
         assert _reason(update) == "non_finite"
+
+
+# --- properties: random layouts against random candidates, random safetensors headers ---
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+          "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+NAMES = st.sampled_from(["w", "b", "conv.weight", "bn.num_batches_tracked", "x"])
+SHAPES = st.lists(st.integers(0, 3), max_size=3).map(tuple)
+SPECS = st.dictionaries(NAMES, st.tuples(st.sampled_from(sorted(DTYPES)), SHAPES),
+                        min_size=1, max_size=4)
+
+
+def _model(spec, fill=1) -> dict:
+    return {name: np.full(shape, fill, DTYPES[dtype]) for name, (dtype, shape) in spec.items()}
+
+
+def _expected_reason(want: dict, got: dict, poisoned: bool) -> str | None:
+    """What check_update must say, from the specs alone (in the global model's order)."""
+    if set(want) != set(got):
+        return "wrong_names"
+    for name, (dtype, shape) in want.items():
+        if got[name][0] != dtype:
+            return "wrong_dtype"
+        if got[name][1] != shape:
+            return "wrong_shape"
+    return "non_finite" if poisoned else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(SPECS, st.data())
+def test_the_checker_accepts_exactly_the_updates_that_match_the_layout(spec, data):
+    layout = read_layout(encode(_model(spec, fill=0)))
+    want = layout.spec()
+    got = dict(want)
+    for name in list(got):
+        change = data.draw(st.sampled_from(["keep", "keep", "dtype", "shape", "drop"]), name)
+        if change == "dtype":
+            got[name] = (data.draw(st.sampled_from(sorted(DTYPES))), got[name][1])
+        elif change == "shape":
+            got[name] = (got[name][0], data.draw(SHAPES))
+        elif change == "drop" and len(got) > 1:
+            del got[name]
+    if data.draw(st.booleans(), "add a tensor"):
+        got.update(data.draw(SPECS, "extra"))
+    update = _model(got)
+    floats = [n for n, a in update.items() if a.dtype.kind == "f" and a.size]
+    poisoned = bool(floats) and data.draw(st.booleans(), "poison")
+    if poisoned:
+        target = update[data.draw(st.sampled_from(floats))].reshape(-1)
+        target[data.draw(st.integers(0, target.size - 1))] = data.draw(
+            st.sampled_from([np.nan, np.inf, -np.inf]))
+    reason = _expected_reason(want, {n: (k, tuple(a.shape)) for n, (k, _), a in
+                                     ((n, got[n], update[n]) for n in got)}, poisoned)
+    if reason is None:
+        model = check_update(encode(update), layout, 1 << 20)
+        assert {n: a.shape for n, a in model.items()} == {n: s for n, (_, s) in want.items()}
+        assert all(np.array_equal(model[n], update[n]) for n in model)
+    else:
+        with pytest.raises(UpdateRejected) as info:
+            check_update(encode(update), layout, 1 << 20)
+        assert info.value.reason == reason
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                max_size=3),
+    max_leaves=8)
+DIMS = st.one_of(st.integers(-2, 4), st.integers(2**31, 2**66), st.floats(0, 4), st.booleans(),
+                 st.text(max_size=2), st.just(None))
+ENTRIES = st.fixed_dictionaries({
+    "dtype": st.one_of(st.sampled_from([*DTYPES, "F8", "f32", ""]), JSON),
+    "shape": st.one_of(st.lists(DIMS, max_size=3), JSON),
+    "data_offsets": st.one_of(st.lists(DIMS, min_size=2, max_size=2),
+                              st.lists(st.integers(0, 64), min_size=2, max_size=2).map(sorted),
+                              JSON),
+}) | JSON
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["w", "b", "__metadata__", ""]) | st.text(max_size=3),
+                       ENTRIES, max_size=4),
+       st.binary(max_size=64), st.booleans())
+def test_random_safetensors_headers_are_parsed_safely_or_refused(entries, payload, as_array):
+    head = json.dumps(list(entries.values()) if as_array else entries).encode()
+    data = struct.pack("<Q", len(head)) + head + payload
+    try:
+        layout = read_layout(data)
+    except SerializationError:
+        pass
+    else:  # whatever it accepted describes bytes that are really there, and decodes
+        for info in layout.tensors.values():
+            assert layout.data_offset + info.end <= len(data)
+            count = int(np.prod(info.shape)) if info.shape else 1
+            assert info.end - info.start == count * np.dtype(DTYPES.get(info.dtype, "u2")).itemsize
+        model = decode(data, layout)
+        assert {n: a.shape for n, a in model.items()} == {n: t.shape for n, t in layout.tensors.items()}
+    with contextlib.suppress(UpdateRejected):
+        check_update(data, LAYOUT, 1 << 20)
+
+
+def test_a_scalar_tensor_keeps_its_shape():
+    """Like PyTorch's ``num_batches_tracked``: 0-d, not (1,)."""
+    model = {"bn.num_batches_tracked": np.int64(7), "w": np.ones(2, np.float32)}
+    assert read_layout(encode(model)).spec()["bn.num_batches_tracked"] == ("I64", ())
+    assert decode(encode(model))["bn.num_batches_tracked"].shape == ()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from fedray.actors.auth import make_gate
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
 from fedray.actors.grpc_server import start_server
@@ -23,6 +24,7 @@ from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.config import CombinersConfig
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,10 @@ def advertised_host(bind_host: str, advertise: str) -> str:
 class Combiner:
     def __init__(self, name: str, federation: str, settings: CombinersConfig, port: int,
                  token: str | None, tracking_uri: str | None, tracking_db: str = "fedray",
-                 package: tuple[str, bytes] | None = None) -> None:
+                 package: tuple[str, bytes] | None = None, tls: ServerTls | None = None) -> None:
         self.name = name
         self.settings = settings
+        self.tls = tls
         self.observer = TrackingObserver(tracking_uri, tracking_db, source=name, combiner=name,
                                          metrics=FederationMetrics(federation, name))
         self.core = CombinerCore(name, settings, listener=self.observer)
@@ -51,22 +54,29 @@ class Combiner:
         self.packages: dict[str, bytes] = dict([package]) if package else {}
         self.address = ""
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self._ready = asyncio.ensure_future(self._serve(port, token))
+        self.gate = make_gate(token, tracking_uri, tracking_db, settings.max_rpcs_per_s,
+                              self.observer.event, self._disconnect)
+        self._ready = asyncio.ensure_future(self._serve(port))
         self._sweeper = asyncio.ensure_future(self._sweep())
 
-    async def _serve(self, port: int, token: str | None) -> dict[str, Any]:
+    async def _serve(self, port: int) -> dict[str, Any]:
         def register(server):
             pb_grpc.add_CombinerServicer_to_server(CombinerServicer(self.core, self.packages), server)
 
-        def denied(method: str) -> None:
-            self.observer.event("warning", f"refused an unauthenticated call to {method}")
-
-        self._server, bound = await start_server(register, self.settings.host, port, token, denied)
+        self._server, bound = await start_server(register, self.settings.host, port, self.gate,
+                                                 self.tls)
         self.address = f"{advertised_host(self.settings.host, self.settings.advertise)}:{bound}"
         self.observer.combiner_status(self.address, "online", restarted=self._restarted)
         if self._restarted:
             self.observer.event("warning", f"combiner {self.name} was restarted by Ray")
         return {"name": self.name, "address": self.address, "port": bound}
+
+    def _disconnect(self, names: set[str]) -> None:
+        """Close the task streams of clients whose tokens were just revoked."""
+        for name in names & set(self.core.clients):
+            self.core.clients[name].queue.put_nowait(None)
+            self.observer.event("warning", f"client {name}: its token was revoked; disconnected",
+                                client_id=name)
 
     async def _sweep(self) -> None:
         while True:
@@ -98,5 +108,6 @@ class Combiner:
         for link in self.core.clients.values():
             link.queue.put_nowait(None)
         await self._server.stop(grace=1.0)
+        await self.gate.close()
         self.observer.combiner_status(self.address, "stopped")
         await asyncio.to_thread(self.observer.close)

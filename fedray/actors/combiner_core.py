@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 HEADER_SLACK = 1 << 20  # an update's header may differ a little from the global model's
 KEPT_MODELS = 2  # the round's model and the one before, for clients that are a bit late
+CLIENT_STATUSES = {"online", "training", "validating"}  # what a heartbeat may report
 
 
 class CombinerListener(Protocol):
@@ -145,7 +146,7 @@ class CombinerCore:
         if link is None or link.status == "offline":
             return False
         link.last_seen = time.monotonic()
-        if status and status != link.status:
+        if status in CLIENT_STATUSES and status != link.status:  # "offline" is ours to say
             link.status = status
             self.listener.client_status(client_id, link.name, status, len(self.online_clients()))
         return True
@@ -160,6 +161,8 @@ class CombinerCore:
 
     def _client_gone(self, link: ClientLink, why: str) -> None:
         link.status = "offline"
+        if self.clients.get(link.client_id) is link:  # forget it: ids cannot pile up
+            del self.clients[link.client_id]
         self.listener.client_status(link.client_id, link.name, "offline", len(self.online_clients()))
         self.listener.event("warning", f"client {link.name} is offline: {why}", client_id=link.client_id)
         run = self.run
@@ -281,7 +284,11 @@ class CombinerCore:
 
     async def push_update(self, header: UpdateHeader,
                           chunks: AsyncIterator[tuple[bytes, int]]) -> tuple[bool, str]:
-        """Receive, check and fold one update; returns (accepted, reason)."""
+        """Receive, check and fold one update; returns (accepted, reason).
+
+        Once every byte has arrived, the rest runs shielded from cancellation: a client
+        that hangs up during the check cannot leave a folded update uncounted.
+        """
         run = self.run
         try:
             run = self._task_for(run, header.client_id, header.task_id, header.session_id,
@@ -292,28 +299,35 @@ class CombinerCore:
             if header.num_examples <= 0:
                 raise UpdateRejected("no_examples", "num_examples must be positive")
             async with self._uploads:
-                data = await self._receive(header, chunks)
+                data = await self._receive_while_open(run, header, chunks)
                 run.bytes_in += len(data)
-                self._task_for(run, header.client_id, header.task_id, header.session_id,
-                               header.round, header.model_id, TaskKind.TRAIN)
-                async with run.fold_lock:
-                    if run.closed.is_set():  # closed while we waited: its partial is taken
-                        raise UpdateRejected("round_closed", f"round {header.round} closed "
-                                             f"({run.close_reason}) during the upload")
-                    started = time.perf_counter()
-                    await asyncio.to_thread(self._check_and_fold, run, data, header)
-                    run.aggregation_s += time.perf_counter() - started
+                return await asyncio.shield(self._accept(run, data, header))
         except UpdateRejected as exc:
             self._reject(run, header, exc)
             return False, str(exc)
-        if header.client_id in run.gone:  # marked offline while uploading, but it delivered
-            run.gone.discard(header.client_id)
-            run.failed -= 1
-        run.updates += 1
+
+    async def _accept(self, run: RoundRun, data: np.ndarray, header: UpdateHeader) -> tuple[bool, str]:
+        """Check, fold and count a fully received update, all under the round's fold lock."""
+        try:
+            async with run.fold_lock:
+                # Asked again now: while this update waited, its round may have closed (its
+                # partial is taken) or a concurrent copy of it may have been folded.
+                self._task_for(run, header.client_id, header.task_id, header.session_id,
+                               header.round, header.model_id, TaskKind.TRAIN)
+                started = time.perf_counter()
+                await asyncio.to_thread(self._check_and_fold, run, data, header)
+                run.aggregation_s += time.perf_counter() - started
+                if header.client_id in run.gone:  # marked offline while uploading, but it delivered
+                    run.gone.discard(header.client_id)
+                    run.failed -= 1
+                run.updates += 1
+                self._settle(run, header.client_id)
+        except UpdateRejected as exc:
+            self._reject(run, header, exc)
+            return False, str(exc)
         self.listener.event("info", f"update from {header.client_id} accepted for round {header.round}",
                             client_id=header.client_id, session_id=header.session_id,
                             round=header.round, num_examples=header.num_examples)
-        self._settle(run, header.client_id)
         return True, "accepted"
 
     def _check_and_fold(self, run: RoundRun, data: np.ndarray, header: UpdateHeader) -> None:
@@ -323,6 +337,22 @@ class CombinerCore:
         update = check_update(data, run.layout, self.max_update_bytes)
         assert run.accumulator is not None
         run.accumulator.fold(update, float(header.num_examples), header.metrics)
+
+    async def _receive_while_open(self, run: RoundRun, header: UpdateHeader,
+                                  chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
+        """``_receive``, given up when the round closes: an upload that stalls cannot keep
+        its buffer and its upload slot past the round it was for."""
+        receive = asyncio.ensure_future(self._receive(header, chunks))
+        closed = asyncio.ensure_future(run.closed.wait())
+        try:
+            await asyncio.wait({receive, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            receive.cancel()  # no-op once it finished
+        if receive.done() and not receive.cancelled():
+            return receive.result()
+        raise UpdateRejected("round_closed", f"round {header.round} closed ({run.close_reason}) "
+                             "before the upload ended")
 
     async def _receive(self, header: UpdateHeader, chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
         data = np.empty(header.size, dtype=np.uint8)  # not zero-filled: every byte is written

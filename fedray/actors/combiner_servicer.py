@@ -10,13 +10,17 @@ import logging
 
 import grpc
 
+from fedray.actors.auth import current_caller
 from fedray.actors.combiner_core import CombinerCore
+from fedray.actors.grpc_server import caller_id
 from fedray.errors import UpdateRejected
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
-from fedray.wire import from_struct, header_from_proto, task_to_proto, validation_from_proto
+from fedray.wire import client_values, header_from_proto, task_to_proto, validation_from_proto
 
 log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 256  # a client's id and name are kept while it is connected, and tracked
 
 
 class CombinerServicer(pb_grpc.CombinerServicer):
@@ -25,18 +29,24 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         self.packages = packages if packages is not None else {}
 
     async def Join(self, request: pb.JoinRequest, context):
-        if not request.client_id:
+        # With a per-client token, both the id and the name are the token's name.
+        client_id = await caller_id(context, request.client_id, request.name)
+        if not client_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is required")
-        if request.client_id not in self.core.clients and not self.core.accepts_clients():
+        if len(client_id) > MAX_NAME_CHARS or len(request.name) > MAX_NAME_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"client ids and names are at most {MAX_NAME_CHARS} characters")
+        name = client_id if current_caller().kind == "client" else request.name or client_id
+        if client_id not in self.core.clients and not self.core.accepts_clients():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"combiner {self.core.name} is full; ask the gateway again")
-        link = self.core.connect(request.client_id, request.name or request.client_id)
+        link = self.core.connect(client_id, name)
         await context.send_initial_metadata(())  # the client's wait_for_connection returns now
         async for task in self.core.tasks(link):
             yield task_to_proto(task)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
-        known = self.core.heartbeat(request.client_id, request.status)
+        known = self.core.heartbeat(await caller_id(context, request.client_id), request.status)
         return pb.HeartbeatReply(interval_s=self.core.settings.heartbeat_interval_s, known=known)
 
     async def FetchModel(self, request: pb.FetchModelRequest, context):
@@ -61,7 +71,7 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
             return pb.PushReply(accepted=False, reason="malformed: the first part must be a header")
-        header = header_from_proto(first.header, first.header.client_id)
+        header = header_from_proto(first.header, await caller_id(context, first.header.client_id))
 
         async def chunks():
             async for part in request_iterator:
@@ -73,19 +83,21 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         return pb.PushReply(accepted=accepted, reason=reason)
 
     async def PushValidation(self, request: pb.ValidationReport, context) -> pb.Ack:
-        accepted, reason = self.core.push_validation(validation_from_proto(request, request.client_id))
+        client_id = await caller_id(context, request.client_id)
+        accepted, reason = self.core.push_validation(validation_from_proto(request, client_id))
         if not accepted:
-            log.info("validation from %s refused: %s", request.client_id, reason)
+            log.info("validation from %s refused: %s", client_id, reason)
         return pb.Ack()
 
     async def PushEvent(self, request: pb.EventReport, context) -> pb.Ack:
         level = request.level if request.level in {"debug", "info", "warning", "error"} else "info"
         message = request.message[:2000]
+        client_id = await caller_id(context, request.client_id)
         if request.task_id and level == "error":
-            self.core.task_failed(request.client_id, request.task_id, message)
+            self.core.task_failed(client_id, request.task_id, message)
         else:
-            self.core.listener.event(level, f"client {request.client_id}: {message}",
-                                     client_id=request.client_id, data=from_struct(request.data))
+            self.core.listener.event(level, f"client {client_id}: {message}",
+                                     client_id=client_id, data=client_values(request.data))
         return pb.Ack()
 
 

@@ -1,18 +1,22 @@
-"""Starting a grpc.aio server inside an actor's event loop, with token authentication.
+"""Starting a grpc.aio server inside an actor's event loop, with authentication and TLS.
 
-Every RPC passes ``TokenAuth`` first: when the federation has a token, a call without
-``authorization: Bearer <token>`` metadata is refused with UNAUTHENTICATED before any
-handler runs.
+Every RPC passes ``Gatekeeper`` first. It asks the server's ``AuthGate``
+(``fedray.actors.auth``) about the call's metadata before the handler runs: a missing,
+wrong or revoked token ends the call with UNAUTHENTICATED, a caller over its rate with
+RESOURCE_EXHAUSTED. An admitted call runs with its ``Caller`` in a context variable, and
+servicers take client ids from ``caller_id`` rather than from what a message claims.
+With ``ServerTls`` the port only speaks TLS (and asks for client certificates under
+mutual TLS); without it, plaintext.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 
 import grpc
 
-from fedray.wire import AUTH_HEADER
+from fedray.actors.auth import CALLER, AuthGate, Refused, current_caller
+from fedray.tls import ServerTls
 
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -22,51 +26,75 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
 
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
-class TokenAuth(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str | None, on_denied: Callable[[str], None] | None = None) -> None:
-        self._expected = f"Bearer {token}".encode() if token else None
-        self._on_denied = on_denied
+
+class Gatekeeper(grpc.aio.ServerInterceptor):
+    def __init__(self, gate: AuthGate) -> None:
+        self.gate = gate
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if self._expected is None or handler is None:
-            return handler
-        given = dict(details.invocation_metadata or ()).get(AUTH_HEADER, "")
-        if hmac.compare_digest(str(given).encode(), self._expected):
-            return handler
-        if self._on_denied is not None:
-            self._on_denied(details.method)
-        return _denying(handler)
+        if handler is None:
+            return None
+        return _guarded(handler, self.gate, details.method)
 
 
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    async def deny(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong federation token")
+def _guarded(handler: grpc.RpcMethodHandler, gate: AuthGate, method: str) -> grpc.RpcMethodHandler:
+    """``handler`` behind the gate: nothing of it runs for a refused call."""
+    kind = (handler.request_streaming, handler.response_streaming)
 
-    async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong federation token")
-        yield  # pragma: no cover - makes this an async generator
+    async def admit(context) -> None:
+        try:
+            caller = await gate.admit(dict(context.invocation_metadata() or ()), method,
+                                      context.peer())
+        except Refused as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        CALLER.set(caller)  # each RPC runs in its own task, so this stays with this call
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-    }
-    factory = kinds.get((handler.request_streaming, handler.response_streaming))
-    if factory is not None:
-        return factory(deny, handler.request_deserializer, handler.response_serializer)
-    factory = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-               else grpc.unary_stream_rpc_method_handler)
-    return factory(deny_stream, handler.request_deserializer, handler.response_serializer)
+    if handler.response_streaming:
+        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        async def behavior(request, context):
+            await admit(context)
+            async for item in inner(request, context):
+                yield item
+    else:
+        inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        async def behavior(request, context):
+            await admit(context)
+            return await inner(request, context)
+
+    return _FACTORIES[kind](behavior, request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+
+
+async def caller_id(context, claimed: str, claimed_name: str = "") -> str:
+    """The client id an RPC acts for: its token's name, else the id it claims (refused
+    with PERMISSION_DENIED when that id or name belongs to a client with its own token)."""
+    try:
+        return current_caller().client_id(claimed, claimed_name)
+    except Refused as exc:
+        await context.abort(grpc.StatusCode[exc.code], exc.message)
+        raise  # pragma: no cover - abort raises
 
 
 async def start_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
-                       token: str | None, on_denied: Callable[[str], None] | None = None,
+                       gate: AuthGate, tls: ServerTls | None = None,
                        ) -> tuple[grpc.aio.Server, int]:
     """Bind ``host:port`` (0 = any free port) and return the server and its real port."""
-    server = grpc.aio.server(interceptors=[TokenAuth(token, on_denied)], options=SERVER_OPTIONS)
+    await gate.start()
+    server = grpc.aio.server(interceptors=[Gatekeeper(gate)], options=SERVER_OPTIONS)
     register(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, tls.credentials()) if tls is not None
+             else server.add_insecure_port(address))
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (is the port taken?)")
     await server.start()

@@ -52,9 +52,10 @@ def fold_metrics(partial: Partial, metrics: Mapping[str, object], weight: float)
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if not math.isfinite(value):
+        total = partial.metric_sums.get(key, 0.0) + float(value) * weight
+        if not math.isfinite(total):  # a non-finite value, or a sum that overflowed
             continue
-        partial.metric_sums[key] = partial.metric_sums.get(key, 0.0) + float(value) * weight
+        partial.metric_sums[key] = total
         partial.metric_weights[key] = partial.metric_weights.get(key, 0.0) + weight
 
 

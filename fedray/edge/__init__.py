@@ -7,8 +7,10 @@ import os
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.workers import CallbackWorker, PackageWorker, TrainFn, ValidateFn, Worker
+from fedray.tls import ClientTls
 
-__all__ = ["EdgeClient", "EdgeRunner", "EdgeSettings", "CallbackWorker", "PackageWorker", "Worker"]
+__all__ = ["ClientTls", "EdgeClient", "EdgeRunner", "EdgeSettings", "CallbackWorker", "PackageWorker",
+           "Worker"]
 
 
 class EdgeClient:
@@ -23,9 +25,14 @@ class EdgeClient:
     def __init__(self, train: TrainFn, validate: ValidateFn | None = None) -> None:
         self.worker = CallbackWorker(train, validate)
 
-    def runner(self, gateway: str, name: str, token: str | None = None) -> EdgeRunner:
+    def runner(self, gateway: str, name: str, token: str | None = None,
+               tls: ClientTls | None = None) -> EdgeRunner:
         token = token if token is not None else os.environ.get("FEDRAY_TOKEN")
-        return EdgeRunner(self.worker, EdgeSettings(gateway=gateway, name=name, token=token))
+        return EdgeRunner(self.worker, EdgeSettings(gateway=gateway, name=name, token=token,
+                                                    tls=tls))
 
-    def start(self, gateway: str, name: str, token: str | None = None) -> None:
-        asyncio.run(self.runner(gateway, name, token).run())
+    def start(self, gateway: str, name: str, token: str | None = None,
+              tls: ClientTls | None = None) -> None:
+        """Serve tasks until interrupted; with ``tls=ClientTls.from_files(ca="ca.pem")`` it
+        dials over TLS and verifies the servers' certificates."""
+        asyncio.run(self.runner(gateway, name, token, tls).run())

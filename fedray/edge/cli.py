@@ -18,6 +18,7 @@ import click
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker, Worker
 from fedray.errors import ConfigError
+from fedray.tls import client_tls
 
 
 @click.group()
@@ -36,11 +37,23 @@ def edge() -> None:
               help="A compute package folder or .tgz with a fedray.yaml, or 'remote' (the "
                    "default without --app) to run the package the federation serves.")
 @click.option("--data", default="", help="Path to this client's data (passed to the code).")
+@click.option("--ca", default=None, metavar="CA.pem",
+              help="Use TLS and verify the servers' certificates against this CA.")
+@click.option("--tls", "system_roots", is_flag=True,
+              help="Use TLS, verifying the servers against the system's trusted CAs.")
+@click.option("--cert", default=None, metavar="CERT.pem",
+              help="Client certificate for mutual TLS (with --key).")
+@click.option("--key", default=None, metavar="KEY.pem", help="Private key of --cert.")
+@click.option("--tls-server-name", default="", metavar="NAME",
+              help="The name the servers' certificates carry, when it differs from the host "
+                   "dialed (implies TLS).")
 def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
-          data: str) -> None:
+          data: str, ca: str | None, system_roots: bool, cert: str | None, key: str | None,
+          tls_server_name: str) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
+    tls = client_tls(ca, cert, key, tls_server_name, system_roots)
     if data:
         os.environ["FEDRAY_DATA"] = data
     if app is not None:
@@ -49,8 +62,8 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
         worker = RemotePackageWorker(data)
     else:
         worker = load_package_worker(Path(package), data)
-    runner = EdgeRunner(worker, EdgeSettings(gateway=gateway, name=name, token=token))
-    click.echo(f"[{name}] starting; gateway {gateway}; Ctrl-C to stop")
+    runner = EdgeRunner(worker, EdgeSettings(gateway=gateway, name=name, token=token, tls=tls))
+    click.echo(f"[{name}] starting; gateway {gateway}{' over TLS' if tls else ''}; Ctrl-C to stop")
     asyncio.run(_serve(runner))
     click.echo(f"[{name}] stopped after {runner.tasks_done} task(s)")
 

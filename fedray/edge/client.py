@@ -29,6 +29,7 @@ from fedray.errors import AuthError, PackageError, TransportError
 from fedray.packages.run import default_cache_dir
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.tls import ClientTls
 from fedray.wire import auth_metadata, task_from_proto, to_struct
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class EdgeSettings:
     backoff_max_s: float = 15.0
     cached_models: int = 2
     version: str = "fedray-0.1"
+    tls: ClientTls | None = None  # None: plaintext; else verify the servers' certificates
 
 
 class ModelCache:
@@ -83,7 +85,7 @@ class EdgeRunner:
         self.settings = settings
         self.say = say or (lambda line: print(line, flush=True))
         self.cache = ModelCache(settings.cached_models)
-        self.metadata = auth_metadata(settings.token)
+        self.metadata = auth_metadata(settings.token, settings.name)
         self.client_id = ""
         self.combiner = ""
         self.tasks_done = 0
@@ -103,7 +105,7 @@ class EdgeRunner:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise AuthError(f"{self.settings.name}: {exc.details()} (check --token)") from None
-                why = (exc.details() or "").rsplit(": ", 1)[-1]
+                why = self._why(exc.details() or "")
                 self._line(f"{self.target}: {exc.code().name.lower()} ({why}); "
                            f"retrying in {backoff:.1f}s")
             if self.stop.is_set():
@@ -112,8 +114,28 @@ class EdgeRunner:
                 await asyncio.wait_for(self.stop.wait(), backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self.settings.backoff_max_s)
 
+    def _why(self, details: str) -> str:
+        """The useful end of a connection error, with a hint when TLS is the likely cause."""
+        if "CERTIFICATE_VERIFY_FAILED" in details or "Hostname Verification" in details:
+            return "TLS: the server's certificate is not trusted; check --ca / --tls-server-name"
+        if "handshake" in details.lower():
+            return "TLS handshake failed"
+        why = details.rsplit(": ", 1)[-1]
+        if why == "Socket closed" and self.settings.tls is None:
+            return f"{why}; if the federation uses TLS, pass --ca"
+        if why == "Socket closed" and self.settings.tls.cert is None:
+            return f"{why}; if the federation asks for client certificates, pass --cert/--key"
+        return why
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        tls = self.settings.tls
+        if tls is None:
+            return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(target, tls.credentials(),
+                                       options=CHANNEL_OPTIONS + tls.options())
+
     async def _assign(self) -> pb.Assignment:
-        async with grpc.aio.insecure_channel(self.settings.gateway, options=CHANNEL_OPTIONS) as ch:
+        async with self._channel(self.settings.gateway) as ch:
             return await pb_grpc.GatewayStub(ch).Assign(
                 pb.AssignRequest(name=self.settings.name, version=self.settings.version,
                                  previous_combiner=self.combiner),
@@ -125,7 +147,7 @@ class EdgeRunner:
         assignment = await self._assign()
         self.client_id, self.combiner = assignment.client_id, assignment.combiner
         self.target = f"{assignment.combiner} at {assignment.address}"
-        async with grpc.aio.insecure_channel(assignment.address, options=CHANNEL_OPTIONS) as ch:
+        async with self._channel(assignment.address) as ch:
             stub = pb_grpc.CombinerStub(ch)
             stream = stub.Join(pb.JoinRequest(client_id=self.client_id, name=self.settings.name,
                                               version=self.settings.version), metadata=self.metadata)

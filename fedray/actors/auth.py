@@ -1,0 +1,306 @@
+"""Who is calling the bridge, and whether to let them: tokens, identities, rate limits.
+
+Every RPC to the gateway or a combiner is admitted by an ``AuthGate`` (the gRPC
+interceptor in ``grpc_server`` only translates its verdict into a status). A caller is:
+
+- ``client``: it presented a per-client token; its identity is the token's name, whatever
+  name or client id its messages claim;
+- ``shared``: it presented the federation token; its messages name it, except that names
+  owned by per-client tokens are refused (nobody can pose as a client that has a token);
+- ``open``: the federation has neither a shared token nor any per-client token.
+
+Per-client tokens are cached (hash -> name) and re-read from tracking every few seconds,
+and at once (at most once a second) when an unknown token shows up, so new tokens and
+revocations take effect without a restart. Database reads run in a worker thread: the
+event loop that serves every client never waits on tracking. Refusals become warning
+events, throttled so a flood cannot fill tracking, and each caller's RPCs go through a
+token bucket. Pure asyncio: no grpc here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedray.tracking.store import TrackingStore
+from fedray.tracking.tokens import hash_token, read_token_hashes
+from fedray.wire import AUTH_HEADER, CLIENT_HEADER
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 3.0  # how stale the token cache may get (bounds the delay of a revocation)
+MISS_REFRESH_S = 1.0  # an unknown token re-reads the tokens at most this often
+BURST_S = 2.0  # a client may burst up to this many seconds' worth of its RPC rate
+
+TokenLoader = Callable[[], list[tuple[str, str, bool]]]  # -> [(hash, name, revoked)]
+EventSink = Callable[..., None]  # (level, message, **data), e.g. TrackingObserver.event
+
+
+class Refused(Exception):
+    """A call that must not reach its handler; ``code`` names a gRPC status code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Caller:
+    kind: str  # "client" | "shared" | "open"
+    name: str = ""  # the token's name for kind "client"
+    gate: AuthGate | None = field(default=None, compare=False, repr=False)
+
+    def client_id(self, claimed: str, claimed_name: str = "") -> str:
+        """The id to act on: the token's name, or what the message claims if that is allowed."""
+        if self.kind == "client":
+            if claimed_name and claimed_name != self.name and self.gate is not None:
+                self.gate.report("warning", f"a client claimed the name {claimed_name!r}; its "
+                                 f"token belongs to {self.name!r}, which it is tracked as",
+                                 reason="claimed_name", client_id=self.name, claimed=claimed_name)
+            return self.name
+        if self.gate is not None:
+            for value in {claimed, claimed_name} - {""}:
+                if value in self.gate.tokens.names:
+                    self.gate.report("warning", f"refused a caller posing as {value!r}, a "
+                                     "client with its own token", reason="posing", claimed=value)
+                    raise Refused("PERMISSION_DENIED", f"{value!r} must use its own token")
+        return claimed
+
+
+OPEN = Caller("open")
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("fedray_caller", default=OPEN)
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being handled (``OPEN`` outside a gated server)."""
+    return CALLER.get()
+
+
+class ClientTokens:
+    """A cache of per-client token hashes, refreshed from tracking off the event loop."""
+
+    def __init__(self, load: TokenLoader | None, refresh_s: float = REFRESH_S,
+                 miss_refresh_s: float = MISS_REFRESH_S,
+                 on_revoked: Callable[[set[str]], None] | None = None,
+                 release: Callable[[], None] | None = None) -> None:
+        self._load = load
+        self._release = release  # closes what ``load`` opened
+        self.refresh_s, self.miss_refresh_s = refresh_s, miss_refresh_s
+        self.on_revoked = on_revoked
+        self.entries: dict[str, tuple[str, bool]] = {}  # hash -> (name, revoked)
+        self.names: frozenset[str] = frozenset()  # every name that has a token
+        self.loaded = load is None  # until the first read, unknown: refuse tokenless callers
+        self._read_at = float("-inf")
+        self._inflight: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.entries) or not self.loaded
+
+    async def start(self) -> None:
+        await self.refresh()
+        if self._load is not None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Re-read the tokens (one read at a time; concurrent callers share it)."""
+        if self._load is None:
+            return
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._read())
+        await asyncio.shield(self._inflight)
+
+    async def _read(self) -> None:
+        self._read_at = time.monotonic()
+        try:
+            rows = await asyncio.to_thread(self._load)
+        except Exception as exc:  # noqa: BLE001 - keep the last known tokens, retry later
+            log.warning("cannot read client tokens (keeping the last known ones): %s", exc)
+            return
+        finally:
+            self._inflight = None
+        before = {name for name, revoked in self.entries.values() if revoked}
+        self.entries = {h: (name, revoked) for h, name, revoked in rows}
+        self.names = frozenset(name for name, _ in self.entries.values())
+        self.loaded = True
+        live = {name for name, revoked in self.entries.values() if not revoked}
+        newly = {name for name, revoked in self.entries.values() if revoked} - before - live
+        if newly and self.on_revoked is not None:
+            self.on_revoked(newly)
+
+    async def lookup(self, digest: str) -> tuple[str, bool] | None:
+        """(name, revoked) of the token with this hash. On a miss, re-read the tokens unless
+        a read started since this call did: a token created a moment ago works at once,
+        while a flood of wrong tokens causes at most about one read per interval (and waits
+        for it, which slows the flood down)."""
+        hit = self.entries.get(digest)
+        if hit is not None or self._load is None:
+            return hit
+        asked = time.monotonic()
+        wait = self._read_at + self.miss_refresh_s - asked
+        if wait > 0:
+            await asyncio.sleep(wait)
+        for _ in range(2):  # a second time when the read we joined began before we asked
+            if self._read_at >= asked:
+                break
+            await self.refresh()
+        return self.entries.get(digest)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._release is not None:
+            await asyncio.to_thread(self._release)
+
+
+class RateLimiter:
+    """Token buckets per key: ``rate`` calls a second, bursts of ``BURST_S`` seconds' worth.
+    At most ``max_keys`` buckets are kept; the least recently used go first."""
+
+    def __init__(self, rate: float, max_keys: int = 100_000) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate * BURST_S)
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, stamp = self._buckets.pop(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - stamp) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class EventThrottle:
+    """At most ``burst`` events at once, then one every ``every_s``; counts what it drops."""
+
+    def __init__(self, burst: int = 20, every_s: float = 5.0) -> None:
+        self.limiter = RateLimiter(1.0 / every_s)
+        self.limiter.capacity = float(burst)
+        self.suppressed = 0
+
+    def allow(self, now: float | None = None) -> tuple[bool, int]:
+        """(record this one?, how many were dropped since the last one recorded)."""
+        if not self.limiter.allow("events", now):
+            self.suppressed += 1
+            return False, 0
+        dropped, self.suppressed = self.suppressed, 0
+        return True, dropped
+
+
+class AuthGate:
+    """Admits or refuses each RPC; one per gRPC server (gateway or combiner)."""
+
+    def __init__(self, shared_token: str | None, tokens: ClientTokens | None = None,
+                 max_rpcs_per_s: float | None = None, on_event: EventSink | None = None) -> None:
+        self._shared = shared_token.encode() if shared_token else None
+        self.tokens = tokens or ClientTokens(None)
+        self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
+        self.on_event = on_event
+        self.throttles: dict[str, EventThrottle] = {}  # one per reason: a flood of wrong
+        # tokens cannot hide the use of a revoked one
+
+    @property
+    def required(self) -> bool:
+        """Whether callers need a token: a shared token is set or per-client tokens exist."""
+        return self._shared is not None or self.tokens.in_use
+
+    async def start(self) -> None:
+        await self.tokens.start()
+
+    async def close(self) -> None:
+        await self.tokens.close()
+
+    def report(self, level: str, message: str, *, reason: str, **data: Any) -> None:
+        """A security event, unless its reason's throttle says tracking has seen enough."""
+        throttle = self.throttles.setdefault(reason, EventThrottle())
+        record, dropped = throttle.allow()
+        if not record:
+            log.debug("not recorded (throttled): %s", message)
+            return
+        if dropped:
+            message += f" ({dropped} similar event(s) before this one were not recorded)"
+            data["suppressed"] = dropped
+        if self.on_event is not None:
+            with contextlib.suppress(Exception):  # observability never refuses a call
+                self.on_event(level, message, reason=reason, **data)
+
+    async def admit(self, metadata: Mapping[str, Any], method: str, peer: str) -> Caller:
+        """The caller, or ``Refused`` (UNAUTHENTICATED or RESOURCE_EXHAUSTED)."""
+        caller = await self._identify(str(metadata.get(AUTH_HEADER, "")), method, peer)
+        if self.limiter is not None:
+            claimed = str(metadata.get(CLIENT_HEADER, ""))
+            key = (f"client:{caller.name}" if caller.kind == "client"
+                   else f"name:{claimed}" if claimed else f"peer:{peer}")
+            if not self.limiter.allow(key):
+                self.report("warning", f"{key} exceeds {self.limiter.rate:g} calls/s; refused "
+                            f"{method}", reason="rate_limit", method=method, peer=peer)
+                raise Refused("RESOURCE_EXHAUSTED",
+                              f"more than {self.limiter.rate:g} calls per second; slow down")
+        return caller
+
+    async def _identify(self, header: str, method: str, peer: str) -> Caller:
+        token = header[7:] if header.startswith("Bearer ") and len(header) > 7 else None
+        if token is not None and self._shared is not None \
+                and hmac.compare_digest(token.encode(), self._shared):
+            return Caller("shared", gate=self)
+        why, reason = "no token", "no_token"
+        if token is not None:
+            hit = await self.tokens.lookup(hash_token(token))
+            if hit is not None and not hit[1]:
+                return Caller("client", hit[0], gate=self)
+            why, reason = ((f"the revoked token of {hit[0]!r}", "revoked") if hit is not None
+                           else ("a wrong token", "wrong_token"))
+        if not self.required:
+            return Caller("open", gate=self)
+        self.report("warning", f"refused {method} from {peer}: {why}", reason=reason,
+                    method=method, peer=peer)
+        raise Refused("UNAUTHENTICATED", "missing, wrong or revoked token")
+
+
+def tracking_token_loader(uri: str | None, database: str,
+                          ) -> tuple[TokenLoader | None, Callable[[], None] | None]:
+    """A loader reading the ``tokens`` collection (None without tracking), and its close."""
+    if not uri:
+        return None, None
+    opened: list[TrackingStore] = []
+
+    def load() -> list[tuple[str, str, bool]]:
+        if not opened:
+            opened.append(TrackingStore.from_uri(uri, database, timeout_s=2.0))
+        return read_token_hashes(opened[0])
+
+    def close() -> None:
+        for store in opened:
+            store.close()
+
+    return load, close
+
+
+def make_gate(token: str | None, tracking_uri: str | None, database: str,
+              max_rpcs_per_s: float | None, on_event: EventSink | None = None,
+              on_revoked: Callable[[set[str]], None] | None = None) -> AuthGate:
+    """The gate of an actor's server: the shared token plus the tracking's client tokens."""
+    load, release = tracking_token_loader(tracking_uri, database)
+    tokens = ClientTokens(load, on_revoked=on_revoked, release=release)
+    return AuthGate(token, tokens, max_rpcs_per_s, on_event)

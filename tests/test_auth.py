@@ -1,0 +1,230 @@
+"""The bridge's gate without gRPC or Ray: tokens, identities, rate limits, event throttling,
+and the TLS settings' errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedray.actors.auth import AuthGate, Caller, ClientTokens, EventThrottle, RateLimiter, Refused
+from fedray.config import config_from_dict
+from fedray.errors import ConfigError
+from fedray.tls import client_tls, server_tls
+from fedray.tracking.tokens import hash_token
+from tests.pki import make_pki
+
+BEARER = "authorization"
+
+
+class Book:
+    """A stand-in for the tokens collection: (hash, name, revoked) rows, and a read count."""
+
+    def __init__(self, **tokens: str) -> None:
+        self.rows = [(hash_token(t), name, False) for name, t in tokens.items()]
+        self.reads = 0
+
+    def __call__(self):
+        self.reads += 1
+        return list(self.rows)
+
+    def revoke(self, name: str) -> None:
+        self.rows = [(h, n, r or n == name) for h, n, r in self.rows]
+
+
+def _md(token: str | None = None, name: str = "") -> dict[str, str]:
+    md = {BEARER: f"Bearer {token}"} if token else {}
+    if name:
+        md["x-fedray-client"] = name
+    return md
+
+
+async def _gate(book: Book | None, shared: str | None = "s3cret", rate: float | None = None,
+                events: list | None = None) -> AuthGate:
+    def sink(level, message, **data):
+        if events is not None:
+            events.append((level, message, data))
+
+    gate = AuthGate(shared, ClientTokens(book, refresh_s=3600, miss_refresh_s=0), rate, sink)
+    await gate.start()
+    return gate
+
+
+async def test_shared_and_client_tokens_identify_the_caller_and_others_are_refused():
+    events: list = []
+    gate = await _gate(Book(alice="tok-a"), events=events)
+    try:
+        shared = await gate.admit(_md("s3cret"), "/m", "ipv4:1.2.3.4:5")
+        alice = await gate.admit(_md("tok-a", name="mallory"), "/m", "ipv4:1.2.3.4:6")
+
+        assert shared.kind == "shared" and alice == Caller("client", "alice")
+        for md in (_md("wrong"), _md(), {BEARER: "s3cret"}, {BEARER: "Bearer "}):
+            with pytest.raises(Refused) as refused:
+                await gate.admit(md, "/fedray.v1.Combiner/Heartbeat", "ipv4:6.6.6.6:1")
+            assert refused.value.code == "UNAUTHENTICATED"
+        assert len(events) == 4 and all(level == "warning" for level, _, _ in events)
+        assert events[0][2] == {"reason": "wrong_token", "method": "/fedray.v1.Combiner/Heartbeat",
+                                "peer": "ipv4:6.6.6.6:1"}
+    finally:
+        await gate.close()
+
+
+async def test_identity_comes_from_the_token_and_token_names_are_reserved():
+    events: list = []
+    gate = await _gate(Book(alice="tok-a"), events=events)
+    try:
+        alice = await gate.admit(_md("tok-a"), "/m", "p")
+        shared = await gate.admit(_md("s3cret"), "/m", "p")
+
+        assert alice.client_id("bob", "bob") == "alice"  # claims are overridden
+        assert shared.client_id("carol", "carol") == "carol"
+        with pytest.raises(Refused) as refused:
+            shared.client_id("alice")
+        assert refused.value.code == "PERMISSION_DENIED"
+        assert [d["reason"] for _, _, d in events] == ["claimed_name", "posing"]
+    finally:
+        await gate.close()
+
+
+async def test_new_and_revoked_tokens_are_seen_without_a_restart():
+    book = Book()
+    revoked: list[set[str]] = []
+    tokens = ClientTokens(book, refresh_s=3600, miss_refresh_s=0, on_revoked=revoked.append)
+    gate = AuthGate(None, tokens)
+    await gate.start()
+    try:
+        assert (await gate.admit(_md(), "/m", "p")).kind == "open"  # no tokens at all yet
+
+        book.rows.append((hash_token("tok-b"), "bob", False))
+        assert (await gate.admit(_md("tok-b"), "/m", "p")).name == "bob"  # a miss re-reads
+        with pytest.raises(Refused):  # now that client tokens exist, a token is required
+            await gate.admit(_md(), "/m", "p")
+
+        book.revoke("bob")
+        await tokens.refresh()
+        with pytest.raises(Refused) as refused:
+            await gate.admit(_md("tok-b"), "/m", "p")
+        assert refused.value.code == "UNAUTHENTICATED" and revoked == [{"bob"}]
+    finally:
+        await gate.close()
+
+
+async def test_unknown_tokens_reread_the_collection_about_once_per_interval():
+    import asyncio
+    import time
+
+    book = Book(alice="tok-a")
+    gate = AuthGate("s3cret", ClientTokens(book, refresh_s=3600, miss_refresh_s=0.2))
+    await gate.start()
+
+    async def guess(i: int) -> None:
+        with pytest.raises(Refused):
+            await gate.admit(_md(f"guess-{i}"), "/m", "p")
+
+    try:
+        started = time.monotonic()
+        await asyncio.gather(*(guess(i) for i in range(200)))
+        book.rows.append((hash_token("tok-new"), "newcomer", False))
+        assert (await gate.admit(_md("tok-new"), "/m", "p")).name == "newcomer"
+        elapsed = time.monotonic() - started
+        assert book.reads <= 3 + elapsed / 0.2, book.reads  # not one read per guess
+    finally:
+        await gate.close()
+
+
+async def test_an_unreadable_token_collection_keeps_tokenless_callers_out():
+    def broken():
+        raise OSError("tracking is down")
+
+    gate = AuthGate(None, ClientTokens(broken, refresh_s=3600))
+    await gate.start()
+    try:
+        with pytest.raises(Refused):
+            await gate.admit(_md(), "/m", "p")
+    finally:
+        await gate.close()
+
+
+async def test_each_caller_has_its_own_rate_limit():
+    events: list = []
+    gate = await _gate(Book(alice="tok-a"), rate=5, events=events)
+    try:
+        admitted = 0
+        for _ in range(30):
+            try:
+                await gate.admit(_md("tok-a"), "/m", "p")
+                admitted += 1
+            except Refused as exc:
+                assert exc.code == "RESOURCE_EXHAUSTED"
+        assert 10 <= admitted <= 11  # a two-second burst, plus what refilled meanwhile
+        assert (await gate.admit(_md("s3cret", name="bob"), "/m", "p")).kind == "shared"
+        assert events and events[0][2]["reason"] == "rate_limit"
+    finally:
+        await gate.close()
+
+
+def test_rate_limiter_refills_and_bounds_its_memory():
+    limiter = RateLimiter(2.0, max_keys=3)
+    assert [limiter.allow("a", now=0.0) for _ in range(5)] == [True] * 4 + [False]
+    assert limiter.allow("a", now=0.5)  # half a second at 2/s buys one call
+    for key in "bcde":
+        limiter.allow(key, now=1.0)
+    assert len(limiter._buckets) == 3
+
+
+def test_event_throttle_counts_what_it_drops():
+    throttle = EventThrottle(burst=3, every_s=10.0)
+    seen = [throttle.allow(now=0.0) for _ in range(10)]
+    assert [r for r, _ in seen] == [True] * 3 + [False] * 7
+    assert throttle.allow(now=10.0) == (True, 7)
+
+
+def _tls_config(tmp_path, **tls):
+    return config_from_dict({"federation": "f", "seed_model": "x", "tls": tls},
+                            source=str(tmp_path / "f.yaml"))
+
+
+def test_tls_fields_are_checked_when_the_config_loads(tmp_path):
+    pki = make_pki(tmp_path)
+    cert, key, ca = pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem")
+    cases = {
+        "tls.key must be set together with tls.cert": {"cert": cert},
+        "tls.key: cannot read /nope.pem": {"cert": cert, "key": "/nope.pem"},
+        f"tls.key: {cert} is not a PEM private key": {"cert": cert, "key": cert},
+        f"tls.ca: {key} is not a PEM certificate": {"cert": cert, "key": key, "ca": key},
+        "tls.client_auth needs tls.ca": {"cert": cert, "key": key, "client_auth": True},
+        "tls.cert and tls.key are needed": {"ca": ca},
+        f"tls.key: {pki.path('client.key')} is not the unencrypted private key of tls.cert":
+            {"cert": cert, "key": pki.path("client.key")},
+    }
+    for message, tls in cases.items():
+        with pytest.raises(ConfigError) as error:
+            _tls_config(tmp_path, **tls)
+        assert message in str(error.value) and str(tmp_path / "f.yaml") in str(error.value)
+
+    mutual = server_tls(_tls_config(tmp_path, cert=cert, key=key, ca=ca).tls)
+    assert mutual is not None and mutual.require_client_cert and mutual.ca == pki.ca
+    optional = server_tls(_tls_config(tmp_path, cert=cert, key=key, ca=ca, client_auth=False).tls)
+    assert optional is not None and not optional.require_client_cert
+    assert server_tls(_tls_config(tmp_path).tls) is None
+
+
+def test_edge_tls_options_name_the_bad_one(tmp_path):
+    with pytest.raises(ConfigError, match="--ca: cannot read"):
+        client_tls(ca=str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="--cert and --key go together"):
+        client_tls(cert="c.pem")
+    with pytest.raises(ConfigError, match="--key: .* is not the unencrypted private key"):
+        pki = make_pki(tmp_path)
+        client_tls(cert=pki.path("client.pem"), key=pki.path("rogue.key"))
+    assert client_tls() is None
+    assert client_tls(system_roots=True).ca is None
+
+
+def test_edge_start_names_a_missing_certificate_file(tmp_path):
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    result = CliRunner().invoke(main, ["edge", "start", "--gateway", "127.0.0.1:1", "--name", "a",
+                                       "--ca", str(tmp_path / "ca.pem")])
+    assert result.exit_code == 2
+    assert f"--ca: cannot read {tmp_path / 'ca.pem'}" in result.output
