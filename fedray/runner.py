@@ -111,8 +111,9 @@ def run_federation(config: FederationConfig, *, console: Console,
     package = session_package(config.package, data_dir)
     token = federation_token(config)
     if token is None:
-        console.print(f"[yellow]warning:[/] ${config.auth.token_env} is not set: the bridge "
-                      "accepts clients without a token")
+        console.print(f"[yellow]warning:[/] ${config.auth.token_env} is not set: only clients "
+                      "with their own token (fedray token create) are accepted, or every client "
+                      "if no such token exists")
     embedded = None
     started_ray = False
     federation = None

@@ -165,7 +165,9 @@ async def test_concurrent_copies_of_one_update_are_folded_once(bridge):
     await lock.acquire()  # a long fold of someone else's update is in progress
     pushes = [asyncio.ensure_future(bridge.push(parts(header(tasks["good"], "good", data), data)))
               for _ in range(2)]
-    while bridge.core.run.bytes_in < 2 * len(data):  # both copies fully received
+    # One copy is received and waits to fold; the other is refused while the first uploads
+    # (or, had it arrived later, by the duplicate check under the fold lock).
+    while bridge.core.run.bytes_in < len(data) or not any(p.done() for p in pushes):
         await asyncio.sleep(0.01)
     lock.release()
     replies = await asyncio.gather(*pushes)

@@ -221,3 +221,26 @@ async def test_an_update_still_waiting_to_fold_when_the_round_closes_is_refused(
     result = await asyncio.wait_for(run, 2)
     assert not accepted and why.startswith("round_closed")
     assert result.updates == 0 and result.partial.count == 0
+
+
+async def test_a_client_cannot_hold_several_upload_slots_for_one_task():
+    core = _core(max_inflight_uploads=2)
+    run, tasks, _ = await _start(core, ["a", "b"])
+    data = _update(1.0)
+    release = asyncio.Event()
+
+    async def slow():
+        yield data[:8], 0
+        await release.wait()
+        yield data[8:], 8
+
+    first = asyncio.ensure_future(core.push_update(_header(tasks["a"], "a", data), slow()))
+    await asyncio.sleep(0.05)
+    accepted, why = await core.push_update(_header(tasks["a"], "a", data), _chunks(data))
+    assert not accepted and "already running" in why
+    # the other client still finds a free slot while "a" is uploading
+    assert (await core.push_update(_header(tasks["b"], "b", data), _chunks(data)))[0]
+    release.set()
+    assert (await first)[0]
+    result = await asyncio.wait_for(run, 2)
+    assert result.updates == 2

@@ -81,6 +81,7 @@ class RoundRun:
     started: float = field(default_factory=time.monotonic)
     settled: set[str] = field(default_factory=set)  # client ids
     gone: set[str] = field(default_factory=set)  # settled because they went offline
+    uploading: set[str] = field(default_factory=set)  # one upload per client at a time
     updates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     failed: int = 0
@@ -298,10 +299,16 @@ class CombinerCore:
                 raise UpdateRejected("too_large", f"{header.size} bytes, the limit is {limit}")
             if header.num_examples <= 0:
                 raise UpdateRejected("no_examples", "num_examples must be positive")
-            async with self._uploads:
-                data = await self._receive_while_open(run, header, chunks)
-                run.bytes_in += len(data)
-                return await asyncio.shield(self._accept(run, data, header))
+            if header.client_id in run.uploading:  # else one client could take every slot
+                raise UpdateRejected("duplicate", "an upload for this task is already running")
+            run.uploading.add(header.client_id)
+            try:
+                async with self._uploads:
+                    data = await self._receive_while_open(run, header, chunks)
+                    run.bytes_in += len(data)
+                    return await asyncio.shield(self._accept(run, data, header))
+            finally:
+                run.uploading.discard(header.client_id)
         except UpdateRejected as exc:
             self._reject(run, header, exc)
             return False, str(exc)
