@@ -89,6 +89,9 @@ class Combiner:
     async def online_clients(self) -> list[str]:
         return self.core.online_clients()
 
+    async def wait_clients_changed(self, known: int, timeout_s: float) -> list[str]:
+        return await self.core.wait_clients_changed(known, timeout_s)
+
     async def info(self) -> dict[str, Any]:
         """Address and load, for the gateway's balancing."""
         return {**(await self._ready), "load": len(self.core.online_clients())}

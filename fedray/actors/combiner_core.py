@@ -9,6 +9,7 @@ Observability plugs in through a ``CombinerListener`` whose failures never stop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -109,6 +110,7 @@ class CombinerCore:
         self._rounds: dict[tuple, asyncio.Future[RoundResult]] = {}
         self._uploads = asyncio.Semaphore(settings.max_inflight_uploads)
         self.bytes_out = 0
+        self._clients_changed = asyncio.Event()
         self.max_update_bytes = int(settings.max_update_mb * 1024 * 1024)
 
     # ----------------------------------------------------------------- clients
@@ -127,6 +129,7 @@ class CombinerCore:
         link = ClientLink(client_id=client_id, name=name)
         self.clients[client_id] = link
         self.listener.client_status(client_id, name, "online", len(self.online_clients()))
+        self._membership_changed()
         self.listener.event("info", f"client {name} joined combiner {self.name}", client_id=client_id)
         return link
 
@@ -160,11 +163,23 @@ class CombinerCore:
                 link.queue.put_nowait(None)
                 self._client_gone(link, f"no heartbeat for {self.settings.offline_after_s:g}s")
 
+    def _membership_changed(self) -> None:
+        self._clients_changed.set()
+        self._clients_changed = asyncio.Event()  # waiters keep the one that just fired
+
+    async def wait_clients_changed(self, known: int, timeout_s: float) -> list[str]:
+        """Online clients, once their number differs from ``known`` (or at ``timeout_s``)."""
+        if len(self.online_clients()) == known:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._clients_changed.wait(), timeout_s)
+        return self.online_clients()
+
     def _client_gone(self, link: ClientLink, why: str) -> None:
         link.status = "offline"
         if self.clients.get(link.client_id) is link:  # forget it: ids cannot pile up
             del self.clients[link.client_id]
         self.listener.client_status(link.client_id, link.name, "offline", len(self.online_clients()))
+        self._membership_changed()
         self.listener.event("warning", f"client {link.name} is offline: {why}", client_id=link.client_id)
         run = self.run
         if run and not run.closed.is_set() and link.client_id in run.tasks.values() \

@@ -65,6 +65,16 @@ class RayCombinerPool:
         return {n: (a["load"], a["address"]) for n, a in zip(self.names, answers, strict=True)
                 if isinstance(a, dict)}
 
+    async def wait_for_change(self, online: dict[str, list[str]], timeout_s: float) -> None:
+        """Return as soon as any combiner's number of online clients changes."""
+        waits = [asyncio.ensure_future(self._ask(n, "wait_clients_changed", len(online.get(n, [])),
+                                                 timeout_s)) for n in self.names]
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if any(task.exception() is not None for task in done):
+            await asyncio.sleep(0.5)  # a combiner is restarting: ask again shortly, not in a spin
+
     def put_model(self, data: bytes) -> Any:
         # One copy in the object store per round; every combiner gets the same ref.
         return ray.put(np.frombuffer(data, dtype=np.uint8))

@@ -36,6 +36,7 @@ RPC_GRACE_S = 30.0  # how long past a round's deadline a combiner may take to an
 
 class CombinerPool(Protocol):
     async def online(self) -> dict[str, list[str]]: ...
+    async def wait_for_change(self, online: dict[str, list[str]], timeout_s: float) -> None: ...
     def put_model(self, data: bytes) -> Any: ...
     async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult: ...
 
@@ -164,7 +165,7 @@ class SessionRunner:
                 raise SessionError(f"only {count} client(s) connected within "
                                    f"{self.settings.wait_for_clients_s:g}s; session.min_clients is "
                                    f"{self.settings.min_clients}")
-            await asyncio.sleep(0.5)
+            await self.pool.wait_for_change(online, min(5.0, max(0.1, give_up - time.monotonic())))
 
     async def _dispatch(self, number: int, kind: TaskKind, model_ref: Any, model_id: str,
                         plan: dict[str, list[str]], attempt: int = 1,
