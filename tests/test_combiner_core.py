@@ -244,3 +244,30 @@ async def test_a_client_cannot_hold_several_upload_slots_for_one_task():
     assert (await first)[0]
     result = await asyncio.wait_for(run, 2)
     assert result.updates == 2
+
+
+async def test_in_flight_uploads_are_bounded_by_max_inflight_uploads():
+    core = _core(max_inflight_uploads=1)
+    run, tasks, _ = await _start(core, ["a", "b"])
+    data = _update(1.0)
+    release = asyncio.Event()
+    started_b = asyncio.Event()
+
+    async def held():
+        yield data[:8], 0
+        await release.wait()
+        yield data[8:], 8
+
+    async def watched():
+        started_b.set()  # only runs once "b" holds the single upload slot
+        async for piece in _chunks(data):
+            yield piece
+
+    first = asyncio.ensure_future(core.push_update(_header(tasks["a"], "a", data), held()))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(core.push_update(_header(tasks["b"], "b", data), watched()))
+    await asyncio.sleep(0.2)
+    assert not started_b.is_set() and not second.done()  # "b" waits for the slot
+    release.set()
+    assert (await first)[0] and (await second)[0]
+    assert (await asyncio.wait_for(run, 2)).updates == 2

@@ -147,3 +147,39 @@ def test_the_embedded_tracking_server_dies_and_nothing_committed_is_lost(
             assert any(f"round {n} committed" in m for m in messages), messages
     finally:
         supervised.stop()
+
+
+def test_a_client_that_keeps_its_socket_but_stops_heartbeating_goes_offline(
+        ray_session, tracking_uri, tmp_path):
+    import asyncio
+
+    import grpc
+
+    from fedray.proto import fedray_v1_pb2 as pb
+    from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+
+    config = _config("stalled", tmp_path, combiners=1, min_clients=1)
+    fed = Federation(config, None, tracking_uri).deploy()
+
+    async def stall() -> float:
+        async with grpc.aio.insecure_channel(fed.gateway) as ch:
+            assignment = await pb_grpc.GatewayStub(ch).Assign(pb.AssignRequest(name="staller"))
+        async with grpc.aio.insecure_channel(assignment.address) as ch:
+            stream = pb_grpc.CombinerStub(ch).Join(pb.JoinRequest(client_id=assignment.client_id,
+                                                                  name="staller"))
+            await stream.wait_for_connection()
+            joined = time.monotonic()
+            tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+            while time.monotonic() - joined < 15:  # the socket stays open, no heartbeat is sent
+                docs = await asyncio.to_thread(tracking.find, "clients", {"name": "staller"})
+                if docs and docs[0]["status"] == "offline":
+                    return time.monotonic() - joined
+                await asyncio.sleep(0.2)
+            raise AssertionError("the stalled client was never marked offline")
+
+    try:
+        elapsed = asyncio.run(stall())
+    finally:
+        fed.shutdown()
+    offline_after = config.combiners.offline_after_s
+    assert offline_after <= elapsed < offline_after + 5
