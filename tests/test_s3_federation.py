@@ -7,10 +7,9 @@ travel in the URI's ``access_key``/``secret_key`` parameters.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
+from test_federation import SEED, DeltaWorker, _wait_connected
 
 from fedray.config import config_from_dict
 from fedray.federation import Federation
@@ -21,28 +20,6 @@ from fedray.tracking.store import TrackingStore
 
 pytestmark = pytest.mark.integration
 
-SEED = {"w": np.zeros((4, 8), np.float32), "b": np.zeros(8, np.float32)}
-
-
-class DeltaWorker:
-    """Adds ``delta`` to every weight and reports ``examples`` examples."""
-
-    def __init__(self, delta: float, examples: int) -> None:
-        self.delta, self.examples = delta, examples
-
-    def train(self, model: bytes, config: dict):
-        new = {k: (v + self.delta).astype(v.dtype) for k, v in decode(model).items()}
-        return encode(new), self.examples, {"loss": self.delta}
-
-    def validate(self, model: bytes, config: dict):
-        return self.examples, {}
-
-
-def _wait_connected(fleet, count: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum("connected to" in line for line in fleet.lines) < count:
-        assert time.monotonic() < deadline, fleet.lines
-        time.sleep(0.05)
 
 
 def test_two_rounds_commit_every_model_to_the_bucket(ray_session, tracking_uri, fleet, seaweedfs,
