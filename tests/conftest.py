@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from netutil import free_ports
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,21 +111,6 @@ def _weed_binary() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class SeaweedS3:
     """A running `weed mini` S3 endpoint on loopback with known keys."""
 
@@ -219,7 +205,7 @@ def seaweedfs() -> Iterator[SeaweedS3]:
     server = None
     try:
         for _ in range(3):  # a port chosen free may be taken before weed binds it
-            ports = _free_ports(len(WEED_PORTS))
+            ports = free_ports(len(WEED_PORTS))
             server = _start_weed(folder, ports)
             if server is not None:
                 break
@@ -230,3 +216,15 @@ def seaweedfs() -> Iterator[SeaweedS3]:
         if server is not None:
             _stop_weed(server.proc, ports)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def bridge():
+    """A real gRPC combiner bridge on 127.0.0.1 over an in-process core (tests/bridge.py)."""
+    from tests.bridge import Bridge
+
+    b = await Bridge.start()
+    try:
+        yield b
+    finally:
+        await b.close()

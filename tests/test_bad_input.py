@@ -36,15 +36,6 @@ from tests.bridge import (
 CLIENTS = ["a", "b", "good"]
 
 
-@pytest.fixture
-async def bridge():
-    b = await Bridge.start()
-    try:
-        yield b
-    finally:
-        await b.close()
-
-
 def _safetensors(entries: bytes | dict, data: bytes = b"\0" * 160) -> bytes:
     head = entries if isinstance(entries, bytes) else json.dumps(entries).encode()
     return struct.pack("<Q", len(head)) + head + data

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from netutil import free_ports
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _fedray(*args: str, **kwargs) -> subprocess.Popen:
@@ -41,7 +31,7 @@ def _query(data_dir: Path, collection: str) -> list[dict]:
 def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     from examples.digits.data import write_partitions
 
-    gateway_port, combiner_port, _ = _free_ports(3)
+    gateway_port, combiner_port, _ = free_ports(3)
     data_dir = tmp_path / "fed"
     paths = write_partitions(tmp_path / "data", 3, seed=1)
     config = tmp_path / "digits.yaml"

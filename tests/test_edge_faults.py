@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from netutil import free_ports
 from test_federation import SEED, _config
 
 from fedray.federation import Federation
@@ -93,17 +94,11 @@ def test_a_client_killed_mid_training_is_dropped_and_rejoins_the_next_round(
 def test_fedray_run_killed_and_started_again_resumes_the_session(ray_session, tmp_path):
     import contextlib
     import json
-    import socket
 
     from fedray.tracking.embedded import live_uri, read_server_record
 
     (tmp_path / "slowapp.py").write_text(SLOW_APP)
-    socks = [socket.socket() for _ in range(2)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    gateway_port, combiner_port = (s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
+    gateway_port, combiner_port = free_ports(2)
     data_dir = tmp_path / "fed"
     config = tmp_path / "fed.yaml"
     config.write_text(textwrap.dedent(f"""

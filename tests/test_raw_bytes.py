@@ -36,15 +36,6 @@ REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
 PARSE_ERROR = "Error parsing message"
 
 
-@pytest.fixture
-async def bridge():
-    b = await Bridge.start()
-    try:
-        yield b
-    finally:
-        await b.close()
-
-
 async def _a_round_still_completes(bridge: Bridge, tasks: dict[str, pb.Task]) -> None:
     for client in tasks:
         await bridge.good_update_is_accepted(tasks[client], client)

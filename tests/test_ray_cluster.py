@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from netutil import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,20 +37,10 @@ BIN = Path(sys.executable).parent
 EXCLUDES = [".ci-venv", "venv", ".venv", "__pycache__"]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _free_pair() -> int:
     """A port p with p + 1 free too (combiner i listens on base_port + i)."""
     for _ in range(50):
-        (port,) = _free_ports(1)
+        (port,) = free_ports(1)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 1))
@@ -100,7 +91,7 @@ def _head(root: Path) -> Iterator[Head]:
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     env["RAY_AUTH_TOKEN_PATH"] = str(root / ".ray" / "auth_token")
-    gcs, dashboard, client_server, agent = _free_ports(4)
+    gcs, dashboard, client_server, agent = free_ports(4)
     # The suite's own Ray on this machine may hold Ray's default ports for the client
     # server (10001) and the dashboard agent (52365): take free ones.
     with (root / "head.log").open("w") as log:
@@ -181,7 +172,7 @@ def test_ray_job_submit_on_a_ray_start_head(ray_head, tmp_path):
 
     started = time.monotonic()
     head = ray_head
-    gateway, combiner = _free_ports(1)[0], _free_pair()
+    gateway, combiner = free_ports(1)[0], _free_pair()
     data_dir, fed_token = tmp_path / "fed", uuid.uuid4().hex
     paths = write_partitions(tmp_path / "data", 2, seed=1)
     job_id = f"fedray-test-{uuid.uuid4().hex[:8]}"
