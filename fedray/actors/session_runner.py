@@ -72,6 +72,7 @@ class SessionRunner:
         self.aggregator = make_aggregator(settings.aggregator, settings.aggregator_kwargs)
         self.status = SessionStatus(session_id=session_id, rounds_planned=settings.rounds)
         self._state = SessionState.CREATED
+        self._put: tuple[str, Any] | None = None  # (model id, ObjectRef) of the last ray.put
 
     @property
     def session_id(self) -> str:
@@ -227,7 +228,7 @@ class SessionRunner:
         self.observer.event("info", f"round {number} started: {asked} client(s) asked to train "
                             f"model {parent_id[:12]}", session_id=self.session_id, round=number,
                             attempt=attempt, clients_asked={k: len(v) for k, v in plan.items()})
-        model_ref = self.pool.put_model(model)
+        model_ref = self._model_ref(parent_id, model)
         results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, parent_id, plan,
                                              attempt)
         updates = sum(r.updates for r in results)
@@ -282,6 +283,13 @@ class SessionRunner:
                             self.store.uri(mid),
                             {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec.items()})
 
+    def _model_ref(self, mid: str, model: bytes) -> Any:
+        """One object-store copy per model: validation of round N and training of round
+        N + 1 (and reruns of a round) share it."""
+        if self._put is None or self._put[0] != mid:
+            self._put = (mid, self.pool.put_model(model))
+        return self._put[1]
+
     def _save_aggregator_state(self) -> str:
         """Server-side optimizer state, content-addressed beside the models ("" if none)."""
         state = self.aggregator.state_dict()
@@ -294,7 +302,7 @@ class SessionRunner:
 
     async def _validate(self, number: int, model: bytes, mid: str) -> dict[str, float]:
         online = await self.pool.online()
-        ref = self.pool.put_model(model)
+        ref = self._model_ref(mid, model)
         results, _ = await self._dispatch(number, TaskKind.VALIDATE, ref, mid, online)
         weighted = Partial(sums={})
         for result in results:
