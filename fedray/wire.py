@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from fedray.actors.messages import Task, TaskKind, UpdateHeader, ValidationReport
+from fedray.messages import Task, TaskKind, UpdateHeader, ValidationReport
 from fedray.proto import fedray_v1_pb2 as pb
 
 AUTH_HEADER = "authorization"
@@ -95,14 +95,15 @@ def task_to_proto(task: Task) -> pb.Task:
     return pb.Task(task_id=task.task_id, kind=_KINDS[task.kind], session_id=task.session_id,
                    round=task.round, model_id=task.model_id, model_size=task.model_size,
                    config=to_struct(task.config), deadline_unix=task.deadline_unix,
-                   package_sha256=task.package_sha256)
+                   package_sha256=task.package_sha256, package_size=task.package_size)
 
 
 def task_from_proto(msg: pb.Task) -> Task:
     return Task(task_id=msg.task_id, kind=_KINDS_BACK.get(msg.kind, TaskKind.TRAIN),
                 session_id=msg.session_id, round=msg.round, model_id=msg.model_id,
                 model_size=msg.model_size, config=from_struct(msg.config),
-                deadline_unix=msg.deadline_unix, package_sha256=msg.package_sha256)
+                deadline_unix=msg.deadline_unix, package_sha256=msg.package_sha256,
+                package_size=msg.package_size)
 
 
 def header_from_proto(msg: pb.UpdateHeader, client_id: str) -> UpdateHeader:

@@ -19,8 +19,8 @@ from fedray.actors.auth import AuthGate
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
 from fedray.actors.grpc_server import start_server
-from fedray.actors.messages import RoundSpec, TaskKind
 from fedray.config import CombinersConfig
+from fedray.messages import RoundSpec, TaskKind
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.serialization import encode

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedray.actors.combiner_core import CombinerCore
-from fedray.actors.messages import RoundSpec, TaskKind, UpdateHeader
 from fedray.config import CombinersConfig
 from fedray.errors import UpdateRejected
+from fedray.messages import RoundSpec, TaskKind, UpdateHeader
 from tests.bridge import GLOBAL, MODEL, update_bytes
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fedray.actors.combiner_core import CombinerCore
-from fedray.actors.messages import RoundSpec, TaskKind, UpdateHeader
 from fedray.config import CombinersConfig
+from fedray.messages import RoundSpec, TaskKind, UpdateHeader
 from fedray.serialization import encode, model_id
 
 GLOBAL = {"w": np.zeros((2, 2), np.float32)}

@@ -17,9 +17,10 @@ def _is_module(obj) -> bool:
     return type(obj).__name__ == "module"
 
 
-def test_edge_side_imports_no_ray_pymongo_or_minio():
+def test_edge_side_imports_no_ray_pymongo_or_minio_nor_server_code():
     code = ("import sys, fedray, fedray.edge.cli, fedray.packages; "
-            "bad = [m for m in ('ray', 'pymongo', 'minio') if m in sys.modules]; "
+            "bad = [m for m in ('ray', 'pymongo', 'minio', 'nx_27017') if m in sys.modules]; "
+            "bad += [m for m in sys.modules if m.startswith('fedray.actors')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

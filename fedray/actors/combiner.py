@@ -19,10 +19,10 @@ from fedray.actors.auth import make_gate
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
 from fedray.actors.grpc_server import start_server
-from fedray.actors.messages import RoundResult, RoundSpec
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.config import CombinersConfig
+from fedray.messages import RoundResult, RoundSpec
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.tls import ServerTls
 

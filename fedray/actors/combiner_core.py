@@ -21,7 +21,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedray.actors.messages import (
+from fedray.aggregators import make_aggregator
+from fedray.aggregators.base import Accumulator
+from fedray.config import CombinersConfig
+from fedray.errors import UpdateRejected
+from fedray.messages import (
     RoundResult,
     RoundSpec,
     Task,
@@ -29,10 +33,6 @@ from fedray.actors.messages import (
     UpdateHeader,
     ValidationReport,
 )
-from fedray.aggregators import make_aggregator
-from fedray.aggregators.base import Accumulator
-from fedray.config import CombinersConfig
-from fedray.errors import UpdateRejected
 from fedray.policy import CloseReason, RoundSnapshot, closing_decision
 from fedray.serialization import Layout, model_id, read_layout
 from fedray.updates import check_update

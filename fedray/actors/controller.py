@@ -23,12 +23,12 @@ import ray
 from fedray.actors.auth import make_gate
 from fedray.actors.combiner import advertised_host
 from fedray.actors.grpc_server import caller_id, start_server
-from fedray.actors.messages import RoundResult, RoundSpec
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.actors.session_runner import SessionRunner, SessionStatus
 from fedray.config import FederationConfig
 from fedray.errors import SessionError
+from fedray.messages import RoundResult, RoundSpec
 from fedray.policy import ResumePoint, pick_combiner, resume_point
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc

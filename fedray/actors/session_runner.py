@@ -14,12 +14,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from fedray.actors.messages import RoundResult, RoundSpec, TaskKind
 from fedray.actors.observers import TrackingObserver
 from fedray.aggregators import make_aggregator
 from fedray.aggregators.base import Partial, fold_metrics
 from fedray.config import SessionConfig
 from fedray.errors import SessionError
+from fedray.messages import RoundResult, RoundSpec, TaskKind
 from fedray.policy import ResumePoint, clients_wanted, round_verdict, select_clients
 from fedray.serialization import copy_model, decode, encode, read_layout
 from fedray.states import RoundState, SessionState, next_round_state, next_session_state

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from fedray.actors.messages import Task, TaskKind
 from fedray.edge.workers import RemotePackageWorker, Worker
 from fedray.errors import AuthError, PackageError, TransportError
+from fedray.messages import Task, TaskKind
 from fedray.packages.run import default_cache_dir
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc

@@ -1,7 +1,8 @@
-"""Typed values that cross module lines between controller, combiners and the gRPC adapter.
+"""Typed values that cross module lines: controller, combiners, the gRPC adapter and the edge.
 
-These are plain frozen dataclasses (picklable by Ray, independent of protobuf), so the
-combiner core and the controller never import grpc; the servicer converts at the edge.
+Plain frozen dataclasses (picklable by Ray, independent of protobuf), so the combiner
+core and the controller never import grpc. Both sides of the bridge share them, which is
+why they live here and not under ``fedray/actors/``: the edge imports nothing from there.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
-
-from fedray.aggregators.base import Partial
 
 
 class TaskKind(enum.StrEnum):
@@ -29,6 +28,7 @@ class Task:
     config: dict[str, Any]
     deadline_unix: float
     package_sha256: str = ""
+    package_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +92,6 @@ class RoundResult:
     bytes_in: int
     bytes_out: int
     aggregation_s: float
-    partial: Partial | None = None
+    partial: Any = None  # the strategy's own partial type (sums, kept updates, ...)
     validations: list[ValidationReport] = field(default_factory=list)
     rejections: dict[str, int] = field(default_factory=dict)
