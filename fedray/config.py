@@ -7,6 +7,7 @@ so a typo in a config stops `fedray run` before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -50,11 +51,21 @@ class CombinersConfig:
     heartbeat_interval_s: float = 2.0
     offline_after_s: float = 10.0
     max_rpcs_per_s: float = 50.0  # per client (its token's name, else its claimed name)
+    upload_idle_s: float = 30.0  # an upload with no chunk for this long gives its slot back
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which online clients a round may ask (all of them when nothing is set)."""
+
+    ids: list = field(default_factory=list)  # only these client ids
+    attrs: dict = field(default_factory=dict)  # {key: value or [values]} from --attr KEY=VALUE
+    policy: str = ""  # package.module:callable(clients, ctx) -> client ids, over a snapshot
 
 
 @dataclass(frozen=True)
 class SessionConfig:
-    rounds: int = 5
+    rounds: int = 5  # rounds; for an asynchronous strategy (fedbuff), model versions
     aggregator: str = "fedavg"
     aggregator_kwargs: dict = field(default_factory=dict)
     clients_per_round: float = 1.0  # a fraction (<= 1.0) or a count (> 1)
@@ -65,6 +76,14 @@ class SessionConfig:
     validate: bool = True
     round_config: dict = field(default_factory=dict)  # sent to clients with every task
     seed: int = 0
+    buffer_size: int = 0  # close a round on its first K updates (fedbuff: a version every K)
+    over_select: float = 0.0  # ask this fraction more clients than wanted (stragglers)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    max_examples_per_update: int = 1_000_000  # a larger self-reported num_examples is refused
+    max_update_norm: float | None = None  # L2 norm of (update - round model); larger: refused
+    max_kept_updates: int = 1000  # robust strategies keep a round's updates (object store)
+    time_budget_s: float | None = None  # asynchronous sessions also end after this long
+    continue_from: str = ""  # a session id: start from its last model and strategy state
 
 
 @dataclass(frozen=True)
@@ -187,6 +206,8 @@ def _coerce(hint: Any, value: Any, where: str, source: str) -> Any:
             return value
         if option is dict and isinstance(value, dict):
             return value
+        if option is list and isinstance(value, list):
+            return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{source}: {where} must be {wanted}, got {value!r}")
 
@@ -209,6 +230,7 @@ def _check(c: FederationConfig) -> None:
         "combiners.chunk_kib": c.combiners.chunk_kib,
         "combiners.max_rpcs_per_s": c.combiners.max_rpcs_per_s,
         "combiners.heartbeat_interval_s": c.combiners.heartbeat_interval_s,
+        "combiners.upload_idle_s": c.combiners.upload_idle_s,
         "session.rounds": c.session.rounds,
         "session.min_clients": c.session.min_clients,
         "session.round_timeout_s": c.session.round_timeout_s,
@@ -225,13 +247,63 @@ def _check(c: FederationConfig) -> None:
         raise bad("session.clients_per_round", "must be a fraction <= 1 or a whole count")
     if c.combiners.chunk_kib > 3 * 1024:
         raise bad("combiners.chunk_kib", "must stay under gRPC's 4 MiB message limit (max 3072)")
-    from fedray.aggregators import known_aggregator
-
-    if not known_aggregator(c.session.aggregator):
-        raise bad("session.aggregator", f"names no aggregator: {c.session.aggregator!r}")
+    _check_session(c, bad)
     uri = c.tracking.uri
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")
     from fedray.tls import server_tls
 
     server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
+
+
+def _check_session(c: FederationConfig, bad: Any) -> None:
+    """Strategy, selection and straggler settings: everything loadable is loaded now."""
+    from fedray.selection import check_select
+    from fedray.strategies import make_strategy
+
+    s = c.session
+    nonnegative = {"session.buffer_size": s.buffer_size, "session.over_select": s.over_select}
+    for where, value in nonnegative.items():
+        if value < 0:
+            raise bad(where, f"must be 0 or more, got {value}")
+    for where, value in {"session.max_examples_per_update": s.max_examples_per_update,
+                         "session.max_kept_updates": s.max_kept_updates,
+                         "session.max_update_norm": s.max_update_norm,
+                         "session.time_budget_s": s.time_budget_s}.items():
+        if value is not None and not value > 0:
+            raise bad(where, f"must be greater than 0, got {value}")
+    if s.max_examples_per_update > 2**53:
+        raise bad("session.max_examples_per_update", f"must be at most 2**53, got "
+                  f"{s.max_examples_per_update}")
+    try:
+        strategy = make_strategy(s.aggregator, s.aggregator_kwargs)
+    except ConfigError as exc:
+        raise bad("session.aggregator:", str(exc)) from None
+    try:
+        check_select(s.select)
+    except ConfigError as exc:
+        raise ConfigError(f"{c.source}: {exc}") from None
+    if s.buffer_size and s.buffer_size < s.min_clients and not strategy.asynchronous:
+        raise bad("session.buffer_size", f"({s.buffer_size}) closes rounds before "
+                  f"session.min_clients ({s.min_clients}) updates can arrive; raise it or "
+                  "lower min_clients")
+    if strategy.keeps_updates and not strategy.asynchronous:
+        most = most_updates_per_round(c)
+        if most > s.max_kept_updates:
+            raise bad("session.aggregator", f"{s.aggregator!r} keeps every update of a round "
+                      f"(in Ray's object store) and up to {most} could arrive, more than "
+                      f"session.max_kept_updates ({s.max_kept_updates}); set "
+                      f"session.clients_per_round to a count of at most {s.max_kept_updates} "
+                      "(or raise max_kept_updates: memory is that many model sizes)")
+
+
+def most_updates_per_round(c: FederationConfig) -> int:
+    """An upper bound on the updates one round can fold, from the config alone."""
+    s = c.session
+    online = c.combiners.count * c.combiners.max_clients
+    if s.select.ids:
+        online = min(online, len(set(s.select.ids)))
+    wanted = min(online, int(s.clients_per_round)) if s.clients_per_round > 1 \
+        else math.ceil(s.clients_per_round * online)
+    wanted = max(wanted, min(s.min_clients, online))
+    return min(online, math.ceil(wanted * (1 + s.over_select)))

@@ -99,11 +99,11 @@ class Federation:
         ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
 
     def start_session(self, seed_model_id: str, package_sha256: str = "",
-                      resume: bool = False) -> str:
+                      resume: bool = False, package_size: int = 0) -> str:
         """Start a session; with ``resume``, continue the federation's unfinished one if any
         (``self.resumed_after`` then says after which round)."""
         started = ray.get(self.controller.start_session.remote(seed_model_id, package_sha256,
-                                                               resume))
+                                                               resume, package_size))
         self.resumed_after = started["resumed_after"]
         return started["session_id"]
 

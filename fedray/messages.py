@@ -57,7 +57,11 @@ class ValidationReport:
 
 @dataclass(frozen=True, slots=True)
 class RoundSpec:
-    """The controller's order to one combiner for one round (or validation pass)."""
+    """The controller's order to one combiner for one round (or validation pass).
+
+    The strategy itself reached the combiner once, with the session; what changes per
+    round travels here (``params`` for its accumulators, ``buffer`` for its closing).
+    """
 
     session_id: str
     round: int
@@ -65,15 +69,45 @@ class RoundSpec:
     clients: tuple[str, ...]
     config: dict[str, Any]
     timeout_s: float
-    aggregator: str = "fedavg"
-    aggregator_kwargs: dict[str, Any] = field(default_factory=dict)
     model_id: str = ""  # sha256 of the model bytes, when the sender already knows it
     package_sha256: str = ""  # the session's compute package, if it has one
+    package_size: int = 0
     attempt: int = 1  # a round that failed runs again as attempt 2, 3, ...
+    params: dict[str, Any] = field(default_factory=dict)  # RoundPlan.params
+    buffer: int = 0  # close this share after this many accepted updates (0: no buffer)
+    max_examples: int = 1_000_000  # session.max_examples_per_update
+    max_update_norm: float | None = None  # session.max_update_norm
+    version: int = 0  # the model version this round trains (asynchronously: the first)
 
     @property
     def key(self) -> tuple[str, int, str, int]:
         return (self.session_id, self.round, self.kind.value, self.attempt)
+
+
+@dataclass(slots=True)
+class MetricSums:
+    """Example-weighted sums of the numeric metrics clients report; they add up exactly."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def fold(self, metrics: dict[str, Any], weight: float) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            total = self.sums.get(key, 0.0) + float(value) * weight
+            if total != total or total in (float("inf"), float("-inf")):
+                continue  # a non-finite value, or a sum that overflowed
+            self.sums[key] = total
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def add(self, other: MetricSums) -> None:
+        for key, value in other.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.weights[key] = self.weights.get(key, 0.0) + other.weights[key]
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / w for k, w in self.weights.items() if w > 0}
 
 
 @dataclass(slots=True)
@@ -95,3 +129,23 @@ class RoundResult:
     partial: Any = None  # the strategy's own partial type (sums, kept updates, ...)
     validations: list[ValidationReport] = field(default_factory=list)
     rejections: dict[str, int] = field(default_factory=dict)
+    metrics: MetricSums = field(default_factory=MetricSums)  # clients' train metrics
+    failures: dict[str, str] = field(default_factory=dict)  # client id -> why it failed
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncSpec:
+    """The controller's order to one combiner to serve an asynchronous session: keep its
+    clients training on the newest model, and forward every accepted update."""
+
+    session_id: str
+    clients: tuple[str, ...]
+    config: dict[str, Any]
+    timeout_s: float  # how long one client's task may take
+    package_sha256: str = ""
+    package_size: int = 0
+    max_examples: int = 1_000_000
+    max_update_norm: float | None = None
+    kept_versions: int = 8  # model versions still served and checked against
+    max_pending: int = 1000  # forwarded updates waiting for the controller (backpressure)

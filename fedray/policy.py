@@ -1,60 +1,15 @@
-"""Round policies: pure decisions over frozen snapshots; the actors carry them out.
+"""Runtime policies: pure decisions over frozen snapshots; the actors carry them out.
 
-Nothing here does I/O or knows about Ray or gRPC, so every rule is unit-tested directly.
+Whether a round may commit, which combiner a client joins, where a session resumes.
+(A round's own decisions, who is asked and when a share closes, are the strategy's:
+``fedray.strategies`` and ``fedray.selection``.) Nothing here does I/O or knows about
+Ray or gRPC, so every rule is unit-tested directly.
 """
 
 from __future__ import annotations
 
-import enum
-import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-
-class CloseReason(enum.StrEnum):
-    WAITING = "waiting"
-    ALL_ANSWERED = "all_answered"  # every selected client answered or is gone
-    DEADLINE = "deadline"
-
-
-@dataclass(frozen=True, slots=True)
-class RoundSnapshot:
-    """What a combiner knows about its share of a round at one instant."""
-
-    selected: int
-    updates: int  # accepted and folded
-    settled: int  # answered in any way: accepted, rejected, failed or gone offline
-    now: float
-    deadline: float
-
-
-def closing_decision(s: RoundSnapshot) -> CloseReason:
-    if s.settled >= s.selected:
-        return CloseReason.ALL_ANSWERED
-    if s.now >= s.deadline:
-        return CloseReason.DEADLINE
-    return CloseReason.WAITING
-
-
-def clients_wanted(clients_per_round: float, online: int, min_clients: int) -> int:
-    """How many clients to ask this round: a fraction of those online, or a fixed count."""
-    if clients_per_round <= 1.0:
-        wanted = math.ceil(clients_per_round * online)
-    else:
-        wanted = int(clients_per_round)
-    return min(online, max(wanted, min_clients))
-
-
-def select_clients(online: Mapping[str, Sequence[str]], wanted: int,
-                   seed: int) -> dict[str, list[str]]:
-    """Pick ``wanted`` clients uniformly across combiners; deterministic for a seed."""
-    pool = sorted((client, combiner) for combiner, clients in online.items() for client in clients)
-    chosen = random.Random(seed).sample(pool, min(wanted, len(pool)))
-    plan: dict[str, list[str]] = {combiner: [] for combiner in online}
-    for client, combiner in sorted(chosen):
-        plan[combiner].append(client)
-    return plan
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,7 +136,8 @@ def run_federation(config: FederationConfig, *, console: Console,
         if package is not None:
             _record_package(tracking_uri, config, package)
             console.print(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})")
-        session_id = federation.start_session(seed_id, package[0] if package else "", resume)
+        session_id = federation.start_session(seed_id, package[0] if package else "", resume,
+                                              len(package[1]) if package else 0)
         if federation.resumed_after is not None:
             console.print(f"[yellow]resuming[/] unfinished session {session_id} after round "
                           f"{federation.resumed_after} (start a new one with --new-session)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +24,9 @@ Model = dict[str, np.ndarray]
 Buffer = bytes | bytearray | memoryview | np.ndarray
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_DIMS = 32  # dimensions of one tensor
+MAX_INT_DIGITS = 20  # any integer in a header: 2**64 has 20 digits
+MAX_DIM = 1 << 48  # one dimension; bigger is no tensor anyone can hold
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -83,16 +85,24 @@ def encode(model: Mapping[str, np.ndarray]) -> bytes:
     return _st_save(arrays)
 
 
-def read_layout(data: Buffer) -> Layout:
+def _bounded_int(text: str) -> int:
+    # json.loads calls this for every integer literal: a number thousands of digits long
+    # is refused before Python turns it into an int (and before any arithmetic on it).
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer with {len(text)} digits")
+    return int(text)
+
+
+def read_layout(data: Buffer, max_header: int = MAX_HEADER_BYTES) -> Layout:
     """Parse and bound-check a safetensors header without touching the tensor data."""
     view = memoryview(data).cast("B")
     if len(view) < 8:
         raise SerializationError("model bytes are shorter than a safetensors header")
     (header_len,) = struct.unpack("<Q", view[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(view):
+    if header_len > min(max_header, MAX_HEADER_BYTES) or 8 + header_len > len(view):
         raise SerializationError(f"safetensors header length {header_len} is out of bounds")
     try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
+        header = json.loads(bytes(view[8 : 8 + header_len]), parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested arrays
         raise SerializationError(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -119,15 +129,29 @@ def _tensor_info(name: str, entry: object, data_len: int) -> TensorInfo:
         raise SerializationError(f"tensor {name!r} has unsupported dtype {str(dtype)[:20]!r}")
     if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
         raise SerializationError(f"tensor {name!r} needs integer shape and data_offsets")
-    if any(d < 0 for d in shape):
-        raise SerializationError(f"tensor {name!r} has a negative dimension")
+    if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):
+        raise SerializationError(f"tensor {name!r} has a dimension out of bounds")
     start, end = offsets
-    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if not 0 <= start <= end <= data_len:
+        raise SerializationError(f"tensor {name!r} claims bytes {start}:{end} of {data_len}")
+    nbytes = _nbytes(shape, _DTYPES[dtype].itemsize, data_len)
     if not 0 <= start <= end <= data_len or end - start != nbytes:
         raise SerializationError(
             f"tensor {name!r} claims bytes {start}:{end} but needs {nbytes} of {data_len}"
         )
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
+    """``prod(shape) * itemsize``, stopping as soon as it passes ``limit`` (no huge ints)."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for d in shape:
+        total *= d
+        if total > limit:
+            return limit + 1  # more than there is: refused by the caller
+    return total
 
 
 def _int_list(value: object) -> bool:

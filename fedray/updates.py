@@ -1,9 +1,11 @@
 """Checks an update's payload against the round's global model before it is folded.
 
 Header checks (task, round, model id, duplicates) need the combiner's state and live in
-the combiner core; this module checks the bytes themselves: a valid safetensors payload,
-within the size bound, with exactly the global model's names, dtypes and shapes, and only
-finite values. It returns zero-copy views, so checking costs no copy of the model.
+the combiner's intake; this module checks the bytes themselves: a valid safetensors
+payload within the size bound, whose header is no larger than the global model's needs,
+with exactly the global model's names, dtypes and shapes, and only finite values. It
+returns zero-copy views (checking costs no copy of the model) and the largest magnitude
+seen, so the intake can tell whether weighting the update could overflow the sums.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from fedray.serialization import Buffer, Layout, Model, decode, read_layout
 FINITE_BLOCK = 1 << 20
 
 
-def check_update(data: Buffer, expected: Layout, max_bytes: int) -> Model:
+HEADER_FACTOR, HEADER_EXTRA = 2, 4096  # an update's header vs the global model's
+
+
+def check_update(data: Buffer, expected: Layout, max_bytes: int) -> tuple[Model, float]:
+    """The update's tensors (read-only views) and its largest finite magnitude."""
     size = memoryview(data).nbytes
     if size > max_bytes:
         raise UpdateRejected("too_large", f"{size} bytes, the limit is {max_bytes}")
     try:
-        layout = read_layout(data)
+        layout = read_layout(data, max_header=expected.data_offset * HEADER_FACTOR + HEADER_EXTRA)
     except SerializationError as exc:
         raise UpdateRejected("malformed", str(exc)) from None
     want, got = expected.spec(), layout.spec()
@@ -35,12 +41,26 @@ def check_update(data: Buffer, expected: Layout, max_bytes: int) -> Model:
         if got[name][1] != shape:
             raise UpdateRejected("wrong_shape", f"{name} is {list(got[name][1])}, expected {list(shape)}")
     model = decode(data, layout)
+    largest = 0.0
     for name, arr in model.items():
-        if np.issubdtype(arr.dtype, np.floating) and not all_finite(arr):
+        top = max_abs(arr)
+        if not np.isfinite(top):
             raise UpdateRejected("non_finite", f"{name} holds NaN or infinity")
-    return model
+        largest = max(largest, top)
+    return model, largest
 
 
-def all_finite(arr: np.ndarray) -> bool:
+def max_abs(arr: np.ndarray) -> float:
+    """The largest |value| (NaN or inf when the tensor holds one), in blocks."""
     flat = arr.reshape(-1)
-    return all(np.isfinite(flat[i : i + FINITE_BLOCK]).all() for i in range(0, flat.size, FINITE_BLOCK))
+    top = 0.0
+    for i in range(0, flat.size, FINITE_BLOCK):
+        block = flat[i : i + FINITE_BLOCK]
+        if np.issubdtype(block.dtype, np.floating):
+            lo, hi = float(block.min()), float(block.max())  # NaN propagates through both
+            top = max(top, abs(lo), abs(hi)) if lo == lo and hi == hi else float("nan")
+        elif block.size:
+            top = max(top, abs(float(block.min())), abs(float(block.max())))
+        if top != top:
+            return top
+    return top

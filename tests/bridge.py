@@ -24,6 +24,7 @@ from fedray.messages import RoundSpec, TaskKind
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.serialization import encode
+from fedray.strategies.fedavg import FedAvg
 from fedray.wire import auth_metadata
 
 TOKEN = "bad-input-token"
@@ -70,6 +71,7 @@ class Bridge:
     async def start(cls, **settings: Any) -> Bridge:
         base = {"host": "127.0.0.1", "heartbeat_interval_s": 0.5, "offline_after_s": 30}
         core = CombinerCore("c-test", CombinersConfig(**{**base, **settings}))
+        core.start_session("s1", FedAvg())
 
         def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_CombinerServicer_to_server(CombinerServicer(core), server)
@@ -100,12 +102,12 @@ class Bridge:
         return await self.stub.PushUpdate(stream(), metadata=METADATA, timeout=timeout)
 
     def partial(self):
-        return self.core.run.accumulator.partial()
+        return self.core.share.accumulator.partial()
 
     def assert_untouched(self, count: int = 0) -> None:
         """The round's aggregate holds exactly ``count`` good updates and nothing else."""
         partial = self.partial()
-        assert partial.count == count and self.core.run.updates == count
+        assert partial.count == count and self.core.share.accepted == count
         assert partial.weight == count * GOOD_EXAMPLES
         for name, total in partial.sums.items():
             np.testing.assert_array_equal(total, count * GOOD_VALUE * GOOD_EXAMPLES,

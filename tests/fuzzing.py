@@ -100,6 +100,9 @@ class Fuzzer:
                 setattr(msg, field.name, self.rng.random() < 0.5)
             elif field.type == F.TYPE_ENUM:
                 setattr(msg, field.name, self.rng.choice([0, 1, 2, 3, 2**31 - 1]))
+            elif field.message_type.GetOptions().map_entry:  # map<string, string> attrs
+                for _ in range(self.rng.choice([0, 1, 3, 40])):
+                    getattr(msg, field.name)[self.text()] = self.text()
             elif field.message_type.full_name == "google.protobuf.Struct":
                 getattr(msg, field.name).CopyFrom(self.struct())
             elif depth < 2:

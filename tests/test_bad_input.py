@@ -152,13 +152,13 @@ async def test_concurrent_copies_of_one_update_are_folded_once(bridge):
     """Two streams of the same task that both arrive before either is folded."""
     tasks = await bridge.open_round(CLIENTS)
     data = update_bytes(2.0)
-    lock = bridge.core.run.fold_lock
+    lock = bridge.core.share.fold_lock
     await lock.acquire()  # a long fold of someone else's update is in progress
     pushes = [asyncio.ensure_future(bridge.push(parts(header(tasks["good"], "good", data), data)))
               for _ in range(2)]
     # One copy is received and waits to fold; the other is refused while the first uploads
     # (or, had it arrived later, by the duplicate check under the fold lock).
-    while bridge.core.run.bytes_in < len(data) or not any(p.done() for p in pushes):
+    while bridge.core.share.bytes_in < len(data) or not any(p.done() for p in pushes):
         await asyncio.sleep(0.01)
     lock.release()
     replies = await asyncio.gather(*pushes)
@@ -186,14 +186,14 @@ async def test_a_client_that_cancels_mid_stream_leaves_nothing_behind(bridge):
         await call
     free = bridge.core.settings.max_inflight_uploads
     for _ in range(100):  # the upload slot comes back
-        if bridge.core._uploads._value == free:
+        if bridge.core.intake._slots._value == free:
             break
         await asyncio.sleep(0.02)
-    assert bridge.core._uploads._value == free
+    assert bridge.core.intake._slots._value == free
     bridge.assert_untouched()
     # The partial upload is discarded; depending on whether the server saw the stream end
     # or the cancellation first, it is counted as truncated or not at all.
-    assert bridge.core.run.rejected in ({}, {"truncated": 1})
+    assert bridge.core.share.rejected in ({}, {"truncated": 1})
     await bridge.good_update_is_accepted(tasks["good"], "good")
     bridge.assert_untouched(count=1)
 
@@ -214,7 +214,7 @@ async def test_a_stalled_upload_gives_up_its_slot_when_the_round_closes():
         assert not reply.accepted and reply.reason.startswith("round_closed"), reply.reason
         result = await asyncio.wait_for(bridge.round, 5)
         assert result.close_reason == "deadline" and result.partial.count == 0
-        assert bridge.core._uploads._value == 1
+        assert bridge.core.intake._slots._value == 1
         bridge.round = None
         tasks = await bridge.open_round(CLIENTS, round_=2)  # the next round still takes updates
         await bridge.good_update_is_accepted(tasks["good"], "good")
@@ -241,7 +241,7 @@ async def test_hostile_metrics_are_dropped_but_the_update_counts(bridge):
     reply = await bridge.push(parts(header(tasks["good"], "good", data, metrics=metrics), data))
     assert reply.accepted, reply.reason
     bridge.assert_untouched(count=1)
-    sums = bridge.partial().metric_sums
+    sums = bridge.core.share.metrics.sums
     assert sums["loss"] == 0.5 * GOOD_EXAMPLES
     assert "huge" not in sums  # 1e308 x 10 examples is no longer finite
     assert set(sums) == {"loss"}
@@ -262,7 +262,7 @@ async def test_hostile_metrics_in_reports_and_events_do_not_break_the_rpc(bridge
 async def test_a_client_that_hangs_up_during_the_fold_is_still_counted_once(bridge):
     """All bytes arrived, so the update is folded; it must then also be counted."""
     tasks = await bridge.open_round(CLIENTS)
-    accumulator = bridge.core.run.accumulator
+    accumulator = bridge.core.share.accumulator
     folding = threading.Event()
     fold = accumulator.fold
 
@@ -278,7 +278,7 @@ async def test_a_client_that_hangs_up_during_the_fold_is_still_counted_once(brid
     while not folding.is_set():
         await asyncio.sleep(0.01)
     call.cancel()
-    async with bridge.core.run.fold_lock:  # the fold finishes before anyone reads the sums
+    async with bridge.core.share.fold_lock:  # the fold finishes before anyone reads the sums
         bridge.assert_untouched(count=1)
 
 

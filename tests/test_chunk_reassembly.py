@@ -17,6 +17,7 @@ from fedray.actors.combiner_core import CombinerCore
 from fedray.config import CombinersConfig
 from fedray.errors import UpdateRejected
 from fedray.messages import RoundSpec, TaskKind, UpdateHeader
+from fedray.strategies.fedavg import FedAvg
 from tests.bridge import GLOBAL, MODEL, update_bytes
 
 
@@ -52,6 +53,12 @@ def _in_order(pieces: list[tuple[bytes, int]]) -> bool:
     return True
 
 
+def _core() -> CombinerCore:
+    core = CombinerCore("c", CombinersConfig())
+    core.start_session("s", FedAvg())
+    return core
+
+
 async def _aiter(pieces):
     for piece in pieces:
         yield piece
@@ -63,10 +70,10 @@ def test_receive_takes_exactly_the_announced_bytes_in_order(payload, announced, 
     pieces = _chunkings(payload, data)
     hdr = UpdateHeader(client_id="a", task_id="t", session_id="s", round=1, model_id="m",
                        num_examples=1, metrics={}, size=announced)
-    core = CombinerCore("c", CombinersConfig())
+    core = _core()
     total = sum(len(c) for c, _ in pieces)
     try:
-        got = asyncio.run(core._receive(hdr, _aiter(pieces)))
+        got = asyncio.run(core.intake._receive(hdr, _aiter(pieces)))
     except UpdateRejected as exc:
         assert not (_in_order(pieces) and total == announced)
         assert exc.reason in {"out_of_order", "too_large", "truncated"}
@@ -81,7 +88,7 @@ def test_receive_takes_exactly_the_announced_bytes_in_order(payload, announced, 
 @given(st.floats(-1e6, 1e6, width=32), st.data())
 def test_an_update_is_folded_iff_its_chunks_are_exactly_the_payload_in_order(value, data):
     async def scenario():
-        core = CombinerCore("c", CombinersConfig())
+        core = _core()
         stream = core.tasks(core.connect("a", "a"))
         spec = RoundSpec(session_id="s", round=1, kind=TaskKind.TRAIN, clients=("a",),
                          config={}, timeout_s=30)

@@ -12,6 +12,7 @@ from fedray.actors.combiner_core import CombinerCore
 from fedray.config import CombinersConfig
 from fedray.messages import RoundSpec, TaskKind, UpdateHeader
 from fedray.serialization import encode, model_id
+from fedray.strategies.fedavg import FedAvg
 
 GLOBAL = {"w": np.zeros((2, 2), np.float32)}
 MODEL = np.frombuffer(encode(GLOBAL), np.uint8)
@@ -24,7 +25,7 @@ class Recorder:
     def event(self, level, message, **data):
         self.events.append((level, message, data))
 
-    def client_status(self, client_id, name, status, online):
+    def client_status(self, client_id, name, status, online, attrs=None):
         self.statuses.append((client_id, status))
 
     def round_closed(self, result):
@@ -33,7 +34,9 @@ class Recorder:
 
 def _core(**settings) -> CombinerCore:
     base = {"heartbeat_interval_s": 0.05, "offline_after_s": 0.2, "chunk_kib": 1}
-    return CombinerCore("c0", CombinersConfig(**{**base, **settings}), listener=Recorder())
+    core = CombinerCore("c0", CombinersConfig(**{**base, **settings}), listener=Recorder())
+    core.start_session("s", FedAvg())
+    return core
 
 
 def _spec(clients, round_=1, timeout=5.0, kind=TaskKind.TRAIN) -> RoundSpec:
@@ -93,7 +96,7 @@ async def test_bad_headers_are_refused_before_folding(change, reason):
     data = _update(1.0)
     accepted, why = await core.push_update(_header(tasks["a"], "a", data, **change), _chunks(data))
     assert not accepted and why.startswith(reason)
-    assert core.run.updates == 0
+    assert core.share.accepted == 0
     run.cancel()
 
 
@@ -201,7 +204,7 @@ async def test_an_update_from_a_client_marked_offline_still_counts_once():
     run, tasks, _ = await _start(core, ["a", "b"])
     core.clients["a"].last_seen -= 10
     core.sweep()  # "a" looks dead: its task is settled as failed for now
-    assert core.run.failed == 1
+    assert core.share.failed == 1
     data = _update(1.0)
     assert (await core.push_update(_header(tasks["a"], "a", data), _chunks(data)))[0]
     assert (await core.push_update(_header(tasks["b"], "b", data), _chunks(data)))[0]
@@ -212,11 +215,11 @@ async def test_an_update_from_a_client_marked_offline_still_counts_once():
 async def test_an_update_still_waiting_to_fold_when_the_round_closes_is_refused():
     core = _core()
     run, tasks, _ = await _start(core, ["a", "b"], timeout=0.3)
-    await core.run.fold_lock.acquire()  # a long fold of someone else's update
+    await core.share.fold_lock.acquire()  # a long fold of someone else's update
     data = _update(1.0)
     push = asyncio.ensure_future(core.push_update(_header(tasks["b"], "b", data), _chunks(data)))
     await asyncio.sleep(0.5)  # the deadline passes while "b" waits to fold
-    core.run.fold_lock.release()
+    core.share.fold_lock.release()
     accepted, why = await push
     result = await asyncio.wait_for(run, 2)
     assert not accepted and why.startswith("round_closed")

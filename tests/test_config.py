@@ -38,7 +38,7 @@ def test_the_repository_config_loads():
     (MINIMAL + "session: {rounds: ten}\n", "session.rounds must be int"),
     (MINIMAL + "session: {roundz: 3}\n", "unknown field session.roundz"),
     (MINIMAL + "combiners: {base_port: 70000}\n", "combiners.base_port must be a port"),
-    (MINIMAL + "session: {aggregator: nope}\n", "session.aggregator names no aggregator"),
+    (MINIMAL + "session: {aggregator: nope}\n", "session.aggregator: unknown aggregator 'nope'"),
     (MINIMAL + "tracking: {uri: http://x}\n", "tracking.uri must be"),
     (MINIMAL + "session: {validate: 'yes'}\n", "session.validate must be bool"),
     (MINIMAL + "combiners: {offline_after_s: 1}\n", "combiners.offline_after_s"),

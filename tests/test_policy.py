@@ -2,26 +2,24 @@
 
 import pytest
 
-from fedray.policy import (
-    CloseReason,
-    RoundSnapshot,
-    clients_wanted,
-    closing_decision,
-    pick_combiner,
-    round_verdict,
-    select_clients,
-)
+from fedray.policy import pick_combiner, round_verdict
+from fedray.selection import clients_wanted
+from fedray.strategies.base import CloseReason, ShareSnapshot, default_closing
 
 
-@pytest.mark.parametrize(("selected", "settled", "now", "expected"), [
-    (3, 3, 0.0, CloseReason.ALL_ANSWERED),
-    (3, 2, 0.0, CloseReason.WAITING),
-    (3, 2, 10.0, CloseReason.DEADLINE),
-    (0, 0, 0.0, CloseReason.ALL_ANSWERED),
+@pytest.mark.parametrize(("selected", "accepted", "settled", "buffer", "now", "expected"), [
+    (3, 3, 3, 0, 0.0, CloseReason.ALL_ANSWERED),
+    (3, 2, 2, 0, 0.0, CloseReason.WAITING),
+    (3, 2, 2, 0, 10.0, CloseReason.DEADLINE),
+    (0, 0, 0, 0, 0.0, CloseReason.ALL_ANSWERED),
+    (5, 3, 4, 3, 0.0, CloseReason.BUFFER_FULL),
+    (5, 2, 4, 3, 0.0, CloseReason.WAITING),  # 2 accepted, 2 rejected: the buffer waits
+    (5, 2, 5, 3, 0.0, CloseReason.ALL_ANSWERED),
 ])
-def test_closing_decision(selected, settled, now, expected):
-    snap = RoundSnapshot(selected=selected, updates=settled, settled=settled, now=now, deadline=5.0)
-    assert closing_decision(snap) is expected
+def test_closing_decision(selected, accepted, settled, buffer, now, expected):
+    snap = ShareSnapshot(selected=selected, accepted=accepted, settled=settled, buffer=buffer,
+                         now=now, deadline=5.0)
+    assert default_closing(snap) is expected
 
 
 @pytest.mark.parametrize(("per_round", "online", "minimum", "expected"), [
@@ -30,15 +28,6 @@ def test_closing_decision(selected, settled, now, expected):
 ])
 def test_clients_wanted(per_round, online, minimum, expected):
     assert clients_wanted(per_round, online, minimum) == expected
-
-
-def test_selection_is_deterministic_and_spans_combiners():
-    online = {"c0": ["a", "b", "c"], "c1": ["d", "e", "f"]}
-    plan = select_clients(online, 4, seed=7)
-    assert plan == select_clients(online, 4, seed=7)
-    assert sum(len(v) for v in plan.values()) == 4
-    assert all(set(v) <= set(online[k]) for k, v in plan.items())
-    assert select_clients(online, 6, seed=1) == {"c0": ["a", "b", "c"], "c1": ["d", "e", "f"]}
 
 
 def test_verdict_names_the_shortfall_and_lost_combiners():

@@ -127,7 +127,7 @@ async def test_messages_over_four_mib_are_refused_by_grpc(bridge):
         await bridge.push(oversized_chunk)
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     bridge.assert_untouched()
-    assert bridge.core._uploads._value == bridge.core.settings.max_inflight_uploads
+    assert bridge.core.intake._slots._value == bridge.core.settings.max_inflight_uploads
     await _a_round_still_completes(bridge, tasks)
 
 

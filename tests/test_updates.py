@@ -24,7 +24,7 @@ def _reason(update: dict) -> str:
 
 
 def test_a_matching_finite_update_passes_as_views():
-    model = check_update(encode({"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}),
+    model, _ = check_update(encode({"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}),
                          LAYOUT, 1 << 20)
     assert model["w"].sum() == 6
 
@@ -120,7 +120,7 @@ def test_the_checker_accepts_exactly_the_updates_that_match_the_layout(spec, dat
     reason = _expected_reason(want, {n: (k, tuple(a.shape)) for n, (k, _), a in
                                      ((n, got[n], update[n]) for n in got)}, poisoned)
     if reason is None:
-        model = check_update(encode(update), layout, 1 << 20)
+        model, _ = check_update(encode(update), layout, 1 << 20)
         assert {n: a.shape for n, a in model.items()} == {n: s for n, (_, s) in want.items()}
         assert all(np.array_equal(model[n], update[n]) for n in model)
     else:

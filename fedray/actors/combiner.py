@@ -22,8 +22,9 @@ from fedray.actors.grpc_server import start_server
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.config import CombinersConfig
-from fedray.messages import RoundResult, RoundSpec
+from fedray.messages import AsyncSpec, RoundResult, RoundSpec
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.strategies.base import ClientInfo, Kept, Strategy
 from fedray.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,10 @@ class Combiner:
         self.tls = tls
         self.observer = TrackingObserver(tracking_uri, tracking_db, source=name, combiner=name,
                                          metrics=FederationMetrics(federation, name))
-        self.core = CombinerCore(name, settings, listener=self.observer)
+        # Kept updates (robust and asynchronous strategies) go to the object store, which
+        # can spill to disk; the controller reads them zero-copy from there.
+        self.core = CombinerCore(name, settings, listener=self.observer,
+                                 keeper=lambda raw: ray.put(np.asarray(raw)))
         # Given at construction too, so a combiner that Ray restarts still serves it.
         self.packages: dict[str, bytes] = dict([package]) if package else {}
         self.address = ""
@@ -89,6 +93,9 @@ class Combiner:
     async def online_clients(self) -> list[str]:
         return self.core.online_clients()
 
+    async def online_info(self) -> list[ClientInfo]:
+        return self.core.online_info()
+
     async def wait_clients_changed(self, known: int, timeout_s: float) -> list[str]:
         return await self.core.wait_clients_changed(known, timeout_s)
 
@@ -96,10 +103,29 @@ class Combiner:
         """Address and load, for the gateway's balancing."""
         return {**(await self._ready), "load": len(self.core.online_clients())}
 
+    async def start_session(self, session_id: str, strategy: Strategy) -> None:
+        self.core.start_session(session_id, strategy)
+
     async def run_round(self, spec: RoundSpec, model: np.ndarray) -> RoundResult:
         # Ray resolves the ObjectRef the controller passed: `model` is a zero-copy view of
         # the one serialized copy in the object store, shared by every combiner on the node.
         return await self.core.run_round(spec, model)
+
+    async def start_async(self, spec: AsyncSpec, model: np.ndarray, version: int,
+                          model_id: str) -> None:
+        await self.core.start_async(spec, model, version, model_id)
+
+    async def add_clients(self, clients: list[str]) -> None:
+        self.core.add_clients(clients)
+
+    async def set_version(self, version: int, model: np.ndarray, model_id: str) -> None:
+        await self.core.set_version(version, model, model_id)
+
+    async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
+        return await self.core.take_updates(session_id, timeout_s)
+
+    async def stop_async(self, session_id: str) -> dict[str, Any]:
+        return self.core.stop_async(session_id)
 
     async def set_package(self, sha256: str, data: bytes) -> None:
         self.packages.clear()
@@ -108,8 +134,7 @@ class Combiner:
     async def stop(self) -> None:
         """Close every client stream and the server, and flush tracking writes."""
         self._sweeper.cancel()
-        for link in self.core.clients.values():
-            link.queue.put_nowait(None)
+        self.core.disconnect_all()
         await self._server.stop(grace=1.0)
         await self.gate.close()
         self.observer.combiner_status(self.address, "stopped")

@@ -1,31 +1,37 @@
-"""The combiner's logic: client registry, task dispatch, model serving, update intake.
+"""The combiner's logic: client registry, task dispatch, model serving, round shares.
 
 Pure asyncio; it does not import grpc or Ray. The gRPC servicer turns RPCs into calls on
 ``CombinerCore`` and the Ray actor wraps it, so tests can drive it in-process. One event
 loop serves every client: each connected client is a queue of tasks, not a thread.
-Observability plugs in through a ``CombinerListener`` whose failures never stop a round.
+
+The strategy arrives once per session (``start_session``); a round's ``RoundSpec`` only
+carries what changes. A share is either one synchronous round (``run_round``) or the
+stream of an asynchronous session (``start_async`` ... ``stop_async``): clients keep
+training on the newest version, every accepted update is kept by handle (in Ray's object
+store when this runs in an actor) and taken by the controller with ``take_updates``.
+Update intake (slots, checks, fold) is ``fedray.actors.intake``. Observability plugs in
+through a ``CombinerListener`` whose failures never stop a round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedray.aggregators import make_aggregator
-from fedray.aggregators.base import Accumulator
+from fedray.actors.intake import Limits, ModelVersion, Share, TaskEntry, UpdateIntake
 from fedray.config import CombinersConfig
-from fedray.errors import UpdateRejected
+from fedray.errors import SessionError, UpdateRejected
 from fedray.messages import (
+    AsyncSpec,
     RoundResult,
     RoundSpec,
     Task,
@@ -33,20 +39,32 @@ from fedray.messages import (
     UpdateHeader,
     ValidationReport,
 )
-from fedray.policy import CloseReason, RoundSnapshot, closing_decision
-from fedray.serialization import Layout, model_id, read_layout
-from fedray.updates import check_update
+from fedray.serialization import decode, model_id, read_layout
+from fedray.strategies.base import (
+    Buffer,
+    ClientInfo,
+    CloseReason,
+    KeepAll,
+    Kept,
+    KeptUpdates,
+    ShareSnapshot,
+    ShareStart,
+    Strategy,
+    Update,
+)
 
 log = logging.getLogger(__name__)
 
-HEADER_SLACK = 1 << 20  # an update's header may differ a little from the global model's
 KEPT_MODELS = 2  # the round's model and the one before, for clients that are a bit late
+KEPT_SESSIONS = 4  # strategies of recent sessions (a restarted controller may resume one)
 CLIENT_STATUSES = {"online", "training", "validating"}  # what a heartbeat may report
+MAX_ATTRS = 32
 
 
 class CombinerListener(Protocol):
     def event(self, level: str, message: str, **data: Any) -> None: ...
-    def client_status(self, client_id: str, name: str, status: str, online: int) -> None: ...
+    def client_status(self, client_id: str, name: str, status: str, online: int,
+                      attrs: Mapping[str, str] | None = None) -> None: ...
     def round_closed(self, result: RoundResult) -> None: ...
 
 
@@ -54,7 +72,8 @@ class NullListener:
     def event(self, level: str, message: str, **data: Any) -> None:
         log.log(logging.getLevelName(level.upper()), message)
 
-    def client_status(self, client_id: str, name: str, status: str, online: int) -> None:
+    def client_status(self, client_id: str, name: str, status: str, online: int,
+                      attrs: Mapping[str, str] | None = None) -> None:
         pass
 
     def round_closed(self, result: RoundResult) -> None:
@@ -65,72 +84,87 @@ class NullListener:
 class ClientLink:
     client_id: str
     name: str
+    attrs: dict[str, str] = field(default_factory=dict)
     queue: asyncio.Queue[Task | None] = field(default_factory=asyncio.Queue)
     last_seen: float = field(default_factory=time.monotonic)
     status: str = "online"
 
 
-@dataclass(eq=False)
-class RoundRun:
-    spec: RoundSpec
-    model_id: str
-    layout: Layout
-    model_size: int
-    deadline: float  # monotonic
-    tasks: dict[str, str]  # task id -> client id
-    accumulator: Accumulator | None
-    started: float = field(default_factory=time.monotonic)
-    settled: set[str] = field(default_factory=set)  # client ids
-    gone: set[str] = field(default_factory=set)  # settled because they went offline
-    uploading: set[str] = field(default_factory=set)  # one upload per client at a time
-    updates: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    failed: int = 0
-    bytes_in: int = 0
-    aggregation_s: float = 0.0
-    validations: list[ValidationReport] = field(default_factory=list)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    close_reason: str = ""
-    fold_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+class UnknownSession(SessionError):
+    """A round for a session whose strategy this combiner was never given (or forgot,
+    after Ray restarted it): the controller sends the strategy again and retries."""
 
-    def snapshot(self) -> RoundSnapshot:
-        return RoundSnapshot(selected=len(self.tasks), updates=self.updates,
-                             settled=len(self.settled), now=time.monotonic(), deadline=self.deadline)
+
+class BoundedKeepAll(KeepAll):
+    """Keeps updates for the controller, refusing more than ``limit`` not yet taken."""
+
+    def __init__(self, share: ShareStart, limit: int) -> None:
+        super().__init__(share)
+        self.limit = limit
+
+    def fold(self, update: Update) -> None:
+        if len(self.kept.items) >= self.limit:
+            raise UpdateRejected("backpressure", f"{self.limit} updates wait for the "
+                                 "controller already")
+        super().fold(update)
+
+
+def _copy_keeper(raw: Buffer) -> Any:
+    return np.array(raw, dtype=np.uint8, copy=True)  # outside Ray: a private copy
 
 
 class CombinerCore:
     def __init__(self, name: str, settings: CombinersConfig,
-                 listener: CombinerListener | None = None) -> None:
+                 listener: CombinerListener | None = None,
+                 keeper: Callable[[Buffer], Any] = _copy_keeper) -> None:
         self.name = name
         self.settings = settings
         self.listener = listener or NullListener()
+        self.keeper = keeper  # where kept updates go: ray.put inside the actor
         self.clients: dict[str, ClientLink] = {}
         self.models: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.run: RoundRun | None = None
-        self._rounds: dict[tuple, asyncio.Future[RoundResult]] = {}
-        self._uploads = asyncio.Semaphore(settings.max_inflight_uploads)
+        self.strategies: OrderedDict[str, Strategy] = OrderedDict()
+        self.share: Share | None = None
+        self._async: AsyncSpec | None = None
+        self._participants: set[str] = set()
+        self._last: tuple[tuple, asyncio.Future[RoundResult]] | None = None  # idempotent retry
         self.bytes_out = 0
+        self.stopping = False
         self._clients_changed = asyncio.Event()
-        self.max_update_bytes = int(settings.max_update_mb * 1024 * 1024)
+        self.intake = UpdateIntake(settings.max_inflight_uploads,
+                                   int(settings.max_update_mb * 1024 * 1024),
+                                   settings.upload_idle_s, self._share_for, self._settle,
+                                   self.listener)
 
     # ----------------------------------------------------------------- clients
 
     def online_clients(self) -> list[str]:
         return sorted(cid for cid, link in self.clients.items() if link.status != "offline")
 
+    def online_info(self) -> list[ClientInfo]:
+        return [ClientInfo(cid, self.name, link.name, dict(link.attrs))
+                for cid, link in sorted(self.clients.items()) if link.status != "offline"]
+
     def accepts_clients(self) -> bool:
         return len(self.online_clients()) < self.settings.max_clients
 
-    def connect(self, client_id: str, name: str) -> ClientLink:
+    def connect(self, client_id: str, name: str,
+                attrs: Mapping[str, str] | None = None) -> ClientLink:
         """Register a client (a reconnect replaces its old stream); it is online from now."""
         old = self.clients.get(client_id)
         if old is not None:
             old.queue.put_nowait(None)
-        link = ClientLink(client_id=client_id, name=name)
+        link = ClientLink(client_id=client_id, name=name,
+                          attrs=dict(list((attrs or {}).items())[:MAX_ATTRS]))
         self.clients[client_id] = link
-        self.listener.client_status(client_id, name, "online", len(self.online_clients()))
+        self.listener.client_status(client_id, name, "online", len(self.online_clients()),
+                                    link.attrs)
         self._membership_changed()
         self.listener.event("info", f"client {name} joined combiner {self.name}", client_id=client_id)
+        share = self.share
+        if share is not None and share.asynchronous and client_id in self._participants:
+            self._drop_tasks(share, client_id)  # the old stream's task died with it
+            self._dispatch_async(share, client_id)
         return link
 
     async def tasks(self, link: ClientLink) -> AsyncIterator[Task]:
@@ -163,6 +197,12 @@ class CombinerCore:
                 link.queue.put_nowait(None)
                 self._client_gone(link, f"no heartbeat for {self.settings.offline_after_s:g}s")
 
+    def disconnect_all(self) -> None:
+        """Close every task stream (the combiner stops): clients leaving now is expected."""
+        self.stopping = True
+        for link in self.clients.values():
+            link.queue.put_nowait(None)
+
     def _membership_changed(self) -> None:
         self._clients_changed.set()
         self._clients_changed = asyncio.Event()  # waiters keep the one that just fired
@@ -180,13 +220,19 @@ class CombinerCore:
             del self.clients[link.client_id]
         self.listener.client_status(link.client_id, link.name, "offline", len(self.online_clients()))
         self._membership_changed()
-        self.listener.event("warning", f"client {link.name} is offline: {why}", client_id=link.client_id)
-        run = self.run
-        if run and not run.closed.is_set() and link.client_id in run.tasks.values() \
-                and link.client_id not in run.settled:
-            run.failed += 1
-            run.gone.add(link.client_id)
-            self._settle(run, link.client_id)
+        share = self.share
+        busy = share is not None and not share.closed.is_set() \
+            and any(e.client_id == link.client_id for e in share.tasks.values()) \
+            and link.client_id not in share.settled
+        # Leaving while a task waits on it matters; leaving between sessions, or because
+        # this combiner is stopping, is how every session ends.
+        level = "warning" if busy and not self.stopping else "info"
+        self.listener.event(level, f"client {link.name} is offline: {why}", client_id=link.client_id)
+        if busy:
+            assert share is not None
+            share.failed += 1
+            share.gone.add(link.client_id)
+            self._settle(share, link.client_id, False)
 
     # ----------------------------------------------------------------- models
 
@@ -203,222 +249,262 @@ class CombinerCore:
             self.bytes_out += len(chunk)
             yield chunk, offset, total
 
-    def _keep_model(self, data: np.ndarray, known_id: str = "") -> str:
+    def _keep_model(self, data: np.ndarray, version: int, known_id: str = "",
+                    keep: int = KEPT_MODELS) -> ModelVersion:
         mid = known_id or model_id(data)  # the controller hashed it once already
         self.models[mid] = data
         self.models.move_to_end(mid)
-        while len(self.models) > KEPT_MODELS:
+        while len(self.models) > keep:
             self.models.popitem(last=False)
-        return mid
+        layout = read_layout(data)
+        return ModelVersion(version, mid, layout, decode(data, layout), int(data.nbytes))
 
-    # ----------------------------------------------------------------- rounds
+    # ----------------------------------------------------------------- sessions
+
+    def start_session(self, session_id: str, strategy: Strategy) -> None:
+        """The session's strategy, given once; every later round of it uses this one."""
+        self.strategies[session_id] = strategy
+        self.strategies.move_to_end(session_id)
+        while len(self.strategies) > KEPT_SESSIONS:
+            self.strategies.popitem(last=False)
+
+    def _strategy(self, session_id: str) -> Strategy:
+        strategy = self.strategies.get(session_id)
+        if strategy is None:
+            raise UnknownSession(f"combiner {self.name} has no strategy for session "
+                                 f"{session_id}")
+        return strategy
+
+    def _open(self, share: Share) -> None:
+        previous, self.share = self.share, share
+        if previous is not None and not previous.closed.is_set():
+            self._close(previous, "superseded")
+
+    def _share_for(self, session_id: str, kind: TaskKind) -> Share:
+        if self.share is None:
+            raise UpdateRejected("stale", f"no round of session {session_id[:16]} is open")
+        return self.share
+
+    # ----------------------------------------------------------------- synchronous rounds
 
     async def run_round(self, spec: RoundSpec, model: np.ndarray) -> RoundResult:
         """Run this combiner's share of a round; calling twice for one round is harmless."""
-        existing = self._rounds.get(spec.key)
-        if existing is None:
-            existing = asyncio.ensure_future(self._run_round(spec, model))
-            self._rounds = {k: v for k, v in self._rounds.items() if k[0] == spec.session_id}
-            self._rounds[spec.key] = existing
-        return await asyncio.shield(existing)
+        if self._last is None or self._last[0] != spec.key:
+            strategy = self._strategy(spec.session_id)  # before anything starts
+            # Only the latest round's result is kept (for a retried call): a session of
+            # any length holds one partial here, not one per round.
+            self._last = (spec.key, asyncio.ensure_future(self._run_round(spec, model, strategy)))
+        return await asyncio.shield(self._last[1])
 
-    async def _run_round(self, spec: RoundSpec, model: np.ndarray) -> RoundResult:
-        mid = self._keep_model(model, spec.model_id)
-        layout = read_layout(model)
-        deadline = time.monotonic() + spec.timeout_s
-        tasks = {uuid.uuid4().hex: client for client in spec.clients}
+    async def _run_round(self, spec: RoundSpec, model: np.ndarray,
+                         strategy: Strategy) -> RoundResult:
+        self._stop_async_share("a round started")
+        version = self._keep_model(model, spec.version, spec.model_id)
         accumulator = None
         if spec.kind is TaskKind.TRAIN:
-            accumulator = make_aggregator(spec.aggregator, spec.aggregator_kwargs).start(layout.spec())
-        run = RoundRun(spec=spec, model_id=mid, layout=layout, model_size=model.nbytes,
-                       deadline=deadline, tasks=tasks, accumulator=accumulator)
-        previous, self.run = self.run, run
-        if previous is not None and not previous.closed.is_set():
-            self._close(previous, "superseded")
+            accumulator = strategy.start(ShareStart(spec=version.layout.spec(), base=version.base,
+                                                    params=dict(spec.params), keep=self.keeper))
+        tasks = {uuid.uuid4().hex: TaskEntry(client, spec.version) for client in spec.clients}
+        share = Share(session_id=spec.session_id, round=spec.round, kind=spec.kind,
+                      strategy=strategy, accumulator=accumulator,
+                      limits=Limits(spec.max_examples, spec.max_update_norm),
+                      versions={spec.version: version}, current=spec.version,
+                      deadline=time.monotonic() + spec.timeout_s, tasks=tasks,
+                      buffer=spec.buffer)
+        self._open(share)
         bytes_out_before = self.bytes_out
         deadline_unix = time.time() + spec.timeout_s
-        for task_id, client_id in tasks.items():
-            link = self.clients.get(client_id)
+        for task_id, entry in tasks.items():
+            link = self.clients.get(entry.client_id)
             if link is None or link.status == "offline":
-                run.failed += 1
-                run.settled.add(client_id)
+                share.failed += 1
+                share.failures[entry.client_id] = "offline when the round started"
+                share.settled.add(entry.client_id)
                 continue
-            link.queue.put_nowait(Task(task_id=task_id, kind=spec.kind, session_id=spec.session_id,
-                                       round=spec.round, model_id=mid, model_size=model.nbytes,
-                                       config=spec.config, deadline_unix=deadline_unix,
-                                       package_sha256=spec.package_sha256))
-        self._check_close(run)
-        timer = asyncio.get_running_loop().call_later(spec.timeout_s, self._check_close, run)
+            link.queue.put_nowait(self._task(task_id, spec.kind, spec.session_id, spec.round,
+                                             version, spec.config, deadline_unix,
+                                             spec.package_sha256, spec.package_size))
+        self._check_close(share)
+        timer = asyncio.get_running_loop().call_later(spec.timeout_s, self._check_close, share)
         try:
-            await run.closed.wait()
+            await share.closed.wait()
         finally:
             timer.cancel()
-        async with run.fold_lock:  # folds that were already accepted finish first
+        async with share.fold_lock:  # folds that were already accepted finish first
             partial = accumulator.partial() if accumulator else None
         result = RoundResult(
             combiner=self.name, session_id=spec.session_id, round=spec.round, asked=len(tasks),
-            updates=run.updates, rejected=sum(run.rejected.values()), failed=run.failed,
-            close_reason=run.close_reason, seconds=time.monotonic() - run.started,
-            bytes_in=run.bytes_in, bytes_out=self.bytes_out - bytes_out_before,
-            aggregation_s=run.aggregation_s, partial=partial, validations=run.validations,
-            rejections=dict(run.rejected))
+            updates=share.accepted, rejected=sum(share.rejected.values()), failed=share.failed,
+            close_reason=share.close_reason, seconds=time.monotonic() - share.started,
+            bytes_in=share.bytes_in, bytes_out=self.bytes_out - bytes_out_before,
+            aggregation_s=share.aggregation_s, partial=partial, validations=share.validations,
+            rejections=dict(share.rejected), metrics=share.metrics,
+            failures=dict(share.failures), attempt=spec.attempt)
         self.listener.round_closed(result)
         return result
 
-    def _settle(self, run: RoundRun, client_id: str) -> None:
-        run.settled.add(client_id)
-        self._check_close(run)
+    @staticmethod
+    def _task(task_id: str, kind: TaskKind, session_id: str, round_: int, version: ModelVersion,
+              config: dict[str, Any], deadline_unix: float, package_sha256: str,
+              package_size: int) -> Task:
+        return Task(task_id=task_id, kind=kind, session_id=session_id, round=round_,
+                    model_id=version.model_id, model_size=version.size, config=config,
+                    deadline_unix=deadline_unix, package_sha256=package_sha256,
+                    package_size=package_size)
 
-    def _check_close(self, run: RoundRun) -> None:
-        if run.closed.is_set():
+    def _settle(self, share: Share, client_id: str, accepted: bool) -> None:
+        if share.asynchronous:
+            self._drop_tasks(share, client_id)
+            if not share.closed.is_set():
+                self._dispatch_async(share, client_id)
             return
-        decision = closing_decision(run.snapshot())
-        if decision is not CloseReason.WAITING:
-            self._close(run, decision.value)
+        share.settled.add(client_id)
+        self._check_close(share)
 
-    def _close(self, run: RoundRun, reason: str) -> None:
-        run.close_reason = reason
-        run.closed.set()
+    def _check_close(self, share: Share) -> None:
+        if share.closed.is_set() or share.asynchronous:
+            return
+        snapshot = ShareSnapshot(selected=len(share.tasks), accepted=share.accepted,
+                                 settled=len(share.settled), buffer=share.buffer,
+                                 now=time.monotonic(), deadline=share.deadline)
+        try:
+            decision = share.strategy.should_close(snapshot)
+        except Exception:  # noqa: BLE001 - a broken strategy cannot keep a round open
+            log.exception("strategy %s failed in should_close", type(share.strategy).__name__)
+            decision = CloseReason.DEADLINE if snapshot.now >= snapshot.deadline \
+                else CloseReason.WAITING
+        if decision is not CloseReason.WAITING:
+            self._close(share, CloseReason(decision).value)
+
+    def _close(self, share: Share, reason: str) -> None:
+        share.close_reason = reason
+        share.closed.set()
+
+    # ----------------------------------------------------------------- asynchronous sessions
+
+    async def start_async(self, spec: AsyncSpec, model: np.ndarray, version: int,
+                          known_id: str = "") -> None:
+        """Serve an asynchronous session: every participant trains, again and again."""
+        strategy = self._strategy(spec.session_id)
+        share = self.share
+        if share is not None and share.asynchronous and share.session_id == spec.session_id \
+                and not share.closed.is_set():
+            await self.set_version(version, model, known_id)  # a retried call: catch up
+            self.add_clients(spec.clients)
+            return
+        current = self._keep_model(model, version, known_id, keep=spec.kept_versions)
+        keep = ShareStart(spec=current.layout.spec(), base=current.base, keep=self.keeper)
+        share = Share(session_id=spec.session_id, round=version, kind=TaskKind.TRAIN,
+                      strategy=strategy, accumulator=BoundedKeepAll(keep, spec.max_pending),
+                      limits=Limits(spec.max_examples, spec.max_update_norm),
+                      versions={version: current}, current=version, deadline=float("inf"),
+                      asynchronous=True)
+        self._open(share)
+        self._async, self._participants = spec, set()
+        self.add_clients(spec.clients)
+
+    def add_clients(self, clients: tuple[str, ...] | list[str]) -> None:
+        """More participants for the asynchronous session (clients that joined later)."""
+        share = self.share
+        if share is None or not share.asynchronous or share.closed.is_set():
+            return
+        for client_id in clients:
+            if client_id not in self._participants:
+                self._participants.add(client_id)
+                self._dispatch_async(share, client_id)
+
+    def _dispatch_async(self, share: Share, client_id: str) -> None:
+        link = self.clients.get(client_id)
+        spec = self._async
+        if link is None or link.status == "offline" or spec is None \
+                or client_id not in self._participants \
+                or any(e.client_id == client_id for e in share.tasks.values()):
+            return
+        task_id = uuid.uuid4().hex
+        share.tasks[task_id] = TaskEntry(client_id, share.current)
+        link.queue.put_nowait(self._task(task_id, TaskKind.TRAIN, share.session_id,
+                                         share.current, share.versions[share.current],
+                                         spec.config, time.time() + spec.timeout_s,
+                                         spec.package_sha256, spec.package_size))
+
+    @staticmethod
+    def _drop_tasks(share: Share, client_id: str) -> None:
+        for task_id in [t for t, e in share.tasks.items() if e.client_id == client_id]:
+            del share.tasks[task_id]
+
+    async def set_version(self, version: int, model: np.ndarray, known_id: str = "") -> None:
+        """A new global version: tasks from now on train it; recent ones stay servable."""
+        share, spec = self.share, self._async
+        if share is None or not share.asynchronous or spec is None or version <= share.current:
+            return
+        async with share.fold_lock:  # no fold is halfway through reading ``current``
+            share.versions[version] = self._keep_model(model, version, known_id,
+                                                       keep=spec.kept_versions)
+            share.current = version
+            for old in sorted(share.versions)[: max(0, len(share.versions) - spec.kept_versions)]:
+                del share.versions[old]
+
+    async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
+        """The updates accepted since the last call (waits up to ``timeout_s`` for one)."""
+        share = self.share
+        if share is None or not share.asynchronous or share.session_id != session_id:
+            raise UnknownSession(f"combiner {self.name} serves no asynchronous session "
+                                 f"{session_id}")
+        kept: KeptUpdates = share.accumulator.partial()  # type: ignore[union-attr]
+        share.arrived.clear()  # before looking: an update folded meanwhile sets it again
+        if not kept.items and not share.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(share.arrived.wait(), timeout_s)
+        async with share.fold_lock:
+            items, kept.items = kept.items, []
+        return items
+
+    def stop_async(self, session_id: str) -> dict[str, Any]:
+        """End the asynchronous session; what it counted (late updates are dropped)."""
+        return self._stop_async_share("the session ended", session_id)
+
+    def _stop_async_share(self, why: str, session_id: str | None = None) -> dict[str, Any]:
+        share = self.share
+        if share is None or not share.asynchronous \
+                or (session_id is not None and share.session_id != session_id):
+            return {}
+        self._close(share, why)
+        self._participants = set()
+        share.tasks.clear()
+        return {"accepted": share.accepted, "rejected": dict(share.rejected),
+                "failed": share.failed, "bytes_in": share.bytes_in}
 
     # ----------------------------------------------------------------- intake
 
-    def _task_for(self, run: RoundRun | None, client_id: str, task_id: str, session_id: str,
-                  round_: int, mid: str, kind: TaskKind) -> RoundRun:
-        """The open round a report belongs to, or UpdateRejected saying why not."""
-        if run is None or run.spec.session_id != session_id or run.spec.round != round_ \
-                or run.spec.kind is not kind:
-            raise UpdateRejected("stale", f"no open {kind.value} round {round_} of session {session_id}")
-        if run.tasks.get(task_id) != client_id:
-            raise UpdateRejected("unknown_task", f"task {task_id} was not given to {client_id}")
-        if client_id in run.settled and client_id not in run.gone:
-            raise UpdateRejected("duplicate", f"{client_id} already answered task {task_id}")
-        if mid != run.model_id:
-            raise UpdateRejected("wrong_model", f"trained from {mid[:12]}, round uses {run.model_id[:12]}")
-        if run.closed.is_set():
-            raise UpdateRejected("round_closed", f"round {round_} closed ({run.close_reason})")
-        return run
-
     async def push_update(self, header: UpdateHeader,
                           chunks: AsyncIterator[tuple[bytes, int]]) -> tuple[bool, str]:
-        """Receive, check and fold one update; returns (accepted, reason).
-
-        Once every byte has arrived, the rest runs shielded from cancellation: a client
-        that hangs up during the check cannot leave a folded update uncounted.
-        """
-        run = self.run
-        try:
-            run = self._task_for(run, header.client_id, header.task_id, header.session_id,
-                                 header.round, header.model_id, TaskKind.TRAIN)
-            limit = min(self.max_update_bytes, run.model_size + HEADER_SLACK)
-            if header.size > limit:
-                raise UpdateRejected("too_large", f"{header.size} bytes, the limit is {limit}")
-            if header.num_examples <= 0:
-                raise UpdateRejected("no_examples", "num_examples must be positive")
-            if header.client_id in run.uploading:  # else one client could take every slot
-                raise UpdateRejected("duplicate", "an upload for this task is already running")
-            run.uploading.add(header.client_id)
-            try:
-                async with self._uploads:
-                    data = await self._receive_while_open(run, header, chunks)
-                    run.bytes_in += len(data)
-                    return await asyncio.shield(self._accept(run, data, header))
-            finally:
-                run.uploading.discard(header.client_id)
-        except UpdateRejected as exc:
-            self._reject(run, header, exc)
-            return False, str(exc)
-
-    async def _accept(self, run: RoundRun, data: np.ndarray, header: UpdateHeader) -> tuple[bool, str]:
-        """Check, fold and count a fully received update, all under the round's fold lock."""
-        try:
-            async with run.fold_lock:
-                # Asked again now: while this update waited, its round may have closed (its
-                # partial is taken) or a concurrent copy of it may have been folded.
-                self._task_for(run, header.client_id, header.task_id, header.session_id,
-                               header.round, header.model_id, TaskKind.TRAIN)
-                started = time.perf_counter()
-                await asyncio.to_thread(self._check_and_fold, run, data, header)
-                run.aggregation_s += time.perf_counter() - started
-                if header.client_id in run.gone:  # marked offline while uploading, but it delivered
-                    run.gone.discard(header.client_id)
-                    run.failed -= 1
-                run.updates += 1
-                self._settle(run, header.client_id)
-        except UpdateRejected as exc:
-            self._reject(run, header, exc)
-            return False, str(exc)
-        self.listener.event("info", f"update from {header.client_id} accepted for round {header.round}",
-                            client_id=header.client_id, session_id=header.session_id,
-                            round=header.round, num_examples=header.num_examples)
-        return True, "accepted"
-
-    def _check_and_fold(self, run: RoundRun, data: np.ndarray, header: UpdateHeader) -> None:
-        """Runs in a worker thread: hashing and folding never stall the event loop."""
-        if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
-            raise UpdateRejected("checksum", "payload does not match the header's sha256")
-        update = check_update(data, run.layout, self.max_update_bytes)
-        assert run.accumulator is not None
-        run.accumulator.fold(update, float(header.num_examples), header.metrics)
-
-    async def _receive_while_open(self, run: RoundRun, header: UpdateHeader,
-                                  chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
-        """``_receive``, given up when the round closes: an upload that stalls cannot keep
-        its buffer and its upload slot past the round it was for."""
-        receive = asyncio.ensure_future(self._receive(header, chunks))
-        closed = asyncio.ensure_future(run.closed.wait())
-        try:
-            await asyncio.wait({receive, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            receive.cancel()  # no-op once it finished
-        if receive.done() and not receive.cancelled():
-            return receive.result()
-        raise UpdateRejected("round_closed", f"round {header.round} closed ({run.close_reason}) "
-                             "before the upload ended")
-
-    async def _receive(self, header: UpdateHeader, chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
-        data = np.empty(header.size, dtype=np.uint8)  # not zero-filled: every byte is written
-        received = 0
-        async for chunk, offset in chunks:
-            if offset != received:
-                raise UpdateRejected("out_of_order", f"chunk at {offset}, expected {received}")
-            end = received + len(chunk)
-            if end > header.size:
-                raise UpdateRejected("too_large", f"more than the announced {header.size} bytes")
-            data[received:end] = np.frombuffer(chunk, dtype=np.uint8)
-            received = end
-        if received != header.size:
-            raise UpdateRejected("truncated", f"{received} of {header.size} bytes arrived")
-        return data
-
-    def _reject(self, run: RoundRun | None, header: UpdateHeader, exc: UpdateRejected) -> None:
-        self.listener.event("warning", f"update from {header.client_id} rejected: {exc}",
-                            client_id=header.client_id, session_id=header.session_id,
-                            round=header.round, reason=exc.reason)
-        if run is None or run is not self.run or run.tasks.get(header.task_id) != header.client_id:
-            return  # stale or foreign: nothing of the open round changes
-        if exc.reason in {"duplicate", "round_closed"}:
-            return
-        run.rejected[exc.reason] = run.rejected.get(exc.reason, 0) + 1
-        self._settle(run, header.client_id)
+        """Receive, check and fold one update (``fedray.actors.intake``)."""
+        return await self.intake.push(header, chunks)
 
     def push_validation(self, report: ValidationReport) -> tuple[bool, str]:
         try:
-            run = self._task_for(self.run, report.client_id, report.task_id, report.session_id,
-                                 report.round, report.model_id, TaskKind.VALIDATE)
+            share = self._share_for(report.session_id, TaskKind.VALIDATE)
+            share.admit(report.client_id, report.task_id, report.session_id, report.round,
+                        report.model_id, TaskKind.VALIDATE)
         except UpdateRejected as exc:
             return False, str(exc)
-        run.validations.append(report)
-        run.updates += 1
-        self._settle(run, report.client_id)
+        share.validations.append(report)
+        share.accepted += 1
+        self._settle(share, report.client_id, True)
         return True, "accepted"
 
-    def task_failed(self, client_id: str, task_id: str, message: str) -> None:
+    def task_failed(self, client_id: str, task_id: str, message: str,
+                    error_class: str = "") -> None:
         """A client reported that it could not run a task; stop waiting for it."""
-        run = self.run
-        if run is None or run.tasks.get(task_id) != client_id or client_id in run.settled:
+        share = self.share
+        entry = share.tasks.get(task_id) if share is not None else None
+        if share is None or entry is None or entry.client_id != client_id \
+                or client_id in share.settled:
             return
-        run.failed += 1
-        self.listener.event("error", f"client {client_id} failed task {task_id}: {message}",
-                            client_id=client_id, session_id=run.spec.session_id, round=run.spec.round)
-        self._settle(run, client_id)
+        why = f"{error_class}: {message}" if error_class else message
+        share.failed += 1
+        share.failures[client_id] = why[:500]
+        self.listener.event("error", f"client {client_id} failed task {task_id[:12]}: {why}",
+                            client_id=client_id, session_id=share.session_id,
+                            round=share.round, error_class=error_class)
+        self._settle(share, client_id, False)

@@ -7,6 +7,7 @@ never reach the core as exceptions and never stop the server.
 from __future__ import annotations
 
 import logging
+import re
 
 import grpc
 
@@ -21,6 +22,20 @@ from fedray.wire import client_values, header_from_proto, task_to_proto, validat
 log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 256  # a client's id and name are kept while it is connected, and tracked
+MAX_ATTRS, MAX_ATTR_VALUE = 32, 256  # what a client may say about itself (--attr KEY=VALUE)
+ATTR_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_attrs(attrs) -> str:
+    """Why these client attributes are refused ("" when they are fine)."""
+    if len(attrs) > MAX_ATTRS:
+        return f"at most {MAX_ATTRS} attributes"
+    for key, value in attrs.items():
+        if not ATTR_KEY.match(key):
+            return f"attribute name {key[:70]!r} must be 1-64 of A-Z a-z 0-9 _ . -"
+        if len(value) > MAX_ATTR_VALUE or not value.isprintable():
+            return f"attribute {key} must be at most {MAX_ATTR_VALUE} printable characters"
+    return ""
 
 
 class CombinerServicer(pb_grpc.CombinerServicer):
@@ -37,10 +52,13 @@ class CombinerServicer(pb_grpc.CombinerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"client ids and names are at most {MAX_NAME_CHARS} characters")
         name = client_id if current_caller().kind == "client" else request.name or client_id
+        refused = check_attrs(request.attrs)
+        if refused:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         if client_id not in self.core.clients and not self.core.accepts_clients():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"combiner {self.core.name} is full; ask the gateway again")
-        link = self.core.connect(client_id, name)
+        link = self.core.connect(client_id, name, dict(request.attrs))
         await context.send_initial_metadata(())  # the client's wait_for_connection returns now
         async for task in self.core.tasks(link):
             yield task_to_proto(task)
@@ -94,7 +112,8 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         message = request.message[:2000]
         client_id = await caller_id(context, request.client_id)
         if request.task_id and level == "error":
-            self.core.task_failed(client_id, request.task_id, message)
+            self.core.task_failed(client_id, request.task_id, message,
+                                  request.error_class[:100])
         else:
             self.core.listener.event(level, f"client {client_id}: {message}",
                                      client_id=client_id, data=client_values(request.data))

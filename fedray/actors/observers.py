@@ -34,8 +34,11 @@ class TrackingObserver:
         self.write("event", level, self.source, message, session_id=session_id, round=round_,
                    data=data or None)
 
-    def client_status(self, client_id: str, name: str, status: str, online: int) -> None:
-        self.write("upsert_client", client_id, name=name, combiner=self.combiner, status=status)
+    def client_status(self, client_id: str, name: str, status: str, online: int,
+                      attrs: dict[str, str] | None = None) -> None:
+        fields = {"attrs": dict(attrs)} if attrs is not None else {}
+        self.write("upsert_client", client_id, name=name, combiner=self.combiner, status=status,
+                   **fields)
         self.write("upsert_combiner", self.combiner, clients=online)
         if self.metrics is not None:
             self.metrics.clients.set(online)

@@ -1,8 +1,12 @@
-"""One training session, round by round: select, dispatch, reduce, commit, validate.
+"""One training session: carry out the strategy's decisions, round by round, and report.
 
-Runs inside the controller actor's event loop. Combiners are reached only through the
-``CombinerPool`` callables, the model store and tracking through their interfaces, so the
-loop itself holds the policy of a session and none of the plumbing.
+Runs inside the controller actor's event loop, but knows nothing of Ray: combiners are a
+``CombinerPool`` (Ray actors in production, in-process cores in tests), models go to a
+``ModelStore``, and everything that happens is a typed event for the ``Callbacks``
+(tracking, metrics, progress). Per round: wait for clients, ``strategy.configure`` over a
+snapshot of the online clients, dispatch the plan, reduce the partials, ``finish``,
+refuse a non-finite model, commit (model, strategy state, tracking, durably), and only
+then validate. Asynchronous strategies (FedBuff) run ``fedray.actors.async_runner``.
 """
 
 from __future__ import annotations
@@ -10,314 +14,420 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from fedray.actors.observers import TrackingObserver
-from fedray.aggregators import make_aggregator
-from fedray.aggregators.base import Partial, fold_metrics
+from fedray.actors.callbacks import (
+    Callbacks,
+    ClientsOnline,
+    ModelRecorded,
+    Notice,
+    RoundCommitted,
+    RoundDone,
+    RoundFailed,
+    RoundStarted,
+    RoundValidated,
+    SessionCreated,
+    SessionMoved,
+    combiner_doc,
+)
 from fedray.config import SessionConfig
-from fedray.errors import SessionError
-from fedray.messages import RoundResult, RoundSpec, TaskKind
-from fedray.policy import ResumePoint, clients_wanted, round_verdict, select_clients
+from fedray.errors import ConfigError, FedrayError, SessionError
+from fedray.messages import AsyncSpec, MetricSums, RoundResult, RoundSpec, TaskKind
+from fedray.policy import round_verdict
 from fedray.serialization import copy_model, decode, encode, read_layout
-from fedray.states import RoundState, SessionState, next_round_state, next_session_state
+from fedray.states import SessionState, next_session_state
 from fedray.storage.base import ModelStore
+from fedray.strategies.base import (
+    Buffer,
+    ClientInfo,
+    Kept,
+    KeptUpdates,
+    RoundContext,
+    RoundPlan,
+    Strategy,
+    is_finite_model,
+)
 
 log = logging.getLogger(__name__)
 
-class RoundFailed(SessionError):
-    """One attempt at a round ended with too few updates; the round may run again."""
-
-
 RPC_GRACE_S = 30.0  # how long past a round's deadline a combiner may take to answer
+RETRY_BACKOFF_S = (1.0, 30.0)  # a failed attempt waits this long, doubling up to the cap
+
+
+class RoundFailedError(SessionError):
+    """One attempt at a round did not commit; the round may run again."""
 
 
 class CombinerPool(Protocol):
-    async def online(self) -> dict[str, list[str]]: ...
-    async def wait_for_change(self, online: dict[str, list[str]], timeout_s: float) -> None: ...
+    """How the runner reaches its combiners (Ray actors, or in-process cores in tests)."""
+
+    names: list[str]
+
+    async def online(self) -> dict[str, list[ClientInfo]]: ...
+    async def wait_for_change(self, online: Mapping[str, list[Any]], timeout_s: float) -> None: ...
     def put_model(self, data: bytes) -> Any: ...
+    async def resolve(self, handle: Any) -> Buffer: ...
+    async def start_session(self, session_id: str, strategy: Strategy) -> None: ...
     async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult: ...
+    async def start_async(self, combiner: str, spec: AsyncSpec, model_ref: Any, version: int,
+                          model_id: str) -> None: ...
+    async def add_clients(self, combiner: str, clients: list[str]) -> None: ...
+    async def set_version(self, combiner: str, version: int, model_ref: Any,
+                          model_id: str) -> None: ...
+    async def take_updates(self, combiner: str, session_id: str, timeout_s: float) -> list[Kept]: ...
+    async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]: ...
 
 
-@dataclass
-class SessionStatus:
-    """What `fedray run` shows while a session runs; sent as a plain dict."""
+@dataclass(frozen=True)
+class Start:
+    """Where a session begins: a new one from ``model_id``, or ``resume`` after
+    ``rounds_done`` committed rounds; ``state_id`` names saved strategy state."""
 
-    session_id: str
-    state: str = SessionState.CREATED.value
-    rounds_planned: int = 0
+    model_id: str
     rounds_done: int = 0
-    round: int = 0
-    round_state: str = ""
-    clients_online: int = 0
-    model_id: str = ""
-    reason: str = ""
-    history: list[dict[str, Any]] = field(default_factory=list)
+    state_id: str = ""
+    resume: bool = False
+    continued_from: str = ""  # a new session that continues another one's model and state
 
 
 class SessionRunner:
-    def __init__(self, federation: str, session_id: str, settings: SessionConfig, pool: CombinerPool,
-                 store: ModelStore, observer: TrackingObserver,
-                 on_change: Callable[[SessionStatus], Awaitable[None] | None],
-                 package_sha256: str = "") -> None:
+    def __init__(self, *, federation: str, session_id: str, settings: SessionConfig,
+                 strategy: Strategy, pool: CombinerPool, store: ModelStore,
+                 callbacks: Callbacks, combiner_strategy: Strategy | None = None,
+                 package: tuple[str, int] = ("", 0)) -> None:
         self.federation = federation
-        self.package_sha256 = package_sha256
+        self.session_id = session_id
         self.settings = settings
+        self.strategy = strategy  # the controller's copy: it holds the server state
+        self.combiner_strategy = combiner_strategy or strategy  # shipped once, stateless
         self.pool = pool
         self.store = store
-        self.observer = observer
-        self.on_change = on_change
-        self.aggregator = make_aggregator(settings.aggregator, settings.aggregator_kwargs)
-        self.status = SessionStatus(session_id=session_id, rounds_planned=settings.rounds)
-        self._state = SessionState.CREATED
-        self._put: tuple[str, Any] | None = None  # (model id, ObjectRef) of the last ray.put
+        self.callbacks = callbacks
+        self.package = package  # (sha256, size) of the session's compute package
+        self.state = SessionState.CREATED
+        self.rounds_done = 0
+        self.model_id = ""
+        self.state_id = ""
+        self._put: tuple[str, Any] | None = None  # (model id, ref) of the last put
 
-    @property
-    def session_id(self) -> str:
-        return self.status.session_id
+    # ----------------------------------------------------------------- lifecycle
 
-    def _changed(self, **fields: Any) -> None:
-        for name, value in fields.items():
-            setattr(self.status, name, value)
-        self.on_change(self.status)
+    def emit(self, event: Any) -> None:
+        self.callbacks.emit(event)
+
+    def note(self, level: str, message: str, round_: int | None = None, **data: Any) -> None:
+        self.emit(Notice(level, message, self.session_id, round_, data))
 
     def _move(self, state: SessionState, **fields: Any) -> None:
-        self._state = next_session_state(self._state, state)
-        self.observer.write("update_session", self.session_id, status=state.value, **fields)
+        self.state = next_session_state(self.state, state)
+        self.emit(SessionMoved(self.session_id, state.value, fields))
         if state is SessionState.RUNNING:
-            self.observer.event("info", f"session {self.session_id} is running",
-                                session_id=self.session_id)
-        self._changed(state=state.value)
+            self.note("info", f"session {self.session_id} is running")
 
-    async def run(self, seed_model_id: str, resume: ResumePoint | None = None) -> SessionStatus:
-        """Run the session; with ``resume``, continue after its last committed round."""
+    async def run(self, start: Start) -> tuple[str, str]:
+        """Run the session to its end; (final state, reason if it failed)."""
+        reason = ""
         try:
-            if resume is None:
-                self.observer.write("create_session", self.session_id, self.federation,
-                                    self.settings_dict(), self.settings.rounds, seed_model_id)
-                self.observer.write("update_session", self.session_id,
-                                    seed_model_id=seed_model_id,
-                                    package_sha256=self.package_sha256)
-                self.observer.event("info", f"session {self.session_id} created",
-                                    session_id=self.session_id)
-                model_id, first = seed_model_id, 1
+            model = await self._begin(start)
+            if self.strategy.asynchronous:
+                from fedray.actors.async_runner import AsyncLoop
+
+                await AsyncLoop(self).run(model)
             else:
-                model_id, first = resume.model_id, resume.rounds_done + 1
-                if resume.aggregator_state_id:
-                    state = await asyncio.to_thread(self.store.get, resume.aggregator_state_id)
-                    self.aggregator.load_state_dict(copy_model(decode(state)))
-                self.observer.event("warning", f"session {self.session_id} resumed after round "
-                                    f"{resume.rounds_done} from model {model_id[:12]}",
-                                    session_id=self.session_id)
-            model = await asyncio.to_thread(self.store.get, model_id)
-            if resume is None:
-                self._record_model(model_id, None, 0, model)
-            await self._durable()
-            self._changed(model_id=model_id, rounds_done=first - 1)
-            for number in range(first, self.settings.rounds + 1):
-                model = await self._round(number, model)
-            self._move(SessionState.FINISHED, rounds_done=self.status.rounds_done,
-                       model_id=self.status.model_id)
-            self.observer.event("info", f"session {self.session_id} finished after "
-                                f"{self.status.rounds_done} rounds", session_id=self.session_id)
-        except (SessionError, Exception) as exc:  # noqa: BLE001 - every failure ends the session
-            reason = str(exc) if isinstance(exc, SessionError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, SessionError):
+                for number in range(self.rounds_done + 1, self.settings.rounds + 1):
+                    model = await self._round(number, model)
+            self._move(SessionState.FINISHED, rounds_done=self.rounds_done,
+                       model_id=self.model_id)
+            self.note("info", f"session {self.session_id} finished after {self.rounds_done} "
+                      f"{'versions' if self.strategy.asynchronous else 'rounds'}")
+        except Exception as exc:  # noqa: BLE001 - every failure ends the session, said once
+            reason = str(exc) if isinstance(exc, FedrayError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, FedrayError):
                 log.exception("session %s crashed", self.session_id)
-            self.status.reason = reason
-            self._move(SessionState.FAILED, reason=reason)
-            self.observer.event("error", f"session {self.session_id} failed: {reason}",
-                                session_id=self.session_id)
-        await self._durable()
-        return self.status
+            if not self.state.terminal:
+                self._move(SessionState.FAILED, reason=reason)
+            self.note("error", f"session {self.session_id} failed: {reason}")
+        await self.callbacks.flush()
+        return self.state.value, reason
 
-    async def _durable(self) -> None:
-        """Wait until every tracking write so far has landed (retried while tracking is down).
+    async def _begin(self, start: Start) -> bytes:
+        self.model_id, self.rounds_done, self.state_id = (start.model_id, start.rounds_done,
+                                                          start.state_id)
+        if not start.resume:
+            self.emit(SessionCreated(self.session_id, self.federation, asdict(self.settings),
+                                     self.settings.rounds, start.model_id, self.package[0],
+                                     self.package[1], start.continued_from,
+                                     self.settings.aggregator,
+                                     self.strategy.asynchronous))
+        else:
+            self.note("warning", f"session {self.session_id} resumed after round "
+                      f"{start.rounds_done} from model {start.model_id[:12]}")
+        if start.state_id:
+            state = await asyncio.to_thread(self.store.get, start.state_id)
+            self.strategy.load_state_dict(copy_model(decode(state)))
+        model = await asyncio.to_thread(self.store.get, start.model_id)
+        if not start.resume:
+            self._record_model(start.model_id, None, 0, model)
+        await self.callbacks.flush()
+        self.emit(SessionMoved(self.session_id, self.state.value,
+                               {"rounds_done": start.rounds_done, "model_id": start.model_id}))
+        await self.pool.start_session(self.session_id, self.combiner_strategy)
+        return model
 
-        Called after each commit: a controller that dies later resumes from what is here.
-        """
-        while not await asyncio.to_thread(self.observer.flush, 10.0):
-            log.warning("tracking is not answering; session %s waits for its writes",
-                        self.session_id)
+    # ----------------------------------------------------------------- clients
 
-    def settings_dict(self) -> dict[str, Any]:
-        return asdict(self.settings)
-
-    async def _wait_for_clients(self) -> None:
+    async def wait_for_clients(self) -> dict[str, list[ClientInfo]]:
+        """Until ``min_clients`` are online (or ``wait_for_clients_s`` passed: SessionError)."""
         give_up = time.monotonic() + self.settings.wait_for_clients_s
         announced = False
         while True:
             online = await self.pool.online()
             count = sum(len(c) for c in online.values())
-            self._changed(clients_online=count)
+            self.emit(ClientsOnline(self.session_id, count))
             if count >= self.settings.min_clients:
-                if self._state is not SessionState.RUNNING:
+                if self.state is not SessionState.RUNNING:
                     self._move(SessionState.RUNNING)
-                return
+                return online
             if not announced:
-                if self._state is not SessionState.WAITING:
+                if self.state is not SessionState.WAITING:
                     self._move(SessionState.WAITING)
-                self.observer.event("info", f"waiting for clients: {count} of "
-                                    f"{self.settings.min_clients} connected", session_id=self.session_id)
+                self.note("info", f"waiting for clients: {count} of {self.settings.min_clients} "
+                          "connected")
                 announced = True
             if time.monotonic() > give_up:
                 raise SessionError(f"only {count} client(s) connected within "
-                                   f"{self.settings.wait_for_clients_s:g}s; session.min_clients is "
-                                   f"{self.settings.min_clients}")
+                                   f"{self.settings.wait_for_clients_s:g}s; session.min_clients "
+                                   f"is {self.settings.min_clients}")
             await self.pool.wait_for_change(online, min(5.0, max(0.1, give_up - time.monotonic())))
 
-    async def _dispatch(self, number: int, kind: TaskKind, model_ref: Any, model_id: str,
-                        plan: dict[str, list[str]], attempt: int = 1,
-                        ) -> tuple[list[RoundResult], list[str]]:
-        spec_for = {
+    def context(self, number: int, attempt: int,
+                online: Mapping[str, list[ClientInfo]]) -> RoundContext:
+        clients = tuple(c for name in sorted(online) for c in online[name])
+        return RoundContext(session_id=self.session_id, round=number, attempt=attempt,
+                            online=clients, settings=self.settings,
+                            seed=self.settings.seed * 100_003 + number * 101 + attempt)
+
+    def plan(self, ctx: RoundContext) -> RoundPlan:
+        """The strategy's plan, checked: it may only ask clients that are online."""
+        try:
+            plan = self.strategy.configure(ctx)
+        except FedrayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user strategy code
+            raise SessionError(f"strategy {self.settings.aggregator!r} failed in configure: "
+                               f"{type(exc).__name__}: {exc}") from None
+        where = {c.client_id: c.combiner for c in ctx.online}
+        for combiner, ids in plan.clients.items():
+            wrong = [i for i in ids if where.get(i) != combiner]
+            if wrong:
+                raise SessionError(f"strategy {self.settings.aggregator!r} asked clients that "
+                                   f"are not online at {combiner}: {wrong[:5]}")
+        return plan
+
+    # ----------------------------------------------------------------- synchronous rounds
+
+    async def _round(self, number: int, model: bytes) -> bytes:
+        """Run round ``number``; an attempt that fails waits (with backoff, and until
+        ``min_clients`` are back) and runs again, up to ``session.round_attempts``."""
+        attempts = self.settings.round_attempts
+        backoff, cap = RETRY_BACKOFF_S
+        for attempt in range(1, attempts + 1):
+            online = await self.wait_for_clients()
+            try:
+                return await self._attempt(number, attempt, model, online)
+            except RoundFailedError as exc:
+                if attempt == attempts:
+                    raise SessionError(f"round {number} failed {attempts} time(s); last: "
+                                       f"{exc}") from None
+                self.note("warning", f"round {number} attempt {attempt} failed: {exc}; running "
+                          f"it again in {backoff:g}s ({attempt + 1} of {attempts})", number)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, cap)
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, number: int, attempt: int, model: bytes,
+                       online: Mapping[str, list[ClientInfo]]) -> bytes:
+        started = time.monotonic()
+        ctx = self.context(number, attempt, online)
+        try:
+            plan = self.plan(ctx)
+        except ConfigError as exc:
+            raise SessionError(str(exc)) from None
+        parent_id = self.model_id
+        asked = {k: len(v) for k, v in plan.clients.items()}
+        self.emit(RoundStarted(self.session_id, number, attempt, parent_id, asked,
+                               {k: list(v) for k, v in plan.clients.items()}))
+        if plan.asked == 0:
+            reason = (f"no client to ask: session.select matched none of the "
+                      f"{len(ctx.online)} online")
+            self.emit(RoundFailed(self.session_id, number, attempt, reason))
+            raise RoundFailedError(reason)
+        ref = self.model_ref(parent_id, model)
+        results, lost = await self.dispatch(number, TaskKind.TRAIN, ref, parent_id, plan, attempt)
+        updates = sum(r.updates for r in results)
+        combiners = {r.combiner: combiner_doc(r) for r in results}
+        failures = {cid: why for r in results for cid, why in r.failures.items()}
+        verdict = round_verdict(updates, self.settings.min_clients, lost)
+        if not verdict.ok:
+            reason = verdict.reason + _failure_note(failures)
+            self.emit(RoundFailed(self.session_id, number, attempt, reason, combiners, failures))
+            raise RoundFailedError(reason)
+        reduce_started = time.monotonic()
+        partials = [r.partial for r in results if r.partial is not None and r.updates]
+        await self.resolve_kept(partials)
+        try:
+            new_model = await asyncio.to_thread(self.reduce_and_finish, model, partials)
+        except RoundFailedError as exc:
+            await self.restore_state()
+            self.emit(RoundFailed(self.session_id, number, attempt, str(exc), combiners, failures))
+            raise
+        finally:
+            partials.clear()  # kept updates: let the object store free them now
+        metrics = MetricSums()
+        for r in results:
+            metrics.add(r.metrics)
+        new_id = await self.commit(number, attempt, parent_id, new_model, {
+            "updates": updates, "rejected": sum(r.rejected for r in results),
+            "combiners": combiners, "lost_combiners": lost,
+            "reduce_s": time.monotonic() - reduce_started, "started": started,
+            "train_metrics": metrics.means()})
+        record = {"round": number, "updates": updates, "model_id": new_id,
+                  "train_metrics": metrics.means(), "validation_metrics": {},
+                  "report": self.strategy.round_report()}
+        if self.settings.validate:
+            record["validation_metrics"] = await self.validate(number, new_model, new_id)
+        record["seconds"] = time.monotonic() - started
+        self.emit(RoundDone(self.session_id, record))
+        return new_model
+
+    async def dispatch(self, number: int, kind: TaskKind, model_ref: Any, model_id: str,
+                       plan: RoundPlan, attempt: int = 1,
+                       ) -> tuple[list[RoundResult], list[str]]:
+        s = self.settings
+        specs = {
             name: RoundSpec(session_id=self.session_id, round=number, kind=kind,
-                            clients=tuple(clients), config=dict(self.settings.round_config),
-                            timeout_s=self.settings.round_timeout_s,
-                            aggregator=self.settings.aggregator,
-                            aggregator_kwargs=dict(self.settings.aggregator_kwargs),
-                            model_id=model_id, package_sha256=self.package_sha256,
-                            attempt=attempt)
-            for name, clients in plan.items() if clients
+                            clients=tuple(clients), config=dict(plan.config),
+                            timeout_s=s.round_timeout_s, model_id=model_id,
+                            package_sha256=self.package[0], package_size=self.package[1],
+                            attempt=attempt, params=dict(plan.params),
+                            buffer=plan.buffer.get(name, 0) if kind is TaskKind.TRAIN else 0,
+                            max_examples=s.max_examples_per_update,
+                            max_update_norm=s.max_update_norm, version=self.rounds_done)
+            for name, clients in plan.clients.items() if clients
         }
         calls = [asyncio.wait_for(self.pool.run_round(name, spec, model_ref),
-                                  self.settings.round_timeout_s + RPC_GRACE_S)
-                 for name, spec in spec_for.items()]
+                                  s.round_timeout_s + RPC_GRACE_S)
+                 for name, spec in specs.items()]
         answers = await asyncio.gather(*calls, return_exceptions=True)
         results, lost = [], []
-        for name, answer in zip(spec_for, answers, strict=True):
+        for name, answer in zip(specs, answers, strict=True):
             if isinstance(answer, BaseException):
                 lost.append(name)
-                self.observer.event("error", f"combiner {name} gave no result for round {number}: "
-                                    f"{type(answer).__name__}: {answer}",
-                                    session_id=self.session_id, round=number)
+                self.note("error", f"combiner {name} gave no result for round {number}: "
+                          f"{type(answer).__name__}: {str(answer)[:300]}", number)
             else:
                 results.append(answer)
         return results, lost
 
-    async def _round(self, number: int, model: bytes) -> bytes:
-        """Run round ``number``, rerunning it when too few updates arrived."""
-        attempts = self.settings.round_attempts
-        for attempt in range(1, attempts + 1):
-            await self._wait_for_clients()
-            try:
-                return await self._attempt(number, attempt, model)
-            except RoundFailed as exc:
-                if attempt == attempts:
-                    raise SessionError(f"round {number} failed {attempts} time(s); last: "
-                                       f"{exc}") from None
-                self.observer.event("warning", f"round {number} attempt {attempt} failed: {exc}; "
-                                    f"running it again ({attempt + 1} of {attempts})",
-                                    session_id=self.session_id, round=number)
-        raise AssertionError("unreachable")
+    async def resolve_kept(self, partials: list[Any]) -> None:
+        """Kept updates are handles (object-store refs): give the strategy their tensors."""
+        for partial in partials:
+            if isinstance(partial, KeptUpdates):
+                for kept in partial.items:
+                    kept.model = decode(await self.pool.resolve(kept.handle))
 
-    async def _attempt(self, number: int, attempt: int, model: bytes) -> bytes:
-        started = time.monotonic()
-        state = RoundState.RUNNING
-        online = await self.pool.online()
-        count = sum(len(c) for c in online.values())
-        plan = select_clients(online, clients_wanted(self.settings.clients_per_round, count,
-                                                     self.settings.min_clients),
-                              seed=self.settings.seed * 100_003 + number * 101 + attempt)
-        parent_id = self.status.model_id
-        self.observer.write("start_round", self.session_id, number, model_id=parent_id,
-                            attempt=attempt, clients_asked={k: len(v) for k, v in plan.items()})
-        self._changed(round=number, round_state=state.value)
-        asked = sum(len(v) for v in plan.values())
-        self.observer.event("info", f"round {number} started: {asked} client(s) asked to train "
-                            f"model {parent_id[:12]}", session_id=self.session_id, round=number,
-                            attempt=attempt, clients_asked={k: len(v) for k, v in plan.items()})
-        model_ref = self._model_ref(parent_id, model)
-        results, lost = await self._dispatch(number, TaskKind.TRAIN, model_ref, parent_id, plan,
-                                             attempt)
-        updates = sum(r.updates for r in results)
-        verdict = round_verdict(updates, self.settings.min_clients, lost)
-        combiners_doc = {r.combiner: _combiner_doc(r) for r in results}
-        if not verdict.ok:
-            self.observer.write("update_round", self.session_id, number, status=RoundState.FAILED.value,
-                                reason=verdict.reason, combiners=combiners_doc, attempt=attempt)
-            self.observer.event("error", f"round {number} failed: {verdict.reason}",
-                                session_id=self.session_id, round=number)
-            raise RoundFailed(verdict.reason)
-        state = next_round_state(state, RoundState.REDUCING)
-        self._changed(round_state=state.value)
-        reduce_started = time.monotonic()
-        new_model, reduced = await asyncio.to_thread(
-            self._reduce, model, [r.partial for r in results if r.partial])
+    def reduce_and_finish(self, model: bytes, partials: list[Any]) -> bytes:
+        """Runs in a worker thread. A model that is not finite is never committed."""
+        try:
+            reduced = self.strategy.reduce(partials)
+            new = self.strategy.finish(decode(model), reduced)
+        except FedrayError as exc:
+            raise RoundFailedError(f"the strategy refused the round: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - user strategy code, or no updates at all
+            log.exception("strategy %s failed to aggregate", self.settings.aggregator)
+            raise RoundFailedError(f"strategy {self.settings.aggregator!r} failed to aggregate: "
+                                   f"{type(exc).__name__}: {exc}") from None
+        reference = read_layout(model).spec()
+        try:
+            data = encode(new)
+            if read_layout(data).spec() != reference:
+                raise ValueError("names, dtypes or shapes differ from the global model's")
+        except (FedrayError, ValueError) as exc:
+            raise RoundFailedError(f"strategy {self.settings.aggregator!r} returned a bad "
+                                   f"model: {exc}") from None
+        if not is_finite_model(decode(data)):
+            raise RoundFailedError("the aggregate holds NaN or infinity; it was not committed "
+                                   "and the previous model stays")
+        return data
+
+    async def restore_state(self) -> None:
+        """After a refused aggregate: the strategy's state as of the last commit."""
+        if self.state_id:
+            state = await asyncio.to_thread(self.store.get, self.state_id)
+            self.strategy.load_state_dict(copy_model(decode(state)))
+        else:
+            self.strategy.load_state_dict({})
+
+    async def commit(self, number: int, attempt: int, parent_id: str, new_model: bytes,
+                     facts: dict[str, Any], mode: str = "sync",
+                     contributions: list[dict[str, Any]] | None = None) -> str:
+        """Store the model and the strategy's state, record the round, wait until durable."""
         new_id = await asyncio.to_thread(self.store.put, new_model)
-        state_id = await asyncio.to_thread(self._save_aggregator_state)
+        state = self.strategy.state_dict()
+        state_id = await asyncio.to_thread(self.store.put, encode(state)) if state else ""
         self._record_model(new_id, parent_id, number, new_model)
-        reduce_s = time.monotonic() - reduce_started
-        train_metrics = reduced.metrics()
-        record: dict[str, Any] = {
-            "round": number, "updates": updates, "seconds": 0.0, "model_id": new_id,
-            "train_metrics": train_metrics, "validation_metrics": {},
-        }
-        if self.settings.validate:
-            state = next_round_state(state, RoundState.VALIDATING)
-            self._changed(round_state=state.value)
-            record["validation_metrics"] = await self._validate(number, new_model, new_id)
-        seconds = time.monotonic() - started
-        record["seconds"] = seconds
-        self.observer.write("update_round", self.session_id, number, status=RoundState.FINISHED.value,
-                            model_id=new_id, parent_model_id=parent_id, updates=updates,
-                            rejected=sum(r.rejected for r in results), combiners=combiners_doc,
-                            lost_combiners=lost, reduce_s=reduce_s, seconds=seconds,
-                            attempt=attempt, aggregator_state_id=state_id,
-                            train_metrics=train_metrics,
-                            validation_metrics=record["validation_metrics"])
-        self.observer.write("update_session", self.session_id, rounds_done=number, model_id=new_id)
-        await self._durable()  # committed: a restarted controller resumes after this round
-        self.observer.round_committed(seconds)
-        self.status.history.append(record)
-        self._changed(rounds_done=number, model_id=new_id, round_state=RoundState.FINISHED.value)
-        self.observer.event("info", f"round {number} committed model {new_id[:12]} from "
-                            f"{updates} update(s) in {seconds:.2f}s",
-                            session_id=self.session_id, round=number)
-        return new_model
+        seconds = time.monotonic() - facts["started"]
+        self.emit(RoundCommitted(
+            self.session_id, number, attempt, new_id, parent_id, facts["updates"],
+            facts.get("rejected", 0), seconds, facts.get("reduce_s", 0.0), state_id,
+            facts.get("train_metrics", {}), facts.get("combiners", {}),
+            facts.get("lost_combiners", []), self.strategy.round_report(),
+            contributions or [], mode))
+        await self.callbacks.flush()  # committed: a restarted controller resumes after this
+        self.rounds_done, self.model_id, self.state_id = number, new_id, state_id
+        return new_id
 
     def _record_model(self, mid: str, parent_id: str | None, number: int, data: bytes) -> None:
         spec = read_layout(data).spec()
-        self.observer.write("add_model", mid, parent_id, self.session_id, number, len(data),
-                            self.store.uri(mid),
-                            {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec.items()})
+        self.emit(ModelRecorded(mid, parent_id, self.session_id, number, len(data),
+                                self.store.uri(mid),
+                                {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec.items()}))
 
-    def _model_ref(self, mid: str, model: bytes) -> Any:
+    def model_ref(self, mid: str, model: bytes) -> Any:
         """One object-store copy per model: validation of round N and training of round
         N + 1 (and reruns of a round) share it."""
         if self._put is None or self._put[0] != mid:
+            self._put = None  # the old copy goes before the new one comes
             self._put = (mid, self.pool.put_model(model))
         return self._put[1]
 
-    def _save_aggregator_state(self) -> str:
-        """Server-side optimizer state, content-addressed beside the models ("" if none)."""
-        state = self.aggregator.state_dict()
-        return self.store.put(encode(state)) if state else ""
-
-    def _reduce(self, model: bytes, partials: list[Partial]) -> tuple[bytes, Partial]:
-        reduced = self.aggregator.reduce(partials)
-        new = self.aggregator.finish(decode(model), reduced)
-        return encode(new), reduced
-
-    async def _validate(self, number: int, model: bytes, mid: str) -> dict[str, float]:
+    async def validate(self, number: int, model: bytes, mid: str) -> dict[str, float]:
+        """Validation of a committed model: its metrics are added to the round after."""
         online = await self.pool.online()
-        ref = self._model_ref(mid, model)
-        results, _ = await self._dispatch(number, TaskKind.VALIDATE, ref, mid, online)
-        weighted = Partial(sums={})
+        plan = RoundPlan(clients={name: tuple(c.client_id for c in clients)
+                                  for name, clients in online.items()})
+        results, _ = await self.dispatch(number, TaskKind.VALIDATE, self.model_ref(mid, model),
+                                         mid, plan)
+        weighted = MetricSums()
+        reports = []
         for result in results:
             for report in result.validations:
-                self.observer.write("add_validation", {
-                    "session_id": self.session_id, "round": number, "model_id": report.model_id,
-                    "client_id": report.client_id, "combiner": result.combiner,
-                    "num_examples": report.num_examples, "metrics": report.metrics})
-                fold_metrics(weighted, report.metrics, float(max(report.num_examples, 1)))
-        return weighted.metrics()
+                reports.append((result.combiner, report))
+                weighted.fold(report.metrics, float(max(report.num_examples, 1)))
+        metrics = weighted.means()
+        self.emit(RoundValidated(self.session_id, number, mid, metrics, reports))
+        return metrics
 
 
-def _combiner_doc(result: RoundResult) -> dict[str, Any]:
-    return {"asked": result.asked, "updates": result.updates, "rejected": result.rejected,
-            "rejections": result.rejections, "failed": result.failed,
-            "close_reason": result.close_reason, "seconds": round(result.seconds, 4),
-            "bytes_in": result.bytes_in, "bytes_out": result.bytes_out,
-            "aggregation_s": round(result.aggregation_s, 4)}
+def _failure_note(failures: Mapping[str, str]) -> str:
+    """The clients whose tasks failed, grouped by error, for a round's reason."""
+    if not failures:
+        return ""
+    by_error: dict[str, list[str]] = {}
+    for client, why in sorted(failures.items()):
+        by_error.setdefault(why, []).append(client)
+    parts = [f"[{', '.join(clients[:5])}{' …' if len(clients) > 5 else ''}]: {why[:200]}"
+             for why, clients in by_error.items()]
+    return "; failed clients " + "; ".join(parts[:5])

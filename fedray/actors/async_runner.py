@@ -1,0 +1,236 @@
+"""The asynchronous session loop (FedBuff): no rounds, a new model version every K updates.
+
+Every combiner keeps its participating clients training on the newest version it was
+given and forwards each accepted update by handle (``take_updates``, a long poll). The
+controller folds each update as it comes, weighted by its staleness against the version
+it started from, drops those staler than the strategy's ``max_staleness`` (with an
+event), and commits version v+1 once K updates are in. Clients that join later are
+added as they appear; nobody waits for the slowest. The session ends after
+``session.rounds`` versions or ``session.time_budget_s``. Each version's round document
+lists the updates that built it: client, base version, staleness, examples, weight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fedray.actors.callbacks import RoundDone, RoundStarted
+from fedray.errors import SessionError
+from fedray.messages import AsyncSpec
+from fedray.serialization import decode
+from fedray.strategies.base import Accumulator, ClientInfo, Kept, ShareStart, Update
+
+if TYPE_CHECKING:
+    from fedray.actors.session_runner import SessionRunner
+
+log = logging.getLogger(__name__)
+
+TAKE_S = 2.0  # one long poll of a combiner's forwarded updates
+RETRY_S = 1.0  # after a combiner failed, before asking it again
+
+
+class AsyncLoop:
+    def __init__(self, runner: SessionRunner) -> None:
+        self.r = runner
+        s = runner.settings
+        self.k = s.buffer_size or s.min_clients
+        self.max_staleness = int(getattr(runner.strategy, "max_staleness", 0))
+        self.versions: OrderedDict[int, tuple[str, Any, Mapping[str, Any]]] = OrderedDict()
+        self.participants: dict[str, set[str]] = {}
+        self.dropped = 0
+        self.first_version = runner.rounds_done
+
+    # ----------------------------------------------------------------- versions
+
+    async def _add_version(self, version: int, model_id: str, data: bytes) -> Any:
+        """Put the version in the object store once; keep the ones updates may start from."""
+        ref = self.r.pool.put_model(data)
+        views = decode(await self.r.pool.resolve(ref))
+        self.versions[version] = (model_id, ref, views)
+        while len(self.versions) > self.max_staleness + 1:
+            self.versions.popitem(last=False)
+        return ref
+
+    def _spec(self, clients: list[str]) -> AsyncSpec:
+        s = self.r.settings
+        return AsyncSpec(session_id=self.r.session_id, clients=tuple(clients),
+                         config=dict(s.round_config), timeout_s=s.round_timeout_s,
+                         package_sha256=self.r.package[0], package_size=self.r.package[1],
+                         max_examples=s.max_examples_per_update,
+                         max_update_norm=s.max_update_norm,
+                         kept_versions=self.max_staleness + 1, max_pending=s.max_kept_updates)
+
+    async def _start_combiner(self, name: str, version: int) -> None:
+        model_id, ref, _ = self.versions[version]
+        await self.r.pool.start_session(self.r.session_id, self.r.combiner_strategy)
+        await self.r.pool.start_async(name, self._spec(sorted(self.participants[name])), ref,
+                                      version, model_id)
+
+    def _fresh(self, version: int) -> Accumulator:
+        _, _, views = self.versions[version]
+        spec = {name: (str(a.dtype), tuple(a.shape)) for name, a in views.items()}
+        return self.r.strategy.start(ShareStart(spec=spec, base=views,
+                                                base_of=lambda v: self.versions[v][2]))
+
+    # ----------------------------------------------------------------- clients
+
+    async def _participants_from(self, online: Mapping[str, list[ClientInfo]],
+                                 version: int) -> dict[str, list[str]]:
+        """Clients the strategy picks now that are not participating yet, per combiner."""
+        plan = self.r.plan(self.r.context(version + 1, 1, online))
+        new: dict[str, list[str]] = {}
+        for name, ids in plan.clients.items():
+            fresh = sorted(set(ids) - self.participants.setdefault(name, set()))
+            if fresh:
+                self.participants[name].update(fresh)
+                new[name] = fresh
+        return new
+
+    async def _watch(self, online: Mapping[str, list[ClientInfo]], version: list[int]) -> None:
+        """Clients that join (or come back) later contribute too."""
+        while True:
+            await self.r.pool.wait_for_change(online, 5.0)
+            online = await self.r.pool.online()
+            # A client that moved combiners is new to the one it is on now; one that came
+            # back to the same combiner is dispatched again by that combiner itself.
+            for name, ids in (await self._participants_from(online, version[0])).items():
+                with contextlib.suppress(Exception):  # a restarting combiner: next time
+                    await self.r.pool.add_clients(name, ids)
+
+    # ----------------------------------------------------------------- the loop
+
+    async def run(self, model: bytes) -> None:
+        r, s = self.r, self.r.settings
+        version = r.rounds_done
+        if version >= s.rounds:
+            return
+        budget_end = time.monotonic() + s.time_budget_s if s.time_budget_s else float("inf")
+        online = await r.wait_for_clients()
+        await self._add_version(version, r.model_id, model)
+        for name in r.pool.names:
+            self.participants.setdefault(name, set())
+        await self._participants_from(online, version)
+        await asyncio.gather(*(self._start_combiner(name, version) for name in r.pool.names))
+        current = [version]
+        watcher = asyncio.ensure_future(self._watch(online, current))
+        takers: dict[str, asyncio.Future] = {}
+        try:
+            model = await self._collect(model, current, takers, budget_end)
+        finally:
+            watcher.cancel()
+            for task in takers.values():
+                task.cancel()
+            await asyncio.gather(*(r.pool.stop_async(name, r.session_id) for name in r.pool.names),
+                                 return_exceptions=True)
+        if s.validate and r.rounds_done > version:
+            metrics = await r.validate(r.rounds_done, model, r.model_id)
+            r.emit(RoundDone(r.session_id, {"round": r.rounds_done, "updates": 0,
+                                            "model_id": r.model_id, "train_metrics": {},
+                                            "validation_metrics": metrics, "seconds": 0.0,
+                                            "report": r.strategy.round_report(),
+                                            "final": True}))
+
+    async def _collect(self, model: bytes, current: list[int], takers: dict[str, asyncio.Future],
+                       budget_end: float) -> bytes:
+        r, s = self.r, self.r.settings
+        silence_limit = s.round_timeout_s * s.round_attempts
+        acc, contributions = self._fresh(current[0]), []
+        started = last_arrival = time.monotonic()
+        self._started(current[0] + 1)
+        for name in r.pool.names:
+            takers[name] = asyncio.ensure_future(r.pool.take_updates(name, r.session_id, TAKE_S))
+        while current[0] < s.rounds:
+            now = time.monotonic()
+            if now >= budget_end:
+                r.note("info", f"time budget of {s.time_budget_s:g}s used up after "
+                       f"{current[0] - self.first_version} version(s)")
+                break
+            if now - last_arrival > silence_limit:
+                raise SessionError(f"no update arrived for {silence_limit:g}s "
+                                   "(session.round_timeout_s x round_attempts)")
+            done, _ = await asyncio.wait(set(takers.values()), timeout=min(budget_end - now, 5.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for name in [n for n, t in takers.items() if t in done]:
+                items = await self._taken(name, takers[name], current[0])
+                takers[name] = asyncio.ensure_future(
+                    r.pool.take_updates(name, r.session_id, TAKE_S))
+                for kept in items:
+                    if current[0] >= s.rounds:
+                        break  # the last version is out: what is left arrived too late
+                    last_arrival = time.monotonic()
+                    contribution = await self._fold(acc, kept, current[0])
+                    if contribution is not None:
+                        contributions.append(contribution)
+                    if len(contributions) >= self.k:
+                        model = await self._commit(model, acc, contributions, current, started)
+                        acc, contributions, started = self._fresh(current[0]), [], time.monotonic()
+                        if current[0] < s.rounds:
+                            self._started(current[0] + 1)
+        return model
+
+    def _started(self, number: int) -> None:
+        self.r.emit(RoundStarted(self.r.session_id, number, 1, self.r.model_id,
+                                 {n: len(ids) for n, ids in self.participants.items()}))
+
+    async def _taken(self, name: str, task: asyncio.Future, version: int) -> list[Kept]:
+        try:
+            return task.result()
+        except asyncio.CancelledError:
+            return []
+        except Exception as exc:  # noqa: BLE001 - a combiner died or was restarted by Ray
+            self.r.note("warning", f"combiner {name} stopped forwarding updates "
+                        f"({type(exc).__name__}); serving the session on it again")
+            await asyncio.sleep(RETRY_S)
+            with contextlib.suppress(Exception):
+                self.participants[name] = set()
+                await self._start_combiner(name, version)
+            return []
+
+    async def _fold(self, acc: Accumulator, kept: Kept, version: int) -> dict[str, Any] | None:
+        meta = kept.meta
+        staleness = version - meta.base_version
+        if staleness > self.max_staleness or meta.base_version not in self.versions:
+            self.dropped += 1
+            self.r.note("info", f"update from {meta.client_id} dropped: trained from version "
+                        f"{meta.base_version}, {staleness} version(s) old, over max_staleness "
+                        f"{self.max_staleness}", version + 1, reason="stale",
+                        client_id=meta.client_id, staleness=staleness)
+            return None
+        meta = dataclasses.replace(meta, staleness=staleness)
+        raw = await self.r.pool.resolve(kept.handle)
+        await asyncio.to_thread(acc.fold, Update(model=decode(raw), meta=meta, raw=raw))
+        weight = getattr(self.r.strategy, "weight", lambda s: 1.0)(staleness)
+        return {"client_id": meta.client_id, "base_version": meta.base_version,
+                "staleness": staleness, "num_examples": meta.num_examples,
+                "weight": round(float(weight), 6)}
+
+    async def _commit(self, model: bytes, acc: Accumulator, contributions: list[dict[str, Any]],
+                      current: list[int], started: float) -> bytes:
+        r = self.r
+        parent = r.model_id
+        number = current[0] + 1
+        new_model = await asyncio.to_thread(r.reduce_and_finish, model, [acc.partial()])
+        stale = [c["staleness"] for c in contributions]
+        await r.commit(number, 1, parent, new_model, {
+            "updates": len(contributions), "started": started,
+            "train_metrics": {"staleness_mean": sum(stale) / len(stale),
+                              "staleness_max": float(max(stale))}},
+            mode="async", contributions=contributions)
+        current[0] = number
+        ref = await self._add_version(number, r.model_id, new_model)
+        await asyncio.gather(*(r.pool.set_version(name, number, ref, r.model_id)
+                               for name in r.pool.names), return_exceptions=True)
+        r.emit(RoundDone(r.session_id, {"round": number, "updates": len(contributions),
+                                        "model_id": r.model_id, "seconds":
+                                        time.monotonic() - started, "report":
+                                        r.strategy.round_report(),
+                                        "train_metrics": {"staleness_max": float(max(stale))},
+                                        "validation_metrics": {}}))
+        return new_model

@@ -1,0 +1,301 @@
+"""Update intake on a combiner: upload slots, bounded receive, checks, accept, fold.
+
+An update goes through, in order: the header's task (``Share.admit``: right round, right
+client, right model, not answered yet, round still open), the header's numbers (size
+within what the round's model needs, ``num_examples`` in ``(0, max_examples_per_update]``),
+an upload slot (``max_inflight_uploads`` per combiner, one per client), the chunks (in
+order, each within ``upload_idle_s`` of the last, never past the announced size), and
+then, in a worker thread so the event loop keeps serving heartbeats: the sha256, the
+safetensors header (bounded by the round model's own header size), names, dtypes and
+shapes, finite values that cannot overflow the float64 sums once weighted, the norm of
+the update's difference from its base model (``max_update_norm``), the strategy's
+``accept``, and the fold. Every refusal is an ``UpdateRejected`` with a short reason, and
+every refusal but a duplicate settles the client's task, so the round never waits on it.
+A refused update never touches the aggregate: each check runs before the fold starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedray.errors import FedrayError, UpdateRejected
+from fedray.messages import MetricSums, TaskKind, UpdateHeader
+from fedray.serialization import Layout
+from fedray.strategies.base import Accumulator, Strategy, Update, UpdateMeta, delta_norm
+from fedray.updates import check_update
+
+log = logging.getLogger(__name__)
+
+HEADER_SLACK = 1 << 20  # an update's bytes may exceed the global model's by this much
+MAX_WEIGHTED = 1e290  # max |value| * num_examples: float64 sums of 10^15 such stay finite
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """A model a share serves and checks updates against (the bytes live in ``models``)."""
+
+    version: int
+    model_id: str
+    layout: Layout
+    base: Mapping[str, np.ndarray]  # read-only views into the model bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_examples: int
+    max_norm: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEntry:
+    client_id: str
+    version: int  # the model version the task sent out
+
+
+@dataclass(eq=False)
+class Share:
+    """One combiner's open share of a round, or of an asynchronous session's stream.
+
+    In a synchronous round ``versions`` holds the round's one model; asynchronously it
+    holds the recent versions clients may still be training from.
+    """
+
+    session_id: str
+    round: int
+    kind: TaskKind
+    strategy: Strategy
+    accumulator: Accumulator | None
+    limits: Limits
+    versions: dict[int, ModelVersion]
+    current: int
+    deadline: float  # monotonic
+    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+    asynchronous: bool = False
+    buffer: int = 0
+    started: float = field(default_factory=time.monotonic)
+    settled: set[str] = field(default_factory=set)  # client ids
+    gone: set[str] = field(default_factory=set)  # settled because they went offline
+    uploading: set[str] = field(default_factory=set)  # one upload per client at a time
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # client id -> why its task failed
+    bytes_in: int = 0
+    aggregation_s: float = 0.0
+    metrics: MetricSums = field(default_factory=MetricSums)
+    validations: list[Any] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set on every accepted fold
+    close_reason: str = ""
+    fold_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def admit(self, client_id: str, task_id: str, session_id: str, round_: int, model_id: str,
+              kind: TaskKind) -> TaskEntry:
+        """The task a report answers, or UpdateRejected saying why it answers none."""
+        if self.session_id != session_id or self.kind is not kind \
+                or (not self.asynchronous and self.round != round_):
+            raise UpdateRejected("stale", f"no open {kind.value} round {round_} of session "
+                                 f"{session_id[:16]}")
+        entry = self.tasks.get(task_id)
+        if entry is None or entry.client_id != client_id:
+            raise UpdateRejected("unknown_task", f"task {task_id[:32]} was not given to "
+                                 f"{client_id}")
+        if not self.asynchronous and client_id in self.settled and client_id not in self.gone:
+            raise UpdateRejected("duplicate", f"{client_id} already answered task {task_id}")
+        if self.asynchronous and entry.version != round_:
+            raise UpdateRejected("unknown_task", f"task {task_id[:32]} was for version "
+                                 f"{entry.version}, not {round_}")
+        version = self.versions.get(entry.version)
+        if version is None or model_id != version.model_id:
+            raise UpdateRejected("wrong_model", f"trained from {model_id[:12]}, the task sent "
+                                 f"{version.model_id[:12] if version else 'a model now gone'}")
+        if self.closed.is_set():
+            raise UpdateRejected("round_closed", f"round {self.round} closed "
+                                 f"({self.close_reason})")
+        return entry
+
+
+ShareLookup = Callable[[str, TaskKind], Share]  # (session id, kind) -> the open share
+Settle = Callable[[Share, str, bool], None]  # (share, client id, accepted)
+
+
+class UpdateIntake:
+    """Receives, checks and folds updates into whichever share they belong to."""
+
+    def __init__(self, max_inflight: int, max_update_bytes: int, idle_s: float,
+                 lookup: ShareLookup, settle: Settle, events: Any) -> None:
+        self._slots = asyncio.Semaphore(max_inflight)
+        self.max_update_bytes = max_update_bytes
+        self.idle_s = idle_s
+        self._lookup = lookup
+        self._settle = settle
+        self._events = events  # .event(level, message, **data)
+
+    async def push(self, header: UpdateHeader,
+                   chunks: AsyncIterator[tuple[bytes, int]]) -> tuple[bool, str]:
+        """Receive, check and fold one update; (accepted, reason) for the client.
+
+        Once every byte has arrived the rest runs shielded from cancellation: a client
+        that hangs up during the check cannot leave a folded update uncounted.
+        """
+        share: Share | None = None
+        try:
+            share = self._lookup(header.session_id, TaskKind.TRAIN)
+            entry = share.admit(header.client_id, header.task_id, header.session_id,
+                                header.round, header.model_id, TaskKind.TRAIN)
+            version = share.versions[entry.version]
+            self._check_numbers(header, share, version)
+            if header.client_id in share.uploading:  # else one client could take every slot
+                raise UpdateRejected("duplicate", "an upload for this task is already running")
+            share.uploading.add(header.client_id)
+            try:
+                async with self._slots:
+                    data = await self._receive_while_open(share, header, chunks)
+                    share.bytes_in += len(data)
+                    return await asyncio.shield(self._accept(share, data, header))
+            finally:
+                share.uploading.discard(header.client_id)
+        except UpdateRejected as exc:
+            self.reject(share, header, exc)
+            return False, str(exc)
+
+    def _check_numbers(self, header: UpdateHeader, share: Share, version: ModelVersion) -> None:
+        limit = min(self.max_update_bytes, version.size + HEADER_SLACK)
+        if header.size > limit:
+            raise UpdateRejected("too_large", f"{header.size} bytes, the limit is {limit}")
+        if header.num_examples <= 0:
+            raise UpdateRejected("no_examples", "num_examples must be positive")
+        if header.num_examples > share.limits.max_examples:
+            raise UpdateRejected("too_many_examples", f"num_examples {header.num_examples} is "
+                                 f"over session.max_examples_per_update "
+                                 f"({share.limits.max_examples})")
+
+    async def _accept(self, share: Share, data: np.ndarray, header: UpdateHeader,
+                      ) -> tuple[bool, str]:
+        """Check, fold and count a fully received update, all under the share's fold lock."""
+        try:
+            async with share.fold_lock:
+                # Asked again now: while this update waited its round may have closed (its
+                # partial is taken) or a concurrent copy of it may have been folded.
+                entry = share.admit(header.client_id, header.task_id, header.session_id,
+                                    header.round, header.model_id, TaskKind.TRAIN)
+                started = time.perf_counter()
+                await asyncio.to_thread(self._check_and_fold, share, entry, data, header)
+                share.aggregation_s += time.perf_counter() - started
+                if header.client_id in share.gone:  # marked offline mid-upload, but delivered
+                    share.gone.discard(header.client_id)
+                    share.failed -= 1
+                share.accepted += 1
+                share.arrived.set()
+                self._settle(share, header.client_id, True)
+        except UpdateRejected as exc:
+            self.reject(share, header, exc)
+            return False, str(exc)
+        self._events.event("debug", f"update from {header.client_id} accepted for round "
+                           f"{header.round}", client_id=header.client_id,
+                           session_id=header.session_id, round=header.round,
+                           num_examples=header.num_examples)
+        return True, "accepted"
+
+    def _check_and_fold(self, share: Share, entry: TaskEntry, data: np.ndarray,
+                        header: UpdateHeader) -> None:
+        """Runs in a worker thread: hashing and folding never stall the event loop."""
+        if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
+            raise UpdateRejected("checksum", "payload does not match the header's sha256")
+        version = share.versions[entry.version]
+        model, max_abs = check_update(data, version.layout, self.max_update_bytes)
+        if max_abs * header.num_examples > MAX_WEIGHTED:
+            raise UpdateRejected("overflow", f"values up to {max_abs:.3g} weighted by "
+                                 f"{header.num_examples} examples would overflow the sums")
+        norm = None
+        if share.strategy.needs_norm or share.limits.max_norm is not None:
+            norm = delta_norm(model, version.base)
+            if share.limits.max_norm is not None and not norm <= share.limits.max_norm:
+                raise UpdateRejected("norm", f"the update moves the model by {norm:.4g} (L2), "
+                                     f"over session.max_update_norm ({share.limits.max_norm:g})")
+        meta = UpdateMeta(client_id=header.client_id, round=header.round,
+                          num_examples=header.num_examples, base_version=entry.version,
+                          staleness=share.current - entry.version, norm=norm,
+                          metrics=header.metrics)
+        try:
+            verdict = share.strategy.accept(meta)
+        except Exception as exc:  # noqa: BLE001 - a broken strategy refuses, never crashes
+            log.exception("strategy %s failed in accept", type(share.strategy).__name__)
+            raise UpdateRejected("strategy_error", f"{type(exc).__name__}: {exc}") from None
+        if not verdict.ok:
+            raise UpdateRejected(verdict.reason or "refused", verdict.detail)
+        assert share.accumulator is not None
+        try:
+            share.accumulator.fold(Update(model=model, meta=meta, raw=data))
+        except FedrayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see accept
+            log.exception("strategy %s failed in fold", type(share.strategy).__name__)
+            raise UpdateRejected("strategy_error", f"{type(exc).__name__}: {exc}") from None
+        share.metrics.fold(header.metrics, float(header.num_examples))
+
+    async def _receive_while_open(self, share: Share, header: UpdateHeader,
+                                  chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
+        """``_receive``, given up when the share closes: an upload that stalls cannot keep
+        its buffer and its upload slot past the round it was for."""
+        receive = asyncio.ensure_future(self._receive(header, chunks))
+        closed = asyncio.ensure_future(share.closed.wait())
+        try:
+            await asyncio.wait({receive, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            receive.cancel()  # no-op once it finished
+        if receive.done() and not receive.cancelled():
+            return receive.result()
+        raise UpdateRejected("round_closed", f"round {header.round} closed "
+                             f"({share.close_reason}) before the upload ended")
+
+    async def _receive(self, header: UpdateHeader,
+                       chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
+        data = np.empty(header.size, dtype=np.uint8)  # not zero-filled: every byte is written
+        received = 0
+        parts = aiter(chunks)
+        while True:
+            try:
+                item = await asyncio.wait_for(anext(parts, None), self.idle_s)
+            except TimeoutError:
+                raise UpdateRejected("stalled", f"no data for {self.idle_s:g}s after "
+                                     f"{received} of {header.size} bytes") from None
+            if item is None:
+                break
+            chunk, offset = item
+            if offset != received:
+                raise UpdateRejected("out_of_order", f"chunk at {offset}, expected {received}")
+            end = received + len(chunk)
+            if end > header.size:
+                raise UpdateRejected("too_large", f"more than the announced {header.size} bytes")
+            data[received:end] = np.frombuffer(chunk, dtype=np.uint8)
+            received = end
+        if received != header.size:
+            raise UpdateRejected("truncated", f"{received} of {header.size} bytes arrived")
+        return data
+
+    def reject(self, share: Share | None, header: UpdateHeader, exc: UpdateRejected) -> None:
+        """Say why, and settle the client's task unless the refusal changes nothing."""
+        late = exc.reason in {"stale", "round_closed"}
+        level = "info" if late else "warning"
+        what = "dropped (late)" if late else "rejected"
+        self._events.event(level, f"update from {header.client_id} for round {header.round} "
+                           f"{what}: {exc}", client_id=header.client_id,
+                           session_id=header.session_id, round=header.round, reason=exc.reason)
+        if share is None or late or exc.reason == "duplicate":
+            return
+        entry = share.tasks.get(header.task_id)
+        if entry is None or entry.client_id != header.client_id:
+            return  # a foreign task: nothing of the open share changes
+        share.rejected[exc.reason] = share.rejected.get(exc.reason, 0) + 1
+        self._settle(share, header.client_id, False)

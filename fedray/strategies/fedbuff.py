@@ -1,0 +1,142 @@
+"""FedBuff: buffered asynchronous aggregation (Nguyen et al., 2022).
+
+Clients train continuously on the newest model they were given; combiners forward every
+accepted update; the controller folds each one as it arrives and commits a new model
+version every K updates (``session.buffer_size``, else ``session.min_clients``)::
+
+    version v+1 = v + server_lr * sum_i s(tau_i) n_i (x_i - base_i) / sum_i n_i
+
+where ``base_i`` is the version update i was trained from, ``tau_i`` its staleness
+(versions committed since then) and ``s`` the staleness weight: ``1/sqrt(1+tau)`` by
+default, ``constant``, ``hinge`` (1 up to ``hinge_a``, then ``1/(b (tau - a) + 1)``), or a
+``package.module:callable`` of tau. Updates staler than ``max_staleness`` are dropped with
+an event. With every update fresh and K clients this is FedAvg of the buffer. The
+controller keeps the last ``max_staleness + 1`` versions to compute the differences; its
+fold memory is one float64 model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from fedray.strategies.base import (
+    Accumulator,
+    Model,
+    ShareStart,
+    Strategy,
+    Update,
+    UpdateMeta,
+    Verdict,
+    add_scaled_delta,
+    cast_like,
+)
+from fedray.strategies.fedavg import WeightedSums
+
+STALENESS = {
+    "polynomial": lambda tau: 1.0 / math.sqrt(1.0 + tau),
+    "constant": lambda tau: 1.0,
+}
+
+
+def staleness_function(name: str, hinge_a: float, hinge_b: float) -> Callable[[int], float]:
+    if name in STALENESS:
+        return STALENESS[name]
+    if name == "hinge":
+        return lambda tau: 1.0 if tau <= hinge_a else 1.0 / (hinge_b * (tau - hinge_a) + 1.0)
+    if ":" in name:
+        from fedray.strategies import load_object
+
+        fn = load_object(name, "aggregator_kwargs.staleness")
+        if not callable(fn):
+            raise ValueError(f"staleness {name!r} is not callable")
+        return fn
+    raise ValueError(f"staleness must be polynomial, constant, hinge or module:callable, "
+                     f"got {name!r}")
+
+
+class StaleWeightedDeltas(Accumulator[WeightedSums]):
+    """``sum s(tau) n (x - base)`` in float64; ``weight`` sums ``n`` (not ``s(tau) n``), so
+    stale updates shrink the step instead of being renormalised away."""
+
+    def __init__(self, share: ShareStart, weigh: Callable[[UpdateMeta], float]) -> None:
+        self.share = share
+        self.weigh = weigh
+        self._partial = WeightedSums({name: np.zeros(shape, np.float64)
+                                      for name, (_, shape) in share.spec.items()})
+
+    def fold(self, update: Update) -> None:
+        meta = update.meta
+        base = self.share.base_of(meta.base_version) if self.share.base_of else self.share.base
+        scale = self.weigh(meta) * meta.num_examples
+        for name, acc in self._partial.sums.items():
+            add_scaled_delta(acc, update.model[name], base[name], scale)
+        self._partial.weight += meta.num_examples
+        self._partial.count += 1
+
+    def partial(self) -> WeightedSums:
+        return self._partial
+
+
+class FedBuff(Strategy[WeightedSums, WeightedSums]):
+    name = "fedbuff"
+    asynchronous: ClassVar[bool] = True
+    keeps_updates: ClassVar[bool] = True  # combiners forward each update by reference
+
+    def __init__(self, max_staleness: int = 10, staleness: str = "polynomial",
+                 server_lr: float = 1.0, hinge_a: float = 10.0, hinge_b: float = 4.0) -> None:
+        super().__init__()
+        if int(max_staleness) != max_staleness or max_staleness < 0:
+            raise ValueError("max_staleness must be a whole number >= 0")
+        if not server_lr > 0:
+            raise ValueError("server_lr must be > 0")
+        self.max_staleness = int(max_staleness)
+        self.server_lr = float(server_lr)
+        self.staleness, self.hinge_a, self.hinge_b = staleness, float(hinge_a), float(hinge_b)
+        self._weight = staleness_function(staleness, self.hinge_a, self.hinge_b)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_weight"]  # a lambda or a user callable: rebuilt on arrival
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._weight = staleness_function(self.staleness, self.hinge_a, self.hinge_b)
+
+    def weight(self, staleness: int) -> float:
+        w = float(self._weight(int(staleness)))
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"staleness weight of {staleness} is {w}, not a finite number >= 0")
+        return w
+
+    def accept(self, meta: UpdateMeta) -> Verdict:
+        if meta.staleness > self.max_staleness:
+            return Verdict(False, "stale", f"staleness {meta.staleness} is over max_staleness "
+                           f"{self.max_staleness}")
+        return Verdict(True)
+
+    def start(self, share: ShareStart) -> Accumulator[WeightedSums]:
+        return StaleWeightedDeltas(share, lambda meta: self.weight(meta.staleness))
+
+    def reduce(self, partials: Sequence[WeightedSums]) -> WeightedSums:
+        partials = [p for p in partials if p.count]
+        if not partials:
+            raise ValueError("no partial carries an update")
+        total = WeightedSums({k: np.array(v, copy=True) for k, v in partials[0].sums.items()})
+        for p in partials[1:]:
+            for name, value in p.sums.items():
+                total.sums[name] += value
+            total.weight += p.weight
+            total.count += p.count
+        return total
+
+    def finish(self, global_model: Mapping[str, np.ndarray], reduced: WeightedSums) -> Model:
+        out = {}
+        for name, current in global_model.items():
+            step = reduced.sums[name] * (self.server_lr / reduced.weight)
+            out[name] = current.astype(np.float64) + step
+        return cast_like(global_model, out)
