@@ -74,7 +74,7 @@ class RoundSpec:
     package_size: int = 0
     attempt: int = 1  # a round that failed runs again as attempt 2, 3, ...
     params: dict[str, Any] = field(default_factory=dict)  # RoundPlan.params
-    buffer: int = 0  # close this share after this many accepted updates (0: no buffer)
+    buffer: int = 0  # the round closes on its first K accepted updates, across combiners
     max_examples: int = 1_000_000  # session.max_examples_per_update
     max_update_norm: float | None = None  # session.max_update_norm
     version: int = 0  # the model version this round trains (asynchronously: the first)

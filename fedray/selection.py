@@ -1,7 +1,8 @@
 """Client selection: pure decisions over a frozen snapshot of the online clients.
 
 A round asks a fraction or a count of the eligible clients (``session.clients_per_round``),
-at least ``session.min_clients``, plus ``session.over_select`` more for stragglers.
+at least ``session.min_clients``, plus ``session.over_select`` more for stragglers (with
+``session.buffer_size`` K the round then closes on its first K updates).
 Eligible means: in ``session.select.ids`` when given, and matching every
 ``session.select.attrs`` entry (a value or a list of values; attributes come from
 ``fedray edge start --attr KEY=VALUE``). A ``session.select.policy`` callable, when set,
@@ -76,21 +77,6 @@ def clients_wanted(clients_per_round: float, online: int, min_clients: int,
     return min(online, math.ceil(wanted * (1.0 + over_select)))
 
 
-def split_buffer(total: int, plan: Mapping[str, Sequence[str]]) -> dict[str, int]:
-    """``total`` split across combiners in proportion to the clients each asks (largest
-    remainder), so the shares close after exactly ``total`` updates between them."""
-    asked = {name: len(ids) for name, ids in plan.items() if ids}
-    everyone = sum(asked.values())
-    if not total or not everyone:
-        return {}
-    total = min(total, everyone)
-    exact = {name: total * n / everyone for name, n in asked.items()}
-    quota = {name: int(x) for name, x in exact.items()}
-    for name in sorted(exact, key=lambda k: (quota[k] - exact[k], k))[: total - sum(quota.values())]:
-        quota[name] += 1
-    return quota
-
-
 def plan_round(ctx: RoundContext) -> RoundPlan:
     """The default ``Strategy.configure``: the session's selection settings, as above."""
     s = ctx.settings
@@ -111,4 +97,4 @@ def plan_round(ctx: RoundContext) -> RoundPlan:
     for client in sorted(chosen, key=lambda c: c.client_id):
         clients[client.combiner].append(client.client_id)
     return RoundPlan(clients={k: tuple(v) for k, v in clients.items()},
-                     config=dict(s.round_config), buffer=split_buffer(s.buffer_size, clients))
+                     config=dict(s.round_config), buffer=s.buffer_size)

@@ -22,7 +22,7 @@ import numpy as np
 from fedray.actors.callbacks import Callbacks, SessionStatus, StatusCallback
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.session_runner import SessionRunner, Start
-from fedray.config import CombinersConfig, SessionConfig
+from fedray.config import CombinersConfig, SessionConfig, config_from_dict
 from fedray.messages import TaskKind, UpdateHeader, ValidationReport
 from fedray.serialization import copy_model, decode, encode
 from fedray.storage.base import ModelStore
@@ -146,9 +146,10 @@ class SimPool:
     def __init__(self, combiners: int = 1, **settings: Any) -> None:
         base = {"heartbeat_interval_s": 0.05, "offline_after_s": 5.0, "chunk_kib": 64}
         self.listener = CoreListener()
+        self.runner: Any = None  # set by run_session: it counts buffered rounds
         self.cores = {f"combiner-{i}": CombinerCore(f"combiner-{i}",
                                                     CombinersConfig(**{**base, **settings}),
-                                                    listener=self.listener)
+                                                    listener=self.listener, claimer=self._claim)
                       for i in range(combiners)}
         self.names = list(self.cores)
         self.clients: dict[str, SimClient] = {}
@@ -175,6 +176,9 @@ class SimPool:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+    async def _claim(self, session_id, round_, attempt, client_id) -> int:
+        return self.runner.claim(round_, attempt, client_id) if self.runner else 0
 
     # the CombinerPool protocol
 
@@ -217,11 +221,17 @@ class SimPool:
     async def stop_async(self, combiner, session_id):
         return self.cores[combiner].stop_async(session_id)
 
+    async def buffer_full(self, combiner, session_id, round_, attempt):
+        self.cores[combiner].buffer_full(session_id, round_, attempt)
+
 
 def session_settings(**fields: Any) -> SessionConfig:
+    """Session settings as a config file would give them (nested mappings included)."""
     base = {"rounds": 3, "min_clients": 2, "round_timeout_s": 10.0, "validate": False,
             "wait_for_clients_s": 10.0}
-    return SessionConfig(**{**base, **fields})
+    config = config_from_dict({"federation": "sim", "seed_model": "unused",
+                               "session": {**base, **fields}})
+    return config.session
 
 
 async def run_session(pool: SimPool, store: MemoryStore, settings: SessionConfig,
@@ -235,6 +245,7 @@ async def run_session(pool: SimPool, store: MemoryStore, settings: SessionConfig
                            strategy=strategy, pool=pool, store=store,
                            callbacks=Callbacks([recorder, StatusCallback(status, lambda s: None)]),
                            combiner_strategy=copy.deepcopy(strategy))
+    pool.runner = runner
     state, reason = await runner.run(start)
     runner.recorder = recorder
     return state, reason, runner

@@ -6,6 +6,8 @@ what the runner decided and committed, including a resume after a simulated cras
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,92 @@ async def test_a_round_without_enough_updates_runs_again_and_names_the_failed_cl
     assert len(failed) == 2 and failed[0].failures == {"bad": "RuntimeError: no data here"}
     assert bad.tasks_seen == [("train", 1), ("train", 1)]
     assert [e.attempt for e in runner.recorder.of(RoundStarted)] == [1, 2]
+
+
+def slow(value: float, seconds: float):
+    import time
+
+    def train(params, config, client_id, round_):
+        time.sleep(seconds)
+        return {k: v + value for k, v in params.items()}, 10, {}
+    return train
+
+
+@pytest.mark.parametrize("combiners", [1, 2])
+async def test_buffer_size_closes_the_round_on_its_first_k_updates_across_combiners(combiners):
+    pool = SimPool(combiners)
+    for i, name in enumerate(["f1", "f2", "f3"]):
+        pool.add(name, shift_by(1.0 + i), combiner=pool.names[i % combiners])
+    for name in ("s1", "s2"):  # both slow ones on combiner-0, beside a fast one
+        pool.add(name, slow(100.0, 0.6), combiner=pool.names[0])
+    store = MemoryStore()
+    settings = session_settings(rounds=2, min_clients=3, clients_per_round=5, buffer_size=3)
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+        await asyncio.sleep(1.5)  # the slow clients answer round 2 after it closed
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    commits = runner.recorder.of(RoundCommitted)
+    assert [c.updates for c in commits] == [3, 3]
+    for commit in commits:  # the slow clients' combiner closed on the third update
+        assert commit.combiners["combiner-0"]["close_reason"] == "buffer_full"
+        assert commit.seconds < 0.5
+    np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 2 * 2.0)  # no 100s
+    late = [(lvl, msg) for lvl, msg, data in pool.listener.events
+            if data.get("client_id") in {"s1", "s2"} and "dropped (late)" in msg]
+    assert {m.split(" for round ")[1][0] for _, m in late} == {"1", "2"}
+    assert all(lvl == "info" for lvl, _ in late)
+
+
+async def test_attribute_and_policy_selection_ask_exactly_the_clients_they_name():
+    pool = SimPool(2)
+    for i in range(6):
+        pool.add(f"c{i}", shift_by(1.0), attrs={"site": "eu" if i % 2 else "us"})
+    store = MemoryStore()
+    seed = store.put(encode(SEED))
+    try:
+        by_attr = await run_session(pool, store, session_settings(
+            rounds=2, select={"attrs": {"site": "eu"}}), Start(seed))
+        by_policy = await run_session(pool, store, session_settings(
+            rounds=2, select={"policy": "tests.test_session_runner:first_two"}), Start(seed))
+        asked = {name for name, client in pool.clients.items() if client.tasks_seen}
+    finally:
+        await pool.close()
+    assert by_attr[0] == by_policy[0] == "finished"
+    for (_, _, runner), wanted in ((by_attr, {"c1", "c3", "c5"}), (by_policy, {"c0", "c1"})):
+        for started in runner.recorder.of(RoundStarted):
+            assert {c for ids in started.clients.values() for c in ids} == wanted
+    assert asked == {"c0", "c1", "c3", "c5"}
+
+
+def first_two(clients, ctx):
+    """A selection policy: the two clients with the smallest ids."""
+    return sorted(c.client_id for c in clients)[:2]
+
+
+async def test_fedbuff_commits_a_version_every_k_updates_weighted_by_staleness():
+    pool = SimPool(2)
+    for i in range(4):
+        pool.add(f"fast{i}", slow(1.0, 0.05))
+    pool.add("slow0", slow(1.0, 0.25))  # five times slower
+    pool.add("slow1", slow(1.0, 0.25))
+    store = MemoryStore()
+    settings = session_settings(rounds=12, aggregator="fedbuff", buffer_size=4)
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    commits = runner.recorder.of(RoundCommitted)
+    assert [c.round for c in commits] == list(range(1, 13))
+    assert all(c.mode == "async" and c.updates == 4 == len(c.contributions) for c in commits)
+    slow_parts = [p for c in commits for p in c.contributions if p["client_id"].startswith("slow")]
+    assert slow_parts and all(p["staleness"] >= 1 for p in slow_parts)  # nobody waited for them
+    for p in slow_parts:
+        assert p["weight"] == pytest.approx(1 / np.sqrt(1 + p["staleness"]), rel=1e-5)
+    # every update moves the model by +1 from its base, discounted by its staleness
+    final = decode(store.get(runner.model_id))["w"]
+    assert 6 < float(final.mean()) <= 12

@@ -4,7 +4,8 @@ The same model and settings as the compute package in ``client/``, without a sub
 ``make_client_fns(data)`` binds a client's ``.npz`` file (written by ``data.py``), and the
 module-level ``train``/``validate`` read that path from ``FEDRAY_DATA`` at call time (the
 edge CLI sets it from ``--data``). Round settings come from the round's config: ``epochs``
-(5), ``lr`` (0.3), ``batch_size`` (32), ``seed`` (0); other keys are ignored.
+(5), ``lr`` (0.3), ``batch_size`` (32), ``seed`` (0), and ``mu`` (0: plain local SGD;
+above 0, FedProx's proximal term); other keys are ignored.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def make_client_fns(data: str) -> tuple[TrainFn, ValidateFn]:
             lr=float(settings["lr"]),
             batch_size=int(settings["batch_size"]),
             seed=int(settings["seed"]),
+            mu=float(settings["mu"]),
         )
         return new, len(d.y), metrics
 

@@ -53,7 +53,8 @@ class Combiner:
         # Kept updates (robust and asynchronous strategies) go to the object store, which
         # can spill to disk; the controller reads them zero-copy from there.
         self.core = CombinerCore(name, settings, listener=self.observer,
-                                 keeper=lambda raw: ray.put(np.asarray(raw)))
+                                 keeper=lambda raw: ray.put(np.asarray(raw)),
+                                 claimer=self._claim_at_controller)
         # Given at construction too, so a combiner that Ray restarts still serves it.
         self.packages: dict[str, bytes] = dict([package]) if package else {}
         self.address = ""
@@ -62,6 +63,12 @@ class Combiner:
                               self.observer.event, self._disconnect)
         self._ready = asyncio.ensure_future(self._serve(port))
         self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _claim_at_controller(self, session_id: str, round_: int, attempt: int,
+                                   client_id: str) -> int:
+        """Buffered rounds count their first K updates at the controller, across combiners."""
+        controller = ray.get_actor("controller", namespace=ray.get_runtime_context().namespace)
+        return await controller.claim_update.remote(session_id, round_, attempt, client_id)
 
     async def _serve(self, port: int) -> dict[str, Any]:
         def register(server):
@@ -126,6 +133,9 @@ class Combiner:
 
     async def stop_async(self, session_id: str) -> dict[str, Any]:
         return self.core.stop_async(session_id)
+
+    async def buffer_full(self, session_id: str, round_: int, attempt: int) -> None:
+        self.core.buffer_full(session_id, round_, attempt)
 
     async def set_package(self, sha256: str, data: bytes) -> None:
         self.packages.clear()

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,6 +90,11 @@ class ClientLink:
     status: str = "online"
 
 
+# (session id, round, attempt, client id) -> the round's accepted count with this update,
+# or 0 when its first K are in already: the controller's answer in a buffered round.
+Claimer = Callable[[str, int, int, str], Awaitable[int]]
+
+
 class UnknownSession(SessionError):
     """A round for a session whose strategy this combiner was never given (or forgot,
     after Ray restarted it): the controller sends the strategy again and retries."""
@@ -116,11 +121,13 @@ def _copy_keeper(raw: Buffer) -> Any:
 class CombinerCore:
     def __init__(self, name: str, settings: CombinersConfig,
                  listener: CombinerListener | None = None,
-                 keeper: Callable[[Buffer], Any] = _copy_keeper) -> None:
+                 keeper: Callable[[Buffer], Any] = _copy_keeper,
+                 claimer: Claimer | None = None) -> None:
         self.name = name
         self.settings = settings
         self.listener = listener or NullListener()
         self.keeper = keeper  # where kept updates go: ray.put inside the actor
+        self.claimer = claimer  # the controller's count of a buffered round (None: local)
         self.clients: dict[str, ClientLink] = {}
         self.models: OrderedDict[str, np.ndarray] = OrderedDict()
         self.strategies: OrderedDict[str, Strategy] = OrderedDict()
@@ -134,7 +141,7 @@ class CombinerCore:
         self.intake = UpdateIntake(settings.max_inflight_uploads,
                                    int(settings.max_update_mb * 1024 * 1024),
                                    settings.upload_idle_s, self._share_for, self._settle,
-                                   self.listener)
+                                   self.listener, self._claim)
 
     # ----------------------------------------------------------------- clients
 
@@ -310,7 +317,7 @@ class CombinerCore:
                       limits=Limits(spec.max_examples, spec.max_update_norm),
                       versions={spec.version: version}, current=spec.version,
                       deadline=time.monotonic() + spec.timeout_s, tasks=tasks,
-                      buffer=spec.buffer)
+                      buffer=spec.buffer, attempt=spec.attempt)
         self._open(share)
         bytes_out_before = self.bytes_out
         deadline_unix = time.time() + spec.timeout_s
@@ -366,7 +373,8 @@ class CombinerCore:
             return
         snapshot = ShareSnapshot(selected=len(share.tasks), accepted=share.accepted,
                                  settled=len(share.settled), buffer=share.buffer,
-                                 now=time.monotonic(), deadline=share.deadline)
+                                 now=time.monotonic(), deadline=share.deadline,
+                                 round_accepted=share.round_accepted)
         try:
             decision = share.strategy.should_close(snapshot)
         except Exception:  # noqa: BLE001 - a broken strategy cannot keep a round open
@@ -379,6 +387,28 @@ class CombinerCore:
     def _close(self, share: Share, reason: str) -> None:
         share.close_reason = reason
         share.closed.set()
+
+    async def _claim(self, share: Share, client_id: str) -> bool:
+        """A slot among a buffered round's first K updates, counted across combiners."""
+        if self.claimer is None:  # a combiner on its own counts for itself
+            granted = share.accepted < share.buffer
+            share.round_accepted = share.accepted + int(granted)
+            return granted
+        try:
+            total = await self.claimer(share.session_id, share.round, share.attempt, client_id)
+        except Exception as exc:  # noqa: BLE001 - no controller to ask: the round reruns
+            log.warning("cannot claim a buffer slot for round %s: %s", share.round, exc)
+            return False
+        share.round_accepted = max(share.round_accepted, total)
+        return total > 0
+
+    def buffer_full(self, session_id: str, round_: int, attempt: int) -> None:
+        """The controller says a buffered round has its first K updates: close the share."""
+        share = self.share
+        if share is not None and not share.asynchronous and share.session_id == session_id \
+                and share.round == round_ and share.attempt == attempt:
+            share.round_accepted = max(share.round_accepted, share.buffer)
+            self._check_close(share)
 
     # ----------------------------------------------------------------- asynchronous sessions
 

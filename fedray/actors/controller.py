@@ -132,6 +132,9 @@ class RayCombinerPool:
     async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]:
         return await self._ask(combiner, "stop_async", session_id)
 
+    async def buffer_full(self, combiner: str, session_id: str, round_: int, attempt: int) -> None:
+        await self._ask(combiner, "buffer_full", session_id, round_, attempt)
+
 
 class GatewayServicer(pb_grpc.GatewayServicer):
     """Client discovery. Assignments from the last few seconds count towards a combiner's
@@ -171,7 +174,8 @@ class Controller:
         self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller",
                                          metrics=FederationMetrics(config.federation, "controller"))
         self.store = open_model_store(config.storage.uri, config.resolved_data_dir())
-        self.sessions: dict[str, asyncio.Task[SessionStatus]] = {}
+        self.sessions: dict[str, asyncio.Task[tuple[str, str]]] = {}
+        self.runners: dict[str, SessionRunner] = {}
         self.status: SessionStatus | None = None
         self._version = 0
         self._changed = asyncio.Condition()
@@ -272,6 +276,7 @@ class Controller:
                                                   flush=tracking.flush),
             combiner_strategy=make_strategy(s.aggregator, s.aggregator_kwargs),
             package=(package_sha256, package_size))
+        self.runners = {session_id: runner}
         self.sessions[session_id] = asyncio.ensure_future(runner.run(start))
 
     async def start_session(self, seed_model_id: str, package_sha256: str = "",
@@ -299,6 +304,12 @@ class Controller:
         self._launch(session_id, start, package_sha256, package_size)
         return {"session_id": session_id, "resumed_after": None,
                 "continued_from": start.continued_from or None}
+
+    async def claim_update(self, session_id: str, round_: int, attempt: int,
+                           client_id: str) -> int:
+        """A combiner's request to fold an update of a buffered round (see SessionRunner)."""
+        runner = self.runners.get(session_id)
+        return runner.claim(round_, attempt, client_id) if runner is not None else 0
 
     async def watch(self, version: int, timeout_s: float = 5.0) -> tuple[int, dict[str, Any] | None]:
         """Return (version, status) once the status is newer than ``version``, or on timeout."""

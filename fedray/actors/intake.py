@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,8 @@ class Share:
     gone: set[str] = field(default_factory=set)  # settled because they went offline
     uploading: set[str] = field(default_factory=set)  # one upload per client at a time
     accepted: int = 0
+    round_accepted: int = 0  # across every combiner (buffered rounds: from the controller)
+    attempt: int = 1
     rejected: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     failures: dict[str, str] = field(default_factory=dict)  # client id -> why its task failed
@@ -126,18 +128,20 @@ class Share:
 
 ShareLookup = Callable[[str, TaskKind], Share]  # (session id, kind) -> the open share
 Settle = Callable[[Share, str, bool], None]  # (share, client id, accepted)
+Claim = Callable[[Share, str], Awaitable[bool]]  # a buffered round's slot for this client
 
 
 class UpdateIntake:
     """Receives, checks and folds updates into whichever share they belong to."""
 
     def __init__(self, max_inflight: int, max_update_bytes: int, idle_s: float,
-                 lookup: ShareLookup, settle: Settle, events: Any) -> None:
+                 lookup: ShareLookup, settle: Settle, events: Any, claim: Claim) -> None:
         self._slots = asyncio.Semaphore(max_inflight)
         self.max_update_bytes = max_update_bytes
         self.idle_s = idle_s
         self._lookup = lookup
         self._settle = settle
+        self._claim = claim
         self._events = events  # .event(level, message, **data)
 
     async def push(self, header: UpdateHeader,
@@ -189,7 +193,11 @@ class UpdateIntake:
                 entry = share.admit(header.client_id, header.task_id, header.session_id,
                                     header.round, header.model_id, TaskKind.TRAIN)
                 started = time.perf_counter()
-                await asyncio.to_thread(self._check_and_fold, share, entry, data, header)
+                update = await asyncio.to_thread(self._check, share, entry, data, header)
+                if share.buffer and not await self._claim(share, header.client_id):
+                    raise UpdateRejected("round_closed", f"the round's first {share.buffer} "
+                                         "updates arrived before this one (session.buffer_size)")
+                await asyncio.to_thread(self._fold, share, update)
                 share.aggregation_s += time.perf_counter() - started
                 if header.client_id in share.gone:  # marked offline mid-upload, but delivered
                     share.gone.discard(header.client_id)
@@ -206,9 +214,9 @@ class UpdateIntake:
                            num_examples=header.num_examples)
         return True, "accepted"
 
-    def _check_and_fold(self, share: Share, entry: TaskEntry, data: np.ndarray,
-                        header: UpdateHeader) -> None:
-        """Runs in a worker thread: hashing and folding never stall the event loop."""
+    def _check(self, share: Share, entry: TaskEntry, data: np.ndarray,
+               header: UpdateHeader) -> Update:
+        """Runs in a worker thread: hashing and checking never stall the event loop."""
         if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
             raise UpdateRejected("checksum", "payload does not match the header's sha256")
         version = share.versions[entry.version]
@@ -233,15 +241,19 @@ class UpdateIntake:
             raise UpdateRejected("strategy_error", f"{type(exc).__name__}: {exc}") from None
         if not verdict.ok:
             raise UpdateRejected(verdict.reason or "refused", verdict.detail)
+        return Update(model=model, meta=meta, raw=data)
+
+    def _fold(self, share: Share, update: Update) -> None:
+        """Runs in a worker thread, after every check passed."""
         assert share.accumulator is not None
         try:
-            share.accumulator.fold(Update(model=model, meta=meta, raw=data))
+            share.accumulator.fold(update)
         except FedrayError:
             raise
-        except Exception as exc:  # noqa: BLE001 - see accept
+        except Exception as exc:  # noqa: BLE001 - a broken strategy refuses, never crashes
             log.exception("strategy %s failed in fold", type(share.strategy).__name__)
             raise UpdateRejected("strategy_error", f"{type(exc).__name__}: {exc}") from None
-        share.metrics.fold(header.metrics, float(header.num_examples))
+        share.metrics.fold(update.meta.metrics, float(update.meta.num_examples))
 
     async def _receive_while_open(self, share: Share, header: UpdateHeader,
                                   chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:

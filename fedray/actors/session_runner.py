@@ -78,6 +78,7 @@ class CombinerPool(Protocol):
                           model_id: str) -> None: ...
     async def take_updates(self, combiner: str, session_id: str, timeout_s: float) -> list[Kept]: ...
     async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]: ...
+    async def buffer_full(self, combiner: str, session_id: str, round_: int, attempt: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class SessionRunner:
         self.model_id = ""
         self.state_id = ""
         self._put: tuple[str, Any] | None = None  # (model id, ref) of the last put
+        self._buffers: dict[tuple[int, int], list[int]] = {}  # (round, attempt) -> [count, K]
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -265,7 +267,13 @@ class SessionRunner:
             self.emit(RoundFailed(self.session_id, number, attempt, reason))
             raise RoundFailedError(reason)
         ref = self.model_ref(parent_id, model)
-        results, lost = await self.dispatch(number, TaskKind.TRAIN, ref, parent_id, plan, attempt)
+        if plan.buffer:
+            self._buffers[(number, attempt)] = [0, plan.buffer]
+        try:
+            results, lost = await self.dispatch(number, TaskKind.TRAIN, ref, parent_id, plan,
+                                                attempt)
+        finally:
+            self._buffers.pop((number, attempt), None)
         updates = sum(r.updates for r in results)
         combiners = {r.combiner: combiner_doc(r) for r in results}
         failures = {cid: why for r in results for cid, why in r.failures.items()}
@@ -312,7 +320,7 @@ class SessionRunner:
                             timeout_s=s.round_timeout_s, model_id=model_id,
                             package_sha256=self.package[0], package_size=self.package[1],
                             attempt=attempt, params=dict(plan.params),
-                            buffer=plan.buffer.get(name, 0) if kind is TaskKind.TRAIN else 0,
+                            buffer=plan.buffer if kind is TaskKind.TRAIN else 0,
                             max_examples=s.max_examples_per_update,
                             max_update_norm=s.max_update_norm, version=self.rounds_done)
             for name, clients in plan.clients.items() if clients
@@ -330,6 +338,21 @@ class SessionRunner:
             else:
                 results.append(answer)
         return results, lost
+
+    def claim(self, round_: int, attempt: int, client_id: str) -> int:
+        """A combiner asks to fold an update of a buffered round: the round's count with
+        it, or 0 once the first K are in. The K-th closes every combiner's share."""
+        entry = self._buffers.get((round_, attempt))
+        if entry is None or entry[0] >= entry[1]:
+            return 0
+        entry[0] += 1
+        if entry[0] == entry[1]:
+            self.note("info", f"round {round_} has its first {entry[1]} updates "
+                      "(session.buffer_size); closing it", round_)
+            asyncio.ensure_future(asyncio.gather(
+                *(self.pool.buffer_full(name, self.session_id, round_, attempt)
+                  for name in self.pool.names), return_exceptions=True))
+        return entry[0]
 
     async def resolve_kept(self, partials: list[Any]) -> None:
         """Kept updates are handles (object-store refs): give the strategy their tensors."""

@@ -34,6 +34,7 @@ from fedray.strategies.base import (
 REGISTRY: dict[str, str] = {
     "fedavg": "fedray.strategies.fedavg:FedAvg",
     "fedavgm": "fedray.strategies.fedopt:FedAvgM",
+    "fedbuff": "fedray.strategies.fedbuff:FedBuff",
 }
 
 __all__ = [

@@ -89,7 +89,7 @@ class RoundPlan:
     clients: Mapping[str, tuple[str, ...]]  # combiner -> client ids
     config: Mapping[str, Any] = field(default_factory=dict)  # reaches every client's train
     params: Mapping[str, Any] = field(default_factory=dict)  # reaches every combiner's start
-    buffer: Mapping[str, int] = field(default_factory=dict)  # combiner -> close after this many
+    buffer: int = 0  # close the round on its first K accepted updates, across combiners
 
     @property
     def asked(self) -> int:
@@ -133,13 +133,14 @@ class ShareSnapshot:
     selected: int
     accepted: int
     settled: int  # answered in any way: accepted, rejected, failed, or gone offline
-    buffer: int  # close after this many accepted updates; 0 = no buffer
+    buffer: int  # the round closes on its first K accepted updates; 0 = no buffer
     now: float
     deadline: float
+    round_accepted: int = 0  # accepted across every combiner, as far as this one knows
 
 
 def default_closing(s: ShareSnapshot) -> CloseReason:
-    if s.buffer and s.accepted >= s.buffer:
+    if s.buffer and max(s.accepted, s.round_accepted) >= s.buffer:
         return CloseReason.BUFFER_FULL
     if s.settled >= s.selected:
         return CloseReason.ALL_ANSWERED

@@ -34,7 +34,7 @@ from fedray.strategies.base import (
     add_scaled_delta,
     cast_like,
 )
-from fedray.strategies.fedavg import WeightedSums
+from fedray.strategies.fedavg import WeightedSums, add_sums
 
 STALENESS = {
     "polynomial": lambda tau: 1.0 / math.sqrt(1.0 + tau),
@@ -123,16 +123,7 @@ class FedBuff(Strategy[WeightedSums, WeightedSums]):
         return StaleWeightedDeltas(share, lambda meta: self.weight(meta.staleness))
 
     def reduce(self, partials: Sequence[WeightedSums]) -> WeightedSums:
-        partials = [p for p in partials if p.count]
-        if not partials:
-            raise ValueError("no partial carries an update")
-        total = WeightedSums({k: np.array(v, copy=True) for k, v in partials[0].sums.items()})
-        for p in partials[1:]:
-            for name, value in p.sums.items():
-                total.sums[name] += value
-            total.weight += p.weight
-            total.count += p.count
-        return total
+        return add_sums(partials)
 
     def finish(self, global_model: Mapping[str, np.ndarray], reduced: WeightedSums) -> Model:
         out = {}

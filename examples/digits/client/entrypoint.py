@@ -68,6 +68,7 @@ def cmd_train(in_model: str, out_model: str, out_meta: str, data: str, config: s
         lr=settings["lr"],
         batch_size=settings["batch_size"],
         seed=settings["seed"],
+        mu=settings["mu"],
     )
     save_file(params, out_model)
     _write_meta(out_meta, len(arrays["y"]), metrics)

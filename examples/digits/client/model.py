@@ -25,7 +25,8 @@ _NAMES = ("hidden.weight", "hidden.bias", "out.weight", "out.bias")
 Params = dict[str, np.ndarray]
 
 # Round settings and their defaults; a round's config may override any of them.
-DEFAULT_SETTINGS: dict[str, float | int] = {"epochs": 5, "lr": 0.3, "batch_size": 32, "seed": 0}
+DEFAULT_SETTINGS: dict[str, float | int] = {"epochs": 5, "lr": 0.3, "batch_size": 32, "seed": 0,
+                                             "mu": 0.0}
 
 
 def round_settings(config: Mapping[str, object] | None) -> dict[str, float | int]:
@@ -43,7 +44,7 @@ def round_settings(config: Mapping[str, object] | None) -> dict[str, float | int
         if kind is int and float(value) != int(value):
             raise ValueError(f"round setting {key!r} must be an integer, got {value!r}")
         out[key] = kind(value)
-    if out["epochs"] < 0 or out["batch_size"] < 1 or not out["lr"] > 0:
+    if out["epochs"] < 0 or out["batch_size"] < 1 or not out["lr"] > 0 or out["mu"] < 0:
         raise ValueError(f"round settings out of range: {out}")
     return out
 
@@ -83,13 +84,20 @@ def train(
     lr: float = 0.3,
     batch_size: int = 32,
     seed: int = 0,
+    mu: float = 0.0,
 ) -> tuple[Params, dict[str, float]]:
-    """Mini-batch SGD on cross-entropy; returns new parameters and training metrics."""
+    """Mini-batch SGD on cross-entropy; returns new parameters and training metrics.
+
+    With ``mu > 0`` this is FedProx's local objective (Li et al., 2020): the loss plus
+    ``mu / 2 * ||w - w_global||^2``, whose gradient ``mu * (w - w_global)`` pulls every
+    step back towards the model the round started from (``params``).
+    """
     if len(X) == 0:
         raise ValueError("cannot train on an empty dataset")
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     p = {name: np.array(params[name], dtype=np.float32, copy=True) for name in _NAMES}
+    anchor = {name: p[name].copy() for name in _NAMES} if mu > 0 else None
     rng = np.random.default_rng(seed)
     n = len(X)
     for _ in range(int(epochs)):
@@ -102,10 +110,12 @@ def train(
             grad_logits[np.arange(len(yb)), yb] -= 1.0
             grad_logits /= len(yb)
             grad_h = (grad_logits @ p["out.weight"].T) * (h > 0)
-            p["out.weight"] -= lr * (h.T @ grad_logits)
-            p["out.bias"] -= lr * grad_logits.sum(axis=0)
-            p["hidden.weight"] -= lr * (xb.T @ grad_h)
-            p["hidden.bias"] -= lr * grad_h.sum(axis=0)
+            grads = {"out.weight": h.T @ grad_logits, "out.bias": grad_logits.sum(axis=0),
+                     "hidden.weight": xb.T @ grad_h, "hidden.bias": grad_h.sum(axis=0)}
+            for name, grad in grads.items():
+                if anchor is not None:
+                    grad = grad + mu * (p[name] - anchor[name])  # the proximal term
+                p[name] -= lr * grad
     metrics = evaluate(p, X, y)
     return p, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
 
