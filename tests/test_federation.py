@@ -78,9 +78,9 @@ def _wait_connected(fleet, count: int, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def _run(config, tracking_uri, fleet, workers: dict, token=None):
+def _run(config, tracking_uri, fleet, workers: dict, token=None, seed=None):
     store = open_model_store("file", config.resolved_data_dir())
-    seed_id = store.put(encode(SEED))
+    seed_id = store.put(encode(SEED if seed is None else seed))
     fed = Federation(config, token, tracking_uri).deploy()
     try:
         for i, (name, worker) in enumerate(workers.items()):

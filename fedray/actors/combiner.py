@@ -46,6 +46,7 @@ class Combiner:
                  token: str | None, tracking_uri: str | None, tracking_db: str = "fedray",
                  package: tuple[str, bytes] | None = None, tls: ServerTls | None = None) -> None:
         self.name = name
+        self.namespace = f"fedray-{federation}"  # FederationConfig.namespace
         self.settings = settings
         self.tls = tls
         self.observer = TrackingObserver(tracking_uri, tracking_db, source=name, combiner=name,
@@ -67,7 +68,7 @@ class Combiner:
     async def _claim_at_controller(self, session_id: str, round_: int, attempt: int,
                                    client_id: str) -> int:
         """Buffered rounds count their first K updates at the controller, across combiners."""
-        controller = ray.get_actor("controller", namespace=ray.get_runtime_context().namespace)
+        controller = ray.get_actor("controller", namespace=self.namespace)
         return await controller.claim_update.remote(session_id, round_, attempt, client_id)
 
     async def _serve(self, port: int) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Stragglers over real Ray and gRPC: first-K rounds (session.buffer_size) and FedBuff.
+
+Slow clients are edge clients whose training takes longer; nobody may wait for them, and
+nothing they send late may reach a later round.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from test_federation import DeltaWorker, _config, _run
+
+from fedray.edge.workers import CallbackWorker
+from fedray.serialization import decode
+
+pytestmark = pytest.mark.integration
+
+
+class SlowWorker(DeltaWorker):
+    def __init__(self, delta: float, examples: int, seconds: float) -> None:
+        super().__init__(delta, examples)
+        self.seconds = seconds
+
+    def train(self, model: bytes, config: dict):
+        time.sleep(self.seconds)
+        return super().train(model, config)
+
+
+def test_buffer_size_closes_each_round_on_its_third_update_and_drops_the_late_ones(
+        ray_session, tracking_uri, fleet, tmp_path):
+    config = _config("first-k", tmp_path, combiners=2, rounds=3, min_clients=3,
+                     clients_per_round=5, buffer_size=3)
+    workers = {"f1": SlowWorker(1.0, 10, 0.4), "f2": SlowWorker(2.0, 10, 0.4),
+               "f3": SlowWorker(3.0, 10, 0.4), "s1": SlowWorker(100.0, 10, 1.0),
+               "s2": SlowWorker(100.0, 10, 1.0)}
+    status, store, tracking = _run(config, tracking_uri, fleet, workers)
+    assert status["state"] == "finished", status["reason"]
+    rounds = tracking.find("rounds", {"session_id": status["session_id"]}, sort=[("round", 1)])
+    assert [r["updates"] for r in rounds] == [3, 3, 3]
+    for r in rounds:  # each closed on its third update, long before the slow ones answer
+        assert r["seconds"] < 0.95, r["seconds"]
+        assert "deadline" not in {c["close_reason"] for c in r["combiners"].values()}
+    final = decode(store.get(status["model_id"]))
+    np.testing.assert_allclose(final["w"], 3 * 2.0, rtol=1e-6)  # only the fast ones, thrice
+    late = tracking.find("events", {"session_id": status["session_id"],
+                                    "message": {"$regex": "^update from s[12] for round 1 "
+                                                          "dropped \\(late\\)"}})
+    assert {e["data"]["client_id"] for e in late} == {"s1", "s2"}
+
+
+def _digits_workers(delays: dict[str, float]):
+    from examples.digits.client import model
+    from examples.digits.data import partition
+
+    parts = partition(len(delays), scheme="iid", seed=0)
+
+    def make(X, y, seconds):
+        def train(params, config):
+            time.sleep(seconds)
+            new, metrics = model.train(params, X, y, epochs=5, lr=0.3, seed=0)
+            return new, len(y), metrics
+        return CallbackWorker(train)
+
+    return {name: make(X, y, seconds)
+            for (name, seconds), (X, y) in zip(delays.items(), parts, strict=True)}
+
+
+def test_fedbuff_matches_synchronous_fedavg_sooner_when_two_of_six_clients_are_slow(
+        ray_session, tracking_uri, fleet, tmp_path):
+    from examples.digits.client import model
+    from examples.digits.data import load_split
+
+    split = load_split()
+    delays = {"slow-0": 1.0, "slow-1": 1.0, **{f"fast-{i}": 0.2 for i in range(4)}}
+
+    def session(name, **settings):
+        config = _config(name, tmp_path / name, combiners=2, min_clients=6, **settings)
+        fleet.stop()  # the clients of an earlier session, if any
+        fleet.lines.clear()
+        started = time.monotonic()
+        status, store, tracking = _run(config, tracking_uri, fleet, _digits_workers(delays),
+                                       seed=model.init_model(0))
+        seconds = time.monotonic() - started
+        accuracy = model.evaluate(decode(store.get(status["model_id"])), split.X_test,
+                                  split.y_test)["accuracy"]
+        return status, tracking, seconds, accuracy
+
+    sync = session("sync", rounds=5)
+    fedbuff = session("fedbuff", rounds=10, aggregator="fedbuff", buffer_size=5,
+                      aggregator_kwargs={"server_lr": 0.7})
+    assert sync[0]["state"] == fedbuff[0]["state"] == "finished"
+    assert fedbuff[3] >= sync[3] - 0.02, (fedbuff[3], sync[3])
+    assert fedbuff[2] < sync[2], (fedbuff[2], sync[2])
+    versions = fedbuff[1].find("rounds", {"session_id": fedbuff[0]["session_id"]},
+                               sort=[("round", 1)])
+    assert [v["round"] for v in versions] == list(range(1, 11))
+    assert all(v["mode"] == "async" and len(v["contributions"]) == 5 for v in versions)
+    slow = [c for v in versions for c in v["contributions"] if c["client_id"].startswith("slow")]
+    assert slow and all(c["staleness"] >= 1 for c in slow)
+    print(f"sync fedavg {sync[3]:.3f} in {sync[2]:.1f}s; fedbuff {fedbuff[3]:.3f} in "
+          f"{fedbuff[2]:.1f}s; slow contributions {len(slow)}")
