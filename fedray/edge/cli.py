@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
+from fedray.edge.downloads import DEFAULT_MAX_MODEL_MB, DEFAULT_MAX_PACKAGE_MB, MiB
 from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker, Worker
 from fedray.errors import ConfigError
 from fedray.tls import client_tls
@@ -47,9 +48,13 @@ def edge() -> None:
 @click.option("--tls-server-name", default="", metavar="NAME",
               help="The name the servers' certificates carry, when it differs from the host "
                    "dialed (implies TLS).")
+@click.option("--max-model-mb", type=click.IntRange(min=1), default=DEFAULT_MAX_MODEL_MB,
+              show_default=True, help="Refuse models larger than this.")
+@click.option("--max-package-mb", type=click.IntRange(min=1), default=DEFAULT_MAX_PACKAGE_MB,
+              show_default=True, help="Refuse compute packages larger than this.")
 def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
           data: str, ca: str | None, system_roots: bool, cert: str | None, key: str | None,
-          tls_server_name: str) -> None:
+          tls_server_name: str, max_model_mb: int, max_package_mb: int) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
@@ -62,7 +67,10 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
         worker = RemotePackageWorker(data)
     else:
         worker = load_package_worker(Path(package), data)
-    runner = EdgeRunner(worker, EdgeSettings(gateway=gateway, name=name, token=token, tls=tls))
+    settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
+                            max_model_bytes=max_model_mb * MiB,
+                            max_package_bytes=max_package_mb * MiB)
+    runner = EdgeRunner(worker, settings)
     click.echo(f"[{name}] starting; gateway {gateway}{' over TLS' if tls else ''}; Ctrl-C to stop")
     asyncio.run(_serve(runner))
     click.echo(f"[{name}] stopped after {runner.tasks_done} task(s)")

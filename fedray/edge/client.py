@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import random
-import tempfile
 import time
 import traceback
 from collections import OrderedDict
@@ -23,9 +21,17 @@ from dataclasses import dataclass
 
 import grpc
 
+from fedray.edge.downloads import (
+    DEFAULT_MAX_MODEL_MB,
+    DEFAULT_MAX_PACKAGE_MB,
+    MiB,
+    fetch_model,
+    fetch_package,
+)
 from fedray.edge.workers import RemotePackageWorker, Worker
 from fedray.errors import AuthError, PackageError, TransportError
 from fedray.messages import Task, TaskKind
+from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -55,6 +61,8 @@ class EdgeSettings:
     cached_models: int = 2
     version: str = "fedray-0.1"
     tls: ClientTls | None = None  # None: plaintext; else verify the servers' certificates
+    max_model_bytes: int = DEFAULT_MAX_MODEL_MB * MiB  # whatever a task announces
+    max_package_bytes: int = DEFAULT_MAX_PACKAGE_MB * MiB
 
 
 class ModelCache:
@@ -62,15 +70,15 @@ class ModelCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, memoryview] = OrderedDict()
 
-    def get(self, model_id: str) -> bytes | None:
+    def get(self, model_id: str) -> memoryview | None:
         data = self._items.get(model_id)
         if data is not None:
             self._items.move_to_end(model_id)
         return data
 
-    def put(self, model_id: str, data: bytes) -> None:
+    def put(self, model_id: str, data: memoryview) -> None:
         self._items[model_id] = data
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -197,20 +205,17 @@ class EdgeRunner:
             interval = reply.interval_s or interval
             await asyncio.sleep(interval)
 
-    async def _install_package(self, stub: pb_grpc.CombinerStub, sha256: str) -> None:
+    async def _install_package(self, stub: pb_grpc.CombinerStub, task: Task) -> None:
         """Download the session's compute package, verify it, unpack it, and use it."""
+        sha256 = task.package_sha256
+        if not is_sha256(sha256):  # it names a file below: nothing else may
+            raise PackageError(f"the task's package_sha256 {sha256[:80]!r} is not a sha256 "
+                               "(64 lowercase hex characters)")
         cache = self.worker.cache_dir or default_cache_dir()
         archive = cache / "archives" / f"{sha256}.tgz"
         if not archive.is_file():
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(dir=archive.parent, suffix=".part")
-            with open(fd, "wb") as out, _not_found_is(PackageError):
-                call = stub.FetchPackage(pb.FetchPackageRequest(client_id=self.client_id,
-                                                                sha256=sha256),
-                                         metadata=self.metadata)
-                async for chunk in call:
-                    out.write(chunk.data)
-            os.replace(partial, archive)  # load_package checks the sha256 before unpacking
+            await fetch_package(stub, self.metadata, self.client_id, sha256, task.package_size,
+                                self.settings.max_package_bytes, archive)
         try:
             name = await asyncio.to_thread(self.worker.install, sha256, archive)
         except PackageError:
@@ -218,18 +223,12 @@ class EdgeRunner:
             raise
         self._line(f"installed compute package {name!r} (sha256 {sha256[:12]})")
 
-    async def _fetch(self, stub: pb_grpc.CombinerStub, model_id: str) -> bytes:
+    async def _fetch(self, stub: pb_grpc.CombinerStub, model_id: str, size: int = 0) -> memoryview:
         cached = self.cache.get(model_id)
         if cached is not None:
             return cached
-        parts: list[bytes] = []
-        with _not_found_is(TransportError):
-            call = stub.FetchModel(pb.FetchModelRequest(client_id=self.client_id,
-                                                        model_id=model_id),
-                                   metadata=self.metadata)
-            async for chunk in call:
-                parts.append(chunk.data)
-        data = b"".join(parts)
+        data = await fetch_model(stub, self.metadata, self.client_id, model_id, size,
+                                 self.settings.max_model_bytes)
         if await asyncio.to_thread(_sha256, data) != model_id:
             raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
         self.cache.put(model_id, data)
@@ -241,8 +240,8 @@ class EdgeRunner:
         try:
             if isinstance(self.worker, RemotePackageWorker) and task.package_sha256 \
                     and task.package_sha256 != self.worker.sha256:
-                await self._install_package(stub, task.package_sha256)
-            model = await self._fetch(stub, task.model_id)
+                await self._install_package(stub, task)
+            model = await self._fetch(stub, task.model_id, task.model_size)
             if task.kind is TaskKind.TRAIN:
                 data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
                 digest = await asyncio.to_thread(_sha256, data)
@@ -283,16 +282,5 @@ class EdgeRunner:
                                                offset=offset, total_size=len(data)))
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@contextlib.contextmanager
-def _not_found_is(error: type[Exception]):
-    """NOT_FOUND fails the task (as ``error``); other RPC errors mean a broken connection."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() is grpc.StatusCode.NOT_FOUND:
-            raise error(exc.details()) from None
-        raise

@@ -15,15 +15,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedray.errors import FedrayError
-from fedray.serialization import copy_model, decode, encode
+from fedray.serialization import Buffer, copy_model, decode, encode
 
 TrainFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[Mapping[str, np.ndarray], int, dict]]
 ValidateFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[int, dict]]
 
 
 class Worker(Protocol):
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]: ...
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]: ...
+    """``model`` is the global model's bytes (read-only: the client caches them)."""
+
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]: ...
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]: ...
 
 
 class CallbackWorker:
@@ -33,7 +35,7 @@ class CallbackWorker:
         self._train = train
         self._validate = validate
 
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
         params = copy_model(decode(model))
         result = self._train(params, dict(config))
         if not (isinstance(result, tuple) and len(result) == 3):
@@ -44,7 +46,7 @@ class CallbackWorker:
         return encode({k: np.asarray(v, dtype=params[k].dtype) for k, v in new.items()}), \
             _count(examples), dict(metrics or {})
 
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]:
         if self._validate is None:
             raise FedrayError("this client has no validate function")
         result = self._validate(copy_model(decode(model)), dict(config))
@@ -94,10 +96,10 @@ class RemotePackageWorker:
                               "with --app MODULE or --package PATH")
         return self._current
 
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
         return self._worker().train(model, config)
 
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]:
         return self._worker().validate(model, config)
 
 

@@ -1,0 +1,177 @@
+"""The edge client against a hostile or misconfigured federation, over real gRPC.
+
+The federation is ``tests/edge_server.py``: a real gRPC server on 127.0.0.1 whose tasks and
+download streams each test scripts (runaway model and package streams, path-like package
+ids, TLS with the wrong CA, a token with another name). The client is the real
+``EdgeRunner``, or a real ``fedray edge start`` process for what the command line decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from fedray.edge.client import EdgeRunner, EdgeSettings
+from fedray.edge.workers import RemotePackageWorker
+from fedray.proto import fedray_v1_pb2 as pb
+from tests.edge_server import ScriptedFederation, endless, task, wait_for
+from tests.pki import make_pki
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+ECHO_PACKAGE = {
+    "fedray.yaml": "name: echo\nentrypoints:\n  validate: python v.py {data} {out_meta}\n",
+    "v.py": "import json, os, sys\n"
+            "data, meta = sys.argv[1], sys.argv[2]\n"
+            "if not os.path.exists(data):\n"
+            "    sys.exit(f'data file {data} does not exist')\n"
+            "json.dump({'num_examples': 7, 'metrics': {}}, open(meta, 'w'))\n",
+}
+
+
+class Counting:
+    """A worker that only looks at the model's size: no copy, so memory is the client's."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def train(self, model, config):
+        raise AssertionError("no train tasks here")
+
+    def validate(self, model, config):
+        self.sizes.append(len(model))
+        return 1, {}
+
+
+@pytest.fixture
+async def federation():
+    fed = await ScriptedFederation.start()
+    try:
+        yield fed
+    finally:
+        await fed.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _package(folder: Path, files: dict[str, str] = ECHO_PACKAGE) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+class Client:
+    """An ``EdgeRunner`` serving in the test's own event loop, its lines kept."""
+
+    def __init__(self, worker, gateway: str, name: str = "site-a", **settings) -> None:
+        self.lines: list[str] = []
+        settings.setdefault("backoff_initial_s", 0.05)
+        self.runner = EdgeRunner(worker, EdgeSettings(gateway=gateway, name=name, **settings),
+                                 say=self.lines.append)
+        self.future = asyncio.ensure_future(self.runner.run())
+
+    async def close(self) -> None:
+        self.runner.stop.set()
+        await asyncio.wait_for(self.future, 10)
+
+
+async def _failure(fed: ScriptedFederation, client: Client, what: str) -> pb.EventReport:
+    await wait_for(lambda: fed.servicer.events or client.future.done(),
+                   lambda: (what, client.lines))
+    await client.close()
+    assert fed.servicer.events, client.lines
+    return fed.servicer.events[0]
+
+
+# --- 8. bounded downloads ------------------------------------------------------------------
+
+
+async def test_a_model_stream_longer_than_the_task_says_is_cut_off(federation):
+    fed = federation.servicer
+    runaway = task(model=b"m" * MiB)
+    fed.downloads[runaway.model_id] = endless(count=64)
+    client = Client(Counting(), federation.gateway)
+    fed.send(runaway)
+    event = await _failure(federation, client, "the runaway model to be refused")
+    assert f"more than the {MiB} bytes the task announced" in event.message
+    assert fed.sent[runaway.model_id] < 16 * MiB  # hung up early, not after 64 MiB
+
+
+async def test_a_model_larger_than_the_client_cap_is_not_downloaded(federation):
+    fed = federation.servicer
+    big = task(model=b"m" * (2 * MiB))
+    fed.serve(b"m" * (2 * MiB))
+    client = Client(Counting(), federation.gateway, max_model_bytes=MiB)
+    fed.send(big)
+    event = await _failure(federation, client, "the big model to be refused")
+    assert "--max-model-mb" in event.message and big.model_id not in fed.sent
+
+
+async def test_a_model_download_is_assembled_in_one_buffer(federation):
+    size = 32 * MiB
+    model = os.urandom(1024) * (size // 1024)
+    fed = federation.servicer
+    fed.serve(model)
+    worker = Counting()
+    client = Client(worker, federation.gateway)
+    await wait_for(lambda: fed.joins, "the client to join")
+    tracemalloc.start()
+    try:
+        fed.send(task(model=model))
+        await wait_for(lambda: fed.validations or fed.events, lambda: client.lines)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await client.close()
+    assert worker.sizes == [size], client.lines
+    assert peak < 1.4 * size, f"peak {peak / MiB:.0f} MiB for a {size / MiB:.0f} MiB model"
+
+
+async def _package_failure(federation, tmp_path, sha256: str, package_size: int,
+                           **settings) -> pb.EventReport:
+    fed = federation.servicer
+    joined = len(fed.joins)
+    client = Client(RemotePackageWorker(cache_dir=tmp_path / "cache"), federation.gateway,
+                    **settings)
+    await wait_for(lambda: len(fed.joins) > joined, "the client to join")  # not an older one
+    model = b"model"
+    fed.serve(model)
+    fed.send(task(model=model, package_sha256=sha256, package_size=package_size))
+    return await _failure(federation, client, "the package download to be refused")
+
+
+async def test_a_package_download_is_bounded_by_the_task_and_the_cap(federation, tmp_path):
+    fed = federation.servicer
+    sha = "ab" * 32
+    fed.downloads[sha] = endless(count=32)
+
+    event = await _package_failure(federation, tmp_path, sha, package_size=1000)
+    assert "more than the 1000 bytes the task announced" in event.message
+    assert fed.sent[sha] < 8 * MiB
+    fed.events.clear()
+    event = await _package_failure(federation, tmp_path, sha, package_size=0,
+                                   max_package_bytes=64 * 1024)
+    assert "--max-package-mb" in event.message
+    fed.events.clear()
+    fed.sent.clear()
+    event = await _package_failure(federation, tmp_path, sha, package_size=4 * MiB,
+                                   max_package_bytes=MiB)
+    assert "--max-package-mb" in event.message and sha not in fed.sent  # not even asked for
+    assert not any((tmp_path / "cache").rglob("*.part")) and not any((tmp_path / "cache").rglob("*.tgz"))
+
+
+async def test_a_package_sha256_that_is_not_hex_is_refused_before_any_use(federation, tmp_path):
+    victim = tmp_path / "victim.tgz"  # cache/archives/../../victim.tgz
+    victim.write_bytes(b"precious")
+    event = await _package_failure(federation, tmp_path, "../../victim", package_size=0)
+    assert "is not a sha256 (64 lowercase hex characters)" in event.message
+    assert victim.read_bytes() == b"precious"
+    assert not federation.servicer.sent  # nothing was asked for with it either
