@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.workers import RemotePackageWorker
+from fedray.packages import build_package
 from fedray.proto import fedray_v1_pb2 as pb
 from tests.edge_server import ScriptedFederation, endless, task, wait_for
 from tests.pki import make_pki
@@ -175,3 +178,67 @@ async def test_a_package_sha256_that_is_not_hex_is_refused_before_any_use(federa
     assert "is not a sha256 (64 lowercase hex characters)" in event.message
     assert victim.read_bytes() == b"precious"
     assert not federation.servicer.sent  # nothing was asked for with it either
+
+
+# --- 7. remote code only over TLS, when pinned, or when the operator says so -----------------
+
+
+async def test_a_pinned_client_runs_only_the_pinned_package(federation, tmp_path):
+    fed = federation.servicer
+    pinned = build_package(_package(tmp_path / "echo"), tmp_path / "echo.tgz")
+    other = _package(tmp_path / "other", {**ECHO_PACKAGE, "v.py": ECHO_PACKAGE["v.py"] + "#\n"})
+    other_sha = build_package(other, tmp_path / "other.tgz")
+    fed.serve((tmp_path / "echo.tgz").read_bytes())
+    fed.serve((tmp_path / "other.tgz").read_bytes())
+    model = b"model"
+    fed.serve(model)
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"")
+    worker = RemotePackageWorker(str(data), cache_dir=tmp_path / "cache", pinned_sha256=pinned)
+    client = Client(worker, federation.gateway)
+    fed.send(task(model=model, package_sha256=other_sha))
+    fed.send(task(model=model, package_sha256=pinned))
+    await wait_for(lambda: fed.validations, lambda: client.lines)
+    await client.close()
+    assert len(fed.events) == 1 and "pinned" in fed.events[0].message
+    assert other_sha not in fed.sent  # never downloaded, let alone run
+    assert fed.validations[0].num_examples == 7 and worker.sha256 == pinned
+
+
+def _edge_start(*args: str, cwd: Path = ROOT, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FEDRAY_TOKEN", None)
+    return subprocess.run([sys.executable, "-m", "fedray", "edge", "start", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _refused(args: list[str], needle: str) -> None:
+    """``fedray edge start`` with ``args`` exits 2 with one line on stderr that has ``needle``."""
+    result = _edge_start("--gateway", "127.0.0.1:1", "--name", "n", *args)
+    assert result.returncode == 2, result
+    assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    ([], "add --package-sha256 HEX or --insecure"),
+    (["--package", "remote"], "add --package-sha256 HEX or --insecure"),
+    (["--package-sha256", "abc"], "--package-sha256: 'abc' is not a sha256"),
+    (["--app", "examples.digits.app", "--package-sha256", "ab" * 32], "goes with --package remote"),
+])
+def test_edge_start_refuses_remote_code_over_plaintext_unless_pinned(args, needle):
+    _refused(args, needle)
+
+
+@pytest.mark.parametrize("trust", [["--insecure"], ["--package-sha256", "ab" * 32]])
+async def test_edge_start_runs_remote_code_over_plaintext_when_told_to(federation, trust):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedray", "edge", "start", "--gateway", federation.gateway,
+        "--name", "site-a", *trust, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        await wait_for(lambda: federation.servicer.joins or proc.returncode is not None,
+                       "the client to join", 30)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert federation.servicer.joins, out.decode()

@@ -211,6 +211,7 @@ class EdgeRunner:
         if not is_sha256(sha256):  # it names a file below: nothing else may
             raise PackageError(f"the task's package_sha256 {sha256[:80]!r} is not a sha256 "
                                "(64 lowercase hex characters)")
+        self.worker.allow(sha256)
         cache = self.worker.cache_dir or default_cache_dir()
         archive = cache / "archives" / f"{sha256}.tgz"
         if not archive.is_file():

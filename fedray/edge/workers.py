@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedray.errors import FedrayError
+from fedray.errors import ConfigError, FedrayError, PackageError
+from fedray.packages.archive import is_sha256
 from fedray.serialization import Buffer, copy_model, decode, encode
 
 TrainFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[Mapping[str, np.ndarray], int, dict]]
@@ -74,20 +75,36 @@ class RemotePackageWorker:
 
     The connection loop calls ``install`` with the task's package sha256 before the task
     runs; the package is downloaded once per sha256, checked against it, unpacked safely
-    into the package cache, and reused while the federation keeps serving it.
+    into the package cache, and reused while the federation keeps serving it. With
+    ``pinned_sha256`` it installs and runs that package only: a federation (or whoever
+    sits on a plaintext path to it) that serves another gets a refusal, not a download.
     """
 
-    def __init__(self, data: str = "", cache_dir: Path | None = None) -> None:
+    def __init__(self, data: str = "", cache_dir: Path | None = None,
+                 pinned_sha256: str | None = None) -> None:
+        if pinned_sha256 is not None and not is_sha256(pinned_sha256):
+            raise ConfigError(f"pinned_sha256 {pinned_sha256!r} is not a sha256 "
+                              "(64 lowercase hex characters)")
         self.data = data
         self.cache_dir = cache_dir
+        self.pinned_sha256 = pinned_sha256
         self.sha256 = ""
         self._current: PackageWorker | None = None
+
+    def allow(self, sha256: str) -> None:
+        """Refuse a package this client is not pinned to, before it is downloaded."""
+        if self.pinned_sha256 is not None and sha256 != self.pinned_sha256:
+            raise PackageError(f"the federation serves package {sha256[:12]}, but this client "
+                               f"is pinned to {self.pinned_sha256[:12]} (--package-sha256) "
+                               "and runs nothing else")
 
     def install(self, sha256: str, archive: Path) -> str:
         from fedray.packages import load_package
 
+        self.allow(sha256)
         package = load_package(archive, cache_dir=self.cache_dir, expected_sha256=sha256)
-        self._current, self.sha256 = PackageWorker(package, self.data), sha256
+        self._current = PackageWorker(package, self.data)
+        self.sha256 = sha256
         return package.manifest.name
 
     def _worker(self) -> PackageWorker:
