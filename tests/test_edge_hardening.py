@@ -9,6 +9,7 @@ ids, TLS with the wrong CA, a token with another name). The client is the real
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -16,11 +17,13 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
-from fedray.edge.workers import RemotePackageWorker
-from fedray.packages import build_package
+from fedray.edge.workers import PackageWorker, RemotePackageWorker
+from fedray.packages import build_package, load_package
 from fedray.proto import fedray_v1_pb2 as pb
+from fedray.tls import ClientTls, ServerTls
 from tests.edge_server import ScriptedFederation, endless, task, wait_for
 from tests.pki import make_pki
 
@@ -242,3 +245,58 @@ async def test_edge_start_runs_remote_code_over_plaintext_when_told_to(federatio
             proc.terminate()
         out, _ = await asyncio.wait_for(proc.communicate(), 20)
     assert federation.servicer.joins, out.decode()
+
+
+# --- 12. secrets stay out of reprs and out of the package's environment ---------------------
+
+
+def test_reprs_hide_tokens_and_private_keys(pki):
+    tls = ClientTls(ca=pki.ca, cert=pki.read("client.pem"), key=pki.read("client.key"))
+    settings = EdgeSettings(gateway="g:1", name="n", token="s3cret-token", tls=tls)
+    server = ServerTls(cert=pki.read("server.pem"), key=pki.read("server.key"))
+    assert "s3cret-token" not in repr(settings) and "PRIVATE KEY" not in repr(settings)
+    assert "PRIVATE KEY" not in repr(server)
+
+
+def test_the_package_process_gets_no_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDRAY_TOKEN", "shared-token-1")
+    monkeypatch.setenv("SITE_FL_TOKEN", "client-token-2")  # a token kept under another name
+    dump = "import json, os, sys\njson.dump(dict(os.environ), open(sys.argv[1], 'w'))\n" \
+           "json.dump({'num_examples': 1}, open(sys.argv[2], 'w'))\n"
+    package = load_package(_package(tmp_path / "pkg", {**ECHO_PACKAGE, "v.py": dump}))
+    env_file = tmp_path / "env.json"
+    PackageWorker(package, str(env_file), secrets=("client-token-2",)).validate(b"", {})
+    env = json.loads(env_file.read_text())
+    assert "FEDRAY_TOKEN" not in env and "SITE_FL_TOKEN" not in env
+    assert env["FEDRAY_DATA"] == str(env_file) and "PATH" in env
+
+
+async def test_client_event_messages_lose_their_control_characters(bridge):
+    from tests.bridge import METADATA
+
+    tasks = await bridge.open_round(["a", "good"])
+    events: list[str] = []
+    bridge.core.listener.event = lambda level, message, **data: events.append(message)
+    hostile = "boom\x1b[2J\x1b]0;pwned\x07\rX\x08\x9b\u202e\nnext line\tcol"
+    await bridge.stub.PushEvent(pb.EventReport(client_id="a", level="warning", message=hostile),
+                                metadata=METADATA)
+    await bridge.stub.PushEvent(pb.EventReport(client_id="a", level="error", message=hostile,
+                                               task_id=tasks["a"].task_id,
+                                               error_class="Bad\x1bClass"),
+                                metadata=METADATA)
+    assert len(events) == 2, events
+    for message in events:
+        assert "boom" in message and "X" in message and "next line\tcol" in message
+        assert not any(c in message for c in "\x1b\x07\r\x08\x9b\u202e"), repr(message)
+        assert "[2J" not in message and "pwned" not in message
+
+
+def test_the_events_table_shows_no_terminal_escapes():
+    from fedray.tracking.query import render_table
+
+    console = Console(record=True, width=100, color_system=None)
+    render_table("events", [{"level": "error", "source": "combiner-0",
+                             "message": "client x: \x1b[31mred\x1b[0m \x1b]8;;http://e\x07link"}],
+                 console)
+    text = console.export_text()
+    assert "\x1b" not in text and "red" in text and "link" in text

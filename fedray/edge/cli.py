@@ -70,12 +70,13 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     pin = remote_code_policy(remote, tls is not None, pin, insecure)
     if data:
         os.environ["FEDRAY_DATA"] = data
+    secrets = (token,) if token else ()
     if app is not None:
         worker = load_app(app)
     elif remote:
-        worker = RemotePackageWorker(data, pinned_sha256=pin)
+        worker = RemotePackageWorker(data, pinned_sha256=pin, secrets=secrets)
     else:
-        worker = load_package_worker(Path(package), data)
+        worker = load_package_worker(Path(package), data, secrets)
     settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
                             max_model_bytes=max_model_mb * MiB,
                             max_package_bytes=max_package_mb * MiB)
@@ -127,9 +128,9 @@ def load_app(target: str) -> Worker:
     return CallbackWorker(train, getattr(obj, "validate", None))
 
 
-def load_package_worker(path: Path, data: str) -> Worker:
+def load_package_worker(path: Path, data: str, secrets: tuple[str, ...] = ()) -> Worker:
     from fedray.packages import load_package
 
     if not path.exists():
         raise ConfigError(f"--package {path}: no such folder or file")
-    return PackageWorker(load_package(path), data)
+    return PackageWorker(load_package(path), data, secrets)

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -54,7 +54,7 @@ MAX_HEARTBEAT_MISSES = 3
 class EdgeSettings:
     gateway: str
     name: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a bearer secret: never in logs
     heartbeat_s: float = 2.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 15.0

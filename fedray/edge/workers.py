@@ -57,17 +57,22 @@ class CallbackWorker:
 
 
 class PackageWorker:
-    """Runs a compute package's entrypoints on files, with the client's data path."""
+    """Runs a compute package's entrypoints on files, with the client's data path.
 
-    def __init__(self, package, data: str = "") -> None:
+    ``secrets`` (the client's token) are kept out of the package's environment, under
+    whatever variable name they sit.
+    """
+
+    def __init__(self, package, data: str = "", secrets: tuple[str, ...] = ()) -> None:
         self.package = package
         self.data = data
+        self.secrets = secrets
 
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
-        return self.package.train(model, config, self.data)
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+        return self.package.train(model, config, self.data, secrets=self.secrets)
 
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
-        return self.package.validate(model, config, self.data)
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]:
+        return self.package.validate(model, config, self.data, secrets=self.secrets)
 
 
 class RemotePackageWorker:
@@ -81,13 +86,14 @@ class RemotePackageWorker:
     """
 
     def __init__(self, data: str = "", cache_dir: Path | None = None,
-                 pinned_sha256: str | None = None) -> None:
+                 pinned_sha256: str | None = None, secrets: tuple[str, ...] = ()) -> None:
         if pinned_sha256 is not None and not is_sha256(pinned_sha256):
             raise ConfigError(f"pinned_sha256 {pinned_sha256!r} is not a sha256 "
                               "(64 lowercase hex characters)")
         self.data = data
         self.cache_dir = cache_dir
         self.pinned_sha256 = pinned_sha256
+        self.secrets = secrets
         self.sha256 = ""
         self._current: PackageWorker | None = None
 
@@ -103,7 +109,7 @@ class RemotePackageWorker:
 
         self.allow(sha256)
         package = load_package(archive, cache_dir=self.cache_dir, expected_sha256=sha256)
-        self._current = PackageWorker(package, self.data)
+        self._current = PackageWorker(package, self.data, self.secrets)
         self.sha256 = sha256
         return package.manifest.name
 
