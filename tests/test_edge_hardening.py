@@ -300,3 +300,33 @@ def test_the_events_table_shows_no_terminal_escapes():
                  console)
     text = console.export_text()
     assert "\x1b" not in text and "red" in text and "link" in text
+
+
+# --- 18. a relative --data works with a local package -----------------------------------
+
+
+async def test_a_local_package_gets_a_relative_data_path_resolved(federation, tmp_path):
+    _package(tmp_path / "pkg")
+    (tmp_path / "site-data").mkdir()
+    (tmp_path / "site-data" / "client-0.npz").write_bytes(b"")
+    model = b"model"
+    federation.servicer.serve(model)
+    federation.servicer.send(task(model=model))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedray", "edge", "start", "--gateway", federation.gateway,
+        "--name", "site-a", "--package", "pkg", "--data", "site-data/client-0.npz",
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        fed = federation.servicer
+        await wait_for(lambda: fed.validations or fed.events, "a validation or a failure", 30)
+    finally:
+        proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert [e.message for e in federation.servicer.events] == [], out.decode()
+    assert federation.servicer.validations[0].num_examples == 7
+
+
+def test_edge_start_refuses_a_data_path_that_does_not_exist():
+    _refused(["--app", "examples.digits.app", "--data", "no/such.npz"],
+             "--data: no/such.npz does not exist")

@@ -68,6 +68,7 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     tls = client_tls(ca, cert, key, tls_server_name, system_roots)
     remote = app is None and package in (None, "remote")
     pin = remote_code_policy(remote, tls is not None, pin, insecure)
+    data = resolve_data(data)
     if data:
         os.environ["FEDRAY_DATA"] = data
     secrets = (token,) if token else ()
@@ -102,6 +103,16 @@ def remote_code_policy(remote: bool, tls: bool, pin: str | None, insecure: bool)
                           "the path could swap it and its sha256): add --package-sha256 HEX "
                           "or --insecure, or dial over TLS with --ca / --tls")
     return pin
+
+
+def resolve_data(data: str) -> str:
+    """``--data`` as an absolute path: a package runs in its own folder, not in ours."""
+    if not data:
+        return ""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--data: {data} does not exist")
+    return str(path.resolve())
 
 
 async def _serve(runner: EdgeRunner) -> None:
