@@ -16,13 +16,15 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
-from fedray.edge.workers import PackageWorker, RemotePackageWorker
+from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker
 from fedray.packages import build_package, load_package
 from fedray.proto import fedray_v1_pb2 as pb
+from fedray.serialization import encode
 from fedray.tls import ClientTls, ServerTls
 from tests.edge_server import ScriptedFederation, endless, task, wait_for
 from tests.pki import make_pki
@@ -330,3 +332,44 @@ async def test_a_local_package_gets_a_relative_data_path_resolved(federation, tm
 def test_edge_start_refuses_a_data_path_that_does_not_exist():
     _refused(["--app", "examples.digits.app", "--data", "no/such.npz"],
              "--data: no/such.npz does not exist")
+
+
+# --- 19. a failed task reports its class and one line, the traceback stays home -------------
+
+
+def _failing_train(params, config):
+    def deep():
+        raise ValueError("learning rate must be positive\n(got -1)")
+
+    deep()
+
+
+@pytest.mark.parametrize("share", [False, True])
+async def test_a_failed_task_sends_its_class_and_one_line(federation, share):
+    fed = federation.servicer
+    model = encode({"w": np.zeros(3, np.float32)})
+    fed.serve(model)
+    client = Client(CallbackWorker(_failing_train), federation.gateway, share_tracebacks=share)
+    fed.send(task("train", model=model))
+    event = await _failure(federation, client, "the failure event")
+    assert event.error_class == "ValueError" and event.level == "error"
+    local = "\n".join(client.lines)
+    assert "Traceback" in local and __file__ in local and "(got -1)" in local
+    if share:
+        assert "Traceback" in event.message and "in deep" in event.message
+    else:
+        assert event.message == "learning rate must be positive"
+
+
+async def test_the_combiner_records_the_error_class_with_the_message(bridge):
+    from tests.bridge import METADATA
+
+    tasks = await bridge.open_round(["a", "good"])
+    events: list[str] = []
+    bridge.core.listener.event = lambda level, message, **data: events.append(message)
+    await bridge.stub.PushEvent(pb.EventReport(client_id="a", level="error", message="bad lr",
+                                               task_id=tasks["a"].task_id,
+                                               error_class="ValueError"),
+                                metadata=METADATA)
+    assert any(f"failed task {tasks['a'].task_id[:12]}" in m and m.endswith(": ValueError: bad lr")
+               for m in events), events

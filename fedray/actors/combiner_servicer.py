@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 256  # a client's id and name are kept while it is connected, and tracked
 MAX_EVENT_CHARS = 2000  # of a client's event message
+_ERROR_CLASS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")  # a Python class name, or none
 MAX_ATTRS, MAX_ATTR_VALUE = 32, 256  # what a client may say about itself (--attr KEY=VALUE)
 ATTR_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -114,8 +115,10 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         message = printable(request.message[:MAX_EVENT_CHARS])  # shown on terminals later
         client_id = await caller_id(context, request.client_id)
         if request.task_id and level == "error":
-            self.core.task_failed(client_id, request.task_id, message,
-                                  printable(request.error_class[:100], newlines=False))
+            error_class = request.error_class
+            if not _ERROR_CLASS_RE.fullmatch(error_class):
+                error_class = ""  # not a class name: nothing of it is kept
+            self.core.task_failed(client_id, request.task_id, message, error_class)
         else:
             self.core.listener.event(level, f"client {client_id}: {message}",
                                      client_id=client_id, data=client_values(request.data))

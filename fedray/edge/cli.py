@@ -58,10 +58,13 @@ def edge() -> None:
               show_default=True, help="Refuse models larger than this.")
 @click.option("--max-package-mb", type=click.IntRange(min=1), default=DEFAULT_MAX_PACKAGE_MB,
               show_default=True, help="Refuse compute packages larger than this.")
+@click.option("--share-tracebacks", is_flag=True,
+              help="Send failed tasks' tracebacks to the federation (they name local files); "
+                   "by default it gets the error's class and first line.")
 def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
           pin: str | None, insecure: bool, data: str, ca: str | None, system_roots: bool,
           cert: str | None, key: str | None, tls_server_name: str, max_model_mb: int,
-          max_package_mb: int) -> None:
+          max_package_mb: int, share_tracebacks: bool) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
@@ -80,7 +83,8 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
         worker = load_package_worker(Path(package), data, secrets)
     settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
                             max_model_bytes=max_model_mb * MiB,
-                            max_package_bytes=max_package_mb * MiB)
+                            max_package_bytes=max_package_mb * MiB,
+                            share_tracebacks=share_tracebacks)
     runner = EdgeRunner(worker, settings)
     click.echo(f"[{name}] starting; gateway {gateway}{' over TLS' if tls else ''}; Ctrl-C to stop")
     asyncio.run(_serve(runner))

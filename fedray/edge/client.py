@@ -29,7 +29,7 @@ from fedray.edge.downloads import (
     fetch_package,
 )
 from fedray.edge.workers import RemotePackageWorker, Worker
-from fedray.errors import AuthError, PackageError, TransportError
+from fedray.errors import AuthError, FedrayError, PackageError, TransportError
 from fedray.messages import Task, TaskKind
 from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
@@ -48,6 +48,8 @@ CHANNEL_OPTIONS = [
 ]
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 MAX_HEARTBEAT_MISSES = 3
+MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
+MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class EdgeSettings:
     tls: ClientTls | None = None  # None: plaintext; else verify the servers' certificates
     max_model_bytes: int = DEFAULT_MAX_MODEL_MB * MiB  # whatever a task announces
     max_package_bytes: int = DEFAULT_MAX_PACKAGE_MB * MiB
+    share_tracebacks: bool = False  # send failed tasks' tracebacks (they name local files)
 
 
 class ModelCache:
@@ -259,18 +262,32 @@ class EdgeRunner:
         except grpc.aio.AioRpcError:
             raise
         except Exception as exc:  # noqa: BLE001 - user code failed: report it, stay up
-            summary = f"{type(exc).__name__}: {exc}"
-            tail = "".join(traceback.format_exception(exc)[-3:]).strip()
-            self._line(f"{what} FAILED: {summary}")
-            await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="error",
-                                                message=f"{summary[:1000]}\n{tail[-1000:]}",
-                                                task_id=task.task_id),
-                                 metadata=self.metadata)
+            await self._report_failure(stub, task, what, exc)
             return
         self.tasks_done += 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
         self._line(f"{what} on model {task.model_id[:10]}: {examples} examples, "
                    f"{time.perf_counter() - started:.2f}s{', ' + shown if shown else ''} -> {outcome}")
+
+    async def _report_failure(self, stub: pb_grpc.CombinerStub, task: Task, what: str,
+                              exc: Exception) -> None:
+        """Everything goes to this client's own output; the combiner gets the error's class
+        and first line only, as its traceback names this machine's files (unless the client
+        shares tracebacks)."""
+        text = str(exc).strip()
+        first = (text.splitlines() or [""])[0][:MAX_FAILURE_CHARS]
+        detail = text if isinstance(exc, FedrayError) \
+            else "".join(traceback.format_exception(exc)).rstrip()
+        self._line(f"{what} FAILED: {type(exc).__name__}: {first}")
+        if detail.strip() != first:
+            self.say(detail)
+        message = first
+        if self.settings.share_tracebacks:
+            message = f"{first}\n{detail[-MAX_SHARED_TRACEBACK_CHARS:]}"
+        await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="error",
+                                            message=message, task_id=task.task_id,
+                                            error_class=type(exc).__name__),
+                             metadata=self.metadata)
 
     async def _parts(self, task: Task, data: bytes, digest: str, examples: int, metrics: dict):
         yield pb.UpdatePart(header=pb.UpdateHeader(
