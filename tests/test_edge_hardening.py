@@ -22,6 +22,7 @@ from rich.console import Console
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker
+from fedray.errors import TransportError
 from fedray.packages import build_package, load_package
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.serialization import encode
@@ -373,3 +374,48 @@ async def test_the_combiner_records_the_error_class_with_the_message(bridge):
                                 metadata=METADATA)
     assert any(f"failed task {tasks['a'].task_id[:12]}" in m and m.endswith(": ValueError: bad lr")
                for m in events), events
+
+
+# --- 20. permanent TLS mistakes end the client ---------------------------------------------
+
+
+@pytest.mark.parametrize("mistake", ["plaintext", "wrong CA", "no client certificate",
+                                     "TLS to plaintext"])
+async def test_a_tls_mistake_stops_the_client_after_a_few_tries(pki, mistake):
+    mutual = mistake == "no client certificate"
+    server = ServerTls(cert=pki.read("server.pem"), key=pki.read("server.key"),
+                       ca=pki.ca if mutual else None, require_client_cert=mutual)
+    fed = await ScriptedFederation.start(tls=None if mistake == "TLS to plaintext" else server)
+    tls = {"plaintext": None, "wrong CA": ClientTls(ca=pki.other_ca),
+           "no client certificate": ClientTls(ca=pki.ca),
+           "TLS to plaintext": ClientTls(ca=pki.ca)}[mistake]
+    try:
+        client = Client(Counting(), fed.gateway, tls=tls)
+        with pytest.raises(TransportError) as error:
+            await asyncio.wait_for(client.future, 10)
+    finally:
+        await fed.close()
+    hint = {"plaintext": "--ca", "wrong CA": "not trusted", "no client certificate": "--cert/--key",
+            "TLS to plaintext": "the server speaks plaintext"}[mistake]
+    assert hint in str(error.value) and "3 times in a row" in str(error.value)
+    assert len([line for line in client.lines if "retrying" in line]) == 2, client.lines
+
+
+async def test_edge_start_exits_7_on_a_wrong_ca_without_grpc_noise(pki, tmp_path):
+    server = ServerTls(cert=pki.read("server.pem"), key=pki.read("server.key"))
+    fed = await ScriptedFederation.start(tls=server)
+    (tmp_path / "noop.py").write_text("def train(params, config):\n    return params, 1, {}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GRPC_VERBOSITY", "GRPC_TRACE")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fedray", "edge", "start", "--gateway", fed.gateway,
+            "--name", "site-a", "--app", "noop", "--ca", pki.path("other-ca.pem"), cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await fed.close()
+    stderr = err.decode()
+    assert proc.returncode == 7, (out, stderr)
+    assert "ssl_transport_security" not in stderr and "Handshake failed" not in stderr, stderr
+    assert stderr.count("\n") == 1 and "certificate is not trusted" in stderr, stderr

@@ -48,6 +48,7 @@ CHANNEL_OPTIONS = [
 ]
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 MAX_HEARTBEAT_MISSES = 3
+TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
 MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
 MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
 
@@ -101,22 +102,34 @@ class EdgeRunner:
         self.combiner = ""
         self.tasks_done = 0
         self.target = f"gateway {settings.gateway}"  # what we are talking to, for messages
+        self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
         self.stop = asyncio.Event()
 
     def _line(self, text: str) -> None:
         self.say(f"[{self.settings.name}] {text}")
 
     async def run(self) -> None:
+        """Serve until ``stop``; a wrong token, or the same TLS mistake a few times in a
+        row, ends it with an error (retrying would not fix either)."""
         backoff = self.settings.backoff_initial_s
+        mistake, streak = None, 0
         while not self.stop.is_set():
+            self.joined = False
             try:
-                joined = await self._session()
-                if joined:
-                    backoff = self.settings.backoff_initial_s
+                await self._session()
+                backoff, mistake, streak = self.settings.backoff_initial_s, None, 0
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise AuthError(f"{self.settings.name}: {exc.details()} (check --token)") from None
-                why = self._why(exc.details() or "")
+                why, tls_mistake = self._why(exc.details() or "")
+                if tls_mistake and not self.joined:
+                    streak = streak + 1 if (self.target, why) == mistake else 1
+                    mistake = (self.target, why)
+                    if streak >= TLS_FAILURES_BEFORE_GIVING_UP:
+                        raise TransportError(f"{self.settings.name}: {self.target}: {why} "
+                                             f"({streak} times in a row; giving up)") from None
+                else:
+                    mistake, streak = None, 0
                 self._line(f"{self.target}: {exc.code().name.lower()} ({why}); "
                            f"retrying in {backoff:.1f}s")
             if self.stop.is_set():
@@ -125,18 +138,22 @@ class EdgeRunner:
                 await asyncio.wait_for(self.stop.wait(), backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self.settings.backoff_max_s)
 
-    def _why(self, details: str) -> str:
-        """The useful end of a connection error, with a hint when TLS is the likely cause."""
+    def _why(self, details: str) -> tuple[str, bool]:
+        """The useful end of a connection error, and whether it is a TLS mistake (with a
+        hint at the option to change) that retrying cannot fix."""
+        tls = self.settings.tls
         if "CERTIFICATE_VERIFY_FAILED" in details or "Hostname Verification" in details:
-            return "TLS: the server's certificate is not trusted; check --ca / --tls-server-name"
+            return "TLS: the server's certificate is not trusted; check --ca / --tls-server-name", True
+        if "WRONG_VERSION_NUMBER" in details:
+            return "TLS handshake failed: the server speaks plaintext; drop --ca / --tls", True
         if "handshake" in details.lower():
-            return "TLS handshake failed"
+            return "TLS handshake failed", True
         why = details.rsplit(": ", 1)[-1]
-        if why == "Socket closed" and self.settings.tls is None:
-            return f"{why}; if the federation uses TLS, pass --ca"
-        if why == "Socket closed" and self.settings.tls.cert is None:
-            return f"{why}; if the federation asks for client certificates, pass --cert/--key"
-        return why
+        if why == "Socket closed" and tls is None:
+            return f"{why}; if the federation uses TLS, pass --ca", True
+        if why == "Socket closed" and tls.cert is None:
+            return f"{why}; if the federation asks for client certificates, pass --cert/--key", True
+        return why, False
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         tls = self.settings.tls
@@ -152,8 +169,9 @@ class EdgeRunner:
                                  previous_combiner=self.combiner),
                 metadata=self.metadata, timeout=15)
 
-    async def _session(self) -> bool:
-        """Join one combiner and serve its tasks until the stream ends; True once joined."""
+    async def _session(self) -> None:
+        """Join one combiner and serve its tasks until the stream ends (``joined`` says
+        whether it got that far)."""
         self.target = f"gateway {self.settings.gateway}"
         assignment = await self._assign()
         self.client_id, self.combiner = assignment.client_id, assignment.combiner
@@ -163,6 +181,7 @@ class EdgeRunner:
             stream = stub.Join(pb.JoinRequest(client_id=self.client_id, name=self.settings.name,
                                               version=self.settings.version), metadata=self.metadata)
             await stream.wait_for_connection()
+            self.joined = True
             self._line(f"connected to {assignment.combiner} at {assignment.address}")
             beats = asyncio.ensure_future(self._heartbeats(stub, stream))
             stopper = asyncio.ensure_future(self.stop.wait())
@@ -176,11 +195,11 @@ class EdgeRunner:
                         nxt.cancel()
                         if beats in done and beats.exception() is not None:
                             raise beats.exception()
-                        return True
+                        return
                     msg = nxt.result()
                     if msg is None:
                         self._line(f"{assignment.combiner} closed the task stream")
-                        return True
+                        return
                     await self._handle(stub, task_from_proto(msg))
             finally:
                 beats.cancel()
