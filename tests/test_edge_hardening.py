@@ -419,3 +419,16 @@ async def test_edge_start_exits_7_on_a_wrong_ca_without_grpc_noise(pki, tmp_path
     assert proc.returncode == 7, (out, stderr)
     assert "ssl_transport_security" not in stderr and "Handshake failed" not in stderr, stderr
     assert stderr.count("\n") == 1 and "certificate is not trusted" in stderr, stderr
+
+
+# --- 21. the name the server uses -----------------------------------------------------------
+
+
+async def test_a_client_is_told_when_its_token_names_it_otherwise(federation):
+    federation.servicer.identity = "alice"
+    client = Client(Counting(), federation.gateway, name="mallory")
+    await wait_for(lambda: federation.servicer.joins, "a join")
+    await client.close()
+    expected = "connected as alice (the name of your token); --name mallory is ignored"
+    assert sum(expected in line for line in client.lines) == 1, client.lines
+    assert federation.servicer.joins[0].client_id == "alice"

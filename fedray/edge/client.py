@@ -104,6 +104,7 @@ class EdgeRunner:
         self.target = f"gateway {settings.gateway}"  # what we are talking to, for messages
         self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
         self.stop = asyncio.Event()
+        self._told_identity = ""
 
     def _line(self, text: str) -> None:
         self.say(f"[{self.settings.name}] {text}")
@@ -183,6 +184,7 @@ class EdgeRunner:
             await stream.wait_for_connection()
             self.joined = True
             self._line(f"connected to {assignment.combiner} at {assignment.address}")
+            self._tell_identity()
             beats = asyncio.ensure_future(self._heartbeats(stub, stream))
             stopper = asyncio.ensure_future(self.stop.wait())
             try:
@@ -226,6 +228,14 @@ class EdgeRunner:
                 return
             interval = reply.interval_s or interval
             await asyncio.sleep(interval)
+
+    def _tell_identity(self) -> None:
+        """With a per-client token the server uses the token's name, whatever --name says."""
+        if self.client_id and self.client_id != self.settings.name \
+                and self.client_id != self._told_identity:
+            self._told_identity = self.client_id
+            self._line(f"connected as {self.client_id} (the name of your token); "
+                       f"--name {self.settings.name} is ignored")
 
     async def _install_package(self, stub: pb_grpc.CombinerStub, task: Task) -> None:
         """Download the session's compute package, verify it, unpack it, and use it."""
