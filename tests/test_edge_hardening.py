@@ -22,7 +22,7 @@ from rich.console import Console
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker
-from fedray.errors import TransportError
+from fedray.errors import ConfigError, TransportError
 from fedray.packages import build_package, load_package
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.serialization import encode
@@ -432,3 +432,40 @@ async def test_a_client_is_told_when_its_token_names_it_otherwise(federation):
     expected = "connected as alice (the name of your token); --name mallory is ignored"
     assert sum(expected in line for line in client.lines) == 1, client.lines
     assert federation.servicer.joins[0].client_id == "alice"
+
+
+# --- attrs ----------------------------------------------------------------------------------
+
+
+async def test_attrs_reach_the_combiner(federation, bridge):
+    from tests.bridge import TOKEN
+
+    federation.servicer.address = bridge.address  # the gateway sends the client to the bridge
+    attrs = {"site": "eu-west", "gpu": "0", "os.version": "12.1-rc"}
+    client = Client(Counting(), federation.gateway, name="site-a", token=TOKEN, attrs=attrs)
+    await wait_for(lambda: "site-a" in bridge.core.clients, lambda: client.lines)
+    await client.close()
+    assert bridge.core.clients["site-a"].attrs == attrs
+
+
+@pytest.mark.parametrize(("attrs", "needle"), [
+    ({f"k{i}": "v" for i in range(33)}, "at most 32"),
+    ({"bad key": "v"}, "'bad key'"),
+    ({"": "v"}, "''"),
+    ({"k" * 65: "v"}, "kkkk"),
+    ({"site": "x" * 257}, "256"),
+    ({"site": "eu\x1b[31m"}, "printable"),
+])
+def test_bad_attrs_are_refused_naming_the_attr(attrs, needle):
+    with pytest.raises(ConfigError, match="--attr") as error:
+        EdgeSettings(gateway="g:1", name="n", attrs=attrs)
+    assert needle in str(error.value)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--attr", "site"], "--attr site: expected KEY=VALUE"),
+    (["--attr", "a=1", "--attr", "a=2"], "--attr a: given twice"),
+    (["--attr", "bad key=1"], "--attr 'bad key': a key is"),
+])
+def test_edge_start_refuses_bad_attrs(args, needle):
+    _refused(["--app", "examples.digits.app", *args], needle)

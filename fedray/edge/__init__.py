@@ -40,13 +40,14 @@ class EdgeClient:
         self.worker = CallbackWorker(train, validate)
 
     def runner(self, gateway: str, name: str, token: str | None = None,
-               tls: ClientTls | None = None) -> EdgeRunner:
+               tls: ClientTls | None = None, attrs: dict[str, str] | None = None) -> EdgeRunner:
         token = token if token is not None else os.environ.get("FEDRAY_TOKEN")
         return EdgeRunner(self.worker, EdgeSettings(gateway=gateway, name=name, token=token,
-                                                    tls=tls))
+                                                    tls=tls, attrs=dict(attrs or {})))
 
     def start(self, gateway: str, name: str, token: str | None = None,
-              tls: ClientTls | None = None) -> None:
+              tls: ClientTls | None = None, attrs: dict[str, str] | None = None) -> None:
         """Serve tasks until interrupted; with ``tls=ClientTls.from_files(ca="ca.pem")`` it
-        dials over TLS and verifies the servers' certificates."""
-        asyncio.run(self.runner(gateway, name, token, tls).run())
+        dials over TLS and verifies the servers' certificates. ``attrs`` (``{"site": "eu"}``)
+        tell the federation about this client."""
+        asyncio.run(self.runner(gateway, name, token, tls, attrs).run())

@@ -44,6 +44,8 @@ def edge() -> None:
               help="Run the federation's package over plaintext without --package-sha256 "
                    "(anyone on the network path could swap it).")
 @click.option("--data", default="", help="Path to this client's data (passed to the code).")
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
+              help="Something about this client the federation may select by (repeatable).")
 @click.option("--ca", default=None, metavar="CA.pem",
               help="Use TLS and verify the servers' certificates against this CA.")
 @click.option("--tls", "system_roots", is_flag=True,
@@ -62,9 +64,9 @@ def edge() -> None:
               help="Send failed tasks' tracebacks to the federation (they name local files); "
                    "by default it gets the error's class and first line.")
 def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
-          pin: str | None, insecure: bool, data: str, ca: str | None, system_roots: bool,
-          cert: str | None, key: str | None, tls_server_name: str, max_model_mb: int,
-          max_package_mb: int, share_tracebacks: bool) -> None:
+          pin: str | None, insecure: bool, data: str, attrs: tuple[str, ...], ca: str | None,
+          system_roots: bool, cert: str | None, key: str | None, tls_server_name: str,
+          max_model_mb: int, max_package_mb: int, share_tracebacks: bool) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
@@ -82,7 +84,7 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     else:
         worker = load_package_worker(Path(package), data, secrets)
     settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
-                            max_model_bytes=max_model_mb * MiB,
+                            attrs=parse_attrs(attrs), max_model_bytes=max_model_mb * MiB,
                             max_package_bytes=max_package_mb * MiB,
                             share_tracebacks=share_tracebacks)
     runner = EdgeRunner(worker, settings)
@@ -117,6 +119,19 @@ def resolve_data(data: str) -> str:
     if not path.exists():
         raise ConfigError(f"--data: {data} does not exist")
     return str(path.resolve())
+
+
+def parse_attrs(items: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` options as a mapping (``EdgeSettings`` checks keys and values)."""
+    attrs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--attr {item}: expected KEY=VALUE")
+        if key in attrs:
+            raise ConfigError(f"--attr {key}: given twice")
+        attrs[key] = value
+    return attrs
 
 
 async def _serve(runner: EdgeRunner) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import re
 import time
 import traceback
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from fedray.edge.downloads import (
     fetch_package,
 )
 from fedray.edge.workers import RemotePackageWorker, Worker
-from fedray.errors import AuthError, FedrayError, PackageError, TransportError
+from fedray.errors import AuthError, ConfigError, FedrayError, PackageError, TransportError
 from fedray.messages import Task, TaskKind
 from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
@@ -51,6 +52,24 @@ MAX_HEARTBEAT_MISSES = 3
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
 MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
 MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
+MAX_ATTRS = 32
+MAX_ATTR_VALUE_CHARS = 256
+_ATTR_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_attrs(attrs: dict[str, str]) -> dict[str, str]:
+    """What a client says about itself (``site=eu``): few, short, printable; strategies and
+    operators read them, so a bad one is refused here, naming it."""
+    if len(attrs) > MAX_ATTRS:
+        raise ConfigError(f"--attr: at most {MAX_ATTRS} attributes, got {len(attrs)}")
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not _ATTR_KEY_RE.fullmatch(key):
+            raise ConfigError(f"--attr {key!r}: a key is 1-64 letters, digits, '.', '_' or '-'")
+        if not isinstance(value, str) or len(value) > MAX_ATTR_VALUE_CHARS \
+                or not value.isprintable():
+            raise ConfigError(f"--attr {key}: a value is at most {MAX_ATTR_VALUE_CHARS} "
+                              "printable characters")
+    return dict(attrs)
 
 
 @dataclass(frozen=True)
@@ -64,9 +83,13 @@ class EdgeSettings:
     cached_models: int = 2
     version: str = "fedray-0.1"
     tls: ClientTls | None = None  # None: plaintext; else verify the servers' certificates
+    attrs: dict[str, str] = field(default_factory=dict)  # sent with every Join
     max_model_bytes: int = DEFAULT_MAX_MODEL_MB * MiB  # whatever a task announces
     max_package_bytes: int = DEFAULT_MAX_PACKAGE_MB * MiB
     share_tracebacks: bool = False  # send failed tasks' tracebacks (they name local files)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attrs", check_attrs(self.attrs))
 
 
 class ModelCache:
@@ -180,7 +203,8 @@ class EdgeRunner:
         async with self._channel(assignment.address) as ch:
             stub = pb_grpc.CombinerStub(ch)
             stream = stub.Join(pb.JoinRequest(client_id=self.client_id, name=self.settings.name,
-                                              version=self.settings.version), metadata=self.metadata)
+                                              version=self.settings.version,
+                                              attrs=self.settings.attrs), metadata=self.metadata)
             await stream.wait_for_connection()
             self.joined = True
             self._line(f"connected to {assignment.combiner} at {assignment.address}")
