@@ -139,10 +139,10 @@ def worker_main(args: argparse.Namespace) -> int:
             await super()._handle(stub, task)
             timings["task"].append(time.perf_counter() - started)
 
-        async def _fetch(self, stub, model_id):  # noqa: ANN001
+        async def _fetch(self, stub, model_id, size=0):  # noqa: ANN001
             started = time.perf_counter()
             try:
-                return await super()._fetch(stub, model_id)
+                return await super()._fetch(stub, model_id, size)
             finally:
                 timings["fetch"].append(time.perf_counter() - started)
 

@@ -11,7 +11,7 @@ option. This module imports only grpc, so the edge can use it.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ class ServerTls:
     """PEM bytes a server needs; ``ca`` set means client certificates are checked."""
 
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)  # a private key: never in logs or tracebacks
     ca: bytes | None = None
     require_client_cert: bool = False
 
@@ -47,7 +47,7 @@ class ClientTls:
 
     ca: bytes | None = None
     cert: bytes | None = None
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)  # a private key: never in logs
     server_name: str = ""  # the name the server certificate must carry, if not the host dialed
 
     def credentials(self) -> grpc.ChannelCredentials:

@@ -12,6 +12,7 @@ from google.protobuf import json_format, struct_pb2
 
 from fedray.messages import Task, TaskKind, UpdateHeader, ValidationReport
 from fedray.proto import fedray_v1_pb2 as pb
+from fedray.text import printable
 
 AUTH_HEADER = "authorization"
 CLIENT_HEADER = "x-fedray-client"  # the name a client claims; keys its rate limit
@@ -47,8 +48,9 @@ def client_values(struct: struct_pb2.Struct) -> dict[str, Any]:
     """Metrics or event data from a client, made safe to fold and to store.
 
     What a client sends is a flat mapping of names to finite numbers, booleans or short
-    strings; anything else (NaN and infinities, nested values, names that are empty, too
-    long, start with ``$`` or hold a NUL byte, which tracking cannot store) is dropped.
+    strings (without control characters); anything else (NaN and infinities, nested values,
+    names that are empty, too long, start with ``$`` or hold a NUL byte, which tracking
+    cannot store) is dropped.
     """
     values: dict[str, Any] = {}
     for key, value in struct.fields.items():
@@ -62,7 +64,7 @@ def client_values(struct: struct_pb2.Struct) -> dict[str, Any]:
         elif kind == "bool_value":
             values[key] = value.bool_value
         elif kind == "string_value":
-            values[key] = value.string_value[:MAX_TEXT_CHARS]
+            values[key] = printable(value.string_value[:MAX_TEXT_CHARS])
     return values
 
 

@@ -30,6 +30,7 @@ def _query(data_dir: Path, collection: str) -> list[dict]:
 
 def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     from examples.digits.data import write_partitions
+    from fedray.packages import build_package
 
     gateway_port, combiner_port, _ = free_ports(3)
     data_dir = tmp_path / "fed"
@@ -44,13 +45,16 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
                   "--set", "combiners.host=127.0.0.1", "--set", f"combiners.base_port={combiner_port}",
                   "--set", "session.min_clients=3", "--set", "session.wait_for_clients_s=120",
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # The package the federation will serve, built the same deterministic way.
+    digits_sha = build_package(ROOT / "examples" / "digits" / "client", tmp_path / "digits.tgz")
     clients = []
     try:
         for i, path in enumerate(paths):
             # One site runs Python callbacks, one a local compute package, and one (no
-            # flag) downloads the package the federation serves.
+            # --app or --package) downloads the package the federation serves: over
+            # plaintext only the package it pins.
             code = [["--app", "examples.digits.app"], ["--package", "examples/digits/client"],
-                    []][i]
+                    ["--package-sha256", digits_sha]][i]
             clients.append(_fedray("edge", "start", "--gateway", f"127.0.0.1:{gateway_port}",
                                    "--name", f"site-{i}", *code, "--data", str(path),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -262,3 +262,73 @@ def test_packages_module_stays_edge_safe() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ hostile sizes
+
+
+def _manifest_info() -> tuple[tarfile.TarInfo, bytes]:
+    return _info("fedray.yaml"), GOOD_YAML
+
+
+def _hostile(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]],
+             fmt: int = tarfile.PAX_FORMAT) -> Path:
+    with tarfile.open(path, "w:gz", format=fmt) as tar:
+        for info, data in [_manifest_info(), *members]:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("pax", "extended header of 8388[0-9]+ bytes"),
+    ("gnu", "extended header of 1048[0-9]+ bytes"),
+    ("chain", "more than 4 extended headers in a row"),
+])
+def test_oversized_extended_headers_are_refused_before_they_are_read(
+        tmp_path: Path, kind: str, reason: str) -> None:
+    import tracemalloc
+
+    if kind == "pax":  # one PAX record of 8 MiB; it gzips to a few KiB
+        info = _info("v.py")
+        info.pax_headers = {"comment": "x" * 8 * 1024 * 1024}
+        archive = _hostile(tmp_path / "pax.tgz", [(info, b"")])
+    elif kind == "gnu":  # a GNU long name of 1 MiB
+        archive = _hostile(tmp_path / "gnu.tgz", [(_info("d/" * (512 * 1024) + "v.py"), b"")],
+                           fmt=tarfile.GNU_FORMAT)
+    else:  # 2000 PAX headers, one after the other, before a member
+        chain = [(_info(f"h{i}", tarfile.XHDTYPE), b"") for i in range(2000)]
+        archive = _hostile(tmp_path / "chain.tgz", [*chain, (_info("v.py"), b"")],
+                           fmt=tarfile.GNU_FORMAT)
+    assert archive.stat().st_size < 64 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackageError, match=reason):
+            unpack_package(archive, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, f"{peak} bytes used to refuse it"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_uncompressed_stream_is_bounded_extended_headers_included(tmp_path: Path) -> None:
+    members = []
+    for i in range(40):  # 40 small files, each with a 48 KiB PAX record: ~2 MiB of tar
+        info = _info(f"f{i}.py")
+        info.pax_headers = {"comment": "x" * 48 * 1024}
+        members.append((info, b"x = 1\n"))
+    archive = _hostile(tmp_path / "many.tgz", members)
+    with pytest.raises(PackageError, match="uncompressed archive exceeds 1048576 bytes"):
+        unpack_package(archive, tmp_path / "out", max_tar_bytes=1024 * 1024)
+    assert not (tmp_path / "out").exists()
+    assert unpack_package(archive, tmp_path / "ok", max_tar_bytes=4 * 1024 * 1024).is_dir()
+
+
+def test_every_member_counts_towards_the_member_limit(tmp_path: Path) -> None:
+    roots = [(_info("./", tarfile.DIRTYPE), None) for _ in range(200)]
+    archive = _hostile(tmp_path / "roots.tgz", roots, fmt=tarfile.GNU_FORMAT)
+    with pytest.raises(PackageError, match="more than 100 members"):
+        unpack_package(archive, tmp_path / "out", max_members=100)
+    assert unpack_package(archive, tmp_path / "ok", max_members=300).is_dir()

@@ -17,11 +17,14 @@ from fedray.actors.grpc_server import caller_id
 from fedray.errors import UpdateRejected
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.text import printable
 from fedray.wire import client_values, header_from_proto, task_to_proto, validation_from_proto
 
 log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 256  # a client's id and name are kept while it is connected, and tracked
+MAX_EVENT_CHARS = 2000  # of a client's event message
+_ERROR_CLASS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")  # a Python class name, or none
 MAX_ATTRS, MAX_ATTR_VALUE = 32, 256  # what a client may say about itself (--attr KEY=VALUE)
 ATTR_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -109,11 +112,13 @@ class CombinerServicer(pb_grpc.CombinerServicer):
 
     async def PushEvent(self, request: pb.EventReport, context) -> pb.Ack:
         level = request.level if request.level in {"debug", "info", "warning", "error"} else "info"
-        message = request.message[:2000]
+        message = printable(request.message[:MAX_EVENT_CHARS])  # shown on terminals later
         client_id = await caller_id(context, request.client_id)
         if request.task_id and level == "error":
-            self.core.task_failed(client_id, request.task_id, message,
-                                  request.error_class[:100])
+            error_class = request.error_class
+            if not _ERROR_CLASS_RE.fullmatch(error_class):
+                error_class = ""  # not a class name: nothing of it is kept
+            self.core.task_failed(client_id, request.task_id, message, error_class)
         else:
             self.core.listener.event(level, f"client {client_id}: {message}",
                                      client_id=client_id, data=client_values(request.data))

@@ -1,13 +1,27 @@
-"""Edge side of fedray: what runs next to the data. Imports neither Ray, pymongo nor minio."""
+"""Edge side of fedray: what runs next to the data. Imports neither Ray, pymongo nor minio.
+
+This package is where fedray first imports grpc, so it is where gRPC's own logging is
+set: grpcio logs every failed TLS handshake at INFO level to stderr, which buries the
+client's one-line hint. ERROR is gRPC's documented default; a user's setting wins.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
-from fedray.edge.client import EdgeRunner, EdgeSettings
-from fedray.edge.workers import CallbackWorker, PackageWorker, TrainFn, ValidateFn, Worker
-from fedray.tls import ClientTls
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # read once, when grpc is first imported
+
+import asyncio  # noqa: E402
+
+from fedray.edge.client import EdgeRunner, EdgeSettings  # noqa: E402
+from fedray.edge.workers import (  # noqa: E402
+    CallbackWorker,
+    PackageWorker,
+    TrainFn,
+    ValidateFn,
+    Worker,
+)
+from fedray.tls import ClientTls  # noqa: E402
 
 __all__ = ["ClientTls", "EdgeClient", "EdgeRunner", "EdgeSettings", "CallbackWorker", "PackageWorker",
            "Worker"]
@@ -26,13 +40,14 @@ class EdgeClient:
         self.worker = CallbackWorker(train, validate)
 
     def runner(self, gateway: str, name: str, token: str | None = None,
-               tls: ClientTls | None = None) -> EdgeRunner:
+               tls: ClientTls | None = None, attrs: dict[str, str] | None = None) -> EdgeRunner:
         token = token if token is not None else os.environ.get("FEDRAY_TOKEN")
         return EdgeRunner(self.worker, EdgeSettings(gateway=gateway, name=name, token=token,
-                                                    tls=tls))
+                                                    tls=tls, attrs=dict(attrs or {})))
 
     def start(self, gateway: str, name: str, token: str | None = None,
-              tls: ClientTls | None = None) -> None:
+              tls: ClientTls | None = None, attrs: dict[str, str] | None = None) -> None:
         """Serve tasks until interrupted; with ``tls=ClientTls.from_files(ca="ca.pem")`` it
-        dials over TLS and verifies the servers' certificates."""
-        asyncio.run(self.runner(gateway, name, token, tls).run())
+        dials over TLS and verifies the servers' certificates. ``attrs`` (``{"site": "eu"}``)
+        tell the federation about this client."""
+        asyncio.run(self.runner(gateway, name, token, tls, attrs).run())

@@ -16,8 +16,10 @@ from pathlib import Path
 import click
 
 from fedray.edge.client import EdgeRunner, EdgeSettings
+from fedray.edge.downloads import DEFAULT_MAX_MODEL_MB, DEFAULT_MAX_PACKAGE_MB, MiB
 from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker, Worker
 from fedray.errors import ConfigError
+from fedray.packages.archive import is_sha256
 from fedray.tls import client_tls
 
 
@@ -36,7 +38,14 @@ def edge() -> None:
 @click.option("--package", "package", default=None, metavar="PATH|remote",
               help="A compute package folder or .tgz with a fedray.yaml, or 'remote' (the "
                    "default without --app) to run the package the federation serves.")
+@click.option("--package-sha256", "pin", default=None, metavar="HEX",
+              help="Run the federation's package only if it has this sha256, and nothing else.")
+@click.option("--insecure", is_flag=True,
+              help="Run the federation's package over plaintext without --package-sha256 "
+                   "(anyone on the network path could swap it).")
 @click.option("--data", default="", help="Path to this client's data (passed to the code).")
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
+              help="Something about this client the federation may select by (repeatable).")
 @click.option("--ca", default=None, metavar="CA.pem",
               help="Use TLS and verify the servers' certificates against this CA.")
 @click.option("--tls", "system_roots", is_flag=True,
@@ -47,25 +56,82 @@ def edge() -> None:
 @click.option("--tls-server-name", default="", metavar="NAME",
               help="The name the servers' certificates carry, when it differs from the host "
                    "dialed (implies TLS).")
+@click.option("--max-model-mb", type=click.IntRange(min=1), default=DEFAULT_MAX_MODEL_MB,
+              show_default=True, help="Refuse models larger than this.")
+@click.option("--max-package-mb", type=click.IntRange(min=1), default=DEFAULT_MAX_PACKAGE_MB,
+              show_default=True, help="Refuse compute packages larger than this.")
+@click.option("--share-tracebacks", is_flag=True,
+              help="Send failed tasks' tracebacks to the federation (they name local files); "
+                   "by default it gets the error's class and first line.")
 def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
-          data: str, ca: str | None, system_roots: bool, cert: str | None, key: str | None,
-          tls_server_name: str) -> None:
+          pin: str | None, insecure: bool, data: str, attrs: tuple[str, ...], ca: str | None,
+          system_roots: bool, cert: str | None, key: str | None, tls_server_name: str,
+          max_model_mb: int, max_package_mb: int, share_tracebacks: bool) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
     tls = client_tls(ca, cert, key, tls_server_name, system_roots)
+    remote = app is None and package in (None, "remote")
+    pin = remote_code_policy(remote, tls is not None, pin, insecure)
+    data = resolve_data(data)
     if data:
         os.environ["FEDRAY_DATA"] = data
+    secrets = (token,) if token else ()
     if app is not None:
         worker = load_app(app)
-    elif package is None or package == "remote":
-        worker = RemotePackageWorker(data)
+    elif remote:
+        worker = RemotePackageWorker(data, pinned_sha256=pin, secrets=secrets)
     else:
-        worker = load_package_worker(Path(package), data)
-    runner = EdgeRunner(worker, EdgeSettings(gateway=gateway, name=name, token=token, tls=tls))
+        worker = load_package_worker(Path(package), data, secrets)
+    settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
+                            attrs=parse_attrs(attrs), max_model_bytes=max_model_mb * MiB,
+                            max_package_bytes=max_package_mb * MiB,
+                            share_tracebacks=share_tracebacks)
+    runner = EdgeRunner(worker, settings)
     click.echo(f"[{name}] starting; gateway {gateway}{' over TLS' if tls else ''}; Ctrl-C to stop")
     asyncio.run(_serve(runner))
     click.echo(f"[{name}] stopped after {runner.tasks_done} task(s)")
+
+
+def remote_code_policy(remote: bool, tls: bool, pin: str | None, insecure: bool) -> str | None:
+    """The pinned sha256, if any; refuses to run the federation's code over plaintext,
+    where the package and the sha256 it is checked against come down the same
+    unauthenticated channel, unless it is pinned or the operator says --insecure."""
+    if pin is not None:
+        pin = pin.lower()
+        if not is_sha256(pin):
+            raise ConfigError(f"--package-sha256: {pin!r} is not a sha256 (64 hex characters)")
+        if not remote:
+            raise ConfigError("--package-sha256 pins the package the federation serves; it "
+                              "goes with --package remote (or neither --app nor --package)")
+    if remote and not tls and pin is None and not insecure:
+        raise ConfigError("refusing to run the federation's package over plaintext (anyone on "
+                          "the path could swap it and its sha256): add --package-sha256 HEX "
+                          "or --insecure, or dial over TLS with --ca / --tls")
+    return pin
+
+
+def resolve_data(data: str) -> str:
+    """``--data`` as an absolute path: a package runs in its own folder, not in ours."""
+    if not data:
+        return ""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--data: {data} does not exist")
+    return str(path.resolve())
+
+
+def parse_attrs(items: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` options as a mapping (``EdgeSettings`` checks keys and values)."""
+    attrs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--attr {item}: expected KEY=VALUE")
+        if key in attrs:
+            raise ConfigError(f"--attr {key}: given twice")
+        attrs[key] = value
+    return attrs
 
 
 async def _serve(runner: EdgeRunner) -> None:
@@ -92,9 +158,9 @@ def load_app(target: str) -> Worker:
     return CallbackWorker(train, getattr(obj, "validate", None))
 
 
-def load_package_worker(path: Path, data: str) -> Worker:
+def load_package_worker(path: Path, data: str, secrets: tuple[str, ...] = ()) -> Worker:
     from fedray.packages import load_package
 
     if not path.exists():
         raise ConfigError(f"--package {path}: no such folder or file")
-    return PackageWorker(load_package(path), data)
+    return PackageWorker(load_package(path), data, secrets)

@@ -12,20 +12,27 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import random
-import tempfile
+import re
 import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from fedray.edge.downloads import (
+    DEFAULT_MAX_MODEL_MB,
+    DEFAULT_MAX_PACKAGE_MB,
+    MiB,
+    fetch_model,
+    fetch_package,
+)
 from fedray.edge.workers import RemotePackageWorker, Worker
-from fedray.errors import AuthError, PackageError, TransportError
+from fedray.errors import AuthError, ConfigError, FedrayError, PackageError, TransportError
 from fedray.messages import Task, TaskKind
+from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -42,19 +49,47 @@ CHANNEL_OPTIONS = [
 ]
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 MAX_HEARTBEAT_MISSES = 3
+TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
+MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
+MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
+MAX_ATTRS = 32
+MAX_ATTR_VALUE_CHARS = 256
+_ATTR_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_attrs(attrs: dict[str, str]) -> dict[str, str]:
+    """What a client says about itself (``site=eu``): few, short, printable; strategies and
+    operators read them, so a bad one is refused here, naming it."""
+    if len(attrs) > MAX_ATTRS:
+        raise ConfigError(f"--attr: at most {MAX_ATTRS} attributes, got {len(attrs)}")
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not _ATTR_KEY_RE.fullmatch(key):
+            raise ConfigError(f"--attr {key!r}: a key is 1-64 letters, digits, '.', '_' or '-'")
+        if not isinstance(value, str) or len(value) > MAX_ATTR_VALUE_CHARS \
+                or not value.isprintable():
+            raise ConfigError(f"--attr {key}: a value is at most {MAX_ATTR_VALUE_CHARS} "
+                              "printable characters")
+    return dict(attrs)
 
 
 @dataclass(frozen=True)
 class EdgeSettings:
     gateway: str
     name: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a bearer secret: never in logs
     heartbeat_s: float = 2.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 15.0
     cached_models: int = 2
     version: str = "fedray-0.1"
     tls: ClientTls | None = None  # None: plaintext; else verify the servers' certificates
+    attrs: dict[str, str] = field(default_factory=dict)  # sent with every Join
+    max_model_bytes: int = DEFAULT_MAX_MODEL_MB * MiB  # whatever a task announces
+    max_package_bytes: int = DEFAULT_MAX_PACKAGE_MB * MiB
+    share_tracebacks: bool = False  # send failed tasks' tracebacks (they name local files)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attrs", check_attrs(self.attrs))
 
 
 class ModelCache:
@@ -62,15 +97,15 @@ class ModelCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, memoryview] = OrderedDict()
 
-    def get(self, model_id: str) -> bytes | None:
+    def get(self, model_id: str) -> memoryview | None:
         data = self._items.get(model_id)
         if data is not None:
             self._items.move_to_end(model_id)
         return data
 
-    def put(self, model_id: str, data: bytes) -> None:
+    def put(self, model_id: str, data: memoryview) -> None:
         self._items[model_id] = data
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -90,22 +125,35 @@ class EdgeRunner:
         self.combiner = ""
         self.tasks_done = 0
         self.target = f"gateway {settings.gateway}"  # what we are talking to, for messages
+        self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
         self.stop = asyncio.Event()
+        self._told_identity = ""
 
     def _line(self, text: str) -> None:
         self.say(f"[{self.settings.name}] {text}")
 
     async def run(self) -> None:
+        """Serve until ``stop``; a wrong token, or the same TLS mistake a few times in a
+        row, ends it with an error (retrying would not fix either)."""
         backoff = self.settings.backoff_initial_s
+        mistake, streak = None, 0
         while not self.stop.is_set():
+            self.joined = False
             try:
-                joined = await self._session()
-                if joined:
-                    backoff = self.settings.backoff_initial_s
+                await self._session()
+                backoff, mistake, streak = self.settings.backoff_initial_s, None, 0
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise AuthError(f"{self.settings.name}: {exc.details()} (check --token)") from None
-                why = self._why(exc.details() or "")
+                why, tls_mistake = self._why(exc.details() or "")
+                if tls_mistake and not self.joined:
+                    streak = streak + 1 if (self.target, why) == mistake else 1
+                    mistake = (self.target, why)
+                    if streak >= TLS_FAILURES_BEFORE_GIVING_UP:
+                        raise TransportError(f"{self.settings.name}: {self.target}: {why} "
+                                             f"({streak} times in a row; giving up)") from None
+                else:
+                    mistake, streak = None, 0
                 self._line(f"{self.target}: {exc.code().name.lower()} ({why}); "
                            f"retrying in {backoff:.1f}s")
             if self.stop.is_set():
@@ -114,18 +162,22 @@ class EdgeRunner:
                 await asyncio.wait_for(self.stop.wait(), backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self.settings.backoff_max_s)
 
-    def _why(self, details: str) -> str:
-        """The useful end of a connection error, with a hint when TLS is the likely cause."""
+    def _why(self, details: str) -> tuple[str, bool]:
+        """The useful end of a connection error, and whether it is a TLS mistake (with a
+        hint at the option to change) that retrying cannot fix."""
+        tls = self.settings.tls
         if "CERTIFICATE_VERIFY_FAILED" in details or "Hostname Verification" in details:
-            return "TLS: the server's certificate is not trusted; check --ca / --tls-server-name"
+            return "TLS: the server's certificate is not trusted; check --ca / --tls-server-name", True
+        if "WRONG_VERSION_NUMBER" in details:
+            return "TLS handshake failed: the server speaks plaintext; drop --ca / --tls", True
         if "handshake" in details.lower():
-            return "TLS handshake failed"
+            return "TLS handshake failed", True
         why = details.rsplit(": ", 1)[-1]
-        if why == "Socket closed" and self.settings.tls is None:
-            return f"{why}; if the federation uses TLS, pass --ca"
-        if why == "Socket closed" and self.settings.tls.cert is None:
-            return f"{why}; if the federation asks for client certificates, pass --cert/--key"
-        return why
+        if why == "Socket closed" and tls is None:
+            return f"{why}; if the federation uses TLS, pass --ca", True
+        if why == "Socket closed" and tls.cert is None:
+            return f"{why}; if the federation asks for client certificates, pass --cert/--key", True
+        return why, False
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         tls = self.settings.tls
@@ -141,8 +193,9 @@ class EdgeRunner:
                                  previous_combiner=self.combiner),
                 metadata=self.metadata, timeout=15)
 
-    async def _session(self) -> bool:
-        """Join one combiner and serve its tasks until the stream ends; True once joined."""
+    async def _session(self) -> None:
+        """Join one combiner and serve its tasks until the stream ends (``joined`` says
+        whether it got that far)."""
         self.target = f"gateway {self.settings.gateway}"
         assignment = await self._assign()
         self.client_id, self.combiner = assignment.client_id, assignment.combiner
@@ -150,9 +203,12 @@ class EdgeRunner:
         async with self._channel(assignment.address) as ch:
             stub = pb_grpc.CombinerStub(ch)
             stream = stub.Join(pb.JoinRequest(client_id=self.client_id, name=self.settings.name,
-                                              version=self.settings.version), metadata=self.metadata)
+                                              version=self.settings.version,
+                                              attrs=self.settings.attrs), metadata=self.metadata)
             await stream.wait_for_connection()
+            self.joined = True
             self._line(f"connected to {assignment.combiner} at {assignment.address}")
+            self._tell_identity()
             beats = asyncio.ensure_future(self._heartbeats(stub, stream))
             stopper = asyncio.ensure_future(self.stop.wait())
             try:
@@ -165,11 +221,11 @@ class EdgeRunner:
                         nxt.cancel()
                         if beats in done and beats.exception() is not None:
                             raise beats.exception()
-                        return True
+                        return
                     msg = nxt.result()
                     if msg is None:
                         self._line(f"{assignment.combiner} closed the task stream")
-                        return True
+                        return
                     await self._handle(stub, task_from_proto(msg))
             finally:
                 beats.cancel()
@@ -197,20 +253,26 @@ class EdgeRunner:
             interval = reply.interval_s or interval
             await asyncio.sleep(interval)
 
-    async def _install_package(self, stub: pb_grpc.CombinerStub, sha256: str) -> None:
+    def _tell_identity(self) -> None:
+        """With a per-client token the server uses the token's name, whatever --name says."""
+        if self.client_id and self.client_id != self.settings.name \
+                and self.client_id != self._told_identity:
+            self._told_identity = self.client_id
+            self._line(f"connected as {self.client_id} (the name of your token); "
+                       f"--name {self.settings.name} is ignored")
+
+    async def _install_package(self, stub: pb_grpc.CombinerStub, task: Task) -> None:
         """Download the session's compute package, verify it, unpack it, and use it."""
+        sha256 = task.package_sha256
+        if not is_sha256(sha256):  # it names a file below: nothing else may
+            raise PackageError(f"the task's package_sha256 {sha256[:80]!r} is not a sha256 "
+                               "(64 lowercase hex characters)")
+        self.worker.allow(sha256)
         cache = self.worker.cache_dir or default_cache_dir()
         archive = cache / "archives" / f"{sha256}.tgz"
         if not archive.is_file():
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(dir=archive.parent, suffix=".part")
-            with open(fd, "wb") as out, _not_found_is(PackageError):
-                call = stub.FetchPackage(pb.FetchPackageRequest(client_id=self.client_id,
-                                                                sha256=sha256),
-                                         metadata=self.metadata)
-                async for chunk in call:
-                    out.write(chunk.data)
-            os.replace(partial, archive)  # load_package checks the sha256 before unpacking
+            await fetch_package(stub, self.metadata, self.client_id, sha256, task.package_size,
+                                self.settings.max_package_bytes, archive)
         try:
             name = await asyncio.to_thread(self.worker.install, sha256, archive)
         except PackageError:
@@ -218,18 +280,12 @@ class EdgeRunner:
             raise
         self._line(f"installed compute package {name!r} (sha256 {sha256[:12]})")
 
-    async def _fetch(self, stub: pb_grpc.CombinerStub, model_id: str) -> bytes:
+    async def _fetch(self, stub: pb_grpc.CombinerStub, model_id: str, size: int = 0) -> memoryview:
         cached = self.cache.get(model_id)
         if cached is not None:
             return cached
-        parts: list[bytes] = []
-        with _not_found_is(TransportError):
-            call = stub.FetchModel(pb.FetchModelRequest(client_id=self.client_id,
-                                                        model_id=model_id),
-                                   metadata=self.metadata)
-            async for chunk in call:
-                parts.append(chunk.data)
-        data = b"".join(parts)
+        data = await fetch_model(stub, self.metadata, self.client_id, model_id, size,
+                                 self.settings.max_model_bytes)
         if await asyncio.to_thread(_sha256, data) != model_id:
             raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
         self.cache.put(model_id, data)
@@ -241,8 +297,8 @@ class EdgeRunner:
         try:
             if isinstance(self.worker, RemotePackageWorker) and task.package_sha256 \
                     and task.package_sha256 != self.worker.sha256:
-                await self._install_package(stub, task.package_sha256)
-            model = await self._fetch(stub, task.model_id)
+                await self._install_package(stub, task)
+            model = await self._fetch(stub, task.model_id, task.model_size)
             if task.kind is TaskKind.TRAIN:
                 data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
                 digest = await asyncio.to_thread(_sha256, data)
@@ -259,18 +315,32 @@ class EdgeRunner:
         except grpc.aio.AioRpcError:
             raise
         except Exception as exc:  # noqa: BLE001 - user code failed: report it, stay up
-            summary = f"{type(exc).__name__}: {exc}"
-            tail = "".join(traceback.format_exception(exc)[-3:]).strip()
-            self._line(f"{what} FAILED: {summary}")
-            await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="error",
-                                                message=f"{summary[:1000]}\n{tail[-1000:]}",
-                                                task_id=task.task_id),
-                                 metadata=self.metadata)
+            await self._report_failure(stub, task, what, exc)
             return
         self.tasks_done += 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
         self._line(f"{what} on model {task.model_id[:10]}: {examples} examples, "
                    f"{time.perf_counter() - started:.2f}s{', ' + shown if shown else ''} -> {outcome}")
+
+    async def _report_failure(self, stub: pb_grpc.CombinerStub, task: Task, what: str,
+                              exc: Exception) -> None:
+        """Everything goes to this client's own output; the combiner gets the error's class
+        and first line only, as its traceback names this machine's files (unless the client
+        shares tracebacks)."""
+        text = str(exc).strip()
+        first = (text.splitlines() or [""])[0][:MAX_FAILURE_CHARS]
+        detail = text if isinstance(exc, FedrayError) \
+            else "".join(traceback.format_exception(exc)).rstrip()
+        self._line(f"{what} FAILED: {type(exc).__name__}: {first}")
+        if detail.strip() != first:
+            self.say(detail)
+        message = first
+        if self.settings.share_tracebacks:
+            message = f"{first}\n{detail[-MAX_SHARED_TRACEBACK_CHARS:]}"
+        await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="error",
+                                            message=message, task_id=task.task_id,
+                                            error_class=type(exc).__name__),
+                             metadata=self.metadata)
 
     async def _parts(self, task: Task, data: bytes, digest: str, examples: int, metrics: dict):
         yield pb.UpdatePart(header=pb.UpdateHeader(
@@ -283,16 +353,5 @@ class EdgeRunner:
                                                offset=offset, total_size=len(data)))
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@contextlib.contextmanager
-def _not_found_is(error: type[Exception]):
-    """NOT_FOUND fails the task (as ``error``); other RPC errors mean a broken connection."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() is grpc.StatusCode.NOT_FOUND:
-            raise error(exc.details()) from None
-        raise

@@ -14,16 +14,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedray.errors import FedrayError
-from fedray.serialization import copy_model, decode, encode
+from fedray.errors import ConfigError, FedrayError, PackageError
+from fedray.packages.archive import is_sha256
+from fedray.serialization import Buffer, copy_model, decode, encode
 
 TrainFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[Mapping[str, np.ndarray], int, dict]]
 ValidateFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[int, dict]]
 
 
 class Worker(Protocol):
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]: ...
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]: ...
+    """``model`` is the global model's bytes (read-only: the client caches them)."""
+
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]: ...
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]: ...
 
 
 class CallbackWorker:
@@ -33,7 +36,7 @@ class CallbackWorker:
         self._train = train
         self._validate = validate
 
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
         params = copy_model(decode(model))
         result = self._train(params, dict(config))
         if not (isinstance(result, tuple) and len(result) == 3):
@@ -44,7 +47,7 @@ class CallbackWorker:
         return encode({k: np.asarray(v, dtype=params[k].dtype) for k, v in new.items()}), \
             _count(examples), dict(metrics or {})
 
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]:
         if self._validate is None:
             raise FedrayError("this client has no validate function")
         result = self._validate(copy_model(decode(model)), dict(config))
@@ -54,17 +57,22 @@ class CallbackWorker:
 
 
 class PackageWorker:
-    """Runs a compute package's entrypoints on files, with the client's data path."""
+    """Runs a compute package's entrypoints on files, with the client's data path.
 
-    def __init__(self, package, data: str = "") -> None:
+    ``secrets`` (the client's token) are kept out of the package's environment, under
+    whatever variable name they sit.
+    """
+
+    def __init__(self, package, data: str = "", secrets: tuple[str, ...] = ()) -> None:
         self.package = package
         self.data = data
+        self.secrets = secrets
 
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
-        return self.package.train(model, config, self.data)
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+        return self.package.train(model, config, self.data, secrets=self.secrets)
 
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
-        return self.package.validate(model, config, self.data)
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]:
+        return self.package.validate(model, config, self.data, secrets=self.secrets)
 
 
 class RemotePackageWorker:
@@ -72,20 +80,37 @@ class RemotePackageWorker:
 
     The connection loop calls ``install`` with the task's package sha256 before the task
     runs; the package is downloaded once per sha256, checked against it, unpacked safely
-    into the package cache, and reused while the federation keeps serving it.
+    into the package cache, and reused while the federation keeps serving it. With
+    ``pinned_sha256`` it installs and runs that package only: a federation (or whoever
+    sits on a plaintext path to it) that serves another gets a refusal, not a download.
     """
 
-    def __init__(self, data: str = "", cache_dir: Path | None = None) -> None:
+    def __init__(self, data: str = "", cache_dir: Path | None = None,
+                 pinned_sha256: str | None = None, secrets: tuple[str, ...] = ()) -> None:
+        if pinned_sha256 is not None and not is_sha256(pinned_sha256):
+            raise ConfigError(f"pinned_sha256 {pinned_sha256!r} is not a sha256 "
+                              "(64 lowercase hex characters)")
         self.data = data
         self.cache_dir = cache_dir
+        self.pinned_sha256 = pinned_sha256
+        self.secrets = secrets
         self.sha256 = ""
         self._current: PackageWorker | None = None
+
+    def allow(self, sha256: str) -> None:
+        """Refuse a package this client is not pinned to, before it is downloaded."""
+        if self.pinned_sha256 is not None and sha256 != self.pinned_sha256:
+            raise PackageError(f"the federation serves package {sha256[:12]}, but this client "
+                               f"is pinned to {self.pinned_sha256[:12]} (--package-sha256) "
+                               "and runs nothing else")
 
     def install(self, sha256: str, archive: Path) -> str:
         from fedray.packages import load_package
 
+        self.allow(sha256)
         package = load_package(archive, cache_dir=self.cache_dir, expected_sha256=sha256)
-        self._current, self.sha256 = PackageWorker(package, self.data), sha256
+        self._current = PackageWorker(package, self.data, self.secrets)
+        self.sha256 = sha256
         return package.manifest.name
 
     def _worker(self) -> PackageWorker:
@@ -94,10 +119,10 @@ class RemotePackageWorker:
                               "with --app MODULE or --package PATH")
         return self._current
 
-    def train(self, model: bytes, config: dict[str, Any]) -> tuple[bytes, int, dict]:
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
         return self._worker().train(model, config)
 
-    def validate(self, model: bytes, config: dict[str, Any]) -> tuple[int, dict]:
+    def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]:
         return self._worker().validate(model, config)
 
 

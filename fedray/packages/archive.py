@@ -4,19 +4,29 @@ Archives come from the network, so ``unpack_package`` checks every member before
 anything (no absolute paths, ``..``, escaping links, devices, duplicates; bounded sizes;
 checksum; a valid manifest), then extracts by hand into a temp folder renamed into place.
 We do not rely on tarfile's extraction filters (the 3.11 ones have known link escapes).
+
+A few hundred KiB of gzip can hold gigabytes of tar, so sizes are bounded on the
+uncompressed side too: every member counts (``./`` entries included), an extended header
+(a PAX record or a GNU long name) is refused before tarfile reads it into memory, and the
+decompressed stream as a whole may not run past ``max_tar_bytes``.
 Runs on edge machines: it must never import ray, pymongo or minio.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import gzip
 import hashlib
+import lzma
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from fedray.errors import PackageError
 from fedray.packages.manifest import (
@@ -28,6 +38,19 @@ from fedray.packages.manifest import (
     parse_manifest,
     read_manifest,
 )
+
+MAX_EXTENDED_HEADER_BYTES = 64 * 1024  # one PAX header or GNU long name/link (a path is < 4 KiB)
+MAX_GLOBAL_HEADER_BYTES = 4 * 1024  # all global PAX headers (git archive writes one of 52 B)
+MAX_EXTENDED_IN_A_ROW = 4  # before one member: global, PAX, GNU long name, GNU long link
+MEMBER_OVERHEAD_BYTES = 4 * 1024  # a member's share of the .tar stream beyond its data
+_EXTENDED = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                       tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: str) -> bool:
+    """64 lowercase hex characters: only such a value may name a file in a cache."""
+    return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
 
 
 def sha256_file(path: Path | str) -> str:
@@ -112,14 +135,19 @@ def unpack_package(
     expected_sha256: str | None = None,
     max_total_bytes: int = MAX_TOTAL_BYTES,
     max_members: int = MAX_MEMBERS,
+    max_tar_bytes: int | None = None,
 ) -> Path:
     """Check every member of ``archive``, then extract it to ``dest`` and return ``dest``.
 
     ``dest`` must not exist or be an empty directory. Any refusal raises ``PackageError``
     before a byte is extracted. Symlinks must be relative without ``..`` (so no chain of
     them can leave the package); hard links must name an earlier regular file and are
-    extracted as copies; devices, fifos and duplicate names are refused.
+    extracted as copies; devices, fifos, sparse files and duplicate names are refused.
+    ``max_tar_bytes`` bounds the uncompressed archive (default: ``max_total_bytes`` plus
+    ``MEMBER_OVERHEAD_BYTES`` per member allowed).
     """
+    if max_tar_bytes is None:
+        max_tar_bytes = max_total_bytes + (max_members + 1) * MEMBER_OVERHEAD_BYTES
     archive, dest = Path(archive), Path(dest)
     if expected_sha256 is not None:
         actual = sha256_file(archive)
@@ -130,7 +158,7 @@ def unpack_package(
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise PackageError(f"{dest}: destination exists and is not an empty directory")
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
+        with _open_tar(archive, max_tar_bytes) as tar:
             members = _check_members(tar, archive, max_total_bytes, max_members)
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".fedray-unpack-", dir=dest.parent))
@@ -141,9 +169,96 @@ def unpack_package(
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as exc:
+    except _Refused as exc:
+        raise PackageError(f"{archive}: {exc}") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise PackageError(f"{archive}: cannot unpack ({exc})") from None
     return dest
+
+
+class _Refused(Exception):
+    """A bound hit inside tarfile's own reading; ``unpack_package`` names the archive."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses oversized or endless extended headers before tarfile reads them into memory
+    (tarfile reads a whole PAX header or GNU long name at once, whatever size it claims),
+    and sparse files, whose maps can be made as long as the archive."""
+
+    def _proc_member(self, tar: _BoundedTarFile):
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _Refused(f"member {self.name!r} is a sparse file")
+        if self.type not in _EXTENDED:
+            tar.extended_in_a_row = 0
+            return super()._proc_member(tar)
+        tar.extended_in_a_row += 1
+        if tar.extended_in_a_row > MAX_EXTENDED_IN_A_ROW:
+            raise _Refused(f"more than {MAX_EXTENDED_IN_A_ROW} extended headers in a row")
+        if self.size > MAX_EXTENDED_HEADER_BYTES:
+            raise _Refused(f"extended header of {self.size} bytes "
+                           f"(at most {MAX_EXTENDED_HEADER_BYTES})")
+        if self.type == tarfile.XGLTYPE:  # copied into every later member: keep it small
+            tar.global_header_bytes += self.size
+            if tar.global_header_bytes > MAX_GLOBAL_HEADER_BYTES:
+                raise _Refused(f"global PAX headers over {MAX_GLOBAL_HEADER_BYTES} bytes")
+        return super()._proc_member(tar)
+
+    def _proc_gnusparse_00(self, *args):  # the PAX forms of sparse files
+        raise _Refused("a member is a sparse file")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    tarinfo = _BoundedTarInfo
+    extended_in_a_row = 0
+    global_header_bytes = 0
+
+
+class _BoundedStream:
+    """A decompressed stream that may not go past ``limit`` bytes. tarfile skips member
+    data by seeking, which decompresses it, so bounding the position bounds the work."""
+
+    def __init__(self, inner: BinaryIO, limit: int) -> None:
+        self.inner, self.limit = inner, limit
+
+    def _refuse(self) -> _Refused:
+        return _Refused(f"uncompressed archive exceeds {self.limit} bytes")
+
+    def read(self, size: int = -1) -> bytes:
+        room = self.limit + 1 - self.inner.tell()
+        data = self.inner.read(room if size is None or size < 0 else min(size, room))
+        if len(data) >= room:
+            raise self._refuse()
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET:
+            offset += self.inner.tell() if whence == os.SEEK_CUR else self.limit + 1
+        if offset > self.limit:
+            raise self._refuse()
+        return self.inner.seek(offset)
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+
+@contextlib.contextmanager
+def _open_tar(archive: Path, max_tar_bytes: int):
+    """``archive`` (plain, gzip, bzip2 or xz tar) opened through the bounds above."""
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(archive, "rb"))
+        magic = raw.read(6)
+        raw.seek(0)
+        stream: BinaryIO = raw
+        if magic.startswith(b"\x1f\x8b"):
+            stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif magic.startswith(b"BZh"):
+            stream = stack.enter_context(bz2.BZ2File(raw))
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            stream = stack.enter_context(lzma.LZMAFile(raw))
+        bounded = _BoundedStream(stream, max_tar_bytes)
+        yield stack.enter_context(_BoundedTarFile(fileobj=bounded, mode="r"))  # type: ignore[arg-type]
 
 
 def _norm(name: str, archive: Path, what: str) -> str:
@@ -164,8 +279,8 @@ def _check_members(
     members: list[tuple[tarfile.TarInfo, str]] = []
     seen: dict[str, tarfile.TarInfo] = {}
     total = 0
-    for member in tar:
-        if len(members) >= max_members:
+    for count, member in enumerate(tar, 1):
+        if count > max_members:  # every entry counts, also the ./ ones skipped below
             raise PackageError(f"{archive}: more than {max_members} members")
         if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
             raise PackageError(f"{archive}: {member.name!r} is a device, fifo or special file")

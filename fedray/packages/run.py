@@ -2,8 +2,10 @@
 
 Commands are split with shlex and placeholders substituted per argument, never through a
 shell; a leading ``python`` is this interpreter. They run in the package directory with a
-timeout; a failure raises ``PackageError`` with the exit code and the tail of stderr.
-This module runs on edge machines: it must never import ray, pymongo or minio.
+timeout, in this process's environment minus the client's token (the package is the
+federation's code, not the site's); a failure raises ``PackageError`` with the exit code
+and the tail of stderr. This module runs on edge machines: it must never import ray,
+pymongo or minio.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,17 @@ from fedray.packages.manifest import (
     Manifest,
     read_manifest,
 )
-from fedray.serialization import read_layout
+from fedray.serialization import Buffer, read_layout
+
+SECRET_ENV = ("FEDRAY_TOKEN",)  # never passed on to a package
+
+
+def child_env(data: str, secrets: Collection[str] = ()) -> dict[str, str]:
+    """The environment an entrypoint runs in: ours, without ``SECRET_ENV`` and without any
+    variable that holds one of ``secrets`` (a token kept under another name)."""
+    hidden = {value for value in secrets if value}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and v not in hidden}
+    return env | {"PYTHONDONTWRITEBYTECODE": "1", "FEDRAY_DATA": data}
 
 
 def default_cache_dir() -> Path:
@@ -74,12 +86,14 @@ class Package:
     sha256: str | None = None
 
     def train(
-        self, model_bytes: bytes, config: Mapping, data: str, timeout_s: float | None = None
+        self, model_bytes: Buffer, config: Mapping, data: str, timeout_s: float | None = None,
+        secrets: Collection[str] = (),
     ) -> tuple[bytes, int, dict]:
         """Run ``train``; returns (new model bytes, num_examples, metrics)."""
         with tempfile.TemporaryDirectory(prefix="fedray-train-") as tmp:
             work = Path(tmp)
-            num_examples, metrics = self._call("train", work, model_bytes, config, data, timeout_s)
+            num_examples, metrics = self._call("train", work, model_bytes, config, data,
+                                               timeout_s, secrets)
             where = f"package {self.manifest.name!r} train"
             try:
                 new_model = (work / "out.safetensors").read_bytes()
@@ -91,11 +105,13 @@ class Package:
         return new_model, num_examples, metrics
 
     def validate(
-        self, model_bytes: bytes, config: Mapping, data: str, timeout_s: float | None = None
+        self, model_bytes: Buffer, config: Mapping, data: str, timeout_s: float | None = None,
+        secrets: Collection[str] = (),
     ) -> tuple[int, dict]:
         """Run ``validate``; returns (num_examples, metrics)."""
         with tempfile.TemporaryDirectory(prefix="fedray-validate-") as tmp:
-            return self._call("validate", Path(tmp), model_bytes, config, data, timeout_s)
+            return self._call("validate", Path(tmp), model_bytes, config, data, timeout_s,
+                              secrets)
 
     def argv(self, entrypoint: str, values: Mapping[str, str]) -> list[str]:
         """The entrypoint's command with placeholders filled, argument by argument."""
@@ -111,10 +127,11 @@ class Package:
         self,
         entrypoint: str,
         work: Path,
-        model: bytes,
+        model: Buffer,
         config: Mapping,
         data: str,
         timeout_s: float | None,
+        secrets: Collection[str] = (),
     ) -> tuple[int, dict]:
         (work / "in.safetensors").write_bytes(model)
         try:
@@ -128,16 +145,17 @@ class Package:
             "config": "config.json",
         }
         values = {key: str(work / name) for key, name in names.items()} | {"data": data or ""}
-        self.run(entrypoint, values, work, timeout_s)
+        self.run(entrypoint, values, work, timeout_s, secrets)
         return self._read_meta(work / "out.json", entrypoint)
 
     def run(
-        self, entrypoint: str, values: Mapping[str, str], work: Path, timeout_s: float | None = None
+        self, entrypoint: str, values: Mapping[str, str], work: Path,
+        timeout_s: float | None = None, secrets: Collection[str] = (),
     ) -> None:
         """Run an entrypoint in the package directory; stdout and stderr are kept in ``work``."""
         argv = self.argv(entrypoint, values)
         timeout = timeout_s if timeout_s is not None else self.manifest.timeout_s
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", FEDRAY_DATA=values.get("data", ""))
+        env = child_env(values.get("data", ""), secrets)
         where = f"package {self.manifest.name!r} {entrypoint}"
         with open(work / "stdout.log", "wb") as out, open(work / "stderr.log", "wb") as err:
             try:

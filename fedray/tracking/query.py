@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedray.errors import ConfigError
+from fedray.text import printable
 from fedray.tracking.documents import LEVELS
 from fedray.tracking.store import COLLECTIONS, TrackingStore
 
@@ -271,7 +272,8 @@ def _events_table(docs: Sequence[Doc], title: str) -> Table:
         if several:
             row.append(Text(_short(doc.get("session_id"), 8)))
         row.append(_cell(doc.get("round")))
-        row.append(Text(str(doc.get("message") or ""), style=_MESSAGE_STYLES.get(level, "")))
+        row.append(Text(printable(str(doc.get("message") or "")),
+                        style=_MESSAGE_STYLES.get(level, "")))
         table.add_row(*row)
     return table
 
@@ -296,9 +298,10 @@ def _plain(value: Any) -> Any:
 
 
 def _cell(value: Any) -> Text:
+    """A table cell; clients choose some of these strings, so escapes never reach the terminal."""
     if isinstance(value, Text):
         return value
-    return Text("" if value is None else str(value))
+    return Text("" if value is None else printable(str(value)))
 
 
 def _short(value: Any, n: int = 12) -> str:
