@@ -34,6 +34,9 @@ from fedray.strategies.base import (
 REGISTRY: dict[str, str] = {
     "fedavg": "fedray.strategies.fedavg:FedAvg",
     "fedavgm": "fedray.strategies.fedopt:FedAvgM",
+    "fedadam": "fedray.strategies.fedopt:FedAdam",
+    "fedyogi": "fedray.strategies.fedopt:FedYogi",
+    "fedadagrad": "fedray.strategies.fedopt:FedAdagrad",
 }
 
 __all__ = [
