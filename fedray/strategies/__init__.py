@@ -37,6 +37,11 @@ REGISTRY: dict[str, str] = {
     "fedadam": "fedray.strategies.fedopt:FedAdam",
     "fedyogi": "fedray.strategies.fedopt:FedYogi",
     "fedadagrad": "fedray.strategies.fedopt:FedAdagrad",
+    "median": "fedray.strategies.robust:Median",
+    "trimmed_mean": "fedray.strategies.robust:TrimmedMean",
+    "krum": "fedray.strategies.robust:Krum",
+    "multikrum": "fedray.strategies.robust:MultiKrum",
+    "bulyan": "fedray.strategies.robust:Bulyan",
 }
 
 __all__ = [
