@@ -81,6 +81,11 @@ class AdaptiveOptimizer(ServerOptimizer):
     As in the paper's Algorithm 2, ``m`` starts at 0 and ``v`` at ``tau ** 2`` (the paper
     asks for ``v >= tau ** 2``), and there is no bias correction: ``tau`` bounds the first
     steps instead (about ``server_lr * sign(delta)`` per coordinate in round 1).
+
+    Defaults: ``server_lr`` 0.1, ``tau`` 1e-3, ``beta1`` 0.9 (0 for Adagrad), ``beta2``
+    0.99; they take the digits example (4 IID clients, the demo's round settings) past 90%
+    held-out accuracy within 10 rounds (tests/test_strategy_fedopt.py). State: ``m`` and
+    ``v``, two float64 models at the controller, saved as ``m.<tensor>``, ``v.<tensor>``.
     """
 
     state_keys = ("m", "v")
@@ -98,18 +103,24 @@ class AdaptiveOptimizer(ServerOptimizer):
         self.m: Model = {}
         self.v: Model = {}
 
-    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
+    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> None:
+        """Update ``v`` in place from ``delta2 = delta ** 2`` (which it may overwrite)."""
         raise NotImplementedError
 
     def step(self, name: str, delta: np.ndarray) -> np.ndarray:
-        m = self.m.get(name)
-        v = self.v.get(name)
+        # In place: per tensor, two temporaries besides m and v, whatever the variant.
+        m, v = self.m.get(name), self.v.get(name)
         if m is None or v is None:
             m, v = np.zeros_like(delta), np.full_like(delta, self.tau**2)
-        m = self.beta1 * m + (1.0 - self.beta1) * delta
-        v = self.second_moment(v, delta * delta)
-        self.m[name], self.v[name] = m, v
-        return self.server_lr * m / (np.sqrt(v) + self.tau)
+            self.m[name], self.v[name] = m, v
+        m *= self.beta1
+        m += (1.0 - self.beta1) * delta
+        self.second_moment(v, np.square(delta))
+        out = np.sqrt(v)
+        out += self.tau
+        np.divide(m, out, out=out)
+        out *= self.server_lr
+        return out
 
 
 class FedAdam(AdaptiveOptimizer):
@@ -121,8 +132,10 @@ class FedAdam(AdaptiveOptimizer):
                  tau: float = 1e-3) -> None:
         super().__init__(server_lr, beta1, beta2, tau)
 
-    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
-        return self.beta2 * v + (1.0 - self.beta2) * delta2
+    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> None:
+        v *= self.beta2
+        delta2 *= 1.0 - self.beta2
+        v += delta2
 
 
 class FedYogi(AdaptiveOptimizer):
@@ -135,8 +148,11 @@ class FedYogi(AdaptiveOptimizer):
                  tau: float = 1e-3) -> None:
         super().__init__(server_lr, beta1, beta2, tau)
 
-    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
-        return v - (1.0 - self.beta2) * delta2 * np.sign(v - delta2)
+    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> None:
+        direction = np.sign(v - delta2)
+        delta2 *= direction
+        delta2 *= 1.0 - self.beta2
+        v -= delta2
 
 
 class FedAdagrad(AdaptiveOptimizer):
@@ -148,5 +164,5 @@ class FedAdagrad(AdaptiveOptimizer):
     def __init__(self, server_lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3) -> None:
         super().__init__(server_lr, beta1, 0.0, tau)
 
-    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> np.ndarray:
-        return v + delta2
+    def second_moment(self, v: np.ndarray, delta2: np.ndarray) -> None:
+        v += delta2
