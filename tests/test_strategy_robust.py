@@ -188,6 +188,20 @@ def test_too_few_updates_for_f_are_refused_clearly(name, options, needed):
     assert strategy.configure(ok).asked == needed
 
 
+def test_a_config_whose_min_clients_is_too_low_for_f_is_refused_at_load():
+    from fedray.config import config_from_dict
+
+    def load(min_clients):
+        return config_from_dict({"federation": "byz", "seed_model": "unused", "session": {
+            "aggregator": "bulyan", "aggregator_kwargs": {"f": 1}, "min_clients": min_clients,
+            "clients_per_round": 10}}, source="byz.yaml")
+
+    with pytest.raises(ConfigError, match=r"byz.yaml: session.aggregator 'bulyan': bulyan with "
+                                          r"f=1 \(n >= 4f \+ 3\) needs at least 7 updates"):
+        load(6)
+    assert load(7).session.min_clients == 7
+
+
 def test_options_are_checked_when_the_config_is_loaded():
     assert make_strategy("multikrum", {"f": 2}).m is None  # n - f
     for name, bad in [("trimmed_mean", {"beta": 0.5}), ("trimmed_mean", {"beta": -0.1}),

@@ -18,11 +18,15 @@ weighted rule would hand it the round. Each honest client counts once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedray.errors import ConfigError
 from fedray.strategies.base import BLOCK, KeptStrategy, Model, RoundContext, RoundPlan, UpdateMeta
+
+if TYPE_CHECKING:
+    from fedray.config import SessionConfig
 
 Models = list[Mapping[str, np.ndarray]]
 
@@ -99,25 +103,32 @@ def _whole(value: object, what: str, least: int = 0) -> int:
 
 
 class _NeedsUpdates(KeptStrategy):
-    """A rule that needs at least ``needed()`` updates: checked when each round is planned
-    (``session.min_clients`` must allow it) and again on the updates that arrived."""
+    """A rule that needs at least ``needed()`` updates: ``session.min_clients`` must allow
+    it (checked at config load, and when each round is planned), and the round's count is
+    checked again before aggregating."""
 
     def needed(self) -> int:
         return 1
 
+    def describe(self) -> str:
+        return self.name
+
+    def check_settings(self, settings: SessionConfig) -> None:
+        if settings.min_clients < self.needed():
+            raise ValueError(f"{self.describe()} needs at least {self.needed()} updates per "
+                             f"round, but session.min_clients is {settings.min_clients}: "
+                             f"raise it to {self.needed()} or more")
+
     def configure(self, ctx: RoundContext) -> RoundPlan:
-        if ctx.settings.min_clients < self.needed():
-            raise ConfigError(f"{self.describe()} needs at least {self.needed()} updates per "
-                              f"round, but session.min_clients is {ctx.settings.min_clients}: "
-                              f"raise it to {self.needed()} or more")
+        try:
+            self.check_settings(ctx.settings)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return super().configure(ctx)
 
     def check_count(self, n: int) -> None:
         if n < self.needed():
             raise ValueError(f"{self.describe()} needs at least {self.needed()} updates, got {n}")
-
-    def describe(self) -> str:
-        return self.name
 
 
 # ------------------------------------------------------------------ the strategies
