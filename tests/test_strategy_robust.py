@@ -209,3 +209,29 @@ def test_options_are_checked_when_the_config_is_loaded():
                       ("multikrum", {"m": 0}), ("bulyan", {"f": "two"}), ("median", {"f": 1})]:
         with pytest.raises(ConfigError, match="aggregator_kwargs"):
             make_strategy(name, bad)
+
+
+async def test_the_session_runner_takes_the_median_over_every_combiners_updates():
+    """Through real combiner cores (tests/simfed.py): 5 clients over 3 combiners, two of
+    them far off; each round moves by the median shift over all five, never by a median
+    of per-combiner medians."""
+    from fedray.actors.session_runner import Start
+    from tests.simfed import MemoryStore, SimPool, run_session, session_settings
+
+    def shift_by(value):
+        def train(params, config, client_id, round_):
+            return {k: v + value for k, v in params.items()}, 10, {}
+        return train
+
+    pool = SimPool(3)
+    for i, value in enumerate((1.0, 2.0, 3.0, 100.0, -50.0)):
+        pool.add(f"c{i}", shift_by(value))
+    store = MemoryStore()
+    try:
+        state, reason, runner = await run_session(
+            pool, store, session_settings(rounds=3, min_clients=5, aggregator="median",
+                                          clients_per_round=5), Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert (state, reason) == ("finished", "")
+    np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 3 * 2.0)
