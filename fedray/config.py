@@ -280,6 +280,10 @@ def _check_session(c: FederationConfig, bad: Any) -> None:
     except ConfigError as exc:
         raise bad("session.aggregator:", str(exc)) from None
     try:
+        strategy.check_settings(s)
+    except ValueError as exc:
+        raise bad("session.aggregator", f"{s.aggregator!r}: {exc}") from None
+    try:
         check_select(s.select)
     except ConfigError as exc:
         raise ConfigError(f"{c.source}: {exc}") from None

@@ -41,11 +41,35 @@ def _deploy(config, tracking_uri, fleet, workers, **settings):
     return fed, store, seed_id
 
 
+def _server_optimizer_run(name: str, kwargs: dict, rounds: int, reset_after: int = 0):
+    """The global ``w`` after ``rounds`` rounds in which every client adds 1 (pure); with
+    ``reset_after``, as if the server state had been lost after that round."""
+    from fedray.strategies import make_strategy
+    from fedray.strategies.base import ShareStart, Update, UpdateMeta
+
+    strategy, model = make_strategy(name, kwargs), dict(SEED)
+    spec = {k: ("F32", v.shape) for k, v in model.items()}
+    for number in range(1, rounds + 1):
+        if number == reset_after + 1:
+            strategy.load_state_dict({})
+        acc = strategy.start(ShareStart(spec=spec, base=model))
+        for client in ("a", "b"):
+            acc.fold(Update({k: v + 1 for k, v in model.items()}, UpdateMeta(client, number, 10),
+                            b""))
+        model = strategy.finish(model, strategy.reduce([acc.partial()]))
+    return model["w"]
+
+
+# FedYogi and FedAdagrad keep the same m and v as FedAdam (AdaptiveOptimizer); their own
+# save/load is tested without Ray in test_strategy_fedopt, so one adaptive case is enough.
+@pytest.mark.parametrize(("aggregator", "kwargs"), [("fedavgm", {"momentum": 0.9}),
+                                                    ("fedadam", {})], ids=["fedavgm", "fedadam"])
 def test_a_killed_controller_resumes_after_its_last_committed_round(
-        ray_session, tracking_uri, fleet, tmp_path):
-    # FedAvgM keeps server momentum: the final model is right only if it survived the restart.
-    config = _config("controller-dies", tmp_path, combiners=1, rounds=4, min_clients=2,
-                     aggregator="fedavgm", aggregator_kwargs={"momentum": 0.9})
+        ray_session, tracking_uri, fleet, tmp_path, aggregator, kwargs):
+    # Server optimizers keep state (momentum, moments): the final model is right only if it
+    # survived the restart between rounds 2 and 3.
+    config = _config(f"controller-dies-{aggregator}", tmp_path, combiners=1, rounds=4,
+                     min_clients=2, aggregator=aggregator, aggregator_kwargs=kwargs)
     workers = {"a": SlowWorker(1.0, 10, 0.3), "b": SlowWorker(1.0, 10, 0.3)}
     fed, store, seed_id = _deploy(config, tracking_uri, fleet, workers)
     killed = threading.Event()
@@ -69,8 +93,13 @@ def test_a_killed_controller_resumes_after_its_last_committed_round(
     assert [m["round"] for m in trail] == [0, 1, 2, 3, 4]  # no round committed twice
     for parent, child in zip(trail, trail[1:], strict=False):
         assert child["parent_id"] == parent["model_id"]
-    # every client adds 1: velocity -1, -1.9, -2.71, -3.439 -> 1 + 1.9 + 2.71 + 3.439
-    np.testing.assert_allclose(decode(store.get(status["model_id"]))["w"], 9.049, rtol=1e-5)
+    final = decode(store.get(status["model_id"]))["w"]
+    expected = _server_optimizer_run(aggregator, kwargs, 4)
+    np.testing.assert_allclose(final, expected, rtol=1e-5)
+    lost = _server_optimizer_run(aggregator, kwargs, 4, reset_after=2)
+    assert not np.allclose(final, lost, rtol=1e-3)  # a lost state would show
+    if aggregator == "fedavgm":  # velocity -1, -1.9, -2.71, -3.439 -> 1 + 1.9 + 2.71 + 3.439
+        np.testing.assert_allclose(final, 9.049, rtol=1e-5)
     assert rounds[2]["aggregator_state_id"]
     events = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
     assert any("resumed after round 2" in m for m in events), events

@@ -34,6 +34,14 @@ from fedray.strategies.base import (
 REGISTRY: dict[str, str] = {
     "fedavg": "fedray.strategies.fedavg:FedAvg",
     "fedavgm": "fedray.strategies.fedopt:FedAvgM",
+    "fedadam": "fedray.strategies.fedopt:FedAdam",
+    "fedyogi": "fedray.strategies.fedopt:FedYogi",
+    "fedadagrad": "fedray.strategies.fedopt:FedAdagrad",
+    "median": "fedray.strategies.robust:Median",
+    "trimmed_mean": "fedray.strategies.robust:TrimmedMean",
+    "krum": "fedray.strategies.robust:Krum",
+    "multikrum": "fedray.strategies.robust:MultiKrum",
+    "bulyan": "fedray.strategies.robust:Bulyan",
     "fedbuff": "fedray.strategies.fedbuff:FedBuff",
 }
 

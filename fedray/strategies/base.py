@@ -10,6 +10,7 @@ Decisions, each over a frozen snapshot:
     accept(meta: UpdateMeta) -> Verdict           combiner, for each update that passed the
                                                   runtime's checks (names, shapes, bounds)
     should_close(s: ShareSnapshot) -> CloseReason combiner, whenever its share changes
+    check_settings(settings: SessionConfig)       config load: ValueError if they cannot work
 
 Math:
 
@@ -232,6 +233,10 @@ class Strategy(ABC, Generic[P, R]):
     def __init__(self, **kwargs: object) -> None:
         if kwargs:
             raise TypeError(f"{type(self).__name__} takes no options, got {sorted(kwargs)}")
+
+    def check_settings(self, settings: SessionConfig) -> None:  # noqa: B027
+        """Raise ValueError if the session settings cannot work with this strategy (e.g.
+        ``min_clients`` too low for Krum's ``f``); called when the config is loaded."""
 
     # decisions
 
