@@ -34,6 +34,8 @@ from fedray.strategies.base import (
 REGISTRY: dict[str, str] = {
     "fedavg": "fedray.strategies.fedavg:FedAvg",
     "fedavgm": "fedray.strategies.fedopt:FedAvgM",
+    "dp_fixed": "fedray.strategies.dp:DPFedAvgFixed",
+    "dp_adaptive": "fedray.strategies.dp:DPFedAvgAdaptive",
 }
 
 __all__ = [
