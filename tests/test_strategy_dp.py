@@ -321,6 +321,7 @@ async def test_the_runner_records_epsilon_with_each_commit_and_a_resume_continue
     commits = done.recorder.of(RoundCommitted) + resumed[2].recorder.of(RoundCommitted)
     assert [c.report["dp_rounds"] for c in commits] == [1, 2, 3]  # the ledger survived
     assert all(c.report["clipping_norm"] == 1.0 for c in commits)
+    assert all(c.report["epsilon"] is None for c in commits)  # no noise: infinite, as null
     # Each round: 3 deltas of norm 4 (16 ones) and one of 400 (16 hundreds), all clipped to
     # 1 and averaged over 4: the model moves by exactly 1 (L2) along the ones direction.
     final = decode(store.get(resumed[2].model_id))
@@ -346,3 +347,33 @@ async def test_the_runner_accounts_the_rounds_sampling_rate():
     report = runner.recorder.of(RoundCommitted)[-1].report
     assert report["sampling_rate"] == 0.3 and report["clients_sampled"] == 3
     assert report["epsilon"] == pytest.approx(reference.epsilon(1e-5))
+
+
+async def test_a_report_is_recorded_as_storable_numbers_and_a_failing_one_as_nothing():
+    from fedray.strategies.fedavg import FedAvg
+
+    class Reporting(FedAvg):
+        calls = 0
+
+        def round_report(self):
+            Reporting.calls += 1
+            if Reporting.calls > 2:  # round 2 commits on the third call: it fails, the commit stands
+                raise RuntimeError("no figures")
+            return {"eps": np.float64(2.5), "n": np.int64(3), "inf": math.inf, "flag": True,
+                    "text": "x"}
+
+    seed = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    pool = SimPool(1)
+    for i in range(2):
+        pool.add(f"c{i}", shift_by(1.0))
+    store = MemoryStore()
+    try:
+        state, _, runner = await run_session(pool, store, session_settings(rounds=2),
+                                             Start(store.put(encode(seed))), strategy=Reporting())
+    finally:
+        await pool.close()
+    assert state == "finished"
+    first, second = (c.report for c in runner.recorder.of(RoundCommitted))
+    assert first == {"eps": 2.5, "n": 3, "inf": None}
+    assert type(first["eps"]) is float and type(first["n"]) is int
+    assert second == {}
