@@ -129,12 +129,13 @@ class DPFedAvgFixed(Strategy[ClippedSums, ClippedSums]):
     def __init__(self, noise_multiplier: float, clipping_norm: float, delta: float = 1e-5,
                  sampling_amplification: bool = True, seed: int | None = None) -> None:
         super().__init__()
-        self._setup(noise_multiplier, clipping_norm, delta, sampling_amplification, seed)
+        self._setup(noise_multiplier, ("clipping_norm", clipping_norm), delta,
+                    sampling_amplification, seed)
 
-    def _setup(self, noise_multiplier: object, clipping_norm: object, delta: object,
+    def _setup(self, noise_multiplier: object, clipping_norm: tuple[str, object], delta: object,
                sampling_amplification: object, seed: object) -> None:
         self.noise_multiplier = _positive("noise_multiplier", noise_multiplier, zero=True)
-        self.initial_clipping_norm = _positive("clipping_norm", clipping_norm)
+        self.initial_clipping_norm = _positive(*clipping_norm)
         self.delta = _positive("delta", delta)
         if not self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
@@ -276,8 +277,8 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
                  clipped_count_stddev: float | None = None, delta: float = 1e-5,
                  sampling_amplification: bool = True, seed: int | None = None) -> None:
         Strategy.__init__(self)
-        self._setup(noise_multiplier, initial_clipping_norm, delta, sampling_amplification,
-                    seed)
+        self._setup(noise_multiplier, ("initial_clipping_norm", initial_clipping_norm), delta,
+                    sampling_amplification, seed)
         self.target_unclipped_quantile = _positive("target_unclipped_quantile",
                                                    target_unclipped_quantile, zero=True)
         if self.target_unclipped_quantile > 1:
