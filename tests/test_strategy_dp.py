@@ -377,3 +377,27 @@ async def test_a_report_is_recorded_as_storable_numbers_and_a_failing_one_as_not
     assert first == {"eps": 2.5, "n": 3, "inf": None}
     assert type(first["eps"]) is float and type(first["n"]) is int
     assert second == {}
+
+
+async def test_a_resumed_adaptive_session_clips_with_the_norm_it_had_adapted_to():
+    seed = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    kwargs = {"noise_multiplier": 0.0, "initial_clipping_norm": 0.1, "clip_norm_lr": 0.5}
+    pool = SimPool(2)
+    for i in range(4):
+        pool.add(f"c{i}", shift_by(0.5))  # every delta has norm 2: C grows from 0.1
+    store = MemoryStore()
+    try:
+        _, _, done = await run_session(pool, store, session_settings(
+            rounds=2, aggregator="dp_adaptive", aggregator_kwargs=kwargs),
+            Start(store.put(encode(seed))))
+        _, _, resumed = await run_session(pool, store, session_settings(
+            rounds=3, aggregator="dp_adaptive", aggregator_kwargs=kwargs),
+            Start(done.model_id, done.rounds_done, done.state_id, resume=True),
+            session_id=done.session_id)
+    finally:
+        await pool.close()
+    before = done.recorder.of(RoundCommitted)[-1].report
+    after = resumed.recorder.of(RoundCommitted)[0].report
+    assert before["next_clipping_norm"] == pytest.approx(0.1 * math.exp(0.5 * 0.5) ** 2)
+    assert after["clipping_norm"] == pytest.approx(before["next_clipping_norm"])
+    assert after["dp_rounds"] == 3
