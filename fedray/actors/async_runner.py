@@ -134,7 +134,7 @@ class AsyncLoop:
             r.emit(RoundDone(r.session_id, {"round": r.rounds_done, "updates": 0,
                                             "model_id": r.model_id, "train_metrics": {},
                                             "validation_metrics": metrics, "seconds": 0.0,
-                                            "report": r.strategy.round_report(),
+                                            "report": r.report(),
                                             "final": True}))
 
     async def _collect(self, model: bytes, current: list[int], takers: dict[str, asyncio.Future],
@@ -230,7 +230,7 @@ class AsyncLoop:
         r.emit(RoundDone(r.session_id, {"round": number, "updates": len(contributions),
                                         "model_id": r.model_id, "seconds":
                                         time.monotonic() - started, "report":
-                                        r.strategy.round_report(),
+                                        r.report(),
                                         "train_metrics": {"staleness_max": float(max(stale))},
                                         "validation_metrics": {}}))
         return new_model

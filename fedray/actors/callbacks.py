@@ -88,7 +88,7 @@ class RoundCommitted:
     train_metrics: dict[str, float]
     combiners: dict[str, Any] = field(default_factory=dict)
     lost_combiners: list[str] = field(default_factory=list)
-    report: dict[str, float] = field(default_factory=dict)  # strategy figures (epsilon...)
+    report: dict[str, float | None] = field(default_factory=dict)  # epsilon...; None: infinite
     contributions: list[dict[str, Any]] = field(default_factory=list)  # async: who built it
     mode: str = "sync"
 
@@ -213,7 +213,8 @@ class TrackingCallback:
             write("update_session", e.session_id, rounds_done=e.round, model_id=e.model_id)
             self.observer.round_committed(e.seconds)
             what = "version" if e.mode == "async" else "round"
-            figures = "".join(f", {k} {v:.4g}" for k, v in e.report.items())
+            figures = "".join(f", {k} {'none' if v is None else format(v, '.4g')}"
+                              for k, v in e.report.items())
             self._event("info", f"{what} {e.round} committed model {e.model_id[:12]} from "
                         f"{e.updates} update(s) in {e.seconds:.2f}s{figures}", e.session_id,
                         e.round)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 from fedray.actors.callbacks import (
     Callbacks,
@@ -303,7 +306,7 @@ class SessionRunner:
             "train_metrics": metrics.means()})
         record = {"round": number, "updates": updates, "model_id": new_id,
                   "train_metrics": metrics.means(), "validation_metrics": {},
-                  "report": self.strategy.round_report()}
+                  "report": self.report()}
         if self.settings.validate:
             record["validation_metrics"] = await self.validate(number, new_model, new_id)
         record["seconds"] = time.monotonic() - started
@@ -406,11 +409,30 @@ class SessionRunner:
             self.session_id, number, attempt, new_id, parent_id, facts["updates"],
             facts.get("rejected", 0), seconds, facts.get("reduce_s", 0.0), state_id,
             facts.get("train_metrics", {}), facts.get("combiners", {}),
-            facts.get("lost_combiners", []), self.strategy.round_report(),
+            facts.get("lost_combiners", []), self.report(),
             contributions or [], mode))
         await self.callbacks.flush()  # committed: a restarted controller resumes after this
         self.rounds_done, self.model_id, self.state_id = number, new_id, state_id
         return new_id
+
+    def report(self) -> dict[str, float | int | None]:
+        """The strategy's ``round_report`` as tracking can store it: numbers by name, as
+        Python numbers; a value that is not finite (ε without noise) becomes None (null),
+        since a NaN or an infinity would get the whole round document refused."""
+        try:
+            raw = dict(self.strategy.round_report())
+        except Exception as exc:  # noqa: BLE001 - user strategy code; the commit stands
+            log.exception("strategy %s failed in round_report", self.settings.aggregator)
+            self.note("warning", f"strategy {self.settings.aggregator!r} failed in round_report:"
+                      f" {type(exc).__name__}: {exc}")
+            return {}
+        out: dict[str, float | int | None] = {}
+        for key, value in raw.items():
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+                continue
+            number = int(value) if isinstance(value, int | np.integer) else float(value)
+            out[str(key)] = number if math.isfinite(number) else None
+        return out
 
     def _record_model(self, mid: str, parent_id: str | None, number: int, data: bytes) -> None:
         spec = read_layout(data).spec()

@@ -43,6 +43,8 @@ REGISTRY: dict[str, str] = {
     "multikrum": "fedray.strategies.robust:MultiKrum",
     "bulyan": "fedray.strategies.robust:Bulyan",
     "fedbuff": "fedray.strategies.fedbuff:FedBuff",
+    "dp_fixed": "fedray.strategies.dp:DPFedAvgFixed",
+    "dp_adaptive": "fedray.strategies.dp:DPFedAvgAdaptive",
 }
 
 __all__ = [

@@ -280,7 +280,8 @@ class Strategy(ABC, Generic[P, R]):
     # what a commit reports (e.g. a privacy budget); numbers only
 
     def round_report(self) -> dict[str, float]:
-        """Figures about the last ``finish`` worth tracking (e.g. ``epsilon``)."""
+        """Figures about the last ``finish`` worth tracking (e.g. ``epsilon``); the runner
+        records numbers only, and a value that is not finite as None (null)."""
         return {}
 
 
