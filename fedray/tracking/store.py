@@ -180,7 +180,7 @@ class TrackingStore:
     def _translate(self, what: str) -> Iterator[None]:
         try:
             yield
-        except (PyMongoError, BSONError) as exc:
+        except (PyMongoError, BSONError, OverflowError) as exc:  # OverflowError: BSON ints
             raise TrackingError(f"tracking database {self.where}: {what}: {_short(exc)}") from exc
 
     def ping(self) -> None:

@@ -8,7 +8,8 @@ a ``TrackingStore``. Connection errors are retried with exponential backoff (up 
 ``max_backoff_s``) for as long as it takes; documents keep the time they were submitted
 (``written_at``), not the time the database came back. A write the database refuses
 (bad document, unknown session, ...) is logged and dropped, and the thread goes on.
-Consecutive events are written with one ``insert_many``.
+Consecutive events are written with one ``insert_many``; when the database refuses such a
+batch, its events are written one by one, so only the bad one is dropped.
 
 ``flush(timeout)`` waits until everything submitted so far is written; ``close()``
 flushes, and only after its timeout gives up on writes it still could not deliver
@@ -201,6 +202,14 @@ class TrackingWriter:
                     )
                 return store
             except Exception as exc:
+                if not is_transient(exc) and len(batch) > 1:
+                    # One document the database refuses must not take the others (security
+                    # warnings among them) down with it: write them one by one.
+                    log.warning("tracking write %s refused (%s); retrying one by one",
+                                _describe(batch), exc)
+                    for item in batch:
+                        store = self._perform(store, [item])
+                    return store
                 if not is_transient(exc):
                     self.dropped += len(batch)
                     log.error("tracking write %s dropped: %s", _describe(batch), exc)
