@@ -20,6 +20,7 @@ import yaml
 from fedray.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+MAX_TTL_DAYS = 24_855  # a TTL index holds at most 2**31 - 1 seconds
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class SessionConfig:
 class TrackingConfig:
     uri: str = "embedded"  # or mongodb://host:27017/
     database: str = "fedray"
+    events_ttl_days: float = 30.0  # events older than this are deleted; 0 keeps them forever
+
+    @property
+    def events_ttl_s(self) -> int | None:
+        """``events_ttl_days`` in whole seconds; None keeps events forever."""
+        return int(self.events_ttl_days * 86400) or None
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,9 @@ def _check(c: FederationConfig) -> None:
 
     if not known_aggregator(c.session.aggregator):
         raise bad("session.aggregator", f"names no aggregator: {c.session.aggregator!r}")
+    if not 0 <= c.tracking.events_ttl_days <= MAX_TTL_DAYS:
+        raise bad("tracking.events_ttl_days", f"must be 0 (keep forever) to {MAX_TTL_DAYS} days, "
+                  f"got {c.tracking.events_ttl_days}")
     uri = c.tracking.uri
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")
