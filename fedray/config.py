@@ -50,7 +50,10 @@ class CombinersConfig:
     chunk_kib: int = 1024
     heartbeat_interval_s: float = 2.0
     offline_after_s: float = 10.0
-    max_rpcs_per_s: float = 50.0  # per client (its token's name, else its claimed name)
+    max_rpcs_per_s: float = 50.0  # per client: its token's name, else connection + claimed name
+    max_clients_per_connection: int = 256  # client ids one connection may act for (shared token)
+    max_client_events_per_min: float = 20.0  # PushEvents a client may have recorded
+    max_event_bytes: int = 2048  # of a client event's message and data, once recorded
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,9 @@ def _check(c: FederationConfig) -> None:
         "combiners.max_update_mb": c.combiners.max_update_mb,
         "combiners.chunk_kib": c.combiners.chunk_kib,
         "combiners.max_rpcs_per_s": c.combiners.max_rpcs_per_s,
+        "combiners.max_clients_per_connection": c.combiners.max_clients_per_connection,
+        "combiners.max_client_events_per_min": c.combiners.max_client_events_per_min,
+        "combiners.max_event_bytes": c.combiners.max_event_bytes,
         "combiners.heartbeat_interval_s": c.combiners.heartbeat_interval_s,
         "session.rounds": c.session.rounds,
         "session.min_clients": c.session.min_clients,

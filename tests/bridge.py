@@ -67,14 +67,16 @@ class Bridge:
         self.round: asyncio.Future | None = None
 
     @classmethod
-    async def start(cls, **settings: Any) -> Bridge:
+    async def start(cls, gate: AuthGate | None = None, **settings: Any) -> Bridge:
+        """A bridge over ``CombinersConfig(**settings)``; ``gate`` defaults to the shared
+        TOKEN without a rate limit."""
         base = {"host": "127.0.0.1", "heartbeat_interval_s": 0.5, "offline_after_s": 30}
         core = CombinerCore("c-test", CombinersConfig(**{**base, **settings}))
 
         def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_CombinerServicer_to_server(CombinerServicer(core), server)
 
-        gate = AuthGate(TOKEN)
+        gate = gate or AuthGate(TOKEN)
         server, port = await start_server(register, "127.0.0.1", 0, gate)
         return cls(core, server, port, gate)
 

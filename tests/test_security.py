@@ -281,7 +281,7 @@ def test_a_client_over_its_rpc_rate_gets_resource_exhausted_and_others_go_on(
     assert status["state"] == "finished", status
     assert steady.tasks_done == 1
     limited = _events(tracking_uri, config, **{"data.reason": "rate_limit"})
-    assert limited and "name:noisy" in limited[0]["message"]
+    assert limited and "'noisy' on ipv4:127.0.0.1:" in limited[0]["message"]
 
 
 def test_a_full_combiner_refuses_more_clients(ray_session, tracking_uri, fleet, tmp_path):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
+import hashlib
 import hmac
 import logging
 import time
@@ -39,6 +41,12 @@ log = logging.getLogger(__name__)
 REFRESH_S = 3.0  # how stale the token cache may get (bounds the delay of a revocation)
 MISS_REFRESH_S = 1.0  # an unknown token re-reads the tokens at most this often
 BURST_S = 2.0  # a client may burst up to this many seconds' worth of its RPC rate
+MAX_LIMITER_KEYS = 100_000  # token buckets kept per limiter (least recently used go first)
+MAX_KEY_CHARS = 128  # longer keys are kept as a digest: 100k keys stay under ~30 MiB
+MAX_CLAIM_CHARS = 256  # a claimed name (x-fedray-client) longer than this is refused
+MAX_IDS_PER_PEER = 256  # default of combiners.max_clients_per_connection
+MAX_PEERS = 50_000  # connections whose claimed ids are remembered
+MAX_PEER_IDS = 200_000  # claimed ids remembered over all connections
 
 TokenLoader = Callable[[], list[tuple[str, str, bool]]]  # -> [(hash, name, revoked)]
 EventSink = Callable[..., None]  # (level, message, **data), e.g. TrackingObserver.event
@@ -58,9 +66,11 @@ class Caller:
     kind: str  # "client" | "shared" | "open"
     name: str = ""  # the token's name for kind "client"
     gate: AuthGate | None = field(default=None, compare=False, repr=False)
+    peer: str = field(default="", compare=False)  # the connection it called on
 
     def client_id(self, claimed: str, claimed_name: str = "") -> str:
-        """The id to act on: the token's name, or what the message claims if that is allowed."""
+        """The id to act on: the token's name, or what the message claims if that is allowed
+        (not a name with its own token, and not more ids than one connection may hold)."""
         if self.kind == "client":
             if claimed_name and claimed_name != self.name and self.gate is not None:
                 self.gate.report("warning", f"a client claimed the name {claimed_name!r}; its "
@@ -73,6 +83,8 @@ class Caller:
                     self.gate.report("warning", f"refused a caller posing as {value!r}, a "
                                      "client with its own token", reason="posing", claimed=value)
                     raise Refused("PERMISSION_DENIED", f"{value!r} must use its own token")
+            if claimed:
+                self.gate.hold(self.peer, claimed)
         return claimed
 
 
@@ -171,16 +183,20 @@ class ClientTokens:
 
 
 class RateLimiter:
-    """Token buckets per key: ``rate`` calls a second, bursts of ``BURST_S`` seconds' worth.
-    At most ``max_keys`` buckets are kept; the least recently used go first."""
+    """Token buckets per key: ``rate`` calls a second, bursts of ``burst_s`` seconds' worth.
+    At most ``max_keys`` buckets are kept (the least recently used go first), and a key
+    longer than ``MAX_KEY_CHARS`` is kept as its digest, so the table has a size bound."""
 
-    def __init__(self, rate: float, max_keys: int = 100_000) -> None:
+    def __init__(self, rate: float, max_keys: int = MAX_LIMITER_KEYS,
+                 burst_s: float = BURST_S) -> None:
         self.rate = rate
-        self.capacity = max(1.0, rate * BURST_S)
+        self.capacity = max(1.0, rate * burst_s)
         self.max_keys = max_keys
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def allow(self, key: str, now: float | None = None) -> bool:
+        if len(key) > MAX_KEY_CHARS:
+            key = "sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
         now = time.monotonic() if now is None else now
         tokens, stamp = self._buckets.pop(key, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - stamp) * self.rate)
@@ -189,6 +205,38 @@ class RateLimiter:
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return allowed
+
+
+class PeerIds:
+    """The client ids each connection (gRPC peer) has acted for, at most ``per_peer`` each.
+
+    With the shared token a caller names itself, so without this bound one connection
+    could act for any number of made-up clients, each with a fresh rate budget, and fill
+    ``max_clients``. The table is bounded too: ``MAX_PEERS`` connections and
+    ``MAX_PEER_IDS`` ids in all, the least recently seen connection forgotten first."""
+
+    def __init__(self, per_peer: int, max_peers: int = MAX_PEERS,
+                 max_ids: int = MAX_PEER_IDS) -> None:
+        self.per_peer, self.max_peers, self.max_ids = per_peer, max_peers, max_ids
+        self._ids: OrderedDict[str, set[str]] = OrderedDict()
+        self._count = 0
+
+    def hold(self, peer: str, client_id: str) -> bool:
+        """Whether ``peer`` may act for ``client_id`` (remembering it if so)."""
+        ids = self._ids.pop(peer, None)
+        if ids is None:
+            ids = set()
+        self._ids[peer] = ids
+        if client_id in ids:
+            return True
+        if len(ids) >= self.per_peer:
+            return False
+        ids.add(client_id)
+        self._count += 1
+        while len(self._ids) > self.max_peers or self._count > self.max_ids:
+            _, gone = self._ids.popitem(last=False)
+            self._count -= len(gone)
+        return True
 
 
 class EventThrottle:
@@ -212,10 +260,12 @@ class AuthGate:
     """Admits or refuses each RPC; one per gRPC server (gateway or combiner)."""
 
     def __init__(self, shared_token: str | None, tokens: ClientTokens | None = None,
-                 max_rpcs_per_s: float | None = None, on_event: EventSink | None = None) -> None:
+                 max_rpcs_per_s: float | None = None, on_event: EventSink | None = None,
+                 max_ids_per_peer: int = MAX_IDS_PER_PEER) -> None:
         self._shared = shared_token.encode() if shared_token else None
         self.tokens = tokens or ClientTokens(None)
         self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
+        self.peer_ids = PeerIds(max_ids_per_peer)
         self.on_event = on_event
         self.throttles: dict[str, EventThrottle] = {}  # one per reason: a flood of wrong
         # tokens cannot hide the use of a revoked one
@@ -245,15 +295,38 @@ class AuthGate:
             with contextlib.suppress(Exception):  # observability never refuses a call
                 self.on_event(level, message, reason=reason, **data)
 
+    def hold(self, peer: str, client_id: str) -> None:
+        """Let ``peer`` act for ``client_id``, or refuse: it already acts for too many."""
+        if not self.peer_ids.hold(peer, client_id):
+            self.report("warning", f"refused {client_id!r} from {peer}: that connection already "
+                        f"acts for {self.peer_ids.per_peer} client ids", reason="peer_ids",
+                        peer=peer, claimed=client_id[:MAX_CLAIM_CHARS])
+            raise Refused("RESOURCE_EXHAUSTED", f"one connection may act for at most "
+                          f"{self.peer_ids.per_peer} client ids")
+
     async def admit(self, metadata: Mapping[str, Any], method: str, peer: str) -> Caller:
-        """The caller, or ``Refused`` (UNAUTHENTICATED or RESOURCE_EXHAUSTED)."""
+        """The caller, or ``Refused`` (UNAUTHENTICATED, INVALID_ARGUMENT or
+        RESOURCE_EXHAUSTED).
+
+        Budgets are keyed by identity: a per-client token's name, wherever it calls from.
+        A shared-token (or open) caller has no identity beyond its connection, so it is
+        keyed by its peer and the name it claims, and one peer may claim only
+        ``max_ids_per_peer`` names: renaming buys no fresh budget past that."""
         caller = await self._identify(str(metadata.get(AUTH_HEADER, "")), method, peer)
+        caller = dataclasses.replace(caller, peer=peer)
+        claimed = str(metadata.get(CLIENT_HEADER, ""))
+        if len(claimed) > MAX_CLAIM_CHARS:
+            raise Refused("INVALID_ARGUMENT", f"{CLIENT_HEADER} is at most {MAX_CLAIM_CHARS} "
+                          "characters")
+        if caller.kind != "client" and claimed:
+            self.hold(peer, claimed)
         if self.limiter is not None:
-            claimed = str(metadata.get(CLIENT_HEADER, ""))
             key = (f"client:{caller.name}" if caller.kind == "client"
-                   else f"name:{claimed}" if claimed else f"peer:{peer}")
+                   else f"peer:{peer}|{claimed}")
             if not self.limiter.allow(key):
-                self.report("warning", f"{key} exceeds {self.limiter.rate:g} calls/s; refused "
+                who = (f"client {caller.name!r}" if caller.kind == "client"
+                       else f"{claimed!r} on {peer}" if claimed else peer)
+                self.report("warning", f"{who} exceeds {self.limiter.rate:g} calls/s; refused "
                             f"{method}", reason="rate_limit", method=method, peer=peer)
                 raise Refused("RESOURCE_EXHAUSTED",
                               f"more than {self.limiter.rate:g} calls per second; slow down")
@@ -299,8 +372,9 @@ def tracking_token_loader(uri: str | None, database: str,
 
 def make_gate(token: str | None, tracking_uri: str | None, database: str,
               max_rpcs_per_s: float | None, on_event: EventSink | None = None,
-              on_revoked: Callable[[set[str]], None] | None = None) -> AuthGate:
+              on_revoked: Callable[[set[str]], None] | None = None,
+              max_ids_per_peer: int = MAX_IDS_PER_PEER) -> AuthGate:
     """The gate of an actor's server: the shared token plus the tracking's client tokens."""
     load, release = tracking_token_loader(tracking_uri, database)
     tokens = ClientTokens(load, on_revoked=on_revoked, release=release)
-    return AuthGate(token, tokens, max_rpcs_per_s, on_event)
+    return AuthGate(token, tokens, max_rpcs_per_s, on_event, max_ids_per_peer=max_ids_per_peer)

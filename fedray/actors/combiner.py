@@ -55,7 +55,8 @@ class Combiner:
         self.address = ""
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.gate = make_gate(token, tracking_uri, tracking_db, settings.max_rpcs_per_s,
-                              self.observer.event, self._disconnect)
+                              self.observer.event, self._disconnect,
+                              max_ids_per_peer=settings.max_clients_per_connection)
         self._ready = asyncio.ensure_future(self._serve(port))
         self._sweeper = asyncio.ensure_future(self._sweep())
 
