@@ -54,6 +54,8 @@ class CombinersConfig:
     max_clients_per_connection: int = 256  # client ids one connection may act for (shared token)
     max_client_events_per_min: float = 20.0  # PushEvents a client may have recorded
     max_event_bytes: int = 2048  # of a client event's message and data, once recorded
+    max_connection_age_s: float = 3600.0  # then gRPC closes a connection (after 10 min grace)
+    max_connection_idle_s: float = 300.0  # a connection without calls is closed after this
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,8 @@ def _check(c: FederationConfig) -> None:
         "combiners.max_clients_per_connection": c.combiners.max_clients_per_connection,
         "combiners.max_client_events_per_min": c.combiners.max_client_events_per_min,
         "combiners.max_event_bytes": c.combiners.max_event_bytes,
+        "combiners.max_connection_age_s": c.combiners.max_connection_age_s,
+        "combiners.max_connection_idle_s": c.combiners.max_connection_idle_s,
         "combiners.heartbeat_interval_s": c.combiners.heartbeat_interval_s,
         "session.rounds": c.session.rounds,
         "session.min_clients": c.session.min_clients,

@@ -212,13 +212,16 @@ def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
         assert _heartbeat(fed.combiner_info[0]["address"], name="alice") \
             is grpc.StatusCode.PERMISSION_DENIED
         assert _assign(fed.gateway, name="carol") is grpc.StatusCode.OK
-        # A flood of wrong tokens is refused, and recorded as a bounded number of events.
+        assert _assign(fed.gateway, token=None) is grpc.StatusCode.UNAUTHENTICATED
+        # A flood of wrong tokens is refused (past a burst, without a word about the
+        # guesses), and recorded as a bounded number of events.
         with _channel(fed.gateway) as ch:
             calls = [pb_grpc.GatewayStub(ch).Assign.future(
                 pb.AssignRequest(name="x"), metadata=auth_metadata(f"guess-{i}"), timeout=10)
                 for i in range(60)]
-            assert {call.exception().code() for call in calls} == {grpc.StatusCode.UNAUTHENTICATED}
-        assert _assign(fed.gateway, token=None) is grpc.StatusCode.UNAUTHENTICATED
+            codes = [call.exception().code() for call in calls]
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 40, codes
 
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
@@ -245,7 +248,7 @@ def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
     refused = [e for e in _events(tracking_uri, config, level="warning")
                if e["message"].startswith("refused /")]
     wrong = [e for e in refused if e["data"]["reason"] == "wrong_token"]
-    assert 5 <= len(wrong) <= 25, len(wrong)  # 61 refusals, throttled
+    assert 5 <= len(wrong) <= 12, len(wrong)  # 61 refusals: 10 answered, the rest throttled
     assert wrong[0]["source"] == "controller"
     assert wrong[0]["data"]["method"] == "/fedray.v1.Gateway/Assign"
     assert wrong[0]["data"]["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))

@@ -47,18 +47,22 @@ MAX_CLAIM_CHARS = 256  # a claimed name (x-fedray-client) longer than this is re
 MAX_IDS_PER_PEER = 256  # default of combiners.max_clients_per_connection
 MAX_PEERS = 50_000  # connections whose claimed ids are remembered
 MAX_PEER_IDS = 200_000  # claimed ids remembered over all connections
+AUTH_FAILURES_PER_S = 2.0  # refused authentications answered per host and second...
+AUTH_FAILURE_BURST_S = 5.0  # ...after a burst of this many seconds' worth (10)
 
 TokenLoader = Callable[[], list[tuple[str, str, bool]]]  # -> [(hash, name, revoked)]
 EventSink = Callable[..., None]  # (level, message, **data), e.g. TrackingObserver.event
 
 
 class Refused(Exception):
-    """A call that must not reach its handler; ``code`` names a gRPC status code."""
+    """A call that must not reach its handler; ``code`` names a gRPC status code, and
+    ``reason``/``why`` say (to tracking, never to the caller) what was wrong."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str = "", why: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason, self.why = reason, why or message
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,7 @@ class AuthGate:
         self.tokens = tokens or ClientTokens(None)
         self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
         self.peer_ids = PeerIds(max_ids_per_peer)
+        self.failures = RateLimiter(AUTH_FAILURES_PER_S, burst_s=AUTH_FAILURE_BURST_S)
         self.on_event = on_event
         self.throttles: dict[str, EventThrottle] = {}  # one per reason: a flood of wrong
         # tokens cannot hide the use of a revoked one
@@ -305,14 +310,56 @@ class AuthGate:
                           f"{self.peer_ids.per_peer} client ids")
 
     async def admit(self, metadata: Mapping[str, Any], method: str, peer: str) -> Caller:
-        """The caller, or ``Refused`` (UNAUTHENTICATED, INVALID_ARGUMENT or
-        RESOURCE_EXHAUSTED).
+        """The caller, or ``Refused``: ``identify``, then ``limit`` (what the interceptor
+        does in two steps, so that a refused call never has its request read)."""
+        try:
+            caller = await self.identify(metadata)
+        except Refused as exc:
+            raise self.refused(exc, method, peer) from None
+        return self.limit(caller, metadata, method, peer)
+
+    async def identify(self, metadata: Mapping[str, Any]) -> Caller:
+        """Who presents this metadata's token, or ``Refused`` (UNAUTHENTICATED, with the
+        reason for ``refused``); needs nothing but the metadata."""
+        header = str(metadata.get(AUTH_HEADER, ""))
+        token = header[7:] if header.startswith("Bearer ") and len(header) > 7 else None
+        if token is not None and self._shared is not None \
+                and hmac.compare_digest(token.encode(), self._shared):
+            return Caller("shared", gate=self)
+        why, reason = "no token", "no_token"
+        if token is not None:
+            hit = await self.tokens.lookup(hash_token(token))
+            if hit is not None and not hit[1]:
+                return Caller("client", hit[0], gate=self)
+            why, reason = ((f"the revoked token of {hit[0]!r}", "revoked") if hit is not None
+                           else ("a wrong token", "wrong_token"))
+        if not self.required:
+            return Caller("open", gate=self)
+        raise Refused("UNAUTHENTICATED", "missing, wrong or revoked token", reason, why)
+
+    def refused(self, exc: Refused, method: str, peer: str) -> Refused:
+        """Record a refused authentication and say how to answer it: RESOURCE_EXHAUSTED
+        once ``peer``'s host failed more than ``AUTH_FAILURES_PER_S`` (a guesser gets no
+        answer about its guesses, and tracking hears of it once in a while)."""
+        host = peer_host(peer)
+        if not self.failures.allow(host):
+            self.report("warning", f"refused {method} from {peer}: too many failed "
+                        f"authentications from {host}", reason="auth_rate_limit",
+                        method=method, peer=peer)
+            return Refused("RESOURCE_EXHAUSTED", "too many failed authentications; slow down")
+        self.report("warning", f"refused {method} from {peer}: {exc.why}", reason=exc.reason,
+                    method=method, peer=peer)
+        return exc
+
+    def limit(self, caller: Caller, metadata: Mapping[str, Any], method: str,
+              peer: str) -> Caller:
+        """``caller`` bound to its connection, within its budget, or ``Refused``
+        (INVALID_ARGUMENT or RESOURCE_EXHAUSTED).
 
         Budgets are keyed by identity: a per-client token's name, wherever it calls from.
         A shared-token (or open) caller has no identity beyond its connection, so it is
         keyed by its peer and the name it claims, and one peer may claim only
         ``max_ids_per_peer`` names: renaming buys no fresh budget past that."""
-        caller = await self._identify(str(metadata.get(AUTH_HEADER, "")), method, peer)
         caller = dataclasses.replace(caller, peer=peer)
         claimed = str(metadata.get(CLIENT_HEADER, ""))
         if len(claimed) > MAX_CLAIM_CHARS:
@@ -332,23 +379,13 @@ class AuthGate:
                               f"more than {self.limiter.rate:g} calls per second; slow down")
         return caller
 
-    async def _identify(self, header: str, method: str, peer: str) -> Caller:
-        token = header[7:] if header.startswith("Bearer ") and len(header) > 7 else None
-        if token is not None and self._shared is not None \
-                and hmac.compare_digest(token.encode(), self._shared):
-            return Caller("shared", gate=self)
-        why, reason = "no token", "no_token"
-        if token is not None:
-            hit = await self.tokens.lookup(hash_token(token))
-            if hit is not None and not hit[1]:
-                return Caller("client", hit[0], gate=self)
-            why, reason = ((f"the revoked token of {hit[0]!r}", "revoked") if hit is not None
-                           else ("a wrong token", "wrong_token"))
-        if not self.required:
-            return Caller("open", gate=self)
-        self.report("warning", f"refused {method} from {peer}: {why}", reason=reason,
-                    method=method, peer=peer)
-        raise Refused("UNAUTHENTICATED", "missing, wrong or revoked token")
+
+def peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.1:5555`` -> ``ipv4:10.0.0.1`` (and ``ipv6:[::1]:5555`` -> ``ipv6:[::1]``)."""
+    kind, _, address = peer.partition(":")
+    if kind in {"ipv4", "ipv6"} and address.count(":") >= 1 and address.rsplit(":", 1)[1].isdigit():
+        return f"{kind}:{address.rsplit(':', 1)[0]}"
+    return peer
 
 
 def tracking_token_loader(uri: str | None, database: str,

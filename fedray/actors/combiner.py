@@ -18,7 +18,7 @@ import ray
 from fedray.actors.auth import make_gate
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
-from fedray.actors.grpc_server import start_server
+from fedray.actors.grpc_server import ServerLimits, start_server
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.config import CombinersConfig
@@ -65,7 +65,7 @@ class Combiner:
             pb_grpc.add_CombinerServicer_to_server(CombinerServicer(self.core, self.packages), server)
 
         self._server, bound = await start_server(register, self.settings.host, port, self.gate,
-                                                 self.tls)
+                                                 self.tls, ServerLimits.for_settings(self.settings))
         self.address = f"{advertised_host(self.settings.host, self.settings.advertise)}:{bound}"
         self.observer.combiner_status(self.address, "online", restarted=self._restarted)
         if self._restarted:
