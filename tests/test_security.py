@@ -195,7 +195,8 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(
 def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
         ray_session, tracking_uri, fleet, tmp_path):
     config = _config("client-tokens", tmp_path, min_clients=2)
-    where = ["--tracking", tracking_uri, "--database", config.tracking.database]
+    where = ["--tracking", tracking_uri, "--database", config.tracking.database,
+             "--data-dir", str(tmp_path)]  # where the federation's token secret is
     fed, seed_id = _deploy(config, tracking_uri)
     try:
         # Tokens created while the federation runs work at once.

@@ -9,12 +9,15 @@ interceptor in ``grpc_server`` only translates its verdict into a status). A cal
   owned by per-client tokens are refused (nobody can pose as a client that has a token);
 - ``open``: the federation has neither a shared token nor any per-client token.
 
-Per-client tokens are cached (hash -> name) and re-read from tracking every few seconds,
-and at once (at most once a second) when an unknown token shows up, so new tokens and
-revocations take effect without a restart. Database reads run in a worker thread: the
-event loop that serves every client never waits on tracking. Refusals become warning
-events, throttled so a flood cannot fill tracking, and each caller's RPCs go through a
-token bucket. Pure asyncio: no grpc here.
+Per-client tokens are cached (keyed hash -> name) and re-read from tracking every few
+seconds, and at once (at most once a second) when an unknown token shows up, so new tokens
+and revocations take effect without a restart. Database reads run in a worker thread: the
+event loop that serves every client never waits on tracking. Tracking is not trusted: a
+row counts only when its MAC under the federation's token secret (``BridgeKeys``, handed
+over by the driver) checks out, a token once seen revoked stays revoked, and once tokens
+were issued (or a valid row was seen) the bridge never opens again, whatever is deleted.
+Refusals become warning events, throttled so a flood cannot fill tracking, and each
+caller's RPCs go through a token bucket. Pure asyncio: no grpc here.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedray.tracking.store import TrackingStore
-from fedray.tracking.tokens import hash_token, read_token_hashes
+from fedray.tracking.tokens import hash_token, read_token_hashes, row_mac
 from fedray.wire import AUTH_HEADER, CLIENT_HEADER
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,24 @@ MAX_PEER_IDS = 200_000  # claimed ids remembered over all connections
 AUTH_FAILURES_PER_S = 2.0  # refused authentications answered per host and second...
 AUTH_FAILURE_BURST_S = 5.0  # ...after a burst of this many seconds' worth (10)
 
-TokenLoader = Callable[[], list[tuple[str, str, bool]]]  # -> [(hash, name, revoked)]
+TokenLoader = Callable[[], list[tuple[str, str, bool, str]]]  # [(hash, name, revoked, mac)]
 EventSink = Callable[..., None]  # (level, message, **data), e.g. TrackingObserver.event
+
+
+@dataclass(frozen=True)
+class BridgeKeys:
+    """What the gateway's and combiners' gates check callers with, handed from the driver
+    to the actors (which may run on other nodes): the shared token, the token secret
+    (``fedray.keys``), and whether per-client tokens were ever issued."""
+
+    shared_token: str | None = None
+    token_secret: bytes | None = field(default=None, repr=False)
+    tokens_issued: bool = False
+
+    @classmethod
+    def of(cls, value: BridgeKeys | str | None) -> BridgeKeys:
+        """``value``, or keys with only the shared token ``value``."""
+        return value if isinstance(value, BridgeKeys) else cls(shared_token=value)
 
 
 class Refused(Exception):
@@ -82,6 +101,12 @@ class Caller:
                                  reason="claimed_name", client_id=self.name, claimed=claimed_name)
             return self.name
         if self.gate is not None:
+            if not self.gate.tokens.loaded:  # cannot tell yet whose names are reserved
+                self.gate.report("warning", "refused a shared-token caller: the token list "
+                                 "was not read yet (tracking unreachable?)", reason="unvouched",
+                                 claimed=claimed[:MAX_CLAIM_CHARS])
+                raise Refused("UNAVAILABLE", "this server cannot check client names yet; "
+                              "try again shortly")
             for value in {claimed, claimed_name} - {""}:
                 if value in self.gate.tokens.names:
                     self.gate.report("warning", f"refused a caller posing as {value!r}, a "
@@ -102,26 +127,43 @@ def current_caller() -> Caller:
 
 
 class ClientTokens:
-    """A cache of per-client token hashes, refreshed from tracking off the event loop."""
+    """A cache of per-client token hashes, refreshed from tracking off the event loop.
+
+    Only rows whose MAC verifies under ``secret`` count (without a secret, none do). The
+    token list is *required* (callers need a token) until it was first read, when tokens
+    were ``issued`` before this server started, and from the moment a valid row is seen:
+    deleting rows never reopens the bridge. A token seen revoked stays revoked here even
+    if its row says otherwise later."""
 
     def __init__(self, load: TokenLoader | None, refresh_s: float = REFRESH_S,
                  miss_refresh_s: float = MISS_REFRESH_S,
                  on_revoked: Callable[[set[str]], None] | None = None,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], None] | None = None, secret: bytes | None = None,
+                 issued: bool = False) -> None:
         self._load = load
         self._release = release  # closes what ``load`` opened
         self.refresh_s, self.miss_refresh_s = refresh_s, miss_refresh_s
         self.on_revoked = on_revoked
+        self.on_untrusted: Callable[[int], None] | None = None  # rows that did not verify
+        self.secret = secret
         self.entries: dict[str, tuple[str, bool]] = {}  # hash -> (name, revoked)
         self.names: frozenset[str] = frozenset()  # every name that has a token
         self.loaded = load is None  # until the first read, unknown: refuse tokenless callers
+        self.issued = issued
+        self._revoked: set[str] = set()  # hashes seen revoked: sticky
+        self._untrusted = 0
         self._read_at = float("-inf")
         self._inflight: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def in_use(self) -> bool:
-        return bool(self.entries) or not self.loaded
+    def required(self) -> bool:
+        """Whether callers need a token because of per-client tokens (see the class)."""
+        return not self.loaded or self.issued
+
+    def digest(self, token: str) -> str | None:
+        """The keyed hash to look ``token`` up by (None: this server has no secret)."""
+        return hash_token(token, self.secret) if self.secret is not None else None
 
     async def start(self) -> None:
         await self.refresh()
@@ -151,9 +193,23 @@ class ClientTokens:
         finally:
             self._inflight = None
         before = {name for name, revoked in self.entries.values() if revoked}
-        self.entries = {h: (name, revoked) for h, name, revoked in rows}
+        entries, untrusted = {}, 0
+        for digest, name, revoked, mac in rows:
+            if self.secret is None or not hmac.compare_digest(
+                    mac, row_mac(self.secret, digest, name)):
+                untrusted += 1
+                continue
+            if revoked:
+                self._revoked.add(digest)
+            entries[digest] = (name, revoked or digest in self._revoked)
+        self.entries = entries
         self.names = frozenset(name for name, _ in self.entries.values())
         self.loaded = True
+        self.issued = self.issued or bool(entries)
+        if untrusted != self._untrusted:
+            self._untrusted = untrusted
+            if untrusted and self.on_untrusted is not None:
+                self.on_untrusted(untrusted)
         live = {name for name, revoked in self.entries.values() if not revoked}
         newly = {name for name, revoked in self.entries.values() if revoked} - before - live
         if newly and self.on_revoked is not None:
@@ -268,6 +324,7 @@ class AuthGate:
                  max_ids_per_peer: int = MAX_IDS_PER_PEER) -> None:
         self._shared = shared_token.encode() if shared_token else None
         self.tokens = tokens or ClientTokens(None)
+        self.tokens.on_untrusted = self._untrusted
         self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
         self.peer_ids = PeerIds(max_ids_per_peer)
         self.failures = RateLimiter(AUTH_FAILURES_PER_S, burst_s=AUTH_FAILURE_BURST_S)
@@ -277,8 +334,14 @@ class AuthGate:
 
     @property
     def required(self) -> bool:
-        """Whether callers need a token: a shared token is set or per-client tokens exist."""
-        return self._shared is not None or self.tokens.in_use
+        """Whether callers need a token: a shared token is set, or per-client tokens exist
+        or existed (``ClientTokens.required``)."""
+        return self._shared is not None or self.tokens.required
+
+    def _untrusted(self, count: int) -> None:
+        self.report("warning", f"tracking holds {count} token row(s) that do not verify under "
+                    "this federation's token secret (forged, altered, or made before keyed "
+                    "tokens); they are ignored", reason="untrusted_tokens", rows=count)
 
     async def start(self) -> None:
         await self.tokens.start()
@@ -327,12 +390,15 @@ class AuthGate:
                 and hmac.compare_digest(token.encode(), self._shared):
             return Caller("shared", gate=self)
         why, reason = "no token", "no_token"
-        if token is not None:
-            hit = await self.tokens.lookup(hash_token(token))
+        digest = self.tokens.digest(token) if token is not None else None
+        if digest is not None:
+            hit = await self.tokens.lookup(digest)
             if hit is not None and not hit[1]:
                 return Caller("client", hit[0], gate=self)
             why, reason = ((f"the revoked token of {hit[0]!r}", "revoked") if hit is not None
                            else ("a wrong token", "wrong_token"))
+        elif token is not None:
+            why, reason = "a wrong token", "wrong_token"
         if not self.required:
             return Caller("open", gate=self)
         raise Refused("UNAUTHENTICATED", "missing, wrong or revoked token", reason, why)
@@ -407,11 +473,18 @@ def tracking_token_loader(uri: str | None, database: str,
     return load, close
 
 
-def make_gate(token: str | None, tracking_uri: str | None, database: str,
+def make_gate(keys: BridgeKeys | str | None, tracking_uri: str | None, database: str,
               max_rpcs_per_s: float | None, on_event: EventSink | None = None,
               on_revoked: Callable[[set[str]], None] | None = None,
               max_ids_per_peer: int = MAX_IDS_PER_PEER) -> AuthGate:
-    """The gate of an actor's server: the shared token plus the tracking's client tokens."""
+    """The gate of an actor's server: the shared token plus the tracking's client tokens.
+    ``keys`` may be just the shared token; without a token secret, per-client tokens
+    are never accepted (there is nothing to verify them with)."""
+    keys = BridgeKeys.of(keys)
+    if keys.token_secret is None and tracking_uri:
+        log.warning("no token secret: per-client tokens cannot be checked and are refused")
     load, release = tracking_token_loader(tracking_uri, database)
-    tokens = ClientTokens(load, on_revoked=on_revoked, release=release)
-    return AuthGate(token, tokens, max_rpcs_per_s, on_event, max_ids_per_peer=max_ids_per_peer)
+    tokens = ClientTokens(load, on_revoked=on_revoked, release=release,
+                          secret=keys.token_secret, issued=keys.tokens_issued)
+    return AuthGate(keys.shared_token, tokens, max_rpcs_per_s, on_event,
+                    max_ids_per_peer=max_ids_per_peer)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from fedray.actors.auth import make_gate
+from fedray.actors.auth import BridgeKeys, make_gate
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
 from fedray.actors.grpc_server import ServerLimits, start_server
@@ -42,7 +42,8 @@ def advertised_host(bind_host: str, advertise: str) -> str:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Combiner:
     def __init__(self, name: str, federation: str, settings: CombinersConfig, port: int,
-                 token: str | None, tracking_uri: str | None, tracking_db: str = "fedray",
+                 token: BridgeKeys | str | None, tracking_uri: str | None,
+                 tracking_db: str = "fedray",
                  package: tuple[str, bytes] | None = None, tls: ServerTls | None = None) -> None:
         self.name = name
         self.settings = settings
