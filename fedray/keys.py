@@ -1,4 +1,4 @@
-"""A federation's secrets on disk.
+"""A federation's secrets on disk, and the strength of its shared token.
 
 ``<data_dir>/secrets/`` (mode 0700) holds:
 
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import stat
+import string
 from pathlib import Path
 
 from fedray.errors import ConfigError
@@ -29,6 +31,18 @@ from fedray.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SECRET_BYTES = 32
+MIN_TOKEN_BITS = 128  # a shared token needs at least 16 bytes of entropy
+MIN_TOKEN_DISTINCT = 8  # ...and not be one or two characters repeated
+GENERATE = 'python -c "import secrets; print(secrets.token_hex(16))"'
+_ALPHABETS = (  # the smallest of these that holds a token decides its bits per character
+    set(string.digits),
+    set(string.hexdigits.lower()) | set(string.digits),
+    set(string.hexdigits),
+    set(string.ascii_letters + string.digits + "-_"),
+    set(string.ascii_letters + string.digits + "+/="),
+    set(string.ascii_letters + string.digits + "-_+/="),
+    set(string.printable.strip()),
+)
 
 
 def private_dir(path: Path | str) -> Path:
@@ -98,3 +112,23 @@ def mark_tokens_issued(data_dir: Path | str) -> None:
 def tokens_issued(data_dir: Path | str) -> bool:
     """Whether ``fedray token create`` was ever used for this data directory."""
     return (secrets_dir(data_dir) / "tokens-issued").exists()
+
+
+def token_bits(token: str) -> float:
+    """An upper bound of a token's entropy: its length times the bits per character of
+    the smallest usual alphabet that holds it (hex, base64, printable ASCII)."""
+    chars = set(token)
+    for alphabet in _ALPHABETS:
+        if chars <= alphabet:
+            return len(token) * math.log2(len(alphabet))
+    return len(token) * 8.0
+
+
+def check_shared_token(token: str | None, env: str) -> None:
+    """Refuse a shared token that is guessable; no shared token at all is allowed."""
+    if token is None:
+        return
+    if token_bits(token) < MIN_TOKEN_BITS or len(set(token)) < MIN_TOKEN_DISTINCT:
+        raise ConfigError(f"${env} is too weak for a shared token: it needs at least 16 "
+                          f"random bytes (32 hex or 22 base64 characters); make one with "
+                          f"{GENERATE}")

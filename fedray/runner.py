@@ -87,7 +87,12 @@ def session_package(spec: str | None, data_dir: Path) -> tuple[str, bytes, str] 
 
 
 def federation_token(config: FederationConfig) -> str | None:
-    return os.environ.get(config.auth.token_env) or None
+    """The shared token from ``$auth.token_env``; a guessable one stops `fedray run`."""
+    from fedray.keys import check_shared_token
+
+    token = os.environ.get(config.auth.token_env) or None
+    check_shared_token(token, config.auth.token_env)
+    return token
 
 
 def run_federation(config: FederationConfig, *, console: Console,

@@ -22,7 +22,7 @@ import pytest
 
 from fedray.actors.auth import AuthGate, BridgeKeys, ClientTokens, tracking_token_loader
 from fedray.errors import ConfigError
-from fedray.keys import load_token_secret, tokens_issued
+from fedray.keys import check_shared_token, load_token_secret, tokens_issued
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.tracking import EmbeddedMongo, TrackingStore
 from fedray.tracking.embedded import free_port, mongo_uri
@@ -215,3 +215,33 @@ async def test_shared_token_callers_wait_until_the_token_list_was_read(tmp_path,
     finally:
         await bridge.close()
         server.stop()
+
+
+@pytest.mark.parametrize("token", ["s3cret", "e2e-token", "a" * 40, "0123456789abcdef" * 1,
+                                   "ab" * 20])
+def test_a_weak_shared_token_is_refused(token):
+    with pytest.raises(ConfigError) as error:
+        check_shared_token(token, "FEDRAY_TOKEN")
+    message = str(error.value)
+    assert "$FEDRAY_TOKEN" in message and "secrets.token_hex(16)" in message
+    assert "\n" not in message and token not in message
+
+
+@pytest.mark.parametrize("token", [secrets.token_hex(16), secrets.token_urlsafe(16),
+                                   uuid.uuid4().hex, "frt_" + secrets.token_urlsafe(32)])
+def test_strong_shared_tokens_pass(token):
+    check_shared_token(token, "FEDRAY_TOKEN")
+    check_shared_token(None, "FEDRAY_TOKEN")  # no shared token at all is a choice, not weak
+
+
+def test_fedray_run_refuses_a_weak_shared_token(monkeypatch):
+    from fedray.config import config_from_dict
+    from fedray.runner import federation_token
+
+    config = config_from_dict({"federation": "f", "seed_model": "x",
+                               "auth": {"token_env": "MY_TOKEN"}})
+    monkeypatch.setenv("MY_TOKEN", "hunter2")
+    with pytest.raises(ConfigError, match=r"\$MY_TOKEN"):
+        federation_token(config)
+    monkeypatch.setenv("MY_TOKEN", secrets.token_hex(16))
+    assert federation_token(config) == os.environ["MY_TOKEN"]
