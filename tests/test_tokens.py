@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import stat
@@ -245,3 +246,22 @@ def test_fedray_run_refuses_a_weak_shared_token(monkeypatch):
         federation_token(config)
     monkeypatch.setenv("MY_TOKEN", secrets.token_hex(16))
     assert federation_token(config) == os.environ["MY_TOKEN"]
+
+
+def test_printed_tracking_uris_never_show_a_password(tmp_path):
+    from rich.console import Console
+
+    from fedray.runner import RunResult, print_summary, tracking_line
+
+    uri = "mongodb://fedray:s3cr3t-Pa55@db.example.org:27017/fedray?authSource=admin"
+    status = {"session_id": "s1", "state": "finished", "rounds_done": 1, "rounds_planned": 1,
+              "model_id": "m" * 64, "history": []}
+    result = RunResult(status=status, data_dir=tmp_path, tracking_uri=uri, gateway="g:1",
+                       embedded_tracking=False)
+    console = Console(record=True, width=200)
+    print_summary(result, console)
+    console.print(tracking_line(uri, "fedray", tmp_path))
+    shown = console.export_text() + json.dumps(result.summary())
+    assert "s3cr3t" not in shown
+    assert "mongodb://fedray:***@db.example.org:27017/" in shown
+    assert result.tracking_uri == uri  # what the run itself uses is unchanged
