@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from fedray.actors.auth import AuthGate, RateLimiter
+from fedray.actors.auth import AuthGate
+from fedray.actors.limits import RateLimiter
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.wire import auth_metadata, to_struct
 from tests.bridge import TOKEN, Bridge

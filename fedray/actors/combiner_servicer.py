@@ -13,9 +13,10 @@ from typing import Any
 
 import grpc
 
-from fedray.actors.auth import EventThrottle, RateLimiter, current_caller
+from fedray.actors.auth import current_caller
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.grpc_server import caller_id
+from fedray.actors.limits import EventThrottle, RateLimiter
 from fedray.errors import UpdateRejected
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
