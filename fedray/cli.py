@@ -252,11 +252,21 @@ def token() -> None:
 @_tracking_options
 def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
                  database: str | None) -> None:
-    """Create a token for client NAME and print it once (only its sha256 is stored)."""
+    """Create a token for client NAME and print it once (tracking keeps only a keyed hash,
+    under the secret in the federation's --data-dir)."""
+    from fedray.keys import load_token_secret, mark_tokens_issued
     from fedray.tracking.tokens import create_token
 
-    with _token_store(data_dir, tracking_uri, database) as store:
-        secret = create_token(store, name)
+    try:
+        folder = data_dir or default_data_dir()
+    except ConfigError:
+        raise ConfigError("fedray token create needs the federation's --data-dir: its token "
+                          "secret (secrets/token.key) lives there") from None
+    key = load_token_secret(folder)
+    assert key is not None
+    with _token_store(folder, tracking_uri, database) as store:
+        secret = create_token(store, name, key)
+    mark_tokens_issued(folder)
     click.echo(secret)
     click.echo(f"token for {name} created; it is shown only now. On that client: "
                f"fedray edge start --token <token> ...", err=True)

@@ -21,6 +21,7 @@ import yaml
 from fedray.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+MAX_TTL_DAYS = 24_855  # a TTL index holds at most 2**31 - 1 seconds
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,13 @@ class CombinersConfig:
     chunk_kib: int = 1024
     heartbeat_interval_s: float = 2.0
     offline_after_s: float = 10.0
-    max_rpcs_per_s: float = 50.0  # per client (its token's name, else its claimed name)
+    max_rpcs_per_s: float = 50.0  # per client: its token's name, else connection + claimed name
     upload_idle_s: float = 30.0  # an upload with no chunk for this long gives its slot back
+    max_clients_per_connection: int = 256  # client ids one connection may act for (shared token)
+    max_client_events_per_min: float = 20.0  # PushEvents a client may have recorded
+    max_event_bytes: int = 2048  # of a client event's message and data, once recorded
+    max_connection_age_s: float = 3600.0  # then gRPC closes a connection (after 10 min grace)
+    max_connection_idle_s: float = 300.0  # a connection without calls is closed after this
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,12 @@ class SessionConfig:
 class TrackingConfig:
     uri: str = "embedded"  # or mongodb://host:27017/
     database: str = "fedray"
+    events_ttl_days: float = 30.0  # events older than this are deleted; 0 keeps them forever
+
+    @property
+    def events_ttl_s(self) -> int | None:
+        """``events_ttl_days`` in whole seconds; None keeps events forever."""
+        return int(self.events_ttl_days * 86400) or None
 
 
 @dataclass(frozen=True)
@@ -229,6 +241,11 @@ def _check(c: FederationConfig) -> None:
         "combiners.max_update_mb": c.combiners.max_update_mb,
         "combiners.chunk_kib": c.combiners.chunk_kib,
         "combiners.max_rpcs_per_s": c.combiners.max_rpcs_per_s,
+        "combiners.max_clients_per_connection": c.combiners.max_clients_per_connection,
+        "combiners.max_client_events_per_min": c.combiners.max_client_events_per_min,
+        "combiners.max_event_bytes": c.combiners.max_event_bytes,
+        "combiners.max_connection_age_s": c.combiners.max_connection_age_s,
+        "combiners.max_connection_idle_s": c.combiners.max_connection_idle_s,
         "combiners.heartbeat_interval_s": c.combiners.heartbeat_interval_s,
         "combiners.upload_idle_s": c.combiners.upload_idle_s,
         "session.rounds": c.session.rounds,
@@ -248,6 +265,9 @@ def _check(c: FederationConfig) -> None:
     if c.combiners.chunk_kib > 3 * 1024:
         raise bad("combiners.chunk_kib", "must stay under gRPC's 4 MiB message limit (max 3072)")
     _check_session(c, bad)
+    if not 0 <= c.tracking.events_ttl_days <= MAX_TTL_DAYS:
+        raise bad("tracking.events_ttl_days", f"must be 0 (keep forever) to {MAX_TTL_DAYS} days, "
+                  f"got {c.tracking.events_ttl_days}")
     uri = c.tracking.uri
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")

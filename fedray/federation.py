@@ -14,10 +14,12 @@ from typing import Any
 
 import ray
 
+from fedray.actors.auth import BridgeKeys
 from fedray.actors.combiner import Combiner
 from fedray.actors.controller import Controller
 from fedray.config import FederationConfig, RayConfig
 from fedray.errors import SessionError
+from fedray.keys import load_token_secret, tokens_issued
 from fedray.tls import server_tls
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class Federation:
     def deploy(self, package: tuple[str, bytes] | None = None) -> Federation:
         """Start combiners and controller; ``package`` is (sha256, .tgz bytes) to serve."""
         tls = server_tls(self.config.tls, self.config.source)  # PEM bytes, read here once
+        data_dir = self.config.resolved_data_dir()  # the token secret's bytes travel to the actors
+        keys = BridgeKeys(self.token, load_token_secret(data_dir), tokens_issued(data_dir))
         self._remove_stale()
         c = self.config.combiners
         names = [combiner_name(i) for i in range(c.count)]
@@ -78,11 +82,11 @@ class Federation:
         for i, name in enumerate(names):
             port = c.base_port + i if c.base_port else 0
             self.combiners.append(Combiner.options(name=name, **common).remote(
-                name, self.config.federation, c, port, self.token, self.tracking_uri,
+                name, self.config.federation, c, port, keys, self.tracking_uri,
                 self.config.tracking.database, package, tls=tls))
         self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
         self.controller = Controller.options(name=CONTROLLER, **common).remote(
-            self.config, names, self.token, self.tracking_uri, tls=tls)
+            self.config, names, keys, self.tracking_uri, tls=tls)
         self.gateway = ray.get(self.controller.ready.remote())["address"]
         return self
 

@@ -39,7 +39,7 @@ class RunResult:
         return {"session_id": s["session_id"], "state": s["state"], "reason": s.get("reason", ""),
                 "rounds": s["rounds_done"], "rounds_planned": s["rounds_planned"],
                 "model_id": s["model_id"], "history": s["history"],
-                "data_dir": str(self.data_dir), "tracking_uri": self.tracking_uri}
+                "data_dir": str(self.data_dir), "tracking_uri": _shown(self.tracking_uri)}
 
 
 def load_seed(spec: str) -> bytes:
@@ -87,7 +87,12 @@ def session_package(spec: str | None, data_dir: Path) -> tuple[str, bytes, str] 
 
 
 def federation_token(config: FederationConfig) -> str | None:
-    return os.environ.get(config.auth.token_env) or None
+    """The shared token from ``$auth.token_env``; a guessable one stops `fedray run`."""
+    from fedray.keys import check_shared_token
+
+    token = os.environ.get(config.auth.token_env) or None
+    check_shared_token(token, config.auth.token_env)
+    return token
 
 
 def run_federation(config: FederationConfig, *, console: Console,
@@ -129,8 +134,7 @@ def run_federation(config: FederationConfig, *, console: Console,
             federation = Federation(config, token, tracking_uri).deploy(package[:2] if package else None)
         console.print(f"gateway listening at [bold]{federation.gateway}[/]; combiners: "
                       + ", ".join(f"{c['name']}@{c['address']}" for c in federation.combiner_info))
-        console.print(f"tracking: {tracking_uri} (database {config.tracking.database}); "
-                      f"data: {data_dir}")
+        console.print(tracking_line(tracking_uri, config.tracking.database, data_dir))
         if on_ready is not None:
             on_ready(federation.gateway)
         if package is not None:
@@ -203,6 +207,17 @@ def _follow(federation, session_id: str, config: FederationConfig, console: Cons
             progress.update(bar, completed=status["rounds_done"], detail=detail)
 
         return federation.follow(on_status)
+
+
+def _shown(uri: str) -> str:
+    """``uri`` fit to print: no password (summaries, logs and terminals are shared)."""
+    from fedray.tracking.store import redact
+
+    return redact(uri)
+
+
+def tracking_line(uri: str, database: str, data_dir: Path) -> str:
+    return f"tracking: {_shown(uri)} (database {database}); data: {data_dir}"
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:

@@ -68,7 +68,10 @@ class Bridge:
         self.round: asyncio.Future | None = None
 
     @classmethod
-    async def start(cls, **settings: Any) -> Bridge:
+    async def start(cls, gate: AuthGate | None = None, limits: Any = None,
+                    **settings: Any) -> Bridge:
+        """A bridge over ``CombinersConfig(**settings)``; ``gate`` defaults to the shared
+        TOKEN without a rate limit, ``limits`` (``ServerLimits``) to the production ones."""
         base = {"host": "127.0.0.1", "heartbeat_interval_s": 0.5, "offline_after_s": 30}
         core = CombinerCore("c-test", CombinersConfig(**{**base, **settings}))
         core.start_session("s1", FedAvg())
@@ -76,8 +79,9 @@ class Bridge:
         def register(server: grpc.aio.Server) -> None:
             pb_grpc.add_CombinerServicer_to_server(CombinerServicer(core), server)
 
-        gate = AuthGate(TOKEN)
-        server, port = await start_server(register, "127.0.0.1", 0, gate)
+        gate = gate or AuthGate(TOKEN)
+        extra = {} if limits is None else {"limits": limits}
+        server, port = await start_server(register, "127.0.0.1", 0, gate, **extra)
         return cls(core, server, port, gate)
 
     async def open_round(self, clients: list[str], round_: int = 1,

@@ -9,17 +9,24 @@ from fedray.actors.auth import AuthGate, Caller, ClientTokens, EventThrottle, Ra
 from fedray.config import config_from_dict
 from fedray.errors import ConfigError
 from fedray.tls import client_tls, server_tls
-from fedray.tracking.tokens import hash_token
+from fedray.tracking.tokens import hash_token, row_mac
 from tests.pki import make_pki
 
 BEARER = "authorization"
+SECRET = b"s" * 32  # the federation's token secret
+
+
+def row(token: str, name: str, revoked: bool = False) -> tuple[str, str, bool, str]:
+    digest = hash_token(token, SECRET)
+    return digest, name, revoked, row_mac(SECRET, digest, name)
 
 
 class Book:
-    """A stand-in for the tokens collection: (hash, name, revoked) rows, and a read count."""
+    """A stand-in for the tokens collection: (hash, name, revoked, mac) rows, and a read
+    count."""
 
     def __init__(self, **tokens: str) -> None:
-        self.rows = [(hash_token(t), name, False) for name, t in tokens.items()]
+        self.rows = [row(t, name) for name, t in tokens.items()]
         self.reads = 0
 
     def __call__(self):
@@ -27,7 +34,11 @@ class Book:
         return list(self.rows)
 
     def revoke(self, name: str) -> None:
-        self.rows = [(h, n, r or n == name) for h, n, r in self.rows]
+        self.rows = [(h, n, r or n == name, m) for h, n, r, m in self.rows]
+
+
+def _tokens(book, **kwargs) -> ClientTokens:
+    return ClientTokens(book, secret=SECRET, **kwargs)
 
 
 def _md(token: str | None = None, name: str = "") -> dict[str, str]:
@@ -43,7 +54,7 @@ async def _gate(book: Book | None, shared: str | None = "s3cret", rate: float | 
         if events is not None:
             events.append((level, message, data))
 
-    gate = AuthGate(shared, ClientTokens(book, refresh_s=3600, miss_refresh_s=0), rate, sink)
+    gate = AuthGate(shared, _tokens(book, refresh_s=3600, miss_refresh_s=0), rate, sink)
     await gate.start()
     return gate
 
@@ -87,13 +98,13 @@ async def test_identity_comes_from_the_token_and_token_names_are_reserved():
 async def test_new_and_revoked_tokens_are_seen_without_a_restart():
     book = Book()
     revoked: list[set[str]] = []
-    tokens = ClientTokens(book, refresh_s=3600, miss_refresh_s=0, on_revoked=revoked.append)
+    tokens = _tokens(book, refresh_s=3600, miss_refresh_s=0, on_revoked=revoked.append)
     gate = AuthGate(None, tokens)
     await gate.start()
     try:
         assert (await gate.admit(_md(), "/m", "p")).kind == "open"  # no tokens at all yet
 
-        book.rows.append((hash_token("tok-b"), "bob", False))
+        book.rows.append(row("tok-b", "bob"))
         assert (await gate.admit(_md("tok-b"), "/m", "p")).name == "bob"  # a miss re-reads
         with pytest.raises(Refused):  # now that client tokens exist, a token is required
             await gate.admit(_md(), "/m", "p")
@@ -112,7 +123,7 @@ async def test_unknown_tokens_reread_the_collection_about_once_per_interval():
     import time
 
     book = Book(alice="tok-a")
-    gate = AuthGate("s3cret", ClientTokens(book, refresh_s=3600, miss_refresh_s=0.2))
+    gate = AuthGate("s3cret", _tokens(book, refresh_s=3600, miss_refresh_s=0.2))
     await gate.start()
 
     async def guess(i: int) -> None:
@@ -122,7 +133,7 @@ async def test_unknown_tokens_reread_the_collection_about_once_per_interval():
     try:
         started = time.monotonic()
         await asyncio.gather(*(guess(i) for i in range(200)))
-        book.rows.append((hash_token("tok-new"), "newcomer", False))
+        book.rows.append(row("tok-new", "newcomer"))
         assert (await gate.admit(_md("tok-new"), "/m", "p")).name == "newcomer"
         elapsed = time.monotonic() - started
         assert book.reads <= 3 + elapsed / 0.2, book.reads  # not one read per guess

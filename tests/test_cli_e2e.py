@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     paths = write_partitions(tmp_path / "data", 3, seed=1)
     config = tmp_path / "digits.yaml"
     config.write_text((ROOT / "configs" / "digits.yaml").read_text())
-    env = {**os.environ, "FEDRAY_TOKEN": "e2e-token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    env = {**os.environ, "FEDRAY_TOKEN": secrets.token_hex(16),  # fedray run refuses weak ones
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "FEDRAY_PACKAGE_CACHE": str(tmp_path / "package-cache")}
     run = _fedray("run", str(config), "--json", "--data-dir", str(data_dir),
                   "--set", f"ray.address={ray_session}", "--set", "session.rounds=3",

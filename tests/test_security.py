@@ -195,7 +195,8 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(
 def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
         ray_session, tracking_uri, fleet, tmp_path):
     config = _config("client-tokens", tmp_path, min_clients=2)
-    where = ["--tracking", tracking_uri, "--database", config.tracking.database]
+    where = ["--tracking", tracking_uri, "--database", config.tracking.database,
+             "--data-dir", str(tmp_path)]  # where the federation's token secret is
     fed, seed_id = _deploy(config, tracking_uri)
     try:
         # Tokens created while the federation runs work at once.
@@ -212,13 +213,16 @@ def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
         assert _heartbeat(fed.combiner_info[0]["address"], name="alice") \
             is grpc.StatusCode.PERMISSION_DENIED
         assert _assign(fed.gateway, name="carol") is grpc.StatusCode.OK
-        # A flood of wrong tokens is refused, and recorded as a bounded number of events.
+        assert _assign(fed.gateway, token=None) is grpc.StatusCode.UNAUTHENTICATED
+        # A flood of wrong tokens is refused (past a burst, without a word about the
+        # guesses), and recorded as a bounded number of events.
         with _channel(fed.gateway) as ch:
             calls = [pb_grpc.GatewayStub(ch).Assign.future(
                 pb.AssignRequest(name="x"), metadata=auth_metadata(f"guess-{i}"), timeout=10)
                 for i in range(60)]
-            assert {call.exception().code() for call in calls} == {grpc.StatusCode.UNAUTHENTICATED}
-        assert _assign(fed.gateway, token=None) is grpc.StatusCode.UNAUTHENTICATED
+            codes = [call.exception().code() for call in calls]
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 40, codes
 
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
@@ -245,7 +249,7 @@ def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
     refused = [e for e in _events(tracking_uri, config, level="warning")
                if e["message"].startswith("refused /")]
     wrong = [e for e in refused if e["data"]["reason"] == "wrong_token"]
-    assert 5 <= len(wrong) <= 25, len(wrong)  # 61 refusals, throttled
+    assert 5 <= len(wrong) <= 12, len(wrong)  # 61 refusals: 10 answered, the rest throttled
     assert wrong[0]["source"] == "controller"
     assert wrong[0]["data"]["method"] == "/fedray.v1.Gateway/Assign"
     assert wrong[0]["data"]["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
@@ -281,7 +285,7 @@ def test_a_client_over_its_rpc_rate_gets_resource_exhausted_and_others_go_on(
     assert status["state"] == "finished", status
     assert steady.tasks_done == 1
     limited = _events(tracking_uri, config, **{"data.reason": "rate_limit"})
-    assert limited and "name:noisy" in limited[0]["message"]
+    assert limited and "'noisy' on ipv4:127.0.0.1:" in limited[0]["message"]
 
 
 def test_a_full_combiner_refuses_more_clients(ray_session, tracking_uri, fleet, tmp_path):

@@ -9,12 +9,16 @@ interceptor in ``grpc_server`` only translates its verdict into a status). A cal
   owned by per-client tokens are refused (nobody can pose as a client that has a token);
 - ``open``: the federation has neither a shared token nor any per-client token.
 
-Per-client tokens are cached (hash -> name) and re-read from tracking every few seconds,
-and at once (at most once a second) when an unknown token shows up, so new tokens and
-revocations take effect without a restart. Database reads run in a worker thread: the
-event loop that serves every client never waits on tracking. Refusals become warning
-events, throttled so a flood cannot fill tracking, and each caller's RPCs go through a
-token bucket. Pure asyncio: no grpc here.
+Per-client tokens are cached (keyed hash -> name) and re-read from tracking every few
+seconds, and at once (at most once a second) when an unknown token shows up, so new tokens
+and revocations take effect without a restart. Database reads run in a worker thread: the
+event loop that serves every client never waits on tracking. Tracking is not trusted: a
+row counts only when its MAC under the federation's token secret (``BridgeKeys``, handed
+over by the driver) checks out, a token once seen revoked stays revoked, and once tokens
+were issued (or a valid row was seen) the bridge never opens again, whatever is deleted.
+Refusals become warning events, throttled so a flood cannot fill tracking, and each
+caller's RPCs go through a token bucket (``fedray.actors.limits``). Pure asyncio: no grpc
+here.
 """
 
 from __future__ import annotations
@@ -22,35 +26,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import hmac
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedray.actors.limits import EventThrottle, PeerIds, RateLimiter
 from fedray.tracking.store import TrackingStore
-from fedray.tracking.tokens import hash_token, read_token_hashes
+from fedray.tracking.tokens import hash_token, read_token_hashes, row_mac
 from fedray.wire import AUTH_HEADER, CLIENT_HEADER
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 3.0  # how stale the token cache may get (bounds the delay of a revocation)
 MISS_REFRESH_S = 1.0  # an unknown token re-reads the tokens at most this often
-BURST_S = 2.0  # a client may burst up to this many seconds' worth of its RPC rate
+MAX_CLAIM_CHARS = 256  # a claimed name (x-fedray-client) longer than this is refused
+MAX_IDS_PER_PEER = 256  # default of combiners.max_clients_per_connection
+AUTH_FAILURES_PER_S = 2.0  # refused authentications answered per host and second...
+AUTH_FAILURE_BURST_S = 5.0  # ...after a burst of this many seconds' worth (10)
 
-TokenLoader = Callable[[], list[tuple[str, str, bool]]]  # -> [(hash, name, revoked)]
+TokenLoader = Callable[[], list[tuple[str, str, bool, str]]]  # [(hash, name, revoked, mac)]
 EventSink = Callable[..., None]  # (level, message, **data), e.g. TrackingObserver.event
 
 
-class Refused(Exception):
-    """A call that must not reach its handler; ``code`` names a gRPC status code."""
+@dataclass(frozen=True)
+class BridgeKeys:
+    """What the gateway's and combiners' gates check callers with, handed from the driver
+    to the actors (which may run on other nodes): the shared token, the token secret
+    (``fedray.keys``), and whether per-client tokens were ever issued."""
 
-    def __init__(self, code: str, message: str) -> None:
+    shared_token: str | None = None
+    token_secret: bytes | None = field(default=None, repr=False)
+    tokens_issued: bool = False
+
+    @classmethod
+    def of(cls, value: BridgeKeys | str | None) -> BridgeKeys:
+        """``value``, or keys with only the shared token ``value``."""
+        return value if isinstance(value, BridgeKeys) else cls(shared_token=value)
+
+
+class Refused(Exception):
+    """A call that must not reach its handler; ``code`` names a gRPC status code, and
+    ``reason``/``why`` say (to tracking, never to the caller) what was wrong."""
+
+    def __init__(self, code: str, message: str, reason: str = "", why: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason, self.why = reason, why or message
 
 
 @dataclass(frozen=True)
@@ -58,9 +84,11 @@ class Caller:
     kind: str  # "client" | "shared" | "open"
     name: str = ""  # the token's name for kind "client"
     gate: AuthGate | None = field(default=None, compare=False, repr=False)
+    peer: str = field(default="", compare=False)  # the connection it called on
 
     def client_id(self, claimed: str, claimed_name: str = "") -> str:
-        """The id to act on: the token's name, or what the message claims if that is allowed."""
+        """The id to act on: the token's name, or what the message claims if that is allowed
+        (not a name with its own token, and not more ids than one connection may hold)."""
         if self.kind == "client":
             if claimed_name and claimed_name != self.name and self.gate is not None:
                 self.gate.report("warning", f"a client claimed the name {claimed_name!r}; its "
@@ -68,11 +96,19 @@ class Caller:
                                  reason="claimed_name", client_id=self.name, claimed=claimed_name)
             return self.name
         if self.gate is not None:
+            if not self.gate.tokens.loaded:  # cannot tell yet whose names are reserved
+                self.gate.report("warning", "refused a shared-token caller: the token list "
+                                 "was not read yet (tracking unreachable?)", reason="unvouched",
+                                 claimed=claimed[:MAX_CLAIM_CHARS])
+                raise Refused("UNAVAILABLE", "this server cannot check client names yet; "
+                              "try again shortly")
             for value in {claimed, claimed_name} - {""}:
                 if value in self.gate.tokens.names:
                     self.gate.report("warning", f"refused a caller posing as {value!r}, a "
                                      "client with its own token", reason="posing", claimed=value)
                     raise Refused("PERMISSION_DENIED", f"{value!r} must use its own token")
+            if claimed:
+                self.gate.hold(self.peer, claimed)
         return claimed
 
 
@@ -86,26 +122,43 @@ def current_caller() -> Caller:
 
 
 class ClientTokens:
-    """A cache of per-client token hashes, refreshed from tracking off the event loop."""
+    """A cache of per-client token hashes, refreshed from tracking off the event loop.
+
+    Only rows whose MAC verifies under ``secret`` count (without a secret, none do). The
+    token list is *required* (callers need a token) until it was first read, when tokens
+    were ``issued`` before this server started, and from the moment a valid row is seen:
+    deleting rows never reopens the bridge. A token seen revoked stays revoked here even
+    if its row says otherwise later."""
 
     def __init__(self, load: TokenLoader | None, refresh_s: float = REFRESH_S,
                  miss_refresh_s: float = MISS_REFRESH_S,
                  on_revoked: Callable[[set[str]], None] | None = None,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], None] | None = None, secret: bytes | None = None,
+                 issued: bool = False) -> None:
         self._load = load
         self._release = release  # closes what ``load`` opened
         self.refresh_s, self.miss_refresh_s = refresh_s, miss_refresh_s
         self.on_revoked = on_revoked
+        self.on_untrusted: Callable[[int], None] | None = None  # rows that did not verify
+        self.secret = secret
         self.entries: dict[str, tuple[str, bool]] = {}  # hash -> (name, revoked)
         self.names: frozenset[str] = frozenset()  # every name that has a token
         self.loaded = load is None  # until the first read, unknown: refuse tokenless callers
+        self.issued = issued
+        self._revoked: set[str] = set()  # hashes seen revoked: sticky
+        self._untrusted = 0
         self._read_at = float("-inf")
         self._inflight: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def in_use(self) -> bool:
-        return bool(self.entries) or not self.loaded
+    def required(self) -> bool:
+        """Whether callers need a token because of per-client tokens (see the class)."""
+        return not self.loaded or self.issued
+
+    def digest(self, token: str) -> str | None:
+        """The keyed hash to look ``token`` up by (None: this server has no secret)."""
+        return hash_token(token, self.secret) if self.secret is not None else None
 
     async def start(self) -> None:
         await self.refresh()
@@ -135,9 +188,23 @@ class ClientTokens:
         finally:
             self._inflight = None
         before = {name for name, revoked in self.entries.values() if revoked}
-        self.entries = {h: (name, revoked) for h, name, revoked in rows}
+        entries, untrusted = {}, 0
+        for digest, name, revoked, mac in rows:
+            if self.secret is None or not hmac.compare_digest(
+                    mac, row_mac(self.secret, digest, name)):
+                untrusted += 1
+                continue
+            if revoked:
+                self._revoked.add(digest)
+            entries[digest] = (name, revoked or digest in self._revoked)
+        self.entries = entries
         self.names = frozenset(name for name, _ in self.entries.values())
         self.loaded = True
+        self.issued = self.issued or bool(entries)
+        if untrusted != self._untrusted:
+            self._untrusted = untrusted
+            if untrusted and self.on_untrusted is not None:
+                self.on_untrusted(untrusted)
         live = {name for name, revoked in self.entries.values() if not revoked}
         newly = {name for name, revoked in self.entries.values() if revoked} - before - live
         if newly and self.on_revoked is not None:
@@ -170,60 +237,32 @@ class ClientTokens:
             await asyncio.to_thread(self._release)
 
 
-class RateLimiter:
-    """Token buckets per key: ``rate`` calls a second, bursts of ``BURST_S`` seconds' worth.
-    At most ``max_keys`` buckets are kept; the least recently used go first."""
-
-    def __init__(self, rate: float, max_keys: int = 100_000) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate * BURST_S)
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def allow(self, key: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, stamp = self._buckets.pop(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - stamp) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-        return allowed
-
-
-class EventThrottle:
-    """At most ``burst`` events at once, then one every ``every_s``; counts what it drops."""
-
-    def __init__(self, burst: int = 20, every_s: float = 5.0) -> None:
-        self.limiter = RateLimiter(1.0 / every_s)
-        self.limiter.capacity = float(burst)
-        self.suppressed = 0
-
-    def allow(self, now: float | None = None) -> tuple[bool, int]:
-        """(record this one?, how many were dropped since the last one recorded)."""
-        if not self.limiter.allow("events", now):
-            self.suppressed += 1
-            return False, 0
-        dropped, self.suppressed = self.suppressed, 0
-        return True, dropped
-
-
 class AuthGate:
     """Admits or refuses each RPC; one per gRPC server (gateway or combiner)."""
 
     def __init__(self, shared_token: str | None, tokens: ClientTokens | None = None,
-                 max_rpcs_per_s: float | None = None, on_event: EventSink | None = None) -> None:
+                 max_rpcs_per_s: float | None = None, on_event: EventSink | None = None,
+                 max_ids_per_peer: int = MAX_IDS_PER_PEER) -> None:
         self._shared = shared_token.encode() if shared_token else None
         self.tokens = tokens or ClientTokens(None)
+        self.tokens.on_untrusted = self._untrusted
         self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
+        self.peer_ids = PeerIds(max_ids_per_peer)
+        self.failures = RateLimiter(AUTH_FAILURES_PER_S, burst_s=AUTH_FAILURE_BURST_S)
         self.on_event = on_event
         self.throttles: dict[str, EventThrottle] = {}  # one per reason: a flood of wrong
         # tokens cannot hide the use of a revoked one
 
     @property
     def required(self) -> bool:
-        """Whether callers need a token: a shared token is set or per-client tokens exist."""
-        return self._shared is not None or self.tokens.in_use
+        """Whether callers need a token: a shared token is set, or per-client tokens exist
+        or existed (``ClientTokens.required``)."""
+        return self._shared is not None or self.tokens.required
+
+    def _untrusted(self, count: int) -> None:
+        self.report("warning", f"tracking holds {count} token row(s) that do not verify under "
+                    "this federation's token secret (forged, altered, or made before keyed "
+                    "tokens); they are ignored", reason="untrusted_tokens", rows=count)
 
     async def start(self) -> None:
         await self.tokens.start()
@@ -245,37 +284,95 @@ class AuthGate:
             with contextlib.suppress(Exception):  # observability never refuses a call
                 self.on_event(level, message, reason=reason, **data)
 
-    async def admit(self, metadata: Mapping[str, Any], method: str, peer: str) -> Caller:
-        """The caller, or ``Refused`` (UNAUTHENTICATED or RESOURCE_EXHAUSTED)."""
-        caller = await self._identify(str(metadata.get(AUTH_HEADER, "")), method, peer)
-        if self.limiter is not None:
-            claimed = str(metadata.get(CLIENT_HEADER, ""))
-            key = (f"client:{caller.name}" if caller.kind == "client"
-                   else f"name:{claimed}" if claimed else f"peer:{peer}")
-            if not self.limiter.allow(key):
-                self.report("warning", f"{key} exceeds {self.limiter.rate:g} calls/s; refused "
-                            f"{method}", reason="rate_limit", method=method, peer=peer)
-                raise Refused("RESOURCE_EXHAUSTED",
-                              f"more than {self.limiter.rate:g} calls per second; slow down")
-        return caller
+    def hold(self, peer: str, client_id: str) -> None:
+        """Let ``peer`` act for ``client_id``, or refuse: it already acts for too many."""
+        if not self.peer_ids.hold(peer, client_id):
+            self.report("warning", f"refused {client_id!r} from {peer}: that connection already "
+                        f"acts for {self.peer_ids.per_peer} client ids", reason="peer_ids",
+                        peer=peer, claimed=client_id[:MAX_CLAIM_CHARS])
+            raise Refused("RESOURCE_EXHAUSTED", f"one connection may act for at most "
+                          f"{self.peer_ids.per_peer} client ids")
 
-    async def _identify(self, header: str, method: str, peer: str) -> Caller:
+    async def admit(self, metadata: Mapping[str, Any], method: str, peer: str) -> Caller:
+        """The caller, or ``Refused``: ``identify``, then ``limit`` (what the interceptor
+        does in two steps, so that a refused call never has its request read)."""
+        try:
+            caller = await self.identify(metadata)
+        except Refused as exc:
+            raise self.refused(exc, method, peer) from None
+        return self.limit(caller, metadata, method, peer)
+
+    async def identify(self, metadata: Mapping[str, Any]) -> Caller:
+        """Who presents this metadata's token, or ``Refused`` (UNAUTHENTICATED, with the
+        reason for ``refused``); needs nothing but the metadata."""
+        header = str(metadata.get(AUTH_HEADER, ""))
         token = header[7:] if header.startswith("Bearer ") and len(header) > 7 else None
         if token is not None and self._shared is not None \
                 and hmac.compare_digest(token.encode(), self._shared):
             return Caller("shared", gate=self)
         why, reason = "no token", "no_token"
-        if token is not None:
-            hit = await self.tokens.lookup(hash_token(token))
+        digest = self.tokens.digest(token) if token is not None else None
+        if digest is not None:
+            hit = await self.tokens.lookup(digest)
             if hit is not None and not hit[1]:
                 return Caller("client", hit[0], gate=self)
             why, reason = ((f"the revoked token of {hit[0]!r}", "revoked") if hit is not None
                            else ("a wrong token", "wrong_token"))
+        elif token is not None:
+            why, reason = "a wrong token", "wrong_token"
         if not self.required:
             return Caller("open", gate=self)
-        self.report("warning", f"refused {method} from {peer}: {why}", reason=reason,
+        raise Refused("UNAUTHENTICATED", "missing, wrong or revoked token", reason, why)
+
+    def refused(self, exc: Refused, method: str, peer: str) -> Refused:
+        """Record a refused authentication and say how to answer it: RESOURCE_EXHAUSTED
+        once ``peer``'s host failed more than ``AUTH_FAILURES_PER_S`` (a guesser gets no
+        answer about its guesses, and tracking hears of it once in a while)."""
+        host = peer_host(peer)
+        if not self.failures.allow(host):
+            self.report("warning", f"refused {method} from {peer}: too many failed "
+                        f"authentications from {host}", reason="auth_rate_limit",
+                        method=method, peer=peer)
+            return Refused("RESOURCE_EXHAUSTED", "too many failed authentications; slow down")
+        self.report("warning", f"refused {method} from {peer}: {exc.why}", reason=exc.reason,
                     method=method, peer=peer)
-        raise Refused("UNAUTHENTICATED", "missing, wrong or revoked token")
+        return exc
+
+    def limit(self, caller: Caller, metadata: Mapping[str, Any], method: str,
+              peer: str) -> Caller:
+        """``caller`` bound to its connection, within its budget, or ``Refused``
+        (INVALID_ARGUMENT or RESOURCE_EXHAUSTED).
+
+        Budgets are keyed by identity: a per-client token's name, wherever it calls from.
+        A shared-token (or open) caller has no identity beyond its connection, so it is
+        keyed by its peer and the name it claims, and one peer may claim only
+        ``max_ids_per_peer`` names: renaming buys no fresh budget past that."""
+        caller = dataclasses.replace(caller, peer=peer)
+        claimed = str(metadata.get(CLIENT_HEADER, ""))
+        if len(claimed) > MAX_CLAIM_CHARS:
+            raise Refused("INVALID_ARGUMENT", f"{CLIENT_HEADER} is at most {MAX_CLAIM_CHARS} "
+                          "characters")
+        if caller.kind != "client" and claimed:
+            self.hold(peer, claimed)
+        if self.limiter is not None:
+            key = (f"client:{caller.name}" if caller.kind == "client"
+                   else f"peer:{peer}|{claimed}")
+            if not self.limiter.allow(key):
+                who = (f"client {caller.name!r}" if caller.kind == "client"
+                       else f"{claimed!r} on {peer}" if claimed else peer)
+                self.report("warning", f"{who} exceeds {self.limiter.rate:g} calls/s; refused "
+                            f"{method}", reason="rate_limit", method=method, peer=peer)
+                raise Refused("RESOURCE_EXHAUSTED",
+                              f"more than {self.limiter.rate:g} calls per second; slow down")
+        return caller
+
+
+def peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.1:5555`` -> ``ipv4:10.0.0.1`` (and ``ipv6:[::1]:5555`` -> ``ipv6:[::1]``)."""
+    kind, _, address = peer.partition(":")
+    if kind in {"ipv4", "ipv6"} and address.count(":") >= 1 and address.rsplit(":", 1)[1].isdigit():
+        return f"{kind}:{address.rsplit(':', 1)[0]}"
+    return peer
 
 
 def tracking_token_loader(uri: str | None, database: str,
@@ -297,10 +394,18 @@ def tracking_token_loader(uri: str | None, database: str,
     return load, close
 
 
-def make_gate(token: str | None, tracking_uri: str | None, database: str,
+def make_gate(keys: BridgeKeys | str | None, tracking_uri: str | None, database: str,
               max_rpcs_per_s: float | None, on_event: EventSink | None = None,
-              on_revoked: Callable[[set[str]], None] | None = None) -> AuthGate:
-    """The gate of an actor's server: the shared token plus the tracking's client tokens."""
+              on_revoked: Callable[[set[str]], None] | None = None,
+              max_ids_per_peer: int = MAX_IDS_PER_PEER) -> AuthGate:
+    """The gate of an actor's server: the shared token plus the tracking's client tokens.
+    ``keys`` may be just the shared token; without a token secret, per-client tokens
+    are never accepted (there is nothing to verify them with)."""
+    keys = BridgeKeys.of(keys)
+    if keys.token_secret is None and tracking_uri:
+        log.warning("no token secret: per-client tokens cannot be checked and are refused")
     load, release = tracking_token_loader(tracking_uri, database)
-    tokens = ClientTokens(load, on_revoked=on_revoked, release=release)
-    return AuthGate(token, tokens, max_rpcs_per_s, on_event)
+    tokens = ClientTokens(load, on_revoked=on_revoked, release=release,
+                          secret=keys.token_secret, issued=keys.tokens_issued)
+    return AuthGate(keys.shared_token, tokens, max_rpcs_per_s, on_event,
+                    max_ids_per_peer=max_ids_per_peer)

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import ray
 
-from fedray.actors.auth import make_gate
+from fedray.actors.auth import BridgeKeys, make_gate
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
-from fedray.actors.grpc_server import start_server
+from fedray.actors.grpc_server import ServerLimits, start_server
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.config import CombinersConfig
@@ -43,7 +43,8 @@ def advertised_host(bind_host: str, advertise: str) -> str:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Combiner:
     def __init__(self, name: str, federation: str, settings: CombinersConfig, port: int,
-                 token: str | None, tracking_uri: str | None, tracking_db: str = "fedray",
+                 token: BridgeKeys | str | None, tracking_uri: str | None,
+                 tracking_db: str = "fedray",
                  package: tuple[str, bytes] | None = None, tls: ServerTls | None = None) -> None:
         self.name = name
         self.namespace = f"fedray-{federation}"  # FederationConfig.namespace
@@ -61,7 +62,8 @@ class Combiner:
         self.address = ""
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.gate = make_gate(token, tracking_uri, tracking_db, settings.max_rpcs_per_s,
-                              self.observer.event, self._disconnect)
+                              self.observer.event, self._disconnect,
+                              max_ids_per_peer=settings.max_clients_per_connection)
         self._ready = asyncio.ensure_future(self._serve(port))
         self._sweeper = asyncio.ensure_future(self._sweep())
 
@@ -76,7 +78,7 @@ class Combiner:
             pb_grpc.add_CombinerServicer_to_server(CombinerServicer(self.core, self.packages), server)
 
         self._server, bound = await start_server(register, self.settings.host, port, self.gate,
-                                                 self.tls)
+                                                 self.tls, ServerLimits.for_settings(self.settings))
         self.address = f"{advertised_host(self.settings.host, self.settings.advertise)}:{bound}"
         self.observer.combiner_status(self.address, "online", restarted=self._restarted)
         if self._restarted:

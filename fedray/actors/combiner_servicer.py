@@ -1,19 +1,23 @@
 """The gRPC face of a combiner: a thin adapter from RPCs to ``CombinerCore`` calls.
 
 Protocol errors from the network are answered with a status and a public message; they
-never reach the core as exceptions and never stop the server.
+never reach the core as exceptions and never stop the server. What a client reports
+about itself (``PushEvent``) goes to tracking within its ``EventBudget``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from typing import Any
 
 import grpc
 
 from fedray.actors.auth import current_caller
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.grpc_server import caller_id
+from fedray.actors.limits import EventThrottle, RateLimiter
 from fedray.errors import UpdateRejected
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -41,10 +45,47 @@ def check_attrs(attrs) -> str:
     return ""
 
 
+EVENT_BURST_S = 30.0  # a client may spend half a minute's event budget at once
+
+
+class EventBudget:
+    """How much of what clients report reaches tracking: ``per_min`` events a minute per
+    client (bursts of ``EVENT_BURST_S`` seconds' worth) of at most ``max_bytes`` each.
+    Without it one valid client could write 76 KB events 50 times a second, for ever."""
+
+    def __init__(self, per_min: float, max_bytes: int) -> None:
+        self.per_min, self.max_bytes = per_min, max_bytes
+        self.limiter = RateLimiter(per_min / 60.0, burst_s=EVENT_BURST_S)
+        self.throttle = EventThrottle()  # reports of clients over budget
+
+    def allow(self, client_id: str) -> bool:
+        return self.limiter.allow(f"events:{client_id}")
+
+    def bound(self, message: str, data: dict[str, Any]) -> tuple[str, dict[str, Any], int]:
+        """(message, data, values left out): half the bytes for the message, the rest for
+        as many of the data's values as fit (each counted as its JSON)."""
+        text = _clip(message, self.max_bytes // 2)
+        room = self.max_bytes - len(text.encode())
+        kept: dict[str, Any] = {}
+        for key, value in data.items():
+            size = len(key.encode()) + len(json.dumps(value).encode()) + 6
+            if size <= room:
+                kept[key] = value
+                room -= size
+        return text, kept, len(data) - len(kept)
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    raw = text.encode()
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode(errors="ignore")
+
+
 class CombinerServicer(pb_grpc.CombinerServicer):
     def __init__(self, core: CombinerCore, packages: dict[str, bytes] | None = None) -> None:
         self.core = core
         self.packages = packages if packages is not None else {}
+        self.events = EventBudget(core.settings.max_client_events_per_min,
+                                  core.settings.max_event_bytes)
 
     async def Join(self, request: pb.JoinRequest, context):
         # With a per-client token, both the id and the name are the token's name.
@@ -112,16 +153,25 @@ class CombinerServicer(pb_grpc.CombinerServicer):
 
     async def PushEvent(self, request: pb.EventReport, context) -> pb.Ack:
         level = request.level if request.level in {"debug", "info", "warning", "error"} else "info"
-        message = printable(request.message[:MAX_EVENT_CHARS])  # shown on terminals later
         client_id = await caller_id(context, request.client_id)
-        if request.task_id and level == "error":
+        message, data, left_out = self.events.bound(printable(request.message),
+                                                    client_values(request.data))
+        if request.task_id and level == "error":  # one per task the client really has
             error_class = request.error_class
             if not _ERROR_CLASS_RE.fullmatch(error_class):
                 error_class = ""  # not a class name: nothing of it is kept
             self.core.task_failed(client_id, request.task_id, message, error_class)
-        else:
+        elif self.events.allow(client_id):
+            extra = {"truncated": left_out} if left_out else {}
             self.core.listener.event(level, f"client {client_id}: {message}",
-                                     client_id=client_id, data=client_values(request.data))
+                                     client_id=client_id, data=data, **extra)
+        else:
+            record, dropped = self.events.throttle.allow()
+            if record:
+                self.core.listener.event(
+                    "warning", f"client {client_id!r} is over its event budget "
+                    f"({self.events.per_min:g} events a minute); its events are not recorded",
+                    client_id=client_id, reason="event_budget", suppressed=dropped)
         return pb.Ack()
 
 

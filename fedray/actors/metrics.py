@@ -35,6 +35,10 @@ class FederationMetrics:
         self.aggregation_seconds = Histogram("fedray_aggregation_seconds",
                                              "Seconds spent checking and folding updates",
                                              boundaries=SECONDS_BUCKETS, tag_keys=keys)
+        self.tracking_dropped = Counter("fedray_tracking_writes_dropped",
+                                        "Tracking writes given up on, by reason (queue_full, "
+                                        "refused, closed)", tag_keys=(*keys, "reason"))
+        self.tracking_dropped.set_default_tags(self.tags)
         for metric in (self.clients, self.rounds, self.round_seconds, self.updates,
                        self.bytes_in, self.bytes_out, self.aggregation_seconds):
             metric.set_default_tags(self.tags)

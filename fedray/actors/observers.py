@@ -17,11 +17,19 @@ log = logging.getLogger(__name__)
 
 class TrackingObserver:
     def __init__(self, uri: str | None, database: str, source: str, combiner: str = "",
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, events_ttl_s: int | None = None) -> None:
+        """``events_ttl_s`` (``TrackingConfig.events_ttl_s``) makes this observer's writer
+        keep the events' retention; one per federation is enough (the controller's)."""
         self.source = source
         self.combiner = combiner
         self.metrics = metrics  # a FederationMetrics inside Ray actors, None elsewhere
-        self.writer = TrackingWriter(lambda: TrackingStore.from_uri(uri, database)) if uri else None
+        self.writer = TrackingWriter(lambda: TrackingStore.from_uri(uri, database),
+                                     source=source, events_ttl_s=events_ttl_s,
+                                     on_drop=self._dropped) if uri else None
+
+    def _dropped(self, reason: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.tracking_dropped.inc(count, tags={"reason": reason})
 
     def write(self, method: str, *args: Any, **kwargs: Any) -> None:
         if self.writer is not None:

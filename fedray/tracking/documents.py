@@ -66,13 +66,21 @@ def make_event(
     return doc
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a BSON integer holds
+
+
 def clean(value: Any) -> Any:
     """``value`` made BSON-ready: numpy scalars and arrays become Python numbers and lists,
-    tuples and sets become lists, and mapping keys become strings."""
+    tuples and sets become lists, and mapping keys become strings. An integer outside
+    BSON's 64 bits (a client's ``num_examples`` of 2**64 - 1) is stored as its decimal
+    text: exact, visibly not a count, and never the reason a write fails."""
     if isinstance(value, Mapping):
         return {str(k): clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [clean(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and not INT64_MIN <= value <= INT64_MAX:
+        return str(value)
     if isinstance(value, str | bytes | bool | int | float | datetime) or value is None:
         return value
     tolist = getattr(value, "tolist", None)  # numpy arrays and scalars

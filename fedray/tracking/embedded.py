@@ -18,6 +18,10 @@ Files in ``<data_dir>/tracking/``:
 The server runs in its own session, so a Ctrl-C in the terminal reaches the driver, which
 then stops it by its PID (SIGTERM, then SIGKILL). Nothing here ever signals a process
 by name.
+
+nx-27017 has no authentication: any local user can talk to its loopback port. Its files
+are at least private: the folder is 0700 and the server runs with umask 077, so what it
+creates is 0600 (``docs/security.md`` says what it still exposes).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from fedray.errors import TrackingError
+from fedray.keys import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +186,7 @@ class EmbeddedMongo:
             return self
         executable = find_executable()
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            _private_folder(self.dir)
         except OSError as exc:
             raise TrackingError(f"cannot create tracking folder {self.dir}: {exc}") from exc
         # Only a port we picked ourselves may be re-picked when another process grabs it
@@ -247,7 +252,8 @@ class EmbeddedMongo:
             "--pid-file", str(self.pid_file),
         ]  # fmt: skip
         try:
-            with open(self.out_file, "wb") as out:
+            fd = os.open(self.out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as out:
                 self._proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
@@ -256,6 +262,7 @@ class EmbeddedMongo:
                     cwd=self.dir,
                     start_new_session=True,
                     close_fds=True,
+                    umask=0o077,  # its databases, log and pid file: 0600
                 )
         except OSError as exc:
             raise TrackingError(f"cannot launch {executable}: {exc}") from exc
@@ -286,7 +293,9 @@ class EmbeddedMongo:
         record = {"pid": self._proc.pid, "port": self.port}
         tmp = self.server_file.with_suffix(f".{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(record))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as out:
+                out.write(json.dumps(record))
             os.replace(tmp, self.server_file)
         except OSError as exc:
             raise TrackingError(f"cannot write {self.server_file}: {exc}") from exc
@@ -301,9 +310,18 @@ def live_uri(data_dir: Path | str) -> str | None:
     return uri if ping(uri) else None
 
 
+def _private_folder(folder: Path) -> None:
+    """``folder`` 0700, and the files an older version left in it 0600."""
+    private_dir(folder)
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if path.is_file() and path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as fh:
+    with open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -323,7 +341,7 @@ def connect_or_start(
     """
     folder = tracking_dir(data_dir)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        _private_folder(folder)
     except OSError as exc:
         raise TrackingError(f"cannot create tracking folder {folder}: {exc}") from exc
     with _locked(folder / "server.lock"):

@@ -24,7 +24,7 @@ All timestamps are timezone-aware UTC datetimes. Collections and their fields:
     combiners    name (unique), address, status, clients (connected), restarts, updated_at
     validations  session_id, round, model_id, client_id, num_examples, metrics, ts
     events       ts, level (debug|info|warning|error), source, session_id, round, message,
-                 data (optional dict)
+                 data (optional dict); kept ``tracking.events_ttl_days`` (a TTL index on ts)
     packages     sha256 (unique), name, size, storage_uri, created_at
 
 ``update_*`` and ``upsert_*`` take fields as keyword arguments and ``$set`` them, so a
@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
@@ -45,7 +45,13 @@ from bson.codec_options import CodecOptions
 from bson.errors import BSONError
 from pymongo import ASCENDING, MongoClient
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from fedray.errors import TrackingError
 from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
@@ -180,20 +186,40 @@ class TrackingStore:
     def _translate(self, what: str) -> Iterator[None]:
         try:
             yield
-        except (PyMongoError, BSONError) as exc:
+        except (PyMongoError, BSONError, OverflowError) as exc:  # OverflowError: BSON ints
             raise TrackingError(f"tracking database {self.where}: {what}: {_short(exc)}") from exc
 
     def ping(self) -> None:
         with self._translate("ping"):
             self.db.command("ping")
 
-    def ensure_indexes(self) -> None:
+    def ensure_indexes(self, events_ttl_s: int | None = None) -> None:
+        """Create the indexes of ``INDEXES``; with ``events_ttl_s``, the one on ``events.ts``
+        is a TTL index, so MongoDB deletes events that old by itself."""
         with self._translate("create indexes"):
             for collection, indexes in INDEXES.items():
                 for keys, unique in indexes:
+                    if events_ttl_s and (collection, keys) == ("events", ("ts",)):
+                        self._ttl_index(int(events_ttl_s))
+                        continue
                     self.db[collection].create_index(
                         [(key, ASCENDING) for key in keys], unique=unique
                     )
+
+    def _ttl_index(self, seconds: int) -> None:
+        try:
+            self.db.events.create_index([("ts", ASCENDING)], expireAfterSeconds=seconds)
+        except OperationFailure as exc:
+            if exc.code not in (85, 86):  # IndexOptionsConflict / IndexKeySpecsConflict
+                raise
+            # MongoDB: the index exists with another (or no) TTL; nx-27017 updates in place.
+            self.db.command("collMod", "events",
+                            index={"keyPattern": {"ts": 1}, "expireAfterSeconds": seconds})
+
+    def prune_events(self, before: datetime) -> int:
+        """Delete events stamped before ``before``; how many went (retention)."""
+        with self._translate("delete expired events"):
+            return int(self.db.events.delete_many({"ts": {"$lt": before}}).deleted_count)
 
     # sessions
 

@@ -1,11 +1,17 @@
 """Per-client tokens in the ``tokens`` tracking collection: created, listed, revoked.
 
-A token is shown once, when it is created, and only its sha256 is stored: the token is
-32 random bytes, so a hash without a salt or a slow KDF is enough (nobody can guess a
-preimage), and servers can look a presented token up by its hash. One document per token:
+A token is shown once, when it is created. Tracking stores only a keyed hash of it,
+HMAC-SHA256 under the federation's token secret (``fedray.keys``: a 0600 file under the
+data directory, never in tracking), and a MAC binding that hash to the client's name.
+Servers look a presented token up by its keyed hash and trust a row only when its MAC
+checks out, so tracking's integrity is not needed: a row written by someone without the
+secret (the embedded server has no authentication) verifies nothing, and a renamed row
+verifies as nobody. One document per token:
 
-    tokens   hash (unique, sha256 hex of the token), name, created_at, revoked (bool),
-             revoked_at
+    tokens   hash (unique, HMAC-SHA256 hex of the token), name, mac, created_at,
+             revoked (bool), revoked_at, live_name (= name, only while the token is live:
+             a unique index on it means one live token per name, however many
+             ``fedray token create`` run at once)
 
 The gateway and combiners read the collection every few seconds (``fedray.actors.auth``),
 so new tokens and revocations take effect without a restart. The collection is kept out
@@ -15,12 +21,13 @@ of ``store.COLLECTIONS``: the generic query commands should not list token hashe
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 from typing import Any
 
 from pymongo import ASCENDING
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fedray.errors import ConfigError, TrackingError
 from fedray.tracking.documents import utcnow
@@ -28,11 +35,18 @@ from fedray.tracking.store import TrackingStore, _setting
 
 COLLECTION = "tokens"
 PREFIX = "frt_"  # makes a leaked token easy to recognise (and to grep for)
+MAX_ROWS = 100_000  # token rows a server reads (a flood of forged rows is bounded too)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def hash_token(token: str, secret: bytes) -> str:
+    """The keyed hash a token is stored and looked up as."""
+    return hmac.new(secret, b"fedray-token\0" + token.encode(), hashlib.sha256).hexdigest()
+
+
+def row_mac(secret: bytes, digest: str, name: str) -> str:
+    """What binds a stored hash to its client's name."""
+    return hmac.new(secret, f"fedray-row\0{digest}\0{name}".encode(), hashlib.sha256).hexdigest()
 
 
 def _check_name(name: str) -> None:
@@ -45,19 +59,22 @@ def _fail(store: TrackingStore, what: str, exc: PyMongoError) -> TrackingError:
     return TrackingError(f"tracking database {store.where}: {what}: {str(exc)[:300]}")
 
 
-def create_token(store: TrackingStore, name: str) -> str:
+def create_token(store: TrackingStore, name: str, secret: bytes) -> str:
     """Store a new token for client ``name`` and return it (the only time it is seen)."""
     _check_name(name)
     tokens = store.db[COLLECTION]
+    token = PREFIX + secrets.token_urlsafe(32)
+    digest = hash_token(token, secret)
     try:
         tokens.create_index([("hash", ASCENDING)], unique=True)
         tokens.create_index([("name", ASCENDING)])
-        if tokens.find_one({"name": {"$eq": name}, "revoked": {"$eq": False}}) is not None:
-            raise ConfigError(f"client {name!r} already has a token; revoke it first "
-                              f"(fedray token revoke --name {name})")
-        token = PREFIX + secrets.token_urlsafe(32)
-        tokens.insert_one({"hash": hash_token(token), "name": name, "created_at": utcnow(),
-                           "revoked": False, "revoked_at": None})
+        tokens.create_index([("live_name", ASCENDING)], unique=True, sparse=True)
+        tokens.insert_one({"hash": digest, "name": name, "mac": row_mac(secret, digest, name),
+                           "live_name": name, "created_at": utcnow(), "revoked": False,
+                           "revoked_at": None})
+    except DuplicateKeyError:
+        raise ConfigError(f"client {name!r} already has a token; revoke it first "
+                          f"(fedray token revoke --name {name})") from None
     except PyMongoError as exc:
         raise _fail(store, f"create a token for {name!r}", exc) from exc
     return token
@@ -69,8 +86,9 @@ def revoke_token(store: TrackingStore, name: str) -> int:
     try:
         live = list(tokens.find({"name": {"$eq": name}, "revoked": {"$eq": False}}, {"hash": 1}))
         for doc in live:
-            tokens.update_one({"hash": doc["hash"]},
-                              _setting({"revoked": True, "revoked_at": utcnow()}))
+            update = _setting({"revoked": True, "revoked_at": utcnow()})
+            update["$unset"] = {"live_name": ""}
+            tokens.update_one({"hash": doc["hash"]}, update)
     except PyMongoError as exc:
         raise _fail(store, f"revoke the token of {name!r}", exc) from exc
     return len(live)
@@ -87,11 +105,13 @@ def list_tokens(store: TrackingStore) -> list[dict[str, Any]]:
              "revoked_at": d.get("revoked_at")} for d in docs]
 
 
-def read_token_hashes(store: TrackingStore) -> list[tuple[str, str, bool]]:
-    """(hash, name, revoked) of every token: what a server caches to check callers."""
+def read_token_hashes(store: TrackingStore) -> list[tuple[str, str, bool, str]]:
+    """(hash, name, revoked, mac) of every token (at most ``MAX_ROWS``): what a server
+    caches to check callers, once it has verified each row's MAC."""
     try:
-        docs = store.db[COLLECTION].find({}, {"_id": 0, "hash": 1, "name": 1, "revoked": 1})
-        return [(str(d["hash"]), str(d["name"]), bool(d.get("revoked"))) for d in docs
-                if d.get("hash") and d.get("name")]
+        docs = store.db[COLLECTION].find({}, {"_id": 0, "hash": 1, "name": 1, "revoked": 1,
+                                              "mac": 1}).limit(MAX_ROWS)
+        return [(str(d["hash"]), str(d["name"]), bool(d.get("revoked")), str(d.get("mac", "")))
+                for d in docs if d.get("hash") and d.get("name")]
     except PyMongoError as exc:
         raise _fail(store, "read tokens", exc) from exc

@@ -1,4 +1,4 @@
-"""Tracking writes from actors: queued, written by one thread, retried until they land.
+"""Tracking writes from actors: queued (boundedly), written by one thread, retried until they land.
 
 Controller and combiner actors run an asyncio loop that serves gRPC; a database call
 there would stall every client of that actor, and a database outage must not lose the
@@ -8,7 +8,20 @@ a ``TrackingStore``. Connection errors are retried with exponential backoff (up 
 ``max_backoff_s``) for as long as it takes; documents keep the time they were submitted
 (``written_at``), not the time the database came back. A write the database refuses
 (bad document, unknown session, ...) is logged and dropped, and the thread goes on.
-Consecutive events are written with one ``insert_many``.
+Consecutive events are written with one ``insert_many``; when the database refuses such a
+batch, its events are written one by one, so only the bad one is dropped.
+
+The queue is bounded (``max_pending``, plus the batch being written). When it is full,
+the least valuable queued write makes room, oldest first: debug events, then info
+events, then warning events and client/combiner status, then error events. Session,
+round, model, validation and package writes are never dropped (there are a handful per
+round). Drops are counted (``dropped_by_reason``, ``on_drop`` for a metric), and once the
+queue has drained to half, one warning event says how many writes of which kind were lost.
+
+With ``events_ttl_s`` the thread also keeps the events' retention: it creates the
+tracking indexes (a TTL index on ``events.ts``) when it first connects, and every
+``prune_every_s`` deletes the events older than that itself, since nx-27017 only expires
+documents lazily, when a collection is read.
 
 ``flush(timeout)`` waits until everything submitted so far is written; ``close()``
 flushes, and only after its timeout gives up on writes it still could not deliver
@@ -22,19 +35,28 @@ import copy
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from fedray.errors import TrackingError
-from fedray.tracking.documents import make_event, utcnow, written_at
+from fedray.tracking.documents import LEVELS, make_event, utcnow, written_at
 from fedray.tracking.store import WRITE_METHODS, TrackingStore, is_transient
 
 log = logging.getLogger(__name__)
 
 StoreFactory = Callable[[], TrackingStore]
+DropHook = Callable[[str, int], None]  # (reason, count): "queue_full" | "refused" | "closed"
+
+MAX_PENDING = 20_000  # queued writes; a client's event is at most a few KiB (the bridge bounds it)
+PRUNE_EVERY_S = 600.0
+# Never dropped for room: the session's own history, a handful of writes per round.
+PROTECTED = frozenset({"ensure_indexes", "create_session", "update_session", "start_round",
+                       "update_round", "add_model", "add_validation", "add_package"})
+STATUS_RANK = LEVELS.index("warning")  # upsert_client/_combiner, restarts: as a warning
+RANKS = len(LEVELS)
 
 
 @dataclass(slots=True)
@@ -44,6 +66,19 @@ class _Write:
     kwargs: dict[str, Any] = field(default_factory=dict)
     at: datetime | None = None
     event: dict[str, Any] | None = None  # set for events, which are batched
+    rank: int | None = None  # what it is worth when the queue is full; None: never dropped
+    label: str = ""  # what drop reports call it: an event level or a method
+    dropped: bool = False  # evicted while queued: the thread skips it
+
+
+def _ranked(item: _Write) -> _Write:
+    if item.event is not None:
+        item.label = item.event["level"]
+        item.rank = LEVELS.index(item.label)
+    else:
+        item.label = item.method
+        item.rank = None if item.method in PROTECTED else STATUS_RANK
+    return item
 
 
 class TrackingWriter:
@@ -56,31 +91,60 @@ class TrackingWriter:
         batch_size: int = 500,
         max_backoff_s: float = 5.0,
         name: str = "fedray-tracking-writer",
+        max_pending: int = MAX_PENDING,
+        source: str = "tracking",
+        events_ttl_s: int | None = None,
+        prune_every_s: float = PRUNE_EVERY_S,
+        on_drop: DropHook | None = None,
     ) -> None:
         self._factory = store_factory
         self._batch_size = batch_size
         self._max_backoff_s = max_backoff_s
-        self._queue: deque[_Write] = deque()
+        self._max_pending = max(1, max_pending)
+        self._source = source
+        self._ttl_s = events_ttl_s or None
+        self._prune_every_s = prune_every_s
+        self._on_drop = on_drop
+        self._queue: deque[_Write] = deque()  # in order; evicted items stay until popped
+        self._by_rank: tuple[deque[_Write], ...] = tuple(deque() for _ in range(RANKS))
+        self._queued = 0  # live items in _queue
+        self._evicted = 0  # evicted items still in _queue
+        self._inflight = 0  # items of the batch being written
+        self._unreported: Counter[str] = Counter()  # dropped for room, by label, not yet told
+        self.dropped_by_reason: Counter[str] = Counter()
         self._cond = threading.Condition()
         self._closing = False
         self._abort = threading.Event()
+        self._indexed = False
+        self._next_prune = time.monotonic()
         self.written = 0
-        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         atexit.register(self._at_exit)
 
     @property
+    def dropped(self) -> int:
+        """Writes given up on, for any reason (see ``dropped_by_reason``)."""
+        return sum(self.dropped_by_reason.values())
+
+    @property
     def pending(self) -> int:
-        """Writes submitted but not yet done (including the one in progress)."""
+        """Writes submitted but not yet done (including the ones in progress)."""
         with self._cond:
-            return len(self._queue)
+            return self._queued + self._inflight
+
+    @property
+    def queued(self) -> int:
+        """Writes waiting for the thread (not counting the batch it is writing)."""
+        with self._cond:
+            return self._queued
 
     def submit(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Queue ``store.<method>(*args, **kwargs)``; returns at once.
 
         Arguments are deep-copied now, so the caller may reuse or mutate them. Only
-        TrackingStore write methods are accepted; a bad event level raises here.
+        TrackingStore write methods are accepted; a bad event level raises here. With the
+        queue full, this write or a less valuable queued one is dropped (counted).
         """
         if method not in WRITE_METHODS:
             raise ValueError(f"{method!r} is not a TrackingStore write method")
@@ -88,11 +152,18 @@ class TrackingWriter:
             item = _Write("insert_events", event=make_event(*args, **kwargs))
         else:
             item = _Write(method, copy.deepcopy(args), copy.deepcopy(kwargs), at=utcnow())
+        _ranked(item)
         with self._cond:
             if self._closing:
                 raise TrackingError("the tracking writer is closed")
-            self._queue.append(item)
-            self._cond.notify_all()
+            lost = None
+            if self._queued >= self._max_pending:
+                lost = self._make_room(item)
+            if lost is not item:
+                self._enqueue(item)
+                self._cond.notify_all()
+        if lost is not None:
+            self._dropped("queue_full", 1)
 
     def event(
         self,
@@ -111,7 +182,7 @@ class TrackingWriter:
         """Wait until every write submitted so far is done; False if ``timeout`` passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue:
+            while self._queued or self._inflight:
                 if not self._thread.is_alive():
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -147,42 +218,144 @@ class TrackingWriter:
     def _at_exit(self) -> None:
         self.close(timeout=5.0)
 
+    # the bounded queue (called with the lock held)
+
+    def _enqueue(self, item: _Write) -> None:
+        self._queue.append(item)
+        if item.rank is not None:
+            self._by_rank[item.rank].append(item)
+        self._queued += 1
+
+    def _make_room(self, item: _Write) -> _Write | None:
+        """Evict the oldest queued write worth less than ``item`` (anything droppable for a
+        protected one); returns what was lost: that write, ``item`` itself, or None."""
+        ceiling = RANKS if item.rank is None else item.rank
+        for rank in range(ceiling):
+            if self._by_rank[rank]:
+                victim = self._by_rank[rank].popleft()
+                victim.dropped, victim.event, victim.args, victim.kwargs = True, None, (), {}
+                self._queued -= 1
+                self._evicted += 1
+                self._count_for_room(victim)
+                if self._evicted > max(self._queued, 1024):  # keep the deque O(max_pending)
+                    self._queue = deque(w for w in self._queue if not w.dropped)
+                    self._evicted = 0
+                return victim
+        if item.rank is None:
+            return None  # protected writes always get in: there are few of them
+        self._count_for_room(item)
+        return item
+
+    def _count_for_room(self, item: _Write) -> None:
+        if not self._unreported:
+            log.warning("tracking queue full (%d writes): dropping low-value writes",
+                        self._max_pending)
+        self._unreported[item.label] += 1
+
+    def _dropped(self, reason: str, count: int) -> None:
+        with self._cond:
+            self.dropped_by_reason[reason] += count
+        if self._on_drop is not None:
+            try:
+                self._on_drop(reason, count)
+            except Exception:  # noqa: BLE001 - a metric must never break a write
+                log.debug("tracking drop hook failed", exc_info=True)
+
+    def _take_batch(self) -> list[_Write]:
+        """The head of the queue: one write, or a run of consecutive events."""
+        batch: list[_Write] = []
+        while self._queue:
+            item = self._queue[0]
+            if item.dropped:
+                self._queue.popleft()
+                self._evicted -= 1
+                continue
+            if batch and (item.event is None or len(batch) >= self._batch_size):
+                break
+            self._queue.popleft()
+            if item.rank is not None:
+                head = self._by_rank[item.rank].popleft()
+                assert head is item
+            batch.append(item)
+            if item.event is None:
+                break
+        self._queued -= len(batch)
+        self._inflight = len(batch)
+        return batch
+
+    def _drop_report(self) -> _Write | None:
+        """One warning event about writes dropped for room, once the queue has drained."""
+        if not self._unreported or self._queued > self._max_pending // 2:
+            return None
+        counts, self._unreported = dict(self._unreported), Counter()
+        total = sum(counts.values())
+        kinds = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+        message = (f"the tracking queue was full ({self._max_pending} writes): dropped {total} "
+                   f"low-value write(s) ({kinds})")
+        event = make_event("warning", self._source, message,
+                           data={"reason": "tracking_queue_full", "dropped": total,
+                                 "by_kind": counts})
+        return _Write("insert_events", event=event, label="warning")  # rank None: kept
+
     # the writer thread
 
     def _run(self) -> None:
         store: TrackingStore | None = None
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue or self._abort.is_set():
+                while not self._queued and not self._closing:
+                    if self._ttl_s is not None and time.monotonic() >= self._next_prune:
+                        break
+                    wait = None if self._ttl_s is None else self._next_prune - time.monotonic()
+                    self._cond.wait(wait)
+                if self._abort.is_set() or (not self._queued and self._closing):
                     break
-                batch = self._next_batch()
-            store = self._perform(store, batch)
+                batch = self._take_batch()
+            if batch:
+                store = self._perform(store, batch)
             with self._cond:
-                for _ in batch:
-                    self._queue.popleft()
+                self._inflight = 0
+                report = self._drop_report()
+                if report is not None:
+                    self._enqueue(report)
                 self._cond.notify_all()
+            if self._ttl_s is not None and not self._abort.is_set():
+                store = self._keep_retention(store)
         with self._cond:
-            lost = len(self._queue)
+            lost = self._queued
             self._queue.clear()
+            for ranked in self._by_rank:
+                ranked.clear()
+            self._queued = self._evicted = 0
             self._cond.notify_all()
         if lost:
-            self.dropped += lost
+            self._dropped("closed", lost)
             log.error("tracking writer closed with %d write(s) it could not deliver", lost)
         if store is not None:
             store.close()
 
-    def _next_batch(self) -> list[_Write]:
-        """The head of the queue: one write, or a run of consecutive events."""
-        if self._queue[0].event is None:
-            return [self._queue[0]]
-        batch = []
-        for item in self._queue:
-            if item.event is None or len(batch) >= self._batch_size:
-                break
-            batch.append(item)
-        return batch
+    def _keep_retention(self, store: TrackingStore | None) -> TrackingStore | None:
+        """When due: create the indexes once (TTL on events), delete expired events."""
+        assert self._ttl_s is not None
+        if time.monotonic() < self._next_prune:
+            return store
+        try:
+            if store is None:
+                store = self._factory()
+            if not self._indexed:
+                store.ensure_indexes(events_ttl_s=self._ttl_s)
+                self._indexed = True
+            removed = store.prune_events(utcnow() - timedelta(seconds=self._ttl_s))
+            self._next_prune = time.monotonic() + self._prune_every_s
+            if removed:
+                log.info("removed %d event(s) older than %.4g days", removed,
+                         self._ttl_s / 86400)
+        except Exception as exc:  # noqa: BLE001 - retention is retried, never fatal
+            if not is_transient(exc):
+                self._indexed = True  # refused (e.g. an index clash): say so, do not loop
+                log.error("tracking retention: %s", exc)
+            self._next_prune = time.monotonic() + min(self._prune_every_s, 30.0)
+        return store
 
     def _perform(self, store: TrackingStore | None, batch: list[_Write]) -> TrackingStore | None:
         """Run one batch until it succeeds, is refused, or the writer is aborted."""
@@ -201,8 +374,16 @@ class TrackingWriter:
                     )
                 return store
             except Exception as exc:
+                if not is_transient(exc) and len(batch) > 1:
+                    # One document the database refuses must not take the others (security
+                    # warnings among them) down with it: write them one by one.
+                    log.warning("tracking write %s refused (%s); retrying one by one",
+                                _describe(batch), exc)
+                    for item in batch:
+                        store = self._perform(store, [item])
+                    return store
                 if not is_transient(exc):
-                    self.dropped += len(batch)
+                    self._dropped("refused", len(batch))
                     log.error("tracking write %s dropped: %s", _describe(batch), exc)
                     return store
                 if failing_since is None:
@@ -211,7 +392,7 @@ class TrackingWriter:
                 else:
                     log.debug("tracking database still unreachable: %s", exc)
             if self._abort.wait(delay):
-                self.dropped += len(batch)
+                self._dropped("closed", len(batch))
                 log.error("tracking write %s dropped on close", _describe(batch))
                 return store
             delay = min(delay * 2, self._max_backoff_s)

@@ -1,0 +1,134 @@
+"""A federation's secrets on disk, and the strength of its shared token.
+
+``<data_dir>/secrets/`` (mode 0700) holds:
+
+    token.key       32 random bytes (hex), mode 0600: the key of the HMAC-SHA256 that
+                    per-client tokens are stored as in tracking. Created on first use by
+                    the driver (``Federation.deploy``) or ``fedray token create``; the
+                    driver hands the bytes to the actors, which may run on other nodes.
+    tokens-issued   written by the first ``fedray token create``: from then on the
+                    federation requires a token from every caller, even if someone
+                    deletes every token from tracking.
+
+Tracking's integrity is not needed for token checks: whoever can write the ``tokens``
+collection but cannot read ``token.key`` can revoke or delete tokens, never mint one.
+Nothing here imports grpc, Ray or pymongo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import stat
+import string
+from pathlib import Path
+
+from fedray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECRET_BYTES = 32
+MIN_TOKEN_BITS = 128  # a shared token needs at least 16 bytes of entropy
+MIN_TOKEN_DISTINCT = 8  # ...and not be one or two characters repeated
+GENERATE = 'python -c "import secrets; print(secrets.token_hex(16))"'
+_ALPHABETS = (  # the smallest of these that holds a token decides its bits per character
+    set(string.digits),
+    set(string.hexdigits.lower()) | set(string.digits),
+    set(string.hexdigits),
+    set(string.ascii_letters + string.digits + "-_"),
+    set(string.ascii_letters + string.digits + "+/="),
+    set(string.ascii_letters + string.digits + "-_+/="),
+    set(string.printable.strip()),
+)
+
+
+def private_dir(path: Path | str) -> Path:
+    """``path`` as a directory only its owner can enter; created 0700 (with its missing
+    parents), and tightened to 0700 when it exists and is ours."""
+    path = Path(path).expanduser()
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for created in missing:
+        with contextlib.suppress(OSError):
+            created.chmod(0o700)
+    info = path.stat()
+    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def secrets_dir(data_dir: Path | str) -> Path:
+    return Path(data_dir).expanduser().resolve() / "secrets"
+
+
+def load_token_secret(data_dir: Path | str, create: bool = True) -> bytes | None:
+    """The federation's token secret, made (0600) when missing and ``create``; None when
+    it is missing and not to be made."""
+    folder = secrets_dir(data_dir)
+    path = folder / "token.key"
+    if not path.exists():
+        if not create:
+            return None
+        _private_data_dir(folder.parent)
+        private_dir(folder)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made by another process a moment ago
+            pass
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(SECRET_BYTES) + "\n")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        log.warning("%s was readable by others; making it private (0600)", path)
+        path.chmod(0o600)
+    try:
+        secret = bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a fedray token secret ({exc})") from None
+    if len(secret) < SECRET_BYTES:
+        raise ConfigError(f"{path}: a token secret has {SECRET_BYTES} bytes, this one "
+                          f"{len(secret)}")
+    return secret
+
+
+def _private_data_dir(data_dir: Path) -> None:
+    """Create the data directory 0700 when it does not exist yet (an existing one is the
+    operator's to set)."""
+    if not data_dir.exists():
+        private_dir(data_dir)
+
+
+def mark_tokens_issued(data_dir: Path | str) -> None:
+    folder = private_dir(secrets_dir(data_dir))
+    marker = folder / "tokens-issued"
+    if not marker.exists():
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+
+def tokens_issued(data_dir: Path | str) -> bool:
+    """Whether ``fedray token create`` was ever used for this data directory."""
+    return (secrets_dir(data_dir) / "tokens-issued").exists()
+
+
+def token_bits(token: str) -> float:
+    """An upper bound of a token's entropy: its length times the bits per character of
+    the smallest usual alphabet that holds it (hex, base64, printable ASCII)."""
+    chars = set(token)
+    for alphabet in _ALPHABETS:
+        if chars <= alphabet:
+            return len(token) * math.log2(len(alphabet))
+    return len(token) * 8.0
+
+
+def check_shared_token(token: str | None, env: str) -> None:
+    """Refuse a shared token that is guessable; no shared token at all is allowed."""
+    if token is None:
+        return
+    if token_bits(token) < MIN_TOKEN_BITS or len(set(token)) < MIN_TOKEN_DISTINCT:
+        raise ConfigError(f"${env} is too weak for a shared token: it needs at least 16 "
+                          f"random bytes (32 hex or 22 base64 characters); make one with "
+                          f"{GENERATE}")

@@ -1,0 +1,267 @@
+"""Per-client tokens when tracking cannot be trusted: keyed hashes a row written without the
+federation's secret cannot satisfy, token rows that may be renamed, revived or deleted by
+whoever reaches the database, private files, one live token per name, shared-token
+callers while the token list is unknown, and the shared token's strength. Against the
+real embedded nx-27017 and a real gRPC bridge on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fedray.actors.auth import AuthGate, BridgeKeys, ClientTokens, tracking_token_loader
+from fedray.errors import ConfigError
+from fedray.keys import check_shared_token, load_token_secret, tokens_issued
+from fedray.proto import fedray_v1_pb2 as pb
+from fedray.tracking import EmbeddedMongo, TrackingStore
+from fedray.tracking.embedded import free_port, mongo_uri
+from fedray.tracking.tokens import COLLECTION, create_token, revoke_token
+from fedray.wire import auth_metadata
+from tests.bridge import TOKEN, Bridge
+
+
+@pytest.fixture
+def db_name() -> str:
+    return f"k_{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def store(tracking_uri: str, db_name: str) -> Iterator[TrackingStore]:
+    store = TrackingStore.from_uri(tracking_uri, db_name)
+    yield store
+    store.db.client.drop_database(db_name)
+    store.close()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def _gated_bridge(uri: str, db: str, keys: BridgeKeys) -> Bridge:
+    load, release = tracking_token_loader(uri, db)
+    tokens = ClientTokens(load, refresh_s=0.2, miss_refresh_s=0.1, release=release,
+                          secret=keys.token_secret, issued=keys.tokens_issued)
+    return await Bridge.start(gate=AuthGate(keys.shared_token, tokens))
+
+
+async def _beat(bridge: Bridge, token: str | None, name: str = "probe") -> grpc.StatusCode:
+    try:
+        await bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id=name),
+                                    metadata=auth_metadata(token, name), timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_token_rows_written_without_the_secret_verify_nothing(tmp_path, store,
+                                                                    tracking_uri, db_name):
+    secret = load_token_secret(tmp_path)
+    alice = create_token(store, "alice", secret)
+    forged_plain = "frt_" + secrets.token_urlsafe(32)  # the old, unkeyed scheme
+    forged_keyed = "frt_" + secrets.token_urlsafe(32)  # keyed, but with another secret
+    other = os.urandom(32)
+    digest = hmac.new(other, forged_keyed.encode(), hashlib.sha256).hexdigest()
+    store.db[COLLECTION].insert_many([
+        {"hash": hashlib.sha256(forged_plain.encode()).hexdigest(), "name": "mallory",
+         "revoked": False},
+        {"hash": digest, "name": "bob", "revoked": False,
+         "mac": hmac.new(other, f"{digest}\0bob".encode(), hashlib.sha256).hexdigest()},
+    ])
+    bridge = await _gated_bridge(tracking_uri, db_name, BridgeKeys(None, secret, True))
+    try:
+        assert await _beat(bridge, alice, "alice") is grpc.StatusCode.OK
+        assert await _beat(bridge, forged_plain, "mallory") is grpc.StatusCode.UNAUTHENTICATED
+        assert await _beat(bridge, forged_keyed, "bob") is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await bridge.close()
+
+
+async def test_renamed_or_revived_rows_give_their_token_nothing(tmp_path, store, tracking_uri,
+                                                               db_name):
+    secret = load_token_secret(tmp_path)
+    alice, carol = create_token(store, "alice", secret), create_token(store, "carol", secret)
+    bridge = await _gated_bridge(tracking_uri, db_name, BridgeKeys(None, secret, True))
+    try:
+        assert await _beat(bridge, carol, "carol") is grpc.StatusCode.OK
+        store.db[COLLECTION].update_one({"name": "alice"}, {"$set": {"name": "bob"}})
+        assert revoke_token(store, "carol") == 1
+        await asyncio.sleep(0.5)  # two refreshes
+        assert await _beat(bridge, carol, "carol") is grpc.StatusCode.UNAUTHENTICATED
+        store.db[COLLECTION].update_one({"name": "carol"}, {"$set": {"revoked": False}})
+        await asyncio.sleep(0.5)
+        assert await _beat(bridge, alice, "bob") is grpc.StatusCode.UNAUTHENTICATED
+        assert await _beat(bridge, carol, "carol") is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await bridge.close()
+
+
+@pytest.mark.parametrize("issued_before", [False, True])
+async def test_deleting_token_rows_does_not_reopen_the_bridge(tmp_path, store, tracking_uri,
+                                                              db_name, issued_before):
+    secret = load_token_secret(tmp_path)
+    if issued_before:  # tokens were issued in an earlier run; someone deleted them since
+        create_token(store, "alice", secret)
+        store.db[COLLECTION].delete_many({})
+    bridge = await _gated_bridge(tracking_uri, db_name, BridgeKeys(None, secret, issued_before))
+    try:
+        if not issued_before:
+            assert await _beat(bridge, None) is grpc.StatusCode.OK  # never had tokens: open
+            create_token(store, "alice", secret)
+            await asyncio.sleep(0.5)
+            assert await _beat(bridge, None) is grpc.StatusCode.UNAUTHENTICATED
+            store.db[COLLECTION].delete_many({})
+            await asyncio.sleep(0.5)
+        assert await _beat(bridge, None) is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await bridge.close()
+
+
+def test_the_token_secret_is_a_private_file_made_once(tmp_path):
+    data_dir = tmp_path / "fed"
+    secret = load_token_secret(data_dir)
+    path = data_dir / "secrets" / "token.key"
+    assert len(secret) == 32 and load_token_secret(data_dir) == secret
+    assert _mode(path) == 0o600 and _mode(path.parent) == 0o700 and _mode(data_dir) == 0o700
+    path.chmod(0o644)  # loosened by someone: tightened again, same key
+    assert load_token_secret(data_dir) == secret and _mode(path) == 0o600
+    assert load_token_secret(tmp_path / "none", create=False) is None
+
+
+def test_the_embedded_tracking_files_are_private(tmp_path):
+    server = EmbeddedMongo(tmp_path / "fed").start()
+    try:
+        TrackingStore.from_uri(server.uri).event("info", "test", "hello")
+    finally:
+        server.stop()
+    folder = tmp_path / "fed" / "tracking"
+    assert _mode(tmp_path / "fed") == 0o700 and _mode(folder) == 0o700
+    files = sorted(p.name for p in folder.iterdir())
+    assert "fedray.db" in files and "nx-27017.log" in files and "server.json" in files
+    loose = {p.name: oct(_mode(p)) for p in folder.iterdir() if _mode(p) & 0o077}
+    assert not loose, loose
+
+
+def test_token_create_uses_the_federations_secret(tmp_path, store, tracking_uri, db_name):
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+    from fedray.tracking.tokens import hash_token
+
+    result = CliRunner().invoke(main, ["token", "create", "--name", "site-a", "--data-dir",
+                                       str(tmp_path), "--tracking", tracking_uri,
+                                       "--database", db_name])
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    [row] = store.db[COLLECTION].find({"name": "site-a"})
+    assert row["hash"] == hash_token(token, load_token_secret(tmp_path, create=False))
+    assert tokens_issued(tmp_path)
+
+
+# --- bookkeeping ------------------------------------------------------------------------
+
+
+def test_one_name_never_has_two_live_tokens(tmp_path, store):
+    secret = load_token_secret(tmp_path)
+    start = threading.Barrier(12)
+    made, refused = [], []
+
+    def create() -> None:
+        start.wait()
+        try:
+            made.append(create_token(store, "alice", secret))
+        except ConfigError:
+            refused.append(1)
+
+    threads = [threading.Thread(target=create) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(refused) == 11
+    assert revoke_token(store, "alice") == 1
+    create_token(store, "alice", secret)  # once revoked, the name may have a new one
+    assert store.db[COLLECTION].count_documents({"name": "alice", "revoked": False}) == 1
+
+
+async def test_shared_token_callers_wait_until_the_token_list_was_read(tmp_path, db_name):
+    port = free_port()  # tracking is down when the bridge starts
+    secret = load_token_secret(tmp_path)
+    bridge = await _gated_bridge(mongo_uri(port), db_name, BridgeKeys(TOKEN, secret, True))
+    server = EmbeddedMongo(tmp_path, port=port)
+    try:
+        assert await _beat(bridge, TOKEN, "alice") is grpc.StatusCode.UNAVAILABLE
+        assert await _beat(bridge, TOKEN, "carol") is grpc.StatusCode.UNAVAILABLE
+        await asyncio.to_thread(server.start)
+        tracking = TrackingStore.from_uri(server.uri, db_name)
+        create_token(tracking, "alice", secret)
+        tracking.close()
+        for _ in range(100):
+            if bridge.gate.tokens.loaded and "alice" in bridge.gate.tokens.names:
+                break
+            await asyncio.sleep(0.1)
+        assert await _beat(bridge, TOKEN, "alice") is grpc.StatusCode.PERMISSION_DENIED
+        assert await _beat(bridge, TOKEN, "carol") is grpc.StatusCode.OK
+    finally:
+        await bridge.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("token", ["s3cret", "e2e-token", "a" * 40, "0123456789abcdef" * 1,
+                                   "ab" * 20])
+def test_a_weak_shared_token_is_refused(token):
+    with pytest.raises(ConfigError) as error:
+        check_shared_token(token, "FEDRAY_TOKEN")
+    message = str(error.value)
+    assert "$FEDRAY_TOKEN" in message and "secrets.token_hex(16)" in message
+    assert "\n" not in message and token not in message
+
+
+@pytest.mark.parametrize("token", [secrets.token_hex(16), secrets.token_urlsafe(16),
+                                   uuid.uuid4().hex, "frt_" + secrets.token_urlsafe(32)])
+def test_strong_shared_tokens_pass(token):
+    check_shared_token(token, "FEDRAY_TOKEN")
+    check_shared_token(None, "FEDRAY_TOKEN")  # no shared token at all is a choice, not weak
+
+
+def test_fedray_run_refuses_a_weak_shared_token(monkeypatch):
+    from fedray.config import config_from_dict
+    from fedray.runner import federation_token
+
+    config = config_from_dict({"federation": "f", "seed_model": "x",
+                               "auth": {"token_env": "MY_TOKEN"}})
+    monkeypatch.setenv("MY_TOKEN", "hunter2")
+    with pytest.raises(ConfigError, match=r"\$MY_TOKEN"):
+        federation_token(config)
+    monkeypatch.setenv("MY_TOKEN", secrets.token_hex(16))
+    assert federation_token(config) == os.environ["MY_TOKEN"]
+
+
+def test_printed_tracking_uris_never_show_a_password(tmp_path):
+    from rich.console import Console
+
+    from fedray.runner import RunResult, print_summary, tracking_line
+
+    uri = "mongodb://fedray:s3cr3t-Pa55@db.example.org:27017/fedray?authSource=admin"
+    status = {"session_id": "s1", "state": "finished", "rounds_done": 1, "rounds_planned": 1,
+              "model_id": "m" * 64, "history": []}
+    result = RunResult(status=status, data_dir=tmp_path, tracking_uri=uri, gateway="g:1",
+                       embedded_tracking=False)
+    console = Console(record=True, width=200)
+    print_summary(result, console)
+    console.print(tracking_line(uri, "fedray", tmp_path))
+    shown = console.export_text() + json.dumps(result.summary())
+    assert "s3cr3t" not in shown
+    assert "mongodb://fedray:***@db.example.org:27017/" in shown
+    assert result.tracking_uri == uri  # what the run itself uses is unchanged
