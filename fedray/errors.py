@@ -8,7 +8,8 @@
     ├── StorageError            the model store could not read or write
     ├── TrackingError           the tracking database is unreachable or refused a write
     ├── TransportError          a gRPC call to the gateway or a combiner failed
-    │   └── AuthError           the token was missing, wrong or revoked
+    │   ├── AuthError           the token was missing, wrong or revoked
+    │   └── ListenError         a gateway or combiner could not listen on its address
     └── SessionError            a session or round could not complete
 
 Lower-layer exceptions (grpc, ray, pymongo, minio) are translated into these once, at the
@@ -65,6 +66,19 @@ class TransportError(FedrayError):
 
 class AuthError(TransportError):
     exit_code = 8
+
+
+class ListenError(TransportError):
+    """A server could not bind ``address``; ``in_use`` when the port was the reason."""
+
+    def __init__(self, address: str, reason: str, in_use: bool = False) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
+        self.in_use = in_use
+
+    def __reduce__(self):
+        return (type(self), (self.address, self.reason, self.in_use))
 
 
 class SessionError(FedrayError):
