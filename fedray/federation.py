@@ -2,14 +2,19 @@
 
 `fedray run`, `fedray demo`, the tests and the benchmark all deploy through this one class,
 so they exercise exactly the path users take.
+
+This is the driver's Ray boundary: every ``ray.get`` on an actor call runs inside
+``ray_errors``, so what reaches the user is a ``FedrayError`` with a one-line message (the
+actor's own FedrayError when it raised one), never a remote traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -17,7 +22,7 @@ import ray
 from fedray.actors.combiner import Combiner
 from fedray.actors.controller import Controller
 from fedray.config import FederationConfig, RayConfig
-from fedray.errors import SessionError
+from fedray.errors import FedrayError, ListenError, SessionError, TransportError
 from fedray.tls import server_tls
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,37 @@ log = logging.getLogger(__name__)
 CONTROLLER = "controller"
 FOLLOW_POLL_S = 5.0
 CONTROLLER_RESTART_S = 120.0
+STOP_TIMEOUT_S = 20.0
+# Ray logs this at WARNING on every ray.init; fedray's own output has no room for it.
+QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def ray_errors(what: str) -> Iterator[None]:
+    """Translate Ray's failures around actor calls into fedray's tree.
+
+    A task that raised a FedrayError re-raises that error; any other failure in the task, a
+    dead, restarting or silent actor becomes a SessionError, and a broken connection to
+    Ray a TransportError, each one line that starts with ``what``.
+    """
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, FedrayError):
+            raise cause from None
+        raise SessionError(f"{what}: {type(cause).__name__}: {_first_line(cause)}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise SessionError(f"{what}: no answer in time") from None
+    except ray.exceptions.RayActorError as exc:
+        raise SessionError(f"{what}: {_first_line(exc)}") from None
+    except ray.exceptions.RayError as exc:
+        raise TransportError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def combiner_name(index: int) -> str:
@@ -35,6 +71,8 @@ def connect_ray(rc: RayConfig, namespace: str) -> bool:
     """Join or start Ray; True when this process started a private local instance."""
     if ray.is_initialized():
         return False
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if rc.address == "local" and not os.environ.get("RAY_ADDRESS"):
         ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
                  namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
@@ -80,11 +118,31 @@ class Federation:
             self.combiners.append(Combiner.options(name=name, **common).remote(
                 name, self.config.federation, c, port, self.token, self.tracking_uri,
                 self.config.tracking.database, package, tls=tls))
-        self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
+        with self._listen_errors("combiners", c.base_port), ray_errors("starting the combiners"):
+            self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
         self.controller = Controller.options(name=CONTROLLER, **common).remote(
             self.config, names, self.token, self.tracking_uri, tls=tls)
-        self.gateway = ray.get(self.controller.ready.remote())["address"]
+        port = self.config.controller.port
+        with self._listen_errors("controller", port), ray_errors("starting the controller"):
+            self.gateway = ray.get(self.controller.ready.remote())["address"]
         return self
+
+    @contextlib.contextmanager
+    def _listen_errors(self, section: str, port: int) -> Iterator[None]:
+        """A server that could not bind, told as the config field to change."""
+        try:
+            yield
+        except ListenError as exc:
+            where = (f"{section}.{'base_port' if section == 'combiners' else 'port'} {port}"
+                     if exc.in_use and port else f"{section}.host {getattr(self.config, section).host}")
+            who = f"{section[:-1]}-{self._index(exc.address)}" if section == "combiners" \
+                else "the controller"
+            raise TransportError(f"{self.config.source}: {where}: {who} {exc}") from None
+
+    def _index(self, address: str) -> int:
+        base = self.config.combiners.base_port
+        port = int(address.rpartition(":")[2] or 0)
+        return port - base if base and port >= base else 0
 
     def _remove_stale(self) -> None:
         for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -92,18 +150,21 @@ class Federation:
                 continue
             log.warning("removing actor %s left over from an earlier run of %s", entry["name"],
                         self.config.federation)
-            ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
 
     def serve_package(self, sha256: str, data: bytes) -> None:
         """Make every combiner serve this compute package (for the next session)."""
-        ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
+        with ray_errors("sending the compute package to the combiners"):
+            ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
 
     def start_session(self, seed_model_id: str, package_sha256: str = "",
                       resume: bool = False) -> str:
         """Start a session; with ``resume``, continue the federation's unfinished one if any
         (``self.resumed_after`` then says after which round)."""
-        started = ray.get(self.controller.start_session.remote(seed_model_id, package_sha256,
-                                                               resume))
+        with ray_errors("starting the session"):
+            started = ray.get(self.controller.start_session.remote(seed_model_id, package_sha256,
+                                                                   resume))
         self.resumed_after = started["resumed_after"]
         return started["session_id"]
 
@@ -111,19 +172,22 @@ class Federation:
         """Call ``on_status`` on every change until the session ends; return the last status."""
         version, seen, lost_since = -1, False, None
         while True:
-            try:
-                version, status = ray.get(self.controller.watch.remote(version, FOLLOW_POLL_S))
-                lost_since = None
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                # Ray restarts the controller, which resumes the session: wait for it.
-                lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > CONTROLLER_RESTART_S:
-                    raise SessionError(f"the controller of {self.config.federation} is gone and "
-                                       f"did not come back: {exc}") from None
-                log.warning("controller unavailable (%s); waiting for Ray to restart it", exc)
-                version = -1
-                time.sleep(1.0)
-                continue
+            with ray_errors(f"following the session of {self.config.federation}"):
+                try:
+                    version, status = ray.get(self.controller.watch.remote(version,
+                                                                           FOLLOW_POLL_S))
+                    lost_since = None
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    # Ray restarts the controller, which resumes the session: wait for it.
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > CONTROLLER_RESTART_S:
+                        raise SessionError(f"the controller of {self.config.federation} is gone "
+                                           f"and did not come back: {_first_line(exc)}") from None
+                    log.info("controller unavailable (%s); waiting for Ray to restart it",
+                             _first_line(exc))
+                    version = -1
+                    time.sleep(1.0)
+                    continue
             if status is None:
                 if seen:  # a restarted controller that no longer knows the session
                     raise SessionError(f"the controller of {self.config.federation} restarted "
@@ -135,14 +199,17 @@ class Federation:
                 return status
 
     def shutdown(self) -> None:
+        """Stop and remove the federation's actors."""
         handles = [h for h in [self.controller, *self.combiners] if h is not None]
-        stops = [h.stop.remote() for h in handles]
-        try:
-            ray.get(stops, timeout=20)
-        except Exception as exc:  # noqa: BLE001 - tearing down: report and go on
-            log.warning("actors did not stop cleanly: %s", exc)
+        if handles:
+            try:
+                with ray_errors("stopping the actors"):
+                    ray.get([h.stop.remote() for h in handles], timeout=STOP_TIMEOUT_S)
+            except FedrayError as exc:  # tearing down: report and go on
+                log.warning("actors did not stop cleanly: %s", exc)
         for handle in handles:
-            ray.kill(handle, no_restart=True)
+            with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                ray.kill(handle, no_restart=True)
         self.combiners, self.controller = [], None
 
 
