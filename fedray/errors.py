@@ -10,7 +10,8 @@
     ├── TransportError          a gRPC call to the gateway or a combiner failed
     │   ├── AuthError           the token was missing, wrong or revoked
     │   └── ListenError         a gateway or combiner could not listen on its address
-    └── SessionError            a session or round could not complete
+    ├── SessionError            a session or round could not complete
+    └── AlreadyRunning          the federation already runs: another live process owns it
 
 Lower-layer exceptions (grpc, ray, pymongo, minio) are translated into these once, at the
 adapter that calls the library. All of them stay picklable so they can cross actor
@@ -83,3 +84,10 @@ class ListenError(TransportError):
 
 class SessionError(FedrayError):
     exit_code = 9
+
+
+class AlreadyRunning(FedrayError):
+    """A live process already runs this federation (its data directory, or its actors in
+    the Ray cluster); nothing of it was touched."""
+
+    exit_code = 10

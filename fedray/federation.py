@@ -5,7 +5,11 @@ so they exercise exactly the path users take.
 
 This is the driver's Ray boundary: every ``ray.get`` on an actor call runs inside
 ``ray_errors``, so what reaches the user is a ``FedrayError`` with a one-line message (the
-actor's own FedrayError when it raised one), never a remote traceback.
+actor's own FedrayError when it raised one), never a remote traceback. A federation in a
+joined cluster is held by a ``Lease``: a named actor that is *not* detached, so Ray removes
+it as soon as the driver that took it is gone. A second driver of the same federation finds
+the name taken and is refused, and the actors of a live federation are never removed as
+leftovers.
 """
 
 from __future__ import annotations
@@ -13,24 +17,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
 
+from fedray import lifecycle
 from fedray.actors.combiner import Combiner
 from fedray.actors.controller import Controller
 from fedray.config import FederationConfig, RayConfig
-from fedray.errors import FedrayError, ListenError, SessionError, TransportError
+from fedray.errors import AlreadyRunning, FedrayError, ListenError, SessionError, TransportError
 from fedray.tls import server_tls
 
 log = logging.getLogger(__name__)
 
 CONTROLLER = "controller"
+LEASE = "lease"
 FOLLOW_POLL_S = 5.0
 CONTROLLER_RESTART_S = 120.0
 STOP_TIMEOUT_S = 20.0
+LEASE_WAIT_S = 10.0  # a lease whose driver just died goes within about a second
 # Ray logs this at WARNING on every ray.init; fedray's own output has no room for it.
 QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 
@@ -63,8 +72,24 @@ def ray_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
+@ray.remote(num_cpus=0, max_restarts=0)
+class Lease:
+    """Held by the driver that runs a federation; Ray ends it with that driver."""
+
+    def __init__(self, holder: dict[str, Any]) -> None:
+        self.holder = holder
+
+    def who(self) -> dict[str, Any]:
+        return self.holder
+
+
 def combiner_name(index: int) -> str:
     return f"combiner-{index}"
+
+
+def starts_ray(rc: RayConfig) -> bool:
+    """Whether ``connect_ray`` will start a private local Ray (rather than join one)."""
+    return not ray.is_initialized() and rc.address == "local" and not os.environ.get("RAY_ADDRESS")
 
 
 def connect_ray(rc: RayConfig, namespace: str) -> bool:
@@ -73,14 +98,23 @@ def connect_ray(rc: RayConfig, namespace: str) -> bool:
         return False
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    if rc.address == "local" and not os.environ.get("RAY_ADDRESS"):
-        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
-                 namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
-        return True
-    address = None if rc.address == "local" else rc.address  # None: RAY_ADDRESS of a Ray job
-    ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
-             log_to_driver=False)
-    return False
+    local = starts_ray(rc)
+    try:
+        if local:
+            ray.init(address="local", num_cpus=rc.num_cpus,
+                     include_dashboard=rc.include_dashboard, namespace=namespace,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            address = None if rc.address == "local" else rc.address  # None: a Ray job's
+            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
+                     log_to_driver=False)
+    except SystemExit as exc:  # ray.init's own SIGTERM handler: sys.exit(SIGTERM)
+        if exc.code == signal.SIGTERM:
+            raise lifecycle.stop_by(signal.SIGTERM) from None
+        raise
+    finally:
+        lifecycle.claim_signals()  # ray.init replaced the SIGTERM handler with its own
+    return local
 
 
 # Credentials the actors need (the model store's keys). Actors of a cluster that was joined
@@ -104,10 +138,19 @@ class Federation:
         self.controller: Any = None
         self.gateway = ""
         self.resumed_after: int | None = None
+        self.lease: Any = None
 
-    def deploy(self, package: tuple[str, bytes] | None = None) -> Federation:
-        """Start combiners and controller; ``package`` is (sha256, .tgz bytes) to serve."""
+    def deploy(self, package: tuple[str, bytes] | None = None,
+               exclusive: bool = False) -> Federation:
+        """Start combiners and controller; ``package`` is (sha256, .tgz bytes) to serve.
+
+        With ``exclusive`` this driver first takes the federation's lease in the cluster
+        (``AlreadyRunning`` if a live driver holds it). Either way, actors of a federation
+        whose lease is held are never removed as leftovers.
+        """
         tls = server_tls(self.config.tls, self.config.source)  # PEM bytes, read here once
+        if exclusive:
+            self._take_lease()
         self._remove_stale()
         c = self.config.combiners
         names = [combiner_name(i) for i in range(c.count)]
@@ -144,10 +187,46 @@ class Federation:
         port = int(address.rpartition(":")[2] or 0)
         return port - base if base and port >= base else 0
 
+    def _take_lease(self) -> None:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "data_dir": str(self.config.resolved_data_dir())}
+        deadline = time.monotonic() + LEASE_WAIT_S
+        while True:
+            try:
+                self.lease = Lease.options(name=LEASE, namespace=self.namespace).remote(holder)
+                return
+            except ValueError:  # the name is taken (ActorAlreadyExistsError)
+                pass
+            other = self._lease_holder()
+            if other is not None:
+                raise AlreadyRunning(
+                    f"federation {self.config.federation} is already running in the Ray cluster "
+                    f"(driver pid {other.get('pid')} on {other.get('host')}, data "
+                    f"{other.get('data_dir')}); stop it first")
+            if time.monotonic() > deadline:  # pragma: no cover - a lease that never goes
+                raise AlreadyRunning(f"federation {self.config.federation}: its lease in the "
+                                     "Ray cluster is held by a driver that does not answer")
+            time.sleep(0.3)  # its driver has just died: Ray is removing the lease
+
+    def _lease_holder(self) -> dict[str, Any] | None:
+        """Who holds the federation's lease, if a live driver does."""
+        try:
+            lease = ray.get_actor(LEASE, namespace=self.namespace)
+            with ray_errors("asking the federation's lease"):
+                return ray.get(lease.who.remote(), timeout=5)
+        except (ValueError, FedrayError):
+            return None  # none, or going away with its driver
+
     def _remove_stale(self) -> None:
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] != self.namespace:
-                continue
+        entries = [e for e in ray.util.list_named_actors(all_namespaces=True)
+                   if e["namespace"] == self.namespace and e["name"] != LEASE]
+        if entries and self.lease is None:
+            other = self._lease_holder()
+            if other is not None:
+                raise AlreadyRunning(
+                    f"federation {self.config.federation} is already running in the Ray cluster "
+                    f"(driver pid {other.get('pid')} on {other.get('host')}); stop it first")
+        for entry in entries:
             log.warning("removing actor %s left over from an earlier run of %s", entry["name"],
                         self.config.federation)
             with contextlib.suppress(ValueError):  # gone meanwhile
@@ -199,7 +278,7 @@ class Federation:
                 return status
 
     def shutdown(self) -> None:
-        """Stop and remove the federation's actors."""
+        """Stop and remove the federation's actors, also those a deploy cut short left."""
         handles = [h for h in [self.controller, *self.combiners] if h is not None]
         if handles:
             try:
@@ -210,7 +289,13 @@ class Federation:
         for handle in handles:
             with contextlib.suppress(ValueError, ray.exceptions.RayError):
                 ray.kill(handle, no_restart=True)
-        self.combiners, self.controller = [], None
+        if self.lease is not None or handles:  # this namespace is ours: nothing in it survives
+            for entry in ray.util.list_named_actors(all_namespaces=True):
+                if entry["namespace"] == self.namespace:
+                    with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                        ray.kill(ray.get_actor(entry["name"], namespace=self.namespace),
+                                 no_restart=True)
+        self.combiners, self.controller, self.lease = [], None, None
 
 
 def require_finished(status: dict[str, Any]) -> None:

@@ -1,11 +1,75 @@
-"""The guards around running a federation, piece by piece. Here: Ray's errors as fedray's
-at the driver's boundary."""
+"""The guards around running a federation, piece by piece: the run lock, the teardown's
+order, and Ray's errors as fedray's at the driver's boundary.
+(tests/test_lifecycle.py drives them together through real `fedray run`/`fedray demo`.)"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from fedray.errors import ConfigError, FedrayError, SessionError
+from fedray.errors import AlreadyRunning, ConfigError, FedrayError, SessionError
+from fedray.lifecycle import CLIENTS, FEDERATION, LOCK, RAY, TRACKING, RunLock, Stopped, Teardown
+
+
+def test_the_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    code = ("import sys, time; from pathlib import Path; from fedray.lifecycle import RunLock; "
+            "RunLock(Path(sys.argv[1]), 'f').acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AlreadyRunning, match=f"already running from {tmp_path} "
+                                                 f"\\(pid {holder.pid}\\)"):
+            RunLock(tmp_path, "f").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(tmp_path, "f").acquire().release()  # the kernel dropped it with the process
+
+
+def test_teardown_stops_in_order_goes_on_past_failures_and_lists_what_it_stopped():
+    calls: list[str] = []
+    teardown = Teardown()
+
+    def stop(name: str, fail: bool = False):
+        def call() -> None:
+            calls.append(name)
+            if fail:
+                raise RuntimeError("boom")
+        return call
+
+    teardown.add(LOCK, "", stop("lock"))
+    teardown.add(TRACKING, "tracking server", stop("tracking", fail=True))
+    teardown.add(RAY, "Ray", stop("ray"))
+    teardown.add(FEDERATION, "federation x", stop("federation"))
+    teardown.add(CLIENTS, lambda: "2 edge clients", stop("clients"))
+    assert teardown.close() == ["federation x", "2 edge clients", "tracking server", "Ray"]
+    assert calls == ["federation", "clients", "tracking", "ray", "lock"]
+    assert teardown.close() == []  # nothing is stopped twice
+    line = Stopped(15, ["federation x", "Ray"]).line()
+    assert line == "stopped by SIGTERM: federation x, Ray" and Stopped(2).exit_code == 130
+
+
+def test_a_signal_raises_stopped_once_and_waits_while_the_teardown_runs():
+    import signal
+
+    from fedray.lifecycle import running
+
+    seen: list[str] = []
+    with pytest.raises(Stopped) as info, running() as teardown:
+        def stop() -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while stopping: ignored
+            seen.append("stopped")
+        teardown.add(FEDERATION, "federation x", stop)
+        assert os.environ["FEDRAY_RUN"] == teardown.run_id
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert info.value.signum == signal.SIGTERM and info.value.stopped == ["federation x"]
+    assert seen == ["stopped"] and "FEDRAY_RUN" not in os.environ
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 @pytest.mark.integration

@@ -16,8 +16,9 @@ Files in ``<data_dir>/tracking/``:
     server.lock        serializes "reuse or start" between processes
 
 The server runs in its own session, so a Ctrl-C in the terminal reaches the driver, which
-then stops it by its PID (SIGTERM, then SIGKILL). Nothing here ever signals a process
-by name.
+then stops it by its PID (SIGTERM, then SIGKILL). It is also bound to the thread that
+started it (``PR_SET_PDEATHSIG``): if the driver dies without stopping it, even by
+SIGKILL, the kernel kills the server too. Nothing here ever signals a process by name.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +42,7 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from fedray.errors import TrackingError
+from fedray.lifecycle import fate_shared
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +259,7 @@ class EmbeddedMongo:
                     cwd=self.dir,
                     start_new_session=True,
                     close_fds=True,
+                    preexec_fn=fate_shared(signal.SIGKILL),  # SQLite survives a SIGKILL
                 )
         except OSError as exc:
             raise TrackingError(f"cannot launch {executable}: {exc}") from exc
