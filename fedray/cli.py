@@ -76,8 +76,11 @@ def _stderr() -> Console:
 @click.option("--new-session", is_flag=True,
               help="Start a new session even if an earlier run left one unfinished "
                    "(by default that one resumes after its last committed round).")
+@click.option("--insecure", is_flag=True,
+              help="Start even without a token while listening beyond loopback: then "
+                   "every client that reaches the gateway is accepted.")
 def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tuple[str, ...],
-        new_session: bool) -> None:
+        new_session: bool, insecure: bool) -> None:
     """Run a federation from CONFIG until its session ends (joins Ray when told to).
 
     SIGINT or SIGTERM stops what it started (actors, tracking server, a local Ray) and
@@ -99,7 +102,7 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
     console = _stderr()
     with running() as teardown:
         result = run_federation(config, console=console, resume=not new_session,
-                                teardown=teardown)
+                                teardown=teardown, insecure=insecure)
     print_summary(result, console)
     if as_json:
         click.echo(json.dumps(result.summary()))

@@ -7,6 +7,7 @@ stdout, so ``--json`` output stays machine-readable.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import sys
 from collections.abc import Callable
@@ -92,9 +93,47 @@ def federation_token(config: FederationConfig) -> str | None:
     return os.environ.get(config.auth.token_env) or None
 
 
+LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or name): nothing off this machine reaches it."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_federation(config: FederationConfig, token: str | None, client_tokens: bool,
+                    insecure: bool) -> str | None:
+    """Whether a federation may start: None if it may (and says nothing), a warning to print
+    if it may but anyone reaching it could join, or ``ConfigError`` if it must not start.
+
+    Without ``$FEDRAY_TOKEN`` and without any per-client token the bridge accepts every
+    caller. That is refused unless nothing off this machine can reach it (both hosts
+    loopback) or the operator said so (``--insecure``).
+    """
+    if token is not None or client_tokens:
+        return None
+    env = config.auth.token_env
+    if is_loopback(config.controller.host) and is_loopback(config.combiners.host):
+        return (f"${env} is not set and no client has a token: any process on this machine "
+                "may join (the gateway and combiners listen on loopback only)")
+    if insecure:
+        return (f"${env} is not set and no client has a token: anyone who reaches "
+                f"{config.controller.host}:{config.controller.port} may join (--insecure)")
+    raise ConfigError(
+        f"{config.source}: ${env} is not set and no client has a token (fedray token create), "
+        f"so anyone who reaches {config.controller.host}:{config.controller.port} could join. "
+        f"Set ${env}, bind controller.host and combiners.host to 127.0.0.1, or pass --insecure")
+
+
 def run_federation(config: FederationConfig, *, console: Console,
                    on_ready: Callable[[str], None] | None = None,
-                   resume: bool = True, teardown: Teardown | None = None) -> RunResult:
+                   resume: bool = True, teardown: Teardown | None = None,
+                   insecure: bool = False) -> RunResult:
     """Deploy ``config``'s federation, run one session and tear everything down again.
 
     With ``resume`` (the default for `fedray run`), a session of this federation that an
@@ -104,13 +143,13 @@ def run_federation(config: FederationConfig, *, console: Console,
     """
     teardown = teardown if teardown is not None else Teardown()
     try:
-        return _run(config, console, on_ready, resume, teardown)
+        return _run(config, console, on_ready, resume, teardown, insecure)
     finally:
         teardown.close()
 
 
 def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], None] | None,
-         resume: bool, teardown: Teardown) -> RunResult:
+         resume: bool, teardown: Teardown, insecure: bool) -> RunResult:
     import ray
 
     from fedray.federation import Federation, connect_ray, starts_ray
@@ -125,10 +164,6 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     seed_id = store.put(load_seed(config.seed_model))
     package = session_package(config.package, data_dir)
     token = federation_token(config)
-    if token is None:
-        console.print(f"[yellow]warning:[/] ${config.auth.token_env} is not set: only clients "
-                      "with their own token (fedray token create) are accepted, or every client "
-                      "if no such token exists")
     if config.tracking.uri == "embedded":
         tracking_uri, server = connect_or_start(data_dir)
         if server is not None:  # ours: keep it alive while the federation runs
@@ -137,6 +172,10 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
             supervised.start()
     else:
         tracking_uri = config.tracking.uri
+    warning = open_federation(config, token, token is None and _client_tokens(tracking_uri, config),
+                              insecure)
+    if warning is not None:
+        console.print(f"[yellow]warning:[/] {warning}")
     with console.status("starting Ray and the federation actors..."):
         local = starts_ray(config.ray)
         if local:
@@ -162,6 +201,19 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
                      gateway=federation.gateway,
                      embedded_tracking=config.tracking.uri == "embedded")
+
+
+def _client_tokens(tracking_uri: str, config: FederationConfig) -> bool:
+    """Whether tracking holds per-client tokens (then the bridge is closed without the
+    shared one)."""
+    from fedray.tracking.store import TrackingStore
+    from fedray.tracking.tokens import read_token_hashes
+
+    store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    try:
+        return bool(read_token_hashes(store))
+    finally:
+        store.close()
 
 
 def _supervisor(server, config: FederationConfig):

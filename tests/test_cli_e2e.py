@@ -101,6 +101,9 @@ def test_cli_user_mistakes_are_one_line_errors(tmp_path):
         (["run", str(tmp_path / "missing.yaml")], 2, "no such config file"),
         (["run", digits, "--set", "session.roudns=3"], 2,
          "--set session.roudns: unknown field (did you mean session.rounds?)"),
+        # No token, no per-client token, and 0.0.0.0: anyone could join, so nothing starts.
+        (["run", digits, "--data-dir", str(tmp_path / "open")], 2,
+         "$FEDRAY_TOKEN is not set and no client has a token"),
         (["edge", "start", "--gateway", "x:1", "--name", "n", "--app", "a", "--package", "b"], 2,
          "not both"),
         (["edge", "start", "--gateway", "x:1", "--name", "n", "--package", "/no/such"], 2,

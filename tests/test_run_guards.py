@@ -1,5 +1,5 @@
-"""The guards around running a federation, piece by piece: the run lock, the teardown's
-order, and Ray's errors as fedray's at the driver's boundary.
+"""The guards around running a federation, piece by piece: who may start an open one, the
+run lock, the teardown's order, and Ray's errors as fedray's at the driver's boundary.
 (tests/test_lifecycle.py drives them together through real `fedray run`/`fedray demo`.)"""
 
 from __future__ import annotations
@@ -10,8 +10,42 @@ import sys
 
 import pytest
 
+from fedray.config import config_from_dict
 from fedray.errors import AlreadyRunning, ConfigError, FedrayError, SessionError
 from fedray.lifecycle import CLIENTS, FEDERATION, LOCK, RAY, TRACKING, RunLock, Stopped, Teardown
+from fedray.runner import is_loopback, open_federation
+
+
+def _config(controller: str, combiners: str):
+    return config_from_dict({"federation": "g", "seed_model": "s",
+                             "controller": {"host": controller},
+                             "combiners": {"host": combiners}}, source="g.yaml")
+
+
+@pytest.mark.parametrize(("controller", "combiners", "token", "client_tokens", "insecure",
+                          "verdict"), [
+    ("0.0.0.0", "0.0.0.0", None, False, False, "refused"),  # the default config, no token
+    ("127.0.0.1", "0.0.0.0", None, False, False, "refused"),  # one host reachable is enough
+    ("0.0.0.0", "0.0.0.0", None, False, True, "warned"),  # --insecure: the operator said so
+    ("127.0.0.1", "::1", None, False, False, "warned"),  # nothing off this machine reaches it
+    ("localhost", "127.0.0.2", None, False, False, "warned"),
+    ("0.0.0.0", "0.0.0.0", "s3cret", False, False, "silent"),
+    ("0.0.0.0", "0.0.0.0", None, True, False, "silent"),  # per-client tokens close the bridge
+])
+def test_a_federation_anyone_could_join_starts_only_on_loopback_or_when_told(
+        controller, combiners, token, client_tokens, insecure, verdict):
+    config = _config(controller, combiners)
+    if verdict == "refused":
+        with pytest.raises(ConfigError, match=r"g.yaml: \$FEDRAY_TOKEN is not set .* --insecure"):
+            open_federation(config, token, client_tokens, insecure)
+        return
+    warning = open_federation(config, token, client_tokens, insecure)
+    assert (warning is None) == (verdict == "silent"), warning
+
+
+def test_loopback_hosts():
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "fl.example.org", ""]))
 
 
 def test_the_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
