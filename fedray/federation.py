@@ -139,6 +139,7 @@ class Federation:
         self.gateway = ""
         self.resumed_after: int | None = None
         self.lease: Any = None
+        self._serving: list[Any] = []  # actors whose server came up: those have one to stop
 
     def deploy(self, package: tuple[str, bytes] | None = None,
                exclusive: bool = False) -> Federation:
@@ -163,11 +164,13 @@ class Federation:
                 self.config.tracking.database, package, tls=tls))
         with self._listen_errors("combiners", c.base_port), ray_errors("starting the combiners"):
             self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
+        self._serving = list(self.combiners)
         self.controller = Controller.options(name=CONTROLLER, **common).remote(
             self.config, names, self.token, self.tracking_uri, tls=tls)
         port = self.config.controller.port
         with self._listen_errors("controller", port), ray_errors("starting the controller"):
             self.gateway = ray.get(self.controller.ready.remote())["address"]
+        self._serving.append(self.controller)
         return self
 
     @contextlib.contextmanager
@@ -280,10 +283,10 @@ class Federation:
     def shutdown(self) -> None:
         """Stop and remove the federation's actors, also those a deploy cut short left."""
         handles = [h for h in [self.controller, *self.combiners] if h is not None]
-        if handles:
+        if self._serving:
             try:
                 with ray_errors("stopping the actors"):
-                    ray.get([h.stop.remote() for h in handles], timeout=STOP_TIMEOUT_S)
+                    ray.get([h.stop.remote() for h in self._serving], timeout=STOP_TIMEOUT_S)
             except FedrayError as exc:  # tearing down: report and go on
                 log.warning("actors did not stop cleanly: %s", exc)
         for handle in handles:
@@ -295,7 +298,7 @@ class Federation:
                     with contextlib.suppress(ValueError, ray.exceptions.RayError):
                         ray.kill(ray.get_actor(entry["name"], namespace=self.namespace),
                                  no_restart=True)
-        self.combiners, self.controller, self.lease = [], None, None
+        self.combiners, self.controller, self.lease, self._serving = [], None, None, []
 
 
 def require_finished(status: dict[str, Any]) -> None:

@@ -108,7 +108,7 @@ def _last_line(err: str) -> str:
 
 def _clean(err: str) -> None:
     for noise in ("Traceback", "SIGTERM received", "internal error", "Aborted",
-                  "Token authentication is enabled"):
+                  "Token authentication is enabled", "did not stop cleanly"):
         assert noise not in err, err[-3000:]
 
 
@@ -248,3 +248,29 @@ def test_a_second_local_run_on_the_same_ports_fails_cleanly_and_ctrl_c_stops_the
     assert _last_line(err) == "fedray: stopped by SIGINT: federation life-ports, tracking server, Ray"
     _clean(err)
     assert_none_left(first_mark, tmp_path / "one")
+
+
+def test_a_port_another_program_holds_is_one_line_naming_the_field(ray_session, tmp_path):
+    import socket
+
+    import ray
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken, combiner = holder.getsockname()[1], free_ports(1)[0]
+    config = _config(tmp_path, f"life-{uuid.uuid4().hex[:6]}", ray_session, taken, combiner)
+    mark = new_mark()
+    try:
+        result = subprocess.run([sys.executable, "-m", "fedray", "run", str(config),
+                                 "--data-dir", str(tmp_path / "fed")], cwd=ROOT,
+                                env=marked(_env(FEDRAY_TOKEN="t"), mark), capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        holder.close()
+    assert result.returncode == 7, result.stderr[-3000:]
+    assert result.stderr == (f"fedray: error: {config}: controller.port {taken}: the controller "
+                             f"cannot listen on 127.0.0.1:{taken}: the port is in use\n")
+    assert_none_left(mark, tmp_path)
+    assert not [e for e in ray.util.list_named_actors(all_namespaces=True)
+                if e["namespace"] == f"fedray-{config.stem}"]
