@@ -7,6 +7,7 @@ Importing fedray does not import Ray, so edge machines need only the client's de
 from fedray.config import FederationConfig, config_from_dict, load_config
 from fedray.edge import EdgeClient
 from fedray.errors import (
+    AlreadyRunning,
     AuthError,
     ConfigError,
     FedrayError,
@@ -24,6 +25,7 @@ from fedray.tls import ClientTls
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyRunning",
     "AuthError",
     "ClientTls",
     "ConfigError",

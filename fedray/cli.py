@@ -20,6 +20,7 @@ from rich.console import Console
 
 from fedray.edge.cli import edge
 from fedray.errors import ConfigError, FedrayError
+from fedray.lifecycle import Stopped, running
 from fedray.status import status
 
 INTERNAL_ERROR = 70
@@ -35,6 +36,9 @@ class FedrayGroup(click.Group):
             return super().invoke(ctx)
         except FedrayError as exc:
             click.echo(f"fedray: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except Stopped as exc:  # SIGINT/SIGTERM to run or demo: what it stopped, in one line
+            click.echo(f"fedray: {exc.line()}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("fedray: interrupted", err=True)
@@ -72,9 +76,15 @@ def _stderr() -> Console:
 @click.option("--new-session", is_flag=True,
               help="Start a new session even if an earlier run left one unfinished "
                    "(by default that one resumes after its last committed round).")
+@click.option("--insecure", is_flag=True,
+              help="Start even without a token while listening beyond loopback: then "
+                   "every client that reaches the gateway is accepted.")
 def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tuple[str, ...],
-        new_session: bool) -> None:
-    """Run a federation from CONFIG until its session ends (joins Ray when told to)."""
+        new_session: bool, insecure: bool) -> None:
+    """Run a federation from CONFIG until its session ends (joins Ray when told to).
+
+    SIGINT or SIGTERM stops what it started (actors, tracking server, a local Ray) and
+    exits 130 or 143."""
     import yaml
 
     from fedray.config import load_config
@@ -90,7 +100,9 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
         parsed["data_dir"] = str(data_dir)
     config = load_config(config_path, parsed)
     console = _stderr()
-    result = run_federation(config, console=console, resume=not new_session)
+    with running() as teardown:
+        result = run_federation(config, console=console, resume=not new_session,
+                                teardown=teardown, insecure=insecure)
     print_summary(result, console)
     if as_json:
         click.echo(json.dumps(result.summary()))
@@ -117,8 +129,10 @@ def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Pa
     """Run a whole federation on this machine: digits data, edge clients as processes."""
     from fedray.demo import run_demo
 
-    summary = run_demo(clients=clients, rounds=rounds, combiners=combiners, partition=partition,
-                       data_dir=data_dir, console=_stderr(), storage=storage, tracking=tracking)
+    with running() as teardown:
+        summary = run_demo(clients=clients, rounds=rounds, combiners=combiners,
+                           partition=partition, data_dir=data_dir, console=_stderr(),
+                           storage=storage, tracking=tracking, teardown=teardown)
     if as_json:
         click.echo(json.dumps(summary))
     if summary["state"] != "finished":

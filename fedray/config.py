@@ -7,6 +7,7 @@ so a typo in a config stops `fedray run` before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -152,7 +153,8 @@ class FederationConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
-    """Read a YAML config; ``overrides`` uses dotted keys (``{"session.rounds": 3}``)."""
+    """Read a YAML config; ``overrides`` uses dotted keys (``{"session.rounds": 3}``), as
+    `--set` gives them: an error in one of them names ``--set FIELD``, not the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -162,48 +164,111 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    blame = _Blame(str(path), frozenset(overrides or ()))
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return config_from_dict(raw, source=str(path))
+        _check_override(dotted)
+        _set_dotted(raw, dotted, value, blame)
+    return _from_dict(raw, blame)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> FederationConfig:
-    config = _build(FederationConfig, {**raw, "source": source}, "", source)
-    _check(config)
+    return _from_dict(raw, _Blame(source, frozenset()))
+
+
+def _from_dict(raw: dict[str, Any], blame: _Blame) -> FederationConfig:
+    config = _build(FederationConfig, {**raw, "source": blame.source}, "", blame)
+    _check(config, blame)
     return config
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+@dataclass(frozen=True)
+class _Blame:
+    """Where a field's value came from: the config file, or a `--set` override."""
+
+    source: str
+    overridden: frozenset[str]
+
+    def origin(self, where: str) -> str | None:
+        """The override that set ``where`` (or a section holding it), if one did."""
+        return next((o for o in sorted(self.overridden)
+                     if where == o or where.startswith(f"{o}.")), None)
+
+    def error(self, where: str, why: str) -> ConfigError:
+        origin = self.origin(where)
+        if origin is None:
+            return ConfigError(f"{self.source}: {where} {why}")
+        return ConfigError(f"--set {origin}: {why}" if origin == where
+                           else f"--set {origin}: {where} {why}")
+
+    def unknown(self, where: str, known: list[str]) -> ConfigError:
+        origin = self.origin(where)
+        head = f"--set {where}: unknown field" if origin == where else \
+            f"--set {origin}: unknown field {where}" if origin else \
+            f"{self.source}: unknown field {where}"
+        return ConfigError(f"{head} ({_hint(where, known)})")
+
+
+def _hint(where: str, known: list[str]) -> str:
+    prefix, _, name = where.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return "known: " + ", ".join(sorted(known))
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+
+
+def _check_override(dotted: str) -> None:
+    """``--set`` names a field that exists (any key below a free-form mapping does)."""
+    cls: Any = FederationConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if cls is None:
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])} is a value, not a section")
+        if part not in _fields(cls):
+            what = "unknown field" if where == dotted else f"unknown field {where}"
+            raise ConfigError(f"--set {dotted}: {what} ({_hint(where, _fields(cls))})")
+        hint = typing.get_type_hints(cls)[part]
+        if hint is dict:
+            return
+        cls = hint if dataclasses.is_dataclass(hint) else None
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, blame: _Blame) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
-    for key in parents:
+    for i, key in enumerate(parents):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise blame.error(".".join(parents[: i + 1]), "must be a mapping")
     node[leaf] = value
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, blame: _Blame) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+        raise blame.error(prefix.rstrip(".") or "config", "must be a mapping")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        known = ", ".join(sorted(n for n in fields if n != "source"))
-        raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]} (known: {known})")
+        raise blame.unknown(f"{prefix}{unknown[0]}", _fields(cls))
     values = {}
     for name, f in fields.items():
         where = f"{prefix}{name}"
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{source}: missing required field {where}")
+                raise ConfigError(f"{blame.source}: missing required field {where}")
             continue
-        values[name] = _coerce(hints[name], raw[name], where, source)
+        values[name] = _coerce(hints[name], raw[name], where, blame)
     return cls(**values)
 
 
-def _coerce(hint: Any, value: Any, where: str, source: str) -> Any:
+def _coerce(hint: Any, value: Any, where: str, blame: _Blame) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, f"{where}.", source)
+        return _build(hint, value if value is not None else {}, f"{where}.", blame)
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
@@ -221,12 +286,11 @@ def _coerce(hint: Any, value: Any, where: str, source: str) -> Any:
         if option is list and isinstance(value, list):
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{source}: {where} must be {wanted}, got {value!r}")
+    raise blame.error(where, f"must be {wanted}, got {value!r}")
 
 
-def _check(c: FederationConfig) -> None:
-    def bad(where: str, why: str) -> ConfigError:
-        return ConfigError(f"{c.source}: {where} {why}")
+def _check(c: FederationConfig, blame: _Blame) -> None:
+    bad = blame.error
 
     if not _NAME.match(c.federation):
         raise bad("federation", "must be 1-63 letters, digits, '-' or '_'")
@@ -298,7 +362,7 @@ def _check_session(c: FederationConfig, bad: Any) -> None:
     try:
         strategy = make_strategy(s.aggregator, s.aggregator_kwargs)
     except ConfigError as exc:
-        raise bad("session.aggregator:", str(exc)) from None
+        raise bad("session.aggregator", f"names no strategy that loads: {exc}") from None
     try:
         strategy.check_settings(s)
     except ValueError as exc:

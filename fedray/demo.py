@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 
 from rich.console import Console
 
+from fedray import lifecycle
 from fedray.config import config_from_dict
 from fedray.errors import ConfigError, FedrayError
+from fedray.lifecycle import Teardown
 from fedray.runner import RunResult, federation_token, print_summary, run_federation
 from fedray.serialization import decode
 from fedray.storage import open_model_store
@@ -55,19 +58,30 @@ def demo_config(clients: int, rounds: int, combiners: int, data_dir: Path,
     }
 
 
-def start_clients(gateway: str, paths: list[Path], logs: Path, token: str | None) -> list[subprocess.Popen]:
+def start_clients(gateway: str, paths: list[Path], logs: Path, token: str | None,
+                  procs: list[subprocess.Popen] | None = None) -> list[subprocess.Popen]:
+    """One `fedray edge start` process per data file, appended to ``procs`` as each starts.
+
+    Each runs in a session of its own (a Ctrl-C in the terminal reaches only the demo, which
+    then stops them in order) and gets SIGTERM from the kernel if the demo dies first.
+    """
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if token:
         env["FEDRAY_TOKEN"] = token
-    procs = []
+    procs = procs if procs is not None else []
     for i, path in enumerate(paths):
         cmd = [sys.executable, "-m", "fedray", "edge", "start", "--gateway", gateway,
                "--name", f"client-{i}", "--app", "examples.digits.app", "--data", str(path)]
         with open(logs / f"client-{i}.log", "wb") as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          cwd=os.getcwd(), start_new_session=True))
+                                          cwd=os.getcwd(), start_new_session=True,
+                                          preexec_fn=lifecycle.fate_shared(signal.SIGTERM)))
     return procs
+
+
+def _clients_label(count: int) -> str:
+    return "" if count == 0 else "1 edge client" if count == 1 else f"{count} edge clients"
 
 
 def stop_clients(procs: list[subprocess.Popen]) -> None:
@@ -84,9 +98,10 @@ def stop_clients(procs: list[subprocess.Popen]) -> None:
 
 def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
              data_dir: Path | None, console: Console, storage: str = "file",
-             tracking: str = "embedded") -> dict[str, Any]:
+             tracking: str = "embedded", teardown: Teardown | None = None) -> dict[str, Any]:
     """Run the demo; ``storage``/``tracking`` are ``storage.uri``/``tracking.uri`` values
-    (e.g. ``s3://bucket?endpoint=host:9000&secure=false`` and ``mongodb://host:27017/``)."""
+    (e.g. ``s3://bucket?endpoint=host:9000&secure=false`` and ``mongodb://host:27017/``).
+    Its edge clients join ``teardown`` with the federation (see ``run_federation``)."""
     data_mod, model_mod = _examples()
     # The demo is authenticated like any federation: a fresh token unless one is set.
     os.environ.setdefault("FEDRAY_TOKEN", secrets.token_hex(16))
@@ -99,14 +114,15 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
     console.print(f"demo: {clients} clients ({partition} digits), {combiners} combiners, "
                   f"{rounds} rounds; client logs in {data_dir / 'logs'}")
     procs: list[subprocess.Popen] = []
+    teardown = teardown if teardown is not None else Teardown()
 
     def on_ready(gateway: str) -> None:
-        procs.extend(start_clients(gateway, paths, data_dir / "logs", federation_token(config)))
+        teardown.add(lifecycle.CLIENTS, lambda: _clients_label(len(procs)),
+                     lambda: stop_clients(procs))
+        start_clients(gateway, paths, data_dir / "logs", federation_token(config), procs)
 
-    try:
-        result = run_federation(config, console=console, on_ready=on_ready, resume=False)
-    finally:
-        stop_clients(procs)
+    result = run_federation(config, console=console, on_ready=on_ready, resume=False,
+                            teardown=teardown)
     print_summary(result, console)
     store = open_model_store(config.storage.uri, data_dir)
     accuracy = []

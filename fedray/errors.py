@@ -8,8 +8,10 @@
     ├── StorageError            the model store could not read or write
     ├── TrackingError           the tracking database is unreachable or refused a write
     ├── TransportError          a gRPC call to the gateway or a combiner failed
-    │   └── AuthError           the token was missing, wrong or revoked
-    └── SessionError            a session or round could not complete
+    │   ├── AuthError           the token was missing, wrong or revoked
+    │   └── ListenError         a gateway or combiner could not listen on its address
+    ├── SessionError            a session or round could not complete
+    └── AlreadyRunning          the federation already runs: another live process owns it
 
 Lower-layer exceptions (grpc, ray, pymongo, minio) are translated into these once, at the
 adapter that calls the library. All of them stay picklable so they can cross actor
@@ -67,5 +69,25 @@ class AuthError(TransportError):
     exit_code = 8
 
 
+class ListenError(TransportError):
+    """A server could not bind ``address``; ``in_use`` when the port was the reason."""
+
+    def __init__(self, address: str, reason: str, in_use: bool = False) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
+        self.in_use = in_use
+
+    def __reduce__(self):
+        return (type(self), (self.address, self.reason, self.in_use))
+
+
 class SessionError(FedrayError):
     exit_code = 9
+
+
+class AlreadyRunning(FedrayError):
+    """A live process already runs this federation (its data directory, or its actors in
+    the Ray cluster); nothing of it was touched."""
+
+    exit_code = 10

@@ -2,49 +2,121 @@
 
 `fedray run`, `fedray demo`, the tests and the benchmark all deploy through this one class,
 so they exercise exactly the path users take.
+
+This is the driver's Ray boundary: every ``ray.get`` on an actor call runs inside
+``ray_errors``, so what reaches the user is a ``FedrayError`` with a one-line message (the
+actor's own FedrayError when it raised one), never a remote traceback. A federation in a
+joined cluster is held by a ``Lease``: a named actor that is *not* detached, so Ray removes
+it as soon as the driver that took it is gone. A second driver of the same federation finds
+the name taken and is refused, and the actors of a live federation are never removed as
+leftovers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
 
+from fedray import lifecycle
 from fedray.actors.auth import BridgeKeys
 from fedray.actors.combiner import Combiner
 from fedray.actors.controller import Controller
 from fedray.config import FederationConfig, RayConfig
-from fedray.errors import SessionError
+from fedray.errors import AlreadyRunning, FedrayError, ListenError, SessionError, TransportError
 from fedray.keys import load_token_secret, tokens_issued
 from fedray.tls import server_tls
 
 log = logging.getLogger(__name__)
 
 CONTROLLER = "controller"
+LEASE = "lease"
 FOLLOW_POLL_S = 5.0
 CONTROLLER_RESTART_S = 120.0
+STOP_TIMEOUT_S = 20.0
+LEASE_WAIT_S = 10.0  # a lease whose driver just died goes within about a second
+# Ray logs this at WARNING on every ray.init; fedray's own output has no room for it.
+QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def ray_errors(what: str) -> Iterator[None]:
+    """Translate Ray's failures around actor calls into fedray's tree.
+
+    A task that raised a FedrayError re-raises that error; any other failure in the task, a
+    dead, restarting or silent actor becomes a SessionError, and a broken connection to
+    Ray a TransportError, each one line that starts with ``what``.
+    """
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, FedrayError):
+            raise cause from None
+        raise SessionError(f"{what}: {type(cause).__name__}: {_first_line(cause)}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise SessionError(f"{what}: no answer in time") from None
+    except ray.exceptions.RayActorError as exc:
+        raise SessionError(f"{what}: {_first_line(exc)}") from None
+    except ray.exceptions.RayError as exc:
+        raise TransportError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Lease:
+    """Held by the driver that runs a federation; Ray ends it with that driver."""
+
+    def __init__(self, holder: dict[str, Any]) -> None:
+        self.holder = holder
+
+    def who(self) -> dict[str, Any]:
+        return self.holder
 
 
 def combiner_name(index: int) -> str:
     return f"combiner-{index}"
 
 
+def starts_ray(rc: RayConfig) -> bool:
+    """Whether ``connect_ray`` will start a private local Ray (rather than join one)."""
+    return not ray.is_initialized() and rc.address == "local" and not os.environ.get("RAY_ADDRESS")
+
+
 def connect_ray(rc: RayConfig, namespace: str) -> bool:
     """Join or start Ray; True when this process started a private local instance."""
     if ray.is_initialized():
         return False
-    if rc.address == "local" and not os.environ.get("RAY_ADDRESS"):
-        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
-                 namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
-        return True
-    address = None if rc.address == "local" else rc.address  # None: RAY_ADDRESS of a Ray job
-    ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
-             log_to_driver=False)
-    return False
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    local = starts_ray(rc)
+    try:
+        if local:
+            ray.init(address="local", num_cpus=rc.num_cpus,
+                     include_dashboard=rc.include_dashboard, namespace=namespace,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            address = None if rc.address == "local" else rc.address  # None: a Ray job's
+            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
+                     log_to_driver=False)
+    except SystemExit as exc:  # ray.init's own SIGTERM handler: sys.exit(SIGTERM)
+        if exc.code == signal.SIGTERM:
+            raise lifecycle.stop_by(signal.SIGTERM) from None
+        raise
+    finally:
+        lifecycle.claim_signals()  # ray.init replaced the SIGTERM handler with its own
+    return local
 
 
 # Credentials the actors need (the model store's keys). Actors of a cluster that was joined
@@ -68,12 +140,22 @@ class Federation:
         self.controller: Any = None
         self.gateway = ""
         self.resumed_after: int | None = None
+        self.lease: Any = None
+        self._serving: list[Any] = []  # actors whose server came up: those have one to stop
 
-    def deploy(self, package: tuple[str, bytes] | None = None) -> Federation:
-        """Start combiners and controller; ``package`` is (sha256, .tgz bytes) to serve."""
+    def deploy(self, package: tuple[str, bytes] | None = None,
+               exclusive: bool = False) -> Federation:
+        """Start combiners and controller; ``package`` is (sha256, .tgz bytes) to serve.
+
+        With ``exclusive`` this driver first takes the federation's lease in the cluster
+        (``AlreadyRunning`` if a live driver holds it). Either way, actors of a federation
+        whose lease is held are never removed as leftovers.
+        """
         tls = server_tls(self.config.tls, self.config.source)  # PEM bytes, read here once
         data_dir = self.config.resolved_data_dir()  # the token secret's bytes travel to the actors
         keys = BridgeKeys(self.token, load_token_secret(data_dir), tokens_issued(data_dir))
+        if exclusive:
+            self._take_lease()
         self._remove_stale()
         c = self.config.combiners
         names = [combiner_name(i) for i in range(c.count)]
@@ -84,30 +166,91 @@ class Federation:
             self.combiners.append(Combiner.options(name=name, **common).remote(
                 name, self.config.federation, c, port, keys, self.tracking_uri,
                 self.config.tracking.database, package, tls=tls))
-        self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
+        with self._listen_errors("combiners", c.base_port), ray_errors("starting the combiners"):
+            self.combiner_info = ray.get([h.ready.remote() for h in self.combiners])
+        self._serving = list(self.combiners)
         self.controller = Controller.options(name=CONTROLLER, **common).remote(
             self.config, names, keys, self.tracking_uri, tls=tls)
-        self.gateway = ray.get(self.controller.ready.remote())["address"]
+        port = self.config.controller.port
+        with self._listen_errors("controller", port), ray_errors("starting the controller"):
+            self.gateway = ray.get(self.controller.ready.remote())["address"]
+        self._serving.append(self.controller)
         return self
 
+    @contextlib.contextmanager
+    def _listen_errors(self, section: str, port: int) -> Iterator[None]:
+        """A server that could not bind, told as the config field to change."""
+        try:
+            yield
+        except ListenError as exc:
+            where = (f"{section}.{'base_port' if section == 'combiners' else 'port'} {port}"
+                     if exc.in_use and port else f"{section}.host {getattr(self.config, section).host}")
+            who = f"{section[:-1]}-{self._index(exc.address)}" if section == "combiners" \
+                else "the controller"
+            raise TransportError(f"{self.config.source}: {where}: {who} {exc}") from None
+
+    def _index(self, address: str) -> int:
+        base = self.config.combiners.base_port
+        port = int(address.rpartition(":")[2] or 0)
+        return port - base if base and port >= base else 0
+
+    def _take_lease(self) -> None:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "data_dir": str(self.config.resolved_data_dir())}
+        deadline = time.monotonic() + LEASE_WAIT_S
+        while True:
+            try:
+                self.lease = Lease.options(name=LEASE, namespace=self.namespace).remote(holder)
+                return
+            except ValueError:  # the name is taken (ActorAlreadyExistsError)
+                pass
+            other = self._lease_holder()
+            if other is not None:
+                raise AlreadyRunning(
+                    f"federation {self.config.federation} is already running in the Ray cluster "
+                    f"(driver pid {other.get('pid')} on {other.get('host')}, data "
+                    f"{other.get('data_dir')}); stop it first")
+            if time.monotonic() > deadline:  # pragma: no cover - a lease that never goes
+                raise AlreadyRunning(f"federation {self.config.federation}: its lease in the "
+                                     "Ray cluster is held by a driver that does not answer")
+            time.sleep(0.3)  # its driver has just died: Ray is removing the lease
+
+    def _lease_holder(self) -> dict[str, Any] | None:
+        """Who holds the federation's lease, if a live driver does."""
+        try:
+            lease = ray.get_actor(LEASE, namespace=self.namespace)
+            with ray_errors("asking the federation's lease"):
+                return ray.get(lease.who.remote(), timeout=5)
+        except (ValueError, FedrayError):
+            return None  # none, or going away with its driver
+
     def _remove_stale(self) -> None:
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] != self.namespace:
-                continue
+        entries = [e for e in ray.util.list_named_actors(all_namespaces=True)
+                   if e["namespace"] == self.namespace and e["name"] != LEASE]
+        if entries and self.lease is None:
+            other = self._lease_holder()
+            if other is not None:
+                raise AlreadyRunning(
+                    f"federation {self.config.federation} is already running in the Ray cluster "
+                    f"(driver pid {other.get('pid')} on {other.get('host')}); stop it first")
+        for entry in entries:
             log.warning("removing actor %s left over from an earlier run of %s", entry["name"],
                         self.config.federation)
-            ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
 
     def serve_package(self, sha256: str, data: bytes) -> None:
         """Make every combiner serve this compute package (for the next session)."""
-        ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
+        with ray_errors("sending the compute package to the combiners"):
+            ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
 
     def start_session(self, seed_model_id: str, package_sha256: str = "",
                       resume: bool = False, package_size: int = 0) -> str:
         """Start a session; with ``resume``, continue the federation's unfinished one if any
         (``self.resumed_after`` then says after which round)."""
-        started = ray.get(self.controller.start_session.remote(seed_model_id, package_sha256,
-                                                               resume, package_size))
+        with ray_errors("starting the session"):
+            started = ray.get(self.controller.start_session.remote(seed_model_id, package_sha256,
+                                                                   resume, package_size))
         self.resumed_after = started["resumed_after"]
         return started["session_id"]
 
@@ -115,19 +258,22 @@ class Federation:
         """Call ``on_status`` on every change until the session ends; return the last status."""
         version, seen, lost_since = -1, False, None
         while True:
-            try:
-                version, status = ray.get(self.controller.watch.remote(version, FOLLOW_POLL_S))
-                lost_since = None
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                # Ray restarts the controller, which resumes the session: wait for it.
-                lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > CONTROLLER_RESTART_S:
-                    raise SessionError(f"the controller of {self.config.federation} is gone and "
-                                       f"did not come back: {exc}") from None
-                log.warning("controller unavailable (%s); waiting for Ray to restart it", exc)
-                version = -1
-                time.sleep(1.0)
-                continue
+            with ray_errors(f"following the session of {self.config.federation}"):
+                try:
+                    version, status = ray.get(self.controller.watch.remote(version,
+                                                                           FOLLOW_POLL_S))
+                    lost_since = None
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    # Ray restarts the controller, which resumes the session: wait for it.
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > CONTROLLER_RESTART_S:
+                        raise SessionError(f"the controller of {self.config.federation} is gone "
+                                           f"and did not come back: {_first_line(exc)}") from None
+                    log.info("controller unavailable (%s); waiting for Ray to restart it",
+                             _first_line(exc))
+                    version = -1
+                    time.sleep(1.0)
+                    continue
             if status is None:
                 if seen:  # a restarted controller that no longer knows the session
                     raise SessionError(f"the controller of {self.config.federation} restarted "
@@ -139,15 +285,24 @@ class Federation:
                 return status
 
     def shutdown(self) -> None:
+        """Stop and remove the federation's actors, also those a deploy cut short left."""
         handles = [h for h in [self.controller, *self.combiners] if h is not None]
-        stops = [h.stop.remote() for h in handles]
-        try:
-            ray.get(stops, timeout=20)
-        except Exception as exc:  # noqa: BLE001 - tearing down: report and go on
-            log.warning("actors did not stop cleanly: %s", exc)
+        if self._serving:
+            try:
+                with ray_errors("stopping the actors"):
+                    ray.get([h.stop.remote() for h in self._serving], timeout=STOP_TIMEOUT_S)
+            except FedrayError as exc:  # tearing down: report and go on
+                log.warning("actors did not stop cleanly: %s", exc)
         for handle in handles:
-            ray.kill(handle, no_restart=True)
-        self.combiners, self.controller = [], None
+            with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                ray.kill(handle, no_restart=True)
+        if self.lease is not None or handles:  # this namespace is ours: nothing in it survives
+            for entry in ray.util.list_named_actors(all_namespaces=True):
+                if entry["namespace"] == self.namespace:
+                    with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                        ray.kill(ray.get_actor(entry["name"], namespace=self.namespace),
+                                 no_restart=True)
+        self.combiners, self.controller, self.lease, self._serving = [], None, None, []
 
 
 def require_finished(status: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ stdout, so ``--json`` output stays machine-readable.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import sys
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedray import lifecycle
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError, FedrayError, SerializationError
+from fedray.lifecycle import RunLock, Teardown
 from fedray.serialization import encode, read_layout
 
 
@@ -95,70 +98,130 @@ def federation_token(config: FederationConfig) -> str | None:
     return token
 
 
+LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or name): nothing off this machine reaches it."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_federation(config: FederationConfig, token: str | None, client_tokens: bool,
+                    insecure: bool) -> str | None:
+    """Whether a federation may start: None if it may (and says nothing), a warning to print
+    if it may but anyone reaching it could join, or ``ConfigError`` if it must not start.
+
+    Without ``$FEDRAY_TOKEN`` and without any per-client token the bridge accepts every
+    caller. That is refused unless nothing off this machine can reach it (both hosts
+    loopback) or the operator said so (``--insecure``).
+    """
+    if token is not None or client_tokens:
+        return None
+    env = config.auth.token_env
+    if is_loopback(config.controller.host) and is_loopback(config.combiners.host):
+        return (f"${env} is not set and no client has a token: any process on this machine "
+                "may join (the gateway and combiners listen on loopback only)")
+    if insecure:
+        return (f"${env} is not set and no client has a token: anyone who reaches "
+                f"{config.controller.host}:{config.controller.port} may join (--insecure)")
+    raise ConfigError(
+        f"{config.source}: ${env} is not set and no client has a token (fedray token create), "
+        f"so anyone who reaches {config.controller.host}:{config.controller.port} could join. "
+        f"Set ${env}, bind controller.host and combiners.host to 127.0.0.1, or pass --insecure")
+
+
 def run_federation(config: FederationConfig, *, console: Console,
                    on_ready: Callable[[str], None] | None = None,
-                   resume: bool = True) -> RunResult:
+                   resume: bool = True, teardown: Teardown | None = None,
+                   insecure: bool = False) -> RunResult:
     """Deploy ``config``'s federation, run one session and tear everything down again.
 
     With ``resume`` (the default for `fedray run`), a session of this federation that an
-    earlier run left unfinished continues after its last committed round.
+    earlier run left unfinished continues after its last committed round. Everything
+    started is registered on ``teardown`` (``on_ready`` may add its own, as the demo's
+    edge clients), and all of it is stopped before this returns or raises.
     """
+    teardown = teardown if teardown is not None else Teardown()
+    try:
+        return _run(config, console, on_ready, resume, teardown, insecure)
+    finally:
+        teardown.close()
+
+
+def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], None] | None,
+         resume: bool, teardown: Teardown, insecure: bool) -> RunResult:
     import ray
 
-    from fedray.federation import Federation, connect_ray
+    from fedray.federation import Federation, connect_ray, starts_ray
+    from fedray.keys import private_dir
     from fedray.storage import open_model_store
     from fedray.tracking.embedded import connect_or_start
 
-    data_dir = config.resolved_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = private_dir(config.resolved_data_dir())
+    # Before anything starts: one live run per data directory (and so per tracking).
+    teardown.add(lifecycle.LOCK, "", RunLock(data_dir, config.federation).acquire().release)
     store = open_model_store(config.storage.uri, data_dir)
     seed_id = store.put(load_seed(config.seed_model))
     package = session_package(config.package, data_dir)
     token = federation_token(config)
-    if token is None:
-        console.print(f"[yellow]warning:[/] ${config.auth.token_env} is not set: only clients "
-                      "with their own token (fedray token create) are accepted, or every client "
-                      "if no such token exists")
-    embedded = None
-    started_ray = False
-    federation = None
+    if config.tracking.uri == "embedded":
+        tracking_uri, server = connect_or_start(data_dir)
+        if server is not None:  # ours: keep it alive while the federation runs
+            supervised = _supervisor(server, config)
+            teardown.add(lifecycle.TRACKING, "tracking server", supervised.stop)
+            supervised.start()
+    else:
+        tracking_uri = config.tracking.uri
+    warning = open_federation(config, token, token is None and _client_tokens(tracking_uri, config),
+                              insecure)
+    if warning is not None:
+        console.print(f"[yellow]warning:[/] {warning}")
+    with console.status("starting Ray and the federation actors..."):
+        local = starts_ray(config.ray)
+        if local:
+            teardown.add(lifecycle.RAY, "Ray", ray.shutdown)
+        connect_ray(config.ray, config.namespace)
+        federation = Federation(config, token, tracking_uri)
+        teardown.add(lifecycle.FEDERATION, f"federation {config.federation}", federation.shutdown)
+        federation.deploy(package[:2] if package else None, exclusive=not local)
+    console.print(f"gateway listening at [bold]{federation.gateway}[/]; combiners: "
+                  + ", ".join(f"{c['name']}@{c['address']}" for c in federation.combiner_info))
+    console.print(tracking_line(tracking_uri, config.tracking.database, data_dir))
+    if on_ready is not None:
+        on_ready(federation.gateway)
+    if package is not None:
+        _record_package(tracking_uri, config, package)
+        console.print(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})")
+    session_id = federation.start_session(seed_id, package[0] if package else "", resume,
+                                          len(package[1]) if package else 0)
+    if federation.resumed_after is not None:
+        console.print(f"[yellow]resuming[/] unfinished session {session_id} after round "
+                      f"{federation.resumed_after} (start a new one with --new-session)")
+    status = _follow(federation, session_id, config, console)
+    return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
+                     gateway=federation.gateway,
+                     embedded_tracking=config.tracking.uri == "embedded")
+
+
+def _client_tokens(tracking_uri: str, config: FederationConfig) -> bool:
+    """Whether tracking holds per-client tokens (then the bridge is closed without the
+    shared one)."""
+    from fedray.tracking.store import TrackingStore
+    from fedray.tracking.tokens import read_token_hashes
+
+    store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
     try:
-        if config.tracking.uri == "embedded":
-            tracking_uri, embedded = connect_or_start(data_dir)
-            if embedded is not None:  # ours: keep it alive while the federation runs
-                embedded = _supervise(embedded, config)
-        else:
-            tracking_uri = config.tracking.uri
-        with console.status("starting Ray and the federation actors..."):
-            started_ray = connect_ray(config.ray, config.namespace)
-            federation = Federation(config, token, tracking_uri).deploy(package[:2] if package else None)
-        console.print(f"gateway listening at [bold]{federation.gateway}[/]; combiners: "
-                      + ", ".join(f"{c['name']}@{c['address']}" for c in federation.combiner_info))
-        console.print(tracking_line(tracking_uri, config.tracking.database, data_dir))
-        if on_ready is not None:
-            on_ready(federation.gateway)
-        if package is not None:
-            _record_package(tracking_uri, config, package)
-            console.print(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})")
-        session_id = federation.start_session(seed_id, package[0] if package else "", resume,
-                                              len(package[1]) if package else 0)
-        if federation.resumed_after is not None:
-            console.print(f"[yellow]resuming[/] unfinished session {session_id} after round "
-                          f"{federation.resumed_after} (start a new one with --new-session)")
-        status = _follow(federation, session_id, config, console)
-        return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
-                         gateway=federation.gateway,
-                         embedded_tracking=config.tracking.uri == "embedded")
+        return bool(read_token_hashes(store))
     finally:
-        if federation is not None:
-            federation.shutdown()
-        if started_ray:
-            ray.shutdown()
-        if embedded is not None:
-            embedded.stop()
+        store.close()
 
 
-def _supervise(server, config: FederationConfig):
+def _supervisor(server, config: FederationConfig):
     from fedray.tracking.store import TrackingStore
     from fedray.tracking.supervisor import SupervisedMongo
 
@@ -170,7 +233,7 @@ def _supervise(server, config: FederationConfig):
         finally:
             store.close()
 
-    return SupervisedMongo(server, on_restart=restarted).start()  # start(): no-op if running
+    return SupervisedMongo(server, on_restart=restarted)  # start(): no-op if running
 
 
 def _record_package(tracking_uri: str, config: FederationConfig,

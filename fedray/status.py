@@ -6,7 +6,8 @@ picture: which combiners are up, where edge clients should dial, how far the ses
 Everything lives in named, detached actors in namespace ``fedray-<federation>``, so this
 command joins the cluster as a short-lived driver, asks those actors read-only questions
 (``ready``, ``watch(-1, ...)``, ``info``, ``online_clients``) and leaves again.
-It never changes the federation.
+It never changes the federation. Named by neither a config nor ``--federation``, the
+federation is the one whose controller runs in the cluster (several: it asks which).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def _connect(address: str, namespace: str) -> None:
+def _connect(address: str, namespace: str | None) -> None:
     import ray
 
     _preflight(address)
@@ -130,13 +131,35 @@ def _combiner(name: str, namespace: str) -> dict[str, Any]:
             "clients": len(clients), "client_names": sorted(clients)}
 
 
-def describe(federation: str, address: str) -> dict[str, Any]:
-    """Join Ray at ``address`` and describe ``federation``'s actors and session as a dict."""
+def running_federations() -> list[str]:
+    """Names of the federations with a controller in the joined cluster."""
     import ray
 
-    namespace = f"fedray-{federation}"
-    _connect(address, namespace)
+    return sorted({e["namespace"].removeprefix("fedray-")
+                   for e in ray.util.list_named_actors(all_namespaces=True)
+                   if e["namespace"].startswith("fedray-") and e["name"] == "controller"})
+
+
+def _only_federation(address: str) -> str:
+    names = running_federations()
+    if not names:
+        raise NotRunning(f"no federation is running in the Ray cluster at {address}")
+    if len(names) > 1:
+        raise ConfigError(f"{len(names)} federations are running in the Ray cluster at "
+                          f"{address} ({', '.join(names)}): name one with --federation NAME")
+    return names[0]
+
+
+def describe(federation: str | None, address: str) -> dict[str, Any]:
+    """Join Ray at ``address`` and describe ``federation``'s actors and session as a dict
+    (``None``: the one federation running there)."""
+    import ray
+
+    _connect(address, f"fedray-{federation}" if federation else None)
     try:
+        if federation is None:
+            federation = _only_federation(address)
+        namespace = f"fedray-{federation}"
         try:
             controller = ray.get_actor("controller", namespace=namespace)
         except ValueError:
@@ -215,7 +238,9 @@ def default_address(config_address: str | None = None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(config_path: Path | None, federation: str | None, address: str | None,
            as_json: bool) -> None:
-    """Show a running federation: combiners, clients, gateway and the current session."""
+    """Show a running federation: combiners, clients, gateway and the current session.
+
+    Without CONFIG or --federation: the one federation running in the cluster."""
     config_address = None
     if config_path is not None:
         if federation is not None:
@@ -224,8 +249,6 @@ def status(config_path: Path | None, federation: str | None, address: str | None
 
         config = load_config(config_path)
         federation, config_address = config.federation, config.ray.address
-    if federation is None:
-        raise ConfigError("name the federation: fedray status CONFIG or --federation NAME")
     result = describe(federation, address or default_address(config_address))
     if as_json:
         click.echo(json.dumps(result))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from netutil import free_ports
+from procs import assert_none_left, marked, new_mark
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +42,14 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     env = {**os.environ, "FEDRAY_TOKEN": secrets.token_hex(16),  # fedray run refuses weak ones
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "FEDRAY_PACKAGE_CACHE": str(tmp_path / "package-cache")}
+    mark = new_mark()
     run = _fedray("run", str(config), "--json", "--data-dir", str(data_dir),
                   "--set", f"ray.address={ray_session}", "--set", "session.rounds=3",
                   "--set", f"controller.port={gateway_port}", "--set", "controller.host=127.0.0.1",
                   "--set", "combiners.host=127.0.0.1", "--set", f"combiners.base_port={combiner_port}",
                   "--set", "session.min_clients=3", "--set", "session.wait_for_clients_s=120",
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                  env=marked(env, mark))
     # The package the federation will serve, built the same deterministic way.
     digits_sha = build_package(ROOT / "examples" / "digits" / "client", tmp_path / "digits.tgz")
     clients = []
@@ -68,6 +71,8 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
             proc.terminate()
         logs = [proc.communicate(timeout=20)[0] for proc in clients]
     assert run.returncode == 0, err[-3000:]
+    assert_none_left(mark, data_dir)  # its tracking server went with it
+    assert "Token authentication is enabled" not in err  # Ray's warning stays out of our output
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["state"] == "finished" and summary["rounds"] == 3
     assert "round 3/3" in err
@@ -95,9 +100,16 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
 def test_cli_user_mistakes_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("federation: x\nseed_model: s\nsession: {rounds: 0}\n")
+    digits = str(ROOT / "configs" / "digits.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in {"FEDRAY_TOKEN", "FEDRAY_DATA_DIR"}}
     for args, code, needle in [
         (["run", str(bad)], 2, "session.rounds must be greater than 0"),
         (["run", str(tmp_path / "missing.yaml")], 2, "no such config file"),
+        (["run", digits, "--set", "session.roudns=3"], 2,
+         "--set session.roudns: unknown field (did you mean session.rounds?)"),
+        # No token, no per-client token, and 0.0.0.0: anyone could join, so nothing starts.
+        (["run", digits, "--data-dir", str(tmp_path / "open")], 2,
+         "$FEDRAY_TOKEN is not set and no client has a token"),
         (["edge", "start", "--gateway", "x:1", "--name", "n", "--app", "a", "--package", "b"], 2,
          "not both"),
         (["edge", "start", "--gateway", "x:1", "--name", "n", "--package", "/no/such"], 2,
@@ -106,7 +118,8 @@ def test_cli_user_mistakes_are_one_line_errors(tmp_path):
          "cannot import"),
         (["rounds", "--filter", "{not json", "--data-dir", str(tmp_path)], 2, "--filter"),
     ]:
-        result = subprocess.run([sys.executable, "-m", "fedray", *args], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "fedray", *args], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == code, (args, result.stderr)
         assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr

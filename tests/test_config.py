@@ -38,7 +38,7 @@ def test_the_repository_config_loads():
     (MINIMAL + "session: {rounds: ten}\n", "session.rounds must be int"),
     (MINIMAL + "session: {roundz: 3}\n", "unknown field session.roundz"),
     (MINIMAL + "combiners: {base_port: 70000}\n", "combiners.base_port must be a port"),
-    (MINIMAL + "session: {aggregator: nope}\n", "session.aggregator: unknown aggregator 'nope'"),
+    (MINIMAL + "session: {aggregator: nope}\n", "session.aggregator names no strategy that loads: unknown aggregator 'nope'"),
     (MINIMAL + "tracking: {uri: http://x}\n", "tracking.uri must be"),
     (MINIMAL + "session: {validate: 'yes'}\n", "session.validate must be bool"),
     (MINIMAL + "combiners: {offline_after_s: 1}\n", "combiners.offline_after_s"),
@@ -66,3 +66,31 @@ def test_data_dir_env_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDRAY_DATA_DIR", str(tmp_path / "d"))
     config = config_from_dict({"federation": "x", "seed_model": "s"})
     assert config.resolved_data_dir() == (tmp_path / "d").resolve()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"session.roudns": 3}, "--set session.roudns: unknown field (did you mean session.rounds?)"),
+    ({"sesion.rounds": 3}, "--set sesion.rounds: unknown field sesion (did you mean session?)"),
+    ({"session.rounds": "ten"}, "--set session.rounds: must be int, got 'ten'"),
+    ({"session.rounds": 0}, "--set session.rounds: must be greater than 0, got 0"),
+    ({"session.rounds.x": 1}, "--set session.rounds.x: session.rounds is a value, not a section"),
+    ({"session": {"roudns": 3}}, "--set session: unknown field session.roudns (did you mean "
+                                 "session.rounds?)"),
+])
+def test_a_bad_override_is_blamed_on_its_set_not_on_the_file(tmp_path, overrides, message):
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value) == message
+
+
+def test_overrides_below_free_form_mappings_are_kept(tmp_path):
+    config = load_config(_write(tmp_path, MINIMAL), {"session.round_config.epochs": 2})
+    assert config.session.round_config == {"epochs": 2}
+
+
+def test_an_unknown_field_in_the_file_suggests_the_close_match(tmp_path):
+    path = _write(tmp_path, MINIMAL + "session: {roundz: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown field session.roundz \(did you mean "
+                                          r"session.rounds\?\)"):
+        load_config(path)

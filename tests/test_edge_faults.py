@@ -92,10 +92,9 @@ def test_a_client_killed_mid_training_is_dropped_and_rejoins_the_next_round(
 
 
 def test_fedray_run_killed_and_started_again_resumes_the_session(ray_session, tmp_path):
-    import contextlib
     import json
 
-    from fedray.tracking.embedded import live_uri, read_server_record
+    from fedray.tracking.embedded import connect_or_start, live_uri
 
     (tmp_path / "slowapp.py").write_text(SLOW_APP)
     gateway_port, combiner_port = free_ports(2)
@@ -124,21 +123,25 @@ def test_fedray_run_killed_and_started_again_resumes_the_session(ray_session, tm
         _wait_for(lambda: live_uri(data_dir) is not None, 60, "the tracking server")
         tracking = TrackingStore.from_uri(live_uri(data_dir))
         _wait_for(lambda: tracking.find("rounds", {"status": "finished"}), 90, "round 1")
-        first.send_signal(signal.SIGKILL)
-        first.wait()
         session_id = tracking.find("sessions", {})[0]["session_id"]
+        tracking.close()
+        first.send_signal(signal.SIGKILL)  # its tracking server dies with it (PDEATHSIG)
+        first.wait()
         second = fedray_run()
         out, err = second.communicate(timeout=180)
-        rounds = tracking.find("rounds", {"session_id": session_id}, sort=[("round", 1)])
+        uri, server = connect_or_start(data_dir)  # the second run stopped its own at the end
+        try:
+            tracking = TrackingStore.from_uri(uri)
+            rounds = tracking.find("rounds", {"session_id": session_id}, sort=[("round", 1)])
+            tracking.close()
+        finally:
+            if server is not None:
+                server.stop()
     finally:
         for proc in [first, *clients]:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=20)
-        record = read_server_record(data_dir)  # the killed run's tracking server is orphaned
-        if record and record.get("pid"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record["pid"], signal.SIGTERM)
     assert second.returncode == 0, err[-2000:]
     assert f"resuming unfinished session {session_id}" in err
     summary = json.loads(out.strip().splitlines()[-1])

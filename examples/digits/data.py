@@ -110,9 +110,10 @@ def write_partitions(
 ) -> list[Path]:
     """Write ``client-<i>.npz`` (X, y, X_val, y_val) per client and ``test.npz`` (X, y).
 
-    Returns the client files in order; the test set is ``out_dir / "test.npz"``.
+    Returns the client files in order; the test set is ``out_dir / "test.npz"``. A leading
+    ``~`` in ``out_dir`` is the home directory (as in the README's command).
     """
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     split = load_split(seed=seed)
     parts = partition_indices(split.y_pool, n_clients, scheme=scheme, seed=seed, alpha=alpha)
@@ -137,7 +138,7 @@ def write_partitions(
 
 def load_client_data(path: Path | str) -> ClientData:
     """Read a file written by ``write_partitions``; ``test.npz`` has an empty val split."""
-    with np.load(Path(path), allow_pickle=False) as f:
+    with np.load(Path(path).expanduser(), allow_pickle=False) as f:
         X = np.asarray(f["X"], dtype=np.float32)
         y = np.asarray(f["y"], dtype=np.int64)
         if "X_val" in f.files:

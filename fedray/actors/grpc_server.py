@@ -23,6 +23,8 @@ TLS); without it, plaintext.
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ import grpc
 
 from fedray.actors.auth import CALLER, AuthGate, Caller, Refused, current_caller
 from fedray.config import CombinersConfig
+from fedray.errors import ListenError
 from fedray.tls import ServerTls
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's receive limit: an update part (a chunk + header)
@@ -195,16 +198,49 @@ async def caller_id(context, claimed: str, claimed_name: str = "") -> str:
 async def start_server(register: Callable[[grpc.aio.Server], None], host: str, port: int,
                        gate: AuthGate, tls: ServerTls | None = None,
                        limits: ServerLimits | None = None) -> tuple[grpc.aio.Server, int]:
-    """Bind ``host:port`` (0 = any free port) and return the server and its real port."""
+    """Bind ``host:port`` (0 = any free port) and return the server and its real port.
+
+    The port is ours alone: without ``SO_REUSEPORT`` (gRPC's default on Linux) a second
+    federation on the same port fails here, with a ``ListenError``, instead of sharing it.
+    """
     limits = limits or ServerLimits()
     await gate.start()
-    server = grpc.aio.server(interceptors=[Gatekeeper(gate, limits)], options=limits.options(),
+    server = grpc.aio.server(interceptors=[Gatekeeper(gate, limits)],
+                             options=[*limits.options(), ("grpc.so_reuseport", 0)],
                              maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     register(server)
     address = f"{host}:{port}"
-    bound = (server.add_secure_port(address, tls.credentials()) if tls is not None
-             else server.add_insecure_port(address))
+    try:
+        bound = (server.add_secure_port(address, tls.credentials()) if tls is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError:  # grpc: "Failed to bind to address ..." and nothing more
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} (is the port taken?)")
+        await gate.close()
+        raise _listen_error(host, port)
     await server.start()
     return server, bound
+
+
+def _listen_error(host: str, port: int) -> ListenError:
+    """Why ``host:port`` cannot be bound, found by binding it the way gRPC does."""
+    address = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return ListenError(address, f"cannot resolve {host!r} ({exc.strerror})")
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return ListenError(address, "the port is in use", in_use=True)
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return ListenError(address, f"{host} is not an address of this machine")
+                if exc.errno == errno.EACCES:
+                    return ListenError(address, "permission denied (a port below 1024?)")
+                return ListenError(address, exc.strerror or str(exc))
+    return ListenError(address, "gRPC could not bind it (set GRPC_VERBOSITY=debug for why)")

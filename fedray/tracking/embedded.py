@@ -16,8 +16,9 @@ Files in ``<data_dir>/tracking/``:
     server.lock        serializes "reuse or start" between processes
 
 The server runs in its own session, so a Ctrl-C in the terminal reaches the driver, which
-then stops it by its PID (SIGTERM, then SIGKILL). Nothing here ever signals a process
-by name.
+then stops it by its PID (SIGTERM, then SIGKILL). It is also bound to the thread that
+started it (``PR_SET_PDEATHSIG``): if the driver dies without stopping it, even by
+SIGKILL, the kernel kills the server too. Nothing here ever signals a process by name.
 
 nx-27017 has no authentication: any local user can talk to its loopback port. Its files
 are at least private: the folder is 0700 and the server runs with umask 077, so what it
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +47,7 @@ from pymongo.errors import PyMongoError
 
 from fedray.errors import TrackingError
 from fedray.keys import private_dir
+from fedray.lifecycle import fate_shared
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +266,7 @@ class EmbeddedMongo:
                     start_new_session=True,
                     close_fds=True,
                     umask=0o077,  # its databases, log and pid file: 0600
+                    preexec_fn=fate_shared(signal.SIGKILL),  # SQLite survives a SIGKILL
                 )
         except OSError as exc:
             raise TrackingError(f"cannot launch {executable}: {exc}") from exc

@@ -1,0 +1,257 @@
+"""Stopping everything a `fedray run` or `fedray demo` started, however the command ends.
+
+The command runs inside ``running()``, which hands it a ``Teardown``: whatever the command
+starts (the data directory's run lock, the tracking server, a local Ray, the federation's
+actors, edge clients) is registered there with a label and the call that stops it.
+``Teardown.close`` stops them in a fixed order (federation, edge clients, tracking server,
+Ray, lock) and goes on past a failing step.
+
+- **Signals.** The first SIGINT or SIGTERM raises ``Stopped`` in the main thread (a
+  ``KeyboardInterrupt``, the one exception Ray's blocking calls pass through), the stack
+  unwinds, and the CLI prints one line: ``fedray: stopped by SIGTERM: federation demo,
+  4 edge clients, tracking server, Ray``, then exits 128 + the signal's number. Signals that
+  arrive while the teardown runs are noted and ignored, so a second Ctrl-C cannot cut the
+  clean-up short. ``ray.init`` installs its own SIGTERM handler (and Ray's C++ crash
+  handler, which prints a stack dump): ``claim_signals`` takes them back.
+- **Children.** Processes fedray starts get ``fate_shared()`` as ``preexec_fn``:
+  ``PR_SET_PDEATHSIG`` makes the kernel signal them when the thread that started them ends,
+  even if the command is killed with SIGKILL.
+- **Last sweep.** ``running()`` puts a unique ``FEDRAY_RUN`` into the environment, which
+  every descendant inherits (Ray's gcs_server, raylet, agents and workers included). When
+  the teardown is done, any live process that still carries it is killed. Nothing else
+  is: the mark is this command's alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedray.errors import AlreadyRunning
+
+log = logging.getLogger(__name__)
+
+RUN_ENV = "FEDRAY_RUN"
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Stages, in the order ``close`` stops them.
+FEDERATION, CLIENTS, TRACKING, RAY, LOCK = range(5)
+PR_SET_PDEATHSIG = 1
+
+
+class Stopped(KeyboardInterrupt):
+    """The command got SIGINT or SIGTERM. A KeyboardInterrupt because Ray's blocking calls
+    (``ray.get``) let only that through; ``running()`` re-raises whatever arrives as this."""
+
+    def __init__(self, signum: int, stopped: list[str] | None = None) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.stopped = stopped or []
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def line(self) -> str:
+        name = signal.Signals(self.signum).name
+        if not self.stopped:
+            return f"stopped by {name} (nothing was running)"
+        return f"stopped by {name}: " + ", ".join(self.stopped)
+
+
+@dataclass
+class _Entry:
+    stage: int
+    label: str | Callable[[], str]  # "" or a callable returning "": stopped, not listed
+    stop: Callable[[], None]
+
+
+class Teardown:
+    """What one command started, stopped in stage order (last added first within a stage)."""
+
+    def __init__(self) -> None:
+        self.run_id = uuid.uuid4().hex
+        self.signum: int | None = None
+        self.closing = False
+        self.stopped: list[str] = []  # labels, in the order they were stopped
+        self._from = 0  # where the labels stopped because of the signal start
+        self._entries: list[_Entry] = []
+
+    def add(self, stage: int, label: str | Callable[[], str], stop: Callable[[], None]) -> None:
+        self._entries.append(_Entry(stage, label, stop))
+
+    def close(self) -> list[str]:
+        """Stop everything registered so far (again: only what was added since); return the
+        labels of what this call stopped. Signals wait until it is done."""
+        if self.closing:
+            return []
+        self.closing = True
+        try:
+            done = []
+            entries, self._entries = self._entries, []
+            for entry in sorted(reversed(entries), key=lambda e: e.stage):
+                try:
+                    entry.stop()
+                except Exception as exc:  # noqa: BLE001 - stopping the rest matters more
+                    log.warning("stopping %s failed: %s", entry.label, exc)
+                label = entry.label() if callable(entry.label) else entry.label
+                if label:
+                    done.append(label)
+            self.stopped.extend(done)
+            sweep(self.run_id)
+            return done
+        finally:
+            self.closing = False
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.closing or self.signum is not None:
+            log.info("got signal %d while stopping; still stopping", signum)
+            return
+        self.signum, self._from = signum, len(self.stopped)
+        raise Stopped(signum)
+
+    def since_signal(self) -> list[str]:
+        return self.stopped[self._from:]
+
+
+_active: Teardown | None = None
+
+
+def claim_signals() -> None:
+    """(Re)install the active command's SIGINT/SIGTERM handler, e.g. after ``ray.init``
+    replaced it (Ray's own handler exits at once, and its C++ one prints a stack dump)."""
+    if _active is not None and sys.platform != "win32":
+        for sig in SIGNALS:
+            signal.signal(sig, _active._on_signal)
+
+
+def signalled() -> int | None:
+    """The signal the active command got, if any."""
+    return _active.signum if _active is not None else None
+
+
+def stop_by(signum: int) -> Stopped:
+    """Record ``signum`` as the active command's stop (a signal another handler caught)."""
+    if _active is not None and _active.signum is None:
+        _active.signum, _active._from = signum, len(_active.stopped)
+    return Stopped(signum)
+
+
+@contextlib.contextmanager
+def running() -> Iterator[Teardown]:
+    """Run a command that starts things: see the module docstring."""
+    global _active
+    teardown = Teardown()
+    saved_env = os.environ.get(RUN_ENV)
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    os.environ[RUN_ENV] = teardown.run_id
+    _active = teardown
+    claim_signals()
+    try:
+        try:
+            yield teardown
+        finally:
+            teardown.close()
+    except KeyboardInterrupt:
+        if teardown.signum is None:
+            raise
+        raise Stopped(teardown.signum, teardown.since_signal()) from None
+    finally:
+        _active = None
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if saved_env is None:
+            os.environ.pop(RUN_ENV, None)
+        else:
+            os.environ[RUN_ENV] = saved_env
+
+
+def fate_shared(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel send ``sig`` to the child when the thread that
+    started it ends (Linux; None elsewhere). Start such children from a long-lived thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _marked(needle: bytes) -> list[int]:
+    me, found = os.getpid(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+            if state not in {"Z", "X"} and needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, IndexError):
+            continue  # gone, or another user's
+    return found
+
+
+def sweep(run_id: str, rounds: int = 10) -> int:
+    """SIGKILL every live process still carrying ``FEDRAY_RUN=run_id``; return how many."""
+    if not Path("/proc/self/environ").exists():
+        return 0
+    needle, killed = f"{RUN_ENV}={run_id}".encode(), 0
+    for _ in range(rounds):  # a dying parent may still start a child: look again
+        pids = _marked(needle)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.05)
+    if killed:
+        log.info("killed %d leftover process(es) of this run", killed)
+    return killed
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<data_dir>/run.lock``, holding the owner's PID.
+
+    The kernel drops it when the process ends, however it ends, so a lock is never stale;
+    the file is opened close-on-exec, so no child keeps it.
+    """
+
+    def __init__(self, data_dir: Path, federation: str) -> None:
+        self.path = Path(data_dir) / "run.lock"
+        self.federation = federation
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"federation {self.federation} is already running from {self.path.parent} "
+                f"(pid {owner}); stop that run first, or use another --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing drops the flock; the file stays, harmless

@@ -1,0 +1,142 @@
+"""The guards around running a federation, piece by piece: who may start an open one, the
+run lock, the teardown's order, and Ray's errors as fedray's at the driver's boundary.
+(tests/test_lifecycle.py drives them together through real `fedray run`/`fedray demo`.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedray.config import config_from_dict
+from fedray.errors import AlreadyRunning, ConfigError, FedrayError, SessionError
+from fedray.lifecycle import CLIENTS, FEDERATION, LOCK, RAY, TRACKING, RunLock, Stopped, Teardown
+from fedray.runner import is_loopback, open_federation
+
+
+def _config(controller: str, combiners: str):
+    return config_from_dict({"federation": "g", "seed_model": "s",
+                             "controller": {"host": controller},
+                             "combiners": {"host": combiners}}, source="g.yaml")
+
+
+@pytest.mark.parametrize(("controller", "combiners", "token", "client_tokens", "insecure",
+                          "verdict"), [
+    ("0.0.0.0", "0.0.0.0", None, False, False, "refused"),  # the default config, no token
+    ("127.0.0.1", "0.0.0.0", None, False, False, "refused"),  # one host reachable is enough
+    ("0.0.0.0", "0.0.0.0", None, False, True, "warned"),  # --insecure: the operator said so
+    ("127.0.0.1", "::1", None, False, False, "warned"),  # nothing off this machine reaches it
+    ("localhost", "127.0.0.2", None, False, False, "warned"),
+    ("0.0.0.0", "0.0.0.0", "s3cret", False, False, "silent"),
+    ("0.0.0.0", "0.0.0.0", None, True, False, "silent"),  # per-client tokens close the bridge
+])
+def test_a_federation_anyone_could_join_starts_only_on_loopback_or_when_told(
+        controller, combiners, token, client_tokens, insecure, verdict):
+    config = _config(controller, combiners)
+    if verdict == "refused":
+        with pytest.raises(ConfigError, match=r"g.yaml: \$FEDRAY_TOKEN is not set .* --insecure"):
+            open_federation(config, token, client_tokens, insecure)
+        return
+    warning = open_federation(config, token, client_tokens, insecure)
+    assert (warning is None) == (verdict == "silent"), warning
+
+
+def test_loopback_hosts():
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "fl.example.org", ""]))
+
+
+def test_the_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    code = ("import sys, time; from pathlib import Path; from fedray.lifecycle import RunLock; "
+            "RunLock(Path(sys.argv[1]), 'f').acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AlreadyRunning, match=f"already running from {tmp_path} "
+                                                 f"\\(pid {holder.pid}\\)"):
+            RunLock(tmp_path, "f").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(tmp_path, "f").acquire().release()  # the kernel dropped it with the process
+
+
+def test_teardown_stops_in_order_goes_on_past_failures_and_lists_what_it_stopped():
+    calls: list[str] = []
+    teardown = Teardown()
+
+    def stop(name: str, fail: bool = False):
+        def call() -> None:
+            calls.append(name)
+            if fail:
+                raise RuntimeError("boom")
+        return call
+
+    teardown.add(LOCK, "", stop("lock"))
+    teardown.add(TRACKING, "tracking server", stop("tracking", fail=True))
+    teardown.add(RAY, "Ray", stop("ray"))
+    teardown.add(FEDERATION, "federation x", stop("federation"))
+    teardown.add(CLIENTS, lambda: "2 edge clients", stop("clients"))
+    assert teardown.close() == ["federation x", "2 edge clients", "tracking server", "Ray"]
+    assert calls == ["federation", "clients", "tracking", "ray", "lock"]
+    assert teardown.close() == []  # nothing is stopped twice
+    line = Stopped(15, ["federation x", "Ray"]).line()
+    assert line == "stopped by SIGTERM: federation x, Ray" and Stopped(2).exit_code == 130
+
+
+def test_a_signal_raises_stopped_once_and_waits_while_the_teardown_runs():
+    import signal
+
+    from fedray.lifecycle import running
+
+    seen: list[str] = []
+    with pytest.raises(Stopped) as info, running() as teardown:
+        def stop() -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while stopping: ignored
+            seen.append("stopped")
+        teardown.add(FEDERATION, "federation x", stop)
+        assert os.environ["FEDRAY_RUN"] == teardown.run_id
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert info.value.signum == signal.SIGTERM and info.value.stopped == ["federation x"]
+    assert seen == ["stopped"] and "FEDRAY_RUN" not in os.environ
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.integration
+def test_ray_errors_become_fedray_errors_without_a_remote_traceback(ray_session):
+    import ray
+
+    from fedray.federation import ray_errors
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Flaky:
+        def fedray(self) -> None:
+            raise ConfigError("combiners.count must be greater than 0")
+
+        def bug(self) -> None:
+            raise KeyError("oops")
+
+        def hang(self) -> None:
+            import time
+
+            time.sleep(30)
+
+    actor = Flaky.remote()
+    with pytest.raises(ConfigError) as info, ray_errors("asking"):
+        ray.get(actor.fedray.remote())
+    assert type(info.value) is ConfigError and str(info.value) == \
+        "combiners.count must be greater than 0"
+    with pytest.raises(SessionError) as info, ray_errors("asking"):
+        ray.get(actor.bug.remote())
+    assert str(info.value) == "asking: KeyError: 'oops'"
+    with pytest.raises(SessionError, match="asking: no answer in time"), ray_errors("asking"):
+        ray.get(actor.hang.remote(), timeout=0.2)
+    ray.kill(actor, no_restart=True)
+    with pytest.raises(FedrayError) as info, ray_errors("asking"):
+        ray.get(actor.bug.remote())
+    assert isinstance(info.value, SessionError) and "\n" not in str(info.value)
+    assert str(info.value).startswith("asking: ")
