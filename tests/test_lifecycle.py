@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -264,7 +265,7 @@ def test_a_port_another_program_holds_is_one_line_naming_the_field(ray_session, 
     try:
         result = subprocess.run([sys.executable, "-m", "fedray", "run", str(config),
                                  "--data-dir", str(tmp_path / "fed")], cwd=ROOT,
-                                env=marked(_env(FEDRAY_TOKEN="t"), mark), capture_output=True,
+                                env=marked(_env(FEDRAY_TOKEN=secrets.token_hex(16)), mark), capture_output=True,
                                 text=True, timeout=120)
     finally:
         holder.close()
