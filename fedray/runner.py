@@ -138,23 +138,27 @@ def open_federation(config: FederationConfig, token: str | None, client_tokens: 
 def run_federation(config: FederationConfig, *, console: Console,
                    on_ready: Callable[[str], None] | None = None,
                    resume: bool = True, teardown: Teardown | None = None,
-                   insecure: bool = False) -> RunResult:
+                   insecure: bool = False,
+                   on_status: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Deploy ``config``'s federation, run one session and tear everything down again.
 
     With ``resume`` (the default for `fedray run`), a session of this federation that an
     earlier run left unfinished continues after its last committed round. Everything
     started is registered on ``teardown`` (``on_ready`` may add its own, as the demo's
-    edge clients), and all of it is stopped before this returns or raises.
+    edge clients), and all of it is stopped before this returns or raises. ``on_status``
+    is called with every status the session reports while it runs (the benchmark samples
+    the actors' memory there).
     """
     teardown = teardown if teardown is not None else Teardown()
     try:
-        return _run(config, console, on_ready, resume, teardown, insecure)
+        return _run(config, console, on_ready, resume, teardown, insecure, on_status)
     finally:
         teardown.close()
 
 
 def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], None] | None,
-         resume: bool, teardown: Teardown, insecure: bool) -> RunResult:
+         resume: bool, teardown: Teardown, insecure: bool,
+         on_status: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     import ray
 
     from fedray.federation import Federation, connect_ray, starts_ray
@@ -202,7 +206,7 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     if federation.resumed_after is not None:
         console.print(f"[yellow]resuming[/] unfinished session {session_id} after round "
                       f"{federation.resumed_after} (start a new one with --new-session)")
-    status = _follow(federation, session_id, config, console)
+    status = _follow(federation, session_id, config, console, on_status)
     return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
                      gateway=federation.gateway,
                      embedded_tracking=config.tracking.uri == "embedded")
@@ -248,7 +252,8 @@ def _record_package(tracking_uri: str, config: FederationConfig,
         store.close()
 
 
-def _follow(federation, session_id: str, config: FederationConfig, console: Console) -> dict:
+def _follow(federation, session_id: str, config: FederationConfig, console: Console,
+            on_status: Callable[[dict[str, Any]], None] | None = None) -> dict:
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} rounds"),
                         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
@@ -257,7 +262,7 @@ def _follow(federation, session_id: str, config: FederationConfig, console: Cons
     with progress:
         bar = progress.add_task(f"session {session_id}", total=config.session.rounds, detail="")
 
-        def on_status(status: dict[str, Any]) -> None:
+        def show(status: dict[str, Any]) -> None:
             nonlocal shown
             for record in status["history"][shown:]:
                 progress.console.print(round_line(record, config.session.rounds))
@@ -268,8 +273,10 @@ def _follow(federation, session_id: str, config: FederationConfig, console: Cons
                 detail = f"round {status['round']} {status['round_state']} · " \
                          f"{status['clients_online']} clients online"
             progress.update(bar, completed=status["rounds_done"], detail=detail)
+            if on_status is not None:
+                on_status(status)
 
-        return federation.follow(on_status)
+        return federation.follow(show)
 
 
 def _shown(uri: str) -> str:
