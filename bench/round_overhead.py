@@ -59,16 +59,23 @@ def cpu_seconds(pid: int | str = "self") -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(pid: int | str = "self") -> float | None:
-    """VmHWM (peak resident set size) of a process in MiB, or None when it is gone."""
+def memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon and RssShmem of a process in MiB ({} when it is gone)."""
+    out: dict[str, float] = {}
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
+                key, _, value = line.partition(":")
+                if key in {"VmRSS", "VmHWM", "RssAnon", "RssShmem"}:
+                    out[key] = round(int(value.split()[0]) / 1024, 1)
     except OSError:
-        return None
-    return None
+        return {}
+    return out
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """VmHWM (peak resident set size) of a process in MiB, or None when it is gone."""
+    return memory_mb(pid).get("VmHWM")
 
 
 # --------------------------------------------------------------------------- worker side
@@ -308,6 +315,7 @@ class PeakSampler:
         self.peaks: dict[str, float] = {}
         self.cpu_start: dict[str, float] = {}
         self.cpu: dict[str, float] = {}  # CPU seconds since start(), at the last sample
+        self.after_round: dict[int, dict[str, dict[str, float]]] = {}  # round -> name -> MiB
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -318,6 +326,7 @@ class PeakSampler:
             if entry.get("State") == "ALIVE" and entry.get("Name") in names:
                 self.pids[entry["Name"]] = int(entry["Pid"])
         log(f"actor pids: {self.pids}")
+        self.ray_pids = ray_process_pids()
         for name, pid in self.pids.items():
             self.cpu_start[name] = cpu_seconds(pid) or 0.0
         self._sample()
@@ -336,10 +345,87 @@ class PeakSampler:
         while not self._stop.wait(SAMPLE_S):
             self._sample()
 
+    def current(self, after_round: int) -> None:
+        """Record each actor's current memory (VmRSS: what it holds now, not its peak),
+        and what the object store holds."""
+        sample: dict[str, dict[str, float]] = {
+            name: {"rss": m["VmRSS"], "anon": m["RssAnon"], "shmem": m["RssShmem"]}
+            for name, pid in self.pids.items() if (m := memory_mb(pid))}
+        sample["object_store"] = object_store_use()
+        for name, pid in self.ray_pids.items():  # Ray's own processes (task metadata...)
+            if m := memory_mb(pid):
+                sample[name] = {"rss": m["VmRSS"], "anon": m["RssAnon"]}
+        self.after_round[after_round] = sample
+        log(f"after round {after_round}: " + ", ".join(
+            f"{n} {m['rss']:.0f} MiB (anon {m['anon']:.0f})"
+            for n, m in sorted(sample.items()) if n in self.pids)
+            + f"; object store {sample['object_store']}")
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+def _trace_start(actor: Any) -> None:
+    import tracemalloc
+
+    tracemalloc.start(8)
+    actor._bench_trace = tracemalloc.take_snapshot()
+
+
+def _trace_diff(actor: Any, top: int = 12) -> list[str]:
+    import tracemalloc
+
+    now = tracemalloc.take_snapshot()
+    stats = now.compare_to(actor._bench_trace, "traceback")
+    tracemalloc.stop()
+    lines = []
+    for stat in stats[:top]:
+        frames = " <- ".join(f"{f.filename.rpartition('/site-packages/')[2]}:{f.lineno}"
+                             for f in stat.traceback[:4])
+        lines.append(f"{stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+6d} blocks  {frames}")
+    return lines
+
+
+def trace_actors(names: set[str], namespace: str, start: bool) -> None:
+    """tracemalloc inside each actor (through ``__ray_call__``): start it, or log the top
+    allocation growth since it was started."""
+    import ray
+
+    for name in sorted(names):
+        handle = ray.get_actor(name, namespace=namespace)
+        if start:
+            ray.get(handle.__ray_call__.remote(_trace_start))
+        else:
+            lines = ray.get(handle.__ray_call__.remote(_trace_diff))
+            log(f"tracemalloc {name}, growth since it started:\n    " + "\n    ".join(lines))
+
+
+def ray_process_pids() -> dict[str, int]:
+    """PIDs of the local Ray node's own processes this driver started (GCS, raylet)."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    found: dict[str, int] = {}
+    for kind in ("gcs_server", "raylet"):
+        for info in (getattr(node, "all_processes", None) or {}).get(kind, []):
+            found[kind] = info.process.pid
+    return found
+
+
+def object_store_use() -> dict[str, float]:
+    """MiB and number of objects in the local object store (the raylet's own figures)."""
+    import ray._private.internal_api as internal
+    import ray._private.state as ray_state
+
+    try:
+        stats = internal.get_memory_info_reply(ray_state.state, timeout_seconds=5).store_stats
+    except Exception as exc:  # noqa: BLE001 - a figure, never a reason to fail the bench
+        log(f"object store stats unavailable: {exc}")
+        return {}
+    return {"mb": round(stats.object_store_bytes_used / 2**20, 1),
+            "objects": stats.num_local_objects}
 
 
 def read_rounds(data_dir: Path, database: str, session_id: str) -> list[dict[str, Any]]:
@@ -375,6 +461,7 @@ def bench_main(args: argparse.Namespace) -> int:
     workers = Workers(args, data_dir / "logs")
     sampler = PeakSampler()
     ready_at: list[float] = []
+    sample_at = rss_rounds(args)
     log(f"{args.clients} clients x {args.params:,} params ({model_bytes / 2**20:.1f} MiB model), "
         f"{args.rounds} rounds, {args.combiners} combiner(s), {args.procs} worker process(es); "
         f"data in {data_dir}")
@@ -384,6 +471,17 @@ def bench_main(args: argparse.Namespace) -> int:
         sampler.start({CONTROLLER, *(combiner_name(i) for i in range(args.combiners))})
         workers.start(gateway)
 
+    traced = [int(r) for r in args.tracemalloc.split(",")] if args.tracemalloc else []
+    actors = {CONTROLLER, *(combiner_name(i) for i in range(args.combiners))}
+
+    def on_status(status: dict[str, Any]) -> None:
+        # The first status at or past each asked round (watch coalesces fast changes).
+        while sample_at and status["rounds_done"] >= sample_at[0]:
+            sampler.current(sample_at.pop(0))
+        while traced and status["rounds_done"] >= traced[0]:
+            trace_actors(actors, config.namespace, start=len(traced) == 2)
+            traced.pop(0)
+
     out: dict[str, Any] = {
         "clients": args.clients, "params": args.params, "rounds": args.rounds,
         "combiners": args.combiners, "procs": min(args.procs, args.clients),
@@ -392,7 +490,8 @@ def bench_main(args: argparse.Namespace) -> int:
     status: dict[str, Any] = {}
     try:
         try:
-            result = run_federation(config, console=console, on_ready=on_ready)
+            result = run_federation(config, console=console, on_ready=on_ready,
+                                    on_status=on_status)
             status = result.status
         finally:
             sampler.stop()
@@ -432,6 +531,7 @@ def bench_main(args: argparse.Namespace) -> int:
         updates_failed_or_rejected=lost,
         peak_rss_mb={n: v for n, v in sorted(sampler.peaks.items()) if n != CONTROLLER},
         controller_peak_rss_mb=sampler.peaks.get(CONTROLLER),
+        rss_after_round_mb={str(k): v for k, v in sorted(sampler.after_round.items())},
         client_proc_peak_rss_mb=[e.get("peak_rss_mb") for e in exits],
         client_tasks=sum(int(e.get("tasks", 0)) for e in exits),
         actor_cpu_s=dict(sorted(sampler.cpu.items())),
@@ -461,6 +561,14 @@ def summarize_timings(exits: list[dict[str, Any]]) -> dict[str, dict[str, float]
             for key, v in merged.items() if v}
 
 
+def rss_rounds(args: argparse.Namespace) -> list[int]:
+    """The rounds after which each actor's current memory is sampled, in order."""
+    rounds = {int(r) for r in args.rss_at.split(",") if r.strip()} if args.rss_at else set()
+    if args.rss_every:
+        rounds.update(range(args.rss_every, args.rounds + 1, args.rss_every))
+    return sorted(r for r in rounds if 1 <= r <= args.rounds)
+
+
 def cleanup(args: argparse.Namespace, data_dir: Path) -> None:
     if args.keep or args.data_dir:
         log(f"kept {data_dir}")
@@ -479,6 +587,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="session.round_timeout_s and wait_for_clients_s")
     p.add_argument("--data-dir", default=None, help="keep everything here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="do not delete the temp data dir")
+    p.add_argument("--rss-every", type=int, default=0, metavar="K",
+                   help="sample each actor's current RSS after every K-th round")
+    p.add_argument("--rss-at", default="", metavar="R1,R2,...",
+                   help="sample each actor's current RSS after these rounds")
+    p.add_argument("--tracemalloc", default="", metavar="A,B",
+                   help="trace allocations inside each actor from round A to round B and "
+                        "log the largest growth")
     p.add_argument("--client-logs", action="store_true",
                    help="let clients log every task to <data_dir>/logs/worker-*.log")
     # worker entry (started by the driver, not by hand)
@@ -491,6 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("clients", "params", "rounds", "combiners", "procs", "count"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
+    if args.tracemalloc and len(args.tracemalloc.split(",")) != 2:
+        p.error("--tracemalloc needs two rounds, A,B")
     if args.worker and not args.gateway:
         p.error("--worker needs --gateway")
     return args
