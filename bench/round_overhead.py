@@ -475,10 +475,12 @@ def bench_main(args: argparse.Namespace) -> int:
     actors = {CONTROLLER, *(combiner_name(i) for i in range(args.combiners))}
 
     def on_status(status: dict[str, Any]) -> None:
-        # The first status at or past each asked round (watch coalesces fast changes).
-        while sample_at and status["rounds_done"] >= sample_at[0]:
+        # The first status at or past each asked round (watch coalesces fast changes), once
+        # the round is done (in the history): committed, and its temporaries released.
+        done = status["history"][-1]["round"] if status["history"] else 0
+        while sample_at and done >= sample_at[0]:
             sampler.current(sample_at.pop(0))
-        while traced and status["rounds_done"] >= traced[0]:
+        while traced and done >= traced[0]:
             trace_actors(actors, config.namespace, start=len(traced) == 2)
             traced.pop(0)
 
