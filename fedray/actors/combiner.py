@@ -19,6 +19,7 @@ from fedray.actors.auth import BridgeKeys, make_gate
 from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.combiner_servicer import CombinerServicer
 from fedray.actors.grpc_server import ServerLimits, start_server
+from fedray.actors.memory import release_free_memory, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.config import CombinersConfig
@@ -46,6 +47,7 @@ class Combiner:
                  token: BridgeKeys | str | None, tracking_uri: str | None,
                  tracking_db: str = "fedray",
                  package: tuple[str, bytes] | None = None, tls: ServerTls | None = None) -> None:
+        tune_allocator()
         self.name = name
         self.namespace = f"fedray-{federation}"  # FederationConfig.namespace
         self.settings = settings
@@ -119,7 +121,9 @@ class Combiner:
     async def run_round(self, spec: RoundSpec, model: np.ndarray) -> RoundResult:
         # Ray resolves the ObjectRef the controller passed: `model` is a zero-copy view of
         # the one serialized copy in the object store, shared by every combiner on the node.
-        return await self.core.run_round(spec, model)
+        result = await self.core.run_round(spec, model)
+        release_free_memory()  # the round's upload buffers and temporaries
+        return result
 
     async def start_async(self, spec: AsyncSpec, model: np.ndarray, version: int,
                           model_id: str) -> None:

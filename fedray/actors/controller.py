@@ -26,6 +26,7 @@ from fedray.actors.callbacks import Callbacks, SessionStatus, StatusCallback, Tr
 from fedray.actors.combiner import advertised_host
 from fedray.actors.combiner_core import UnknownSession
 from fedray.actors.grpc_server import caller_id, start_server
+from fedray.actors.memory import ReleaseAfterRounds, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.actors.session_runner import SessionRunner, Start
@@ -168,6 +169,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 class Controller:
     def __init__(self, config: FederationConfig, combiner_names: list[str], token: str | None,
                  tracking_uri: str | None, tls: ServerTls | None = None) -> None:
+        tune_allocator()
         self.config = config
         self.tls = tls
         self.pool = RayCombinerPool(combiner_names, config.namespace)
@@ -272,8 +274,8 @@ class Controller:
         runner = SessionRunner(
             federation=self.config.federation, session_id=session_id, settings=s,
             strategy=make_strategy(s.aggregator, s.aggregator_kwargs), pool=self.pool,
-            store=self.store, callbacks=Callbacks([tracking, StatusCallback(status, self._on_change)],
-                                                  flush=tracking.flush),
+            store=self.store, callbacks=Callbacks([tracking, StatusCallback(status, self._on_change),
+                                                   ReleaseAfterRounds()], flush=tracking.flush),
             combiner_strategy=make_strategy(s.aggregator, s.aggregator_kwargs),
             package=(package_sha256, package_size))
         self.runners = {session_id: runner}
