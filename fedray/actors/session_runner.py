@@ -296,6 +296,8 @@ class SessionRunner:
             raise
         finally:
             partials.clear()  # kept updates: let the object store free them now
+            for r in results:
+                r.partial = None  # the sums too (views into the object store), before commit
         metrics = MetricSums()
         for r in results:
             metrics.add(r.metrics)
