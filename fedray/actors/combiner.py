@@ -31,6 +31,10 @@ from fedray.tls import ServerTls
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
+# Calls made every round or more often (polls, lookups) record no task event: the GCS keeps
+# one for every task (up to RAY_task_events_max_num_task_in_gcs, 100,000 by default), which
+# made it grow by about 30 KB per round. Rounds themselves (run_round) stay visible.
+quiet = ray.method(enable_task_events=False)
 
 
 def advertised_host(bind_host: str, advertise: str) -> str:
@@ -99,18 +103,23 @@ class Combiner:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.core.sweep()
 
+    @quiet
     async def ready(self) -> dict[str, Any]:
         return await self._ready
 
+    @quiet
     async def online_clients(self) -> list[str]:
         return self.core.online_clients()
 
+    @quiet
     async def online_info(self) -> list[ClientInfo]:
         return self.core.online_info()
 
+    @quiet
     async def wait_clients_changed(self, known: int, timeout_s: float) -> list[str]:
         return await self.core.wait_clients_changed(known, timeout_s)
 
+    @quiet
     async def info(self) -> dict[str, Any]:
         """Address and load, for the gateway's balancing."""
         return {**(await self._ready), "load": len(self.core.online_clients())}
@@ -141,6 +150,7 @@ class Combiner:
     async def stop_async(self, session_id: str) -> dict[str, Any]:
         return self.core.stop_async(session_id)
 
+    @quiet
     async def buffer_full(self, session_id: str, round_: int, attempt: int) -> None:
         self.core.buffer_full(session_id, round_, attempt)
 

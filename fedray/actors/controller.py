@@ -23,7 +23,7 @@ import ray
 
 from fedray.actors.auth import make_gate
 from fedray.actors.callbacks import Callbacks, SessionStatus, StatusCallback, TrackingCallback
-from fedray.actors.combiner import advertised_host
+from fedray.actors.combiner import advertised_host, quiet
 from fedray.actors.combiner_core import UnknownSession
 from fedray.actors.grpc_server import caller_id, start_server
 from fedray.actors.memory import ReleaseAfterRounds, tune_allocator
@@ -201,6 +201,7 @@ class Controller:
         return {"address": f"{advertised_host(c.host, self.config.combiners.advertise)}:{bound}",
                 "port": bound}
 
+    @quiet
     async def ready(self) -> dict[str, Any]:
         return await self._ready
 
@@ -307,12 +308,14 @@ class Controller:
         return {"session_id": session_id, "resumed_after": None,
                 "continued_from": start.continued_from or None}
 
+    @quiet
     async def claim_update(self, session_id: str, round_: int, attempt: int,
                            client_id: str) -> int:
         """A combiner's request to fold an update of a buffered round (see SessionRunner)."""
         runner = self.runners.get(session_id)
         return runner.claim(round_, attempt, client_id) if runner is not None else 0
 
+    @quiet
     async def watch(self, version: int, timeout_s: float = 5.0) -> tuple[int, dict[str, Any] | None]:
         """Return (version, status) once the status is newer than ``version``, or on timeout."""
         if self._resumed is not None:
