@@ -255,13 +255,19 @@ class Federation:
         return started["session_id"]
 
     def follow(self, on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """Call ``on_status`` on every change until the session ends; return the last status."""
+        """Call ``on_status`` on every change until the session ends; return the last status.
+
+        The controller sends only the round records this driver does not have yet; the
+        statuses given to ``on_status`` carry every record since following began.
+        """
         version, seen, lost_since = -1, False, None
+        history: list[dict[str, Any]] = []
+        known = 0  # records of the controller's current status that are in ``history``
         while True:
             with ray_errors(f"following the session of {self.config.federation}"):
                 try:
-                    version, status = ray.get(self.controller.watch.remote(version,
-                                                                           FOLLOW_POLL_S))
+                    version, status = ray.get(self.controller.watch.remote(
+                        version, FOLLOW_POLL_S, known))
                     lost_since = None
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                     # Ray restarts the controller, which resumes the session: wait for it.
@@ -280,6 +286,7 @@ class Federation:
                                        "and lost the running session; start it again")
                 continue
             seen = True
+            known = _merge_history(history, known, status)
             on_status(status)
             if status["state"] in {"finished", "failed"}:
                 return status
@@ -303,6 +310,19 @@ class Federation:
                         ray.kill(ray.get_actor(entry["name"], namespace=self.namespace),
                                  no_restart=True)
         self.combiners, self.controller, self.lease, self._serving = [], None, None, []
+
+
+def _merge_history(history: list[dict[str, Any]], known: int, status: dict[str, Any]) -> int:
+    """Add the status's new records to ``history`` and make them its ``history``; return
+    how many records of the controller's status that covers now."""
+    total = int(status.get("history_total", len(status["history"])))
+    fresh = status["history"]
+    if total < known:  # a restarted controller: a new status, sent whole
+        known = 0
+    first = total - len(fresh)  # the number of the first record sent
+    history.extend(fresh[max(0, known - first):])
+    status["history"] = history
+    return total
 
 
 def require_finished(status: dict[str, Any]) -> None:

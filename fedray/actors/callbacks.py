@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from fedray.messages import RoundResult, ValidationReport
@@ -234,9 +234,17 @@ class TrackingCallback:
             log.warning("tracking is not answering; the session waits for its writes")
 
 
+HISTORY_KEPT = 256  # round records the controller keeps for watchers (tracking has them all)
+
+
 @dataclass
 class SessionStatus:
-    """What `fedray run` shows while a session runs; sent as a plain dict."""
+    """What `fedray run` shows while a session runs; sent as a plain dict.
+
+    ``history`` holds the last ``HISTORY_KEPT`` round records (a record is never changed
+    once added); ``history_total`` counts every record added, so a watcher that already
+    has the first ``n`` asks only for the ones after them (``snapshot(after=n)``).
+    """
 
     session_id: str
     state: str = "created"
@@ -249,6 +257,22 @@ class SessionStatus:
     reason: str = ""
     mode: str = "sync"
     history: list[dict[str, Any]] = field(default_factory=list)
+    history_total: int = 0
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self.history_total += 1
+        del self.history[:-HISTORY_KEPT]
+
+    def snapshot(self, after: int | None = None) -> dict[str, Any]:
+        """The status as a dict, with the records after the first ``after`` (all that are
+        kept when ``after`` is None or more than this status ever had). O(new records),
+        however long the session has run."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}
+        first = self.history_total - len(self.history)  # number of the oldest kept record
+        skip = 0 if after is None or after > self.history_total else max(0, after - first)
+        out["history"] = [dict(record) for record in self.history[skip:]]
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -275,7 +299,7 @@ class StatusCallback:
         elif isinstance(e, RoundCommitted):
             self.update(rounds_done=e.round, model_id=e.model_id, round_state="finished")
         elif isinstance(e, RoundDone):
-            self.status.history.append(e.record)
+            self.status.add_record(e.record)
             self.update()
         elif isinstance(e, ClientsOnline):
             self.update(clients_online=e.count)

@@ -14,7 +14,6 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any
 
 import grpc
@@ -316,15 +315,21 @@ class Controller:
         return runner.claim(round_, attempt, client_id) if runner is not None else 0
 
     @quiet
-    async def watch(self, version: int, timeout_s: float = 5.0) -> tuple[int, dict[str, Any] | None]:
-        """Return (version, status) once the status is newer than ``version``, or on timeout."""
+    async def watch(self, version: int, timeout_s: float = 5.0,
+                    after: int | None = None) -> tuple[int, dict[str, Any] | None]:
+        """Return (version, status) once the status is newer than ``version``, or on timeout.
+
+        The status carries the round records after the first ``after`` (the watcher has
+        those already; see ``SessionStatus.snapshot``), so a call costs the same in round
+        500 as in round 5.
+        """
         if self._resumed is not None:
             await self._resumed
         async with self._changed:
             if self._version <= version:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout_s)
-            return self._version, asdict(self.status) if self.status else None
+            return self._version, self.status.snapshot(after) if self.status else None
 
     async def stop(self) -> None:
         await self._server.stop(grace=1.0)
