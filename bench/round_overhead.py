@@ -313,6 +313,7 @@ class PeakSampler:
     def __init__(self) -> None:
         self.pids: dict[str, int] = {}
         self.peaks: dict[str, float] = {}
+        self.private_peaks: dict[str, float] = {}  # max of VmRSS - RssShmem over the samples
         self.cpu_start: dict[str, float] = {}
         self.cpu: dict[str, float] = {}  # CPU seconds since start(), at the last sample
         self.after_round: dict[int, dict[str, dict[str, float]]] = {}  # round -> name -> MiB
@@ -334,9 +335,11 @@ class PeakSampler:
 
     def _sample(self) -> None:
         for name, pid in self.pids.items():
-            value = peak_rss_mb(pid)
-            if value is not None:
-                self.peaks[name] = max(value, self.peaks.get(name, 0.0))
+            mem = memory_mb(pid)
+            if mem:
+                self.peaks[name] = max(mem["VmHWM"], self.peaks.get(name, 0.0))
+                private = round(mem["VmRSS"] - mem["RssShmem"], 1)
+                self.private_peaks[name] = max(private, self.private_peaks.get(name, 0.0))
             cpu = cpu_seconds(pid)
             if cpu is not None:
                 self.cpu[name] = round(cpu - self.cpu_start[name], 2)
@@ -533,6 +536,7 @@ def bench_main(args: argparse.Namespace) -> int:
         updates_failed_or_rejected=lost,
         peak_rss_mb={n: v for n, v in sorted(sampler.peaks.items()) if n != CONTROLLER},
         controller_peak_rss_mb=sampler.peaks.get(CONTROLLER),
+        peak_private_rss_mb=dict(sorted(sampler.private_peaks.items())),
         rss_after_round_mb={str(k): v for k, v in sorted(sampler.after_round.items())},
         client_proc_peak_rss_mb=[e.get("peak_rss_mb") for e in exits],
         client_tasks=sum(int(e.get("tasks", 0)) for e in exits),

@@ -377,6 +377,7 @@ class SessionRunner:
             log.exception("strategy %s failed to aggregate", self.settings.aggregator)
             raise RoundFailedError(f"strategy {self.settings.aggregator!r} failed to aggregate: "
                                    f"{type(exc).__name__}: {exc}") from None
+        del reduced  # the sums (float64: twice the model) go before the encoded copy comes
         reference = read_layout(model).spec()
         try:
             data = encode(new)
