@@ -44,6 +44,9 @@ _DTYPES: dict[str, np.dtype] = {
 }
 
 
+_SUPPORTED = {d.str.lstrip("<>|=") for d in _DTYPES.values()}
+
+
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
     dtype: str
@@ -69,7 +72,13 @@ def model_id(data: Buffer) -> str:
 
 
 def encode(model: Mapping[str, np.ndarray]) -> bytes:
-    """Serialize a model; names keep their order in the mapping for readability only."""
+    """Serialize a model; names keep their order in the mapping for readability only.
+
+    The bytes are exactly what ``safetensors.numpy.save`` writes (its tensor order, its
+    header), but built with one copy of the tensors: safetensors assembles the file in a
+    buffer of its own first and then copies that into the result, two model-sized
+    allocations at once.
+    """
     if not model:
         raise SerializationError("a model needs at least one tensor")
     arrays = {}
@@ -77,12 +86,29 @@ def encode(model: Mapping[str, np.ndarray]) -> bytes:
         if not isinstance(name, str):
             raise SerializationError(f"tensor names must be strings, got {name!r}")
         arr = np.asarray(value)  # not ascontiguousarray: it turns a 0-d scalar into shape (1,)
+        if arr.dtype.str.lstrip("<>|=") not in _SUPPORTED:
+            raise SerializationError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))  # safetensors is little-endian
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        if arr.dtype.str.lstrip("<>|=") not in {d.str.lstrip("<>|=") for d in _DTYPES.values()}:
-            raise SerializationError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
         arrays[name] = arr
-    return _st_save(arrays)
+    if not all(name.isprintable() for name in arrays):
+        return _st_save(arrays)  # names JSON escapes: let safetensors write its own header
+    # safetensors' order (by dtype, then name) and dtype names, from empty stand-ins.
+    skeleton = read_layout(_st_save({name: np.empty(0, a.dtype) for name, a in arrays.items()}))
+    header: dict[str, dict[str, object]] = {}
+    parts: list[np.ndarray] = []
+    offset = 0
+    for name, info in skeleton.tensors.items():
+        arr = arrays[name]
+        header[name] = {"dtype": info.dtype, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        parts.append(arr.reshape(-1).view(np.uint8))
+        offset += arr.nbytes
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return b"".join([struct.pack("<Q", len(text)), text, *parts])
 
 
 def _bounded_int(text: str) -> int:

@@ -66,3 +66,37 @@ def test_encode_refuses_empty_and_unsupported():
 def test_layout_spec_reads_only_the_header():
     layout = read_layout(encode(_model()))
     assert layout.spec()["a"] == ("F32", (3, 4))
+
+
+@pytest.mark.parametrize("model", [
+    _model(),
+    {"b": np.zeros(3, np.float32), "a": np.zeros((2, 2), np.float64), "c": np.array(5, np.int8),
+     'é"x\\y': np.zeros(0, np.uint8), "z": np.zeros(2, np.float16), "y": np.ones(1, bool)},
+    {"w": np.arange(12, dtype=">f4").reshape(3, 4), "v": np.arange(20).reshape(4, 5)[:, ::2]},
+    {f"layer{i}.weight": np.full(i + 1, i, np.float32) for i in range(12)},
+    {"tab\tname": np.zeros(1, np.float32), "emoji🙂": np.ones((1, 1, 1), np.uint32)},
+])
+def test_encode_writes_exactly_what_safetensors_writes(model):
+    from safetensors.numpy import save
+
+    expected = save({k: np.ascontiguousarray(v) if v.ndim and not v.flags.c_contiguous else v
+                     for k, v in model.items()})
+    assert encode(model) == expected  # same bytes, so the same model ids as before
+
+
+def test_encode_holds_one_copy_of_the_model_at_its_peak():
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from fedray.serialization import encode
+def kib(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
+model = {f"t{i}": np.ones(5_000_000, np.float32) for i in range(4)}  # 80 MB
+before = kib('VmRSS')
+data = encode(model)
+print((kib('VmHWM') - before) / (len(data) / 1024))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 1.3  # safetensors' own save peaks at two copies
