@@ -382,7 +382,8 @@ def _trace_diff(actor: Any, top: int = 12) -> list[str]:
 
     now = tracemalloc.take_snapshot()
     stats = now.compare_to(actor._bench_trace, "traceback")
-    tracemalloc.stop()
+    # Not tracemalloc.stop(): on Python < 3.12 it races numpy's allocation tracking in
+    # threads that do not hold the GIL and can crash the actor (cpython gh-128679).
     lines = []
     for stat in stats[:top]:
         frames = " <- ".join(f"{f.filename.rpartition('/site-packages/')[2]}:{f.lineno}"
@@ -599,7 +600,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sample each actor's current RSS after these rounds")
     p.add_argument("--tracemalloc", default="", metavar="A,B",
                    help="trace allocations inside each actor from round A to round B and "
-                        "log the largest growth")
+                        "log the largest growth (tracing stays on until teardown)")
     p.add_argument("--client-logs", action="store_true",
                    help="let clients log every task to <data_dir>/logs/worker-*.log")
     # worker entry (started by the driver, not by hand)
