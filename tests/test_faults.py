@@ -212,3 +212,43 @@ def test_a_client_that_keeps_its_socket_but_stops_heartbeating_goes_offline(
         fed.shutdown()
     offline_after = config.combiners.offline_after_s
     assert offline_after <= elapsed < offline_after + 5
+
+
+class SlowValidator(DeltaWorker):
+    """Validates slowly, so the controller can be killed while round 1 is validated."""
+
+    def __init__(self, delta: float, examples: int) -> None:
+        super().__init__(delta, examples)
+        self.validating = threading.Event()
+
+    def validate(self, model: bytes, config: dict):
+        self.validating.set()
+        time.sleep(1.5)
+        return super().validate(model, config)
+
+
+def test_a_controller_killed_while_validating_keeps_the_round_it_committed(
+        ray_session, tracking_uri, fleet, tmp_path):
+    # Commit first, then validate: round 1 is in tracking before its validation starts,
+    # so a controller that dies during validation resumes after round 1, not before it.
+    config = _config("killed-validating", tmp_path, combiners=1, rounds=2, min_clients=2,
+                     validate=True)
+    workers = {"a": SlowValidator(1.0, 10), "b": SlowValidator(1.0, 10)}
+    fed, store, seed_id = _deploy(config, tracking_uri, fleet, workers)
+    try:
+        session_id = fed.start_session(seed_id)
+        assert workers["a"].validating.wait(30)
+        tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+        round_1 = tracking.get_round(session_id, 1)
+        assert round_1["status"] == "finished" and round_1["model_id"]  # committed already
+        ray.kill(ray.get_actor("controller", namespace=config.namespace), no_restart=False)
+        status = fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+    assert status["state"] == "finished" and status["session_id"] == session_id, status
+    trail = tracking.find("models", {"session_id": session_id}, sort=[("round", 1)])
+    assert [m["round"] for m in trail] == [0, 1, 2]  # round 1 was not trained twice
+    assert tracking.get_round(session_id, 1)["model_id"] == round_1["model_id"]
+    np.testing.assert_allclose(decode(store.get(status["model_id"]))["w"], 2.0)
+    events = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
+    assert any("resumed after round 1" in m for m in events), events
