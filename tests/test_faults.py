@@ -252,3 +252,39 @@ def test_a_controller_killed_while_validating_keeps_the_round_it_committed(
     np.testing.assert_allclose(decode(store.get(status["model_id"]))["w"], 2.0)
     events = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
     assert any("resumed after round 1" in m for m in events), events
+
+
+def test_a_session_continued_from_another_keeps_its_server_optimizer_state(
+        ray_session, tracking_uri, fleet, tmp_path):
+    # session.continue_from: the new session starts from the old one's last model and
+    # strategy state, so FedAdam's moments carry on as if it were one session of 4 rounds.
+    kwargs = {"server_lr": 0.1}
+    first = _config("continued", tmp_path, combiners=1, rounds=2, min_clients=2,
+                    aggregator="fedadam", aggregator_kwargs=kwargs)
+    workers = {"a": DeltaWorker(1.0, 10), "b": DeltaWorker(1.0, 10)}
+    fed, store, seed_id = _deploy(first, tracking_uri, fleet, workers)
+    try:
+        earlier = fed.start_session(seed_id)
+        assert fed.follow(lambda s: None)["state"] == "finished"
+    finally:
+        fed.shutdown()
+    fleet.stop()
+    fleet.lines.clear()
+    second = _config("continued", tmp_path, combiners=1, rounds=2, min_clients=2,
+                     aggregator="fedadam", aggregator_kwargs=kwargs,
+                     continue_from=earlier[:8])  # a unique prefix is enough
+    fed, store, _ = _deploy(second, tracking_uri, fleet, workers)
+    try:
+        later = fed.start_session(seed_id)
+        status = fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+    assert status["state"] == "finished" and later != earlier
+    final = decode(store.get(status["model_id"]))["w"]
+    np.testing.assert_allclose(final, _server_optimizer_run("fedadam", kwargs, 4), rtol=1e-5)
+    lost = _server_optimizer_run("fedadam", kwargs, 4, reset_after=2)
+    assert not np.allclose(final, lost, rtol=1e-3)  # a fresh optimizer would show
+    tracking = TrackingStore.from_uri(tracking_uri, second.tracking.database)
+    doc = tracking.get_session(later)
+    assert doc["continued_from"] == earlier
+    assert doc["seed_model_id"] == tracking.get_session(earlier)["model_id"]
