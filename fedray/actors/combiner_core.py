@@ -31,6 +31,7 @@ from fedray.actors.intake import Limits, ModelVersion, Share, TaskEntry, UpdateI
 from fedray.config import CombinersConfig
 from fedray.errors import SessionError, UpdateRejected
 from fedray.messages import (
+    MAX_ATTRS,
     AsyncSpec,
     RoundResult,
     RoundSpec,
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 KEPT_MODELS = 2  # the round's model and the one before, for clients that are a bit late
 KEPT_SESSIONS = 4  # strategies of recent sessions (a restarted controller may resume one)
 CLIENT_STATUSES = {"online", "training", "validating"}  # what a heartbeat may report
-MAX_ATTRS = 32
 
 
 class CombinerListener(Protocol):
