@@ -1,5 +1,7 @@
 """Config loading: defaults, overrides, and one-line errors that name field and file."""
 
+from pathlib import Path
+
 import pytest
 
 from fedray.config import config_from_dict, load_config
@@ -26,11 +28,17 @@ def test_overrides_use_dotted_names(tmp_path):
     assert config.session.rounds == 7 and config.combiners.count == 1
 
 
-def test_the_repository_config_loads():
-    from pathlib import Path
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
+
+def test_the_repository_config_loads():
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "digits.yaml")
     assert config.federation == "digits"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    assert load_config(path).federation
 
 
 @pytest.mark.parametrize(("text", "needle"), [

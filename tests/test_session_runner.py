@@ -181,3 +181,41 @@ async def test_fedbuff_commits_a_version_every_k_updates_weighted_by_staleness()
     # every update moves the model by +1 from its base, discounted by its staleness
     final = decode(store.get(runner.model_id))["w"]
     assert 6 < float(final.mean()) <= 12
+
+
+async def test_the_user_strategy_of_the_guide_is_exact_across_combiners_and_resumes():
+    """examples/custom_strategy (docs/strategies.md): one combiner or two give the same
+    model, the decayed learning rate reaches the clients, and its state survives."""
+    from examples.custom_strategy.clipped import ClippedFedAvg
+
+    seen: dict[str, list[float]] = {}
+
+    def client(value, examples):
+        def train(params, config, client_id, round_):
+            seen.setdefault(client_id, []).append(config["lr"])
+            return {k: v + value for k, v in params.items()}, examples, {}
+        return train
+
+    models = []
+    for combiners in (1, 2):
+        pool = SimPool(combiners)
+        for name, value in (("a", 1.0), ("b", 0.5), ("far", 50.0)):
+            pool.add(name, client(value, 10))
+        store = MemoryStore()
+        settings = session_settings(rounds=3, aggregator="examples.custom_strategy.clipped:"
+                                    "ClippedFedAvg",
+                                    aggregator_kwargs={"clip": 4.0, "lr": 0.4, "lr_decay": 0.5})
+        try:
+            state, reason, runner = await run_session(pool, store, settings,
+                                                      Start(store.put(encode(SEED))))
+        finally:
+            await pool.close()
+        assert state == "finished", reason
+        models.append(decode(store.get(runner.model_id))["w"])
+        assert [c.report["clipped_fraction"] for c in runner.recorder.of(RoundCommitted)] \
+            == pytest.approx([1 / 3] * 3)
+    np.testing.assert_allclose(models[0], models[1], rtol=1e-6)
+    assert seen["a"][:3] == pytest.approx([0.4, 0.2, 0.1])
+    restored = ClippedFedAvg()
+    restored.load_state_dict(runner.strategy.state_dict())
+    assert restored.rounds_seen == 3 and restored.clipped_mean == pytest.approx(1 / 3)
