@@ -14,6 +14,7 @@ import pytest
 from fedray.actors.callbacks import RoundCommitted, RoundFailed, RoundStarted
 from fedray.actors.session_runner import Start
 from fedray.serialization import decode, encode
+from fedray.strategies.fedopt import FedAvgM
 from tests.simfed import MemoryStore, SimPool, run_session, session_settings
 
 SEED = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
@@ -219,3 +220,38 @@ async def test_the_user_strategy_of_the_guide_is_exact_across_combiners_and_resu
     restored = ClippedFedAvg()
     restored.load_state_dict(runner.strategy.state_dict())
     assert restored.rounds_seen == 3 and restored.clipped_mean == pytest.approx(1 / 3)
+
+
+class NaNOnSecondRound(FedAvgM):
+    """FedAvgM whose second aggregate is NaN (a strategy bug, or extreme inputs)."""
+
+    calls = 0
+
+    def finish(self, global_model, reduced):
+        out = super().finish(global_model, reduced)
+        NaNOnSecondRound.calls += 1
+        if NaNOnSecondRound.calls == 2:
+            out = {k: np.full_like(v, np.nan) for k, v in out.items()}
+        return out
+
+
+async def test_a_non_finite_aggregate_is_never_committed_and_the_state_goes_back():
+    pool = await _pool({"a": (1.0, 10), "b": (1.0, 10)})
+    store = MemoryStore()
+    NaNOnSecondRound.calls = 0
+    settings = session_settings(rounds=3, round_attempts=2,
+                                aggregator="tests.test_session_runner:NaNOnSecondRound")
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    failed = runner.recorder.of(RoundFailed)
+    assert [(f.round, f.attempt) for f in failed] == [(2, 1)]
+    assert "NaN or infinity" in failed[0].reason and "previous model stays" in failed[0].reason
+    commits = runner.recorder.of(RoundCommitted)
+    assert [c.round for c in commits] == [1, 2, 3]
+    assert commits[1].parent_id == commits[0].model_id  # round 2 re-ran from round 1's model
+    # FedAvgM's velocity went back to round 1's: as if the NaN attempt never happened
+    np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 1 + 1.9 + 2.71)
