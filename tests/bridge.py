@@ -133,3 +133,12 @@ class Bridge:
         await self.channel.close()
         await self.server.stop(0)
         await self.gate.close()
+
+
+async def status_of(call) -> grpc.StatusCode:
+    """The status an RPC ended with (OK when it succeeded)."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

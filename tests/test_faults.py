@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from test_federation import SEED, DeltaWorker, _config, _wait_connected
+from test_federation import SEED, DeltaWorker, SlowWorker, _config, _wait_connected
 
 from fedray.federation import Federation
 from fedray.policy import ResumePoint, resume_point
@@ -17,18 +17,6 @@ from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
 
 pytestmark = pytest.mark.integration
-
-
-class SlowWorker(DeltaWorker):
-    """Trains for ``seconds`` so a fault can land mid-round."""
-
-    def __init__(self, delta: float, examples: int, seconds: float) -> None:
-        super().__init__(delta, examples)
-        self.seconds = seconds
-
-    def train(self, model: bytes, config: dict):
-        time.sleep(self.seconds)
-        return super().train(model, config)
 
 
 def _deploy(config, tracking_uri, fleet, workers, **settings):

@@ -38,6 +38,18 @@ class DeltaWorker:
         return self.examples, {"accuracy": 0.5}
 
 
+class SlowWorker(DeltaWorker):
+    """Trains for ``seconds`` (a straggler, or so a fault can land mid-round)."""
+
+    def __init__(self, delta: float, examples: int, seconds: float) -> None:
+        super().__init__(delta, examples)
+        self.seconds = seconds
+
+    def train(self, model: bytes, config: dict):
+        time.sleep(self.seconds)
+        return super().train(model, config)
+
+
 class SilentWorker(DeltaWorker):
     """Takes a task and never answers (until the test ends)."""
 

@@ -10,22 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from test_federation import SEED, DeltaWorker, _config, _run, _wait_connected
+from test_federation import SEED, DeltaWorker, SlowWorker, _config, _run, _wait_connected
 
 from fedray.edge.workers import CallbackWorker
 from fedray.serialization import decode, encode
 
 pytestmark = pytest.mark.integration
-
-
-class SlowWorker(DeltaWorker):
-    def __init__(self, delta: float, examples: int, seconds: float) -> None:
-        super().__init__(delta, examples)
-        self.seconds = seconds
-
-    def train(self, model: bytes, config: dict):
-        time.sleep(self.seconds)
-        return super().train(model, config)
 
 
 def test_buffer_size_closes_each_round_on_its_third_update_and_drops_the_late_ones(
