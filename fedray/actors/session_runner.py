@@ -369,7 +369,7 @@ class SessionRunner:
         return new_id
 
     def report(self) -> dict[str, float | int | None]:
-        """The strategy's ``round_report`` as tracking can store it (see ``storable``)."""
+        """The strategy's ``round_report`` as tracking can store it (``storable_report``)."""
         try:
             return storable_report(self.strategy.round_report())
         except Exception as exc:  # noqa: BLE001 - user strategy code; the commit stands
