@@ -24,12 +24,13 @@ from fedray.edge.cli import edge
 from fedray.errors import ConfigError, FedrayError
 from fedray.extras import MissingExtra, hint_for, needs, require
 from fedray.lifecycle import Stopped, running
+from fedray.models_cli import TRACKING_MODULES
+from fedray.models_cli import get as models_get
 from fedray.status import status
 
 INTERNAL_ERROR = 70
 SESSION_COLLECTIONS = ("rounds", "models", "events", "validations")  # have a session_id
 EVENT_LEVELS = ("debug", "info", "warning", "error")  # tracking's LEVELS, without pymongo
-TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [server]
 QUERY_COLLECTIONS = ("sessions", "rounds", "models", "clients", "combiners", "events", "validations",
                      "packages")
 
@@ -181,6 +182,8 @@ def _query_command(collection: str) -> click.Command:
     def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
                 tracking_uri: str | None, session: str | None = None,
                 level: str | None = None) -> None:
+        if click.get_current_context().invoked_subcommand:  # fedray models get ...
+            return
         require(f"fedray {collection}", ("server",), TRACKING_MODULES)
         from fedray.tracking.query import query_page, render_table, to_json
 
@@ -201,6 +204,12 @@ def _query_command(collection: str) -> click.Command:
             "--session", default=None, metavar="ID",
             help="Only this session: its id or the first characters of it.")(command)
     command.__doc__ = f"List {collection} from tracking."
+    if collection == "models":
+        command.__doc__ += ("\n\n`fedray models get ID|latest -o FILE` writes one of them, "
+                            "its checksum verified.")
+        group = click.group(collection, invoke_without_command=True)(command)
+        group.add_command(models_get)
+        return group
     return click.command(collection)(command)
 
 

@@ -82,10 +82,13 @@ def test_the_slim_install_has_no_server_parts_and_says_which_extra_to_install(sl
                    'pip install "fedray[server,examples]"'),
         (["rounds"], 'fedray rounds needs the server parts: pip install "fedray[server]"'),
         (["models"], 'fedray models needs the server parts: pip install "fedray[server]"'),
+        (["models", "get", "latest", "-o", "m.safetensors"],
+         'fedray models get needs the server parts: pip install "fedray[server]"'),
     ]:
         out = subprocess.run([str(slim_venv / "bin" / "fedray"), *args], cwd=tmp_path,
                              env=_env(slim_venv), capture_output=True, text=True, timeout=60)
         assert (out.returncode, out.stderr) == (2, line + "\n"), (args, out.stderr)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_a_slim_edge_client_trains_real_rounds_against_a_full_federation(
