@@ -5,6 +5,7 @@
     ├── SerializationError      bytes that are not a valid safetensors model
     ├── UpdateRejected          an update failed its checks (``reason`` is a short code)
     ├── PackageError            a compute package that is unsafe, malformed or failing
+    │   └── PythonEnvError      its python_env (venv + pip install) could not be built
     ├── StorageError            the model store could not read or write
     ├── TrackingError           the tracking database is unreachable or refused a write
     ├── TransportError          a gRPC call to the gateway or a combiner failed
@@ -51,6 +52,10 @@ class UpdateRejected(FedrayError):
 
 class PackageError(FedrayError):
     exit_code = 4
+
+
+class PythonEnvError(PackageError):
+    """A compute package's ``python_env`` could not be built (pip's error, in one line)."""
 
 
 class StorageError(FedrayError):

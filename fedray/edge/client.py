@@ -117,6 +117,7 @@ class EdgeRunner:
         self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
         self.stop = asyncio.Event()
         self._told_identity = ""
+        self._events: set[asyncio.Future] = set()  # progress events on their way
 
     def _line(self, text: str) -> None:
         self.say(f"[{self.settings.name}] {text}")
@@ -287,6 +288,9 @@ class EdgeRunner:
             if isinstance(self.worker, RemotePackageWorker) and task.package_sha256 \
                     and task.package_sha256 != self.worker.sha256:
                 await self._install_package(stub, task)
+            prepare = getattr(self.worker, "prepare", None)
+            if prepare is not None:  # a package's python env: built once, then a no-op
+                await asyncio.to_thread(prepare, self._progress(stub))
             model = await self._fetch(stub, task.model_id, task.model_size)
             if task.kind is TaskKind.TRAIN:
                 data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
@@ -310,6 +314,30 @@ class EdgeRunner:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
         self._line(f"{what} on model {task.model_id[:10]}: {examples} examples, "
                    f"{time.perf_counter() - started:.2f}s{', ' + shown if shown else ''} -> {outcome}")
+
+    def _progress(self, stub: pb_grpc.CombinerStub) -> Callable[[str], None]:
+        """A line in this client's output and an info event at the combiner; callable from
+        a worker thread (building a package's python env reports through it)."""
+        loop = asyncio.get_running_loop()
+
+        def say(message: str) -> None:
+            self._line(message)
+            loop.call_soon_threadsafe(self._send_event, stub, message)
+
+        return say
+
+    def _send_event(self, stub: pb_grpc.CombinerStub, message: str) -> None:
+        task = asyncio.ensure_future(self._push_event(stub, message))
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    async def _push_event(self, stub: pb_grpc.CombinerStub, message: str) -> None:
+        try:
+            await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="info",
+                                                message=message[:MAX_FAILURE_CHARS]),
+                                 metadata=self.metadata, timeout=10)
+        except grpc.aio.AioRpcError as exc:  # progress only: the task goes on without it
+            log.info("progress event not sent: %s", exc.code().name)
 
     async def _report_failure(self, stub: pb_grpc.CombinerStub, task: Task, what: str,
                               exc: Exception) -> None:
