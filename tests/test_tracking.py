@@ -131,39 +131,43 @@ def test_datetimes_set_on_existing_documents_stay_datetimes(store: TrackingStore
     store.upsert_combiner("combiner-0")
 
     with written_at(_at(10)):
-        store.update_session("s1", finished_at=_at(9))
+        store.update_session("s1", status="running")
         store.start_round("s1", 1)
-        store.update_round("s1", 1, finished_at=_at(11))
         store.upsert_client("c1", status="offline")
-        store.upsert_combiner("combiner-0", status="up")
+        store.upsert_combiner("combiner-0", status="online")
         store.increment_combiner_restarts("combiner-0")
+    with written_at(_at(11)):
+        store.update_round("s1", 1, status="failed", reason="too few updates")
 
     session, round_ = store.get_session("s1"), store.get_round("s1", 1)
     client, combiner = store.find("clients")[0], store.find("combiners")[0]
-    assert (session["finished_at"], session["updated_at"]) == (_at(9), _at(10))
-    assert (round_["started_at"], round_["finished_at"]) == (_at(10), _at(11))
+    assert session["updated_at"] == _at(10)
+    assert (round_["started_at"], round_["updated_at"]) == (_at(10), _at(11))
     assert client["last_seen"] == _at(10) and combiner["updated_at"] == _at(10)
-    assert store.find("rounds", {"finished_at": {"$gt": _at(10.5)}}) == [round_]
+    assert store.find("rounds", {"updated_at": {"$gt": _at(10.5)}}) == [round_]
 
 
 def test_rounds(store: TrackingStore) -> None:
-    store.start_round("s1", 1, clients_asked=4)
-    store.start_round("s1", 1, clients_asked=5)  # a rerun restarts the same document
+    share = {"asked": 3, "updates": 3, "rejected": 1, "rejections": {"non_finite": 1},
+             "failed": 0, "failures": {}, "close_reason": "all_answered", "seconds": 1.5,
+             "bytes_in": 300, "bytes_out": 900, "aggregation_s": 0.01}  # fmt: skip
+    store.start_round("s1", 1, clients_asked={"combiner-0": 4})
+    store.start_round("s1", 1, clients_asked={"combiner-0": 5})  # a rerun: the same document
 
     store.update_round(
         "s1",
         1,
-        status="committed",
+        status="finished",
         model_id=MODEL_A,
-        metrics={"loss": np.float64(0.25)},
-        **{"combiners.combiner-0": {"updates_received": 3, "updates_rejected": 1}},
+        train_metrics={"loss": np.float64(0.25)},
+        **{"combiners.combiner-0": share},
     )
 
     doc = store.get_round("s1", 1)
     assert doc is not None and "_id" not in doc
-    assert doc["status"] == "committed" and doc["clients_asked"] == 5
-    assert doc["combiners"] == {"combiner-0": {"updates_received": 3, "updates_rejected": 1}}
-    assert doc["metrics"] == {"loss": 0.25}
+    assert doc["status"] == "finished" and doc["clients_asked"] == {"combiner-0": 5}
+    assert doc["combiners"] == {"combiner-0": share}
+    assert doc["train_metrics"] == {"loss": 0.25}
     assert doc["started_at"].tzinfo is not None
     assert store.db.rounds.count_documents({"session_id": "s1"}) == 1
     assert store.get_round("s1", 2) is None
@@ -199,7 +203,7 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
     assert client["name"] == "alice" and client["status"] == "training"
     assert client["first_seen"] == _at(0) and client["last_seen"] == _at(5)
 
-    store.upsert_combiner("combiner-0", address="127.0.0.1:12081", status="up", clients=1)
+    store.upsert_combiner("combiner-0", address="127.0.0.1:12081", status="online", clients=1)
     store.increment_combiner_restarts("combiner-0")
     store.increment_combiner_restarts("combiner-0")
     store.increment_combiner_restarts("combiner-1")  # unknown so far: created
@@ -214,11 +218,12 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
 
 def test_validations_packages_and_events(store: TrackingStore) -> None:
     validation = {"session_id": "s1", "round": 1, "client_id": "c1", "model_id": MODEL_A,
-                  "metrics": {"accuracy": np.float32(0.75)}, "num_examples": 10}  # fmt: skip
+                  "combiner": "combiner-0", "metrics": {"accuracy": np.float32(0.75)},
+                  "num_examples": 10}  # fmt: skip
     store.add_validation(validation)
     store.add_validation(validation)  # a retry of the same write: stored once
     assert store.add_package("f" * 64, name="digits", size=1234) is True
-    assert store.add_package("f" * 64, name="again") is False
+    assert store.add_package("f" * 64, name="again", size=1) is False
 
     store.event("info", "controller", "session started", session_id="s1")
     store.event("error", "combiner-0", "update rejected", session_id="s1", round=1,

@@ -6,12 +6,10 @@ data directory, never in tracking), and a MAC binding that hash to the client's 
 Servers look a presented token up by its keyed hash and trust a row only when its MAC
 checks out, so tracking's integrity is not needed: a row written by someone without the
 secret (the embedded server has no authentication) verifies nothing, and a renamed row
-verifies as nobody. One document per token:
-
-    tokens   hash (unique, HMAC-SHA256 hex of the token), name, mac, created_at,
-             revoked (bool), revoked_at, live_name (= name, only while the token is live:
-             a unique index on it means one live token per name, however many
-             ``fedray token create`` run at once)
+verifies as nobody. One document per token (``schema.Token``, docs/tracking.md): the
+keyed hash, the name, the MAC, created/revoked times, and ``live_name`` (= name, only
+while the token is live: a unique index on it means one live token per name, however
+many ``fedray token create`` run at once).
 
 The gateway and combiners read the collection every few seconds (``fedray.actors.auth``),
 so new tokens and revocations take effect without a restart. The collection is kept out
@@ -30,6 +28,7 @@ from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fedray.errors import ConfigError, TrackingError
+from fedray.tracking import schema
 from fedray.tracking.documents import utcnow
 from fedray.tracking.store import TrackingStore, _setting
 
@@ -65,13 +64,14 @@ def create_token(store: TrackingStore, name: str, secret: bytes) -> str:
     tokens = store.db[COLLECTION]
     token = PREFIX + secrets.token_urlsafe(32)
     digest = hash_token(token, secret)
+    doc = schema.Token(hash=digest, name=name, mac=row_mac(secret, digest, name),
+                       live_name=name, created_at=utcnow(), revoked=False, revoked_at=None)
+    schema.validate(COLLECTION, doc)
     try:
         tokens.create_index([("hash", ASCENDING)], unique=True)
         tokens.create_index([("name", ASCENDING)])
         tokens.create_index([("live_name", ASCENDING)], unique=True, sparse=True)
-        tokens.insert_one({"hash": digest, "name": name, "mac": row_mac(secret, digest, name),
-                           "live_name": name, "created_at": utcnow(), "revoked": False,
-                           "revoked_at": None})
+        tokens.insert_one(doc)
     except DuplicateKeyError:
         raise ConfigError(f"client {name!r} already has a token; revoke it first "
                           f"(fedray token revoke --name {name})") from None
@@ -86,7 +86,9 @@ def revoke_token(store: TrackingStore, name: str) -> int:
     try:
         live = list(tokens.find({"name": {"$eq": name}, "revoked": {"$eq": False}}, {"hash": 1}))
         for doc in live:
-            update = _setting({"revoked": True, "revoked_at": utcnow()})
+            revoked = {"revoked": True, "revoked_at": utcnow()}
+            schema.check_fields(COLLECTION, revoked)
+            update = _setting(revoked)
             update["$unset"] = {"live_name": ""}
             tokens.update_one({"hash": doc["hash"]}, update)
     except PyMongoError as exc:

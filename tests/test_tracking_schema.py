@@ -1,0 +1,224 @@
+"""The tracking schema (fedray/tracking/schema.py): wrong documents are refused with the
+field named, writers cannot write what it does not describe, and docs/tracking.md says
+the same as the classes."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, get_args
+
+import pytest
+from bson import ObjectId
+
+from fedray.errors import SchemaError, TrackingError
+from fedray.tracking import TrackingStore, TrackingWriter, schema
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+MODEL = "a" * 64
+
+
+def _round(**fields: Any) -> dict[str, Any]:
+    share = {"asked": 2, "updates": 2, "rejected": 0, "rejections": {}, "failed": 0,
+             "failures": {}, "close_reason": "all_answered", "seconds": 0.5, "bytes_in": 10,
+             "bytes_out": 20, "aggregation_s": 0.01}
+    return {"session_id": "s1", "round": 1, "status": "finished", "started_at": NOW,
+            "updated_at": NOW, "attempt": 1, "clients_asked": {"combiner-0": 2},
+            "parent_model_id": MODEL, "model_id": "b" * 64, "mode": "sync", "updates": 2,
+            "rejected": 0, "combiners": {"combiner-0": share}, "lost_combiners": [],
+            "reduce_s": 0.01, "seconds": 0.6, "aggregator_state_id": "",
+            "train_metrics": {"loss": 0.5}, "validation_metrics": {},
+            "report": {"epsilon": 1.5, "delta": 1e-5}, "contributions": [], **fields}
+
+
+GOOD: dict[str, dict[str, Any]] = {
+    "sessions": {"session_id": "s1", "federation": "f", "status": "running", "config": {},
+                 "rounds_planned": 3, "rounds_done": 1, "model_id": MODEL, "created_at": NOW,
+                 "updated_at": NOW, "continued_from": None},
+    "rounds": _round(),
+    "models": {"model_id": MODEL, "parent_id": None, "session_id": "s1", "round": 0,
+               "size": 10, "storage_uri": "file:///m", "created_at": NOW,
+               "tensors": [{"name": "layer.0.w", "dtype": "F32", "shape": [2, 3]}]},
+    "clients": {"client_id": "c1", "name": "c1", "combiner": "combiner-0", "status": "online",
+                "first_seen": NOW, "last_seen": NOW, "attrs": {"site": "eu"}},
+    "combiners": {"name": "combiner-0", "address": "127.0.0.1:1", "status": "online",
+                  "restarts": 0, "updated_at": NOW, "clients": 2},
+    "validations": {"_id": ObjectId(), "session_id": "s1", "round": 1, "model_id": MODEL,
+                    "client_id": "c1", "combiner": "combiner-0", "num_examples": str(2**64),
+                    "metrics": {"accuracy": 0.9, "note": "any value"}, "ts": NOW},
+    "events": {"_id": ObjectId(), "ts": NOW, "level": "info", "source": "controller",
+               "session_id": None, "round": None, "message": "m", "data": {"x": [1]}},
+    "packages": {"sha256": "f" * 64, "name": "digits", "size": 3, "created_at": NOW},
+    "tokens": {"hash": "h", "name": "alice", "mac": "m", "created_at": NOW, "revoked": False,
+               "revoked_at": None, "live_name": "alice"},
+}  # fmt: skip
+
+
+def test_every_collection_has_a_class_and_a_valid_example() -> None:
+    assert set(GOOD) == set(schema.DOCUMENTS)
+    for collection, doc in GOOD.items():
+        schema.validate(collection, doc)
+
+
+@pytest.mark.parametrize(("collection", "change", "field", "problem"), [
+    ("rounds", {"updates_received": 3}, "updates_received", "is not in the schema"),
+    ("rounds", {"status": "committed"}, "status", "must be one of running, finished, failed"),
+    ("rounds", {"updates": "3"}, "updates", "must be an int, got str '3'"),
+    ("rounds", {"updates": True}, "updates", "must be an int, got bool"),
+    ("rounds", {"seconds": float("nan")}, "seconds", "must be a finite number"),
+    ("rounds", {"report": {"epsilon": "1"}}, "report.epsilon", "must be a number"),
+    ("rounds", {"combiners": {"combiner-0": {"asked": "1"}}}, "combiners.combiner-0.asked",
+     "must be an int"),
+    ("rounds", {"combiners": {"combiner-0": {"asked": 1}}}, "combiners.combiner-0.updates",
+     "is required but missing"),
+    ("rounds", {"contributions": [{"client_id": "c1"}]}, "contributions.0.base_version",
+     "is required but missing"),
+    ("rounds", {"model_id": None}, "model_id", "must be a string, got NoneType"),
+    ("rounds", {"started_at": datetime(2030, 1, 1)}, "started_at", "naive"),
+    ("rounds", {"started_at": "2030-01-01"}, "started_at", "must be a date"),
+    ("sessions", {"status": "done"}, "status", "must be one of created, waiting"),
+    ("sessions", {"config": ["a"]}, "config", "must be a document"),
+    ("models", {"tensors": [{"name": "w", "dtype": "F32", "shape": ["2"]}]},
+     "tensors.0.shape.0", "must be an int"),
+    ("clients", {"attrs": {"site": 1}}, "attrs.site", "must be a string"),
+    ("clients", {"status": "busy"}, "status", "must be one of online, training"),
+    ("combiners", {"restarts": 1.0}, "restarts", "must be an int"),
+    ("validations", {"num_examples": 1.5}, "num_examples", "must be int or string"),
+    ("events", {"level": "fatal"}, "level", "must be one of debug, info, warning, error"),
+    ("events", {"data": "x"}, "data", "must be a document"),
+    ("packages", {"size": None}, "size", "must be an int"),
+    ("tokens", {"revoked": "no"}, "revoked", "must be a bool"),
+])  # fmt: skip
+def test_a_wrong_field_is_refused_by_name(collection: str, change: dict[str, Any], field: str,
+                                          problem: str) -> None:
+    with pytest.raises(SchemaError, match=problem) as info:
+        schema.validate(collection, {**GOOD[collection], **change})
+
+    assert info.value.field == field and info.value.collection == collection
+    assert f"field {field!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(("collection", "missing"), [
+    ("sessions", "rounds_done"), ("models", "tensors"), ("clients", "status"),
+    ("validations", "_id"), ("events", "ts"), ("tokens", "mac"),
+])  # fmt: skip
+def test_a_missing_required_field_is_named(collection: str, missing: str) -> None:
+    doc = {k: v for k, v in GOOD[collection].items() if k != missing}
+
+    with pytest.raises(SchemaError, match=f"field '{missing}' is required but missing"):
+        schema.validate(collection, doc)
+
+
+@pytest.mark.parametrize(("collection", "doc", "field"), [
+    ("rounds", _round(mode="async", combiners={}, contributions=[
+        {"client_id": "c1", "base_version": 0, "staleness": 1, "num_examples": 5,
+         "weight": 0.5}]), None),
+    ("rounds", {k: v for k, v in _round(status="running").items() if k != "model_id"}, None),
+    ("rounds", {k: v for k, v in _round().items() if k != "aggregator_state_id"},
+     "aggregator_state_id"),
+    ("rounds", _round(status="failed"), "reason"),
+    ("tokens", {**GOOD["tokens"], "revoked": True}, "live_name"),
+    ("tokens", {**GOOD["tokens"], "live_name": "bob"}, "live_name"),
+])  # fmt: skip
+def test_whole_document_rules(collection: str, doc: dict[str, Any], field: str | None) -> None:
+    if field is None:
+        schema.validate(collection, doc)
+        return
+    with pytest.raises(SchemaError) as info:
+        schema.validate(collection, doc)
+    assert info.value.field == field
+
+
+def test_update_fields_are_checked_along_their_dotted_path() -> None:
+    schema.check_fields("rounds", {"status": "failed", "combiners.combiner-0.updates": 3,
+                                   "report.epsilon": None, "validation_metrics": {}})
+    for fields, field in [({"combiners.combiner-0.updates_received": 1},
+                           "combiners.combiner-0.updates_received"),
+                          ({"report.epsilon.x": 1}, "report.epsilon.x"),
+                          ({"$set": {}}, "$set"), ({"": 1}, ""),
+                          ({"train_metrics.loss": "low"}, "train_metrics.loss")]:
+        with pytest.raises(SchemaError) as info:
+            schema.check_fields("rounds", fields)
+        assert info.value.field == field, fields
+    with pytest.raises(SchemaError, match="not a tracking collection"):
+        schema.validate("network.clients", {})
+
+
+def test_schema_errors_are_tracking_errors_and_cross_processes() -> None:
+    error = SchemaError("rounds", "status", "must be one of running")
+
+    again = pickle.loads(pickle.dumps(error))
+
+    assert isinstance(again, TrackingError) and str(again) == str(error)
+    assert (again.collection, again.field) == ("rounds", "status")
+
+
+def test_readers_get_field_names_from_the_classes() -> None:
+    assert schema.ROUNDS.aggregator_state_id == "aggregator_state_id"
+    assert schema.SESSIONS.status == "status" and schema.CLIENTS.attrs == "attrs"
+    with pytest.raises(AttributeError, match="Round has no field 'updates_received'"):
+        _ = schema.ROUNDS.updates_received
+
+
+def test_statuses_are_the_states_fedray_knows() -> None:
+    from fedray.actors.combiner_core import CLIENT_STATUSES
+    from fedray.states import RoundState, SessionState
+    from fedray.tracking.documents import LEVELS
+
+    assert set(get_args(schema.SessionStatus)) == {s.value for s in SessionState}
+    assert set(get_args(schema.RoundStatus)) <= {s.value for s in RoundState}
+    assert set(get_args(schema.ClientStatus)) == CLIENT_STATUSES | {"offline"}
+    assert get_args(schema.Level) == LEVELS
+
+
+# the store and the writer refuse what the schema does not describe
+
+
+@pytest.fixture
+def store(tracking_uri: str) -> Iterator[TrackingStore]:
+    name = f"s_{uuid.uuid4().hex[:16]}"
+    store = TrackingStore.from_uri(tracking_uri, name)
+    yield store
+    store.db.client.drop_database(name)
+    store.close()
+
+
+def test_the_store_refuses_a_drifted_write_and_writes_nothing(store: TrackingStore) -> None:
+    store.create_session("s1", "digits", {}, 3, MODEL)
+    store.start_round("s1", 1, clients_asked={"combiner-0": 2})
+
+    with pytest.raises(SchemaError, match="'updates_received' is not in the schema"):
+        store.update_round("s1", 1, status="finished", updates_received=2)
+    with pytest.raises(SchemaError, match="'status' must be one of"):
+        store.update_session("s1", status="committed")
+    with pytest.raises(SchemaError, match="'clients_asked' must be a document"):
+        store.start_round("s1", 2, clients_asked=4)
+    with pytest.raises(SchemaError, match="'size' is required"):
+        store.add_package("f" * 64, name="digits")
+    with pytest.raises(SchemaError, match="'combiner' is required"):
+        store.add_validation({"session_id": "s1", "round": 1, "model_id": MODEL,
+                              "client_id": "c1", "num_examples": 1, "metrics": {}})
+    with pytest.raises(SchemaError, match="'status' must be one of online"):
+        store.upsert_combiner("combiner-0", address="x", status="up")
+
+    assert store.get_round("s1", 1)["status"] == "running"
+    assert store.get_session("s1")["status"] == "created"
+    assert store.get_round("s1", 2) is None and store.find("packages") == []
+    assert store.find("validations") == [] and store.find("combiners") == []
+
+
+def test_the_writer_drops_a_drifted_write_loudly_and_goes_on(
+        store: TrackingStore, tracking_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    with TrackingWriter(lambda: TrackingStore.from_uri(tracking_uri, store.db.name)) as writer:
+        writer.submit("create_session", "s1", "digits", {}, 3, MODEL)
+        writer.submit("update_session", "s1", committed=True)
+        writer.submit("update_session", "s1", status="running")
+        with caplog.at_level(logging.ERROR, logger="fedray.tracking.writer"):
+            assert writer.flush(20)
+
+    assert writer.dropped_by_reason == {"refused": 1}
+    assert "tracking sessions: field 'committed' is not in the schema" in caplog.text
+    assert store.get_session("s1")["status"] == "running"
