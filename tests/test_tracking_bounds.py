@@ -58,6 +58,18 @@ def test_integers_bson_cannot_hold_are_stored_as_text(store: TrackingStore) -> N
     assert event["data"] == {"num_examples": str(BIG), "flag": True}
 
 
+def test_non_finite_numbers_are_stored_as_null(store: TrackingStore) -> None:
+    import numpy as np
+
+    store.add_validation({"session_id": "s1", "round": 1, "model_id": "a" * 64,
+                          "client_id": "c1", "combiner": "combiner-0", "num_examples": 5,
+                          "metrics": {"loss": float("nan"), "accuracy": 0.1,
+                                      "ppl": np.float32("inf")}})
+
+    [validation] = store.find("validations")
+    assert validation["metrics"] == {"loss": None, "accuracy": 0.1, "ppl": None}
+
+
 def test_one_bad_event_does_not_drop_the_rest_of_its_batch(tracking_uri: str, store: TrackingStore,
                                                            db_name: str) -> None:
     writer, release = _held_writer(tracking_uri, db_name)
