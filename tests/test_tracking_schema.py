@@ -222,3 +222,73 @@ def test_the_writer_drops_a_drifted_write_loudly_and_goes_on(
     assert writer.dropped_by_reason == {"refused": 1}
     assert "tracking sessions: field 'committed' is not in the schema" in caplog.text
     assert store.get_session("s1")["status"] == "running"
+
+
+# what the session runner's tracking callback writes
+
+
+class StoreObserver:
+    """The observer TrackingCallback writes through, writing at once (no queue): a write
+    the store refuses fails the test where it is made."""
+
+    def __init__(self, store: TrackingStore) -> None:
+        self.store = store
+
+    def write(self, method: str, *args: Any, **kwargs: Any) -> None:
+        getattr(self.store, method)(*args, **kwargs)
+
+    def event(self, level: str, message: str, **data: Any) -> None:
+        session_id, round_ = data.pop("session_id", None), data.pop("round", None)
+        self.store.event(level, "controller", message, session_id=session_id, round=round_,
+                         data=data or None)
+
+    def round_committed(self, seconds: float) -> None:
+        pass
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        return True
+
+
+def _callback(store: TrackingStore):
+    from fedray.actors.callbacks import TrackingCallback
+
+    store.create_session("s1", "digits", {}, 3, MODEL)
+    return TrackingCallback(StoreObserver(store))
+
+
+def test_a_round_s_model_id_is_only_the_model_it_committed(store: TrackingStore) -> None:
+    from fedray.actors.callbacks import RoundFailed, RoundStarted
+
+    tracking = _callback(store)
+
+    tracking.on_event(RoundStarted("s1", 1, 1, MODEL, {"combiner-0": 2}))
+    running = store.get_round("s1", 1)
+    tracking.on_event(RoundFailed("s1", 1, 1, "only 1 update(s) arrived"))
+    failed = store.get_round("s1", 1)
+
+    assert running["parent_model_id"] == MODEL and "model_id" not in running
+    assert failed["status"] == "failed" and "model_id" not in failed  # it made no model
+    schema.validate("rounds", store.db.rounds.find_one({"session_id": "s1"}))
+
+
+def test_a_rerun_round_keeps_no_outcome_of_its_failed_attempt(store: TrackingStore) -> None:
+    from fedray.actors.callbacks import RoundCommitted, RoundFailed, RoundStarted
+
+    tracking = _callback(store)
+    share = GOOD["rounds"]["combiners"]["combiner-0"]
+
+    tracking.on_event(RoundStarted("s1", 1, 1, MODEL, {"combiner-0": 2}))
+    tracking.on_event(RoundFailed("s1", 1, 1, "only 1 update(s) arrived",
+                                  {"combiner-0": share}, {"c2": "RuntimeError: no data"}))
+    failed = store.get_round("s1", 1)
+    tracking.on_event(RoundStarted("s1", 1, 2, MODEL, {"combiner-0": 2}))
+    rerun = store.get_round("s1", 1)
+    tracking.on_event(RoundCommitted("s1", 1, 2, "b" * 64, MODEL, 2, 0, 0.5, 0.01, "",
+                                     {"loss": 0.5}, {"combiner-0": share}))
+    committed = store.db.rounds.find_one({"session_id": "s1", "round": 1})
+
+    assert failed["failures"] == {"c2": "RuntimeError: no data"} and failed["reason"]
+    assert rerun["attempt"] == 2 and rerun["status"] == "running"
+    assert not {"reason", "failures", "combiners"} & set(rerun)
+    schema.validate("rounds", committed)
+    assert committed["model_id"] == "b" * 64 and "reason" not in committed
