@@ -81,6 +81,7 @@ SCALAR_FIELDS = frozenset(
 )  # fmt: skip
 
 _NO_SUCH_FIELD = "_fedray_never_set"  # see _setting
+ATTEMPT_OUTCOME = ("reason", "failures", "combiners")  # what a failed attempt writes
 
 # The methods a TrackingWriter may queue: writes only, never reads.
 WRITE_METHODS = frozenset(
@@ -245,14 +246,21 @@ class TrackingStore:
     # rounds
 
     def start_round(self, session_id: str, round: int, **fields: Any) -> None:
-        """Create or restart a round: status "running", ``started_at`` now, plus fields."""
+        """Create or restart a round: status "running", ``started_at`` now, plus fields.
+
+        A restart drops what the failed attempt before it recorded (``ATTEMPT_OUTCOME``),
+        so a round that then commits carries no reason or failures of an earlier attempt
+        (the events keep those).
+        """
         now = utcnow()
         update = {"status": "running", "started_at": now, "updated_at": now, **clean(fields)}
         schema.check_fields("rounds", update)
+        write = _setting(update)
+        write["$unset"] = {name: "" for name in ATTEMPT_OUTCOME if name not in update}
         with self._translate(f"start round {round} of session {session_id!r}"):
             self._retry_dup(
                 lambda: self.db.rounds.update_one(
-                    {"session_id": session_id, "round": int(round)}, _setting(update), upsert=True
+                    {"session_id": session_id, "round": int(round)}, write, upsert=True
                 )
             )
 
