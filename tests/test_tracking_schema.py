@@ -292,3 +292,13 @@ def test_a_rerun_round_keeps_no_outcome_of_its_failed_attempt(store: TrackingSto
     assert not {"reason", "failures", "combiners"} & set(rerun)
     schema.validate("rounds", committed)
     assert committed["model_id"] == "b" * 64 and "reason" not in committed
+
+
+def test_field_names_survive_pickling_as_ray_does_it() -> None:
+    import cloudpickle
+
+    again = cloudpickle.loads(cloudpickle.dumps(schema.ROUNDS))
+
+    assert again.model_id == "model_id"
+    with pytest.raises(AttributeError, match="no field 'nope'"):
+        _ = again.nope

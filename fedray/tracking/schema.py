@@ -246,11 +246,17 @@ class Fields:
 
     def __init__(self, cls: type) -> None:
         self.__dict__.update({name: name for name in _hints(cls)})
-        self._class = cls.__name__
+        self.__dict__["_class"] = cls
 
-    def __getattr__(self, name: str) -> str:
-        raise AttributeError(f"tracking document {self._class} has no field {name!r} "
+    def __getattr__(self, name: str) -> str:  # only for names that are not fields
+        cls = self.__dict__.get("_class")
+        if cls is None or name.startswith("__"):  # unpickling, copy, ...: nothing special
+            raise AttributeError(name)
+        raise AttributeError(f"tracking document {cls.__name__} has no field {name!r} "
                              "(fedray/tracking/schema.py)")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray may pickle a module's globals
+        return (Fields, (self.__dict__["_class"],))
 
 
 SESSIONS, ROUNDS, MODELS, CLIENTS = Fields(Session), Fields(Round), Fields(Model), Fields(Client)
