@@ -167,7 +167,8 @@ def _query_command(collection: str) -> click.Command:
     def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
                 tracking_uri: str | None, session: str | None = None,
                 level: str | None = None) -> None:
-        from fedray.tracking.query import query_page, render_table, to_json
+        from fedray.tracking.query import query_page, to_json
+        from fedray.tracking.tables import render_table
 
         with _tracking(data_dir, tracking_uri) as uri:
             page = query_page(uri, collection, filter_json, limit, session=session, level=level,
