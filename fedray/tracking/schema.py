@@ -262,6 +262,7 @@ class Fields:
 SESSIONS, ROUNDS, MODELS, CLIENTS = Fields(Session), Fields(Round), Fields(Model), Fields(Client)
 COMBINERS, VALIDATIONS, EVENTS = Fields(Combiner), Fields(Validation), Fields(Event)
 PACKAGES, TOKENS = Fields(Package), Fields(Token)
+CONTRIBUTIONS, SHARES = Fields(Contribution), Fields(CombinerShare)
 
 
 def validate(collection: str, doc: Mapping[str, Any]) -> None:

@@ -16,19 +16,31 @@ from rich.table import Table
 from rich.text import Text
 
 from fedray.text import printable
+from fedray.tracking.schema import (
+    CLIENTS,
+    COMBINERS,
+    CONTRIBUTIONS,
+    EVENTS,
+    MODELS,
+    PACKAGES,
+    ROUNDS,
+    SESSIONS,
+    VALIDATIONS,
+)
 
 Doc = Mapping[str, Any]
 
 _STYLES = {
     "created": "cyan",
+    "waiting": "cyan",
     "running": "yellow",
     "training": "yellow",
     "validating": "yellow",
     "finished": "green",
-    "committed": "green",
     "online": "green",
     "failed": "bold red",
     "offline": "dim",
+    "stopped": "dim",
     "debug": "dim",
     "info": "blue",
     "warning": "yellow",
@@ -52,7 +64,8 @@ def render_table(
     if collection == "events":
         console.print(_events_table(docs, title))
         return
-    columns = _COLUMNS.get(collection) or _generic_columns(docs)
+    columns = _round_columns(docs) if collection == "rounds" else \
+        _COLUMNS.get(collection) or _generic_columns(docs)
     table = Table(title=title, title_justify="left")
     for header, _ in columns:
         table.add_column(header, overflow="fold")
@@ -68,11 +81,11 @@ def _events_table(docs: Sequence[Doc], title: str) -> Table:
     rows show milliseconds (events of one round are often within the same second). The
     session column appears only when the events come from more than one session.
     """
-    times = [d["ts"].astimezone() for d in docs if isinstance(d.get("ts"), datetime)]
+    times = [d[EVENTS.ts].astimezone() for d in docs if isinstance(d.get(EVENTS.ts), datetime)]
     one_day = len({t.date() for t in times}) == 1
     if one_day:
         title += f" on {times[0]:%Y-%m-%d}"
-    several = len({d.get("session_id") for d in docs} - {None}) > 1
+    several = len({d.get(EVENTS.session_id) for d in docs} - {None}) > 1
     table = Table(title=title, title_justify="left")
     table.add_column("time", no_wrap=True, style="dim")
     table.add_column("level", no_wrap=True)
@@ -82,18 +95,18 @@ def _events_table(docs: Sequence[Doc], title: str) -> Table:
     table.add_column("round", no_wrap=True, justify="right")
     table.add_column("message", overflow="fold", ratio=1, min_width=20)
     for doc in docs:
-        ts = doc.get("ts")
+        ts = doc.get(EVENTS.ts)
         when = ""
         if isinstance(ts, datetime):
             local = ts.astimezone()
             when = f"{local:%H:%M:%S}.{local.microsecond // 1000:03d}" if one_day else _time(ts)
-        level = str(doc.get("level") or "")
+        level = str(doc.get(EVENTS.level) or "")
         row = [Text(when), Text(level, style=_STYLES.get(level, "")),
-               _cell(doc.get("source"))]  # fmt: skip
+               _cell(doc.get(EVENTS.source))]  # fmt: skip
         if several:
-            row.append(Text(_short(doc.get("session_id"), 8)))
-        row.append(_cell(doc.get("round")))
-        row.append(Text(printable(str(doc.get("message") or "")),
+            row.append(Text(_short(doc.get(EVENTS.session_id), 8)))
+        row.append(_cell(doc.get(EVENTS.round)))
+        row.append(Text(printable(str(doc.get(EVENTS.message) or "")),
                         style=_MESSAGE_STYLES.get(level, "")))
         table.add_row(*row)
     return table
@@ -157,89 +170,149 @@ def _metrics(value: Any) -> str:
 
 
 def _round_duration(doc: Doc) -> str:
-    if isinstance(doc.get("seconds"), int | float):
-        return _seconds(doc["seconds"])
-    start, end = doc.get("started_at"), doc.get("finished_at")
-    if isinstance(start, datetime) and isinstance(end, datetime):
-        return _seconds((end - start).total_seconds())
-    return ""
+    return _seconds(doc.get(ROUNDS.seconds))
+
+
+def _round_status(doc: Doc) -> Text:
+    text = _styled(doc.get(ROUNDS.status))
+    attempt = doc.get(ROUNDS.attempt)
+    if isinstance(attempt, int) and attempt > 1:
+        text.append(f" (attempt {attempt})")
+    return text
 
 
 def _round_updates(doc: Doc) -> str:
-    received, rejected = doc.get("updates"), doc.get("rejected")
+    received, rejected = doc.get(ROUNDS.updates), doc.get(ROUNDS.rejected)
     if received is None:
         return ""
     return f"{received} ({rejected} rejected)" if rejected else str(received)
 
 
+def _is_async(doc: Doc) -> bool:
+    return doc.get(ROUNDS.mode) == "async"
+
+
+def _staleness(doc: Doc) -> str:
+    """Mean and maximum staleness of the updates that built an asynchronous version."""
+    values = [c.get(CONTRIBUTIONS.staleness) for c in doc.get(ROUNDS.contributions) or []
+              if isinstance(c, Mapping)]
+    values = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not values:
+        return ""
+    return f"mean {_number(sum(values) / len(values))}, max {_number(max(values))}"
+
+
+def _report(doc: Doc) -> str:
+    """The strategy's round report: ε and δ first (None is an infinite ε), then the rest."""
+    report = doc.get(ROUNDS.report)
+    if not isinstance(report, Mapping) or not report:
+        return ""
+    parts = []
+    if "epsilon" in report:
+        epsilon = report["epsilon"]
+        parts.append(f"ε={'∞' if epsilon is None else _number(epsilon)}")
+    if "delta" in report:
+        parts.append(f"δ={_number(report['delta'])}")
+    parts += [f"{k}={'∞' if v is None else _number(v)}" for k, v in report.items()
+              if k not in ("epsilon", "delta")]
+    return " ".join(parts)
+
+
 def _round_metrics(doc: Doc) -> str:
-    train = {f"train.{k}": v for k, v in (doc.get("train_metrics") or {}).items()}
-    val = {f"val.{k}": v for k, v in (doc.get("validation_metrics") or {}).items()}
-    return _metrics({**train, **val})
+    train = doc.get(ROUNDS.train_metrics) or {}
+    if _is_async(doc):  # the staleness column says these, from the contributions
+        train = {k: v for k, v in train.items() if k not in ("staleness_mean", "staleness_max")}
+    val = doc.get(ROUNDS.validation_metrics) or {}
+    return _metrics({**{f"train.{k}": v for k, v in train.items()},
+                     **{f"val.{k}": v for k, v in val.items()}})
+
+
+def _round_columns(docs: Sequence[Doc]) -> list[Column]:
+    """Rounds of synchronous sessions; an asynchronous session's are model versions, each
+    with the staleness of its updates. Columns nobody fills are left out."""
+    modes = {"async" if _is_async(d) else "sync" for d in docs}
+    columns: list[Column] = [
+        ("session", lambda d: _short(d.get(ROUNDS.session_id))),
+        ("version" if modes == {"async"} else "round", lambda d: d.get(ROUNDS.round)),
+    ]
+    if len(modes) > 1:
+        columns.append(("mode", lambda d: "async" if _is_async(d) else "sync"))
+    columns += [("status", _round_status), ("updates", _round_updates)]
+    if "async" in modes:
+        columns.append(("staleness", _staleness))
+    columns.append(("duration", _round_duration))
+    if any(d.get(ROUNDS.report) for d in docs):
+        columns.append(("report", _report))
+    return columns + [("metrics", _round_metrics),
+                      ("model", lambda d: _short(d.get(ROUNDS.model_id)))]
 
 
 def _session_rounds(doc: Doc) -> str:
-    done, planned = doc.get("rounds_done"), doc.get("rounds_planned")
+    done, planned = doc.get(SESSIONS.rounds_done), doc.get(SESSIONS.rounds_planned)
     return f"{done if done is not None else '?'}/{planned if planned is not None else '?'}"
+
+
+def _session_strategy(doc: Doc) -> str:
+    strategy = doc.get(SESSIONS.strategy) or ""
+    return f"{strategy} (async)" if doc.get(SESSIONS.mode) == "async" else strategy
+
+
+def _attrs(value: Any) -> str:
+    if not isinstance(value, Mapping):
+        return ""
+    return " ".join(f"{k}={v}" for k, v in sorted(value.items()))
 
 
 Column = tuple[str, Callable[[Doc], Any]]
 
 _COLUMNS: dict[str, list[Column]] = {
     "sessions": [
-        ("session", lambda d: d.get("session_id")),
-        ("federation", lambda d: d.get("federation")),
-        ("status", lambda d: _styled(d.get("status"))),
+        ("session", lambda d: d.get(SESSIONS.session_id)),
+        ("federation", lambda d: d.get(SESSIONS.federation)),
+        ("strategy", _session_strategy),
+        ("status", lambda d: _styled(d.get(SESSIONS.status))),
         ("rounds", _session_rounds),
-        ("model", lambda d: _short(d.get("model_id"))),
-        ("created", lambda d: _time(d.get("created_at"))),
-        ("updated", lambda d: _time(d.get("updated_at"))),
-    ],
-    "rounds": [
-        ("session", lambda d: _short(d.get("session_id"))),
-        ("round", lambda d: d.get("round")),
-        ("status", lambda d: _styled(d.get("status"))),
-        ("updates", _round_updates),
-        ("duration", _round_duration),
-        ("metrics", _round_metrics),
-        ("model", lambda d: _short(d.get("model_id"))),
+        ("model", lambda d: _short(d.get(SESSIONS.model_id))),
+        ("created", lambda d: _time(d.get(SESSIONS.created_at))),
+        ("updated", lambda d: _time(d.get(SESSIONS.updated_at))),
     ],
     "models": [
-        ("model", lambda d: _short(d.get("model_id"))),
-        ("parent", lambda d: _short(d.get("parent_id"))),
-        ("session", lambda d: _short(d.get("session_id"))),
-        ("round", lambda d: d.get("round")),
-        ("size", lambda d: _size(d.get("size"))),
-        ("created", lambda d: _time(d.get("created_at"))),
+        ("model", lambda d: _short(d.get(MODELS.model_id))),
+        ("parent", lambda d: _short(d.get(MODELS.parent_id))),
+        ("session", lambda d: _short(d.get(MODELS.session_id))),
+        ("round", lambda d: d.get(MODELS.round)),
+        ("size", lambda d: _size(d.get(MODELS.size))),
+        ("created", lambda d: _time(d.get(MODELS.created_at))),
     ],
     "clients": [
-        ("name", lambda d: d.get("name") or d.get("client_id")),
-        ("combiner", lambda d: d.get("combiner")),
-        ("status", lambda d: _styled(d.get("status"))),
-        ("last seen", lambda d: _time(d.get("last_seen"))),
-        ("version", lambda d: d.get("version")),
+        ("name", lambda d: d.get(CLIENTS.name) or d.get(CLIENTS.client_id)),
+        ("combiner", lambda d: d.get(CLIENTS.combiner)),
+        ("status", lambda d: _styled(d.get(CLIENTS.status))),
+        ("attrs", lambda d: _attrs(d.get(CLIENTS.attrs))),
+        ("last seen", lambda d: _time(d.get(CLIENTS.last_seen))),
+        ("version", lambda d: d.get(CLIENTS.version)),
     ],
     "combiners": [
-        ("name", lambda d: d.get("name")),
-        ("address", lambda d: d.get("address")),
-        ("status", lambda d: _styled(d.get("status"))),
-        ("clients", lambda d: d.get("clients")),
-        ("restarts", lambda d: d.get("restarts")),
-        ("updated", lambda d: _time(d.get("updated_at"))),
+        ("name", lambda d: d.get(COMBINERS.name)),
+        ("address", lambda d: d.get(COMBINERS.address)),
+        ("status", lambda d: _styled(d.get(COMBINERS.status))),
+        ("clients", lambda d: d.get(COMBINERS.clients)),
+        ("restarts", lambda d: d.get(COMBINERS.restarts)),
+        ("updated", lambda d: _time(d.get(COMBINERS.updated_at))),
     ],
     "validations": [
-        ("time", lambda d: _time(d.get("ts"))),
-        ("session", lambda d: _short(d.get("session_id"), 8)),
-        ("round", lambda d: d.get("round")),
-        ("client", lambda d: d.get("client_id")),
-        ("model", lambda d: _short(d.get("model_id"))),
-        ("metrics", lambda d: _metrics(d.get("metrics"))),
+        ("time", lambda d: _time(d.get(VALIDATIONS.ts))),
+        ("session", lambda d: _short(d.get(VALIDATIONS.session_id), 8)),
+        ("round", lambda d: d.get(VALIDATIONS.round)),
+        ("client", lambda d: d.get(VALIDATIONS.client_id)),
+        ("model", lambda d: _short(d.get(VALIDATIONS.model_id))),
+        ("metrics", lambda d: _metrics(d.get(VALIDATIONS.metrics))),
     ],
     "packages": [
-        ("sha256", lambda d: _short(d.get("sha256"))),
-        ("name", lambda d: d.get("name")),
-        ("size", lambda d: _size(d.get("size"))),
-        ("created", lambda d: _time(d.get("created_at"))),
+        ("sha256", lambda d: _short(d.get(PACKAGES.sha256))),
+        ("name", lambda d: d.get(PACKAGES.name)),
+        ("size", lambda d: _size(d.get(PACKAGES.size))),
+        ("created", lambda d: _time(d.get(PACKAGES.created_at))),
     ],
 }
 
