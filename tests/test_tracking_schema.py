@@ -302,3 +302,115 @@ def test_field_names_survive_pickling_as_ray_does_it() -> None:
     assert again.model_id == "model_id"
     with pytest.raises(AttributeError, match="no field 'nope'"):
         _ = again.nope
+
+
+# a real federation (Ray, gRPC, edge clients): every document it writes validates
+
+
+class FlakyWorker:
+    """Fails its first training task, then adds ``delta`` like DeltaWorker."""
+
+    def __init__(self, delta: float, examples: int) -> None:
+        from test_federation import DeltaWorker
+
+        self.inner, self.calls = DeltaWorker(delta, examples), 0
+
+    def train(self, model: bytes, config: dict):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("the data volume is not mounted yet")
+        return self.inner.train(model, config)
+
+    def validate(self, model: bytes, config: dict):
+        return self.inner.validate(model, config)
+
+
+def _session(config, tracking_uri: str, fleet, workers: dict, tokens: dict[str, str],
+             seed_id: str) -> dict[str, Any]:
+    from test_federation import _wait_connected
+
+    from fedray.federation import Federation
+
+    fleet.stop()  # the clients of an earlier session, if any
+    fleet.lines.clear()
+    fed = Federation(config, None, tracking_uri).deploy()
+    try:
+        for i, (name, worker) in enumerate(workers.items()):
+            fleet.add(name, worker, fed.gateway, token=tokens[name],
+                      attrs={"site": "eu" if i % 2 else "us", "rank": str(i)})
+            _wait_connected(fleet, i + 1)
+        fed.start_session(seed_id)
+        return fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+
+
+@pytest.mark.integration
+def test_a_real_federation_writes_only_documents_the_schema_describes(
+        ray_session, tracking_uri, fleet, tmp_path) -> None:
+    from test_federation import SEED, DeltaWorker, _config
+
+    from fedray.keys import load_token_secret, mark_tokens_issued
+    from fedray.runner import _record_package
+    from fedray.serialization import encode
+    from fedray.storage import open_model_store
+    from fedray.tracking.tokens import create_token, revoke_token
+
+    sync = _config("schema", tmp_path, combiners=2, rounds=2, min_clients=2, buffer_size=2,
+                   validate=True, round_attempts=2, aggregator="dp_fixed",
+                   aggregator_kwargs={"noise_multiplier": 0.5, "clipping_norm": 10.0,
+                                      "delta": 1e-5})
+    fedbuff = _config("schema", tmp_path, combiners=2, rounds=3, min_clients=2,
+                      buffer_size=2, validate=True, aggregator="fedbuff")
+    store = TrackingStore.from_uri(tracking_uri, sync.tracking.database)
+    secret = load_token_secret(tmp_path)
+    names = ["steady", "flaky-1", "flaky-2"]
+    tokens = {name: create_token(store, name, secret) for name in [*names, "gone"]}
+    revoke_token(store, "gone")
+    mark_tokens_issued(tmp_path)
+    seed_id = open_model_store("file", sync.resolved_data_dir()).put(encode(SEED))
+    _record_package(tracking_uri, sync, ("f" * 64, b"package bytes", "digits-client"))
+
+    first = _session(sync, tracking_uri, fleet, {"steady": DeltaWorker(1.0, 10),
+                                                 "flaky-1": FlakyWorker(2.0, 10),
+                                                 "flaky-2": FlakyWorker(3.0, 10)},
+                     tokens, seed_id)
+    second = _session(fedbuff, tracking_uri, fleet, {name: DeltaWorker(1.0, 10)
+                                                     for name in names}, tokens, seed_id)
+
+    assert first["state"] == "finished", first["reason"]
+    assert second["state"] == "finished", second["reason"]
+    docs = {c: list(store.db[c].find({})) for c in schema.DOCUMENTS}
+    wrong = []
+    for collection, found in docs.items():
+        for doc in found:
+            try:
+                schema.validate(collection, doc)
+            except SchemaError as exc:
+                wrong.append(f"{exc}: {doc}")
+    assert not wrong, "\n".join(wrong)
+    # and the run wrote what the test is about, so the check above was not vacuous
+    rounds = {(r["session_id"], r["round"]): r for r in docs["rounds"]}
+    dp1, dp2 = rounds[first["session_id"], 1], rounds[first["session_id"], 2]
+    assert dp1["status"] == dp2["status"] == "finished" and dp1["attempt"] == 2
+    assert dp1["mode"] == "sync" and dp2["report"]["epsilon"] > 0 and dp2["report"]["delta"]
+    closes = {s["close_reason"] for r in (dp1, dp2) for s in r["combiners"].values()}
+    assert "buffer_full" in closes, closes
+    assert "reason" not in dp1 and "failures" not in dp1
+    versions = [rounds[second["session_id"], n] for n in (1, 2, 3)]
+    assert all(v["mode"] == "async" and len(v["contributions"]) == 2 for v in versions)
+    assert dp2["validation_metrics"] == {"accuracy": 0.5}  # RoundValidated's update
+    assert {(s["strategy"], s["mode"], s["status"], s["seed_model_id"])
+            for s in docs["sessions"]} == {("dp_fixed", "sync", "finished", seed_id),
+                                           ("fedbuff", "async", "finished", seed_id)}
+    assert len(docs["models"]) == 1 + 2 + 3
+    assert {v["session_id"] for v in docs["validations"]} == {first["session_id"],
+                                                               second["session_id"]}
+    assert {c["client_id"]: (c["attrs"]["rank"], c["version"]) for c in docs["clients"]} == \
+        {"steady": ("0", "fedray-0.1"), "flaky-1": ("1", "fedray-0.1"),
+         "flaky-2": ("2", "fedray-0.1")}
+    assert {(c["name"], c["status"]) for c in docs["combiners"]} == \
+        {("combiner-0", "stopped"), ("combiner-1", "stopped")}
+    assert any("round 1 attempt 1 failed" in e["message"] for e in docs["events"])
+    assert len(docs["packages"]) == 1 and len(docs["tokens"]) == 4
+    store.close()
