@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -172,6 +174,38 @@ def test_statuses_are_the_states_fedray_knows() -> None:
     assert set(get_args(schema.RoundStatus)) <= {s.value for s in RoundState}
     assert set(get_args(schema.ClientStatus)) == CLIENT_STATUSES | {"offline"}
     assert get_args(schema.Level) == LEVELS
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "tracking.md"
+
+
+def _doc_tables() -> dict[str, list[tuple[str, str, bool]]]:
+    """docs/tracking.md's field tables, by the class named in each heading."""
+    tables: dict[str, list[tuple[str, str, bool]]] = {}
+    current = None
+    for line in DOCS.read_text().splitlines():
+        heading = re.match(r"^#{2,3} .*\((\w+)\)\s*$", line)
+        if heading:
+            current = tables.setdefault(heading.group(1), [])
+            continue
+        row = re.match(r"^\| `([^`]+)` \| ([^|]+) \| (yes|no) \|", line)
+        if row and current is not None:
+            current.append((row.group(1), row.group(2).strip(), row.group(3) == "yes"))
+    return tables
+
+
+def test_docs_tracking_md_lists_every_field_with_its_type() -> None:
+    classes = {cls.__name__: cls for cls in (*schema.DOCUMENTS.values(), *schema.PARTS)}
+
+    tables = _doc_tables()
+
+    assert set(tables) == set(classes)
+    for name, cls in classes.items():
+        assert tables[name] == schema.fields_of(cls), name
+
+
+def _doc_examples() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", DOCS.read_text(), re.M | re.S)
 
 
 # the store and the writer refuse what the schema does not describe
@@ -347,7 +381,7 @@ def _session(config, tracking_uri: str, fleet, workers: dict, tokens: dict[str, 
 
 @pytest.mark.integration
 def test_a_real_federation_writes_only_documents_the_schema_describes(
-        ray_session, tracking_uri, fleet, tmp_path) -> None:
+        ray_session, tracking_uri, fleet, tmp_path, monkeypatch) -> None:
     from test_federation import SEED, DeltaWorker, _config
 
     from fedray.keys import load_token_secret, mark_tokens_issued
@@ -413,4 +447,22 @@ def test_a_real_federation_writes_only_documents_the_schema_describes(
         {("combiner-0", "stopped"), ("combiner-1", "stopped")}
     assert any("round 1 attempt 1 failed" in e["message"] for e in docs["events"])
     assert len(docs["packages"]) == 1 and len(docs["tokens"]) == 4
+    # docs/tracking.md's pymongo examples run on these documents and find what they say
+    import pymongo
+
+    class Client:  # what the examples' MongoClient(...) gives: this test's database
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
+        def __getitem__(self, name: str):
+            return store.db
+
+    monkeypatch.setattr(pymongo, "MongoClient", Client)
+    found: dict[str, Any] = {}
+    for block in _doc_examples():
+        exec(block, found)  # noqa: S102 - our own documentation
+    nonempty = ["rounds", "retried", "shares", "epsilons", "per_client", "trail", "in_eu",
+                "accuracy", "problems", "by_level"]
+    assert all(found[name] for name in nonempty), {n: found[n] for n in nonempty}
+    assert found["resume_from"][0] == 2 and len(found["trail"]) == 4
+    assert [c["_id"] for c in found["per_client"]] == sorted(names)
     store.close()

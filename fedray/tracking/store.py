@@ -3,7 +3,8 @@
 The controller, combiners and CLI record what happens here; users query the same
 collections with any Mongo client. Only the pymongo subset that both a real MongoDB and
 nx-27017 serve is used (find/sort/limit/projection, insert_one/insert_many, update_one
-with ``$set``/``$setOnInsert``/``$inc`` and upsert, create_index), and every pymongo error
+with ``$set``/``$setOnInsert``/``$unset``/``$inc`` and upsert, create_index, aggregate
+with ``$match``/``$count``), and every pymongo error
 is translated into ``TrackingError`` here, once. ``is_transient`` tells a connection
 problem (worth retrying) from a refused write.
 
