@@ -204,6 +204,21 @@ def test_docs_tracking_md_lists_every_field_with_its_type() -> None:
         assert tables[name] == schema.fields_of(cls), name
 
 
+def test_indexes_sorts_and_scalar_fields_name_schema_fields() -> None:
+    from fedray.tracking.query import _ORDER
+    from fedray.tracking.store import INDEXES, SCALAR_FIELDS
+
+    def top_level(collection: str) -> set[str]:
+        return {name for name, _, _ in schema.fields_of(schema.DOCUMENTS[collection])}
+
+    for collection, indexes in INDEXES.items():
+        assert {k for keys, _ in indexes for k in keys} <= top_level(collection), collection
+    for collection, (sort, _) in _ORDER.items():
+        assert {key for key, _ in sort} <= top_level(collection), collection
+    everywhere = set().union(*(top_level(c) for c in schema.DOCUMENTS))
+    assert not SCALAR_FIELDS - everywhere
+
+
 def _doc_examples() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", DOCS.read_text(), re.M | re.S)
 

@@ -29,6 +29,16 @@ from bson import ObjectId, json_util
 
 from fedray.errors import ConfigError
 from fedray.tracking.documents import LEVELS
+from fedray.tracking.schema import (
+    CLIENTS,
+    COMBINERS,
+    EVENTS,
+    MODELS,
+    PACKAGES,
+    ROUNDS,
+    SESSIONS,
+    VALIDATIONS,
+)
 from fedray.tracking.store import COLLECTIONS, TrackingStore
 from fedray.tracking.tables import render_table
 
@@ -39,14 +49,14 @@ Doc = Mapping[str, Any]
 
 # collection -> (sort for the query, show oldest first)
 _ORDER: dict[str, tuple[list[tuple[str, int]], bool]] = {
-    "sessions": ([("created_at", -1)], False),
-    "rounds": ([("started_at", -1)], True),
-    "models": ([("created_at", -1)], True),
-    "clients": ([("last_seen", -1)], False),
-    "combiners": ([("name", 1)], False),
-    "validations": ([("ts", -1)], True),
-    "events": ([("ts", -1)], True),
-    "packages": ([("created_at", -1)], False),
+    "sessions": ([(SESSIONS.created_at, -1)], False),
+    "rounds": ([(ROUNDS.started_at, -1)], True),
+    "models": ([(MODELS.created_at, -1)], True),
+    "clients": ([(CLIENTS.last_seen, -1)], False),
+    "combiners": ([(COMBINERS.name, 1)], False),
+    "validations": ([(VALIDATIONS.ts, -1)], True),
+    "events": ([(EVENTS.ts, -1)], True),
+    "packages": ([(PACKAGES.created_at, -1)], False),
 }
 
 
@@ -113,7 +123,7 @@ def query_page(
     store = TrackingStore.from_uri(uri, database)
     try:
         if session is not None:
-            query = _merged(query, {"session_id": resolve_session(store, session)})
+            query = _merged(query, {ROUNDS.session_id: resolve_session(store, session)})
         docs = _find(store, collection, query, levels, sort, limit)
         total = None
         if count and limit and len(docs) >= limit:
@@ -145,8 +155,9 @@ def resolve_session(store: TrackingStore, prefix: str) -> str:
         raise ConfigError("--session: give a session id or the first characters of one")
     if store.get_session(prefix) is not None:
         return prefix
-    flt = {"session_id": {"$regex": "^" + re.escape(prefix)}}
-    ids = [d["session_id"] for d in store.find("sessions", flt, [("created_at", -1)], 6)]
+    flt = {SESSIONS.session_id: {"$regex": "^" + re.escape(prefix)}}
+    ids = [d[SESSIONS.session_id]
+           for d in store.find("sessions", flt, [(SESSIONS.created_at, -1)], 6)]
     if len(ids) == 1:
         return ids[0]
     if not ids:
@@ -172,13 +183,13 @@ def _find(
 ) -> list[dict[str, Any]]:
     if levels is None:
         return store.find(collection, query, sort, limit)
-    if "level" in query:
-        return store.find(collection, _merged(query, {"level": {"$in": list(levels)}}), sort,
-                          limit)  # fmt: skip
+    if EVENTS.level in query:
+        return store.find(collection, _merged(query, {EVENTS.level: {"$in": list(levels)}}),
+                          sort, limit)  # fmt: skip
     # One indexed query per level, each already in order, merged by the sort key.
     docs: list[dict[str, Any]] = []
     for level in levels:
-        docs.extend(store.find(collection, {**query, "level": level}, sort, limit))
+        docs.extend(store.find(collection, {**query, EVENTS.level: level}, sort, limit))
     key, direction = sort[0]
     docs.sort(key=lambda d: (d.get(key) is not None, d.get(key)), reverse=direction < 0)
     return docs[:limit] if limit else docs
@@ -189,9 +200,9 @@ def _count(
 ) -> int:
     if levels is None:
         return store.count(collection, query)
-    if "level" in query:
-        return store.count(collection, _merged(query, {"level": {"$in": list(levels)}}))
-    return sum(store.count(collection, {**query, "level": level}) for level in levels)
+    if EVENTS.level in query:
+        return store.count(collection, _merged(query, {EVENTS.level: {"$in": list(levels)}}))
+    return sum(store.count(collection, {**query, EVENTS.level: level}) for level in levels)
 
 
 def to_json(docs: Sequence[Doc]) -> str:
