@@ -185,7 +185,8 @@ def _query_command(collection: str) -> click.Command:
         if click.get_current_context().invoked_subcommand:  # fedray models get ...
             return
         require(f"fedray {collection}", ("server",), TRACKING_MODULES)
-        from fedray.tracking.query import query_page, render_table, to_json
+        from fedray.tracking.query import query_page, to_json
+        from fedray.tracking.tables import render_table
 
         with _tracking(data_dir, tracking_uri) as uri:
             page = query_page(uri, collection, filter_json, limit, session=session, level=level,

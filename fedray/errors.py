@@ -8,6 +8,7 @@
     │   └── PythonEnvError      its python_env (venv + pip install) could not be built
     ├── StorageError            the model store could not read or write
     ├── TrackingError           the tracking database is unreachable or refused a write
+    │   └── SchemaError         a document that is not what fedray.tracking.schema says
     ├── TransportError          a gRPC call to the gateway or a combiner failed
     │   ├── AuthError           the token was missing, wrong or revoked
     │   └── ListenError         a gateway or combiner could not listen on its address
@@ -64,6 +65,21 @@ class StorageError(FedrayError):
 
 class TrackingError(FedrayError):
     exit_code = 6
+
+
+class SchemaError(TrackingError):
+    """A tracking document (or an update's field) that does not match its schema class:
+    ``field`` is its dotted path ("" for the document), ``problem`` what is wrong."""
+
+    def __init__(self, collection: str, field: str, problem: str) -> None:
+        where = f"field {field!r} " if field else ""
+        super().__init__(f"tracking {collection}: {where}{problem}")
+        self.collection = collection
+        self.field = field
+        self.problem = problem
+
+    def __reduce__(self):
+        return (type(self), (self.collection, self.field, self.problem))
 
 
 class TransportError(FedrayError):

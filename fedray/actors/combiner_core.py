@@ -60,7 +60,8 @@ CLIENT_STATUSES = {"online", "training", "validating"}  # what a heartbeat may r
 class CombinerListener(Protocol):
     def event(self, level: str, message: str, **data: Any) -> None: ...
     def client_status(self, client_id: str, name: str, status: str, online: int,
-                      attrs: Mapping[str, str] | None = None) -> None: ...
+                      attrs: Mapping[str, str] | None = None,
+                      version: str | None = None) -> None: ...
     def round_closed(self, result: RoundResult) -> None: ...
 
 
@@ -69,7 +70,8 @@ class NullListener:
         log.log(logging.getLevelName(level.upper()), message)
 
     def client_status(self, client_id: str, name: str, status: str, online: int,
-                      attrs: Mapping[str, str] | None = None) -> None:
+                      attrs: Mapping[str, str] | None = None,
+                      version: str | None = None) -> None:
         pass
 
     def round_closed(self, result: RoundResult) -> None:
@@ -130,9 +132,10 @@ class CombinerCore(AsyncServing):
     def accepts_clients(self) -> bool:
         return len(self.online_clients()) < self.settings.max_clients
 
-    def connect(self, client_id: str, name: str,
-                attrs: Mapping[str, str] | None = None) -> ClientLink:
-        """Register a client (a reconnect replaces its old stream); it is online from now."""
+    def connect(self, client_id: str, name: str, attrs: Mapping[str, str] | None = None,
+                version: str = "") -> ClientLink:
+        """Register a client (a reconnect replaces its old stream); it is online from now.
+        ``attrs`` and ``version`` are what it says about itself (tracked with it)."""
         old = self.clients.get(client_id)
         if old is not None:
             old.queue.put_nowait(None)
@@ -140,7 +143,7 @@ class CombinerCore(AsyncServing):
                           attrs=dict(list((attrs or {}).items())[:MAX_ATTRS]))
         self.clients[client_id] = link
         self.listener.client_status(client_id, name, "online", len(self.online_clients()),
-                                    link.attrs)
+                                    link.attrs, version)
         self._membership_changed()
         self.listener.event("info", f"client {name} joined combiner {self.name}", client_id=client_id)
         share = self.share

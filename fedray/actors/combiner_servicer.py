@@ -79,9 +79,9 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         client_id = await caller_id(context, request.client_id, request.name)
         if not client_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is required")
-        if len(client_id) > MAX_NAME_CHARS or len(request.name) > MAX_NAME_CHARS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"client ids and names are at most {MAX_NAME_CHARS} characters")
+        if max(len(client_id), len(request.name), len(request.version)) > MAX_NAME_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client ids, names and "
+                                f"versions are at most {MAX_NAME_CHARS} characters")
         name = client_id if current_caller().kind == "client" else request.name or client_id
         refused = attrs_problem(request.attrs)
         if refused:
@@ -89,7 +89,7 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         if client_id not in self.core.clients and not self.core.accepts_clients():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"combiner {self.core.name} is full; ask the gateway again")
-        link = self.core.connect(client_id, name, dict(request.attrs))
+        link = self.core.connect(client_id, name, dict(request.attrs), request.version)
         await context.send_initial_metadata(())  # the client's wait_for_connection returns now
         async for task in self.core.tasks(link):
             yield task_to_proto(task)

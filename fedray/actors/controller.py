@@ -33,14 +33,16 @@ from fedray.errors import SessionError
 from fedray.policy import pick_combiner, resume_point
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.states import SessionState
 from fedray.storage import open_model_store
 from fedray.strategies import make_strategy
 from fedray.tls import ServerTls
+from fedray.tracking.schema import ROUNDS, SESSIONS
 from fedray.tracking.store import TrackingStore
 
 log = logging.getLogger(__name__)
 
-UNFINISHED = ["created", "waiting", "running"]
+UNFINISHED = [state.value for state in SessionState if not state.terminal]
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
@@ -127,13 +129,13 @@ class Controller:
             return None
         store = self._tracking()
         try:
-            docs = store.find("sessions", {"federation": self.config.federation,
-                                           "status": {"$in": UNFINISHED}},
-                              sort=[("created_at", -1)], limit=1)
+            docs = store.find("sessions", {SESSIONS.federation: self.config.federation,
+                                           SESSIONS.status: {"$in": UNFINISHED}},
+                              sort=[(SESSIONS.created_at, -1)], limit=1)
             if not docs:
                 return None
-            point = resume_point(docs[0], store.find("rounds",
-                                                     {"session_id": docs[0]["session_id"]}))
+            session_id = docs[0][SESSIONS.session_id]
+            point = resume_point(docs[0], store.find("rounds", {ROUNDS.session_id: session_id}))
             return docs[0], Start(point.model_id, point.rounds_done, point.aggregator_state_id,
                                   resume=True)
         finally:
@@ -145,20 +147,22 @@ class Controller:
             raise SessionError("session.continue_from needs tracking to find that session")
         store = self._tracking()
         try:
-            found = store.find("sessions", {"session_id": {"$regex": "^" + re.escape(session_id)}},
+            found = store.find("sessions",
+                               {SESSIONS.session_id: {"$regex": "^" + re.escape(session_id)}},
                                limit=3)
             if len(found) != 1:
                 what = "no session" if not found else "more than one session"
                 raise SessionError(f"session.continue_from {session_id!r}: {what} matches")
             doc = found[0]
-            point = resume_point(doc, store.find("rounds", {"session_id": doc["session_id"]}))
+            point = resume_point(doc, store.find("rounds",
+                                                 {ROUNDS.session_id: doc[SESSIONS.session_id]}))
         finally:
             store.close()
         if not point.rounds_done:
             raise SessionError(f"session.continue_from {session_id!r}: that session committed "
                                "no round yet")
         return Start(point.model_id, 0, point.aggregator_state_id,
-                     continued_from=doc["session_id"])
+                     continued_from=doc[SESSIONS.session_id])
 
     async def _resume_after_restart(self) -> None:
         await self._ready
@@ -167,8 +171,8 @@ class Controller:
         found = await asyncio.to_thread(self._unfinished_session)
         if found is not None:
             doc, start = found
-            self._launch(doc["session_id"], start, doc.get("package_sha256") or "",
-                         int(doc.get("package_size") or 0))
+            self._launch(doc[SESSIONS.session_id], start, doc.get(SESSIONS.package_sha256) or "",
+                         int(doc.get(SESSIONS.package_size) or 0))
 
     def _launch(self, session_id: str, start: Start, package_sha256: str,
                 package_size: int = 0) -> None:
@@ -202,8 +206,8 @@ class Controller:
         found = await asyncio.to_thread(self._unfinished_session) if resume else None
         if found is not None:
             doc, start = found
-            self._launch(doc["session_id"], start, package_sha256, package_size)
-            return {"session_id": doc["session_id"], "resumed_after": start.rounds_done}
+            self._launch(doc[SESSIONS.session_id], start, package_sha256, package_size)
+            return {"session_id": doc[SESSIONS.session_id], "resumed_after": start.rounds_done}
         session_id = uuid.uuid4().hex[:16]
         continued = self.config.session.continue_from
         start = await asyncio.to_thread(self._continued, continued) if continued \
