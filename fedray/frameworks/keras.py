@@ -118,8 +118,15 @@ def get_arrays(model: keras.layers.Layer) -> Arrays:
     arrays: Arrays = {}
     for name, weight in named_weights(model).items():
         _numpy_dtype(name, weight)
-        arrays[name] = np.array(keras.ops.convert_to_numpy(weight), copy=True)
+        arrays[name] = _to_numpy(weight)
     return arrays
+
+
+def _to_numpy(weight: keras.Variable) -> np.ndarray:
+    value = weight.value
+    if keras.backend.backend() == "torch":  # np.array() of a torch tensor warns under numpy 2
+        return np.array(value.detach().cpu().numpy(), copy=True)
+    return np.array(keras.ops.convert_to_numpy(value), copy=True)
 
 
 def set_arrays(model: keras.layers.Layer, arrays: Mapping[str, np.ndarray]) -> None:
