@@ -103,3 +103,18 @@ def test_fedray_demo_with_a_framework_reaches_90_percent(tmp_path, framework) ->
     assert f"a {framework} CNN" in result.stderr
     logs = [(tmp_path / "demo" / "logs" / f"client-{i}.log").read_text() for i in range(4)]
     assert all("round 5 train" in log and "update accepted" in log for log in logs), logs
+
+
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+def test_the_framework_configs_match_the_demo_and_name_real_examples(framework) -> None:
+    from fedray.config import load_config
+    from fedray.demo import WORKLOADS
+    from fedray.packages import read_manifest
+
+    config = load_config(ROOT / "configs" / f"digits-{framework}.yaml")
+    workload = WORKLOADS[framework]
+    assert config.seed_model == workload.seed_model
+    assert dict(config.session.round_config) == workload.round_config
+    assert read_manifest(ROOT / config.package).name == f"digits-{framework}"
+    text = (ROOT / "configs" / f"digits-{framework}.yaml").read_text()
+    assert f"--app {workload.app} --data ~/.fedray/digits-data/client-0.npz" in text
