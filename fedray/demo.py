@@ -73,11 +73,11 @@ def _examples(workload: Workload) -> tuple[Any, Callable[..., dict]]:
     try:
         from examples.digits import data
         evaluate = getattr(importlib.import_module(module), function)
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] != "examples":
-            raise
-        raise ConfigError("fedray demo needs the examples/ folder: run it from the root of "
-                          "the fedray repository") from None
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("examples"):
+            raise ConfigError("fedray demo needs the examples/ folder: run it from the root "
+                              "of the fedray repository") from None
+        raise ConfigError(f"fedray demo: cannot import {module} ({exc})") from None
     return data, evaluate
 
 

@@ -118,3 +118,47 @@ def test_the_framework_configs_match_the_demo_and_name_real_examples(framework) 
     assert read_manifest(ROOT / config.package).name == f"digits-{framework}"
     text = (ROOT / "configs" / f"digits-{framework}.yaml").read_text()
     assert f"--app {workload.app} --data ~/.fedray/digits-data/client-0.npz" in text
+
+
+# The shared client base needs no framework: its counting and metrics rules are tested here.
+
+def test_examples_are_counted_only_where_the_count_is_plain() -> None:
+    import numpy as np
+
+    from fedray.frameworks.base import count_examples
+
+    class Loader:  # what a torch DataLoader looks like: len() would count batches
+        dataset = list(range(7))
+
+        def __len__(self) -> int:
+            return 2
+
+    x = np.zeros((5, 3))
+    assert count_examples((x, np.zeros(5))) == 5
+    assert count_examples(({"image": x, "meta": x[:, :1]}, np.zeros(5))) == 5
+    assert count_examples(Loader()) == 7
+    assert count_examples(x) == 5 and count_examples([(1, 0), (2, 1), (3, 0)]) == 3
+    assert count_examples({"x": x, "y": x}) is None  # keys or rows? it does not guess
+    assert count_examples(iter([x])) is None and count_examples(()) is None
+
+
+def test_metrics_become_floats_and_anything_else_is_refused_by_name() -> None:
+    import numpy as np
+
+    from fedray.errors import FedrayError
+    from fedray.frameworks.base import as_metrics
+
+    assert as_metrics({"loss": np.float32(0.5), "n": 3}, "f") == {"loss": 0.5, "n": 3.0}
+    assert as_metrics(None, "f") == {}
+    with pytest.raises(FedrayError, match="f: metric 'loss' is not a number"):
+        as_metrics({"loss": "low"}, "f")
+    with pytest.raises(FedrayError, match="f must return a mapping"):
+        as_metrics([0.5], "f")
+
+
+def test_the_frameworks_package_lists_its_public_names() -> None:
+    import fedray.frameworks as frameworks
+
+    public = {n for n in dir(frameworks) if not n.startswith("_")
+              and type(getattr(frameworks, n)).__name__ != "module"}
+    assert public == set(frameworks.__all__)

@@ -97,16 +97,23 @@ def _few(names: list[str]) -> str:
 
 
 def count_examples(data: Any) -> int | None:
-    """How many examples ``data`` holds, when that is plain: ``(x, y)`` pairs, a torch
-    ``DataLoader`` (its ``dataset``), or anything sized. ``None`` when it cannot tell."""
-    if isinstance(data, tuple | list) and data and hasattr(data[0], "__len__"):
-        return len(data[0])
+    """How many examples ``data`` holds, when that is plain: an ``(x, y)`` tuple (``x`` an
+    array or a dict of arrays), a torch ``DataLoader`` (its ``dataset``), or a sized,
+    indexable dataset. ``None`` when it cannot tell (a mapping, an iterator...)."""
+    if isinstance(data, tuple):
+        return _length(data[0]) if data else None
     dataset = getattr(data, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        return len(dataset)
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
-        return len(data)
-    return None
+    if dataset is not None:
+        return _length(dataset)
+    if isinstance(data, Mapping):
+        return None
+    return _length(data) if hasattr(data, "__getitem__") else None
+
+
+def _length(x: Any) -> int | None:
+    if isinstance(x, Mapping):  # a multi-input model's {"name": array}
+        return _length(next(iter(x.values()))) if x else None
+    return len(x) if hasattr(x, "__len__") else None
 
 
 def as_metrics(value: Any, where: str) -> Metrics:

@@ -1,7 +1,8 @@
 """Compute packages: the manifest, safe archives, and running entrypoints.
 
-See ``manifest`` for the package contract, ``archive`` for building and unpacking, and
-``run`` for executing entrypoints. Edge-side code: never imports ray, pymongo or minio.
+See ``manifest`` for the package contract, ``archive`` for building and unpacking,
+``run`` for executing entrypoints, and ``entrypoint`` for writing a package's
+entrypoint.py around Python callbacks. Edge-side code: never imports ray, pymongo or minio.
 """
 
 from fedray.packages.archive import build_package, sha256_file, unpack_package
