@@ -86,6 +86,11 @@ class SessionError(FedrayError):
     exit_code = 9
 
 
+class UnknownSession(SessionError):
+    """A combiner was asked about a session whose strategy it was never given (or forgot,
+    after Ray restarted it): the controller sends the strategy again and retries."""
+
+
 class AlreadyRunning(FedrayError):
     """A live process already runs this federation (its data directory, or its actors in
     the Ray cluster); nothing of it was touched."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,19 +16,6 @@ from fedray.tracking.documents import written_at
 from fedray.tracking.embedded import free_port, mongo_uri
 
 BIG = 2**64 - 1  # a uint64 num_examples: BSON integers stop at 2**63 - 1
-
-
-@pytest.fixture
-def db_name() -> str:
-    return f"b_{uuid.uuid4().hex[:16]}"
-
-
-@pytest.fixture
-def store(tracking_uri: str, db_name: str) -> Iterator[TrackingStore]:
-    store = TrackingStore.from_uri(tracking_uri, db_name)
-    yield store
-    store.db.client.drop_database(db_name)
-    store.close()
 
 
 def _held_writer(tracking_uri: str, db_name: str, **kwargs) -> tuple[TrackingWriter,

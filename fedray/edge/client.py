@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import random
-import re
 import time
 import traceback
 from collections import OrderedDict
@@ -31,7 +30,7 @@ from fedray.edge.downloads import (
 )
 from fedray.edge.workers import RemotePackageWorker, Worker
 from fedray.errors import AuthError, ConfigError, FedrayError, PackageError, TransportError
-from fedray.messages import Task, TaskKind
+from fedray.messages import Task, TaskKind, attrs_problem
 from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
 from fedray.proto import fedray_v1_pb2 as pb
@@ -52,23 +51,13 @@ MAX_HEARTBEAT_MISSES = 3
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
 MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
 MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
-MAX_ATTRS = 32
-MAX_ATTR_VALUE_CHARS = 256
-_ATTR_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def check_attrs(attrs: dict[str, str]) -> dict[str, str]:
-    """What a client says about itself (``site=eu``): few, short, printable; strategies and
-    operators read them, so a bad one is refused here, naming it."""
-    if len(attrs) > MAX_ATTRS:
-        raise ConfigError(f"--attr: at most {MAX_ATTRS} attributes, got {len(attrs)}")
-    for key, value in attrs.items():
-        if not isinstance(key, str) or not _ATTR_KEY_RE.fullmatch(key):
-            raise ConfigError(f"--attr {key!r}: a key is 1-64 letters, digits, '.', '_' or '-'")
-        if not isinstance(value, str) or len(value) > MAX_ATTR_VALUE_CHARS \
-                or not value.isprintable():
-            raise ConfigError(f"--attr {key}: a value is at most {MAX_ATTR_VALUE_CHARS} "
-                              "printable characters")
+    """What a client says about itself (``site=eu``); a bad one is refused here, by name."""
+    problem = attrs_problem(attrs)
+    if problem:
+        raise ConfigError(f"--attr {problem}")
     return dict(attrs)
 
 
