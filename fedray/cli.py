@@ -137,17 +137,22 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
                    "(keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")
 @click.option("--tracking", default="embedded", show_default=True, metavar="URI",
               help="tracking.uri, e.g. mongodb://HOST:27017/ instead of the embedded server.")
+@click.option("--framework", type=click.Choice(["numpy", "torch", "keras"]), default="numpy",
+              show_default=True, help="The clients' model: numpy's MLP, or a small CNN in "
+                                      "PyTorch or Keras 3 (pip install 'fedray[torch]' or "
+                                      "'fedray[keras]').")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 @needs("fedray demo", "server", "examples")
 def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Path | None,
-         storage: str, tracking: str, as_json: bool) -> None:
+         storage: str, tracking: str, framework: str, as_json: bool) -> None:
     """Run a whole federation on this machine: digits data, edge clients as processes."""
     from fedray.demo import run_demo
 
     with running() as teardown:
         summary = run_demo(clients=clients, rounds=rounds, combiners=combiners,
                            partition=partition, data_dir=data_dir, console=_stderr(),
-                           storage=storage, tracking=tracking, teardown=teardown)
+                           storage=storage, tracking=tracking, teardown=teardown,
+                           framework=framework)
     if as_json:
         click.echo(json.dumps(summary))
     if summary["state"] != "finished":

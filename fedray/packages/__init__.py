@@ -1,8 +1,9 @@
 """Compute packages: the manifest, safe archives, and running entrypoints.
 
 See ``manifest`` for the package contract, ``archive`` for building and unpacking,
-``run`` for executing entrypoints, and ``env`` for a package's own Python environment.
-Edge-side code: never imports ray, pymongo or minio.
+``run`` for executing entrypoints, ``env`` for a package's own Python environment, and
+``entrypoint`` for writing a package's entrypoint.py around Python callbacks. Edge-side
+code: never imports ray, pymongo or minio.
 """
 
 from fedray.packages.archive import build_package, sha256_file, unpack_package
