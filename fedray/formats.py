@@ -5,9 +5,10 @@
 pickle). ``torch`` and ``keras`` go through ``fedray.frameworks.torch`` and
 ``fedray.frameworks.keras``, imported only when asked for; each provides
 
-    save_model_file(arrays: dict[str, np.ndarray], path: Path) -> None
+    save_model_file(arrays: dict[str, np.ndarray], path: Path, build=None) -> None
 
-and a missing module (or framework) is one line that says what to install or use instead.
+(``build``: the ``--model package.module:function`` that makes the model, when given) and
+a missing module (or framework) is one line that says what to install or use instead.
 Files are written to a temporary name beside ``path`` and renamed into place, so ``path``
 is either the whole model or untouched.
 """
@@ -45,7 +46,7 @@ def format_for(path: Path, fmt: str | None = None) -> str:
     return _SUFFIXES.get(path.suffix.lower(), "safetensors")
 
 
-def writer(fmt: str) -> Writer:
+def writer(fmt: str, build: Callable[[], object] | None = None) -> Writer:
     """How to write a model in ``fmt``; for torch/keras this imports their module now, so
     a missing one is refused before anything is fetched."""
     if fmt == "safetensors":
@@ -55,7 +56,8 @@ def writer(fmt: str) -> Writer:
     if fmt not in FRAMEWORKS:
         raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
     save = _framework(fmt)
-    return lambda data, path: _atomic_file(path, lambda tmp: save(dict(decode(data)), tmp))
+    return lambda data, path: _atomic_file(path, lambda tmp: save(dict(decode(data)), tmp,
+                                                                  build))
 
 
 def _framework(fmt: str) -> Callable[[dict[str, np.ndarray], Path], None]:

@@ -28,6 +28,9 @@ TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [se
               help="The file to write.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="File format (default: npz for a .npz output, else safetensors).")
+@click.option("--model", "build", default=None, metavar="MODULE:FUNCTION",
+              help="torch/keras: a function that builds the model; the arrays are loaded into "
+                   "it (checked), and keras saves the whole model as a .keras file.")
 @click.option("--session", default=None, metavar="ID",
               help="With latest: that session's newest model (an id or its first characters).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
@@ -38,14 +41,21 @@ TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [se
               help="The federation's storage.uri, e.g. s3://BUCKET?endpoint=HOST:9000 (default: "
                    "where tracking recorded the model, else <data-dir>/models).")
 @needs("fedray models get", "server", modules=TRACKING_MODULES)
-def get(ref: str, output: Path, fmt: str | None, session: str | None, data_dir: Path | None,
-        tracking_uri: str | None, storage: str | None) -> None:
+def get(ref: str, output: Path, fmt: str | None, build: str | None, session: str | None,
+        data_dir: Path | None, tracking_uri: str | None, storage: str | None) -> None:
     """Write a committed model (its sha256 checked against its id) to a file."""
     from fedray.storage.base import is_model_ref
     from fedray.tracking.models import CommittedModel
 
     fmt = format_for(output, fmt)
-    write = writer(fmt)  # a missing framework module is refused before any download
+    builder = None
+    if build is not None:
+        from fedray.strategies import load_object
+
+        builder = load_object(build, "--model")
+        if not callable(builder):
+            raise ConfigError(f"--model {build}: not a function")
+    write = writer(fmt, builder)  # a missing framework module is refused before any download
     ref = ref.strip().lower()
     if len(ref) == 64 and is_model_ref(ref) and storage is not None and session is None:
         model = CommittedModel(ref)  # the store alone can serve it

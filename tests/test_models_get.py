@@ -86,7 +86,8 @@ def test_torch_and_keras_go_through_their_framework_module(stored, tmp_path, mon
 
     saved = {}
     fake = types.ModuleType("fedray.frameworks.keras")
-    fake.save_model_file = lambda arrays, path: (saved.update(arrays), path.write_bytes(b"k"))
+    fake.save_model_file = lambda arrays, path, build: (saved.update(arrays),
+                                                        path.write_bytes(b"k"))
     monkeypatch.setitem(sys.modules, "fedray.frameworks.keras", fake)
     out = tmp_path / "m.keras"
     result = _get(model_id, "-o", str(out), "--format", "keras", "--storage",
@@ -199,3 +200,39 @@ def test_seed_model_names_a_committed_model_by_id_or_reference(stored):
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
     with pytest.raises(StorageError, match="is corrupt"):
         load_seed(f"model:{model_id}", store)
+
+
+def test_a_torch_model_comes_out_loadable_and_bit_exact(tmp_path):
+    pytest.importorskip("fedray.frameworks.torch", reason="pip install 'fedray[torch]'")
+    from examples.digits_torch.client.model import build_model
+    from fedray.formats import writer
+    from fedray.frameworks.torch import get_arrays, load_model_file
+    from fedray.serialization import encode
+
+    arrays = get_arrays(build_model(seed=3))
+    out = tmp_path / "m.safetensors"
+    writer("torch", lambda: build_model(seed=0))(encode(arrays), out)
+    fresh = build_model(seed=7)
+    load_model_file(fresh, out)
+    for name, value in get_arrays(fresh).items():
+        assert value.dtype == arrays[name].dtype and value.tobytes() == arrays[name].tobytes()
+
+
+def test_a_keras_model_comes_out_as_a_whole_keras_file(tmp_path):
+    pytest.importorskip("fedray.frameworks.keras", reason="pip install 'fedray[keras]'")
+    import keras
+
+    from examples.digits_keras.client.model import build_model
+    from fedray.errors import ConfigError
+    from fedray.formats import writer
+    from fedray.frameworks.keras import get_arrays
+    from fedray.serialization import encode
+
+    arrays = get_arrays(build_model(seed=3))
+    out = tmp_path / "m.keras"
+    writer("keras", lambda: build_model(seed=0))(encode(arrays), out)
+    loaded = keras.models.load_model(out)  # no fedray needed to read it
+    for name, value in get_arrays(loaded).items():
+        np.testing.assert_array_equal(value, arrays[name])
+    with pytest.raises(ConfigError, match="needs --model"):
+        writer("keras")(encode(arrays), tmp_path / "x.keras")

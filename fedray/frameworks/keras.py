@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fedray.errors import FedrayError
+from fedray.errors import ConfigError, FedrayError
 from fedray.frameworks.base import (
     FRAMEWORKS,
     Arrays,
@@ -49,7 +49,8 @@ if int(keras.__version__.split(".")[0]) < 3:
     raise ImportError(f"fedray.frameworks.keras needs Keras 3, found {keras.__version__}: "
                       f"pip install '{FRAMEWORKS['keras'].extra}'")
 
-__all__ = ["KerasClient", "get_arrays", "named_weights", "set_arrays", "weight_names"]
+__all__ = ["KerasClient", "get_arrays", "load_model_file", "named_weights", "save_model_file",
+           "set_arrays", "weight_names"]
 
 _HINT = "use a float32 policy for the weights (mixed precision keeps them float32)"
 
@@ -159,3 +160,30 @@ class KerasClient(FrameworkClient[keras.Model, Any]):
         if isinstance(data, keras.utils.PyDataset):
             return None
         return count_examples(data)
+
+
+def save_model_file(arrays: Mapping[str, np.ndarray], path: Any, build: Any = None) -> None:
+    """``fedray models get --format keras --model pkg.module:build``: the model ``build()``
+    returns, with these weights, saved whole as a ``.keras`` file (architecture and
+    weights, no pickle): ``keras.models.load_model(path)`` needs no fedray to read it."""
+    if build is None:
+        raise ConfigError("--format keras needs --model package.module:function that builds "
+                          "the Keras model (a .keras file holds the architecture too); or write "
+                          "--format npz and load it with fedray.frameworks.keras.load_model_file")
+    if not str(path).endswith(".keras"):
+        raise ConfigError(f"-o {path}: Keras saves whole models to a .keras file")
+    model = build()
+    set_arrays(model, arrays)
+    model.save(str(path))
+
+
+def load_model_file(model: keras.layers.Layer, path: Any) -> None:
+    """Load a safetensors or npz file written by ``fedray models get`` into ``model``."""
+    if str(path).endswith(".npz"):
+        with np.load(str(path), allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    else:
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(path))
+    set_arrays(model, arrays)

@@ -35,8 +35,8 @@ try:
 except ImportError as exc:
     raise ImportError(FRAMEWORKS["torch"].hint("fedray.frameworks.torch")) from exc
 
-__all__ = ["TorchClient", "arrays_to_state_dict", "get_arrays", "set_arrays",
-           "state_dict_to_arrays"]
+__all__ = ["TorchClient", "arrays_to_state_dict", "get_arrays", "load_model_file",
+           "save_model_file", "set_arrays", "state_dict_to_arrays"]
 
 _HINT = "convert it first (for example model.float())"
 
@@ -120,3 +120,26 @@ class TorchClient(FrameworkClient[torch.nn.Module, Any]):
                 return self.evaluate(self.model, data)
         finally:
             self.model.train(was_training)
+
+
+def save_model_file(arrays: Mapping[str, np.ndarray], path: Any, build: Any = None) -> None:
+    """``fedray models get --format torch``: the arrays as a torch ``state_dict`` in a
+    safetensors file (no pickle). Load it with ``load_model_file(model, path)`` or
+    ``model.load_state_dict(safetensors.torch.load_file(path))``. With ``build`` (a function
+    returning the model) the arrays are loaded into it first, so a mismatch is refused now."""
+    from safetensors.torch import save_file
+
+    if build is not None:
+        model = build()
+        set_arrays(model, arrays)
+        state = model.state_dict()
+    else:
+        state = arrays_to_state_dict(arrays)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+
+
+def load_model_file(model: torch.nn.Module, path: Any) -> None:
+    """Load a file written by ``fedray models get`` (safetensors, any format) into ``model``."""
+    from safetensors.numpy import load_file
+
+    set_arrays(model, load_file(str(path)))
