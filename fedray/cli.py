@@ -2,7 +2,9 @@
 
 User mistakes end as one line on stderr and a stable exit code (see ``fedray.errors``);
 a traceback is printed only for a bug in fedray itself (exit code 70). Server-side imports
-(Ray, pymongo) stay inside the commands that need them.
+(Ray, pymongo) stay inside the commands that need them, and each such command first
+checks that its extra is installed (``fedray.extras``): on an edge-only install it says
+which one in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from rich.console import Console
 
 from fedray.edge.cli import edge
 from fedray.errors import ConfigError, FedrayError
+from fedray.extras import MissingExtra, hint_for, needs, require
 from fedray.lifecycle import Stopped, running
+from fedray.models_cli import TRACKING_MODULES
+from fedray.models_cli import get as models_get
 from fedray.status import status
 
 INTERNAL_ERROR = 70
@@ -34,6 +39,9 @@ class FedrayGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except MissingExtra as exc:  # the message is the whole hint
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
         except FedrayError as exc:
             click.echo(f"fedray: error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -45,7 +53,12 @@ class FedrayGroup(click.Group):
             sys.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except Exception:  # noqa: BLE001 - a bug in fedray: show it whole
+        except Exception as exc:  # noqa: BLE001 - a bug in fedray: show it whole
+            line = hint_for(f"fedray {ctx.invoked_subcommand or ''}".rstrip(), exc) \
+                if isinstance(exc, ModuleNotFoundError) else None
+            if line is not None:  # an extra's module, imported past the checks
+                click.echo(line, err=True)
+                sys.exit(MissingExtra.exit_code)
             traceback.print_exc()
             click.echo("fedray: internal error (a bug in fedray; please report the trace above)",
                        err=True)
@@ -79,6 +92,7 @@ def _stderr() -> Console:
 @click.option("--insecure", is_flag=True,
               help="Start even without a token while listening beyond loopback: then "
                    "every client that reaches the gateway is accepted.")
+@needs("fedray run", "server", modules=("ray", "pymongo", "nx_27017"))
 def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tuple[str, ...],
         new_session: bool, insecure: bool) -> None:
     """Run a federation from CONFIG until its session ends (joins Ray when told to).
@@ -123,16 +137,22 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
                    "(keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")
 @click.option("--tracking", default="embedded", show_default=True, metavar="URI",
               help="tracking.uri, e.g. mongodb://HOST:27017/ instead of the embedded server.")
+@click.option("--framework", type=click.Choice(["numpy", "torch", "keras"]), default="numpy",
+              show_default=True, help="The clients' model: numpy's MLP, or a small CNN in "
+                                      "PyTorch or Keras 3 (pip install 'fedray[torch]' or "
+                                      "'fedray[keras]').")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
+@needs("fedray demo", "server", "examples")
 def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Path | None,
-         storage: str, tracking: str, as_json: bool) -> None:
+         storage: str, tracking: str, framework: str, as_json: bool) -> None:
     """Run a whole federation on this machine: digits data, edge clients as processes."""
     from fedray.demo import run_demo
 
     with running() as teardown:
         summary = run_demo(clients=clients, rounds=rounds, combiners=combiners,
                            partition=partition, data_dir=data_dir, console=_stderr(),
-                           storage=storage, tracking=tracking, teardown=teardown)
+                           storage=storage, tracking=tracking, teardown=teardown,
+                           framework=framework)
     if as_json:
         click.echo(json.dumps(summary))
     if summary["state"] != "finished":
@@ -167,7 +187,11 @@ def _query_command(collection: str) -> click.Command:
     def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
                 tracking_uri: str | None, session: str | None = None,
                 level: str | None = None) -> None:
-        from fedray.tracking.query import query_page, render_table, to_json
+        if click.get_current_context().invoked_subcommand:  # fedray models get ...
+            return
+        require(f"fedray {collection}", ("server",), TRACKING_MODULES)
+        from fedray.tracking.query import query_page, to_json
+        from fedray.tracking.tables import render_table
 
         with _tracking(data_dir, tracking_uri) as uri:
             page = query_page(uri, collection, filter_json, limit, session=session, level=level,
@@ -186,6 +210,12 @@ def _query_command(collection: str) -> click.Command:
             "--session", default=None, metavar="ID",
             help="Only this session: its id or the first characters of it.")(command)
     command.__doc__ = f"List {collection} from tracking."
+    if collection == "models":
+        command.__doc__ += ("\n\n`fedray models get ID|latest -o FILE` writes one of them, "
+                            "its checksum verified.")
+        group = click.group(collection, invoke_without_command=True)(command)
+        group.add_command(models_get)
+        return group
     return click.command(collection)(command)
 
 
@@ -219,6 +249,7 @@ for _collection in QUERY_COLLECTIONS:
               help="A federation's data directory (default: the newest under ~/.fedray).")
 @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
               help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+@needs("fedray plot", "server", modules=(*TRACKING_MODULES, "matplotlib"))
 def plot(session: str | None, output: Path, data_dir: Path | None,
          tracking_uri: str | None) -> None:
     """Draw a session's training and validation curves, round by round, into a PNG."""
@@ -264,6 +295,7 @@ def token() -> None:
 @token.command("create")
 @click.option("--name", required=True, help="The client's name (its identity in tracking).")
 @_tracking_options
+@needs("fedray token create", "server", modules=TRACKING_MODULES)
 def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
                  database: str | None) -> None:
     """Create a token for client NAME and print it once (tracking keeps only a keyed hash,
@@ -289,6 +321,7 @@ def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
 @token.command("revoke")
 @click.option("--name", required=True, help="The client whose token stops working.")
 @_tracking_options
+@needs("fedray token revoke", "server", modules=TRACKING_MODULES)
 def token_revoke(name: str, data_dir: Path | None, tracking_uri: str | None,
                  database: str | None) -> None:
     """Revoke the token of client NAME; servers refuse it within a few seconds."""
@@ -304,6 +337,7 @@ def token_revoke(name: str, data_dir: Path | None, tracking_uri: str | None,
 @token.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @_tracking_options
+@needs("fedray token list", "server", modules=TRACKING_MODULES)
 def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
                database: str | None) -> None:
     """List per-client tokens: name, id (a hash prefix), created, revoked."""

@@ -126,7 +126,7 @@ class TlsConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     federation: str
-    seed_model: str  # a .safetensors path or module:function returning a dict of arrays
+    seed_model: str  # a .safetensors path, module:function returning arrays, or model:ID|latest
     package: str | None = None
     data_dir: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)

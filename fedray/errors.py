@@ -5,8 +5,10 @@
     ├── SerializationError      bytes that are not a valid safetensors model
     ├── UpdateRejected          an update failed its checks (``reason`` is a short code)
     ├── PackageError            a compute package that is unsafe, malformed or failing
+    │   └── PythonEnvError      its python_env (venv + pip install) could not be built
     ├── StorageError            the model store could not read or write
     ├── TrackingError           the tracking database is unreachable or refused a write
+    │   └── SchemaError         a document that is not what fedray.tracking.schema says
     ├── TransportError          a gRPC call to the gateway or a combiner failed
     │   ├── AuthError           the token was missing, wrong or revoked
     │   └── ListenError         a gateway or combiner could not listen on its address
@@ -53,12 +55,31 @@ class PackageError(FedrayError):
     exit_code = 4
 
 
+class PythonEnvError(PackageError):
+    """A compute package's ``python_env`` could not be built (pip's error, in one line)."""
+
+
 class StorageError(FedrayError):
     exit_code = 5
 
 
 class TrackingError(FedrayError):
     exit_code = 6
+
+
+class SchemaError(TrackingError):
+    """A tracking document (or an update's field) that does not match its schema class:
+    ``field`` is its dotted path ("" for the document), ``problem`` what is wrong."""
+
+    def __init__(self, collection: str, field: str, problem: str) -> None:
+        where = f"field {field!r} " if field else ""
+        super().__init__(f"tracking {collection}: {where}{problem}")
+        self.collection = collection
+        self.field = field
+        self.problem = problem
+
+    def __reduce__(self):
+        return (type(self), (self.collection, self.field, self.problem))
 
 
 class TransportError(FedrayError):
@@ -84,6 +105,11 @@ class ListenError(TransportError):
 
 class SessionError(FedrayError):
     exit_code = 9
+
+
+class UnknownSession(SessionError):
+    """A combiner was asked about a session whose strategy it was never given (or forgot,
+    after Ray restarted it): the controller sends the strategy again and retries."""
 
 
 class AlreadyRunning(FedrayError):

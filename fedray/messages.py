@@ -8,8 +8,27 @@ why they live here and not under ``fedray/actors/``: the edge imports nothing fr
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+MAX_ATTRS, MAX_ATTR_VALUE_CHARS = 32, 256  # what a client may say about itself
+_ATTR_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def attrs_problem(attrs: Mapping[str, str]) -> str:
+    """Why client attributes (``--attr site=eu``) are refused, or "" when they are fine.
+    The client checks before it dials and the combiner again: selection reads them."""
+    if len(attrs) > MAX_ATTRS:
+        return f"at most {MAX_ATTRS} attributes, got {len(attrs)}"
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not _ATTR_KEY.fullmatch(key):
+            return f"{str(key)[:70]!r}: a key is 1-64 letters, digits, '.', '_' or '-'"
+        if not isinstance(value, str) or len(value) > MAX_ATTR_VALUE_CHARS \
+                or not value.isprintable():
+            return f"{key}: a value is at most {MAX_ATTR_VALUE_CHARS} printable characters"
+    return ""
 
 
 class TaskKind(enum.StrEnum):

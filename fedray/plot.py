@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from fedray.errors import ConfigError, FedrayError
+from fedray.tracking.schema import ROUNDS, SESSIONS
 
 # (record field, label, line style, marker): the kinds of metrics a round record carries
 KINDS = (
-    ("train_metrics", "train", "-", "o"),
-    ("validation_metrics", "validation", "--", "s"),
-    ("test_metrics", "held-out", ":", "^"),
+    (ROUNDS.train_metrics, "train", "-", "o"),
+    (ROUNDS.validation_metrics, "validation", "--", "s"),
+    ("test_metrics", "held-out", ":", "^"),  # the demo's own history, never in tracking
 )
 _LOSS_WORDS = ("loss", "error", "mse", "mae", "rmse", "nll", "perplexity", "entropy")
 # "train_loss" in train metrics and "loss" in validation metrics are one metric
@@ -76,7 +77,7 @@ def series_of(records: Sequence[Mapping[str, Any]]) -> list[Series]:
     """Every (metric, kind) curve in ``records``, by round; non-numeric values skipped."""
     points: dict[tuple[str, str, str, str], dict[int, float]] = {}
     for record in records:
-        number = record.get("round")
+        number = record.get(ROUNDS.round)
         if not isinstance(number, int):
             continue
         for field, kind, style, marker in KINDS:
@@ -118,8 +119,9 @@ def plot_rounds(
     others = [s for s in series if not is_loss_like(s.metric)]
     panels = [(p, ", ".join(sorted({s.metric for s in p}))) for p in (losses, others) if p] \
         or [([], "no metrics recorded")]
-    rounds = sorted({r["round"] for r in records if isinstance(r.get("round"), int)})
-    failed = [r["round"] for r in records if r.get("status") == "failed" and r["round"] in rounds]
+    rounds = sorted({r[ROUNDS.round] for r in records if isinstance(r.get(ROUNDS.round), int)})
+    failed = [r[ROUNDS.round] for r in records
+              if r.get(ROUNDS.status) == "failed" and r[ROUNDS.round] in rounds]
     names = sorted({s.metric for s in series})
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
                "#17becf", "#7f7f7f", "#bcbd22"]  # fmt: skip
@@ -197,13 +199,14 @@ def plot_session(
                 raise ConfigError(f"no session in tracking at {store.where} yet")
         else:
             found = resolve_session(store, session)
-            doc = store.get_session(found) or {"session_id": found}
-        session_id = doc["session_id"]
-        records = store.find("rounds", {"session_id": session_id}, [("round", 1)])
+            doc = store.get_session(found) or {SESSIONS.session_id: found}
+        session_id = doc[SESSIONS.session_id]
+        records = store.find("rounds", {ROUNDS.session_id: session_id}, [(ROUNDS.round, 1)])
     finally:
         store.close()
-    federation, status = doc.get("federation") or "?", doc.get("status") or "?"
-    done, planned = doc.get("rounds_done"), doc.get("rounds_planned")
+    federation = doc.get(SESSIONS.federation) or "?"
+    status = doc.get(SESSIONS.status) or "?"
+    done, planned = doc.get(SESSIONS.rounds_done), doc.get(SESSIONS.rounds_planned)
     subtitle = (f"{done} of {planned} rounds done" if done is not None and planned
                 else f"{len(records)} rounds recorded")  # fmt: skip
     plot_rounds(records, path, title=curve_title(federation, session_id, status),

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from fedray.states import RoundState
+from fedray.tracking.schema import ROUNDS, SESSIONS
+
 
 @dataclass(frozen=True, slots=True)
 class RoundVerdict:
@@ -45,10 +48,14 @@ class ResumePoint:
 
 def resume_point(session: Mapping[str, object],
                  rounds: Sequence[Mapping[str, object]]) -> ResumePoint:
-    """The last committed round decides; a round is committed once its document says so."""
-    committed = [r for r in rounds if r.get("status") == "finished" and r.get("model_id")]
+    """The last committed round decides; a round is committed once its document says so
+    (``sessions`` and ``rounds`` documents, fedray.tracking.schema)."""
+    committed = [r for r in rounds
+                 if r.get(ROUNDS.status) == RoundState.FINISHED and r.get(ROUNDS.model_id)]
     if committed:
-        last = max(committed, key=lambda r: int(r["round"]))  # type: ignore[arg-type]
-        return ResumePoint(int(last["round"]), str(last["model_id"]),  # type: ignore[arg-type]
-                           str(last.get("aggregator_state_id") or ""))
-    return ResumePoint(0, str(session.get("seed_model_id") or session.get("model_id") or ""))
+        last = max(committed, key=lambda r: int(r[ROUNDS.round]))  # type: ignore[arg-type]
+        return ResumePoint(int(last[ROUNDS.round]),  # type: ignore[arg-type]
+                           str(last[ROUNDS.model_id]),
+                           str(last.get(ROUNDS.aggregator_state_id) or ""))
+    return ResumePoint(0, str(session.get(SESSIONS.seed_model_id)
+                              or session.get(SESSIONS.model_id) or ""))

@@ -23,6 +23,7 @@ from fedray.config import FederationConfig
 from fedray.errors import ConfigError, FedrayError, SerializationError
 from fedray.lifecycle import RunLock, Teardown
 from fedray.serialization import encode, read_layout
+from fedray.storage.base import ModelStore, is_model_ref
 
 
 @dataclass
@@ -45,8 +46,26 @@ class RunResult:
                 "data_dir": str(self.data_dir), "tracking_uri": _shown(self.tracking_uri)}
 
 
-def load_seed(spec: str) -> bytes:
-    """Seed model bytes from a ``.safetensors`` file or a ``module:function`` returning arrays."""
+MODEL_SEED = "model:"
+
+
+def committed_seed_ref(spec: str) -> str | None:
+    """The model reference of ``seed_model: model:REF`` (an id, a prefix of 6+ hex
+    characters, or ``latest``), else None (``model:name`` stays a module:function)."""
+    if not spec.startswith(MODEL_SEED):
+        return None
+    ref = spec[len(MODEL_SEED):].strip().lower()
+    return ref if is_model_ref(ref) else None
+
+
+def load_seed(spec: str, store: ModelStore | None = None,
+              resolve: Callable[[str], str] | None = None) -> bytes:
+    """Seed model bytes from a ``.safetensors`` file, a ``module:function`` returning arrays,
+    or ``model:REF``, a committed model in ``store`` (``resolve`` turns ``latest`` or an id
+    prefix into an id, through tracking)."""
+    ref = committed_seed_ref(spec)
+    if ref is not None:
+        return _committed_seed(spec, ref, store, resolve)
     path = Path(spec)
     if path.suffix == ".safetensors" or path.exists():
         try:
@@ -68,6 +87,32 @@ def load_seed(spec: str) -> bytes:
         return encode(factory())
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"seed_model: cannot load {spec!r} ({exc})") from None
+
+
+def _committed_seed(spec: str, ref: str, store: ModelStore | None,
+                    resolve: Callable[[str], str] | None) -> bytes:
+    if store is None:
+        raise ConfigError(f"seed_model: {spec} needs the federation's model store")
+    if len(ref) != 64:
+        if resolve is None:
+            raise ConfigError(f"seed_model: {spec} needs tracking to find that model")
+        ref = resolve(ref)
+    if not store.exists(ref):
+        raise ConfigError(f"seed_model: {spec}: no model {ref} in {store.uri(ref)}")
+    return store.get(ref)  # checks the bytes against the id: StorageError if corrupt
+
+
+def resolve_seed(tracking_uri: str, config: FederationConfig, ref: str) -> str:
+    """``latest`` (this federation's) or an id prefix, as a model id from tracking."""
+    from fedray.tracking.models import resolve_model
+    from fedray.tracking.store import TrackingStore
+
+    store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    try:
+        return resolve_model(store, ref, federation=config.federation,
+                             what=f"{config.source}: seed_model: model:{ref}").model_id
+    finally:
+        store.close()
 
 
 def session_package(spec: str | None, data_dir: Path) -> tuple[str, bytes, str] | None:
@@ -170,7 +215,11 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     # Before anything starts: one live run per data directory (and so per tracking).
     teardown.add(lifecycle.LOCK, "", RunLock(data_dir, config.federation).acquire().release)
     store = open_model_store(config.storage.uri, data_dir)
-    seed_id = store.put(load_seed(config.seed_model))
+    seed_ref = committed_seed_ref(config.seed_model)
+    # A file or a function is checked before anything starts; model:latest or a prefix is
+    # looked up in tracking once that is up.
+    seed_id = None if seed_ref is not None and len(seed_ref) != 64 else \
+        store.put(load_seed(config.seed_model, store))
     package = session_package(config.package, data_dir)
     token = federation_token(config)
     if config.tracking.uri == "embedded":
@@ -181,6 +230,9 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
             supervised.start()
     else:
         tracking_uri = config.tracking.uri
+    if seed_id is None:
+        seed_id = store.put(load_seed(config.seed_model, store,
+                                      lambda ref: resolve_seed(tracking_uri, config, ref)))
     warning = open_federation(config, token, token is None and _client_tokens(tracking_uri, config),
                               insecure)
     if warning is not None:

@@ -27,6 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from fedray.errors import AuthError, ConfigError, FedrayError, TransportError
+from fedray.extras import needs
 
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
@@ -236,6 +237,7 @@ def default_address(config_address: str | None = None) -> str:
 @click.option("--address", default=None, metavar="RAY_ADDRESS",
               help="Ray's GCS address, HOST:PORT (default: $RAY_ADDRESS, else auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@needs("fedray status", "server", modules=("ray",))
 def status(config_path: Path | None, federation: str | None, address: str | None,
            as_json: bool) -> None:
     """Show a running federation: combiners, clients, gateway and the current session.

@@ -85,17 +85,20 @@ class Bridge:
         return cls(core, server, port, gate)
 
     async def open_round(self, clients: list[str], round_: int = 1,
-                         timeout: float = 30.0) -> dict[str, pb.Task]:
-        """Join ``clients`` over gRPC, start a train round for them, return their tasks."""
+                         timeout: float = 30.0, model: dict | None = None,
+                         **spec: Any) -> dict[str, pb.Task]:
+        """Join ``clients`` over gRPC, start a train round for them, return their tasks;
+        ``model`` replaces GLOBAL, ``spec`` sets more ``RoundSpec`` fields."""
         calls = {}
         for client in clients:
             call = self.stub.Join(pb.JoinRequest(client_id=client, name=client), metadata=METADATA)
             await call.wait_for_connection()
             calls[client] = call
         self.joins.extend(calls.values())
-        spec = RoundSpec(session_id="s1", round=round_, kind=TaskKind.TRAIN,
-                         clients=tuple(clients), config={}, timeout_s=timeout)
-        self.round = asyncio.ensure_future(self.core.run_round(spec, MODEL))
+        order = RoundSpec(session_id="s1", round=round_, kind=TaskKind.TRAIN,
+                          clients=tuple(clients), config={}, timeout_s=timeout, **spec)
+        served = MODEL if model is None else np.frombuffer(encode(model), np.uint8)
+        self.round = asyncio.ensure_future(self.core.run_round(order, served))
         return {c: await asyncio.wait_for(call.read(), 5) for c, call in calls.items()}
 
     async def push(self, update_parts, timeout: float = 10.0) -> pb.PushReply:
@@ -130,3 +133,12 @@ class Bridge:
         await self.channel.close()
         await self.server.stop(0)
         await self.gate.close()
+
+
+async def status_of(call) -> grpc.StatusCode:
+    """The status an RPC ended with (OK when it succeeded)."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

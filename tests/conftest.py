@@ -46,6 +46,25 @@ def tracking_uri(tmp_path_factory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture
+def db_name() -> str:
+    """A fresh tracking database name for one test."""
+    import uuid
+
+    return f"t_{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def store(tracking_uri: str, db_name: str):
+    """A TrackingStore on a fresh database of the session's embedded server, dropped after."""
+    from fedray.tracking.store import TrackingStore
+
+    store = TrackingStore.from_uri(tracking_uri, db_name)
+    yield store
+    store.db.client.drop_database(db_name)
+    store.close()
+
+
 class EdgeFleet:
     """Edge clients on one background event loop (as one edge process would host them)."""
 

@@ -295,9 +295,10 @@ async def test_a_heartbeat_cannot_declare_its_client_offline_or_invent_a_status(
     assert bridge.core.clients["a"].status == "training"
 
 
-async def test_overlong_client_ids_and_names_are_refused(bridge):
+async def test_overlong_client_ids_names_and_versions_are_refused(bridge):
     for request in (pb.JoinRequest(client_id="i" * 300),
-                    pb.JoinRequest(client_id="a", name="n" * 300)):
+                    pb.JoinRequest(client_id="a", name="n" * 300),
+                    pb.JoinRequest(client_id="a", version="v" * 300)):
         call = bridge.stub.Join(request, metadata=METADATA)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await asyncio.wait_for(call.read(), 5)

@@ -14,7 +14,7 @@ from fedray.actors.auth import AuthGate
 from fedray.actors.limits import RateLimiter
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.wire import auth_metadata, to_struct
-from tests.bridge import TOKEN, Bridge
+from tests.bridge import TOKEN, Bridge, status_of
 
 
 class Recorder:
@@ -33,23 +33,15 @@ class Recorder:
         pass
 
 
-async def _code(call) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 async def test_each_client_has_an_event_budget_in_count_and_bytes():
     bridge = await Bridge.start(max_client_events_per_min=12, max_event_bytes=1024)
     recorder = bridge.core.listener = Recorder()
     try:
         fat = to_struct({f"k{i:02d}": "v" * 900 for i in range(60)})  # ~55 KiB of data
-        codes = [await _code(bridge.stub.PushEvent(
+        codes = [await status_of(bridge.stub.PushEvent(
             pb.EventReport(client_id="a", level="info", message="m" * 5000, data=fat),
             metadata=auth_metadata(TOKEN, "a"))) for _ in range(30)]
-        other = await _code(bridge.stub.PushEvent(pb.EventReport(client_id="b", message="hi"),
+        other = await status_of(bridge.stub.PushEvent(pb.EventReport(client_id="b", message="hi"),
                                                   metadata=auth_metadata(TOKEN, "b")))
     finally:
         await bridge.close()
@@ -70,7 +62,7 @@ async def test_a_shared_token_caller_cannot_escape_its_rate_or_take_slots_by_ren
     bridge = await Bridge.start(gate=gate)
     try:
         # one connection, a new name on every call
-        beats = [await _code(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id=f"n{i}"),
+        beats = [await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id=f"n{i}"),
                                                    metadata=auth_metadata(TOKEN, f"n{i}")))
                  for i in range(40)]
         joins = []
@@ -98,7 +90,7 @@ async def test_names_in_metadata_are_bounded_before_they_key_anything():
     gate = AuthGate(TOKEN, max_rpcs_per_s=5)
     bridge = await Bridge.start(gate=gate)
     try:
-        code = await _code(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="a"),
+        code = await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="a"),
                                                  metadata=auth_metadata(TOKEN, "x" * 5000)))
     finally:
         await bridge.close()

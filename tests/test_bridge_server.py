@@ -16,21 +16,13 @@ from fedray.actors.grpc_server import ServerLimits
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.wire import auth_metadata, to_struct
-from tests.bridge import METADATA, TOKEN, Bridge, header, update_bytes
+from tests.bridge import METADATA, TOKEN, Bridge, header, status_of, update_bytes
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # not shared with other channels
 
 
 def _code_of(exc: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.OK if exc is None else exc.code()
-
-
-async def _code(call) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 async def _loop_lag_while(work) -> tuple[float, object]:
@@ -77,11 +69,11 @@ async def test_wrong_token_calls_are_refused_before_their_request_is_read(bridge
 async def test_control_rpcs_have_small_message_limits_and_updates_keep_theirs(bridge):
     tasks = await bridge.open_round(["a"])
     big = "x" * (100 << 10)
-    heartbeat = await _code(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id=big),
+    heartbeat = await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id=big),
                                                   metadata=METADATA))
-    event = await _code(bridge.stub.PushEvent(pb.EventReport(client_id="a", message=big),
+    event = await status_of(bridge.stub.PushEvent(pb.EventReport(client_id="a", message=big),
                                               metadata=METADATA))
-    small = await _code(bridge.stub.PushEvent(pb.EventReport(client_id="a", message="ok"),
+    small = await status_of(bridge.stub.PushEvent(pb.EventReport(client_id="a", message="ok"),
                                               metadata=METADATA))
     assert heartbeat is event is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert small is grpc.StatusCode.OK
@@ -97,10 +89,10 @@ async def test_failed_authentications_are_rate_limited_per_host():
     gate = AuthGate(TOKEN, on_event=lambda level, message, **data: events.append(data))
     bridge = await Bridge.start(gate=gate)
     try:
-        codes = [await _code(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="a"),
+        codes = [await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="a"),
                                                    metadata=auth_metadata(f"guess-{i}")))
                  for i in range(40)]
-        good = await _code(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="a"),
+        good = await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="a"),
                                                  metadata=METADATA))
     finally:
         await bridge.close()
@@ -135,7 +127,7 @@ async def test_concurrent_rpcs_and_streams_per_connection_are_bounded():
             joins.append(call)
         ch = grpc.aio.insecure_channel(bridge.address, options=OWN_CONNECTION)
         others.append(ch)
-        over = await _code(pb_grpc.CombinerStub(ch).Heartbeat(pb.HeartbeatRequest(client_id="e"),
+        over = await status_of(pb_grpc.CombinerStub(ch).Heartbeat(pb.HeartbeatRequest(client_id="e"),
                                                               metadata=METADATA, timeout=5))
         assert over is grpc.StatusCode.RESOURCE_EXHAUSTED
         for call in joins:
@@ -151,7 +143,7 @@ async def test_connections_are_capped():
     channels = [grpc.aio.insecure_channel(bridge.address, options=OWN_CONNECTION)
                 for _ in range(3)]
     try:
-        codes = [await _code(pb_grpc.CombinerStub(ch).Heartbeat(
+        codes = [await status_of(pb_grpc.CombinerStub(ch).Heartbeat(
             pb.HeartbeatRequest(client_id="a"), metadata=METADATA, timeout=3))
             for ch in channels]
     finally:

@@ -25,8 +25,9 @@ class Recorder:
     def event(self, level, message, **data):
         self.events.append((level, message, data))
 
-    def client_status(self, client_id, name, status, online, attrs=None):
+    def client_status(self, client_id, name, status, online, attrs=None, version=None):
         self.statuses.append((client_id, status))
+        self.said = (attrs, version)
 
     def round_closed(self, result):
         self.events.append(("round", result.close_reason, {}))
@@ -188,6 +189,14 @@ async def test_model_chunks_are_views_of_the_one_serialized_copy():
     with pytest.raises(KeyError):
         next(core.model_chunks("f" * 64))
     await run
+
+
+async def test_a_client_s_attributes_and_version_reach_its_listener():
+    core = _core()
+
+    core.connect("a", "a", {"site": "eu"}, "fedray-0.1")
+
+    assert core.listener.said == ({"site": "eu"}, "fedray-0.1")
 
 
 async def test_reconnect_replaces_the_old_stream():

@@ -1,5 +1,7 @@
 """Config loading: defaults, overrides, and one-line errors that name field and file."""
 
+from pathlib import Path
+
 import pytest
 
 from fedray.config import config_from_dict, load_config
@@ -26,11 +28,17 @@ def test_overrides_use_dotted_names(tmp_path):
     assert config.session.rounds == 7 and config.combiners.count == 1
 
 
-def test_the_repository_config_loads():
-    from pathlib import Path
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
+
+def test_the_repository_config_loads():
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "digits.yaml")
     assert config.federation == "digits"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    assert load_config(path).federation
 
 
 @pytest.mark.parametrize(("text", "needle"), [
@@ -94,3 +102,17 @@ def test_an_unknown_field_in_the_file_suggests_the_close_match(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown field session.roundz \(did you mean "
                                           r"session.rounds\?\)"):
         load_config(path)
+
+
+def test_a_robust_round_that_could_keep_more_updates_than_allowed_is_refused_at_load(tmp_path):
+    # median keeps every update of a round in the object store: a fraction of up to
+    # 2 x 10,000 clients could exceed session.max_kept_updates, a count cannot.
+    path = _write(tmp_path, MINIMAL + "session: {aggregator: median, clients_per_round: 1.0}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "session.aggregator" in message and "max_kept_updates (1000)" in message
+    assert "up to 20000 could arrive" in message and "clients_per_round" in message
+    ok = load_config(_write(tmp_path, MINIMAL + "session: {aggregator: median, "
+                                                "clients_per_round: 50, min_clients: 3}\n"))
+    assert ok.session.aggregator == "median"

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from test_federation import SEED, DeltaWorker, _config, _wait_connected
+from test_federation import SEED, DeltaWorker, SlowWorker, _config, _wait_connected
 
 from fedray.federation import Federation
 from fedray.policy import ResumePoint, resume_point
@@ -17,18 +17,6 @@ from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
 
 pytestmark = pytest.mark.integration
-
-
-class SlowWorker(DeltaWorker):
-    """Trains for ``seconds`` so a fault can land mid-round."""
-
-    def __init__(self, delta: float, examples: int, seconds: float) -> None:
-        super().__init__(delta, examples)
-        self.seconds = seconds
-
-    def train(self, model: bytes, config: dict):
-        time.sleep(self.seconds)
-        return super().train(model, config)
 
 
 def _deploy(config, tracking_uri, fleet, workers, **settings):
@@ -212,3 +200,79 @@ def test_a_client_that_keeps_its_socket_but_stops_heartbeating_goes_offline(
         fed.shutdown()
     offline_after = config.combiners.offline_after_s
     assert offline_after <= elapsed < offline_after + 5
+
+
+class SlowValidator(DeltaWorker):
+    """Validates slowly, so the controller can be killed while round 1 is validated."""
+
+    def __init__(self, delta: float, examples: int) -> None:
+        super().__init__(delta, examples)
+        self.validating = threading.Event()
+
+    def validate(self, model: bytes, config: dict):
+        self.validating.set()
+        time.sleep(1.5)
+        return super().validate(model, config)
+
+
+def test_a_controller_killed_while_validating_keeps_the_round_it_committed(
+        ray_session, tracking_uri, fleet, tmp_path):
+    # Commit first, then validate: round 1 is in tracking before its validation starts,
+    # so a controller that dies during validation resumes after round 1, not before it.
+    config = _config("killed-validating", tmp_path, combiners=1, rounds=2, min_clients=2,
+                     validate=True)
+    workers = {"a": SlowValidator(1.0, 10), "b": SlowValidator(1.0, 10)}
+    fed, store, seed_id = _deploy(config, tracking_uri, fleet, workers)
+    try:
+        session_id = fed.start_session(seed_id)
+        assert workers["a"].validating.wait(30)
+        tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+        round_1 = tracking.get_round(session_id, 1)
+        assert round_1["status"] == "finished" and round_1["model_id"]  # committed already
+        ray.kill(ray.get_actor("controller", namespace=config.namespace), no_restart=False)
+        status = fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+    assert status["state"] == "finished" and status["session_id"] == session_id, status
+    trail = tracking.find("models", {"session_id": session_id}, sort=[("round", 1)])
+    assert [m["round"] for m in trail] == [0, 1, 2]  # round 1 was not trained twice
+    assert tracking.get_round(session_id, 1)["model_id"] == round_1["model_id"]
+    np.testing.assert_allclose(decode(store.get(status["model_id"]))["w"], 2.0)
+    events = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
+    assert any("resumed after round 1" in m for m in events), events
+
+
+def test_a_session_continued_from_another_keeps_its_server_optimizer_state(
+        ray_session, tracking_uri, fleet, tmp_path):
+    # session.continue_from: the new session starts from the old one's last model and
+    # strategy state, so FedAdam's moments carry on as if it were one session of 4 rounds.
+    kwargs = {"server_lr": 0.1}
+    first = _config("continued", tmp_path, combiners=1, rounds=2, min_clients=2,
+                    aggregator="fedadam", aggregator_kwargs=kwargs)
+    workers = {"a": DeltaWorker(1.0, 10), "b": DeltaWorker(1.0, 10)}
+    fed, store, seed_id = _deploy(first, tracking_uri, fleet, workers)
+    try:
+        earlier = fed.start_session(seed_id)
+        assert fed.follow(lambda s: None)["state"] == "finished"
+    finally:
+        fed.shutdown()
+    fleet.stop()
+    fleet.lines.clear()
+    second = _config("continued", tmp_path, combiners=1, rounds=2, min_clients=2,
+                     aggregator="fedadam", aggregator_kwargs=kwargs,
+                     continue_from=earlier[:8])  # a unique prefix is enough
+    fed, store, _ = _deploy(second, tracking_uri, fleet, workers)
+    try:
+        later = fed.start_session(seed_id)
+        status = fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+    assert status["state"] == "finished" and later != earlier
+    final = decode(store.get(status["model_id"]))["w"]
+    np.testing.assert_allclose(final, _server_optimizer_run("fedadam", kwargs, 4), rtol=1e-5)
+    lost = _server_optimizer_run("fedadam", kwargs, 4, reset_after=2)
+    assert not np.allclose(final, lost, rtol=1e-3)  # a fresh optimizer would show
+    tracking = TrackingStore.from_uri(tracking_uri, second.tracking.database)
+    doc = tracking.get_session(later)
+    assert doc["continued_from"] == earlier
+    assert doc["seed_model_id"] == tracking.get_session(earlier)["model_id"]

@@ -38,6 +38,18 @@ class DeltaWorker:
         return self.examples, {"accuracy": 0.5}
 
 
+class SlowWorker(DeltaWorker):
+    """Trains for ``seconds`` (a straggler, or so a fault can land mid-round)."""
+
+    def __init__(self, delta: float, examples: int, seconds: float) -> None:
+        super().__init__(delta, examples)
+        self.seconds = seconds
+
+    def train(self, model: bytes, config: dict):
+        time.sleep(self.seconds)
+        return super().train(model, config)
+
+
 class SilentWorker(DeltaWorker):
     """Takes a task and never answers (until the test ends)."""
 
@@ -117,6 +129,9 @@ def test_two_combiners_fold_every_client_into_the_weighted_mean(ray_session, tra
     trail = tracking.find("models", {"session_id": status["session_id"]}, sort=[("round", 1)])
     assert [m["round"] for m in trail] == [0, 1, 2]
     assert trail[1]["parent_id"] == trail[0]["model_id"] and trail[2]["parent_id"] == trail[1]["model_id"]
+    # A clean end is no warning: clients leave because the combiners stop (hardening #21).
+    offline = tracking.find("events", {"message": {"$regex": "is offline"}})
+    assert offline and {e["level"] for e in offline} == {"info"}, offline
 
 
 def test_a_client_that_never_answers_closes_the_round_on_its_deadline(ray_session, tracking_uri,

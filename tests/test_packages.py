@@ -332,3 +332,48 @@ def test_every_member_counts_towards_the_member_limit(tmp_path: Path) -> None:
     with pytest.raises(PackageError, match="more than 100 members"):
         unpack_package(archive, tmp_path / "out", max_members=100)
     assert unpack_package(archive, tmp_path / "ok", max_members=300).is_dir()
+
+
+CALLBACK_ENTRYPOINT = '''
+import sys
+
+from fedray.packages.entrypoint import main
+
+
+class Client:
+    def __init__(self, data):
+        self.n = int(open(data).read())
+
+    def train(self, params, config):
+        if config.get("fail"):
+            raise ValueError("told to fail")
+        return {k: v + config["step"] for k, v in params.items()}, self.n, {"loss": 0.5}
+
+    def validate(self, params, config):
+        return self.n, {"accuracy": 1}
+
+
+sys.exit(main(sys.argv[1:], Client, "toy"))
+'''
+
+
+def test_a_package_entrypoint_from_callbacks_serves_the_contract(tmp_path: Path) -> None:
+    import numpy as np
+
+    root = _write_pkg(tmp_path / "pkg", {
+        "fedray.yaml": "name: toy\nentrypoints:\n"
+                       "  train: python e.py train {in_model} {out_model} {out_meta} {data} {config}\n"
+                       "  validate: python e.py validate {in_model} {out_meta} {data} {config}\n",
+        "e.py": CALLBACK_ENTRYPOINT})
+    (tmp_path / "data.txt").write_text("7")
+    package, data = load_package(root), str(tmp_path / "data.txt")
+    model = encode({"w": np.arange(3, dtype=np.float32)})
+
+    new, num_examples, metrics = package.train(model, {"step": 2}, data)
+    assert decode(new)["w"].tolist() == [2.0, 3.0, 4.0] and num_examples == 7
+    assert metrics == {"loss": 0.5}
+    assert package.validate(new, {}, data) == (7, {"accuracy": 1.0})
+    with pytest.raises(PackageError, match=r"exited with code 2\ntoy train: told to fail$"):
+        package.train(model, {"fail": True}, data)
+    with pytest.raises(PackageError, match="toy validate: no data path given"):
+        package.validate(model, {}, "")

@@ -35,3 +35,32 @@ def test_no_pickle_family_imports_in_the_package():
                                                  "import dill", "import marshal"))
                         for line in p.read_text().splitlines())]
     assert offenders == []
+
+
+def test_the_extras_fedray_checks_for_are_the_extras_pyproject_installs():
+    """``fedray.extras.EXTRAS`` (what a server command checks before it runs) names the
+    top-level modules of exactly the requirements of each extra in pyproject.toml."""
+    import importlib.metadata
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from fedray.extras import EXTRAS
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    project = tomllib.loads((Path(fedray.__file__).parent.parent / "pyproject.toml")
+                            .read_text())["project"]
+    extras = project["optional-dependencies"]
+    owners: dict[str, set[str]] = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            owners.setdefault(norm(dist), set()).add(module)
+    for extra, modules in EXTRAS.items():
+        dists = [norm(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]) for r in extras[extra]]
+        found = [[m for m in sorted(owners.get(d, ())) if m in modules] for d in dists]
+        assert all(found) and [m for ms in found for m in ms] == list(modules), \
+            (extra, dists, modules)
+    base = {norm(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]) for r in project["dependencies"]}
+    assert base.isdisjoint({norm(m) for modules in EXTRAS.values() for m in modules})

@@ -186,7 +186,11 @@ def test_ray_job_submit_on_a_ray_start_head(ray_head, tmp_path):
                        "--data-dir", str(data_dir), "--set", "session.rounds=2",
                        "--set", "session.min_clients=2", "--set", "controller.host=127.0.0.1",
                        "--set", f"controller.port={gateway}", "--set", "combiners.host=127.0.0.1",
-                       "--set", f"combiners.base_port={combiner}"], head.env)
+                       "--set", f"combiners.base_port={combiner}",
+                       # a user's own strategy, shipped with the job's working directory
+                       "--set", "session.aggregator=examples.custom_strategy.clipped:ClippedFedAvg",
+                       "--set", "session.aggregator_kwargs={clip: 5.0, lr_decay: 0.9}"],
+                      head.env)
         assert submit.returncode == 0, submit.stderr[-3000:]
 
         # From another shell: the federation is up and its session waits for clients.
@@ -235,6 +239,7 @@ def test_ray_job_submit_on_a_ray_start_head(ray_head, tmp_path):
     assert out.returncode == 0, out.stderr
     rounds = json.loads(out.stdout)
     assert sorted((r["round"], r["status"]) for r in rounds) == [(1, "finished"), (2, "finished")]
+    assert all("clipped_fraction" in r["report"] for r in rounds)  # the user strategy ran
 
     anonymous = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
     refused = _run([sys.executable, "-m", "fedray", "status", "--federation", "digits",

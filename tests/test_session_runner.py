@@ -14,6 +14,7 @@ import pytest
 from fedray.actors.callbacks import RoundCommitted, RoundFailed, RoundStarted
 from fedray.actors.session_runner import Start
 from fedray.serialization import decode, encode
+from fedray.strategies.fedopt import FedAvgM
 from tests.simfed import MemoryStore, SimPool, run_session, session_settings
 
 SEED = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
@@ -181,3 +182,76 @@ async def test_fedbuff_commits_a_version_every_k_updates_weighted_by_staleness()
     # every update moves the model by +1 from its base, discounted by its staleness
     final = decode(store.get(runner.model_id))["w"]
     assert 6 < float(final.mean()) <= 12
+
+
+async def test_the_user_strategy_of_the_guide_is_exact_across_combiners_and_resumes():
+    """examples/custom_strategy (docs/strategies.md): one combiner or two give the same
+    model, the decayed learning rate reaches the clients, and its state survives."""
+    from examples.custom_strategy.clipped import ClippedFedAvg
+
+    seen: dict[str, list[float]] = {}
+
+    def client(value, examples):
+        def train(params, config, client_id, round_):
+            seen.setdefault(client_id, []).append(config["lr"])
+            return {k: v + value for k, v in params.items()}, examples, {}
+        return train
+
+    models = []
+    for combiners in (1, 2):
+        pool = SimPool(combiners)
+        for name, value in (("a", 1.0), ("b", 0.5), ("far", 50.0)):
+            pool.add(name, client(value, 10))
+        store = MemoryStore()
+        settings = session_settings(rounds=3, aggregator="examples.custom_strategy.clipped:"
+                                    "ClippedFedAvg",
+                                    aggregator_kwargs={"clip": 4.0, "lr": 0.4, "lr_decay": 0.5})
+        try:
+            state, reason, runner = await run_session(pool, store, settings,
+                                                      Start(store.put(encode(SEED))))
+        finally:
+            await pool.close()
+        assert state == "finished", reason
+        models.append(decode(store.get(runner.model_id))["w"])
+        assert [c.report["clipped_fraction"] for c in runner.recorder.of(RoundCommitted)] \
+            == pytest.approx([1 / 3] * 3)
+    np.testing.assert_allclose(models[0], models[1], rtol=1e-6)
+    assert seen["a"][:3] == pytest.approx([0.4, 0.2, 0.1])
+    restored = ClippedFedAvg()
+    restored.load_state_dict(runner.strategy.state_dict())
+    assert restored.rounds_seen == 3 and restored.clipped_mean == pytest.approx(1 / 3)
+
+
+class NaNOnSecondRound(FedAvgM):
+    """FedAvgM whose second aggregate is NaN (a strategy bug, or extreme inputs)."""
+
+    calls = 0
+
+    def finish(self, global_model, reduced):
+        out = super().finish(global_model, reduced)
+        NaNOnSecondRound.calls += 1
+        if NaNOnSecondRound.calls == 2:
+            out = {k: np.full_like(v, np.nan) for k, v in out.items()}
+        return out
+
+
+async def test_a_non_finite_aggregate_is_never_committed_and_the_state_goes_back():
+    pool = await _pool({"a": (1.0, 10), "b": (1.0, 10)})
+    store = MemoryStore()
+    NaNOnSecondRound.calls = 0
+    settings = session_settings(rounds=3, round_attempts=2,
+                                aggregator="tests.test_session_runner:NaNOnSecondRound")
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    failed = runner.recorder.of(RoundFailed)
+    assert [(f.round, f.attempt) for f in failed] == [(2, 1)]
+    assert "NaN or infinity" in failed[0].reason and "previous model stays" in failed[0].reason
+    commits = runner.recorder.of(RoundCommitted)
+    assert [c.round for c in commits] == [1, 2, 3]
+    assert commits[1].parent_id == commits[0].model_id  # round 2 re-ran from round 1's model
+    # FedAvgM's velocity went back to round 1's: as if the NaN attempt never happened
+    np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 1 + 1.9 + 2.71)

@@ -10,22 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from test_federation import DeltaWorker, _config, _run
+from test_federation import SEED, DeltaWorker, SlowWorker, _config, _run, _wait_connected
 
 from fedray.edge.workers import CallbackWorker
-from fedray.serialization import decode
+from fedray.serialization import decode, encode
 
 pytestmark = pytest.mark.integration
-
-
-class SlowWorker(DeltaWorker):
-    def __init__(self, delta: float, examples: int, seconds: float) -> None:
-        super().__init__(delta, examples)
-        self.seconds = seconds
-
-    def train(self, model: bytes, config: dict):
-        time.sleep(self.seconds)
-        return super().train(model, config)
 
 
 def test_buffer_size_closes_each_round_on_its_third_update_and_drops_the_late_ones(
@@ -101,3 +91,43 @@ def test_fedbuff_matches_synchronous_fedavg_sooner_when_two_of_six_clients_are_s
     assert slow and all(c["staleness"] >= 1 for c in slow)
     print(f"sync fedavg {sync[3]:.3f} in {sync[2]:.1f}s; fedbuff {fedbuff[3]:.3f} in "
           f"{fedbuff[2]:.1f}s; slow contributions {len(slow)}")
+
+
+def test_attribute_and_policy_selection_ask_exactly_the_clients_they_name(
+        ray_session, tracking_uri, fleet, tmp_path):
+    """Clients started with attributes (``fedray edge start --attr site=eu``); rounds ask
+    exactly the clients ``session.select`` names, over real Ray and gRPC."""
+    from fedray.federation import Federation
+    from fedray.storage import open_model_store
+    from fedray.tracking.store import TrackingStore
+
+    def session(name: str, select: dict) -> set[str]:
+        config = _config(name, tmp_path / name, combiners=2, rounds=2, min_clients=1,
+                         select=select)
+        store = open_model_store("file", config.resolved_data_dir())
+        seed_id = store.put(encode(SEED))
+        fleet.stop()
+        fleet.lines.clear()
+        fed = Federation(config, None, tracking_uri).deploy()
+        try:
+            for i in range(6):
+                fleet.add(f"c{i}", DeltaWorker(1.0, 10), fed.gateway,
+                          attrs={"site": "eu" if i % 2 else "us", "gpu": str(i // 3)})
+                _wait_connected(fleet, i + 1)
+            fed.start_session(seed_id)
+            status = fed.follow(lambda s: None)
+        finally:
+            fed.shutdown()
+        assert status["state"] == "finished", status["reason"]
+        tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+        asked = set()
+        for event in tracking.find("events", {"session_id": status["session_id"],
+                                              "message": {"$regex": "accepted"}}):
+            asked.add(event["data"]["client_id"])
+        clients = {c["client_id"]: c.get("attrs") for c in tracking.find("clients", {})}
+        assert clients["c3"] == {"site": "eu", "gpu": "1"}  # tracking shows the attributes
+        return asked
+
+    assert session("by-attr", {"attrs": {"site": "eu", "gpu": 0}}) == {"c1"}
+    assert session("by-attrs", {"attrs": {"site": ["eu", "us"], "gpu": "1"}}) == {"c3", "c4", "c5"}
+    assert session("by-policy", {"policy": "tests.test_session_runner:first_two"}) == {"c0", "c1"}

@@ -15,7 +15,6 @@ import secrets
 import stat
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -30,19 +29,6 @@ from fedray.tracking.embedded import free_port, mongo_uri
 from fedray.tracking.tokens import COLLECTION, create_token, revoke_token
 from fedray.wire import auth_metadata
 from tests.bridge import TOKEN, Bridge
-
-
-@pytest.fixture
-def db_name() -> str:
-    return f"k_{uuid.uuid4().hex[:16]}"
-
-
-@pytest.fixture
-def store(tracking_uri: str, db_name: str) -> Iterator[TrackingStore]:
-    store = TrackingStore.from_uri(tracking_uri, db_name)
-    yield store
-    store.db.client.drop_database(db_name)
-    store.close()
 
 
 def _mode(path: Path) -> int:

@@ -131,39 +131,43 @@ def test_datetimes_set_on_existing_documents_stay_datetimes(store: TrackingStore
     store.upsert_combiner("combiner-0")
 
     with written_at(_at(10)):
-        store.update_session("s1", finished_at=_at(9))
+        store.update_session("s1", status="running")
         store.start_round("s1", 1)
-        store.update_round("s1", 1, finished_at=_at(11))
         store.upsert_client("c1", status="offline")
-        store.upsert_combiner("combiner-0", status="up")
+        store.upsert_combiner("combiner-0", status="online")
         store.increment_combiner_restarts("combiner-0")
+    with written_at(_at(11)):
+        store.update_round("s1", 1, status="failed", reason="too few updates")
 
     session, round_ = store.get_session("s1"), store.get_round("s1", 1)
     client, combiner = store.find("clients")[0], store.find("combiners")[0]
-    assert (session["finished_at"], session["updated_at"]) == (_at(9), _at(10))
-    assert (round_["started_at"], round_["finished_at"]) == (_at(10), _at(11))
+    assert session["updated_at"] == _at(10)
+    assert (round_["started_at"], round_["updated_at"]) == (_at(10), _at(11))
     assert client["last_seen"] == _at(10) and combiner["updated_at"] == _at(10)
-    assert store.find("rounds", {"finished_at": {"$gt": _at(10.5)}}) == [round_]
+    assert store.find("rounds", {"updated_at": {"$gt": _at(10.5)}}) == [round_]
 
 
 def test_rounds(store: TrackingStore) -> None:
-    store.start_round("s1", 1, clients_asked=4)
-    store.start_round("s1", 1, clients_asked=5)  # a rerun restarts the same document
+    share = {"asked": 3, "updates": 3, "rejected": 1, "rejections": {"non_finite": 1},
+             "failed": 0, "failures": {}, "close_reason": "all_answered", "seconds": 1.5,
+             "bytes_in": 300, "bytes_out": 900, "aggregation_s": 0.01}  # fmt: skip
+    store.start_round("s1", 1, clients_asked={"combiner-0": 4})
+    store.start_round("s1", 1, clients_asked={"combiner-0": 5})  # a rerun: the same document
 
     store.update_round(
         "s1",
         1,
-        status="committed",
+        status="finished",
         model_id=MODEL_A,
-        metrics={"loss": np.float64(0.25)},
-        **{"combiners.combiner-0": {"updates_received": 3, "updates_rejected": 1}},
+        train_metrics={"loss": np.float64(0.25)},
+        **{"combiners.combiner-0": share},
     )
 
     doc = store.get_round("s1", 1)
     assert doc is not None and "_id" not in doc
-    assert doc["status"] == "committed" and doc["clients_asked"] == 5
-    assert doc["combiners"] == {"combiner-0": {"updates_received": 3, "updates_rejected": 1}}
-    assert doc["metrics"] == {"loss": 0.25}
+    assert doc["status"] == "finished" and doc["clients_asked"] == {"combiner-0": 5}
+    assert doc["combiners"] == {"combiner-0": share}
+    assert doc["train_metrics"] == {"loss": 0.25}
     assert doc["started_at"].tzinfo is not None
     assert store.db.rounds.count_documents({"session_id": "s1"}) == 1
     assert store.get_round("s1", 2) is None
@@ -199,7 +203,7 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
     assert client["name"] == "alice" and client["status"] == "training"
     assert client["first_seen"] == _at(0) and client["last_seen"] == _at(5)
 
-    store.upsert_combiner("combiner-0", address="127.0.0.1:12081", status="up", clients=1)
+    store.upsert_combiner("combiner-0", address="127.0.0.1:12081", status="online", clients=1)
     store.increment_combiner_restarts("combiner-0")
     store.increment_combiner_restarts("combiner-0")
     store.increment_combiner_restarts("combiner-1")  # unknown so far: created
@@ -214,11 +218,12 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
 
 def test_validations_packages_and_events(store: TrackingStore) -> None:
     validation = {"session_id": "s1", "round": 1, "client_id": "c1", "model_id": MODEL_A,
-                  "metrics": {"accuracy": np.float32(0.75)}, "num_examples": 10}  # fmt: skip
+                  "combiner": "combiner-0", "metrics": {"accuracy": np.float32(0.75)},
+                  "num_examples": 10}  # fmt: skip
     store.add_validation(validation)
     store.add_validation(validation)  # a retry of the same write: stored once
     assert store.add_package("f" * 64, name="digits", size=1234) is True
-    assert store.add_package("f" * 64, name="again") is False
+    assert store.add_package("f" * 64, name="again", size=1) is False
 
     store.event("info", "controller", "session started", session_id="s1")
     store.event("error", "combiner-0", "update rejected", session_id="s1", round=1,
@@ -727,3 +732,87 @@ def test_events_cli_options(embedded_server: EmbeddedMongo, db_name: str) -> Non
     assert ambiguous.exit_code == 2 and "matches several sessions" in ambiguous.output
     assert bad_level.exit_code == 2 and "fatal" in bad_level.output
     assert EVENT_LEVELS == LEVELS
+
+
+# fedray rounds and clients: versions, staleness, privacy, attrs
+
+
+def _rounds_and_clients(store: TrackingStore) -> None:
+    """A DP session (round 2 needed a second attempt), an async session of two versions,
+    and two clients with attributes."""
+    share = {"asked": 2, "updates": 2, "rejected": 0, "rejections": {}, "failed": 0,
+             "failures": {}, "close_reason": "buffer_full", "seconds": 0.5, "bytes_in": 10,
+             "bytes_out": 20, "aggregation_s": 0.01}
+    store.create_session("dddd0000dddd0000", "digits", {}, 2, MODEL_A)
+    store.update_session("dddd0000dddd0000", strategy="dp_fixed", mode="sync")
+    store.create_session("aaaa0000aaaa0000", "digits", {}, 2, MODEL_A)
+    store.update_session("aaaa0000aaaa0000", strategy="fedbuff", mode="async")
+    for n in (1, 2):
+        with written_at(_at(n)):
+            store.start_round("dddd0000dddd0000", n, attempt=n, clients_asked={"combiner-0": 2},
+                              parent_model_id=MODEL_A)
+        store.update_round("dddd0000dddd0000", n, status="finished", model_id=MODEL_B,
+                           parent_model_id=MODEL_A, mode="sync", updates=2, rejected=0,
+                           combiners={"combiner-0": share}, seconds=0.6 * n, attempt=n,
+                           aggregator_state_id="", train_metrics={"loss": 0.5},
+                           report={"epsilon": 1.5 * n, "delta": 1e-5, "noise_std": 0.25,
+                                   "dp_rounds": n})  # fmt: skip
+        with written_at(_at(10 + n)):
+            store.start_round("aaaa0000aaaa0000", n, attempt=1, parent_model_id=MODEL_A)
+        contributions = [{"client_id": c, "base_version": n - 1 - s, "staleness": s,
+                          "num_examples": 10, "weight": 1 / (1 + s)}
+                         for c, s in (("c1", 0), ("c2", n - 1), ("c3", 2 * (n - 1)))]
+        store.update_round("aaaa0000aaaa0000", n, status="finished", model_id=MODEL_B,
+                           parent_model_id=MODEL_A, mode="async", updates=3,
+                           seconds=0.2, aggregator_state_id="", contributions=contributions,
+                           train_metrics={"staleness_mean": float(n - 1),
+                                          "staleness_max": float(2 * (n - 1))},
+                           report={})  # fmt: skip
+    store.upsert_client("c1", name="site-a", combiner="combiner-0", status="online",
+                        attrs={"site": "eu", "gpu": "0"}, version="fedray-0.1")
+    store.upsert_client("c2", name="site-b", combiner="combiner-0", status="offline",
+                        attrs={"site": "us\x1b[31m"})
+
+
+def test_rounds_and_clients_cli(embedded_server: EmbeddedMongo, db_name: str) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    store = TrackingStore.from_uri(embedded_server.uri, db_name)
+    try:
+        _rounds_and_clients(store)
+        uri = embedded_server.uri + db_name
+        runner = CliRunner(env={"COLUMNS": "250"})
+
+        def run(*args: str) -> str:
+            result = runner.invoke(main, [*args, "--tracking", uri])
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        versions = run("rounds", "--session", "aaaa")
+        dp = run("rounds", "--session", "dddd")
+        both = run("rounds")
+        full = json.loads(run("rounds", "--session", "aaaa", "--json"))
+        clients = run("clients")
+        sessions = run("sessions")
+    finally:
+        store.db.client.drop_database(db_name)
+        store.close()
+
+    header = versions.splitlines()[2]
+    assert "version" in header and "staleness" in header and " mode " not in header
+    assert "report" not in header  # no version has one
+    assert "mean 0, max 0" in versions and "mean 1, max 2" in versions
+    assert "staleness_m" not in versions  # said once, in its own column
+    assert "version" not in dp.splitlines()[2] and "staleness" not in dp
+    assert "ε=1.5 δ=1e-05 noise_std=0.25 dp_rounds=1" in dp
+    assert "ε=3 δ=1e-05" in dp and "finished (attempt 2)" in dp
+    assert " mode " in both.splitlines()[2] and "async" in both and "sync" in both
+    assert full[1]["contributions"][2] == {"client_id": "c3", "base_version": -1,
+                                           "staleness": 2, "num_examples": 10,
+                                           "weight": pytest.approx(1 / 3)}
+    assert {"train_metrics", "report", "started_at", "attempt"} <= set(full[0])  # whole
+    assert "gpu=0 site=eu" in clients and "fedray-0.1" in clients
+    assert "site=us " in clients and "\x1b" not in clients and "[31m" not in clients
+    assert "fedbuff (async)" in sessions and "dp_fixed" in sessions

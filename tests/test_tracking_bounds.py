@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,19 +16,6 @@ from fedray.tracking.documents import written_at
 from fedray.tracking.embedded import free_port, mongo_uri
 
 BIG = 2**64 - 1  # a uint64 num_examples: BSON integers stop at 2**63 - 1
-
-
-@pytest.fixture
-def db_name() -> str:
-    return f"b_{uuid.uuid4().hex[:16]}"
-
-
-@pytest.fixture
-def store(tracking_uri: str, db_name: str) -> Iterator[TrackingStore]:
-    store = TrackingStore.from_uri(tracking_uri, db_name)
-    yield store
-    store.db.client.drop_database(db_name)
-    store.close()
 
 
 def _held_writer(tracking_uri: str, db_name: str, **kwargs) -> tuple[TrackingWriter,
@@ -46,7 +31,8 @@ def _held_writer(tracking_uri: str, db_name: str, **kwargs) -> tuple[TrackingWri
 
 
 def test_integers_bson_cannot_hold_are_stored_as_text(store: TrackingStore) -> None:
-    store.add_validation({"session_id": "s1", "client_id": "c1", "num_examples": BIG,
+    store.add_validation({"session_id": "s1", "round": 1, "model_id": "a" * 64,
+                          "client_id": "c1", "combiner": "combiner-0", "num_examples": BIG,
                           "metrics": {"n": -(2**70), "ok": 2**63 - 1}})
     store.event("info", "test", "big", data={"num_examples": BIG, "flag": True})
 
@@ -55,6 +41,18 @@ def test_integers_bson_cannot_hold_are_stored_as_text(store: TrackingStore) -> N
     assert validation["num_examples"] == str(BIG)
     assert validation["metrics"] == {"n": str(-(2**70)), "ok": 2**63 - 1}
     assert event["data"] == {"num_examples": str(BIG), "flag": True}
+
+
+def test_non_finite_numbers_are_stored_as_null(store: TrackingStore) -> None:
+    import numpy as np
+
+    store.add_validation({"session_id": "s1", "round": 1, "model_id": "a" * 64,
+                          "client_id": "c1", "combiner": "combiner-0", "num_examples": 5,
+                          "metrics": {"loss": float("nan"), "accuracy": 0.1,
+                                      "ppl": np.float32("inf")}})
+
+    [validation] = store.find("validations")
+    assert validation["metrics"] == {"loss": None, "accuracy": 0.1, "ppl": None}
 
 
 def test_one_bad_event_does_not_drop_the_rest_of_its_batch(tracking_uri: str, store: TrackingStore,
@@ -101,7 +99,7 @@ def test_a_full_queue_drops_debug_and_info_first_and_never_session_writes(
         for i in range(5):  # each pushes out a debug event, then an info event
             writer.event("warning", "c", f"warning {i}")
         writer.submit("start_round", "s1", 1)
-        writer.submit("update_round", "s1", 1, status="committed")
+        writer.submit("update_round", "s1", 1, status="finished")
         writer.submit("add_model", "b" * 64, "a" * 64, "s1", 1, 10, "file:///b", {})
         for i in range(3):  # the last two info events, then the oldest warning
             writer.event("error", "c", f"error {i}")
@@ -112,7 +110,7 @@ def test_a_full_queue_drops_debug_and_info_first_and_never_session_writes(
         store = TrackingStore.from_uri(server.uri, db_name)
         events = store.find("events", sort=[("ts", 1)])
         assert store.get_session("s1")["rounds_done"] == 0
-        assert store.get_round("s1", 1)["status"] == "committed"
+        assert store.get_round("s1", 1)["status"] == "finished"
         assert store.get_model("b" * 64)["parent_id"] == "a" * 64
         store.close()
     finally:

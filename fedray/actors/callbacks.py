@@ -194,8 +194,8 @@ class TrackingCallback:
             write("add_model", e.model_id, e.parent_id, e.session_id, e.round, e.size, e.uri,
                   e.tensors)
         elif isinstance(e, RoundStarted):
-            write("start_round", e.session_id, e.round, model_id=e.model_id, attempt=e.attempt,
-                  clients_asked=e.asked)
+            write("start_round", e.session_id, e.round, parent_model_id=e.model_id,
+                  attempt=e.attempt, clients_asked=e.asked)
             self._event("info", f"round {e.round} started: {sum(e.asked.values())} client(s) "
                         f"asked to train model {e.model_id[:12]}", e.session_id, e.round,
                         attempt=e.attempt, clients_asked=e.asked)

@@ -27,11 +27,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedray.actors.async_serving import AsyncServing
 from fedray.actors.intake import Limits, ModelVersion, Share, TaskEntry, UpdateIntake
 from fedray.config import CombinersConfig
-from fedray.errors import SessionError, UpdateRejected
+from fedray.errors import UnknownSession, UpdateRejected
 from fedray.messages import (
-    AsyncSpec,
+    MAX_ATTRS,
     RoundResult,
     RoundSpec,
     Task,
@@ -44,13 +45,9 @@ from fedray.strategies.base import (
     Buffer,
     ClientInfo,
     CloseReason,
-    KeepAll,
-    Kept,
-    KeptUpdates,
     ShareSnapshot,
     ShareStart,
     Strategy,
-    Update,
 )
 
 log = logging.getLogger(__name__)
@@ -58,13 +55,13 @@ log = logging.getLogger(__name__)
 KEPT_MODELS = 2  # the round's model and the one before, for clients that are a bit late
 KEPT_SESSIONS = 4  # strategies of recent sessions (a restarted controller may resume one)
 CLIENT_STATUSES = {"online", "training", "validating"}  # what a heartbeat may report
-MAX_ATTRS = 32
 
 
 class CombinerListener(Protocol):
     def event(self, level: str, message: str, **data: Any) -> None: ...
     def client_status(self, client_id: str, name: str, status: str, online: int,
-                      attrs: Mapping[str, str] | None = None) -> None: ...
+                      attrs: Mapping[str, str] | None = None,
+                      version: str | None = None) -> None: ...
     def round_closed(self, result: RoundResult) -> None: ...
 
 
@@ -73,7 +70,8 @@ class NullListener:
         log.log(logging.getLevelName(level.upper()), message)
 
     def client_status(self, client_id: str, name: str, status: str, online: int,
-                      attrs: Mapping[str, str] | None = None) -> None:
+                      attrs: Mapping[str, str] | None = None,
+                      version: str | None = None) -> None:
         pass
 
     def round_closed(self, result: RoundResult) -> None:
@@ -95,30 +93,11 @@ class ClientLink:
 Claimer = Callable[[str, int, int, str], Awaitable[int]]
 
 
-class UnknownSession(SessionError):
-    """A round for a session whose strategy this combiner was never given (or forgot,
-    after Ray restarted it): the controller sends the strategy again and retries."""
-
-
-class BoundedKeepAll(KeepAll):
-    """Keeps updates for the controller, refusing more than ``limit`` not yet taken."""
-
-    def __init__(self, share: ShareStart, limit: int) -> None:
-        super().__init__(share)
-        self.limit = limit
-
-    def fold(self, update: Update) -> None:
-        if len(self.kept.items) >= self.limit:
-            raise UpdateRejected("backpressure", f"{self.limit} updates wait for the "
-                                 "controller already")
-        super().fold(update)
-
-
 def _copy_keeper(raw: Buffer) -> Any:
     return np.array(raw, dtype=np.uint8, copy=True)  # outside Ray: a private copy
 
 
-class CombinerCore:
+class CombinerCore(AsyncServing):
     def __init__(self, name: str, settings: CombinersConfig,
                  listener: CombinerListener | None = None,
                  keeper: Callable[[Buffer], Any] = _copy_keeper,
@@ -132,8 +111,6 @@ class CombinerCore:
         self.models: OrderedDict[str, np.ndarray] = OrderedDict()
         self.strategies: OrderedDict[str, Strategy] = OrderedDict()
         self.share: Share | None = None
-        self._async: AsyncSpec | None = None
-        self._participants: set[str] = set()
         self._last: tuple[tuple, asyncio.Future[RoundResult]] | None = None  # idempotent retry
         self.bytes_out = 0
         self.stopping = False
@@ -155,9 +132,10 @@ class CombinerCore:
     def accepts_clients(self) -> bool:
         return len(self.online_clients()) < self.settings.max_clients
 
-    def connect(self, client_id: str, name: str,
-                attrs: Mapping[str, str] | None = None) -> ClientLink:
-        """Register a client (a reconnect replaces its old stream); it is online from now."""
+    def connect(self, client_id: str, name: str, attrs: Mapping[str, str] | None = None,
+                version: str = "") -> ClientLink:
+        """Register a client (a reconnect replaces its old stream); it is online from now.
+        ``attrs`` and ``version`` are what it says about itself (tracked with it)."""
         old = self.clients.get(client_id)
         if old is not None:
             old.queue.put_nowait(None)
@@ -165,7 +143,7 @@ class CombinerCore:
                           attrs=dict(list((attrs or {}).items())[:MAX_ATTRS]))
         self.clients[client_id] = link
         self.listener.client_status(client_id, name, "online", len(self.online_clients()),
-                                    link.attrs)
+                                    link.attrs, version)
         self._membership_changed()
         self.listener.event("info", f"client {name} joined combiner {self.name}", client_id=client_id)
         share = self.share
@@ -409,100 +387,6 @@ class CombinerCore:
                 and share.round == round_ and share.attempt == attempt:
             share.round_accepted = max(share.round_accepted, share.buffer)
             self._check_close(share)
-
-    # ----------------------------------------------------------------- asynchronous sessions
-
-    async def start_async(self, spec: AsyncSpec, model: np.ndarray, version: int,
-                          known_id: str = "") -> None:
-        """Serve an asynchronous session: every participant trains, again and again."""
-        strategy = self._strategy(spec.session_id)
-        share = self.share
-        if share is not None and share.asynchronous and share.session_id == spec.session_id \
-                and not share.closed.is_set():
-            await self.set_version(version, model, known_id)  # a retried call: catch up
-            self.add_clients(spec.clients)
-            return
-        current = self._keep_model(model, version, known_id, keep=spec.kept_versions)
-        keep = ShareStart(spec=current.layout.spec(), base=current.base, keep=self.keeper)
-        share = Share(session_id=spec.session_id, round=version, kind=TaskKind.TRAIN,
-                      strategy=strategy, accumulator=BoundedKeepAll(keep, spec.max_pending),
-                      limits=Limits(spec.max_examples, spec.max_update_norm),
-                      versions={version: current}, current=version, deadline=float("inf"),
-                      asynchronous=True)
-        self._open(share)
-        self._async, self._participants = spec, set()
-        self.add_clients(spec.clients)
-
-    def add_clients(self, clients: tuple[str, ...] | list[str]) -> None:
-        """More participants for the asynchronous session (clients that joined later)."""
-        share = self.share
-        if share is None or not share.asynchronous or share.closed.is_set():
-            return
-        for client_id in clients:
-            if client_id not in self._participants:
-                self._participants.add(client_id)
-                self._dispatch_async(share, client_id)
-
-    def _dispatch_async(self, share: Share, client_id: str) -> None:
-        link = self.clients.get(client_id)
-        spec = self._async
-        if link is None or link.status == "offline" or spec is None \
-                or client_id not in self._participants \
-                or any(e.client_id == client_id for e in share.tasks.values()):
-            return
-        task_id = uuid.uuid4().hex
-        share.tasks[task_id] = TaskEntry(client_id, share.current)
-        link.queue.put_nowait(self._task(task_id, TaskKind.TRAIN, share.session_id,
-                                         share.current, share.versions[share.current],
-                                         spec.config, time.time() + spec.timeout_s,
-                                         spec.package_sha256, spec.package_size))
-
-    @staticmethod
-    def _drop_tasks(share: Share, client_id: str) -> None:
-        for task_id in [t for t, e in share.tasks.items() if e.client_id == client_id]:
-            del share.tasks[task_id]
-
-    async def set_version(self, version: int, model: np.ndarray, known_id: str = "") -> None:
-        """A new global version: tasks from now on train it; recent ones stay servable."""
-        share, spec = self.share, self._async
-        if share is None or not share.asynchronous or spec is None or version <= share.current:
-            return
-        async with share.fold_lock:  # no fold is halfway through reading ``current``
-            share.versions[version] = self._keep_model(model, version, known_id,
-                                                       keep=spec.kept_versions)
-            share.current = version
-            for old in sorted(share.versions)[: max(0, len(share.versions) - spec.kept_versions)]:
-                del share.versions[old]
-
-    async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
-        """The updates accepted since the last call (waits up to ``timeout_s`` for one)."""
-        share = self.share
-        if share is None or not share.asynchronous or share.session_id != session_id:
-            raise UnknownSession(f"combiner {self.name} serves no asynchronous session "
-                                 f"{session_id}")
-        kept: KeptUpdates = share.accumulator.partial()  # type: ignore[union-attr]
-        share.arrived.clear()  # before looking: an update folded meanwhile sets it again
-        if not kept.items and not share.closed.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(share.arrived.wait(), timeout_s)
-        async with share.fold_lock:
-            items, kept.items = kept.items, []
-        return items
-
-    def stop_async(self, session_id: str) -> dict[str, Any]:
-        """End the asynchronous session; what it counted (late updates are dropped)."""
-        return self._stop_async_share("the session ended", session_id)
-
-    def _stop_async_share(self, why: str, session_id: str | None = None) -> dict[str, Any]:
-        share = self.share
-        if share is None or not share.asynchronous \
-                or (session_id is not None and share.session_id != session_id):
-            return {}
-        self._close(share, why)
-        self._participants = set()
-        share.tasks.clear()
-        return {"accepted": share.accepted, "rejected": dict(share.rejected),
-                "failed": share.failed, "bytes_in": share.bytes_in}
 
     # ----------------------------------------------------------------- intake
 

@@ -19,6 +19,7 @@ from fedray.actors.combiner_core import CombinerCore
 from fedray.actors.grpc_server import caller_id
 from fedray.actors.limits import EventThrottle, RateLimiter
 from fedray.errors import UpdateRejected
+from fedray.messages import attrs_problem
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.text import printable
@@ -29,20 +30,6 @@ log = logging.getLogger(__name__)
 MAX_NAME_CHARS = 256  # a client's id and name are kept while it is connected, and tracked
 MAX_EVENT_CHARS = 2000  # of a client's event message
 _ERROR_CLASS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")  # a Python class name, or none
-MAX_ATTRS, MAX_ATTR_VALUE = 32, 256  # what a client may say about itself (--attr KEY=VALUE)
-ATTR_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def check_attrs(attrs) -> str:
-    """Why these client attributes are refused ("" when they are fine)."""
-    if len(attrs) > MAX_ATTRS:
-        return f"at most {MAX_ATTRS} attributes"
-    for key, value in attrs.items():
-        if not ATTR_KEY.match(key):
-            return f"attribute name {key[:70]!r} must be 1-64 of A-Z a-z 0-9 _ . -"
-        if len(value) > MAX_ATTR_VALUE or not value.isprintable():
-            return f"attribute {key} must be at most {MAX_ATTR_VALUE} printable characters"
-    return ""
 
 
 EVENT_BURST_S = 30.0  # a client may spend half a minute's event budget at once
@@ -92,17 +79,17 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         client_id = await caller_id(context, request.client_id, request.name)
         if not client_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is required")
-        if len(client_id) > MAX_NAME_CHARS or len(request.name) > MAX_NAME_CHARS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"client ids and names are at most {MAX_NAME_CHARS} characters")
+        if max(len(client_id), len(request.name), len(request.version)) > MAX_NAME_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client ids, names and "
+                                f"versions are at most {MAX_NAME_CHARS} characters")
         name = client_id if current_caller().kind == "client" else request.name or client_id
-        refused = check_attrs(request.attrs)
+        refused = attrs_problem(request.attrs)
         if refused:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"attrs: {refused}")
         if client_id not in self.core.clients and not self.core.accepts_clients():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"combiner {self.core.name} is full; ask the gateway again")
-        link = self.core.connect(client_id, name, dict(request.attrs))
+        link = self.core.connect(client_id, name, dict(request.attrs), request.version)
         await context.send_initial_metadata(())  # the client's wait_for_connection returns now
         async for task in self.core.tasks(link):
             yield task_to_proto(task)

@@ -17,123 +17,32 @@ import uuid
 from typing import Any
 
 import grpc
-import numpy as np
 import ray
 
 from fedray.actors.auth import make_gate
 from fedray.actors.callbacks import Callbacks, SessionStatus, StatusCallback, TrackingCallback
 from fedray.actors.combiner import advertised_host, quiet
-from fedray.actors.combiner_core import UnknownSession
 from fedray.actors.grpc_server import caller_id, start_server
 from fedray.actors.memory import ReleaseAfterRounds, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
+from fedray.actors.ray_pool import RayCombinerPool
 from fedray.actors.session_runner import SessionRunner, Start
 from fedray.config import FederationConfig
 from fedray.errors import SessionError
-from fedray.messages import AsyncSpec, RoundResult, RoundSpec
 from fedray.policy import pick_combiner, resume_point
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.states import SessionState
 from fedray.storage import open_model_store
 from fedray.strategies import make_strategy
-from fedray.strategies.base import ClientInfo, Kept, Strategy
 from fedray.tls import ServerTls
+from fedray.tracking.schema import ROUNDS, SESSIONS
 from fedray.tracking.store import TrackingStore
 
 log = logging.getLogger(__name__)
 
-UNFINISHED = ["created", "waiting", "running"]
-
-
-def _is_unknown_session(exc: BaseException) -> bool:
-    return isinstance(exc, UnknownSession) or isinstance(getattr(exc, "cause", None),
-                                                         UnknownSession)
-
-
-class RayCombinerPool:
-    """The controller's view of its combiners, through Ray actor handles looked up by name.
-
-    The session's strategy is sent to each combiner once; a combiner that Ray restarted
-    has forgotten it, says so (``UnknownSession``), and is sent it again.
-    """
-
-    def __init__(self, names: list[str], namespace: str) -> None:
-        self.names = names
-        self.namespace = namespace
-        self.strategies: dict[str, Strategy] = {}
-
-    def handle(self, name: str):
-        return ray.get_actor(name, namespace=self.namespace)
-
-    async def _ask(self, name: str, method: str, *args: Any) -> Any:
-        return await getattr(self.handle(name), method).remote(*args)
-
-    async def online(self) -> dict[str, list[ClientInfo]]:
-        answers = await asyncio.gather(*(self._ask(n, "online_info") for n in self.names),
-                                       return_exceptions=True)
-        return {n: a for n, a in zip(self.names, answers, strict=True) if isinstance(a, list)}
-
-    async def loads(self) -> dict[str, tuple[int, str]]:
-        answers = await asyncio.gather(*(self._ask(n, "info") for n in self.names),
-                                       return_exceptions=True)
-        return {n: (a["load"], a["address"]) for n, a in zip(self.names, answers, strict=True)
-                if isinstance(a, dict)}
-
-    async def wait_for_change(self, online: dict[str, list[Any]], timeout_s: float) -> None:
-        """Return as soon as any combiner's number of online clients changes."""
-        waits = [asyncio.ensure_future(self._ask(n, "wait_clients_changed", len(online.get(n, [])),
-                                                 timeout_s)) for n in self.names]
-        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        if any(task.exception() is not None for task in done):
-            await asyncio.sleep(0.5)  # a combiner is restarting: ask again shortly, not in a spin
-
-    def put_model(self, data: bytes) -> Any:
-        # One copy in the object store per model; every combiner gets the same ref.
-        return ray.put(np.frombuffer(data, dtype=np.uint8))
-
-    async def resolve(self, handle: Any) -> np.ndarray:
-        return await handle  # zero-copy: a view of the object store's shared memory
-
-    async def start_session(self, session_id: str, strategy: Strategy) -> None:
-        self.strategies = {session_id: strategy}
-        await asyncio.gather(*(self._ask(n, "start_session", session_id, strategy)
-                               for n in self.names), return_exceptions=True)
-
-    async def _with_session(self, combiner: str, session_id: str, method: str, *args: Any) -> Any:
-        try:
-            return await self._ask(combiner, method, *args)
-        except Exception as exc:
-            if not _is_unknown_session(exc) or session_id not in self.strategies:
-                raise
-        await self._ask(combiner, "start_session", session_id, self.strategies[session_id])
-        return await self._ask(combiner, method, *args)
-
-    async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult:
-        return await self._with_session(combiner, spec.session_id, "run_round", spec, model_ref)
-
-    async def start_async(self, combiner: str, spec: AsyncSpec, model_ref: Any, version: int,
-                          model_id: str) -> None:
-        await self._with_session(combiner, spec.session_id, "start_async", spec, model_ref,
-                                 version, model_id)
-
-    async def add_clients(self, combiner: str, clients: list[str]) -> None:
-        await self._ask(combiner, "add_clients", clients)
-
-    async def set_version(self, combiner: str, version: int, model_ref: Any,
-                          model_id: str) -> None:
-        await self._ask(combiner, "set_version", version, model_ref, model_id)
-
-    async def take_updates(self, combiner: str, session_id: str, timeout_s: float) -> list[Kept]:
-        return await self._ask(combiner, "take_updates", session_id, timeout_s)
-
-    async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]:
-        return await self._ask(combiner, "stop_async", session_id)
-
-    async def buffer_full(self, combiner: str, session_id: str, round_: int, attempt: int) -> None:
-        await self._ask(combiner, "buffer_full", session_id, round_, attempt)
+UNFINISHED = [state.value for state in SessionState if not state.terminal]
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
@@ -222,13 +131,13 @@ class Controller:
             return None
         store = self._tracking()
         try:
-            docs = store.find("sessions", {"federation": self.config.federation,
-                                           "status": {"$in": UNFINISHED}},
-                              sort=[("created_at", -1)], limit=1)
+            docs = store.find("sessions", {SESSIONS.federation: self.config.federation,
+                                           SESSIONS.status: {"$in": UNFINISHED}},
+                              sort=[(SESSIONS.created_at, -1)], limit=1)
             if not docs:
                 return None
-            point = resume_point(docs[0], store.find("rounds",
-                                                     {"session_id": docs[0]["session_id"]}))
+            session_id = docs[0][SESSIONS.session_id]
+            point = resume_point(docs[0], store.find("rounds", {ROUNDS.session_id: session_id}))
             return docs[0], Start(point.model_id, point.rounds_done, point.aggregator_state_id,
                                   resume=True)
         finally:
@@ -240,20 +149,22 @@ class Controller:
             raise SessionError("session.continue_from needs tracking to find that session")
         store = self._tracking()
         try:
-            found = store.find("sessions", {"session_id": {"$regex": "^" + re.escape(session_id)}},
+            found = store.find("sessions",
+                               {SESSIONS.session_id: {"$regex": "^" + re.escape(session_id)}},
                                limit=3)
             if len(found) != 1:
                 what = "no session" if not found else "more than one session"
                 raise SessionError(f"session.continue_from {session_id!r}: {what} matches")
             doc = found[0]
-            point = resume_point(doc, store.find("rounds", {"session_id": doc["session_id"]}))
+            point = resume_point(doc, store.find("rounds",
+                                                 {ROUNDS.session_id: doc[SESSIONS.session_id]}))
         finally:
             store.close()
         if not point.rounds_done:
             raise SessionError(f"session.continue_from {session_id!r}: that session committed "
                                "no round yet")
         return Start(point.model_id, 0, point.aggregator_state_id,
-                     continued_from=doc["session_id"])
+                     continued_from=doc[SESSIONS.session_id])
 
     async def _resume_after_restart(self) -> None:
         await self._ready
@@ -262,8 +173,8 @@ class Controller:
         found = await asyncio.to_thread(self._unfinished_session)
         if found is not None:
             doc, start = found
-            self._launch(doc["session_id"], start, doc.get("package_sha256") or "",
-                         int(doc.get("package_size") or 0))
+            self._launch(doc[SESSIONS.session_id], start, doc.get(SESSIONS.package_sha256) or "",
+                         int(doc.get(SESSIONS.package_size) or 0))
 
     def _launch(self, session_id: str, start: Start, package_sha256: str,
                 package_size: int = 0) -> None:
@@ -297,8 +208,8 @@ class Controller:
         found = await asyncio.to_thread(self._unfinished_session) if resume else None
         if found is not None:
             doc, start = found
-            self._launch(doc["session_id"], start, package_sha256, package_size)
-            return {"session_id": doc["session_id"], "resumed_after": start.rounds_done}
+            self._launch(doc[SESSIONS.session_id], start, package_sha256, package_size)
+            return {"session_id": doc[SESSIONS.session_id], "resumed_after": start.rounds_done}
         session_id = uuid.uuid4().hex[:16]
         continued = self.config.session.continue_from
         start = await asyncio.to_thread(self._continued, continued) if continued \

@@ -43,8 +43,10 @@ class TrackingObserver:
                    data=data or None)
 
     def client_status(self, client_id: str, name: str, status: str, online: int,
-                      attrs: dict[str, str] | None = None) -> None:
-        fields = {"attrs": dict(attrs)} if attrs is not None else {}
+                      attrs: dict[str, str] | None = None, version: str | None = None) -> None:
+        fields: dict[str, Any] = {"attrs": dict(attrs)} if attrs is not None else {}
+        if version is not None:
+            fields["version"] = version
         self.write("upsert_client", client_id, name=name, combiner=self.combiner, status=status,
                    **fields)
         self.write("upsert_combiner", self.combiner, clients=online)

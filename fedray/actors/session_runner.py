@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-
+from fedray.actors.aggregate import AggregateRefused, next_model, resolve_kept, storable_report
 from fedray.actors.callbacks import (
     Callbacks,
     ClientsOnline,
@@ -35,22 +33,19 @@ from fedray.actors.callbacks import (
     SessionMoved,
     combiner_doc,
 )
+from fedray.actors.pool import CombinerPool
 from fedray.config import SessionConfig
 from fedray.errors import ConfigError, FedrayError, SessionError
-from fedray.messages import AsyncSpec, MetricSums, RoundResult, RoundSpec, TaskKind
+from fedray.messages import MetricSums, RoundResult, RoundSpec, TaskKind
 from fedray.policy import round_verdict
 from fedray.serialization import copy_model, decode, encode, read_layout
 from fedray.states import SessionState, next_session_state
 from fedray.storage.base import ModelStore
 from fedray.strategies.base import (
-    Buffer,
     ClientInfo,
-    Kept,
-    KeptUpdates,
     RoundContext,
     RoundPlan,
     Strategy,
-    is_finite_model,
 )
 
 log = logging.getLogger(__name__)
@@ -61,27 +56,6 @@ RETRY_BACKOFF_S = (1.0, 30.0)  # a failed attempt waits this long, doubling up t
 
 class RoundFailedError(SessionError):
     """One attempt at a round did not commit; the round may run again."""
-
-
-class CombinerPool(Protocol):
-    """How the runner reaches its combiners (Ray actors, or in-process cores in tests)."""
-
-    names: list[str]
-
-    async def online(self) -> dict[str, list[ClientInfo]]: ...
-    async def wait_for_change(self, online: Mapping[str, list[Any]], timeout_s: float) -> None: ...
-    def put_model(self, data: bytes) -> Any: ...
-    async def resolve(self, handle: Any) -> Buffer: ...
-    async def start_session(self, session_id: str, strategy: Strategy) -> None: ...
-    async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult: ...
-    async def start_async(self, combiner: str, spec: AsyncSpec, model_ref: Any, version: int,
-                          model_id: str) -> None: ...
-    async def add_clients(self, combiner: str, clients: list[str]) -> None: ...
-    async def set_version(self, combiner: str, version: int, model_ref: Any,
-                          model_id: str) -> None: ...
-    async def take_updates(self, combiner: str, session_id: str, timeout_s: float) -> list[Kept]: ...
-    async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]: ...
-    async def buffer_full(self, combiner: str, session_id: str, round_: int, attempt: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -360,36 +334,14 @@ class SessionRunner:
         return entry[0]
 
     async def resolve_kept(self, partials: list[Any]) -> None:
-        """Kept updates are handles (object-store refs): give the strategy their tensors."""
-        for partial in partials:
-            if isinstance(partial, KeptUpdates):
-                for kept in partial.items:
-                    kept.model = decode(await self.pool.resolve(kept.handle))
+        await resolve_kept(self.pool, partials)
 
     def reduce_and_finish(self, model: bytes, partials: list[Any]) -> bytes:
         """Runs in a worker thread. A model that is not finite is never committed."""
         try:
-            reduced = self.strategy.reduce(partials)
-            new = self.strategy.finish(decode(model), reduced)
-        except FedrayError as exc:
-            raise RoundFailedError(f"the strategy refused the round: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - user strategy code, or no updates at all
-            log.exception("strategy %s failed to aggregate", self.settings.aggregator)
-            raise RoundFailedError(f"strategy {self.settings.aggregator!r} failed to aggregate: "
-                                   f"{type(exc).__name__}: {exc}") from None
-        del reduced  # the sums (float64: twice the model) go before the encoded copy comes
-        reference = read_layout(model).spec()
-        try:
-            data = encode(new)
-            if read_layout(data).spec() != reference:
-                raise ValueError("names, dtypes or shapes differ from the global model's")
-        except (FedrayError, ValueError) as exc:
-            raise RoundFailedError(f"strategy {self.settings.aggregator!r} returned a bad "
-                                   f"model: {exc}") from None
-        if not is_finite_model(decode(data)):
-            raise RoundFailedError("the aggregate holds NaN or infinity; it was not committed "
-                                   "and the previous model stays")
-        return data
+            return next_model(self.strategy, model, partials)
+        except AggregateRefused as exc:
+            raise RoundFailedError(str(exc)) from None
 
     async def restore_state(self) -> None:
         """After a refused aggregate: the strategy's state as of the last commit."""
@@ -419,23 +371,14 @@ class SessionRunner:
         return new_id
 
     def report(self) -> dict[str, float | int | None]:
-        """The strategy's ``round_report`` as tracking can store it: numbers by name, as
-        Python numbers; a value that is not finite (ε without noise) becomes None (null),
-        since a NaN or an infinity would get the whole round document refused."""
+        """The strategy's ``round_report`` as tracking can store it (``storable_report``)."""
         try:
-            raw = dict(self.strategy.round_report())
+            return storable_report(self.strategy.round_report())
         except Exception as exc:  # noqa: BLE001 - user strategy code; the commit stands
             log.exception("strategy %s failed in round_report", self.settings.aggregator)
             self.note("warning", f"strategy {self.settings.aggregator!r} failed in round_report:"
                       f" {type(exc).__name__}: {exc}")
             return {}
-        out: dict[str, float | int | None] = {}
-        for key, value in raw.items():
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-                continue
-            number = int(value) if isinstance(value, int | np.integer) else float(value)
-            out[str(key)] = number if math.isfinite(number) else None
-        return out
 
     def _record_model(self, mid: str, parent_id: str | None, number: int, data: bytes) -> None:
         spec = read_layout(data).spec()

@@ -60,13 +60,17 @@ def edge() -> None:
               show_default=True, help="Refuse models larger than this.")
 @click.option("--max-package-mb", type=click.IntRange(min=1), default=DEFAULT_MAX_PACKAGE_MB,
               show_default=True, help="Refuse compute packages larger than this.")
+@click.option("--no-env", "no_env", is_flag=True,
+              help="Run a compute package's entrypoints in this environment even when its "
+                   "fedray.yaml declares a python_env (by default that venv is built once "
+                   "and reused).")
 @click.option("--share-tracebacks", is_flag=True,
               help="Send failed tasks' tracebacks to the federation (they name local files); "
                    "by default it gets the error's class and first line.")
 def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
           pin: str | None, insecure: bool, data: str, attrs: tuple[str, ...], ca: str | None,
           system_roots: bool, cert: str | None, key: str | None, tls_server_name: str,
-          max_model_mb: int, max_package_mb: int, share_tracebacks: bool) -> None:
+          max_model_mb: int, max_package_mb: int, no_env: bool, share_tracebacks: bool) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
@@ -80,9 +84,10 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     if app is not None:
         worker = load_app(app)
     elif remote:
-        worker = RemotePackageWorker(data, pinned_sha256=pin, secrets=secrets)
+        worker = RemotePackageWorker(data, pinned_sha256=pin, secrets=secrets,
+                                     use_env=not no_env)
     else:
-        worker = load_package_worker(Path(package), data, secrets)
+        worker = load_package_worker(Path(package), data, secrets, use_env=not no_env)
     settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
                             attrs=parse_attrs(attrs), max_model_bytes=max_model_mb * MiB,
                             max_package_bytes=max_package_mb * MiB,
@@ -158,9 +163,10 @@ def load_app(target: str) -> Worker:
     return CallbackWorker(train, getattr(obj, "validate", None))
 
 
-def load_package_worker(path: Path, data: str, secrets: tuple[str, ...] = ()) -> Worker:
+def load_package_worker(path: Path, data: str, secrets: tuple[str, ...] = (),
+                        use_env: bool = True) -> Worker:
     from fedray.packages import load_package
 
     if not path.exists():
         raise ConfigError(f"--package {path}: no such folder or file")
-    return PackageWorker(load_package(path), data, secrets)
+    return PackageWorker(load_package(path), data, secrets, use_env=use_env)

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import random
-import re
 import time
 import traceback
 from collections import OrderedDict
@@ -31,7 +30,7 @@ from fedray.edge.downloads import (
 )
 from fedray.edge.workers import RemotePackageWorker, Worker
 from fedray.errors import AuthError, ConfigError, FedrayError, PackageError, TransportError
-from fedray.messages import Task, TaskKind
+from fedray.messages import Task, TaskKind, attrs_problem
 from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
 from fedray.proto import fedray_v1_pb2 as pb
@@ -52,23 +51,13 @@ MAX_HEARTBEAT_MISSES = 3
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
 MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
 MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
-MAX_ATTRS = 32
-MAX_ATTR_VALUE_CHARS = 256
-_ATTR_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def check_attrs(attrs: dict[str, str]) -> dict[str, str]:
-    """What a client says about itself (``site=eu``): few, short, printable; strategies and
-    operators read them, so a bad one is refused here, naming it."""
-    if len(attrs) > MAX_ATTRS:
-        raise ConfigError(f"--attr: at most {MAX_ATTRS} attributes, got {len(attrs)}")
-    for key, value in attrs.items():
-        if not isinstance(key, str) or not _ATTR_KEY_RE.fullmatch(key):
-            raise ConfigError(f"--attr {key!r}: a key is 1-64 letters, digits, '.', '_' or '-'")
-        if not isinstance(value, str) or len(value) > MAX_ATTR_VALUE_CHARS \
-                or not value.isprintable():
-            raise ConfigError(f"--attr {key}: a value is at most {MAX_ATTR_VALUE_CHARS} "
-                              "printable characters")
+    """What a client says about itself (``site=eu``); a bad one is refused here, by name."""
+    problem = attrs_problem(attrs)
+    if problem:
+        raise ConfigError(f"--attr {problem}")
     return dict(attrs)
 
 
@@ -128,6 +117,7 @@ class EdgeRunner:
         self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
         self.stop = asyncio.Event()
         self._told_identity = ""
+        self._events: set[asyncio.Future] = set()  # progress events on their way
 
     def _line(self, text: str) -> None:
         self.say(f"[{self.settings.name}] {text}")
@@ -298,6 +288,9 @@ class EdgeRunner:
             if isinstance(self.worker, RemotePackageWorker) and task.package_sha256 \
                     and task.package_sha256 != self.worker.sha256:
                 await self._install_package(stub, task)
+            prepare = getattr(self.worker, "prepare", None)
+            if prepare is not None:  # a package's python env: built once, then a no-op
+                await asyncio.to_thread(prepare, self._progress(stub))
             model = await self._fetch(stub, task.model_id, task.model_size)
             if task.kind is TaskKind.TRAIN:
                 data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
@@ -321,6 +314,30 @@ class EdgeRunner:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
         self._line(f"{what} on model {task.model_id[:10]}: {examples} examples, "
                    f"{time.perf_counter() - started:.2f}s{', ' + shown if shown else ''} -> {outcome}")
+
+    def _progress(self, stub: pb_grpc.CombinerStub) -> Callable[[str], None]:
+        """A line in this client's output and an info event at the combiner; callable from
+        a worker thread (building a package's python env reports through it)."""
+        loop = asyncio.get_running_loop()
+
+        def say(message: str) -> None:
+            self._line(message)
+            loop.call_soon_threadsafe(self._send_event, stub, message)
+
+        return say
+
+    def _send_event(self, stub: pb_grpc.CombinerStub, message: str) -> None:
+        task = asyncio.ensure_future(self._push_event(stub, message))
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    async def _push_event(self, stub: pb_grpc.CombinerStub, message: str) -> None:
+        try:
+            await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="info",
+                                                message=message[:MAX_FAILURE_CHARS]),
+                                 metadata=self.metadata, timeout=10)
+        except grpc.aio.AioRpcError as exc:  # progress only: the task goes on without it
+            log.info("progress event not sent: %s", exc.code().name)
 
     async def _report_failure(self, stub: pb_grpc.CombinerStub, task: Task, what: str,
                               exc: Exception) -> None:

@@ -8,14 +8,16 @@ instead of as a rejected update at the combiner.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedray.errors import ConfigError, FedrayError, PackageError
+from fedray.errors import ConfigError, FedrayError, PackageError, PythonEnvError
 from fedray.packages.archive import is_sha256
+from fedray.packages.env import RETRY_AFTER_S
 from fedray.serialization import Buffer, copy_model, decode, encode
 
 TrainFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[Mapping[str, np.ndarray], int, dict]]
@@ -60,13 +62,44 @@ class PackageWorker:
     """Runs a compute package's entrypoints on files, with the client's data path.
 
     ``secrets`` (the client's token) are kept out of the package's environment, under
-    whatever variable name they sit.
+    whatever variable name they sit. A package with a ``python_env`` runs in its own venv,
+    which ``prepare`` builds or finds (once per worker) before the first task; with
+    ``use_env=False`` (``--no-env``) it runs in this environment instead.
     """
 
-    def __init__(self, package, data: str = "", secrets: tuple[str, ...] = ()) -> None:
+    def __init__(self, package, data: str = "", secrets: tuple[str, ...] = (),
+                 use_env: bool = True, cache_dir: Path | None = None) -> None:
         self.package = package
         self.data = data
         self.secrets = secrets
+        self.use_env = use_env
+        self.cache_dir = cache_dir
+        self._prepared = False
+        self._failed: tuple[float, PythonEnvError] | None = None
+
+    def prepare(self, say: Callable[[str], None]) -> None:
+        """Make the package's python env ready (blocking: call it from a worker thread).
+
+        A failed build is raised again, without running pip, for ``RETRY_AFTER_S``."""
+        if self._prepared:
+            return
+        if self.package.manifest.python_env is None:
+            self._prepared = True
+            return
+        if not self.use_env:
+            say(f"package {self.package.manifest.name!r} declares a python_env; running it "
+                "in this environment (--no-env)")
+            self._prepared = True
+            return
+        if self._failed is not None and time.monotonic() - self._failed[0] < RETRY_AFTER_S:
+            raise self._failed[1]
+        try:
+            self.package = self.package.with_env(self.cache_dir, self.secrets, say)
+        except PythonEnvError as exc:
+            self._failed = (time.monotonic(), exc)
+            raise
+        self._failed = None
+        self._prepared = True
 
     def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
         return self.package.train(model, config, self.data, secrets=self.secrets)
@@ -86,7 +119,8 @@ class RemotePackageWorker:
     """
 
     def __init__(self, data: str = "", cache_dir: Path | None = None,
-                 pinned_sha256: str | None = None, secrets: tuple[str, ...] = ()) -> None:
+                 pinned_sha256: str | None = None, secrets: tuple[str, ...] = (),
+                 use_env: bool = True) -> None:
         if pinned_sha256 is not None and not is_sha256(pinned_sha256):
             raise ConfigError(f"pinned_sha256 {pinned_sha256!r} is not a sha256 "
                               "(64 lowercase hex characters)")
@@ -94,6 +128,7 @@ class RemotePackageWorker:
         self.cache_dir = cache_dir
         self.pinned_sha256 = pinned_sha256
         self.secrets = secrets
+        self.use_env = use_env
         self.sha256 = ""
         self._current: PackageWorker | None = None
 
@@ -109,9 +144,14 @@ class RemotePackageWorker:
 
         self.allow(sha256)
         package = load_package(archive, cache_dir=self.cache_dir, expected_sha256=sha256)
-        self._current = PackageWorker(package, self.data, self.secrets)
+        self._current = PackageWorker(package, self.data, self.secrets, self.use_env,
+                                      self.cache_dir)
         self.sha256 = sha256
         return package.manifest.name
+
+    def prepare(self, say: Callable[[str], None]) -> None:
+        if self._current is not None:
+            self._current.prepare(say)
 
     def _worker(self) -> PackageWorker:
         if self._current is None:

@@ -13,14 +13,25 @@ the updated model (safetensors) to ``{out_model}``; both write ``{out_meta}``, a
 ``{"num_examples": int, "metrics": {name: number}}``; ``{config}`` is a JSON file with the
 round's settings; ``{data}`` is the client's data path (possibly empty, also exported as
 ``FEDRAY_DATA``).
+
+A package may also declare the Python environment its entrypoints run in, as requirement
+specifiers or as a requirements file inside the package (``fedray.packages.env`` builds it
+once per package and requirement list)::
+
+    python_env:
+      requirements: ["scikit-learn>=1.4", "safetensors"]    # or
+      requirements_file: requirements.txt
+
+Only requirement specifiers are allowed there, no pip options: which indexes pip uses is
+the edge site's choice (its pip configuration), not the package's.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -34,10 +45,24 @@ DEFAULT_TIMEOUT_S = 3600.0
 STDERR_TAIL_LINES = 20
 PLACEHOLDERS = frozenset({"in_model", "out_model", "out_meta", "data", "config"})
 REQUIRED = {"train": ("out_model", "out_meta"), "validate": ("out_meta",)}
-_FIELDS = ("name", "version", "timeout_s", "entrypoints")
+_FIELDS = ("name", "version", "timeout_s", "entrypoints", "python_env")
+_ENV_FIELDS = ("requirements", "requirements_file")
+MAX_REQUIREMENTS = 200
+MAX_REQUIREMENT_CHARS = 1000
+MAX_REQUIREMENTS_FILE_BYTES = 64 * 1024
+_COMMENT_RE = re.compile(r"(^|\s)#.*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SKIP = frozenset({"__pycache__", ".git", ".hg", ".svn", ".DS_Store"})
+
+
+@dataclass(frozen=True, slots=True)
+class PythonEnv:
+    """``python_env``: the requirements of the venv the entrypoints run in. With a
+    ``requirements_file``, ``requirements`` are its lines once ``read_manifest`` read it."""
+
+    requirements: tuple[str, ...] = ()
+    requirements_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +73,7 @@ class Manifest:
     entrypoints: tuple[tuple[str, tuple[str, ...]], ...]
     version: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
+    python_env: PythonEnv | None = None
 
     def command(self, entrypoint: str) -> tuple[str, ...]:
         for name, argv in self.entrypoints:
@@ -102,13 +128,79 @@ def parse_manifest(text: str | bytes, source: str = MANIFEST) -> Manifest:
             if needed not in used:
                 raise bad(field, f"must use the {{{needed}}} placeholder")
         parsed.append((ep, argv))
-    return Manifest(name, tuple(sorted(parsed)), str(version), float(timeout))
+    env = _python_env(raw["python_env"], bad) if "python_env" in raw else None
+    return Manifest(name, tuple(sorted(parsed)), str(version), float(timeout), env)
+
+
+def _python_env(raw: object, bad) -> PythonEnv:
+    if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in _ENV_FIELDS:
+        raise bad("python_env", "must be a mapping with one of 'requirements' (a list of "
+                  "requirement specifiers) or 'requirements_file' (a file in the package)")
+    if "requirements" in raw:
+        reqs = raw["requirements"]
+        if not isinstance(reqs, list) or len(reqs) > MAX_REQUIREMENTS:
+            raise bad("python_env.requirements",
+                      f"must be a list of at most {MAX_REQUIREMENTS} requirement specifiers")
+        for i, req in enumerate(reqs):
+            why = requirement_problem(req)
+            if why:
+                raise bad(f"python_env.requirements[{i}]", why)
+        return PythonEnv(tuple(r.strip() for r in reqs))
+    name = raw["requirements_file"]
+    pure = PurePosixPath(name) if isinstance(name, str) else None
+    if pure is None or not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise bad("python_env.requirements_file", "must be a relative path inside the package")
+    return PythonEnv((), str(pure))
+
+
+def requirement_problem(req: object) -> str:
+    """Why ``req`` is not a requirement specifier fit for a package env ('' if it is)."""
+    if not isinstance(req, str) or not req.strip():
+        return "must be a non-empty string"
+    if len(req) > MAX_REQUIREMENT_CHARS or not req.isprintable():
+        return f"must be at most {MAX_REQUIREMENT_CHARS} printable characters on one line"
+    if req.strip().startswith("-"):
+        return (f"{req.strip()[:40]!r} is a pip option; only requirement specifiers are "
+                "allowed (the site's pip configuration chooses the indexes)")
+    return ""
 
 
 def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST
     if not path.is_file():
         raise PackageError(f"{root}: no {MANIFEST} at the package root")
-    return parse_manifest(path.read_bytes(), str(path))
+    manifest = parse_manifest(path.read_bytes(), str(path))
+    env = manifest.python_env
+    if env is not None and env.requirements_file:
+        env = replace(env, requirements=read_requirements(root, env.requirements_file))
+        manifest = replace(manifest, python_env=env)
+    return manifest
+
+
+def read_requirements(root: Path, name: str) -> tuple[str, ...]:
+    """The requirement lines of the package's ``name`` (comments and blank lines left out)."""
+    root = root.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise PackageError(f"{root / MANIFEST}: field 'python_env.requirements_file': "
+                           f"{name} is not a file in the package")
+    if path.stat().st_size > MAX_REQUIREMENTS_FILE_BYTES:
+        raise PackageError(f"{root / name}: larger than {MAX_REQUIREMENTS_FILE_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PackageError(f"{root / name}: not UTF-8 text") from None
+    reqs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = _COMMENT_RE.sub("", line).strip()
+        if not line:
+            continue
+        why = requirement_problem(line)
+        if why:
+            raise PackageError(f"{root / name}: line {number}: {why}")
+        reqs.append(line)
+    if len(reqs) > MAX_REQUIREMENTS:
+        raise PackageError(f"{root / name}: more than {MAX_REQUIREMENTS} requirements")
+    return tuple(reqs)
 
 

@@ -1,11 +1,12 @@
 """Running a compute package's entrypoints on model files, and loading packages.
 
 Commands are split with shlex and placeholders substituted per argument, never through a
-shell; a leading ``python`` is this interpreter. They run in the package directory with a
-timeout, in this process's environment minus the client's token (the package is the
-federation's code, not the site's); a failure raises ``PackageError`` with the exit code
-and the tail of stderr. This module runs on edge machines: it must never import ray,
-pymongo or minio.
+shell; a leading ``python`` is this interpreter, or the package's own venv when its
+manifest declares a ``python_env`` (``Package.with_env``, see ``fedray.packages.env``).
+They run in the package directory with a timeout, in this process's environment minus the
+client's token (the package is the federation's code, not the site's); a failure raises
+``PackageError`` with the exit code and the tail of stderr. This module runs on edge
+machines: it must never import ray, pymongo or minio.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedray.errors import PackageError, SerializationError
 from fedray.packages.archive import sha256_file, unpack_package
+from fedray.packages.env import PackageEnv, Say, ensure_env
 from fedray.packages.manifest import (
     _PLACEHOLDER_RE,
     MANIFEST,
@@ -84,6 +86,25 @@ class Package:
     root: Path
     manifest: Manifest
     sha256: str | None = None
+    env: PackageEnv | None = None  # the venv its entrypoints run in (with_env)
+
+    @property
+    def identity(self) -> str:
+        """What its python env is built for: the archive's sha256, or the local folder."""
+        return self.sha256 or f"dir:{self.root}"
+
+    def with_env(self, cache_dir: Path | str | None = None, secrets: Collection[str] = (),
+                 say: Say = lambda line: None) -> Package:
+        """This package running in its ``python_env``'s venv, built first if needed (a
+        package without one is returned as it is)."""
+        spec = self.manifest.python_env
+        if spec is None or self.env is not None:
+            return self
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        env = ensure_env(self.identity, spec.requirements, cache,
+                         label=f"package {self.manifest.name!r}", cwd=self.root,
+                         environ=child_env("", secrets), say=say)
+        return replace(self, env=env)
 
     def train(
         self, model_bytes: Buffer, config: Mapping, data: str, timeout_s: float | None = None,
@@ -120,7 +141,7 @@ class Package:
             for arg in self.manifest.command(entrypoint)
         ]
         if argv[0] in ("python", "python3"):
-            argv[0] = sys.executable
+            argv[0] = str(self.env.python) if self.env is not None else sys.executable
         return argv
 
     def _call(
@@ -156,6 +177,8 @@ class Package:
         argv = self.argv(entrypoint, values)
         timeout = timeout_s if timeout_s is not None else self.manifest.timeout_s
         env = child_env(values.get("data", ""), secrets)
+        if self.env is not None:
+            env = self.env.environ(env)
         where = f"package {self.manifest.name!r} {entrypoint}"
         with open(work / "stdout.log", "wb") as out, open(work / "stderr.log", "wb") as err:
             try:

@@ -18,6 +18,15 @@ from fedray.errors import StorageError
 ModelBytes = bytes | bytearray | memoryview
 
 _MODEL_ID = re.compile(r"[0-9a-f]{64}")
+LATEST = "latest"
+MIN_PREFIX = 6
+_MODEL_REF = re.compile(f"[0-9a-f]{{{MIN_PREFIX},64}}")
+
+
+def is_model_ref(ref: str) -> bool:
+    """How a person names a committed model: ``latest``, an id, or a prefix of one (6 or
+    more lowercase hex characters); tracking resolves all but a full id."""
+    return ref == LATEST or _MODEL_REF.fullmatch(ref) is not None
 
 
 def check_model_id(model_id: object) -> str:

@@ -9,6 +9,7 @@ was submitted (``written_at``).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -73,7 +74,9 @@ def clean(value: Any) -> Any:
     """``value`` made BSON-ready: numpy scalars and arrays become Python numbers and lists,
     tuples and sets become lists, and mapping keys become strings. An integer outside
     BSON's 64 bits (a client's ``num_examples`` of 2**64 - 1) is stored as its decimal
-    text: exact, visibly not a count, and never the reason a write fails."""
+    text: exact, visibly not a count, and never the reason a write fails. A NaN or an
+    infinity (a client's validation loss of a diverged model) is stored as null:
+    nx-27017 refuses the whole document otherwise."""
     if isinstance(value, Mapping):
         return {str(k): clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
@@ -81,6 +84,8 @@ def clean(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) \
             and not INT64_MIN <= value <= INT64_MAX:
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, str | bytes | bool | int | float | datetime) or value is None:
         return value
     tolist = getattr(value, "tolist", None)  # numpy arrays and scalars

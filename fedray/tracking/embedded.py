@@ -72,7 +72,8 @@ def find_executable() -> str:
         return found
     raise TrackingError(
         f"the embedded tracking server {EXECUTABLE!r} was not found next to {sys.executable} "
-        "or on PATH: install it (pip install nx-27017) or set tracking.uri to a mongodb:// URI"
+        "or on PATH: install it (pip install 'fedray[server]') or set tracking.uri to a "
+        "mongodb:// URI"
     )
 
 

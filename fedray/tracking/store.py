@@ -3,29 +3,14 @@
 The controller, combiners and CLI record what happens here; users query the same
 collections with any Mongo client. Only the pymongo subset that both a real MongoDB and
 nx-27017 serve is used (find/sort/limit/projection, insert_one/insert_many, update_one
-with ``$set``/``$setOnInsert``/``$inc`` and upsert, create_index), and every pymongo error
+with ``$set``/``$setOnInsert``/``$unset``/``$inc`` and upsert, create_index, aggregate
+with ``$match``/``$count``), and every pymongo error
 is translated into ``TrackingError`` here, once. ``is_transient`` tells a connection
 problem (worth retrying) from a refused write.
 
-All timestamps are timezone-aware UTC datetimes. Collections and their fields:
-
-    sessions     session_id (unique), federation, status (created|running|finished|failed),
-                 config, rounds_planned, rounds_done, model_id (current global model),
-                 created_at, updated_at, and what the controller adds (finished_at, error, ...)
-    rounds       session_id + round (unique), status (running|committed|failed|...),
-                 started_at, updated_at, finished_at, duration_s, clients_asked,
-                 updates_received, updates_rejected, bytes_in, reduce_s, commit_s,
-                 combiners {<name>: {clients_asked, updates_received, updates_rejected,
-                 bytes_in, aggregation_s}}, metrics, model_id, parent_model_id
-    models       model_id (unique), parent_id, session_id, round, size, storage_uri,
-                 tensors [{name, dtype, shape}] in file order, created_at
-    clients      client_id (unique), name, combiner, status (online|offline|training|
-                 validating), version, address, first_seen, last_seen
-    combiners    name (unique), address, status, clients (connected), restarts, updated_at
-    validations  session_id, round, model_id, client_id, num_examples, metrics, ts
-    events       ts, level (debug|info|warning|error), source, session_id, round, message,
-                 data (optional dict); kept ``tracking.events_ttl_days`` (a TTL index on ts)
-    packages     sha256 (unique), name, size, storage_uri, created_at
+Every write is checked against ``schema`` first (an insert whole, an update field by
+field), so a document never drifts from its class there; docs/tracking.md describes each
+collection and field, with example queries. All timestamps are timezone-aware UTC.
 
 ``update_*`` and ``upsert_*`` take fields as keyword arguments and ``$set`` them, so a
 dotted key reaches into a sub-document: ``update_round(s, 3, **{"combiners.c0":
@@ -54,6 +39,7 @@ from pymongo.errors import (
 )
 
 from fedray.errors import TrackingError
+from fedray.tracking import schema
 from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
 
 DEFAULT_DATABASE = "fedray"
@@ -96,6 +82,7 @@ SCALAR_FIELDS = frozenset(
 )  # fmt: skip
 
 _NO_SUCH_FIELD = "_fedray_never_set"  # see _setting
+ATTEMPT_OUTCOME = ("reason", "failures", "combiners")  # what a failed attempt writes
 
 # The methods a TrackingWriter may queue: writes only, never reads.
 WRITE_METHODS = frozenset(
@@ -233,17 +220,18 @@ class TrackingStore:
     ) -> bool:
         """Record a new session (status "created"); True if new, False if it existed."""
         now = utcnow()
-        doc = {
-            "federation": federation,
-            "status": "created",
-            "config": clean(dict(config)),
-            "rounds_planned": int(rounds_planned),
-            "rounds_done": 0,
-            "model_id": model_id,
-            "created_at": now,
-            "updated_at": now,
-        }
-        return self._insert_once("sessions", {"session_id": session_id}, doc)
+        doc = schema.Session(
+            session_id=session_id,
+            federation=federation,
+            status="created",
+            config=clean(dict(config)),
+            rounds_planned=int(rounds_planned),
+            rounds_done=0,
+            model_id=model_id,
+            created_at=now,
+            updated_at=now,
+        )
+        return self._insert_once("sessions", "session_id", doc)
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         self._update("sessions", {"session_id": session_id}, fields, f"session {session_id!r}")
@@ -259,14 +247,21 @@ class TrackingStore:
     # rounds
 
     def start_round(self, session_id: str, round: int, **fields: Any) -> None:
-        """Create or restart a round: status "running", ``started_at`` now, plus fields."""
+        """Create or restart a round: status "running", ``started_at`` now, plus fields.
+
+        A restart drops what the failed attempt before it recorded (``ATTEMPT_OUTCOME``),
+        so a round that then commits carries no reason or failures of an earlier attempt
+        (the events keep those).
+        """
         now = utcnow()
         update = {"status": "running", "started_at": now, "updated_at": now, **clean(fields)}
-        _check_fields(update)
+        schema.check_fields("rounds", update)
+        write = _setting(update)
+        write["$unset"] = {name: "" for name in ATTEMPT_OUTCOME if name not in update}
         with self._translate(f"start round {round} of session {session_id!r}"):
             self._retry_dup(
                 lambda: self.db.rounds.update_one(
-                    {"session_id": session_id, "round": int(round)}, _setting(update), upsert=True
+                    {"session_id": session_id, "round": int(round)}, write, upsert=True
                 )
             )
 
@@ -290,24 +285,25 @@ class TrackingStore:
         tensors: Mapping[str, Any],
     ) -> bool:
         """Add a model to the trail; True if new, False if the id was already there."""
-        doc = {
-            "parent_id": parent_id,
-            "session_id": session_id,
-            "round": None if round is None else int(round),
-            "size": int(size),
-            "storage_uri": storage_uri,
-            "tensors": tensor_list(tensors),
-            "created_at": utcnow(),
-        }
-        return self._insert_once("models", {"model_id": model_id}, doc)
+        doc = schema.Model(
+            model_id=model_id,
+            parent_id=parent_id,
+            session_id=session_id,
+            round=None if round is None else int(round),
+            size=int(size),
+            storage_uri=storage_uri,
+            tensors=tensor_list(tensors),  # type: ignore[typeddict-item]
+            created_at=utcnow(),
+        )
+        return self._insert_once("models", "model_id", doc)
 
     def get_model(self, model_id: str) -> dict[str, Any] | None:
         return self._find_one("models", {"model_id": model_id})
 
     def add_package(self, sha256: str, **fields: Any) -> bool:
         """Record a compute package by checksum; True if new."""
-        doc = {**clean(fields), "created_at": utcnow()}
-        return self._insert_once("packages", {"sha256": sha256}, doc)
+        doc = {"sha256": sha256, **clean(fields), "created_at": utcnow()}
+        return self._insert_once("packages", "sha256", doc)
 
     # clients, combiners
 
@@ -341,8 +337,10 @@ class TrackingStore:
             raise TypeError(f"a validation is a dict, got {type(doc).__name__}")
         doc.setdefault("_id", ObjectId())
         doc.setdefault("ts", utcnow())
+        stored = clean(doc)
+        schema.validate("validations", stored)
         with self._translate("add a validation"), contextlib.suppress(DuplicateKeyError):
-            self.db.validations.insert_one(clean(doc))
+            self.db.validations.insert_one(stored)
 
     def event(
         self,
@@ -362,6 +360,8 @@ class TrackingStore:
         """Insert event documents made by ``make_event``; ones already stored are skipped."""
         if not docs:
             return
+        for doc in docs:
+            schema.validate("events", doc)
         with self._translate(f"insert {len(docs)} event(s)"):
             try:
                 self.db.events.insert_many(list(docs), ordered=False)
@@ -412,10 +412,15 @@ class TrackingStore:
         with self._translate(f"read {collection}"):
             return self.db[collection].find_one(indexable(flt), {"_id": 0}, sort=sort)
 
-    def _insert_once(self, collection: str, key: dict[str, Any], doc: dict[str, Any]) -> bool:
+    def _insert_once(self, collection: str, key: str, doc: Mapping[str, Any]) -> bool:
+        """Insert ``doc`` unless a document with its ``key`` exists; True if inserted."""
+        schema.validate(collection, doc)
+        rest = {k: v for k, v in doc.items() if k != key}
         with self._translate(f"insert into {collection}"):
             result = self._retry_dup(
-                lambda: self.db[collection].update_one(key, {"$setOnInsert": doc}, upsert=True)
+                lambda: self.db[collection].update_one(
+                    {key: doc[key]}, {"$setOnInsert": rest}, upsert=True
+                )
             )
         return result.upserted_id is not None
 
@@ -423,7 +428,7 @@ class TrackingStore:
         self, collection: str, flt: dict[str, Any], fields: dict[str, Any], what: str
     ) -> None:
         update = {**clean(fields), "updated_at": utcnow()}
-        _check_fields(update)
+        schema.check_fields(collection, update)
         with self._translate(f"update {what}"):
             result = self.db[collection].update_one(flt, _setting(update))
         if result.matched_count == 0:
@@ -432,9 +437,9 @@ class TrackingStore:
     def _upsert(
         self, collection: str, key: dict[str, Any], fields: dict[str, Any], defaults: dict[str, Any]
     ) -> None:
-        _check_fields(fields)
-        update = _setting(fields)
         on_insert = {k: v for k, v in defaults.items() if k not in fields}
+        schema.check_fields(collection, {**fields, **on_insert})
+        update = _setting(fields)
         if on_insert:
             update["$setOnInsert"] = on_insert
         with self._translate(f"upsert into {collection}"):
@@ -460,12 +465,6 @@ def _setting(fields: dict[str, Any]) -> dict[str, Any]:
     this shows up there.
     """
     return {"$set": fields, "$pull": {_NO_SUCH_FIELD: None}}
-
-
-def _check_fields(fields: Mapping[str, Any]) -> None:
-    for key in fields:
-        if not key or key.startswith("$") or key.split(".")[0] == _NO_SUCH_FIELD:
-            raise ValueError(f"invalid tracking field name {key!r}")
 
 
 def indexable(filter: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -6,12 +6,10 @@ data directory, never in tracking), and a MAC binding that hash to the client's 
 Servers look a presented token up by its keyed hash and trust a row only when its MAC
 checks out, so tracking's integrity is not needed: a row written by someone without the
 secret (the embedded server has no authentication) verifies nothing, and a renamed row
-verifies as nobody. One document per token:
-
-    tokens   hash (unique, HMAC-SHA256 hex of the token), name, mac, created_at,
-             revoked (bool), revoked_at, live_name (= name, only while the token is live:
-             a unique index on it means one live token per name, however many
-             ``fedray token create`` run at once)
+verifies as nobody. One document per token (``schema.Token``, docs/tracking.md): the
+keyed hash, the name, the MAC, created/revoked times, and ``live_name`` (= name, only
+while the token is live: a unique index on it means one live token per name, however
+many ``fedray token create`` run at once).
 
 The gateway and combiners read the collection every few seconds (``fedray.actors.auth``),
 so new tokens and revocations take effect without a restart. The collection is kept out
@@ -30,7 +28,9 @@ from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fedray.errors import ConfigError, TrackingError
+from fedray.tracking import schema
 from fedray.tracking.documents import utcnow
+from fedray.tracking.schema import TOKENS
 from fedray.tracking.store import TrackingStore, _setting
 
 COLLECTION = "tokens"
@@ -65,13 +65,14 @@ def create_token(store: TrackingStore, name: str, secret: bytes) -> str:
     tokens = store.db[COLLECTION]
     token = PREFIX + secrets.token_urlsafe(32)
     digest = hash_token(token, secret)
+    doc = schema.Token(hash=digest, name=name, mac=row_mac(secret, digest, name),
+                       live_name=name, created_at=utcnow(), revoked=False, revoked_at=None)
+    schema.validate(COLLECTION, doc)
     try:
-        tokens.create_index([("hash", ASCENDING)], unique=True)
-        tokens.create_index([("name", ASCENDING)])
-        tokens.create_index([("live_name", ASCENDING)], unique=True, sparse=True)
-        tokens.insert_one({"hash": digest, "name": name, "mac": row_mac(secret, digest, name),
-                           "live_name": name, "created_at": utcnow(), "revoked": False,
-                           "revoked_at": None})
+        tokens.create_index([(TOKENS.hash, ASCENDING)], unique=True)
+        tokens.create_index([(TOKENS.name, ASCENDING)])
+        tokens.create_index([(TOKENS.live_name, ASCENDING)], unique=True, sparse=True)
+        tokens.insert_one(doc)
     except DuplicateKeyError:
         raise ConfigError(f"client {name!r} already has a token; revoke it first "
                           f"(fedray token revoke --name {name})") from None
@@ -84,11 +85,14 @@ def revoke_token(store: TrackingStore, name: str) -> int:
     """Revoke every live token of ``name``; how many were revoked (0: none was live)."""
     tokens = store.db[COLLECTION]
     try:
-        live = list(tokens.find({"name": {"$eq": name}, "revoked": {"$eq": False}}, {"hash": 1}))
+        live = list(tokens.find({TOKENS.name: {"$eq": name}, TOKENS.revoked: {"$eq": False}},
+                                {TOKENS.hash: 1}))
         for doc in live:
-            update = _setting({"revoked": True, "revoked_at": utcnow()})
-            update["$unset"] = {"live_name": ""}
-            tokens.update_one({"hash": doc["hash"]}, update)
+            revoked = {"revoked": True, "revoked_at": utcnow()}
+            schema.check_fields(COLLECTION, revoked)
+            update = _setting(revoked)
+            update["$unset"] = {TOKENS.live_name: ""}
+            tokens.update_one({TOKENS.hash: doc[TOKENS.hash]}, update)
     except PyMongoError as exc:
         raise _fail(store, f"revoke the token of {name!r}", exc) from exc
     return len(live)
@@ -97,21 +101,22 @@ def revoke_token(store: TrackingStore, name: str) -> int:
 def list_tokens(store: TrackingStore) -> list[dict[str, Any]]:
     """Every token's name, short id (hash prefix), state and times, oldest first."""
     try:
-        docs = list(store.db[COLLECTION].find({}, {"_id": 0}).sort([("created_at", 1)]))
+        docs = list(store.db[COLLECTION].find({}, {"_id": 0}).sort([(TOKENS.created_at, 1)]))
     except PyMongoError as exc:
         raise _fail(store, "list tokens", exc) from exc
-    return [{"name": d.get("name"), "id": str(d.get("hash", ""))[:12],
-             "created_at": d.get("created_at"), "revoked": bool(d.get("revoked")),
-             "revoked_at": d.get("revoked_at")} for d in docs]
+    return [{"name": d.get(TOKENS.name), "id": str(d.get(TOKENS.hash, ""))[:12],
+             "created_at": d.get(TOKENS.created_at), "revoked": bool(d.get(TOKENS.revoked)),
+             "revoked_at": d.get(TOKENS.revoked_at)} for d in docs]
 
 
 def read_token_hashes(store: TrackingStore) -> list[tuple[str, str, bool, str]]:
     """(hash, name, revoked, mac) of every token (at most ``MAX_ROWS``): what a server
     caches to check callers, once it has verified each row's MAC."""
     try:
-        docs = store.db[COLLECTION].find({}, {"_id": 0, "hash": 1, "name": 1, "revoked": 1,
-                                              "mac": 1}).limit(MAX_ROWS)
-        return [(str(d["hash"]), str(d["name"]), bool(d.get("revoked")), str(d.get("mac", "")))
-                for d in docs if d.get("hash") and d.get("name")]
+        wanted = (TOKENS.hash, TOKENS.name, TOKENS.revoked, TOKENS.mac)
+        docs = store.db[COLLECTION].find({}, {"_id": 0, **dict.fromkeys(wanted, 1)})
+        return [(str(d[TOKENS.hash]), str(d[TOKENS.name]), bool(d.get(TOKENS.revoked)),
+                 str(d.get(TOKENS.mac, ""))) for d in docs.limit(MAX_ROWS)
+                if d.get(TOKENS.hash) and d.get(TOKENS.name)]
     except PyMongoError as exc:
         raise _fail(store, "read tokens", exc) from exc

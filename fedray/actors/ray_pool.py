@@ -1,0 +1,109 @@
+"""``CombinerPool`` over Ray: combiner actors looked up by name in the federation's namespace.
+
+Models go into the object store once per version and every combiner gets the same ref;
+kept updates come back as refs the controller reads zero-copy. The session's strategy is
+sent to each combiner once; a combiner that Ray restarted has forgotten it, says so
+(``UnknownSession``), and is sent it again before the call is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import ray
+
+from fedray.errors import UnknownSession
+from fedray.messages import AsyncSpec, RoundResult, RoundSpec
+from fedray.strategies.base import ClientInfo, Kept, Strategy
+
+
+def _is_unknown_session(exc: BaseException) -> bool:
+    return isinstance(exc, UnknownSession) or isinstance(getattr(exc, "cause", None),
+                                                         UnknownSession)
+
+
+class RayCombinerPool:
+    """The controller's view of its combiners, through Ray actor handles looked up by name.
+
+    The session's strategy is sent to each combiner once; a combiner that Ray restarted
+    has forgotten it, says so (``UnknownSession``), and is sent it again.
+    """
+
+    def __init__(self, names: list[str], namespace: str) -> None:
+        self.names = names
+        self.namespace = namespace
+        self.strategies: dict[str, Strategy] = {}
+
+    def handle(self, name: str):
+        return ray.get_actor(name, namespace=self.namespace)
+
+    async def _ask(self, name: str, method: str, *args: Any) -> Any:
+        return await getattr(self.handle(name), method).remote(*args)
+
+    async def online(self) -> dict[str, list[ClientInfo]]:
+        answers = await asyncio.gather(*(self._ask(n, "online_info") for n in self.names),
+                                       return_exceptions=True)
+        return {n: a for n, a in zip(self.names, answers, strict=True) if isinstance(a, list)}
+
+    async def loads(self) -> dict[str, tuple[int, str]]:
+        answers = await asyncio.gather(*(self._ask(n, "info") for n in self.names),
+                                       return_exceptions=True)
+        return {n: (a["load"], a["address"]) for n, a in zip(self.names, answers, strict=True)
+                if isinstance(a, dict)}
+
+    async def wait_for_change(self, online: dict[str, list[Any]], timeout_s: float) -> None:
+        """Return as soon as any combiner's number of online clients changes."""
+        waits = [asyncio.ensure_future(self._ask(n, "wait_clients_changed", len(online.get(n, [])),
+                                                 timeout_s)) for n in self.names]
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if any(task.exception() is not None for task in done):
+            await asyncio.sleep(0.5)  # a combiner is restarting: ask again shortly, not in a spin
+
+    def put_model(self, data: bytes) -> Any:
+        # One copy in the object store per model; every combiner gets the same ref.
+        return ray.put(np.frombuffer(data, dtype=np.uint8))
+
+    async def resolve(self, handle: Any) -> np.ndarray:
+        return await handle  # zero-copy: a view of the object store's shared memory
+
+    async def start_session(self, session_id: str, strategy: Strategy) -> None:
+        self.strategies = {session_id: strategy}
+        await asyncio.gather(*(self._ask(n, "start_session", session_id, strategy)
+                               for n in self.names), return_exceptions=True)
+
+    async def _with_session(self, combiner: str, session_id: str, method: str, *args: Any) -> Any:
+        try:
+            return await self._ask(combiner, method, *args)
+        except Exception as exc:
+            if not _is_unknown_session(exc) or session_id not in self.strategies:
+                raise
+        await self._ask(combiner, "start_session", session_id, self.strategies[session_id])
+        return await self._ask(combiner, method, *args)
+
+    async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult:
+        return await self._with_session(combiner, spec.session_id, "run_round", spec, model_ref)
+
+    async def start_async(self, combiner: str, spec: AsyncSpec, model_ref: Any, version: int,
+                          model_id: str) -> None:
+        await self._with_session(combiner, spec.session_id, "start_async", spec, model_ref,
+                                 version, model_id)
+
+    async def add_clients(self, combiner: str, clients: list[str]) -> None:
+        await self._ask(combiner, "add_clients", clients)
+
+    async def set_version(self, combiner: str, version: int, model_ref: Any,
+                          model_id: str) -> None:
+        await self._ask(combiner, "set_version", version, model_ref, model_id)
+
+    async def take_updates(self, combiner: str, session_id: str, timeout_s: float) -> list[Kept]:
+        return await self._ask(combiner, "take_updates", session_id, timeout_s)
+
+    async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]:
+        return await self._ask(combiner, "stop_async", session_id)
+
+    async def buffer_full(self, combiner: str, session_id: str, round_: int, attempt: int) -> None:
+        await self._ask(combiner, "buffer_full", session_id, round_, attempt)

@@ -1,0 +1,108 @@
+"""Model files to take away: a committed model as safetensors, npz, torch or keras.
+
+``safetensors`` writes the committed bytes as they are (their sha256 is the model id);
+``npz`` writes the same named arrays with numpy (``np.load(path)`` reads them back, no
+pickle). ``torch`` and ``keras`` go through ``fedray.frameworks.torch`` and
+``fedray.frameworks.keras``, imported only when asked for; each provides
+
+    save_model_file(arrays: dict[str, np.ndarray], path: Path, build=None) -> None
+
+(``build``: the ``--model package.module:function`` that makes the model, when given) and
+a missing module (or framework) is one line that says what to install or use instead.
+Files are written to a temporary name beside ``path`` and renamed into place, so ``path``
+is either the whole model or untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import uuid
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from fedray.errors import ConfigError
+from fedray.serialization import decode
+
+FORMATS = ("safetensors", "npz", "torch", "keras")
+FRAMEWORKS = {"torch": "fedray.frameworks.torch", "keras": "fedray.frameworks.keras"}
+FRAMEWORK_HOOK = "save_model_file"
+_SUFFIXES = {".npz": "npz", ".safetensors": "safetensors"}
+
+Writer = Callable[[bytes, Path], None]
+
+
+def format_for(path: Path, fmt: str | None = None) -> str:
+    """``fmt``, else what ``path``'s suffix says (``.npz``), else safetensors."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+        return fmt
+    return _SUFFIXES.get(path.suffix.lower(), "safetensors")
+
+
+def writer(fmt: str, build: Callable[[], object] | None = None) -> Writer:
+    """How to write a model in ``fmt``; for torch/keras this imports their module now, so
+    a missing one is refused before anything is fetched."""
+    if fmt == "safetensors":
+        return lambda data, path: _atomic(path, lambda f: f.write(data))
+    if fmt == "npz":
+        return lambda data, path: _atomic(path, lambda f: _savez(f, decode(data)))
+    if fmt not in FRAMEWORKS:
+        raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    save = _framework(fmt)
+    return lambda data, path: _atomic_file(path, lambda tmp: save(dict(decode(data)), tmp,
+                                                                  build))
+
+
+def _framework(fmt: str) -> Callable[[dict[str, np.ndarray], Path], None]:
+    name = FRAMEWORKS[fmt]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):  # fedray.frameworks(.torch)
+            raise ConfigError(f"--format {fmt}: this fedray has no {name}; use --format "
+                              "safetensors or npz") from None
+        raise ConfigError(f"--format {fmt}: {name} needs {exc.name}, which is not installed "
+                          "here") from None
+    save = getattr(module, FRAMEWORK_HOOK, None)
+    if not callable(save):
+        raise ConfigError(f"--format {fmt}: {name} has no {FRAMEWORK_HOOK}(arrays, path); "
+                          "use --format safetensors or npz")
+    return save
+
+
+def _savez(fh: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` for any tensor name (its keyword arguments could clash with one)."""
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array),
+                                          allow_pickle=False)
+
+
+def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "xb") as fh:
+            write(fh)
+
+    _atomic_file(path, to_file)
+
+
+def _atomic_file(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path`` (same suffix: frameworks look at it),
+    then rename it onto ``path``."""
+    if not path.parent.is_dir():
+        raise ConfigError(f"-o {path}: folder {path.parent} does not exist")
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
