@@ -22,7 +22,7 @@ HEADER_FACTOR, HEADER_EXTRA = 2, 4096  # an update's header vs the global model'
 
 
 def check_update(data: Buffer, expected: Layout, max_bytes: int) -> tuple[Model, float]:
-    """The update's tensors (read-only views) and its largest finite magnitude."""
+    """The update's tensors (read-only views) and a bound on its largest magnitude."""
     size = memoryview(data).nbytes
     if size > max_bytes:
         raise UpdateRejected("too_large", f"{size} bytes, the limit is {max_bytes}")
@@ -41,26 +41,45 @@ def check_update(data: Buffer, expected: Layout, max_bytes: int) -> tuple[Model,
         if got[name][1] != shape:
             raise UpdateRejected("wrong_shape", f"{name} is {list(got[name][1])}, expected {list(shape)}")
     model = decode(data, layout)
-    largest = 0.0
+    bound = 0.0
     for name, arr in model.items():
-        top = max_abs(arr)
+        top = magnitude_bound(arr)
         if not np.isfinite(top):
             raise UpdateRejected("non_finite", f"{name} holds NaN or infinity")
-        largest = max(largest, top)
-    return model, largest
+        bound = max(bound, top)
+    return model, bound
+
+
+def magnitude_bound(arr: np.ndarray) -> float:
+    """A bound on the tensor's largest |value|: NaN when it holds NaN or an infinity.
+
+    One pass, as a rule. Float32 and float16 values are bounded by their type (no weight
+    fedray allows can push them past a float64 sum), so they only need to be finite: a
+    block whose own sum is finite holds no NaN or infinity (both propagate), and only a
+    block whose sum overflowed is looked at value by value. Float64 tensors need their
+    true magnitude (values near 1e300 are finite but overflow once weighted).
+    """
+    flat = arr.reshape(-1)
+    if not np.issubdtype(flat.dtype, np.floating):
+        return float(np.iinfo(flat.dtype).max) if flat.dtype != np.bool_ else 1.0
+    if flat.dtype.itemsize < 8:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is expected
+            for i in range(0, flat.size, FINITE_BLOCK):
+                block = flat[i : i + FINITE_BLOCK]
+                if not np.isfinite(np.add.reduce(block)) and not np.isfinite(block).all():
+                    return float("nan")
+        return float(np.finfo(flat.dtype).max)
+    return max_abs(flat)
 
 
 def max_abs(arr: np.ndarray) -> float:
-    """The largest |value| (NaN or inf when the tensor holds one), in blocks."""
+    """The largest |value| (NaN when the tensor holds NaN or an infinity), in blocks."""
     flat = arr.reshape(-1)
     top = 0.0
     for i in range(0, flat.size, FINITE_BLOCK):
         block = flat[i : i + FINITE_BLOCK]
-        if np.issubdtype(block.dtype, np.floating):
-            lo, hi = float(block.min()), float(block.max())  # NaN propagates through both
-            top = max(top, abs(lo), abs(hi)) if lo == lo and hi == hi else float("nan")
-        elif block.size:
-            top = max(top, abs(float(block.min())), abs(float(block.max())))
-        if top != top:
-            return top
+        lo, hi = float(block.min()), float(block.max())  # NaN propagates through both
+        if lo != lo or hi != hi:
+            return float("nan")
+        top = max(top, abs(lo), abs(hi))
     return top

@@ -172,3 +172,17 @@ def test_a_scalar_tensor_keeps_its_shape():
     model = {"bn.num_batches_tracked": np.int64(7), "w": np.ones(2, np.float32)}
     assert read_layout(encode(model)).spec()["bn.num_batches_tracked"] == ("I64", ())
     assert decode(encode(model))["bn.num_batches_tracked"].shape == ()
+
+
+def test_the_magnitude_bound_finds_every_nan_and_infinity_even_past_an_overflowing_sum():
+    from fedray.updates import magnitude_bound
+
+    big = np.full(3_000, 3e38, np.float32)  # its sum overflows float32, yet all are finite
+    assert magnitude_bound(big) == np.finfo(np.float32).max
+    for bad in (np.inf, -np.inf, np.nan):
+        poisoned = big.copy()
+        poisoned[1234] = bad
+        assert np.isnan(magnitude_bound(poisoned))
+    wide = np.full(10, 1e300)
+    assert magnitude_bound(wide) == 1e300  # float64: the true magnitude (overflow check)
+    assert magnitude_bound(np.arange(5, dtype=np.int32)) == np.iinfo(np.int32).max

@@ -193,11 +193,16 @@ class UpdateIntake:
                 entry = share.admit(header.client_id, header.task_id, header.session_id,
                                     header.round, header.model_id, TaskKind.TRAIN)
                 started = time.perf_counter()
-                update = await asyncio.to_thread(self._check, share, entry, data, header)
-                if share.buffer and not await self._claim(share, header.client_id):
-                    raise UpdateRejected("round_closed", f"the round's first {share.buffer} "
-                                         "updates arrived before this one (session.buffer_size)")
-                await asyncio.to_thread(self._fold, share, update)
+                if share.buffer:  # a slot among the round's first K, between check and fold
+                    update = await asyncio.to_thread(self._check, share, entry, data, header)
+                    if not await self._claim(share, header.client_id):
+                        raise UpdateRejected("round_closed", f"the round's first {share.buffer}"
+                                             " updates arrived before this one "
+                                             "(session.buffer_size)")
+                    await asyncio.to_thread(self._fold, share, update)
+                else:  # one trip to the worker thread
+                    await asyncio.to_thread(
+                        lambda: self._fold(share, self._check(share, entry, data, header)))
                 share.aggregation_s += time.perf_counter() - started
                 if header.client_id in share.gone:  # marked offline mid-upload, but delivered
                     share.gone.discard(header.client_id)
@@ -220,9 +225,9 @@ class UpdateIntake:
         if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
             raise UpdateRejected("checksum", "payload does not match the header's sha256")
         version = share.versions[entry.version]
-        model, max_abs = check_update(data, version.layout, self.max_update_bytes)
-        if max_abs * header.num_examples > MAX_WEIGHTED:
-            raise UpdateRejected("overflow", f"values up to {max_abs:.3g} weighted by "
+        model, magnitude = check_update(data, version.layout, self.max_update_bytes)
+        if magnitude * header.num_examples > MAX_WEIGHTED:
+            raise UpdateRejected("overflow", f"values up to {magnitude:.3g} weighted by "
                                  f"{header.num_examples} examples would overflow the sums")
         norm = None
         if share.strategy.needs_norm or share.limits.max_norm is not None:
