@@ -280,23 +280,24 @@ class UpdateIntake:
                        chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
         data = np.empty(header.size, dtype=np.uint8)  # not zero-filled: every byte is written
         received = 0
-        parts = aiter(chunks)
-        while True:
-            try:
-                item = await asyncio.wait_for(anext(parts, None), self.idle_s)
-            except TimeoutError:
-                raise UpdateRejected("stalled", f"no data for {self.idle_s:g}s after "
-                                     f"{received} of {header.size} bytes") from None
-            if item is None:
-                break
-            chunk, offset = item
-            if offset != received:
-                raise UpdateRejected("out_of_order", f"chunk at {offset}, expected {received}")
-            end = received + len(chunk)
-            if end > header.size:
-                raise UpdateRejected("too_large", f"more than the announced {header.size} bytes")
-            data[received:end] = np.frombuffer(chunk, dtype=np.uint8)
-            received = end
+        loop = asyncio.get_running_loop()
+        try:
+            # One timer for the whole upload, pushed back by every chunk (no task per chunk).
+            async with asyncio.timeout(self.idle_s) as idle:
+                async for chunk, offset in chunks:
+                    idle.reschedule(loop.time() + self.idle_s)
+                    if offset != received:
+                        raise UpdateRejected("out_of_order", f"chunk at {offset}, expected "
+                                             f"{received}")
+                    end = received + len(chunk)
+                    if end > header.size:
+                        raise UpdateRejected("too_large", f"more than the announced "
+                                             f"{header.size} bytes")
+                    data[received:end] = np.frombuffer(chunk, dtype=np.uint8)
+                    received = end
+        except TimeoutError:
+            raise UpdateRejected("stalled", f"no data for {self.idle_s:g}s after {received} "
+                                 f"of {header.size} bytes") from None
         if received != header.size:
             raise UpdateRejected("truncated", f"{received} of {header.size} bytes arrived")
         return data
