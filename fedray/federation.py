@@ -102,21 +102,26 @@ def connect_ray(rc: RayConfig, namespace: str) -> bool:
         logging.getLogger(name).setLevel(logging.ERROR)
     local = starts_ray(rc)
     try:
-        if local:
-            ray.init(address="local", num_cpus=rc.num_cpus,
-                     include_dashboard=rc.include_dashboard, namespace=namespace,
-                     logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            address = None if rc.address == "local" else rc.address  # None: a Ray job's
-            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
-                     log_to_driver=False)
-    except SystemExit as exc:  # ray.init's own SIGTERM handler: sys.exit(SIGTERM)
+        with lifecycle.ours_kept():
+            _init_ray(rc, local, namespace)
+    except SystemExit as exc:  # a handler Ray installed anyway: sys.exit(SIGTERM)
         if exc.code == signal.SIGTERM:
             raise lifecycle.stop_by(signal.SIGTERM) from None
         raise
     finally:
-        lifecycle.claim_signals()  # ray.init replaced the SIGTERM handler with its own
+        lifecycle.claim_signals()  # ray.init may have replaced them (its C++ handlers too)
+    lifecycle.checkpoint()  # a signal that landed where its exception was swallowed
     return local
+
+
+def _init_ray(rc: RayConfig, local: bool, namespace: str) -> None:
+    if local:
+        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
+                 namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        address = None if rc.address == "local" else rc.address  # None: a Ray job's
+        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
+                 log_to_driver=False)
 
 
 # Credentials the actors need (the model store's keys). Actors of a cluster that was joined
@@ -264,6 +269,7 @@ class Federation:
         history: list[dict[str, Any]] = []
         known = 0  # records of the controller's current status that are in ``history``
         while True:
+            lifecycle.checkpoint()  # a signal whose exception was lost stops us here
             with ray_errors(f"following the session of {self.config.federation}"):
                 try:
                     version, status = ray.get(self.controller.watch.remote(

@@ -139,6 +139,36 @@ def signalled() -> int | None:
     return _active.signum if _active is not None else None
 
 
+def checkpoint() -> None:
+    """Raise ``Stopped`` if the active command got a signal that nobody has acted on yet.
+
+    A handler's exception can be lost: raised while a finalizer or a logging lock release
+    runs, Python prints "Exception ignored" and carries on. The signal is recorded before
+    the raise, so the long waits of a command (starting Ray, following a session) look
+    here too, and a signal stops the command however it landed."""
+    if _active is not None and _active.signum is not None and not _active.closing:
+        raise Stopped(_active.signum)
+
+
+@contextlib.contextmanager
+def ours_kept() -> Iterator[None]:
+    """While ``ray.init`` runs, keep the command's SIGTERM handler: Ray installs one that
+    calls ``sys.exit`` from wherever the signal lands (a swallowed SystemExit then lets a
+    stopped command carry on)."""
+    if _active is None:
+        yield
+        return
+    from ray._private import utils
+
+    original = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
+        claim_signals()
+
+
 def stop_by(signum: int) -> Stopped:
     """Record ``signum`` as the active command's stop (a signal another handler caught)."""
     if _active is not None and _active.signum is None:

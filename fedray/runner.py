@@ -248,6 +248,7 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     console.print(f"gateway listening at [bold]{federation.gateway}[/]; combiners: "
                   + ", ".join(f"{c['name']}@{c['address']}" for c in federation.combiner_info))
     console.print(tracking_line(tracking_uri, config.tracking.database, data_dir))
+    lifecycle.checkpoint()
     if on_ready is not None:
         on_ready(federation.gateway)
     if package is not None:

@@ -159,7 +159,12 @@ async def fuzz(gateway: str, combiner: str, fuzzer: Fuzzer, iterations: int,
     early after ``budget_s``."""
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + budget_s
-    async with grpc.aio.insecure_channel(gateway) as gw, grpc.aio.insecure_channel(combiner) as cb:
+    # Connections of their own: the bridge keys shared-token callers by connection, and the
+    # fuzzer's hundreds of made-up names must not use up the budget of the honest clients
+    # that a test starts in this process afterwards (channels share connections otherwise).
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(gateway, options=own) as gw, \
+            grpc.aio.insecure_channel(combiner, options=own) as cb:
         paths = list(RPCS)
         for start in range(0, iterations, together):
             if loop.time() > stop_at:

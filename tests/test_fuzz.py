@@ -68,7 +68,8 @@ async def _hostile_client(address: str, fuzzer: Fuzzer, pushes: int, log: Counte
     (real ids with random fields changed, bad payloads, broken chunk streams), leave."""
     rng = fuzzer.rng
     md = auth_metadata(TOKEN, "hostile")
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.CombinerStub(channel)
         join = stub.Join(pb.JoinRequest(client_id="hostile", name="hostile"), metadata=md)
 
@@ -121,10 +122,12 @@ def _pid(handle) -> int:
     return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
 
 
-def _wait(predicate, what: str, timeout: float = 30.0) -> None:
+def _wait(predicate, what, timeout: float = 30.0) -> None:
+    """Until ``predicate()``; ``what`` (a string, or a callable giving one) says what
+    did not happen, as it stands when the wait gives up."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what() if callable(what) else what
         time.sleep(0.05)
 
 
@@ -157,7 +160,7 @@ def test_fuzzing_every_rpc_leaves_a_federation_that_completes_its_round(
         fleet.add("c1", Honest(1.0, 10), fed.gateway, token=TOKEN)
         fleet.add("c2", Honest(3.0, 30), fed.gateway, token=TOKEN)
         _wait(lambda: len(ray.get(fed.combiners[0].online_clients.remote())) == 3,
-              f"three clients online: {fleet.lines}")
+              lambda: f"three clients online: {fleet.lines}")
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
         attack.result(timeout=30)

@@ -94,6 +94,7 @@ def test_a_signal_raises_stopped_once_and_waits_while_the_teardown_runs():
     from fedray.lifecycle import running
 
     seen: list[str] = []
+    before = signal.getsignal(signal.SIGINT)  # default, or ignored in a background job
     with pytest.raises(Stopped) as info, running() as teardown:
         def stop() -> None:
             os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while stopping: ignored
@@ -103,7 +104,7 @@ def test_a_signal_raises_stopped_once_and_waits_while_the_teardown_runs():
         os.kill(os.getpid(), signal.SIGTERM)
     assert info.value.signum == signal.SIGTERM and info.value.stopped == ["federation x"]
     assert seen == ["stopped"] and "FEDRAY_RUN" not in os.environ
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 @pytest.mark.integration
@@ -140,3 +141,38 @@ def test_ray_errors_become_fedray_errors_without_a_remote_traceback(ray_session)
         ray.get(actor.bug.remote())
     assert isinstance(info.value, SessionError) and "\n" not in str(info.value)
     assert str(info.value).startswith("asking: ")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the point
+def test_a_signal_whose_exception_was_swallowed_still_stops_the_command_at_a_checkpoint():
+    """Python drops an exception raised by a signal handler while a finalizer runs
+    ("Exception ignored"); the signal is recorded first, and the command's checkpoints
+    (after starting Ray, while following a session) raise it again."""
+    import signal
+
+    from fedray.lifecycle import checkpoint, running
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs (and raises) in here
+
+    with pytest.raises(Stopped) as info, running():
+        Finalized()  # the Stopped raised inside __del__ is swallowed...
+        checkpoint()  # ...and raised here
+    assert info.value.signum == signal.SIGTERM
+    checkpoint()  # no command running: nothing to do
+
+
+def test_ray_init_keeps_the_commands_sigterm_handler(monkeypatch):
+    import signal
+
+    from ray._private import utils
+
+    from fedray.lifecycle import ours_kept, running
+
+    installed = []
+    monkeypatch.setattr(utils, "set_sigterm_handler", installed.append)
+    with running() as teardown:
+        with ours_kept():
+            utils.set_sigterm_handler(lambda *a: None)  # what ray.init does
+        assert installed == [] and signal.getsignal(signal.SIGTERM) == teardown._on_signal
