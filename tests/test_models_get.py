@@ -203,7 +203,7 @@ def test_seed_model_names_a_committed_model_by_id_or_reference(stored):
 
 
 def test_a_torch_model_comes_out_loadable_and_bit_exact(tmp_path):
-    pytest.importorskip("fedray.frameworks.torch", reason="pip install 'fedray[torch]'")
+    pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'fedray[torch]'")
     from examples.digits_torch.client.model import build_model
     from fedray.formats import writer
     from fedray.frameworks.torch import get_arrays, load_model_file
@@ -219,7 +219,8 @@ def test_a_torch_model_comes_out_loadable_and_bit_exact(tmp_path):
 
 
 def test_a_keras_model_comes_out_as_a_whole_keras_file(tmp_path):
-    pytest.importorskip("fedray.frameworks.keras", reason="pip install 'fedray[keras]'")
+    pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'fedray[keras]'")
+    pytest.importorskip("keras", minversion="3", reason="Keras 3 is not installed: pip install 'fedray[keras]'")
     import keras
 
     from examples.digits_keras.client.model import build_model
