@@ -102,6 +102,20 @@ def test_load_package_caches_by_sha(tmp_path: Path) -> None:
         load_package(tmp_path / "p.tgz", cache_dir=tmp_path / "c2", expected_sha256="0" * 64)
 
 
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_the_framework_examples_answer_to_the_issues_folder_names(
+    tmp_path: Path, framework: str
+) -> None:
+    """`examples/digits-torch/client` (the issue's name) is the same package as the importable
+    `examples/digits_torch/client`."""
+    hyphen = load_package(REPO / "examples" / f"digits-{framework}" / "client",
+                          cache_dir=tmp_path / "a")
+    underscore = load_package(REPO / "examples" / f"digits_{framework}" / "client",
+                              cache_dir=tmp_path / "b")
+    assert hyphen.sha256 == underscore.sha256
+    assert hyphen.manifest.name == f"digits-{framework}"
+
 UNSAFE = {
     "absolute path": ([(_info("/tmp/fedray-evil-abs"), b"x")], "absolute"),
     "dotdot": ([(_info("../evil"), b"x")], "'..'"),
