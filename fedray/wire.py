@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from fedray.errors import UpdateRejected
 from fedray.messages import Task, TaskKind, UpdateHeader, ValidationReport
 from fedray.proto import fedray_v1_pb2 as pb
 from fedray.text import printable
@@ -108,13 +109,29 @@ def task_from_proto(msg: pb.Task) -> Task:
                 package_size=msg.package_size)
 
 
+MAX_ID_CHARS = 128  # task, session and model ids are 16-64 characters; nothing longer is kept
+
+
+def _ids(msg: pb.UpdateHeader | pb.ValidationReport) -> None:
+    """Refuse ids no combiner ever handed out, before they reach events or tables: a 4 MiB
+    ``session_id`` would otherwise be copied into every rejection event."""
+    for name in ("task_id", "session_id", "model_id"):
+        if len(getattr(msg, name)) > MAX_ID_CHARS:
+            raise UpdateRejected("malformed", f"{name} is over {MAX_ID_CHARS} characters")
+    if isinstance(msg, pb.UpdateHeader) and len(msg.sha256) not in (0, 64):
+        raise UpdateRejected("malformed", "sha256 must be 64 hex characters")
+
+
 def header_from_proto(msg: pb.UpdateHeader, client_id: str) -> UpdateHeader:
+    """The header of an update; UpdateRejected("malformed") for ids out of bounds."""
+    _ids(msg)
     return UpdateHeader(client_id=client_id, task_id=msg.task_id, session_id=msg.session_id,
                         round=msg.round, model_id=msg.model_id, num_examples=msg.num_examples,
                         metrics=client_values(msg.metrics), size=msg.size, sha256=msg.sha256)
 
 
 def validation_from_proto(msg: pb.ValidationReport, client_id: str) -> ValidationReport:
+    _ids(msg)
     return ValidationReport(client_id=client_id, task_id=msg.task_id, session_id=msg.session_id,
                             round=msg.round, model_id=msg.model_id, num_examples=msg.num_examples,
                             metrics=client_values(msg.metrics))

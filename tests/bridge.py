@@ -47,13 +47,13 @@ def header(task: pb.Task, client: str, data: bytes, **over: Any) -> pb.UpdateHea
     return pb.UpdateHeader(**{**fields, **over})
 
 
-def chunk_parts(data: bytes, step: int = 64, start: int = 0) -> list[pb.UpdatePart]:
+def chunk_parts(data: bytes, step: int = 1024, start: int = 0) -> list[pb.UpdatePart]:
     return [pb.UpdatePart(chunk=pb.Chunk(data=data[i : i + step], offset=start + i,
                                          total_size=len(data)))
             for i in range(0, len(data), step)]
 
 
-def parts(hdr: pb.UpdateHeader, data: bytes, step: int = 64) -> list[pb.UpdatePart]:
+def parts(hdr: pb.UpdateHeader, data: bytes, step: int = 1024) -> list[pb.UpdatePart]:
     return [pb.UpdatePart(header=hdr), *chunk_parts(data, step)]
 
 
@@ -86,7 +86,7 @@ class Bridge:
 
     async def open_round(self, clients: list[str], round_: int = 1,
                          timeout: float = 30.0, model: dict | None = None,
-                         **spec: Any) -> dict[str, pb.Task]:
+                         kind: TaskKind = TaskKind.TRAIN, **spec: Any) -> dict[str, pb.Task]:
         """Join ``clients`` over gRPC, start a train round for them, return their tasks;
         ``model`` replaces GLOBAL, ``spec`` sets more ``RoundSpec`` fields."""
         calls = {}
@@ -95,7 +95,7 @@ class Bridge:
             await call.wait_for_connection()
             calls[client] = call
         self.joins.extend(calls.values())
-        order = RoundSpec(session_id="s1", round=round_, kind=TaskKind.TRAIN,
+        order = RoundSpec(session_id="s1", round=round_, kind=kind,
                           clients=tuple(clients), config={}, timeout_s=timeout, **spec)
         served = MODEL if model is None else np.frombuffer(encode(model), np.uint8)
         self.round = asyncio.ensure_future(self.core.run_round(order, served))

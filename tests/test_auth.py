@@ -118,6 +118,54 @@ async def test_new_and_revoked_tokens_are_seen_without_a_restart():
         await gate.close()
 
 
+
+async def test_a_name_revoked_and_given_a_new_token_in_one_refresh_loses_its_old_stream():
+    """Revocation was tracked by name, so a new live token for the same name hid it and the
+    revoked holder's task stream stayed open."""
+    book = Book(bob="tok-old")
+    revoked: list[set[str]] = []
+    tokens = _tokens(book, refresh_s=3600, miss_refresh_s=0, on_revoked=revoked.append)
+    await tokens.start()
+    try:
+        book.revoke("bob")
+        book.rows.append(row("tok-new", "bob"))
+        await tokens.refresh()
+        assert revoked == [{"bob"}]
+        await tokens.refresh()
+        assert revoked == [{"bob"}]  # once, not on every refresh
+    finally:
+        await tokens.close()
+
+
+async def test_token_rows_are_checked_off_the_event_loop():
+    import asyncio
+    import threading
+
+    loop_thread = threading.get_ident()
+    checked_in: list[int] = []
+
+    def load():
+        checked_in.append(threading.get_ident())
+        return [row("tok-a", "alice")]
+
+    tokens = ClientTokens(load, secret=SECRET, refresh_s=3600)
+    import fedray.actors.auth as auth
+
+    original = auth.row_mac
+
+    def spy(*args):
+        checked_in.append(threading.get_ident())
+        return original(*args)
+
+    auth.row_mac = spy
+    try:
+        await tokens.start()
+        await asyncio.sleep(0)
+    finally:
+        auth.row_mac = original
+        await tokens.close()
+    assert tokens.names == {"alice"} and checked_in and loop_thread not in checked_in
+
 async def test_unknown_tokens_reread_the_collection_about_once_per_interval():
     import asyncio
     import time

@@ -54,7 +54,7 @@ def _same(task, data, **over):
 def _swap(transform):
     def build(task):
         data = update_bytes(1.0)
-        return transform(pb.UpdatePart(header=header(task["a"], "a", data)), chunk_parts(data))
+        return transform(pb.UpdatePart(header=header(task["a"], "a", data)), chunk_parts(data, 64))
     return build
 
 

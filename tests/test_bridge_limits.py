@@ -3,6 +3,7 @@ renaming caller cannot escape, and the bounded tables behind them. No Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tracemalloc
 from typing import Any
@@ -135,3 +136,45 @@ async def test_callers_are_keyed_by_identity_and_connection(kind):
     # a token's identity has one budget wherever it calls from; a shared-token caller has
     # one per connection (its name is not an identity)
     assert admitted in ((10, 11) if kind == "client" else (60,))
+
+
+async def test_one_client_cannot_fill_the_servers_call_slots_with_calls_that_never_end():
+    """Uploads that never sent a header stayed open for the connection's age; at 50 calls
+    a second one client filled every concurrent-call slot and heartbeats were refused."""
+    from fedray.actors.limits import MAX_CALLS_IN_FLIGHT
+
+    bridge = await Bridge.start(upload_idle_s=30)
+    mallory = auth_metadata(TOKEN, "mallory")
+
+    async def never():
+        await asyncio.sleep(60)
+        yield  # pragma: no cover
+
+    try:
+        held = [bridge.stub.PushUpdate(never(), metadata=mallory)
+                for _ in range(MAX_CALLS_IN_FLIGHT)]
+        await asyncio.sleep(0.3)
+        extra = await status_of(bridge.stub.PushUpdate(never(), metadata=mallory))
+        beat = await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="honest"),
+                                                     metadata=auth_metadata(TOKEN, "honest")))
+        assert extra is grpc.StatusCode.RESOURCE_EXHAUSTED and beat is grpc.StatusCode.OK
+        for call in held:
+            call.cancel()
+        await asyncio.sleep(0.3)
+        assert len(bridge.gate.in_flight) == 0  # ended calls leave nothing behind
+        again = await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="mallory"),
+                                                      metadata=mallory))
+        assert again is grpc.StatusCode.OK
+    finally:
+        await bridge.close()
+
+
+async def test_client_ids_in_messages_are_bounded_before_a_connection_holds_them():
+    bridge = await Bridge.start()
+    try:
+        code = await status_of(bridge.stub.Heartbeat(
+            pb.HeartbeatRequest(client_id="x" * 60_000), metadata=auth_metadata(TOKEN)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert bridge.gate.peer_ids._count == 0
+    finally:
+        await bridge.close()

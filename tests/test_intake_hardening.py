@@ -15,9 +15,12 @@ import time
 
 import numpy as np
 
+from fedray.proto import fedray_v1_pb2 as pb
 from fedray.serialization import encode
+from fedray.wire import to_struct
 from tests.bridge import (
     GLOBAL,
+    GOOD_VALUE,
     METADATA,
     Bridge,
     header,
@@ -147,5 +150,194 @@ async def test_uploads_that_stall_after_their_header_give_their_slots_back():
         result = await asyncio.wait_for(bridge.round, 5)
         assert result.close_reason == "all_answered" and result.updates == 1
         assert bridge.core.intake._slots._value == 4
+    finally:
+        await bridge.close()
+
+
+# -------------------------------------------------------------- found by a second review
+
+
+async def test_ids_longer_than_any_combiner_hands_out_are_refused_before_they_are_copied():
+    """A 4 MB session_id was copied into a rejection event on every push."""
+    bridge = await Bridge.start()
+    try:
+        tasks = await bridge.open_round(CLIENTS, timeout=30)
+        data = update_bytes(1.0)
+        for field_name in ("session_id", "task_id", "model_id"):
+            long_header = header(tasks["a"], "a", data, **{field_name: "x" * 1_000_000})
+            reply = await bridge.push(parts(long_header, data))
+            assert not reply.accepted and reply.reason.startswith("malformed"), reply.reason
+        reply = await bridge.push(parts(header(tasks["a"], "a", data, sha256="ab"), data))
+        assert reply.reason.startswith("malformed") and "sha256" in reply.reason
+        await bridge.good_update_is_accepted(tasks["good"], "good")
+        bridge.assert_untouched(1)
+    finally:
+        await bridge.close()
+
+
+async def test_an_upload_that_never_sends_its_header_ends_after_upload_idle_s():
+    bridge = await Bridge.start(upload_idle_s=0.3)
+    try:
+        async def nothing():
+            await asyncio.sleep(30)
+            yield  # pragma: no cover
+
+        started = time.perf_counter()
+        reply = await asyncio.wait_for(bridge.stub.PushUpdate(nothing(), metadata=METADATA), 5)
+        assert reply.reason.startswith("stalled: no header"), reply.reason
+        assert time.perf_counter() - started < 2.0
+    finally:
+        await bridge.close()
+
+
+async def test_a_trickling_upload_is_cut_off_and_an_honest_one_gets_the_slot():
+    """One byte every 0.2 s kept resetting a 0.3 s idle timer until the round's deadline."""
+    bridge = await Bridge.start(max_inflight_uploads=1, upload_idle_s=0.3)
+    try:
+        tasks = await bridge.open_round(["slow", "good"], timeout=30)
+        data = update_bytes(1.0)
+
+        async def trickle():
+            yield parts(header(tasks["slow"], "slow", data), data)[0]
+            for offset in range(len(data)):
+                await asyncio.sleep(0.2)
+                yield pb.UpdatePart(chunk=pb.Chunk(data=data[offset : offset + 1],
+                                                   offset=offset, total_size=len(data)))
+
+        started = time.perf_counter()
+        slow = asyncio.ensure_future(bridge.stub.PushUpdate(trickle(), metadata=METADATA))
+        await asyncio.sleep(0.1)
+        await bridge.good_update_is_accepted(tasks["good"], "good")
+        assert time.perf_counter() - started < 3.0  # not the 30 s deadline
+        reply = await asyncio.wait_for(slow, 5)
+        assert reply.reason.startswith("too_slow"), reply.reason
+        await _settled(bridge, "slow")
+    finally:
+        await bridge.close()
+
+
+async def test_empty_chunks_are_no_sign_of_life_and_parts_are_bounded():
+    bridge = await Bridge.start(upload_idle_s=0.3)
+    try:
+        tasks = await bridge.open_round(["a", "b", "good"], timeout=30)
+        data = update_bytes(1.0)
+
+        async def empties():
+            yield parts(header(tasks["a"], "a", data), data)[0]
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                yield pb.UpdatePart(chunk=pb.Chunk(data=b"", offset=0, total_size=len(data)))
+
+        reply = await asyncio.wait_for(bridge.stub.PushUpdate(empties(), metadata=METADATA), 5)
+        assert reply.reason.startswith(("stalled", "too_many_chunks")), reply.reason
+        one_byte = [pb.UpdatePart(chunk=pb.Chunk(data=data[i : i + 1], offset=i))
+                    for i in range(len(data))]
+        reply = await bridge.push([parts(header(tasks["b"], "b", data), data)[0], *one_byte])
+        assert reply.reason.startswith("too_many_chunks"), reply.reason
+        await bridge.good_update_is_accepted(tasks["good"], "good")
+        bridge.assert_untouched(1)
+    finally:
+        await bridge.close()
+
+
+async def test_a_client_that_hangs_up_during_the_check_keeps_its_slot_until_it_ends():
+    """The slot was given back while the shielded check still ran, so a client could start
+    any number of model-sized checks at once."""
+    bridge = await Bridge.start(max_inflight_uploads=2)
+    try:
+        tasks = await bridge.open_round(CLIENTS, timeout=30)
+        checking = asyncio.Event()
+        check = bridge.core.intake._check
+
+        def slow_check(*args):
+            checking.set()
+            time.sleep(0.6)
+            return check(*args)
+
+        bridge.core.intake._check = slow_check
+        data = update_bytes(GOOD_VALUE)
+        call = bridge.stub.PushUpdate(iter(parts(header(tasks["good"], "good", data), data)),
+                                      metadata=METADATA)
+        await asyncio.wait_for(checking.wait(), 5)
+        call.cancel()
+        await asyncio.sleep(0.1)
+        assert bridge.core.intake._slots._value == 1  # still held by the running check
+        assert "good" in bridge.core.share.uploading
+        for _ in range(100):
+            if bridge.core.intake._slots._value == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert bridge.core.intake._slots._value == 2 and not bridge.core.share.uploading
+        bridge.assert_untouched(1)  # delivered and counted although the client left
+    finally:
+        await bridge.close()
+
+
+async def test_a_strategy_error_of_fedrays_own_type_refuses_the_update_never_unknown():
+    from fedray.errors import ConfigError
+
+    bridge = await Bridge.start()
+    try:
+        tasks = await bridge.open_round(CLIENTS, timeout=30)
+
+        def broken(update):
+            raise ConfigError("the strategy is confused")
+
+        bridge.core.share.accumulator.fold = broken
+        data = update_bytes(1.0)
+        reply = await bridge.push(parts(header(tasks["a"], "a", data), data))
+        assert reply.reason.startswith("strategy_error"), reply.reason
+        await _settled(bridge, "a")
+    finally:
+        await bridge.close()
+
+
+async def test_refused_updates_sent_over_and_over_write_a_bounded_number_of_events():
+    bridge = await Bridge.start()
+    events: list[str] = []
+
+    class Recorder:
+        def event(self, level: str, message: str, **data) -> None:
+            events.append(message)
+
+    bridge.core.intake._events = Recorder()
+    try:
+        tasks = await bridge.open_round(CLIENTS, timeout=30)
+        data = update_bytes(1.0)
+        wrong = header(tasks["a"], "a", data, model_id="f" * 64)
+        for _ in range(60):
+            reply = await bridge.push(parts(wrong, data))
+            assert not reply.accepted
+        assert 25 <= len(events) <= 35 and bridge.core.intake.unrecorded >= 25
+    finally:
+        await bridge.close()
+
+
+async def test_a_validation_is_counted_once_even_after_its_client_was_marked_gone():
+    """A client that closed its task stream could replay its validation report without
+    limit, and one report weighted by 2**64 - 1 examples decided the round's means."""
+    from fedray.messages import TaskKind
+
+    bridge = await Bridge.start()
+    try:
+        tasks = await bridge.open_round(CLIENTS, timeout=30, kind=TaskKind.VALIDATE,
+                                        max_examples=1000)
+        share = bridge.core.share
+        report = pb.ValidationReport(client_id="a", task_id=tasks["a"].task_id,
+                                     session_id="s1", round=1, model_id=tasks["a"].model_id,
+                                     num_examples=10, metrics=to_struct({"accuracy": 0.5}))
+        huge = pb.ValidationReport()
+        huge.CopyFrom(report)
+        huge.client_id, huge.task_id, huge.num_examples = "b", tasks["b"].task_id, 2**64 - 1
+        await bridge.stub.PushValidation(huge, metadata=METADATA)
+        bridge.joins[0].cancel()  # "a" closes its task stream: marked gone
+        for _ in range(100):
+            if "a" in share.gone:
+                break
+            await asyncio.sleep(0.02)
+        for _ in range(5):
+            await bridge.stub.PushValidation(report, metadata=METADATA)
+        assert [v.client_id for v in share.validations] == ["a"]
+        assert share.accepted == 1 and "a" not in share.gone
     finally:
         await bridge.close()

@@ -34,7 +34,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedray.actors.limits import EventThrottle, PeerIds, RateLimiter
+from fedray.actors.limits import (
+    MAX_CALLS_IN_FLIGHT,
+    EventThrottle,
+    InFlight,
+    PeerIds,
+    RateLimiter,
+    Slots,
+)
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.tokens import hash_token, read_token_hashes, row_mac
 from fedray.wire import AUTH_HEADER, CLIENT_HEADER
@@ -85,6 +92,7 @@ class Caller:
     name: str = ""  # the token's name for kind "client"
     gate: AuthGate | None = field(default=None, compare=False, repr=False)
     peer: str = field(default="", compare=False)  # the connection it called on
+    slots: Slots = field(default=(), compare=False, repr=False)  # its calls-in-flight caps
 
     def client_id(self, claimed: str, claimed_name: str = "") -> str:
         """The id to act on: the token's name, or what the message claims if that is allowed
@@ -93,8 +101,12 @@ class Caller:
             if claimed_name and claimed_name != self.name and self.gate is not None:
                 self.gate.report("warning", f"a client claimed the name {claimed_name!r}; its "
                                  f"token belongs to {self.name!r}, which it is tracked as",
-                                 reason="claimed_name", client_id=self.name, claimed=claimed_name)
+                                 reason="claimed_name", client_id=self.name,
+                                 claimed=claimed_name[:MAX_CLAIM_CHARS])
             return self.name
+        if max(len(claimed), len(claimed_name)) > MAX_CLAIM_CHARS:  # before it is kept
+            raise Refused("INVALID_ARGUMENT", f"client ids and names are at most "
+                          f"{MAX_CLAIM_CHARS} characters")
         if self.gate is not None:
             if not self.gate.tokens.loaded:  # cannot tell yet whose names are reserved
                 self.gate.report("warning", "refused a shared-token caller: the token list "
@@ -180,20 +192,16 @@ class ClientTokens:
 
     async def _read(self) -> None:
         self._read_at = time.monotonic()
-        try:
-            rows = await asyncio.to_thread(self._load)
+        try:  # reading and checking up to 100k MACs both stay off the event loop
+            rows, untrusted = await asyncio.to_thread(self._verified_rows)
         except Exception as exc:  # noqa: BLE001 - keep the last known tokens, retry later
             log.warning("cannot read client tokens (keeping the last known ones): %s", exc)
             return
         finally:
             self._inflight = None
-        before = {name for name, revoked in self.entries.values() if revoked}
-        entries, untrusted = {}, 0
-        for digest, name, revoked, mac in rows:
-            if self.secret is None or not hmac.compare_digest(
-                    mac, row_mac(self.secret, digest, name)):
-                untrusted += 1
-                continue
+        revoked_before = {digest for digest, (_, revoked) in self.entries.items() if revoked}
+        entries = {}
+        for digest, name, revoked in rows:
             if revoked:
                 self._revoked.add(digest)
             entries[digest] = (name, revoked or digest in self._revoked)
@@ -205,10 +213,24 @@ class ClientTokens:
             self._untrusted = untrusted
             if untrusted and self.on_untrusted is not None:
                 self.on_untrusted(untrusted)
-        live = {name for name, revoked in self.entries.values() if not revoked}
-        newly = {name for name, revoked in self.entries.values() if revoked} - before - live
+        # By token, not by name: a name revoked and given a new token within one refresh
+        # still has its old holder's stream closed.
+        newly = {name for digest, (name, revoked) in entries.items()
+                 if revoked and digest not in revoked_before}
         if newly and self.on_revoked is not None:
             self.on_revoked(newly)
+
+    def _verified_rows(self) -> tuple[list[tuple[str, str, bool]], int]:
+        """Runs in a worker thread: the rows whose MAC verifies, and how many did not."""
+        assert self._load is not None
+        rows, untrusted = [], 0
+        for digest, name, revoked, mac in self._load():
+            if self.secret is None or not hmac.compare_digest(
+                    mac, row_mac(self.secret, digest, name)):
+                untrusted += 1
+            else:
+                rows.append((digest, name, revoked))
+        return rows, untrusted
 
     async def lookup(self, digest: str) -> tuple[str, bool] | None:
         """(name, revoked) of the token with this hash. On a miss, re-read the tokens unless
@@ -248,6 +270,7 @@ class AuthGate:
         self.tokens.on_untrusted = self._untrusted
         self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
         self.peer_ids = PeerIds(max_ids_per_peer)
+        self.in_flight = InFlight()
         self.failures = RateLimiter(AUTH_FAILURES_PER_S, burst_s=AUTH_FAILURE_BURST_S)
         self.on_event = on_event
         self.throttles: dict[str, EventThrottle] = {}  # one per reason: a flood of wrong
@@ -347,23 +370,24 @@ class AuthGate:
         A shared-token (or open) caller has no identity beyond its connection, so it is
         keyed by its peer and the name it claims, and one peer may claim only
         ``max_ids_per_peer`` names: renaming buys no fresh budget past that."""
-        caller = dataclasses.replace(caller, peer=peer)
         claimed = str(metadata.get(CLIENT_HEADER, ""))
         if len(claimed) > MAX_CLAIM_CHARS:
             raise Refused("INVALID_ARGUMENT", f"{CLIENT_HEADER} is at most {MAX_CLAIM_CHARS} "
                           "characters")
         if caller.kind != "client" and claimed:
             self.hold(peer, claimed)
-        if self.limiter is not None:
-            key = (f"client:{caller.name}" if caller.kind == "client"
-                   else f"peer:{peer}|{claimed}")
-            if not self.limiter.allow(key):
-                who = (f"client {caller.name!r}" if caller.kind == "client"
-                       else f"{claimed!r} on {peer}" if claimed else peer)
-                self.report("warning", f"{who} exceeds {self.limiter.rate:g} calls/s; refused "
-                            f"{method}", reason="rate_limit", method=method, peer=peer)
-                raise Refused("RESOURCE_EXHAUSTED",
-                              f"more than {self.limiter.rate:g} calls per second; slow down")
+        key = f"client:{caller.name}" if caller.kind == "client" else f"peer:{peer}|{claimed}"
+        # A nameless shared-token connection may carry many clients: it gets theirs.
+        cap = MAX_CALLS_IN_FLIGHT * (1 if caller.kind == "client" or claimed
+                                     else self.peer_ids.per_peer)
+        caller = dataclasses.replace(caller, peer=peer, slots=((key, cap),))
+        if self.limiter is not None and not self.limiter.allow(key):
+            who = (f"client {caller.name!r}" if caller.kind == "client"
+                   else f"{claimed!r} on {peer}" if claimed else peer)
+            self.report("warning", f"{who} exceeds {self.limiter.rate:g} calls/s; refused "
+                        f"{method}", reason="rate_limit", method=method, peer=peer)
+            raise Refused("RESOURCE_EXHAUSTED",
+                          f"more than {self.limiter.rate:g} calls per second; slow down")
         return caller
 
 

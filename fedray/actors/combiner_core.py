@@ -400,8 +400,15 @@ class CombinerCore(AsyncServing):
             share = self._share_for(report.session_id, TaskKind.VALIDATE)
             share.admit(report.client_id, report.task_id, report.session_id, report.round,
                         report.model_id, TaskKind.VALIDATE)
+            if report.num_examples > share.limits.max_examples:  # it weighs the round's means
+                raise UpdateRejected("too_many_examples", f"num_examples {report.num_examples}"
+                                     f" is over session.max_examples_per_update "
+                                     f"({share.limits.max_examples})")
         except UpdateRejected as exc:
             return False, str(exc)
+        if report.client_id in share.gone:  # marked offline, but answered: once, not again
+            share.gone.discard(report.client_id)
+            share.failed -= 1
         share.validations.append(report)
         share.accepted += 1
         self._settle(share, report.client_id, True)

@@ -7,6 +7,7 @@ about itself (``PushEvent``) goes to tracking within its ``EventBudget``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -117,10 +118,18 @@ class CombinerServicer(pb_grpc.CombinerServicer):
             yield pb.Chunk(data=data[offset : offset + step], offset=offset, total_size=len(data))
 
     async def PushUpdate(self, request_iterator, context) -> pb.PushReply:
-        first = await anext(aiter(request_iterator), None)
+        idle_s = self.core.settings.upload_idle_s
+        try:  # a call that never sends its header must not hold a call slot for long
+            first = await asyncio.wait_for(anext(aiter(request_iterator), None), idle_s)
+        except TimeoutError:
+            return pb.PushReply(accepted=False, reason=f"stalled: no header within {idle_s:g}s")
         if first is None or first.WhichOneof("part") != "header":
             return pb.PushReply(accepted=False, reason="malformed: the first part must be a header")
-        header = header_from_proto(first.header, await caller_id(context, first.header.client_id))
+        client_id = await caller_id(context, first.header.client_id)
+        try:
+            header = header_from_proto(first.header, client_id)
+        except UpdateRejected as exc:
+            return pb.PushReply(accepted=False, reason=str(exc))
 
         async def chunks():
             async for part in request_iterator:
@@ -133,7 +142,11 @@ class CombinerServicer(pb_grpc.CombinerServicer):
 
     async def PushValidation(self, request: pb.ValidationReport, context) -> pb.Ack:
         client_id = await caller_id(context, request.client_id)
-        accepted, reason = self.core.push_validation(validation_from_proto(request, client_id))
+        try:
+            report = validation_from_proto(request, client_id)
+        except UpdateRejected as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        accepted, reason = self.core.push_validation(report)
         if not accepted:
             log.info("validation from %s refused: %s", client_id, reason)
         return pb.Ack()

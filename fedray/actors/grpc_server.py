@@ -156,7 +156,8 @@ def _guarded(handler: grpc.RpcMethodHandler, gate: AuthGate, caller: Caller,
         def deserializer(data: bytes):
             return Oversized(len(data), limit) if len(data) > limit else parse(data)
 
-    async def admit(request, context) -> None:
+    async def admit(request, context) -> Caller:
+        """The caller within its limits, holding a call-in-flight slot (``gate.in_flight``)."""
         try:
             admitted = gate.limit(caller, metadata, method, context.peer())
         except Refused as exc:
@@ -165,21 +166,36 @@ def _guarded(handler: grpc.RpcMethodHandler, gate: AuthGate, caller: Caller,
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"a {method.rsplit('/', 1)[-1]} request is at most "
                                 f"{request.limit} bytes, got {request.size}")
+        full = gate.in_flight.enter(admitted.slots)
+        if full is not None:
+            cap = dict(admitted.slots)[full]
+            gate.report("warning", f"refused {method} from {context.peer()}: {cap} calls of "
+                        "that client are running", reason="calls_in_flight", method=method,
+                        peer=context.peer())
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"at most {cap} calls of one client may run at once")
         CALLER.set(admitted)  # each RPC runs in its own task, so this stays with this call
+        return admitted
 
     if handler.response_streaming:
         inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         async def behavior(request, context):
-            await admit(request, context)
-            async for item in inner(request, context):
-                yield item
+            admitted = await admit(request, context)
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                gate.in_flight.leave(admitted.slots)
     else:
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         async def behavior(request, context):
-            await admit(request, context)
-            return await inner(request, context)
+            admitted = await admit(request, context)
+            try:
+                return await inner(request, context)
+            finally:
+                gate.in_flight.leave(admitted.slots)
 
     return _FACTORIES[kind](behavior, request_deserializer=deserializer,
                             response_serializer=handler.response_serializer)

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from fedray.errors import FedrayError, UpdateRejected
+from fedray.actors.limits import RateLimiter
+from fedray.errors import UpdateRejected
 from fedray.messages import MetricSums, TaskKind, UpdateHeader
 from fedray.serialization import Layout
 from fedray.strategies.base import Accumulator, Strategy, Update, UpdateMeta, delta_norm
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 HEADER_SLACK = 1 << 20  # an update's bytes may exceed the global model's by this much
 MAX_WEIGHTED = 1e290  # max |value| * num_examples: float64 sums of 10^15 such stay finite
+MIN_UPLOAD_BYTES_PER_S = 64 * 1024  # an upload slower than this on average is cut off
+CHUNK_BYTES_PER_PART = 1024  # an upload may come in size / this (+ CHUNK_SLACK) parts at most
+CHUNK_SLACK = 16
+REJECTIONS_PER_S = 1.0  # rejection events recorded per client (bursts of 30 s' worth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,8 @@ class UpdateIntake:
         self._settle = settle
         self._claim = claim
         self._events = events  # .event(level, message, **data)
+        self._rejections = RateLimiter(REJECTIONS_PER_S, burst_s=30.0)
+        self.unrecorded = 0  # rejections over a client's event budget (counted, not recorded)
 
     async def push(self, header: UpdateHeader,
                    chunks: AsyncIterator[tuple[bytes, int]]) -> tuple[bool, str]:
@@ -162,15 +169,34 @@ class UpdateIntake:
                 raise UpdateRejected("duplicate", "an upload for this task is already running")
             share.uploading.add(header.client_id)
             try:
-                async with self._slots:
-                    data = await self._receive_while_open(share, header, chunks)
-                    share.bytes_in += len(data)
-                    return await asyncio.shield(self._accept(share, data, header))
-            finally:
+                await self._slots.acquire()
+            except BaseException:
                 share.uploading.discard(header.client_id)
+                raise
+            accepting: asyncio.Future | None = None
+            try:
+                data = await self._receive_while_open(share, header, chunks)
+                share.bytes_in += len(data)
+                accepting = asyncio.ensure_future(self._accept(share, data, header))
+                # The slot stays taken until the check ends, even if the client hangs up.
+                accepting.add_done_callback(
+                    lambda done: self._settled(done, share, header.client_id))
+            finally:
+                if accepting is None:
+                    self._release(share, header.client_id)
+            return await asyncio.shield(accepting)
         except UpdateRejected as exc:
             self.reject(share, header, exc)
             return False, str(exc)
+
+    def _release(self, share: Share, client_id: str) -> None:
+        self._slots.release()
+        share.uploading.discard(client_id)
+
+    def _settled(self, done: asyncio.Future, share: Share, client_id: str) -> None:
+        self._release(share, client_id)
+        if not done.cancelled() and done.exception() is not None:
+            log.error("checking an update from %s failed", client_id, exc_info=done.exception())
 
     def _check_numbers(self, header: UpdateHeader, share: Share, version: ModelVersion) -> None:
         limit = min(self.max_update_bytes, version.size + HEADER_SLACK)
@@ -253,7 +279,7 @@ class UpdateIntake:
         assert share.accumulator is not None
         try:
             share.accumulator.fold(update)
-        except FedrayError:
+        except UpdateRejected:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken strategy refuses, never crashes
             log.exception("strategy %s failed in fold", type(share.strategy).__name__)
@@ -278,14 +304,26 @@ class UpdateIntake:
 
     async def _receive(self, header: UpdateHeader,
                        chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
+        """The announced bytes, in order. Bounded three ways, so a client with a valid task
+        cannot hold its upload slot by sending little: ``idle_s`` without data, an average
+        under ``MIN_UPLOAD_BYTES_PER_S``, or more parts than ``size / CHUNK_BYTES_PER_PART``
+        (+ ``CHUNK_SLACK``) each end the upload."""
         data = np.empty(header.size, dtype=np.uint8)  # not zero-filled: every byte is written
-        received = 0
+        received = parts = 0
         loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.idle_s + header.size / MIN_UPLOAD_BYTES_PER_S
+        max_parts = header.size // CHUNK_BYTES_PER_PART + CHUNK_SLACK
         try:
             # One timer for the whole upload, pushed back by every chunk (no task per chunk).
-            async with asyncio.timeout(self.idle_s) as idle:
+            async with asyncio.timeout_at(min(started + self.idle_s, deadline)) as idle:
                 async for chunk, offset in chunks:
-                    idle.reschedule(loop.time() + self.idle_s)
+                    parts += 1
+                    if parts > max_parts:
+                        raise UpdateRejected("too_many_chunks", f"more than {max_parts} parts "
+                                             f"for {header.size} bytes")
+                    if chunk:  # an empty chunk is no sign of life
+                        idle.reschedule(min(loop.time() + self.idle_s, deadline))
                     if offset != received:
                         raise UpdateRejected("out_of_order", f"chunk at {offset}, expected "
                                              f"{received}")
@@ -296,6 +334,10 @@ class UpdateIntake:
                     data[received:end] = np.frombuffer(chunk, dtype=np.uint8)
                     received = end
         except TimeoutError:
+            if loop.time() >= deadline:
+                raise UpdateRejected("too_slow", f"{received} of {header.size} bytes in "
+                                     f"{loop.time() - started:.1f}s; an upload must average "
+                                     f"{MIN_UPLOAD_BYTES_PER_S // 1024} KiB/s") from None
             raise UpdateRejected("stalled", f"no data for {self.idle_s:g}s after {received} "
                                  f"of {header.size} bytes") from None
         if received != header.size:
@@ -307,9 +349,13 @@ class UpdateIntake:
         late = exc.reason in {"stale", "round_closed"}
         level = "info" if late else "warning"
         what = "dropped (late)" if late else "rejected"
-        self._events.event(level, f"update from {header.client_id} for round {header.round} "
-                           f"{what}: {exc}", client_id=header.client_id,
-                           session_id=header.session_id, round=header.round, reason=exc.reason)
+        if self._rejections.allow(f"rejected:{header.client_id}"):
+            self._events.event(level, f"update from {header.client_id} for round "
+                               f"{header.round} {what}: {exc}", client_id=header.client_id,
+                               session_id=header.session_id, round=header.round,
+                               reason=exc.reason)
+        else:  # a client sending refused updates over and over writes no event per try
+            self.unrecorded += 1
         if share is None or late or exc.reason == "duplicate":
             return
         entry = share.tasks.get(header.task_id)

@@ -14,6 +14,7 @@ MAX_LIMITER_KEYS = 100_000  # token buckets kept per limiter (least recently use
 MAX_KEY_CHARS = 128  # longer keys are kept as a digest: 100k keys stay under ~30 MiB
 MAX_PEERS = 50_000  # connections whose claimed ids are remembered
 MAX_PEER_IDS = 200_000  # claimed ids remembered over all connections
+MAX_CALLS_IN_FLIGHT = 8  # per client: its task stream, a heartbeat, a transfer, spares
 
 
 class RateLimiter:
@@ -88,3 +89,37 @@ class EventThrottle:
             return False, 0
         dropped, self.suppressed = self.suppressed, 0
         return True, dropped
+
+
+Slots = tuple[tuple[str, int], ...]  # (key, how many calls it may have running)
+
+
+class InFlight:
+    """Calls running per key, each key under its own cap. Without it one client with a
+    valid token could open calls that never end (an upload without a header, a download
+    it never reads) until the server's concurrent-RPC limit is full and every other
+    client's heartbeat is refused. A key is kept only while it has calls running, so the
+    table is bounded by that same limit."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, int] = {}
+
+    def enter(self, slots: Slots) -> str | None:
+        """Take a call slot under every key, or take none and name the key that is full."""
+        for key, cap in slots:
+            if self._running.get(key, 0) >= cap:
+                return key
+        for key, _ in slots:
+            self._running[key] = self._running.get(key, 0) + 1
+        return None
+
+    def leave(self, slots: Slots) -> None:
+        for key, _ in slots:
+            left = self._running.get(key, 0) - 1
+            if left > 0:
+                self._running[key] = left
+            else:
+                self._running.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._running)
