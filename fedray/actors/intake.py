@@ -3,8 +3,10 @@
 An update goes through, in order: the header's task (``Share.admit``: right round, right
 client, right model, not answered yet, round still open), the header's numbers (size
 within what the round's model needs, ``num_examples`` in ``(0, max_examples_per_update]``),
-an upload slot (``max_inflight_uploads`` per combiner, one per client), the chunks (in
-order, each within ``upload_idle_s`` of the last, never past the announced size), and
+an upload slot (``max_inflight_uploads`` per combiner, one per client, held until the
+check ends), the chunks (in order, each within ``upload_idle_s`` of the last, on average
+at least ``MIN_UPLOAD_BYTES_PER_S``, in a bounded number of parts, never past the
+announced size), and
 then, in a worker thread so the event loop keeps serving heartbeats: the sha256, the
 safetensors header (bounded by the round model's own header size), names, dtypes and
 shapes, finite values that cannot overflow the float64 sums once weighted, the norm of
