@@ -235,3 +235,13 @@ async def test_the_session_runner_takes_the_median_over_every_combiners_updates(
         await pool.close()
     assert (state, reason) == ("finished", "")
     np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 3 * 2.0)
+
+
+def test_trimmed_mean_trims_floor_beta_n_despite_float_error():
+    """0.29 * 100 is 28.999999999999996 in floating point: k must still be 29."""
+    values = [float(v * v) for v in range(100)]  # spread: each trimmed value shows
+    updates = [({"w": np.full((3, 5), v, np.float32), "b": np.zeros(7, np.float32)}, 1)
+               for v in values]
+    out = _round(make_strategy("trimmed_mean", {"beta": 0.29}), SEED, updates)
+    kept = sorted(values)[29:71]  # 29 trimmed from each end
+    np.testing.assert_allclose(out["w"], np.mean(kept), rtol=1e-6)

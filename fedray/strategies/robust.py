@@ -17,6 +17,7 @@ weighted rule would hand it the round. Each honest client counts once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -158,13 +159,19 @@ class TrimmedMean(KeptStrategy):
 
     def aggregate(self, models: Models, metas: list[UpdateMeta]) -> Model:
         n = len(models)
-        k = int(self.beta * n)
+        k = trim_count(self.beta, n)
 
         def trimmed(stack: np.ndarray) -> np.ndarray:
             stack.sort(axis=0)
             return stack[k : n - k].mean(axis=0)
 
         return coordinatewise(models, trimmed)
+
+
+def trim_count(beta: float, n: int) -> int:
+    """``floor(beta * n)``, robust to float error (0.29 * 100 is 28.999999999999996), and
+    never so many that nothing is left to average."""
+    return min(math.floor(beta * n + 1e-9), (n - 1) // 2)
 
 
 class MultiKrum(_NeedsUpdates):
