@@ -255,3 +255,18 @@ async def test_a_non_finite_aggregate_is_never_committed_and_the_state_goes_back
     assert commits[1].parent_id == commits[0].model_id  # round 2 re-ran from round 1's model
     # FedAvgM's velocity went back to round 1's: as if the NaN attempt never happened
     np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 1 + 1.9 + 2.71)
+
+
+async def test_an_async_session_sends_its_strategy_to_each_combiner_once_more_not_to_all():
+    """Starting combiner k (or restarting it) sends the strategy to k only: linear, not N²."""
+    pool = SimPool(3)
+    for i in range(6):
+        pool.add(f"c{i}", slow(1.0, 0.02))
+    store = MemoryStore()
+    settings = session_settings(rounds=2, aggregator="fedbuff", buffer_size=2)
+    try:
+        state, reason, _ = await run_session(pool, store, settings, Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    assert sorted(pool.sessions_sent) == sorted(pool.names * 2)  # the session's start, then each

@@ -69,7 +69,8 @@ class AsyncLoop:
 
     async def _start_combiner(self, name: str, version: int) -> None:
         model_id, ref, _ = self.versions[version]
-        await self.r.pool.start_session(self.r.session_id, self.r.combiner_strategy)
+        # This combiner only: it may be one Ray restarted, and the others have it already.
+        await self.r.pool.start_session(self.r.session_id, self.r.combiner_strategy, [name])
         await self.r.pool.start_async(name, self._spec(sorted(self.participants[name])), ref,
                                       version, model_id)
 

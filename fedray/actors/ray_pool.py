@@ -9,6 +9,7 @@ sent to each combiner once; a combiner that Ray restarted has forgotten it, says
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -70,10 +71,12 @@ class RayCombinerPool:
     async def resolve(self, handle: Any) -> np.ndarray:
         return await handle  # zero-copy: a view of the object store's shared memory
 
-    async def start_session(self, session_id: str, strategy: Strategy) -> None:
+    async def start_session(self, session_id: str, strategy: Strategy,
+                            combiners: Sequence[str] | None = None) -> None:
         self.strategies = {session_id: strategy}
         await asyncio.gather(*(self._ask(n, "start_session", session_id, strategy)
-                               for n in self.names), return_exceptions=True)
+                               for n in (self.names if combiners is None else combiners)),
+                             return_exceptions=True)
 
     async def _with_session(self, combiner: str, session_id: str, method: str, *args: Any) -> Any:
         try:
