@@ -85,9 +85,9 @@ def plan_round(ctx: RoundContext) -> RoundPlan:
         names = {c.client_id for c in pool}
         picked = {str(i) for i in load_policy(s.select.policy)(tuple(pool), ctx)}
         unknown = sorted(picked - names)
-        if unknown:
-            raise ConfigError(f"session.select.policy {s.select.policy!r} chose clients that "
-                              f"are not eligible or not online: {unknown[:5]}")
+        if unknown:  # this snapshot's fault, maybe not the next one's: the attempt fails
+            raise ValueError(f"session.select.policy {s.select.policy!r} chose clients that "
+                             f"are not eligible or not online: {unknown[:5]}")
         chosen = [c for c in pool if c.client_id in picked]
     else:
         wanted = clients_wanted(s.clients_per_round, len(pool), s.min_clients, s.over_select)

@@ -11,7 +11,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from fedray.actors.callbacks import RoundCommitted, RoundFailed, RoundStarted
+from fedray.actors.callbacks import Notice, RoundCommitted, RoundFailed, RoundStarted
 from fedray.actors.session_runner import Start
 from fedray.serialization import decode, encode
 from fedray.strategies.fedopt import FedAvgM
@@ -270,3 +270,155 @@ async def test_an_async_session_sends_its_strategy_to_each_combiner_once_more_no
         await pool.close()
     assert state == "finished", reason
     assert sorted(pool.sessions_sent) == sorted(pool.names * 2)  # the session's start, then each
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """A failed attempt runs again at once, not after a second."""
+    from fedray.actors import session_runner
+
+    monkeypatch.setattr(session_runner, "RETRY_BACKOFF_S", (0.01, 0.01))
+
+
+class FlakyResolvePool(SimPool):
+    """Kept updates that cannot be read the first ``failures`` times (the combiner that
+    ray.put them died after it answered: OwnerDiedError)."""
+
+    def __init__(self, combiners: int = 1, failures: int = 1) -> None:
+        super().__init__(combiners)
+        self.failures = failures
+        self.models: set[int] = set()
+
+    def put_model(self, data: bytes):
+        ref = super().put_model(data)
+        self.models.add(id(ref))
+        return ref
+
+    async def resolve(self, handle):
+        if id(handle) not in self.models and self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("OwnerDiedError: the object's owner has exited")
+        return handle
+
+
+async def test_a_kept_update_lost_with_its_combiner_reruns_the_round(quick_retries):
+    pool = FlakyResolvePool(2)
+    for name in ("a", "b", "c"):
+        pool.add(name, shift_by(1.0))
+    store = MemoryStore()
+    settings = session_settings(rounds=2, round_attempts=2, aggregator="median",
+                                clients_per_round=3)
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    failed = runner.recorder.of(RoundFailed)
+    assert [(f.round, f.attempt) for f in failed] == [(1, 1)]
+    assert "could not be read (RuntimeError: OwnerDiedError" in failed[0].reason
+    assert [c.round for c in runner.recorder.of(RoundCommitted)] == [1, 2]
+
+
+class ConfigureFails(FedAvgM):
+    """FedAvgM whose configure fails: once (``transient``), or for good (a ConfigError)."""
+
+    def __init__(self, transient: bool = True) -> None:
+        super().__init__()
+        self.transient, self.calls = transient, []
+
+    def configure(self, ctx):
+        from fedray.errors import ConfigError
+
+        self.calls.append(ctx.attempt)
+        if not self.transient:
+            raise ConfigError("session.round_config.mu must be set for this strategy")
+        if ctx.attempt == 1:
+            raise RuntimeError("no client list yet")
+        return super().configure(ctx)
+
+
+@pytest.mark.parametrize("transient", [True, False])
+async def test_configure_errors_fail_the_attempt_unless_the_settings_cannot_work(
+        quick_retries, transient):
+    pool = await _pool({"a": (1.0, 10), "b": (1.0, 10)})
+    store = MemoryStore()
+    settings = session_settings(rounds=1, round_attempts=3, aggregator="fedavgm")
+    strategy = ConfigureFails(transient)
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))),
+                                                  strategy=strategy)
+    finally:
+        await pool.close()
+    notes = [n.message for n in runner.recorder.of(Notice) if n.level == "warning"]
+    if transient:  # runs again, and commits
+        assert state == "finished", reason
+        assert strategy.calls == [1, 2]
+        assert any("attempt 1 failed: strategy 'fedavgm' failed in configure: RuntimeError: "
+                   "no client list yet" in n for n in notes)
+    else:  # a ConfigError can never pass: the session ends at once, saying why
+        assert state == "failed" and "round_config.mu must be set" in reason
+        assert strategy.calls == [1]
+
+
+def every_client(clients, ctx):
+    """A selection policy: every eligible client."""
+    return [c.client_id for c in clients]
+
+
+async def test_a_plan_asking_more_than_max_kept_updates_fails_the_session_naming_it():
+    pool = await _pool({"a": (1.0, 10), "b": (2.0, 10), "c": (3.0, 10)})
+    store = MemoryStore()
+    # The config's estimate (2 per round) cannot see the policy, which asks all 3.
+    settings = session_settings(rounds=1, aggregator="median", max_kept_updates=2,
+                                clients_per_round=2,
+                                select={"policy": "tests.test_session_runner:every_client"})
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "failed"
+    assert "round 1 asks 3 clients, more than session.max_kept_updates (2)" in reason
+    assert not runner.recorder.of(RoundStarted)  # nobody was asked
+
+
+async def test_claim_keeps_its_buffer_full_call_referenced_until_it_is_done():
+    from fedray.actors.callbacks import Callbacks
+    from fedray.actors.session_runner import SessionRunner
+    from fedray.strategies import make_strategy
+
+    pool = SimPool(2)
+    runner = SessionRunner(federation="sim", session_id="s", settings=session_settings(),
+                           strategy=make_strategy("fedavg"), pool=pool, store=MemoryStore(),
+                           callbacks=Callbacks([]))
+    runner._buffers[(1, 1)] = [0, 2]
+    assert runner.claim(1, 1, "a") == 1 and not runner._tasks
+    assert runner.claim(1, 1, "b") == 2 and len(runner._tasks) == 1  # the K-th: buffer_full
+    task = next(iter(runner._tasks))
+    await task
+    await asyncio.sleep(0)
+    assert not runner._tasks
+    await pool.close()
+
+
+def ghost_first(clients, ctx):
+    """A selection policy that names a client nobody knows on a round's first attempt."""
+    return ["ghost"] if ctx.attempt == 1 else [c.client_id for c in clients]
+
+
+async def test_a_policy_that_picks_an_unknown_client_fails_that_attempt_only(quick_retries):
+    pool = await _pool({"a": (1.0, 10), "b": (1.0, 10)})
+    store = MemoryStore()
+    settings = session_settings(rounds=1, select={"policy": "tests.test_session_runner:"
+                                                            "ghost_first"})
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    assert [e.attempt for e in runner.recorder.of(RoundStarted)] == [2]
+    assert any("not eligible or not online: ['ghost']" in n.message
+               for n in runner.recorder.of(Notice))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedray.config import SessionConfig
+from fedray.config import SelectConfig, SessionConfig
 from fedray.errors import ConfigError
 from fedray.serialization import decode, encode
 from fedray.strategies import make_strategy
@@ -186,6 +186,11 @@ def test_too_few_updates_for_f_are_refused_clearly(name, options, needed):
         strategy.configure(ctx)
     ok = RoundContext("s", 1, 1, online, SessionConfig(min_clients=needed), seed=0)
     assert strategy.configure(ok).asked == needed
+    # Too few clients this round (one is not eligible) may pass next time: not a ConfigError.
+    few = RoundContext("s", 1, 1, online, SessionConfig(
+        min_clients=needed, select=SelectConfig(ids=[c.client_id for c in online[1:]])), seed=0)
+    with pytest.raises(ValueError, match=f"can ask only {needed - 1} client"):
+        strategy.configure(few)
 
 
 def test_a_config_whose_min_clients_is_too_low_for_f_is_refused_at_load():

@@ -121,11 +121,18 @@ class _NeedsUpdates(KeptStrategy):
                              f"raise it to {self.needed()} or more")
 
     def configure(self, ctx: RoundContext) -> RoundPlan:
+        """Settings too low for ``needed()`` can never work (ConfigError: the session
+        fails); a round with too few eligible clients may pass later (ValueError: the
+        attempt fails and runs again)."""
         try:
             self.check_settings(ctx.settings)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return super().configure(ctx)
+        plan = super().configure(ctx)
+        if plan.asked < self.needed():
+            raise ValueError(f"{self.describe()} needs at least {self.needed()} updates per "
+                             f"round; this attempt can ask only {plan.asked} client(s)")
+        return plan
 
     def check_count(self, n: int) -> None:
         if n < self.needed():
