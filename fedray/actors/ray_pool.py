@@ -36,12 +36,26 @@ class RayCombinerPool:
         self.names = names
         self.namespace = namespace
         self.strategies: dict[str, Strategy] = {}
+        self._handles: dict[str, Any] = {}
 
     def handle(self, name: str):
-        return ray.get_actor(name, namespace=self.namespace)
+        """The actor's handle: looked up once (a blocking call to Ray's control plane, in
+        the controller's event loop), then kept until a call finds the actor gone."""
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = ray.get_actor(name, namespace=self.namespace)
+        return handle
 
     async def _ask(self, name: str, method: str, *args: Any) -> Any:
-        return await getattr(self.handle(name), method).remote(*args)
+        handle = self.handle(name)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except ray.exceptions.RayActorError:
+            # Dead or unreachable: the next call looks the name up again, and finds the
+            # actor that was started under it since.
+            if self._handles.get(name) is handle:
+                del self._handles[name]
+            raise
 
     async def online(self) -> dict[str, list[ClientInfo]]:
         answers = await asyncio.gather(*(self._ask(n, "online_info") for n in self.names),
