@@ -83,12 +83,12 @@ def plan_round(ctx: RoundContext) -> RoundPlan:
     pool = eligible(ctx.online, s.select)
     if s.select.policy:
         names = {c.client_id for c in pool}
-        picked = [str(i) for i in load_policy(s.select.policy)(tuple(pool), ctx)]
-        unknown = sorted(set(picked) - names)
-        if unknown:
-            raise ConfigError(f"session.select.policy {s.select.policy!r} chose clients that "
-                              f"are not eligible or not online: {unknown[:5]}")
-        chosen = [c for c in pool if c.client_id in set(picked)]
+        picked = {str(i) for i in load_policy(s.select.policy)(tuple(pool), ctx)}
+        unknown = sorted(picked - names)
+        if unknown:  # this snapshot's fault, maybe not the next one's: the attempt fails
+            raise ValueError(f"session.select.policy {s.select.policy!r} chose clients that "
+                             f"are not eligible or not online: {unknown[:5]}")
+        chosen = [c for c in pool if c.client_id in picked]
     else:
         wanted = clients_wanted(s.clients_per_round, len(pool), s.min_clients, s.over_select)
         ordered = sorted(pool, key=lambda c: (c.client_id, c.combiner))

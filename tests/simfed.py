@@ -154,6 +154,7 @@ class SimPool:
         self.names = list(self.cores)
         self.clients: dict[str, SimClient] = {}
         self._runs: dict[str, asyncio.Task] = {}
+        self.sessions_sent: list[str] = []  # each combiner a strategy was sent to, in order
 
     def add(self, client_id: str, train: TrainFn, combiner: str | None = None,
             **kwargs: Any) -> SimClient:
@@ -199,9 +200,14 @@ class SimPool:
     async def resolve(self, handle: Any) -> Any:
         return handle
 
-    async def start_session(self, session_id: str, strategy) -> None:
-        for core in self.cores.values():
-            core.start_session(session_id, copy.deepcopy(strategy))
+    async def loads(self):
+        return {name: (len(core.online_info()), f"sim://{name}")
+                for name, core in self.cores.items()}
+
+    async def start_session(self, session_id: str, strategy, combiners=None) -> None:
+        self.sessions_sent.extend(self.names if combiners is None else combiners)
+        for name in self.names if combiners is None else combiners:
+            self.cores[name].start_session(session_id, copy.deepcopy(strategy))
 
     async def run_round(self, combiner, spec, model_ref):
         return await self.cores[combiner].run_round(spec, model_ref)

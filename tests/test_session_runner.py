@@ -11,11 +11,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from fedray.actors.callbacks import RoundCommitted, RoundFailed, RoundStarted
+from fedray.actors.callbacks import Notice, RoundCommitted, RoundFailed, RoundStarted
 from fedray.actors.session_runner import Start
 from fedray.serialization import decode, encode
+from fedray.strategies.fedbuff import FedBuff, StaleWeightedDeltas
 from fedray.strategies.fedopt import FedAvgM
-from tests.simfed import MemoryStore, SimPool, run_session, session_settings
+from tests.simfed import MemoryStore, Recorder, SimPool, run_session, session_settings
 
 SEED = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
 
@@ -255,3 +256,338 @@ async def test_a_non_finite_aggregate_is_never_committed_and_the_state_goes_back
     assert commits[1].parent_id == commits[0].model_id  # round 2 re-ran from round 1's model
     # FedAvgM's velocity went back to round 1's: as if the NaN attempt never happened
     np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 1 + 1.9 + 2.71)
+
+
+async def test_an_async_session_sends_its_strategy_to_each_combiner_once_more_not_to_all():
+    """Starting combiner k (or restarting it) sends the strategy to k only: linear, not N²."""
+    pool = SimPool(3)
+    for i in range(6):
+        pool.add(f"c{i}", slow(1.0, 0.02))
+    store = MemoryStore()
+    settings = session_settings(rounds=2, aggregator="fedbuff", buffer_size=2)
+    try:
+        state, reason, _ = await run_session(pool, store, settings, Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    assert sorted(pool.sessions_sent) == sorted(pool.names * 2)  # the session's start, then each
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """A failed attempt runs again at once, not after a second."""
+    from fedray.actors import session_runner
+
+    monkeypatch.setattr(session_runner, "RETRY_BACKOFF_S", (0.01, 0.01))
+
+
+class FlakyResolvePool(SimPool):
+    """Kept updates that cannot be read the first ``failures`` times (the combiner that
+    ray.put them died after it answered: OwnerDiedError)."""
+
+    def __init__(self, combiners: int = 1, failures: int = 1) -> None:
+        super().__init__(combiners)
+        self.failures = failures
+        self.models: set[int] = set()
+
+    def put_model(self, data: bytes):
+        ref = super().put_model(data)
+        self.models.add(id(ref))
+        return ref
+
+    async def resolve(self, handle):
+        if id(handle) not in self.models and self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("OwnerDiedError: the object's owner has exited")
+        return handle
+
+
+async def test_a_kept_update_lost_with_its_combiner_reruns_the_round(quick_retries):
+    pool = FlakyResolvePool(2)
+    for name in ("a", "b", "c"):
+        pool.add(name, shift_by(1.0))
+    store = MemoryStore()
+    settings = session_settings(rounds=2, round_attempts=2, aggregator="median",
+                                clients_per_round=3)
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    failed = runner.recorder.of(RoundFailed)
+    assert [(f.round, f.attempt) for f in failed] == [(1, 1)]
+    assert "could not be read (RuntimeError: OwnerDiedError" in failed[0].reason
+    assert [c.round for c in runner.recorder.of(RoundCommitted)] == [1, 2]
+
+
+class ConfigureFails(FedAvgM):
+    """FedAvgM whose configure fails: once (``transient``), or for good (a ConfigError)."""
+
+    def __init__(self, transient: bool = True) -> None:
+        super().__init__()
+        self.transient, self.calls = transient, []
+
+    def configure(self, ctx):
+        from fedray.errors import ConfigError
+
+        self.calls.append(ctx.attempt)
+        if not self.transient:
+            raise ConfigError("session.round_config.mu must be set for this strategy")
+        if ctx.attempt == 1:
+            raise RuntimeError("no client list yet")
+        return super().configure(ctx)
+
+
+@pytest.mark.parametrize("transient", [True, False])
+async def test_configure_errors_fail_the_attempt_unless_the_settings_cannot_work(
+        quick_retries, transient):
+    pool = await _pool({"a": (1.0, 10), "b": (1.0, 10)})
+    store = MemoryStore()
+    settings = session_settings(rounds=1, round_attempts=3, aggregator="fedavgm")
+    strategy = ConfigureFails(transient)
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))),
+                                                  strategy=strategy)
+    finally:
+        await pool.close()
+    notes = [n.message for n in runner.recorder.of(Notice) if n.level == "warning"]
+    if transient:  # runs again, and commits
+        assert state == "finished", reason
+        assert strategy.calls == [1, 2]
+        assert any("attempt 1 failed: strategy 'fedavgm' failed in configure: RuntimeError: "
+                   "no client list yet" in n for n in notes)
+    else:  # a ConfigError can never pass: the session ends at once, saying why
+        assert state == "failed" and "round_config.mu must be set" in reason
+        assert strategy.calls == [1]
+
+
+def every_client(clients, ctx):
+    """A selection policy: every eligible client."""
+    return [c.client_id for c in clients]
+
+
+async def test_a_plan_asking_more_than_max_kept_updates_fails_the_session_naming_it():
+    pool = await _pool({"a": (1.0, 10), "b": (2.0, 10), "c": (3.0, 10)})
+    store = MemoryStore()
+    # The config's estimate (2 per round) cannot see the policy, which asks all 3.
+    settings = session_settings(rounds=1, aggregator="median", max_kept_updates=2,
+                                clients_per_round=2,
+                                select={"policy": "tests.test_session_runner:every_client"})
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "failed"
+    assert "round 1 asks 3 clients, more than session.max_kept_updates (2)" in reason
+    assert not runner.recorder.of(RoundStarted)  # nobody was asked
+
+
+async def test_claim_keeps_its_buffer_full_call_referenced_until_it_is_done():
+    from fedray.actors.callbacks import Callbacks
+    from fedray.actors.session_runner import SessionRunner
+    from fedray.strategies import make_strategy
+
+    pool = SimPool(2)
+    runner = SessionRunner(federation="sim", session_id="s", settings=session_settings(),
+                           strategy=make_strategy("fedavg"), pool=pool, store=MemoryStore(),
+                           callbacks=Callbacks([]))
+    runner._buffers[(1, 1)] = [0, 2]
+    assert runner.claim(1, 1, "a") == 1 and not runner._tasks
+    assert runner.claim(1, 1, "b") == 2 and len(runner._tasks) == 1  # the K-th: buffer_full
+    task = next(iter(runner._tasks))
+    await task
+    await asyncio.sleep(0)
+    assert not runner._tasks
+    await pool.close()
+
+
+def ghost_first(clients, ctx):
+    """A selection policy that names a client nobody knows on a round's first attempt."""
+    return ["ghost"] if ctx.attempt == 1 else [c.client_id for c in clients]
+
+
+async def test_a_policy_that_picks_an_unknown_client_fails_that_attempt_only(quick_retries):
+    pool = await _pool({"a": (1.0, 10), "b": (1.0, 10)})
+    store = MemoryStore()
+    settings = session_settings(rounds=1, select={"policy": "tests.test_session_runner:"
+                                                            "ghost_first"})
+    try:
+        state, reason, runner = await run_session(pool, store, settings,
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    assert [e.attempt for e in runner.recorder.of(RoundStarted)] == [2]
+    assert any("not eligible or not online: ['ghost']" in n.message
+               for n in runner.recorder.of(Notice))
+
+
+# ------------------------------------------------------------------ asynchronous (FedBuff)
+
+
+async def _until(predicate, timeout_s: float = 10.0) -> None:
+    give_up = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < give_up, "timed out"
+        await asyncio.sleep(0.02)
+
+
+class FoldRefuses(FedBuff):
+    """FedBuff whose fold fails for client ``bad`` (a strategy bug, mid-session)."""
+
+    def start(self, share):
+        def weigh(meta):
+            if meta.client_id == "bad":
+                raise ZeroDivisionError("float division by zero")
+            return self.weight(meta.staleness)
+        return StaleWeightedDeltas(share, weigh)
+
+
+class NaNVersions(FedBuff):
+    """FedBuff whose versions in ``bad`` (1-based calls of finish) are NaN."""
+
+    def __init__(self, bad: set[int]) -> None:
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def finish(self, global_model, reduced):
+        out = super().finish(global_model, reduced)
+        self.calls += 1
+        return {k: np.full_like(v, np.nan) for k, v in out.items()} if self.calls in self.bad \
+            else out
+
+
+async def _fedbuff(pool, strategy=None, **settings):
+    for i in range(4):
+        pool.add(f"c{i}", slow(1.0, 0.02))
+    store = MemoryStore()
+    settings = session_settings(**{"rounds": 4, "aggregator": "fedbuff", "buffer_size": 2,
+                                   **settings})
+    try:
+        return await run_session(pool, store, settings, Start(store.put(encode(SEED))),
+                                 strategy=strategy)
+    finally:
+        await pool.close()
+
+
+async def test_an_update_the_strategy_cannot_fold_is_dropped_and_fedbuff_goes_on():
+    pool = SimPool(2)
+    pool.add("bad", slow(1.0, 0.02))
+    state, reason, runner = await _fedbuff(pool, FoldRefuses())
+    assert state == "finished", reason
+    commits = runner.recorder.of(RoundCommitted)
+    assert len(commits) == 4 and all(p["client_id"] != "bad" for c in commits
+                                     for p in c.contributions)
+    drops = [n for n in runner.recorder.of(Notice) if n.data.get("reason") == "strategy_error"]
+    assert drops and drops[0].data["client_id"] == "bad"
+    assert "failed to fold it: ZeroDivisionError" in drops[0].message
+
+
+async def test_a_forwarded_update_that_cannot_be_read_is_dropped_and_fedbuff_goes_on():
+    state, reason, runner = await _fedbuff(FlakyResolvePool(2, failures=1))
+    assert state == "finished", reason
+    lost = [n for n in runner.recorder.of(Notice) if n.data.get("reason") == "lost"]
+    assert len(lost) == 1 and "could not be read (RuntimeError: OwnerDiedError" in lost[0].message
+
+
+async def test_a_refused_version_discards_its_buffer_and_is_built_again():
+    state, reason, runner = await _fedbuff(SimPool(2), NaNVersions({2}), round_attempts=2)
+    assert state == "finished", reason
+    assert [(f.round, f.attempt) for f in runner.recorder.of(RoundFailed)] == [(2, 1)]
+    commits = runner.recorder.of(RoundCommitted)
+    assert [(c.round, c.attempt) for c in commits] == [(1, 1), (2, 2), (3, 1), (4, 1)]
+    assert commits[1].parent_id == commits[0].model_id  # the previous model stayed
+    assert np.isfinite(decode(runner.store.get(runner.model_id))["w"]).all()
+
+
+async def test_versions_refused_round_attempts_times_in_a_row_fail_the_session():
+    state, reason, runner = await _fedbuff(SimPool(1), NaNVersions({2, 3}), round_attempts=2)
+    assert state == "failed"
+    assert "version 2 was refused 2 time(s) in a row (session.round_attempts)" in reason
+    assert "NaN or infinity" in reason
+    assert [c.round for c in runner.recorder.of(RoundCommitted)] == [1]
+
+
+def _trained(pool) -> set[str]:
+    return {name for name, client in pool.clients.items() if client.tasks_seen}
+
+
+async def _online(pool, count: int) -> None:
+    async def ready():
+        return sum(len(c) for c in (await pool.online()).values())
+    give_up = asyncio.get_running_loop().time() + 10
+    while await ready() != count:
+        assert asyncio.get_running_loop().time() < give_up
+        await asyncio.sleep(0.02)
+
+
+async def test_async_participants_stay_at_the_planned_count_and_replace_those_gone():
+    """20 online, clients_per_round 0.3: 6 train; one leaving is replaced by one, and a
+    non-participant leaving changes nothing (each change used to add a fresh sample)."""
+    pool = SimPool(2)
+    for i in range(20):
+        pool.add(f"c{i:02d}", slow(1.0, 0.02))
+    await _online(pool, 20)
+    store, recorder = MemoryStore(), Recorder()
+    settings = session_settings(rounds=100_000, aggregator="fedbuff", buffer_size=3,
+                                clients_per_round=0.3, time_budget_s=3.0)
+    session = asyncio.ensure_future(run_session(pool, store, settings,
+                                                Start(store.put(encode(SEED))),
+                                                recorder=recorder))
+    try:
+        await _until(lambda: len(_trained(pool)) == 6 and recorder.of(RoundCommitted))
+        first = _trained(pool)
+        gone, idle = sorted(first)[0], sorted(set(pool.clients) - first)[0]
+        for name in (gone, idle):
+            pool.remove(name)
+            await asyncio.sleep(0.3)
+        await _until(lambda: len(_trained(pool) | {gone}) >= 7)
+        await asyncio.sleep(0.5)  # time for more changes to add more, as they used to
+        state, reason, _ = await session
+        trained = _trained(pool)
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    assert len(trained | {gone}) == 7 and first - {gone} <= trained
+
+
+class ConfigureFailsOnce(FedBuff):
+    """FedBuff whose second configure fails (the first watch after a client joins)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def configure(self, ctx):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("selection service unavailable")
+        return super().configure(ctx)
+
+
+async def test_the_async_watch_outlives_a_failed_plan_and_still_adds_clients():
+    pool = SimPool(1)
+    for name in ("a", "b"):
+        pool.add(name, slow(1.0, 0.02))
+    await _online(pool, 2)
+    store, recorder = MemoryStore(), Recorder()
+    settings = session_settings(rounds=100_000, aggregator="fedbuff", time_budget_s=2.5)
+    session = asyncio.ensure_future(run_session(pool, store, settings,
+                                                Start(store.put(encode(SEED))),
+                                                recorder=recorder, strategy=ConfigureFailsOnce()))
+    try:
+        await _until(lambda: recorder.of(RoundCommitted))
+        pool.add("late1", slow(1.0, 0.02))
+        await _until(lambda: any("selection service unavailable" in n.message
+                                 for n in recorder.of(Notice)))
+        pool.add("late2", slow(1.0, 0.02))
+        await _until(lambda: {"late1", "late2"} <= _trained(pool))
+        state, reason, _ = await session
+    finally:
+        await pool.close()
+    assert state == "finished", reason
+    note = next(n for n in recorder.of(Notice) if "selection service" in n.message)
+    assert note.level == "warning" and "no client could be added" in note.message

@@ -239,6 +239,33 @@ def test_adaptive_splits_the_noise_between_sum_and_count():
         make_strategy("dp_adaptive", {"noise_multiplier": 1.0, "clipped_count_stddev": 0.4})
 
 
+@pytest.mark.parametrize("accepted", [5, 10])  # m/20 = 0.25 (complex), 0.5 (division by 0)
+def test_adaptive_without_configure_refuses_a_count_noise_that_cannot_carry_z(accepted):
+    strategy = make_strategy("dp_adaptive", {"noise_multiplier": 1.0, "seed": 1})
+    g = _global()
+    acc = strategy.start(ShareStart(spec=SPEC, base=g, params={CLIPPING_NORM: 0.1}))
+    for i in range(accepted):
+        acc.fold(Update({k: v + 1 for k, v in g.items()}, UpdateMeta(f"c{i}", 1, 1), b""))
+    with pytest.raises(ValueError, match="set clipped_count_stddev .* in session.aggregator_kwargs"):
+        strategy.finish(g, strategy.reduce([acc.partial()]))
+    assert strategy.accountant.steps == 0  # nothing was charged or moved
+
+
+def test_adaptive_with_a_count_per_round_too_small_for_z_is_refused_at_load():
+    from fedray.config import config_from_dict
+
+    def load(**session):
+        return config_from_dict({"federation": "dp", "seed_model": "unused", "session": {
+            "aggregator": "dp_adaptive", "aggregator_kwargs": {"noise_multiplier": 1.0},
+            "min_clients": 2, **session}}, source="dp.yaml")
+
+    with pytest.raises(ConfigError, match=r"dp.yaml: session.aggregator 'dp_adaptive': "
+                                          r"dp_adaptive: clipped_count_stddev 0.5 \(m/20, m = 10"):
+        load(clients_per_round=10)
+    assert load(clients_per_round=11).session.clients_per_round == 11
+    assert load(clients_per_round=0.5).session.clients_per_round == 0.5  # m: who is online
+
+
 def test_state_round_trips_and_a_fresh_state_resets():
     kwargs = {"noise_multiplier": 0.8, "initial_clipping_norm": 0.5, "seed": 2}
     strategy = make_strategy("dp_adaptive", kwargs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedray.config import SessionConfig
+from fedray.config import SelectConfig, SessionConfig
 from fedray.errors import ConfigError
 from fedray.serialization import decode, encode
 from fedray.strategies import make_strategy
@@ -186,6 +186,11 @@ def test_too_few_updates_for_f_are_refused_clearly(name, options, needed):
         strategy.configure(ctx)
     ok = RoundContext("s", 1, 1, online, SessionConfig(min_clients=needed), seed=0)
     assert strategy.configure(ok).asked == needed
+    # Too few clients this round (one is not eligible) may pass next time: not a ConfigError.
+    few = RoundContext("s", 1, 1, online, SessionConfig(
+        min_clients=needed, select=SelectConfig(ids=[c.client_id for c in online[1:]])), seed=0)
+    with pytest.raises(ValueError, match=f"can ask only {needed - 1} client"):
+        strategy.configure(few)
 
 
 def test_a_config_whose_min_clients_is_too_low_for_f_is_refused_at_load():
@@ -235,3 +240,13 @@ async def test_the_session_runner_takes_the_median_over_every_combiners_updates(
         await pool.close()
     assert (state, reason) == ("finished", "")
     np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 3 * 2.0)
+
+
+def test_trimmed_mean_trims_floor_beta_n_despite_float_error():
+    """0.29 * 100 is 28.999999999999996 in floating point: k must still be 29."""
+    values = [float(v * v) for v in range(100)]  # spread: each trimmed value shows
+    updates = [({"w": np.full((3, 5), v, np.float32), "b": np.zeros(7, np.float32)}, 1)
+               for v in values]
+    out = _round(make_strategy("trimmed_mean", {"beta": 0.29}), SEED, updates)
+    kept = sorted(values)[29:71]  # 29 trimmed from each end
+    np.testing.assert_allclose(out["w"], np.mean(kept), rtol=1e-6)

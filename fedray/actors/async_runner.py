@@ -4,8 +4,11 @@ Every combiner keeps its participating clients training on the newest version it
 given and forwards each accepted update by handle (``take_updates``, a long poll). The
 controller folds each update as it comes, weighted by its staleness against the version
 it started from, drops those staler than the strategy's ``max_staleness`` (with an
-event), and commits version v+1 once K updates are in. Clients that join later are
-added as they appear; nobody waits for the slowest. The session ends after
+event), and commits version v+1 once K updates are in. As many clients participate as
+the strategy plans over those online: one gone is replaced, and joiners are added as far
+as the plan's count grows; nobody waits for the slowest. An update that cannot be read or
+folded is dropped; a refused version discards its buffer and is built again (up to
+``session.round_attempts`` times in a row). The session ends after
 ``session.rounds`` versions or ``session.time_budget_s``. Each version's round document
 lists the updates that built it: client, base version, staleness, examples, weight.
 """
@@ -16,12 +19,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fedray.actors.callbacks import RoundDone, RoundStarted
+from fedray.actors.callbacks import RoundDone, RoundFailed, RoundStarted
+from fedray.actors.session_runner import RoundFailedError
 from fedray.errors import SessionError
 from fedray.messages import AsyncSpec
 from fedray.serialization import decode
@@ -46,6 +51,8 @@ class AsyncLoop:
         self.participants: dict[str, set[str]] = {}
         self.dropped = 0
         self.first_version = runner.rounds_done
+        self.attempt = 1  # of the next version: a refused aggregate discards its buffer
+        self._watch_error = ""  # the last failure of the watch, said once
 
     # ----------------------------------------------------------------- versions
 
@@ -69,7 +76,8 @@ class AsyncLoop:
 
     async def _start_combiner(self, name: str, version: int) -> None:
         model_id, ref, _ = self.versions[version]
-        await self.r.pool.start_session(self.r.session_id, self.r.combiner_strategy)
+        # This combiner only: it may be one Ray restarted, and the others have it already.
+        await self.r.pool.start_session(self.r.session_id, self.r.combiner_strategy, [name])
         await self.r.pool.start_async(name, self._spec(sorted(self.participants[name])), ref,
                                       version, model_id)
 
@@ -83,26 +91,47 @@ class AsyncLoop:
 
     async def _participants_from(self, online: Mapping[str, list[ClientInfo]],
                                  version: int) -> dict[str, list[str]]:
-        """Clients the strategy picks now that are not participating yet, per combiner."""
-        plan = self.r.plan(self.r.context(version + 1, 1, online))
+        """Clients to add, per combiner: as many participate as the strategy plans over
+        the clients online now, topped up from its picks when participants went offline
+        (or moved), never beyond that count."""
+        ctx = self.r.context(version + 1, 1, online)
+        plan = self.r.plan(ctx)
+        here = {name: {c.client_id for c in clients} for name, clients in online.items()}
+        active = sum(len(self.participants.get(name, set()) & ids) for name, ids in here.items())
+        fresh = [(name, cid) for name, ids in sorted(plan.clients.items()) for cid in ids
+                 if cid not in self.participants.setdefault(name, set())]
+        random.Random(ctx.seed).shuffle(fresh)
         new: dict[str, list[str]] = {}
-        for name, ids in plan.clients.items():
-            fresh = sorted(set(ids) - self.participants.setdefault(name, set()))
-            if fresh:
-                self.participants[name].update(fresh)
-                new[name] = fresh
-        return new
+        for name, cid in fresh[: max(0, plan.asked - active)]:
+            self.participants[name].add(cid)
+            new.setdefault(name, []).append(cid)
+        return {name: sorted(ids) for name, ids in new.items()}
 
     async def _watch(self, online: Mapping[str, list[ClientInfo]], version: list[int]) -> None:
-        """Clients that join (or come back) later contribute too."""
+        """Clients that join later, or replace participants gone, contribute too."""
         while True:
-            await self.r.pool.wait_for_change(online, 5.0)
-            online = await self.r.pool.online()
+            try:
+                await self.r.pool.wait_for_change(online, 5.0)
+                online = await self.r.pool.online()
+                added = await self._participants_from(online, version[0])
+            except Exception as exc:  # noqa: BLE001 - the watch outlives a failed plan
+                self._watch_failed(exc, version[0] + 1)
+                await asyncio.sleep(RETRY_S)
+                continue
+            self._watch_error = ""
             # A client that moved combiners is new to the one it is on now; one that came
             # back to the same combiner is dispatched again by that combiner itself.
-            for name, ids in (await self._participants_from(online, version[0])).items():
+            for name, ids in added.items():
                 with contextlib.suppress(Exception):  # a restarting combiner: next time
                     await self.r.pool.add_clients(name, ids)
+
+    def _watch_failed(self, exc: Exception, number: int) -> None:
+        """Say why no client could be added, once per distinct reason (it retries)."""
+        why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SessionError) else str(exc)
+        if why != self._watch_error:
+            self._watch_error = why
+            self.r.note("warning", f"no client could be added for version {number}: {why}; "
+                        "trying again as clients change", number)
 
     # ----------------------------------------------------------------- the loop
 
@@ -116,7 +145,10 @@ class AsyncLoop:
         await self._add_version(version, r.model_id, model)
         for name in r.pool.names:
             self.participants.setdefault(name, set())
-        await self._participants_from(online, version)
+        try:
+            await self._participants_from(online, version)
+        except RoundFailedError as exc:  # this snapshot only: the watch plans again
+            self._watch_failed(exc, version + 1)
         await asyncio.gather(*(self._start_combiner(name, version) for name in r.pool.names))
         current = [version]
         watcher = asyncio.ensure_future(self._watch(online, current))
@@ -170,13 +202,14 @@ class AsyncLoop:
                         contributions.append(contribution)
                     if len(contributions) >= self.k:
                         model = await self._commit(model, acc, contributions, current, started)
+                        # committed or refused, the buffer is spent: a fresh one
                         acc, contributions, started = self._fresh(current[0]), [], time.monotonic()
                         if current[0] < s.rounds:
                             self._started(current[0] + 1)
         return model
 
     def _started(self, number: int) -> None:
-        self.r.emit(RoundStarted(self.r.session_id, number, 1, self.r.model_id,
+        self.r.emit(RoundStarted(self.r.session_id, number, self.attempt, self.r.model_id,
                                  {n: len(ids) for n, ids in self.participants.items()}))
 
     async def _taken(self, name: str, task: asyncio.Future, version: int) -> list[Kept]:
@@ -194,36 +227,58 @@ class AsyncLoop:
             return []
 
     async def _fold(self, acc: Accumulator, kept: Kept, version: int) -> dict[str, Any] | None:
+        """Fold one forwarded update; one that is stale, lost or refused by the strategy
+        is dropped with an event, and the session goes on."""
         meta = kept.meta
         staleness = version - meta.base_version
         if staleness > self.max_staleness or meta.base_version not in self.versions:
-            self.dropped += 1
-            self.r.note("info", f"update from {meta.client_id} dropped: trained from version "
-                        f"{meta.base_version}, {staleness} version(s) old, over max_staleness "
-                        f"{self.max_staleness}", version + 1, reason="stale",
-                        client_id=meta.client_id, staleness=staleness)
-            return None
+            return self._drop(meta, version, "stale", "info", f"trained from version "
+                              f"{meta.base_version}, {staleness} version(s) old, over "
+                              f"max_staleness {self.max_staleness}", staleness=staleness)
         meta = dataclasses.replace(meta, staleness=staleness)
-        raw = await self.r.pool.resolve(kept.handle)
-        await asyncio.to_thread(acc.fold, Update(model=decode(raw), meta=meta, raw=raw))
-        weight = getattr(self.r.strategy, "weight", lambda s: 1.0)(staleness)
+        try:
+            raw = await self.r.pool.resolve(kept.handle)
+        except Exception as exc:  # noqa: BLE001 - its combiner died after forwarding it
+            return self._drop(meta, version, "lost", "warning", f"it could not be read "
+                              f"({type(exc).__name__}: {str(exc)[:200]})")
+        try:
+            weight = float(getattr(self.r.strategy, "weight", lambda s: 1.0)(staleness))
+            await asyncio.to_thread(acc.fold, Update(model=decode(raw), meta=meta, raw=raw))
+        except Exception as exc:  # noqa: BLE001 - user strategy code: this update only
+            return self._drop(meta, version, "strategy_error", "warning", f"strategy "
+                              f"{self.r.settings.aggregator!r} failed to fold it: "
+                              f"{type(exc).__name__}: {exc}")
         return {"client_id": meta.client_id, "base_version": meta.base_version,
                 "staleness": staleness, "num_examples": meta.num_examples,
-                "weight": round(float(weight), 6)}
+                "weight": round(weight, 6)}
+
+    def _drop(self, meta: Any, version: int, reason: str, level: str, why: str,
+              **data: Any) -> None:
+        self.dropped += 1
+        self.r.note(level, f"update from {meta.client_id} dropped: {why}", version + 1,
+                    reason=reason, client_id=meta.client_id, **data)
 
     async def _commit(self, model: bytes, acc: Accumulator, contributions: list[dict[str, Any]],
                       current: list[int], started: float) -> bytes:
+        """Version ``current + 1`` from the buffer; a refused aggregate (not finite, or the
+        strategy failed) discards the buffer and keeps the previous model, up to
+        ``session.round_attempts`` times in a row."""
         r = self.r
         parent = r.model_id
         number = current[0] + 1
-        new_model = await asyncio.to_thread(r.reduce_and_finish, model, [acc.partial()])
+        try:
+            new_model = await asyncio.to_thread(r.reduce_and_finish, model, [acc.partial()])
+        except RoundFailedError as exc:
+            await self._refused(number, str(exc), len(contributions))
+            return model
         stale = [c["staleness"] for c in contributions]
-        await r.commit(number, 1, parent, new_model, {
+        await r.commit(number, self.attempt, parent, new_model, {
             "updates": len(contributions), "started": started,
             "train_metrics": {"staleness_mean": sum(stale) / len(stale),
                               "staleness_max": float(max(stale))}},
             mode="async", contributions=contributions)
         current[0] = number
+        self.attempt = 1
         ref = await self._add_version(number, r.model_id, new_model)
         await asyncio.gather(*(r.pool.set_version(name, number, ref, r.model_id)
                                for name in r.pool.names), return_exceptions=True)
@@ -234,3 +289,15 @@ class AsyncLoop:
                                         "train_metrics": {"staleness_max": float(max(stale))},
                                         "validation_metrics": {}}))
         return new_model
+
+    async def _refused(self, number: int, reason: str, updates: int) -> None:
+        r, attempts = self.r, self.r.settings.round_attempts
+        await r.restore_state()
+        r.emit(RoundFailed(r.session_id, number, self.attempt, reason))
+        if self.attempt >= attempts:
+            raise SessionError(f"version {number} was refused {attempts} time(s) in a row "
+                               f"(session.round_attempts); last: {reason}")
+        r.note("warning", f"version {number} attempt {self.attempt} refused: {reason}; its "
+               f"{updates} update(s) were discarded and the next {self.k} build it again "
+               f"({self.attempt + 1} of {attempts})", number)
+        self.attempt += 1

@@ -8,7 +8,7 @@ are tested without it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
@@ -21,10 +21,14 @@ class CombinerPool(Protocol):
     names: list[str]
 
     async def online(self) -> dict[str, list[ClientInfo]]: ...
+    async def loads(self) -> dict[str, tuple[int, str]]: ...  # name -> (clients, address)
     async def wait_for_change(self, online: Mapping[str, list[Any]], timeout_s: float) -> None: ...
     def put_model(self, data: bytes) -> Any: ...
     async def resolve(self, handle: Any) -> Buffer: ...
-    async def start_session(self, session_id: str, strategy: Strategy) -> None: ...
+    async def start_session(self, session_id: str, strategy: Strategy,
+                            combiners: Sequence[str] | None = None) -> None:
+        """Send the strategy to ``combiners`` (every one by default) and keep it, so that a
+        combiner Ray restarted can be sent it again."""
     async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult: ...
     async def start_async(self, combiner: str, spec: AsyncSpec, model_ref: Any, version: int,
                           model_id: str) -> None: ...

@@ -9,6 +9,7 @@ sent to each combiner once; a combiner that Ray restarted has forgotten it, says
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,12 +36,26 @@ class RayCombinerPool:
         self.names = names
         self.namespace = namespace
         self.strategies: dict[str, Strategy] = {}
+        self._handles: dict[str, Any] = {}
 
     def handle(self, name: str):
-        return ray.get_actor(name, namespace=self.namespace)
+        """The actor's handle: looked up once (a blocking call to Ray's control plane, in
+        the controller's event loop), then kept until a call finds the actor gone."""
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = ray.get_actor(name, namespace=self.namespace)
+        return handle
 
     async def _ask(self, name: str, method: str, *args: Any) -> Any:
-        return await getattr(self.handle(name), method).remote(*args)
+        handle = self.handle(name)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except ray.exceptions.RayActorError:
+            # Dead or unreachable: the next call looks the name up again, and finds the
+            # actor that was started under it since.
+            if self._handles.get(name) is handle:
+                del self._handles[name]
+            raise
 
     async def online(self) -> dict[str, list[ClientInfo]]:
         answers = await asyncio.gather(*(self._ask(n, "online_info") for n in self.names),
@@ -70,10 +85,12 @@ class RayCombinerPool:
     async def resolve(self, handle: Any) -> np.ndarray:
         return await handle  # zero-copy: a view of the object store's shared memory
 
-    async def start_session(self, session_id: str, strategy: Strategy) -> None:
+    async def start_session(self, session_id: str, strategy: Strategy,
+                            combiners: Sequence[str] | None = None) -> None:
         self.strategies = {session_id: strategy}
         await asyncio.gather(*(self._ask(n, "start_session", session_id, strategy)
-                               for n in self.names), return_exceptions=True)
+                               for n in (self.names if combiners is None else combiners)),
+                             return_exceptions=True)
 
     async def _with_session(self, combiner: str, session_id: str, method: str, *args: Any) -> Any:
         try:

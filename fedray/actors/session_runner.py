@@ -90,6 +90,7 @@ class SessionRunner:
         self.state_id = ""
         self._put: tuple[str, Any] | None = None  # (model id, ref) of the last put
         self._buffers: dict[tuple[int, int], list[int]] = {}  # (round, attempt) -> [count, K]
+        self._tasks: set[asyncio.Future] = set()  # fire-and-forget calls, until they are done
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -189,21 +190,45 @@ class SessionRunner:
                             seed=self.settings.seed * 100_003 + number * 101 + attempt)
 
     def plan(self, ctx: RoundContext) -> RoundPlan:
-        """The strategy's plan, checked: it may only ask clients that are online."""
+        """The strategy's plan, checked: it may only ask clients that are online.
+
+        Settings that can never work (a ConfigError or SessionError from ``configure``, more
+        kept updates than ``session.max_kept_updates``) end the session; anything else
+        fails this attempt only (RoundFailedError): the next one sees other clients.
+        """
+        name = self.settings.aggregator
         try:
             plan = self.strategy.configure(ctx)
-        except FedrayError:
+        except RoundFailedError:
             raise
+        except (ConfigError, SessionError) as exc:
+            raise SessionError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - user strategy code
-            raise SessionError(f"strategy {self.settings.aggregator!r} failed in configure: "
-                               f"{type(exc).__name__}: {exc}") from None
+            raise RoundFailedError(f"strategy {name!r} failed in configure: "
+                                   f"{type(exc).__name__}: {exc}") from None
         where = {c.client_id: c.combiner for c in ctx.online}
         for combiner, ids in plan.clients.items():
             wrong = [i for i in ids if where.get(i) != combiner]
             if wrong:
-                raise SessionError(f"strategy {self.settings.aggregator!r} asked clients that "
-                                   f"are not online at {combiner}: {wrong[:5]}")
+                raise RoundFailedError(f"strategy {name!r} asked clients that are not online "
+                                       f"at {combiner}: {wrong[:5]}")
+        self._check_kept(ctx.round, plan)
         return plan
+
+    def _check_kept(self, number: int, plan: RoundPlan) -> None:
+        """A strategy that keeps every update (object store) may keep at most
+        ``session.max_kept_updates`` per round; the config's estimate cannot see a select
+        policy or a custom ``configure``, so the plan itself is checked."""
+        if not self.strategy.keeps_updates or self.strategy.asynchronous:
+            return
+        kept = min(plan.asked, plan.buffer) if plan.buffer else plan.asked
+        most = self.settings.max_kept_updates
+        if kept > most:
+            raise SessionError(f"strategy {self.settings.aggregator!r} keeps every update of a "
+                               f"round (in Ray's object store) and round {number} asks {kept} "
+                               f"clients, more than session.max_kept_updates ({most}); ask "
+                               "fewer (session.clients_per_round, session.select) or raise "
+                               "max_kept_updates (memory: that many model sizes)")
 
     # ----------------------------------------------------------------- synchronous rounds
 
@@ -230,10 +255,7 @@ class SessionRunner:
                        online: Mapping[str, list[ClientInfo]]) -> bytes:
         started = time.monotonic()
         ctx = self.context(number, attempt, online)
-        try:
-            plan = self.plan(ctx)
-        except ConfigError as exc:
-            raise SessionError(str(exc)) from None
+        plan = self.plan(ctx)
         parent_id = self.model_id
         asked = {k: len(v) for k, v in plan.clients.items()}
         self.emit(RoundStarted(self.session_id, number, attempt, parent_id, asked,
@@ -261,8 +283,8 @@ class SessionRunner:
             raise RoundFailedError(reason)
         reduce_started = time.monotonic()
         partials = [r.partial for r in results if r.partial is not None and r.updates]
-        await self.resolve_kept(partials)
         try:
+            await self.resolve_kept(partials)
             new_model = await asyncio.to_thread(self.reduce_and_finish, model, partials)
         except RoundFailedError as exc:
             await self.restore_state()
@@ -328,13 +350,27 @@ class SessionRunner:
         if entry[0] == entry[1]:
             self.note("info", f"round {round_} has its first {entry[1]} updates "
                       "(session.buffer_size); closing it", round_)
-            asyncio.ensure_future(asyncio.gather(
+            self.background(asyncio.gather(
                 *(self.pool.buffer_full(name, self.session_id, round_, attempt)
                   for name in self.pool.names), return_exceptions=True))
         return entry[0]
 
+    def background(self, aw: Any) -> None:
+        """Run ``aw`` without waiting for it; the loop holds tasks weakly, so keep it
+        referenced until it is done."""
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def resolve_kept(self, partials: list[Any]) -> None:
-        await resolve_kept(self.pool, partials)
+        """Kept updates live in the object store of the combiner that put them: one that
+        died after it answered took them along, so the attempt fails and runs again."""
+        try:
+            await resolve_kept(self.pool, partials)
+        except Exception as exc:  # noqa: BLE001 - owner died, object lost, ...
+            raise RoundFailedError(f"a kept update could not be read ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]}); its combiner may have died after it "
+                                   "answered") from None
 
     def reduce_and_finish(self, model: bytes, partials: list[Any]) -> bytes:
         """Runs in a worker thread. A model that is not finite is never committed."""

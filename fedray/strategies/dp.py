@@ -29,7 +29,7 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from fedray.strategies.base import (
     add_scaled_delta,
     delta_norm,
 )
+
+if TYPE_CHECKING:
+    from fedray.config import SessionConfig
 
 CLIPPING_NORM = "dp.clipping_norm"  # the RoundPlan.params key combiners clip with
 
@@ -298,18 +301,39 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
             return self.clipped_count_stddev
         return asked / 20 if self.noise_multiplier > 0 else 0.0
 
-    def check_round(self, asked: int) -> None:
+    def _count_noise_problem(self, asked: int) -> str:
+        """Why ``asked`` clients cannot carry this noise split ("" if they can): the sum's
+        multiplier ``(z⁻² − (2σ_b)⁻²)^(−1/2)`` needs ``2σ_b > z``."""
         z, sigma_b = self.noise_multiplier, self.count_stddev(asked)
-        if asked and z > 0 and not 2 * sigma_b > z:
-            default = "" if self.clipped_count_stddev is not None else f" (m/20, m = {asked})"
-            raise ConfigError(f"dp_adaptive: clipped_count_stddev {sigma_b:g}{default} must "
-                              f"exceed noise_multiplier / 2 = {z / 2:g}; set it in "
-                              "session.aggregator_kwargs or ask more clients per round")
+        if z == 0 or 2 * sigma_b > z:
+            return ""
+        default = "" if self.clipped_count_stddev is not None else f" (m/20, m = {asked})"
+        return (f"dp_adaptive: clipped_count_stddev {sigma_b:g}{default} must exceed "
+                f"noise_multiplier / 2 = {z / 2:g}; set clipped_count_stddev (or lower "
+                "noise_multiplier) in session.aggregator_kwargs, or ask more clients per round")
+
+    def check_settings(self, settings: SessionConfig) -> None:
+        """A count of clients per round whose m/20 can never carry z is refused now."""
+        if settings.clients_per_round <= 1 or settings.select.policy:
+            return  # a fraction (or a policy): m depends on who is online
+        most = math.ceil(max(int(settings.clients_per_round), settings.min_clients)
+                         * (1 + settings.over_select))
+        problem = self._count_noise_problem(most)
+        if problem:
+            raise ValueError(problem)
+
+    def check_round(self, asked: int) -> None:
+        problem = self._count_noise_problem(asked) if asked else ""
+        if problem:
+            raise ConfigError(problem)
 
     def sum_noise_multiplier(self, asked: int) -> float:
         z = self.noise_multiplier
         if z == 0:
             return 0.0
+        problem = self._count_noise_problem(asked)
+        if problem:  # the formula would divide by zero or turn complex
+            raise ValueError(problem)
         return (z ** -2 - (2 * self.count_stddev(asked)) ** -2) ** -0.5
 
     def adapt(self, reduced: ClippedSums, asked: int, rng: np.random.Generator) -> None:

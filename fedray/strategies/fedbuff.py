@@ -12,7 +12,8 @@ default, ``constant``, ``hinge`` (1 up to ``hinge_a``, then ``1/(b (tau - a) + 1
 ``package.module:callable`` of tau. Updates staler than ``max_staleness`` are dropped with
 an event. With every update fresh and K clients this is FedAvg of the buffer. The
 controller keeps the last ``max_staleness + 1`` versions to compute the differences; its
-fold memory is one float64 model.
+memory is one float64 model (the fold's sums), plus the next version in the model's own
+dtypes while ``finish`` writes it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedray.strategies.base import (
+    BLOCK,
     Accumulator,
     Model,
     ShareStart,
@@ -32,9 +34,10 @@ from fedray.strategies.base import (
     UpdateMeta,
     Verdict,
     add_scaled_delta,
-    cast_like,
 )
 from fedray.strategies.fedavg import WeightedSums, add_sums
+
+PROBED = 1000  # the staleness weights checked when a FedBuff is made (0 ... this)
 
 STALENESS = {
     "polynomial": lambda tau: 1.0 / math.sqrt(1.0 + tau),
@@ -56,6 +59,17 @@ def staleness_function(name: str, hinge_a: float, hinge_b: float) -> Callable[[i
         return fn
     raise ValueError(f"staleness must be polynomial, constant, hinge or module:callable, "
                      f"got {name!r}")
+
+
+def _nonnegative(name: str, value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def _integer(array: np.ndarray) -> bool:
+    return bool(np.issubdtype(array.dtype, np.integer))
 
 
 class StaleWeightedDeltas(Accumulator[WeightedSums]):
@@ -91,12 +105,25 @@ class FedBuff(Strategy[WeightedSums, WeightedSums]):
         super().__init__()
         if int(max_staleness) != max_staleness or max_staleness < 0:
             raise ValueError("max_staleness must be a whole number >= 0")
-        if not server_lr > 0:
-            raise ValueError("server_lr must be > 0")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError("server_lr must be > 0 and finite")
         self.max_staleness = int(max_staleness)
         self.server_lr = float(server_lr)
-        self.staleness, self.hinge_a, self.hinge_b = staleness, float(hinge_a), float(hinge_b)
+        self.staleness = staleness
+        self.hinge_a, self.hinge_b = _nonnegative("hinge_a", hinge_a), _nonnegative("hinge_b",
+                                                                                    hinge_b)
         self._weight = staleness_function(staleness, self.hinge_a, self.hinge_b)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Every staleness an update may have must get a weight: refused at config load,
+        not when the first stale update arrives mid-session."""
+        for tau in range(min(self.max_staleness, PROBED) + 1):
+            try:
+                self.weight(tau)
+            except Exception as exc:  # noqa: BLE001 - a user callable may raise anything
+                raise ValueError(f"staleness {self.staleness!r} gives no usable weight at "
+                                 f"staleness {tau}: {type(exc).__name__}: {exc}") from None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -123,11 +150,24 @@ class FedBuff(Strategy[WeightedSums, WeightedSums]):
         return StaleWeightedDeltas(share, lambda meta: self.weight(meta.staleness))
 
     def reduce(self, partials: Sequence[WeightedSums]) -> WeightedSums:
-        return add_sums(partials)
+        carrying = [p for p in partials if p.count > 0]
+        if len(carrying) == 1:
+            return carrying[0]  # the controller's own accumulator: no copy of it
+        return add_sums(carrying)
 
     def finish(self, global_model: Mapping[str, np.ndarray], reduced: WeightedSums) -> Model:
-        out = {}
+        """``x + server_lr * sums / weight``, in blocks, straight into ``x``'s dtypes:
+        beside the sums, only the new model and block-sized temporaries."""
+        if not reduced.weight > 0:
+            raise ValueError("cannot step over zero examples")
+        scale = self.server_lr / reduced.weight
+        out: Model = {}
         for name, current in global_model.items():
-            step = reduced.sums[name] * (self.server_lr / reduced.weight)
-            out[name] = current.astype(np.float64) + step
-        return cast_like(global_model, out)
+            sums, base = reduced.sums[name].reshape(-1), current.reshape(-1)
+            new = np.empty(base.size, dtype=current.dtype)
+            for start in range(0, base.size, BLOCK):
+                block = sums[start : start + BLOCK] * scale
+                block += base[start : start + BLOCK]
+                new[start : start + BLOCK] = np.rint(block) if _integer(current) else block
+            out[name] = new.reshape(current.shape)
+        return out

@@ -17,6 +17,7 @@ weighted rule would hand it the round. Each honest client counts once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -120,11 +121,18 @@ class _NeedsUpdates(KeptStrategy):
                              f"raise it to {self.needed()} or more")
 
     def configure(self, ctx: RoundContext) -> RoundPlan:
+        """Settings too low for ``needed()`` can never work (ConfigError: the session
+        fails); a round with too few eligible clients may pass later (ValueError: the
+        attempt fails and runs again)."""
         try:
             self.check_settings(ctx.settings)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return super().configure(ctx)
+        plan = super().configure(ctx)
+        if plan.asked < self.needed():
+            raise ValueError(f"{self.describe()} needs at least {self.needed()} updates per "
+                             f"round; this attempt can ask only {plan.asked} client(s)")
+        return plan
 
     def check_count(self, n: int) -> None:
         if n < self.needed():
@@ -158,13 +166,19 @@ class TrimmedMean(KeptStrategy):
 
     def aggregate(self, models: Models, metas: list[UpdateMeta]) -> Model:
         n = len(models)
-        k = int(self.beta * n)
+        k = trim_count(self.beta, n)
 
         def trimmed(stack: np.ndarray) -> np.ndarray:
             stack.sort(axis=0)
             return stack[k : n - k].mean(axis=0)
 
         return coordinatewise(models, trimmed)
+
+
+def trim_count(beta: float, n: int) -> int:
+    """``floor(beta * n)``, robust to float error (0.29 * 100 is 28.999999999999996), and
+    never so many that nothing is left to average."""
+    return min(math.floor(beta * n + 1e-9), (n - 1) // 2)
 
 
 class MultiKrum(_NeedsUpdates):
