@@ -99,7 +99,8 @@ class TorchClient(FrameworkClient[torch.nn.Module, Any]):
     ``train_one_round(model, loader, config)`` trains in place and returns metrics (or
     None); it runs with the model in training mode. ``evaluate(model, loader)`` returns
     metrics; it runs in eval mode under ``torch.no_grad()``. The number of examples is
-    ``len(loader.dataset)`` unless ``num_examples``/``val_examples`` say otherwise.
+    ``len(loader.sampler)`` (else ``len(loader.dataset)``) unless
+    ``num_examples``/``val_examples`` say otherwise.
     """
 
     def get_arrays(self) -> Arrays:
