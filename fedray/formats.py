@@ -27,6 +27,7 @@ from typing import BinaryIO
 import numpy as np
 
 from fedray.errors import ConfigError
+from fedray.frameworks import require as require_framework
 from fedray.serialization import decode
 
 FORMATS = ("safetensors", "npz", "torch", "keras")
@@ -64,17 +65,30 @@ def _framework(fmt: str) -> Callable[[dict[str, np.ndarray], Path], None]:
     name = FRAMEWORKS[fmt]
     try:
         module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and name.startswith(exc.name):  # fedray.frameworks(.torch)
-            raise ConfigError(f"--format {fmt}: this fedray has no {name}; use --format "
-                              "safetensors or npz") from None
-        raise ConfigError(f"--format {fmt}: {name} needs {exc.name}, which is not installed "
-                          "here") from None
+    except ImportError as exc:  # the helpers raise plain ImportError for a missing framework
+        raise _import_problem(fmt, name, exc) from None
     save = getattr(module, FRAMEWORK_HOOK, None)
     if not callable(save):
         raise ConfigError(f"--format {fmt}: {name} has no {FRAMEWORK_HOOK}(arrays, path); "
                           "use --format safetensors or npz")
     return save
+
+
+def _import_problem(fmt: str, name: str, exc: ImportError) -> ConfigError:
+    """The one line (exit code 2) for a framework module that cannot be imported: the
+    extra to install when the framework is missing, else what the import said."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if missing is not None and name.startswith(missing):  # fedray.frameworks(.torch)
+        return ConfigError(f"--format {fmt}: this fedray has no {name}; use --format "
+                           "safetensors or npz")
+    try:
+        require_framework(fmt, f"--format {fmt}")
+    except ConfigError as missing_framework:
+        return missing_framework
+    if missing is not None:
+        return ConfigError(f"--format {fmt}: {name} needs {missing}, which is not installed "
+                           "here")
+    return ConfigError(f"--format {fmt}: {exc}")
 
 
 def _savez(fh: BinaryIO, arrays: dict[str, np.ndarray]) -> None:

@@ -96,6 +96,24 @@ def test_torch_and_keras_go_through_their_framework_module(stored, tmp_path, mon
     assert out.read_bytes() == b"k" and sorted(saved) == sorted(MODEL)
 
 
+@pytest.mark.parametrize("fmt, hidden, line", [
+    ("torch", "torch", "fedray: error: --format torch needs PyTorch: pip install 'fedray[torch]'"),
+    ("keras", "keras", "fedray: error: --format keras needs Keras 3 with PyTorch: "
+                       "pip install 'fedray[keras]'"),
+    ("keras", "torch", "fedray: error: --format keras needs Keras 3 with PyTorch: "
+                       "pip install 'fedray[keras]'"),
+])
+def test_a_missing_framework_is_one_line_naming_the_extra(stored, tmp_path, monkeypatch, fmt,
+                                                          hidden, line):
+    store, model_id = stored
+    monkeypatch.setitem(sys.modules, hidden, None)  # what import and find_spec see without it
+    monkeypatch.delitem(sys.modules, f"fedray.frameworks.{fmt}", raising=False)
+    out = tmp_path / f"m.{'keras' if fmt == 'keras' else 'safetensors'}"
+    result = _get(model_id, "-o", str(out), "--format", fmt, "--storage", store.root.as_uri())
+    assert (result.exit_code, result.output) == (2, line + "\n")
+    assert not out.exists()
+
+
 def test_a_reference_that_names_no_model_is_a_usage_error(tmp_path):
     result = _get("not-an-id", "-o", str(tmp_path / "m"), "--tracking",
                   "mongodb://127.0.0.1:1/x")
