@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,8 +52,8 @@ if int(keras.__version__.split(".")[0]) < 3:
     raise ImportError(f"fedray.frameworks.keras needs Keras 3, found {keras.__version__}: "
                       f"pip install '{FRAMEWORKS['keras'].extra}'")
 
-__all__ = ["KerasClient", "get_arrays", "load_model_file", "named_weights", "save_model_file",
-           "set_arrays", "weight_names"]
+__all__ = ["KerasClient", "check_model_file", "get_arrays", "load_model_file", "named_weights",
+           "save_model_file", "set_arrays", "weight_names"]
 
 _HINT = "use a float32 policy for the weights (mixed precision keeps them float32)"
 
@@ -188,15 +189,21 @@ def save_model_file(arrays: Mapping[str, np.ndarray], path: Any, build: Any = No
     """``fedray models get --format keras --model pkg.module:build``: the model ``build()``
     returns, with these weights, saved whole as a ``.keras`` file (architecture and
     weights, no pickle): ``keras.models.load_model(path)`` needs no fedray to read it."""
+    check_model_file(path, build)
+    model = build()
+    set_arrays(model, arrays)
+    model.save(str(path))
+
+
+def check_model_file(path: Any, build: Any = None) -> None:
+    """What ``save_model_file`` would refuse, refused before the model is fetched."""
     if build is None:
         raise ConfigError("--format keras needs --model package.module:function that builds "
                           "the Keras model (a .keras file holds the architecture too); or write "
                           "--format npz and load it with fedray.frameworks.keras.load_model_file")
-    if not str(path).endswith(".keras"):
-        raise ConfigError(f"-o {path}: Keras saves whole models to a .keras file")
-    model = build()
-    set_arrays(model, arrays)
-    model.save(str(path))
+    if path is not None and not str(path).endswith(".keras"):
+        raise ConfigError(f"-o {path}: Keras saves whole models to a .keras file; name it "
+                          f"{Path(str(path)).stem}.keras")
 
 
 def load_model_file(model: keras.layers.Layer, path: Any) -> None:
