@@ -302,6 +302,20 @@ def test_a_child_of_the_same_user_cannot_read_the_clients_token():
                                          "parent_environ_read": False, "child_env": False}
 
 
+async def test_a_combiner_cannot_make_the_client_beat_in_a_busy_loop(federation):
+    federation.servicer.heartbeat_interval_s = 1e-6
+    client = Client(Counting(), federation.gateway, heartbeat_s=0.5)
+    await wait_for(lambda: federation.servicer.heartbeats, lambda: client.lines)
+    await asyncio.sleep(1.2)
+    beats = federation.servicer.heartbeats
+    await client.close()
+    assert beats <= 5, beats  # every 0.5 s at most, not thousands
+    from fedray.edge.client import heartbeat_interval
+
+    assert [heartbeat_interval(s, 2.0) for s in (0.0, -1.0, float("nan"), 7.0, 3600.0,
+                                                 float("inf"))] == [2.0, 0.5, 2.0, 7.0, 60.0, 60.0]
+
+
 async def test_client_event_messages_lose_their_control_characters(bridge):
     from tests.bridge import METADATA
 
