@@ -316,6 +316,37 @@ async def test_a_combiner_cannot_make_the_client_beat_in_a_busy_loop(federation)
                                                  float("inf"))] == [2.0, 0.5, 2.0, 7.0, 60.0, 60.0]
 
 
+async def test_a_package_fetch_that_fails_to_start_leaves_no_open_file(tmp_path, monkeypatch):
+    import tempfile
+
+    from fedray.edge import downloads
+
+    made = []
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real(*args, **kwargs)
+        made.append((fd, os.fstat(fd).st_ino))
+        return fd, path
+
+    class Broken:
+        def FetchPackage(self, request, metadata):
+            raise RuntimeError("the channel is closed")
+
+    monkeypatch.setattr(downloads.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(RuntimeError, match="channel is closed"):
+        await downloads.fetch_package(Broken(), (), "a", "0" * 64, 10, MiB, tmp_path / "p.tgz")
+    ((fd, inode),) = made
+    try:
+        still_open = os.fstat(fd).st_ino == inode  # (a reused number is another file)
+    except OSError:
+        still_open = False
+    if still_open:
+        os.close(fd)
+    assert not still_open, "the .part file's descriptor was left open"
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_client_event_messages_lose_their_control_characters(bridge):
     from tests.bridge import METADATA
 
