@@ -314,8 +314,9 @@ def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
         secret = create_token(store, name, key)
     mark_tokens_issued(folder)
     click.echo(secret)
-    click.echo(f"token for {name} created; it is shown only now. On that client: "
-               f"fedray edge start --token <token> ...", err=True)
+    click.echo(f"token for {name} created; it is shown only now. On that client, put it in "
+               "the environment as FEDRAY_TOKEN (not --token: command lines show in ps), "
+               "then fedray edge start ...", err=True)
 
 
 @token.command("revoke")

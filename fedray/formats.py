@@ -7,8 +7,13 @@ pickle). ``torch`` and ``keras`` go through ``fedray.frameworks.torch`` and
 
     save_model_file(arrays: dict[str, np.ndarray], path: Path, build=None) -> None
 
-(``build``: the ``--model package.module:function`` that makes the model, when given) and
-a missing module (or framework) is one line that says what to install or use instead.
+(``build``: the ``--model package.module:function`` that makes the model, when given) and,
+if it must refuse an output path or a missing ``build``, also
+
+    check_model_file(path: Path | None, build=None) -> None
+
+which ``writer`` calls before anything is fetched. A missing module (or framework) is one
+line that says what to install or use instead.
 Files are written to a temporary name beside ``path`` and renamed into place, so ``path``
 is either the whole model or untouched.
 """
@@ -22,59 +27,92 @@ import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO
 
 import numpy as np
 
 from fedray.errors import ConfigError
+from fedray.frameworks import require as require_framework
 from fedray.serialization import decode
 
 FORMATS = ("safetensors", "npz", "torch", "keras")
 FRAMEWORKS = {"torch": "fedray.frameworks.torch", "keras": "fedray.frameworks.keras"}
 FRAMEWORK_HOOK = "save_model_file"
+FRAMEWORK_CHECK = "check_model_file"
 _SUFFIXES = {".npz": "npz", ".safetensors": "safetensors"}
+# Suffixes that promise a framework's own file: safetensors bytes under them would mislead.
+_FRAMEWORK_SUFFIXES = {
+    ".keras": "pass --format keras --model MODULE:FUNCTION for a whole Keras model",
+    ".pt": "fedray writes no torch pickle: pass --format torch for a state_dict in "
+           "safetensors (name it .safetensors)",
+    ".pth": "fedray writes no torch pickle: pass --format torch for a state_dict in "
+            "safetensors (name it .safetensors)",
+}
 
 Writer = Callable[[bytes, Path], None]
 
 
 def format_for(path: Path, fmt: str | None = None) -> str:
-    """``fmt``, else what ``path``'s suffix says (``.npz``), else safetensors."""
+    """``fmt``, else what ``path``'s suffix says (``.npz``), else safetensors; a suffix of
+    a framework's own file (``.keras``, ``.pt``) needs ``--format``."""
     if fmt is not None:
         if fmt not in FORMATS:
             raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
         return fmt
-    return _SUFFIXES.get(path.suffix.lower(), "safetensors")
+    suffix = path.suffix.lower()
+    if suffix in _FRAMEWORK_SUFFIXES:
+        raise ConfigError(f"-o {path}: {_FRAMEWORK_SUFFIXES[suffix]}, or --format "
+                          "safetensors to write safetensors bytes under this name")
+    return _SUFFIXES.get(suffix, "safetensors")
 
 
-def writer(fmt: str, build: Callable[[], object] | None = None) -> Writer:
-    """How to write a model in ``fmt``; for torch/keras this imports their module now, so
-    a missing one is refused before anything is fetched."""
+def writer(fmt: str, build: Callable[[], object] | None = None,
+           path: Path | None = None) -> Writer:
+    """How to write a model in ``fmt``; for torch/keras this imports their module and
+    checks ``path`` and ``build`` now, so what cannot be written is refused before
+    anything is fetched."""
     if fmt == "safetensors":
         return lambda data, path: _atomic(path, lambda f: f.write(data))
     if fmt == "npz":
         return lambda data, path: _atomic(path, lambda f: _savez(f, decode(data)))
     if fmt not in FRAMEWORKS:
         raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
-    save = _framework(fmt)
+    module = _framework(fmt)
+    save = getattr(module, FRAMEWORK_HOOK, None)
+    if not callable(save):
+        raise ConfigError(f"--format {fmt}: {FRAMEWORKS[fmt]} has no {FRAMEWORK_HOOK}(arrays, "
+                          "path); use --format safetensors or npz")
+    check = getattr(module, FRAMEWORK_CHECK, None)
+    if callable(check):
+        check(path, build)
     return lambda data, path: _atomic_file(path, lambda tmp: save(dict(decode(data)), tmp,
                                                                   build))
 
 
-def _framework(fmt: str) -> Callable[[dict[str, np.ndarray], Path], None]:
+def _framework(fmt: str) -> ModuleType:
     name = FRAMEWORKS[fmt]
     try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and name.startswith(exc.name):  # fedray.frameworks(.torch)
-            raise ConfigError(f"--format {fmt}: this fedray has no {name}; use --format "
-                              "safetensors or npz") from None
-        raise ConfigError(f"--format {fmt}: {name} needs {exc.name}, which is not installed "
-                          "here") from None
-    save = getattr(module, FRAMEWORK_HOOK, None)
-    if not callable(save):
-        raise ConfigError(f"--format {fmt}: {name} has no {FRAMEWORK_HOOK}(arrays, path); "
-                          "use --format safetensors or npz")
-    return save
+        return importlib.import_module(name)
+    except ImportError as exc:  # the helpers raise plain ImportError for a missing framework
+        raise _import_problem(fmt, name, exc) from None
+
+
+def _import_problem(fmt: str, name: str, exc: ImportError) -> ConfigError:
+    """The one line (exit code 2) for a framework module that cannot be imported: the
+    extra to install when the framework is missing, else what the import said."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if missing is not None and name.startswith(missing):  # fedray.frameworks(.torch)
+        return ConfigError(f"--format {fmt}: this fedray has no {name}; use --format "
+                           "safetensors or npz")
+    try:
+        require_framework(fmt, f"--format {fmt}")
+    except ConfigError as missing_framework:
+        return missing_framework
+    if missing is not None:
+        return ConfigError(f"--format {fmt}: {name} needs {missing}, which is not installed "
+                           "here")
+    return ConfigError(f"--format {fmt}: {exc}")
 
 
 def _savez(fh: BinaryIO, arrays: dict[str, np.ndarray]) -> None:

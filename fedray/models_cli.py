@@ -55,7 +55,7 @@ def get(ref: str, output: Path, fmt: str | None, build: str | None, session: str
         builder = load_object(build, "--model")
         if not callable(builder):
             raise ConfigError(f"--model {build}: not a function")
-    write = writer(fmt, builder)  # a missing framework module is refused before any download
+    write = writer(fmt, builder, output)  # what cannot be written is refused before a download
     ref = ref.strip().lower()
     if len(ref) == 64 and is_model_ref(ref) and storage is not None and session is None:
         model = CommittedModel(ref)  # the store alone can serve it

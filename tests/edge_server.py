@@ -59,6 +59,8 @@ class ScriptedCombiner(pb_grpc.CombinerServicer, pb_grpc.GatewayServicer):
         self.events: list[pb.EventReport] = []
         self.validations: list[pb.ValidationReport] = []
         self.updates: list[pb.UpdateHeader] = []
+        self.heartbeat_interval_s = 0.5  # what Heartbeat tells the client
+        self.heartbeats = 0
 
     def send(self, task: pb.Task) -> None:
         """Down the task stream of the client that joined last, or of the next to join."""
@@ -93,7 +95,8 @@ class ScriptedCombiner(pb_grpc.CombinerServicer, pb_grpc.GatewayServicer):
             self.streams.remove(queue)
 
     async def Heartbeat(self, request, context) -> pb.HeartbeatReply:
-        return pb.HeartbeatReply(interval_s=0.5, known=True)
+        self.heartbeats += 1
+        return pb.HeartbeatReply(interval_s=self.heartbeat_interval_s, known=True)
 
     async def _download(self, key: str, context):
         chunks = self.downloads.get(key)

@@ -274,6 +274,79 @@ def test_the_package_process_gets_no_token(tmp_path, monkeypatch):
     assert env["FEDRAY_DATA"] == str(env_file) and "PATH" in env
 
 
+# The client as a process of a non-root user (root drops to nobody first, as root reads
+# any /proc/<pid>/environ): it hides its token, then a child of the same user looks for it.
+_TOKEN_PROBE = """
+import ctypes, json, os, shutil, subprocess, sys
+from fedray.edge.cli import hide_token_from_children
+cat, env = shutil.which("cat"), shutil.which("env")
+if os.geteuid() == 0:
+    os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # dumpable again, as a login's processes are
+hidden = hide_token_from_children()
+parent = subprocess.run([cat, f"/proc/{os.getpid()}/environ"], capture_output=True)
+own = subprocess.run([env], capture_output=True)
+print(json.dumps({"dumpable_off": hidden, "in_os_environ": "FEDRAY_TOKEN" in os.environ,
+                  "parent_environ_read": b"FEDRAY_TOKEN=" in parent.stdout,
+                  "child_env": b"FEDRAY_TOKEN=" in own.stdout}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
+def test_a_child_of_the_same_user_cannot_read_the_clients_token():
+    env = {**os.environ, "FEDRAY_TOKEN": "frt_secret_1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", _TOKEN_PROBE], cwd="/", env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"dumpable_off": True, "in_os_environ": False,
+                                         "parent_environ_read": False, "child_env": False}
+
+
+async def test_a_combiner_cannot_make_the_client_beat_in_a_busy_loop(federation):
+    federation.servicer.heartbeat_interval_s = 1e-6
+    client = Client(Counting(), federation.gateway, heartbeat_s=0.5)
+    await wait_for(lambda: federation.servicer.heartbeats, lambda: client.lines)
+    await asyncio.sleep(1.2)
+    beats = federation.servicer.heartbeats
+    await client.close()
+    assert beats <= 5, beats  # every 0.5 s at most, not thousands
+    from fedray.edge.client import heartbeat_interval
+
+    assert [heartbeat_interval(s, 2.0) for s in (0.0, -1.0, float("nan"), 7.0, 3600.0,
+                                                 float("inf"))] == [2.0, 0.5, 2.0, 7.0, 60.0, 60.0]
+
+
+async def test_a_package_fetch_that_fails_to_start_leaves_no_open_file(tmp_path, monkeypatch):
+    import tempfile
+
+    from fedray.edge import downloads
+
+    made = []
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real(*args, **kwargs)
+        made.append((fd, os.fstat(fd).st_ino))
+        return fd, path
+
+    class Broken:
+        def FetchPackage(self, request, metadata):
+            raise RuntimeError("the channel is closed")
+
+    monkeypatch.setattr(downloads.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(RuntimeError, match="channel is closed"):
+        await downloads.fetch_package(Broken(), (), "a", "0" * 64, 10, MiB, tmp_path / "p.tgz")
+    ((fd, inode),) = made
+    try:
+        still_open = os.fstat(fd).st_ino == inode  # (a reused number is another file)
+    except OSError:
+        still_open = False
+    if still_open:
+        os.close(fd)
+    assert not still_open, "the .part file's descriptor was left open"
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_client_event_messages_lose_their_control_characters(bridge):
     from tests.bridge import METADATA
 

@@ -106,6 +106,46 @@ def test_nested_and_subclassed_models_get_paths_and_shared_layers_one_name() -> 
     assert len(named_weights(tower)) == len(tower.weights)
 
 
+class Unnamed(layers.Layer):
+    """add_weight() without name=: Keras numbers these per process (variable_4…)."""
+
+    def build(self, input_shape) -> None:
+        self.a = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+        self.named = self.add_weight(shape=(2,), initializer="zeros", name="scale")
+        self.b = self.add_weight(shape=(3,), initializer="zeros")
+
+    def call(self, x):
+        return x * self.a
+
+
+def test_unnamed_weights_of_a_custom_layer_get_the_same_names_in_every_build() -> None:
+    def build() -> keras.Model:
+        return keras.Sequential([keras.Input((4,)), Unnamed()])
+
+    first, second = build(), build()
+    assert first.weights[0].name != second.weights[0].name  # Keras's own names moved on
+    assert weight_names(first) == weight_names(second) == [
+        "unnamed/variable", "unnamed/scale", "unnamed/variable_2"]
+    arrays = get_arrays(first)
+    arrays["unnamed/variable_2"] = np.full(3, 7.0, np.float32)
+    set_arrays(second, arrays)
+    np.testing.assert_array_equal(get_arrays(second)["unnamed/variable_2"], 7.0)
+
+
+def test_a_name_made_unique_never_takes_one_already_given() -> None:
+    class Clash(layers.Layer):
+        def build(self, input_shape) -> None:
+            for n, name in enumerate(["w", "w", "w_1"]):
+                setattr(self, f"v{n}", self.add_weight(shape=(n + 1,), name=name))
+
+        def call(self, x):
+            return x
+
+    model = keras.Sequential([keras.Input((4,)), Clash()])
+    assert weight_names(model) == ["clash/w", "clash/w_1", "clash/w_1_1"]
+    assert len(named_weights(model)) == len(model.weights) == 3
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.pop("dense/bias"), "missing 'dense/bias'"),
     (lambda a: a.update(extra=np.zeros(1, np.float32)), "unexpected 'extra'"),

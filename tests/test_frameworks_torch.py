@@ -171,6 +171,44 @@ def test_torch_client_runs_evaluate_in_eval_mode_without_grad_and_counts_its_dat
         stream.validate(arrays, {})
 
 
+def test_a_piece_of_a_dataset_counts_its_own_examples_not_its_parents() -> None:
+    from fedray.frameworks.base import count_examples
+
+    data = torch.utils.data.TensorDataset(torch.zeros(10, 2), torch.zeros(10))
+    part = torch.utils.data.Subset(data, [0, 3, 5])
+    left, right = torch.utils.data.random_split(data, [7, 3])
+    sampled = torch.utils.data.DataLoader(
+        data, batch_size=2, sampler=torch.utils.data.SubsetRandomSampler([1, 2, 4, 8]))
+    assert count_examples(part) == 3 and (count_examples(left), count_examples(right)) == (7, 3)
+    assert count_examples(torch.utils.data.DataLoader(part, batch_size=2)) == 3
+    assert count_examples(sampled) == 4  # what its sampler draws, not the whole dataset
+    assert count_examples(torch.utils.data.DataLoader(data, batch_size=4)) == 10
+
+
+class Tied(torch.nn.Module):
+    """A language-model head that shares its weight with the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.out = torch.nn.Linear(3, 5, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def test_a_model_with_tied_weights_is_saved_and_loaded(tmp_path: Path) -> None:
+    from fedray.frameworks.torch import load_model_file, save_model_file
+
+    torch.manual_seed(0)
+    arrays = get_arrays(Tied())
+    assert sorted(arrays) == ["embed.weight", "out.weight"]
+    out = tmp_path / "tied.safetensors"
+    save_model_file(arrays, out, build=Tied)  # safetensors refused the shared state_dict
+    fresh = Tied()
+    load_model_file(fresh, out)
+    assert fresh.out.weight is fresh.embed.weight  # still tied
+    assert _bits(get_arrays(fresh)) == _bits(arrays)
+
+
 def test_the_digits_torch_compute_package_trains_and_validates(tmp_path: Path) -> None:
     from examples.digits.data import write_partitions
     from examples.digits_torch.seed import seed_model

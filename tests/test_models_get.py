@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
 import sys
 import types
 
@@ -20,6 +22,14 @@ from fedray.storage import FileModelStore, open_model_store
 
 MODEL = {"layer/0.w": np.arange(6, dtype=np.float32).reshape(2, 3),
          "file": np.array([1, 2], np.int64)}  # a name np.savez's keywords would clash with
+
+
+def _import_keras(monkeypatch):
+    """Keras 3 on the torch backend (what fedray[keras] installs), or skip."""
+    pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'fedray[keras]'")
+    monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "torch"))
+    return pytest.importorskip("keras", minversion="3",
+                               reason="Keras 3 is not installed: pip install 'fedray[keras]'")
 
 
 def _get(*args: str):
@@ -94,6 +104,55 @@ def test_torch_and_keras_go_through_their_framework_module(stored, tmp_path, mon
                   store.root.as_uri())
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == b"k" and sorted(saved) == sorted(MODEL)
+
+
+@pytest.mark.parametrize("fmt, hidden, line", [
+    ("torch", "torch", "fedray: error: --format torch needs PyTorch: pip install 'fedray[torch]'"),
+    ("keras", "keras", "fedray: error: --format keras needs Keras 3 with PyTorch: "
+                       "pip install 'fedray[keras]'"),
+    ("keras", "torch", "fedray: error: --format keras needs Keras 3 with PyTorch: "
+                       "pip install 'fedray[keras]'"),
+])
+def test_a_missing_framework_is_one_line_naming_the_extra(stored, tmp_path, fmt, hidden, line):
+    store, model_id = stored
+    out = tmp_path / f"m.{'keras' if fmt == 'keras' else 'safetensors'}"
+    block = f"import sys; sys.modules[{hidden!r}] = None; "  # as if it were not installed
+    result = subprocess.run(
+        [sys.executable, "-c", block + "from fedray.cli import main; main()", "models", "get",
+         model_id, "-o", str(out), "--format", fmt, "--storage", store.root.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (2, line + "\n"), result.stdout
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["m.keras", "m.pt", "m.pth", "M.PT"])
+def test_a_framework_suffix_without_format_is_refused_not_written_as_safetensors(
+        stored, tmp_path, name):
+    store, model_id = stored
+    out = tmp_path / name
+    result = _get(model_id, "-o", str(out), "--storage", store.root.as_uri())
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "--format" in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "m.keras"], "--format keras needs --model"),
+    (["-o", "m.h5", "--model", "examples.digits_keras.client.model:build_model"],
+     "Keras saves whole models to a .keras file; name it m.keras"),
+])
+def test_keras_refuses_what_it_cannot_write_before_fetching(stored, tmp_path, monkeypatch,
+                                                            args, message):
+    _import_keras(monkeypatch)
+    store, model_id = stored
+
+    def fetched(self, model_id):
+        raise AssertionError("the model was fetched before the refusal")
+
+    monkeypatch.setattr(FileModelStore, "get", fetched)
+    monkeypatch.chdir(tmp_path)
+    result = _get(model_id, "--format", "keras", "--storage", store.root.as_uri(), *args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert message in result.output and list(tmp_path.glob("m*")) == []
 
 
 def test_a_reference_that_names_no_model_is_a_usage_error(tmp_path):
@@ -218,10 +277,8 @@ def test_a_torch_model_comes_out_loadable_and_bit_exact(tmp_path):
         assert value.dtype == arrays[name].dtype and value.tobytes() == arrays[name].tobytes()
 
 
-def test_a_keras_model_comes_out_as_a_whole_keras_file(tmp_path):
-    pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'fedray[keras]'")
-    pytest.importorskip("keras", minversion="3", reason="Keras 3 is not installed: pip install 'fedray[keras]'")
-    import keras
+def test_a_keras_model_comes_out_as_a_whole_keras_file(tmp_path, monkeypatch):
+    keras = _import_keras(monkeypatch)
 
     from examples.digits_keras.client.model import build_model
     from fedray.errors import ConfigError

@@ -65,6 +65,42 @@ def test_a_bad_python_env_is_refused_naming_the_field(field, why):
                        + field + "\n", "fedray.yaml")
 
 
+@pytest.mark.parametrize("line, kind", [
+    ("x @ https://example.com/x-1.0-py3-none-any.whl", "a direct reference (name @ URL)"),
+    ("x @ file:///tmp/x", "a direct reference (name @ URL)"),
+    ("git+https://github.com/o/x", "a version-control URL"),
+    ("https://example.com/x-1.0.tar.gz", "a URL"),
+    ("file:/tmp/x", "a URL"),
+    ("./x", "a local path"),
+    ("/opt/x", "a local path"),
+    ("../x", "a local path"),
+    ("x-1.0-py3-none-any.whl", "a local path"),
+    ("x==1.0 --hash=sha256:00", "a pip option"),
+    ("x==${HOME}", "an environment variable reference"),
+])
+def test_urls_vcs_and_local_paths_are_refused_naming_the_line(tmp_path, line, kind):
+    base = "name: p\nentrypoints:\n  validate: python v.py {out_meta}\n"
+    with pytest.raises(PackageError) as err:
+        parse_manifest(base + f"python_env: {{requirements: ['ok>=1', '{line}']}}\n",
+                       "fedray.yaml")
+    assert "field 'python_env.requirements[1]'" in str(err.value)
+    assert f"{line[:40]!r} is {kind}" in str(err.value) and "by name" in str(err.value)
+    (tmp_path / "fedray.yaml").write_text(base + "python_env: {requirements_file: req.txt}\n")
+    (tmp_path / "req.txt").write_text(f"ok\n{line}\n")
+    from fedray.packages import read_manifest
+
+    with pytest.raises(PackageError, match=r"req.txt: line 2: .* is " + kind[:12]):
+        read_manifest(tmp_path)
+
+
+def test_requirements_by_name_with_extras_versions_and_markers_are_accepted():
+    lines = ["scikit-learn>=1.4", "torch==2.3.1+cpu", "zope.interface", "numpy ~= 1.26",
+             "a[b,c]>=1,<2", 'x; python_version >= "3.10" and sys_platform == "linux"']
+    base = "name: p\nentrypoints:\n  validate: python v.py {out_meta}\n"
+    env = parse_manifest(base + f"python_env: {{requirements: {lines!r}}}\n").python_env
+    assert env.requirements == tuple(lines)
+
+
 # ------------------------------------------------------------------------------ the venv
 
 

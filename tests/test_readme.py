@@ -44,3 +44,15 @@ def test_the_digits_data_has_one_folder_in_the_readme_and_the_config(tmp_path):
            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
     subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, check=True, capture_output=True)
     assert (tmp_path / ".fedray" / "digits-data" / "client-0.npz").is_file()
+
+
+def test_no_example_puts_a_token_on_the_command_line():
+    """ps shows command lines to every user; the client reads FEDRAY_TOKEN by default."""
+    from fedray.edge.cli import start
+
+    (option,) = [p for p in start.params if p.name == "token"]
+    assert option.envvar == "FEDRAY_TOKEN"
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh|console)?\n(.+?)\n```", path.read_text(),
+                                re.DOTALL):
+            assert not re.search(r"--token[ =]\S", block), (path.name, block)

@@ -78,6 +78,7 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     remote = app is None and package in (None, "remote")
     pin = remote_code_policy(remote, tls is not None, pin, insecure)
     data = resolve_data(data)
+    hide_token_from_children()  # the arguments are checked; no app or package is loaded yet
     if data:
         os.environ["FEDRAY_DATA"] = data
     secrets = (token,) if token else ()
@@ -96,6 +97,35 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     click.echo(f"[{name}] starting; gateway {gateway}{' over TLS' if tls else ''}; Ctrl-C to stop")
     asyncio.run(_serve(runner))
     click.echo(f"[{name}] stopped after {runner.tasks_done} task(s)")
+
+
+def hide_token_from_children() -> bool:
+    """Keep the token (already read by click) from the code this client runs.
+
+    ``FEDRAY_TOKEN`` leaves ``os.environ``, so no child inherits it. That does not hide it
+    in ``/proc/<pid>/environ``, which keeps the environment the process started with; so
+    on Linux the process also becomes non-dumpable: a process of the same non-root user
+    can then no longer read its environ, memory or maps, nor ptrace it. Root (or
+    CAP_SYS_PTRACE) still can, and ``--token`` stays visible in ``ps``. True when the
+    process is non-dumpable."""
+    os.environ.pop("FEDRAY_TOKEN", None)
+    return set_not_dumpable()
+
+
+def set_not_dumpable() -> bool:
+    """``prctl(PR_SET_DUMPABLE, 0)`` on Linux (no core dumps either); False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc prctl (an unusual libc or a sandbox)
+        return False
+
+
+_PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 
 def remote_code_policy(remote: bool, tls: bool, pin: str | None, insecure: bool) -> str | None:

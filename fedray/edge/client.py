@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import time
 import traceback
@@ -48,6 +49,7 @@ CHANNEL_OPTIONS = [
 ]
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 MAX_HEARTBEAT_MISSES = 3
+HEARTBEAT_BOUNDS_S = (0.5, 60.0)  # what a combiner's heartbeat interval is clamped to
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
 MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
 MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
@@ -240,7 +242,7 @@ class EdgeRunner:
             if not reply.known:
                 self._line(f"{self.combiner} no longer knows this client; joining again")
                 return
-            interval = reply.interval_s or interval
+            interval = heartbeat_interval(reply.interval_s, interval)
             await asyncio.sleep(interval)
 
     def _tell_identity(self) -> None:
@@ -368,6 +370,16 @@ class EdgeRunner:
         for offset in range(0, len(data), CHUNK):
             yield pb.UpdatePart(chunk=pb.Chunk(data=bytes(view[offset : offset + CHUNK]),
                                                offset=offset, total_size=len(data)))
+
+
+def heartbeat_interval(sent: float, current: float) -> float:
+    """The combiner's interval within ``HEARTBEAT_BOUNDS_S``: a tiny one would beat in a
+    busy loop, a huge one would let the combiner take us for dead. Unset (0) or not a
+    number keeps ``current``."""
+    if not sent or math.isnan(sent):
+        return current
+    low, high = HEARTBEAT_BOUNDS_S
+    return min(max(sent, low), high)
 
 
 def _sha256(data: bytes | memoryview) -> str:

@@ -75,14 +75,15 @@ async def fetch_package(stub: pb_grpc.CombinerStub, metadata, client_id: str, sh
     fd, partial = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     received = 0
     try:
-        call = stub.FetchPackage(pb.FetchPackageRequest(client_id=client_id, sha256=sha256),
-                                 metadata=metadata)
-        with open(fd, "wb") as out, _not_found_is(PackageError), _cancelled_on_error(call):
-            async for chunk in call:
-                received += len(chunk.data)
-                if received > limit:
-                    raise PackageError(_overrun(size, limit, what, "--max-package-mb"))
-                out.write(chunk.data)
+        with open(fd, "wb") as out:  # owns fd before anything else can fail
+            call = stub.FetchPackage(pb.FetchPackageRequest(client_id=client_id,
+                                                            sha256=sha256), metadata=metadata)
+            with _not_found_is(PackageError), _cancelled_on_error(call):
+                async for chunk in call:
+                    received += len(chunk.data)
+                    if received > limit:
+                        raise PackageError(_overrun(size, limit, what, "--max-package-mb"))
+                    out.write(chunk.data)
         if size and received != size:
             raise PackageError(f"{what} arrived truncated ({received} of {size} bytes)")
         os.replace(partial, dest)

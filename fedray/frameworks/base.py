@@ -98,16 +98,21 @@ def _few(names: list[str]) -> str:
 
 def count_examples(data: Any) -> int | None:
     """How many examples ``data`` holds, when that is plain: an ``(x, y)`` tuple (``x`` an
-    array or a dict of arrays), a torch ``DataLoader`` (its ``dataset``), or a sized,
-    indexable dataset. ``None`` when it cannot tell (a mapping, an iterator...)."""
+    array or a dict of arrays), a sized, indexable dataset (``len(data)``: a torch
+    ``Subset`` is its own size, not its parent's), or a torch ``DataLoader`` (what its
+    sampler draws, else its ``dataset``: ``len(loader)`` counts batches). ``None`` when it
+    cannot tell (a mapping, an iterator...)."""
     if isinstance(data, tuple):
         return _length(data[0]) if data else None
-    dataset = getattr(data, "dataset", None)
-    if dataset is not None:
-        return _length(dataset)
     if isinstance(data, Mapping):
         return None
-    return _length(data) if hasattr(data, "__getitem__") else None
+    if hasattr(data, "__getitem__"):
+        return _length(data)
+    dataset = getattr(data, "dataset", None)
+    if dataset is None:
+        return None
+    drawn = _length(getattr(data, "sampler", None))  # a SubsetRandomSampler draws a part
+    return drawn if drawn is not None else _length(dataset)
 
 
 def _length(x: Any) -> int | None:

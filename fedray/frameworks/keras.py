@@ -3,8 +3,10 @@
 Names are paths of the layer tree, built the way Keras itself addresses weights inside a
 ``.weights.h5`` file: each sublayer is named after its class in snake case, with ``_1``,
 ``_2``… for the second and third of that class under the same parent, and each variable
-by its own name. So a model of two ``Conv2D``, a ``BatchNormalization`` and a ``Dense``
-gives ``conv2d/kernel``, ``conv2d_1/bias``, ``batch_normalization/moving_mean``,
+by its own name; a variable Keras named itself (``add_weight()`` without ``name=``, which
+Keras numbers per process: ``variable_4``) by its position among its layer's own weights
+(``variable``, ``variable_1``…). So a model of two ``Conv2D``, a ``BatchNormalization``
+and a ``Dense`` gives ``conv2d/kernel``, ``conv2d_1/bias``, ``batch_normalization/moving_mean``,
 ``dense/kernel``… Layer *names* (``dense_7``) are not used: Keras numbers them per process,
 so a fresh instance of the same model would get new ones. Non-trainable weights
 (BatchNormalization's moving statistics) travel too; random-seed state does not (it is
@@ -25,6 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,8 +52,8 @@ if int(keras.__version__.split(".")[0]) < 3:
     raise ImportError(f"fedray.frameworks.keras needs Keras 3, found {keras.__version__}: "
                       f"pip install '{FRAMEWORKS['keras'].extra}'")
 
-__all__ = ["KerasClient", "get_arrays", "load_model_file", "named_weights", "save_model_file",
-           "set_arrays", "weight_names"]
+__all__ = ["KerasClient", "check_model_file", "get_arrays", "load_model_file", "named_weights",
+           "save_model_file", "set_arrays", "weight_names"]
 
 _HINT = "use a float32 policy for the weights (mixed precision keeps them float32)"
 
@@ -62,19 +65,38 @@ def to_snake_case(name: str) -> str:
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _unique(name: str, used: dict[str, int]) -> str:
-    if name in used:
-        used[name] += 1
-        return f"{name}_{used[name]}"
-    used[name] = 0
-    return name
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, else the first free ``name_1``, ``name_2``…: a loop, because ``w_1`` may
+    itself already be taken (weights ``w``, ``w``, ``w_1``)."""
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+# What Keras calls an add_weight() given no name=; it numbers these per process.
+_AUTO_NAME = re.compile(r"variable(_\d+)?")
+
+
+def _own_name(weight: keras.Variable, position: int) -> str:
+    """A weight's name inside its layer: its own, unless Keras made it up (``variable_4``),
+    then ``variable`` / ``variable_N`` by its position among the layer's own weights."""
+    if _AUTO_NAME.fullmatch(weight.name) is None:
+        return weight.name
+    return "variable" if position == 0 else f"variable_{position}"
 
 
 def named_weights(model: keras.layers.Layer) -> dict[str, keras.Variable]:
     """Every weight of ``model`` (trainable or not) under its stable path, in
     ``model.weights`` order: a layer's own weights first, then its sublayers'."""
     out: dict[str, keras.Variable] = {}
-    _walk(model, "", out, set(), set())
+    seen_vars: set[int] = set()
+    _walk(model, "", out, set(), seen_vars)
+    if len(out) != len(seen_vars):  # a bug in the naming, never the user's model
+        raise FedrayError(f"fedray named {len(seen_vars)} weights of {model.name!r} with "
+                          f"{len(out)} names; please report this")
     if not out:
         raise FedrayError(f"the Keras model {model.name!r} has no weights yet: build it first "
                           "(start it with keras.Input(shape) or call model.build(shape))")
@@ -88,13 +110,14 @@ def _walk(layer: keras.layers.Layer, prefix: str, out: dict[str, keras.Variable]
     seen_layers.add(id(layer))
     children = list(getattr(layer, "_layers", ()))  # what Layer.weights itself walks
     inner = {id(w) for child in children for w in child.weights}
-    used: dict[str, int] = {}
-    for weight in layer.weights:
-        if id(weight) in inner or id(weight) in seen_vars:
+    own = [w for w in layer.weights if id(w) not in inner]
+    taken: set[str] = set()
+    for position, weight in enumerate(own):
+        if id(weight) in seen_vars:
             continue
         seen_vars.add(id(weight))
-        out[prefix + _unique(weight.name, used)] = weight
-    used = {}
+        out[prefix + _unique(_own_name(weight, position), taken)] = weight
+    used: set[str] = set()
     for child in children:
         segment = _unique(to_snake_case(type(child).__name__), used)
         _walk(child, f"{prefix}{segment}/", out, seen_layers, seen_vars)
@@ -166,15 +189,21 @@ def save_model_file(arrays: Mapping[str, np.ndarray], path: Any, build: Any = No
     """``fedray models get --format keras --model pkg.module:build``: the model ``build()``
     returns, with these weights, saved whole as a ``.keras`` file (architecture and
     weights, no pickle): ``keras.models.load_model(path)`` needs no fedray to read it."""
+    check_model_file(path, build)
+    model = build()
+    set_arrays(model, arrays)
+    model.save(str(path))
+
+
+def check_model_file(path: Any, build: Any = None) -> None:
+    """What ``save_model_file`` would refuse, refused before the model is fetched."""
     if build is None:
         raise ConfigError("--format keras needs --model package.module:function that builds "
                           "the Keras model (a .keras file holds the architecture too); or write "
                           "--format npz and load it with fedray.frameworks.keras.load_model_file")
-    if not str(path).endswith(".keras"):
-        raise ConfigError(f"-o {path}: Keras saves whole models to a .keras file")
-    model = build()
-    set_arrays(model, arrays)
-    model.save(str(path))
+    if path is not None and not str(path).endswith(".keras"):
+        raise ConfigError(f"-o {path}: Keras saves whole models to a .keras file; name it "
+                          f"{Path(str(path)).stem}.keras")
 
 
 def load_model_file(model: keras.layers.Layer, path: Any) -> None:

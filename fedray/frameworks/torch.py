@@ -99,7 +99,8 @@ class TorchClient(FrameworkClient[torch.nn.Module, Any]):
     ``train_one_round(model, loader, config)`` trains in place and returns metrics (or
     None); it runs with the model in training mode. ``evaluate(model, loader)`` returns
     metrics; it runs in eval mode under ``torch.no_grad()``. The number of examples is
-    ``len(loader.dataset)`` unless ``num_examples``/``val_examples`` say otherwise.
+    ``len(loader.sampler)`` (else ``len(loader.dataset)``) unless
+    ``num_examples``/``val_examples`` say otherwise.
     """
 
     def get_arrays(self) -> Arrays:
@@ -126,16 +127,14 @@ def save_model_file(arrays: Mapping[str, np.ndarray], path: Any, build: Any = No
     """``fedray models get --format torch``: the arrays as a torch ``state_dict`` in a
     safetensors file (no pickle). Load it with ``load_model_file(model, path)`` or
     ``model.load_state_dict(safetensors.torch.load_file(path))``. With ``build`` (a function
-    returning the model) the arrays are loaded into it first, so a mismatch is refused now."""
+    returning the model) the arrays are loaded into it first, so a mismatch is refused now.
+    Each tensor is saved as its own copy of the arrays, not from the model's state_dict:
+    safetensors refuses tensors that share memory, as tied weights do."""
     from safetensors.torch import save_file
 
     if build is not None:
-        model = build()
-        set_arrays(model, arrays)
-        state = model.state_dict()
-    else:
-        state = arrays_to_state_dict(arrays)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+        set_arrays(build(), arrays)
+    save_file(dict(arrays_to_state_dict(arrays)), str(path))
 
 
 def load_model_file(model: torch.nn.Module, path: Any) -> None:

@@ -22,8 +22,10 @@ once per package and requirement list)::
       requirements: ["scikit-learn>=1.4", "safetensors"]    # or
       requirements_file: requirements.txt
 
-Only requirement specifiers are allowed there, no pip options: which indexes pip uses is
-the edge site's choice (its pip configuration), not the package's.
+Only requirement specifiers by name are allowed there (``name``, ``name[extra]>=1.0;
+marker``): no pip options, direct URLs (``name @ https://…``), version-control URLs
+(``git+https://…``) or local paths (``./x``, ``/x``, ``file:``). Where pip gets a project
+from is the edge site's choice (its pip configuration), not the package's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ MAX_REQUIREMENT_CHARS = 1000
 MAX_REQUIREMENTS_FILE_BYTES = 64 * 1024
 _COMMENT_RE = re.compile(r"(^|\s)#.*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A requirement by name (PEP 508 without a direct reference), up to its marker's ";".
+_SPECIFIER_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+                           r"\s*(?:\[[A-Za-z0-9._,\s-]*\])?\s*[<>=!~*.,+\sA-Za-z0-9_-]*")
+_VCS_RE = re.compile(r"(?:git|hg|svn|bzr)\+", re.IGNORECASE)
+# What pip takes for an archive file (pip's own list), not a project name.
+_ARCHIVES = (".whl", ".zip", ".tar", ".tgz", ".tar.gz", ".tbz", ".tar.bz2", ".txz", ".tar.xz",
+             ".tlz", ".tar.lz", ".tar.lzma")
+_BY_NAME = ("only requirement specifiers by name are allowed (the site's pip configuration "
+            "chooses where projects come from)")
 _PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SKIP = frozenset({"__pycache__", ".git", ".hg", ".svn", ".DS_Store"})
 
@@ -159,9 +170,29 @@ def requirement_problem(req: object) -> str:
         return "must be a non-empty string"
     if len(req) > MAX_REQUIREMENT_CHARS or not req.isprintable():
         return f"must be at most {MAX_REQUIREMENT_CHARS} printable characters on one line"
-    if req.strip().startswith("-"):
-        return (f"{req.strip()[:40]!r} is a pip option; only requirement specifiers are "
-                "allowed (the site's pip configuration chooses the indexes)")
+    text = req.strip()
+    spec = text.split(";", 1)[0].strip()  # what comes before an environment marker
+    kind = _not_by_name(text, spec)
+    return f"{text[:40]!r} is {kind}; {_BY_NAME}" if kind else ""
+
+
+def _not_by_name(text: str, spec: str) -> str:
+    """What ``text`` is instead of a requirement by name ('' when it is one)."""
+    if re.search(r"(^|\s)-", text):  # pip reads options anywhere on a requirement line
+        return "a pip option"
+    if "${" in text:
+        return "an environment variable reference (pip would expand it)"
+    if "@" in spec:
+        return "a direct reference (name @ URL)"
+    if _VCS_RE.match(spec):
+        return "a version-control URL"
+    if "://" in spec or spec.lower().startswith("file:"):
+        return "a URL"
+    if (spec.startswith((".", "~")) or "/" in spec or "\\" in spec
+            or spec.split("[", 1)[0].strip().lower().endswith(_ARCHIVES)):
+        return "a local path"
+    if _SPECIFIER_RE.fullmatch(spec) is None:
+        return "not a requirement specifier (name, name[extra] or name>=1.0)"
     return ""
 
 
