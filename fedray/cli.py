@@ -349,6 +349,9 @@ def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
         click.echo(json.dumps(rows, default=str))
         return
     from rich.table import Table
+    from rich.text import Text
+
+    from fedray.text import printable
 
     table = Table("name", "id", "created", "state", title=f"{len(rows)} token(s)")
     for row in rows:
@@ -356,8 +359,8 @@ def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
         state = f"revoked {when:%Y-%m-%d %H:%M}" if row["revoked"] and when else \
             "revoked" if row["revoked"] else "live"
         created = row["created_at"]
-        table.add_row(row["name"], row["id"], f"{created:%Y-%m-%d %H:%M}" if created else "",
-                      state)
+        table.add_row(Text(printable(str(row["name"]), newlines=False)), Text(str(row["id"])),
+                      f"{created:%Y-%m-%d %H:%M}" if created else "", state)
     Console().print(table)
 
 

@@ -176,3 +176,50 @@ def test_ray_init_keeps_the_commands_sigterm_handler(monkeypatch):
         with ours_kept():
             utils.set_sigterm_handler(lambda *a: None)  # what ray.init does
         assert installed == [] and signal.getsignal(signal.SIGTERM) == teardown._on_signal
+
+
+HOSTILE = ("loss[/]", "[bold]x", "acc[/bold]", "[link=http://evil]y")
+
+
+def _round(metrics: dict) -> dict:
+    return {"round": 1, "updates": 2, "seconds": 0.5, "model_id": "m" * 64,
+            "train_metrics": metrics, "validation_metrics": {"loss[/]": 0.25}}
+
+
+def test_client_chosen_metric_names_are_text_not_markup_in_round_lines():
+    from rich.console import Console
+
+    from fedray.runner import round_line
+
+    console = Console(record=True, width=300)
+    console.print(round_line(_round({name: 1.0 for name in HOSTILE}), 3))
+    shown = console.export_text()
+    assert all(f"train {name} 1.0000" in shown for name in HOSTILE), shown
+    assert "val loss[/] 0.2500" in shown
+
+
+def test_fedray_status_and_the_summary_show_client_text_as_text():
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from fedray.runner import RunResult, print_summary
+    from fedray.status import render
+
+    session = {"session_id": "s1", "state": "failed", "round": 1, "round_state": "running",
+               "rounds_done": 0, "rounds_planned": 2, "clients_online": 1, "model_id": "m" * 64,
+               "reason": "client [bold]x failed: loss[/]", "history": [_round({"[bold]x": 2.0})]}
+    status = {"federation": "f", "namespace": "fedray-f", "ray_address": "auto",
+              "gateway": "g:1", "session": session, "clients_connected": 1,
+              "combiners": [{"name": "combiner-0", "address": "h:2", "status": "online",
+                             "clients": 1, "client_names": ["[/]", "[bold]x"]}]}
+    console = Console(record=True, width=300)
+    render(status, console)
+    result = RunResult(status={**session, "rounds_done": 0}, data_dir=Path("/d[/]"),
+                       tracking_uri="embedded", gateway="g:1")
+    print_summary(result, console)
+    shown = console.export_text()
+    assert "[bold]x 2.0000" in shown and "val loss[/] 0.2500" in shown
+    assert "[/], [bold]x" in shown
+    assert shown.count("client [bold]x failed: loss[/]") == 2
+    assert "--data-dir /d[/]" in shown
