@@ -255,3 +255,26 @@ async def test_a_non_finite_aggregate_is_never_committed_and_the_state_goes_back
     assert commits[1].parent_id == commits[0].model_id  # round 2 re-ran from round 1's model
     # FedAvgM's velocity went back to round 1's: as if the NaN attempt never happened
     np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], 1 + 1.9 + 2.71)
+
+
+async def test_metrics_whose_sum_overflows_across_combiners_are_left_out_of_the_commit():
+    # Each combiner's sum is finite (1e308), their total is not: a mean of inf would be
+    # stored as null, which the rounds schema refuses, and the commit record would be lost.
+    from fedray.tracking import schema
+
+    def huge(params, config, client_id, round_):
+        return {k: v + 1.0 for k, v in params.items()}, 1, {"loss": 1e308, "acc": 0.5}
+
+    pool = SimPool(2)
+    pool.add("a", huge)
+    pool.add("b", huge)
+    store = MemoryStore()
+    try:
+        state, reason, runner = await run_session(pool, store, session_settings(rounds=1),
+                                                  Start(store.put(encode(SEED))))
+    finally:
+        await pool.close()
+    assert (state, reason) == ("finished", "")
+    [commit] = runner.recorder.of(RoundCommitted)
+    assert commit.train_metrics == {"acc": pytest.approx(0.5)}
+    schema.check_fields("rounds", {"train_metrics": commit.train_metrics})
