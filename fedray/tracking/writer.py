@@ -7,7 +7,8 @@ memory, O(1), never blocking), and a single background thread performs them in o
 a ``TrackingStore``. Connection errors are retried with exponential backoff (up to
 ``max_backoff_s``) for as long as it takes; documents keep the time they were submitted
 (``written_at``), not the time the database came back. A write the database refuses
-(bad document, unknown session, ...) is logged and dropped, and the thread goes on.
+(bad document, unknown session, ...) is logged and dropped, with an error event saying so,
+and the thread goes on.
 Consecutive events are written with one ``insert_many``; when the database refuses such a
 batch, its events are written one by one, so only the bad one is dropped.
 
@@ -385,6 +386,8 @@ class TrackingWriter:
                 if not is_transient(exc):
                     self._dropped("refused", len(batch))
                     log.error("tracking write %s dropped: %s", _describe(batch), exc)
+                    if batch[0].event is None:
+                        self._report_refused(store, batch[0], exc)
                     return store
                 if failing_since is None:
                     failing_since = time.monotonic()
@@ -396,6 +399,20 @@ class TrackingWriter:
                 log.error("tracking write %s dropped on close", _describe(batch))
                 return store
             delay = min(delay * 2, self._max_backoff_s)
+
+    def _report_refused(self, store: TrackingStore | None, item: _Write,
+                        exc: BaseException) -> None:
+        """A refused session, round or status write is history lost: say so in tracking as
+        an error event too, where operators look (an actor's log is easy to miss)."""
+        if store is None:
+            return
+        shown = [str(arg)[:64] for arg in item.args[:2]]
+        try:
+            store.event("error", self._source, f"tracking refused the write {item.method}"
+                        f"({', '.join(shown)}); it is lost: {str(exc)[:400]}",
+                        data={"reason": "tracking_refused", "method": item.method})
+        except Exception as again:  # noqa: BLE001 - the log line above already said it
+            log.debug("could not record the refused write as an event: %s", again)
 
     @staticmethod
     def _call(store: TrackingStore, batch: list[_Write]) -> None:
