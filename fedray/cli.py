@@ -10,7 +10,6 @@ which one in one line and exits 2.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import traceback
@@ -27,6 +26,7 @@ from fedray.lifecycle import Stopped, running
 from fedray.models_cli import TRACKING_MODULES
 from fedray.models_cli import get as models_get
 from fedray.status import status
+from fedray.text import json_text
 
 INTERNAL_ERROR = 70
 SESSION_COLLECTIONS = ("rounds", "models", "events", "validations")  # have a session_id
@@ -119,7 +119,7 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
                                 teardown=teardown, insecure=insecure)
     print_summary(result, console)
     if as_json:
-        click.echo(json.dumps(result.summary()))
+        click.echo(json_text(result.summary()))
     if not result.ok:
         sys.exit(9)
 
@@ -154,7 +154,7 @@ def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Pa
                            storage=storage, tracking=tracking, teardown=teardown,
                            framework=framework)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json_text(summary))
     if summary["state"] != "finished":
         sys.exit(9)
 
@@ -346,7 +346,7 @@ def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
     with _token_store(data_dir, tracking_uri, database) as store:
         rows = list_tokens(store)
     if as_json:
-        click.echo(json.dumps(rows, default=str))
+        click.echo(json_text(rows, default=str))
         return
     from rich.table import Table
     from rich.text import Text

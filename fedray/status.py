@@ -13,7 +13,6 @@ federation is the one whose controller runs in the cluster (several: it asks whi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -30,7 +29,7 @@ from rich.text import Text
 
 from fedray.errors import AuthError, ConfigError, FedrayError, TransportError
 from fedray.extras import needs
-from fedray.text import printable
+from fedray.text import json_text, printable
 
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
@@ -272,6 +271,6 @@ def status(config_path: Path | None, federation: str | None, address: str | None
         federation, config_address = config.federation, config.ray.address
     result = describe(federation, address or default_address(config_address))
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json_text(result))
     else:
         render(result, Console())

@@ -3,12 +3,17 @@
 A client's event message or name may carry terminal escape sequences (clear the screen,
 retitle the window, fake a hyperlink), carriage returns that overwrite a line, or Unicode
 direction overrides that reorder it. ``printable`` drops them all, whole sequences
-included, and keeps newlines and tabs. Imports nothing, so every side can use it.
+included, and keeps newlines and tabs. ``json_text`` is JSON that any parser accepts: a
+client's NaN or infinity becomes null, never Python's ``NaN``/``Infinity``. Imports
+nothing heavy, so every side can use it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from typing import Any
 
 # CSI (ESC [ or its 8-bit form), OSC up to BEL or ST (bounded, never past a line end),
 # and the other two-character ESC sequences; each is removed with its parameters.
@@ -26,3 +31,19 @@ def printable(text: str, newlines: bool = True) -> str:
     also without newlines and tabs (for one-line fields)."""
     text = _CONTROLS.sub("", _SEQUENCES.sub("", text))
     return text if newlines else re.sub(r"[\n\t]", " ", text)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (in dicts, lists and tuples) as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """``json.dumps`` that never writes NaN or Infinity (invalid JSON): they become null."""
+    return json.dumps(finite(value), allow_nan=False, **options)

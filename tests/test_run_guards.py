@@ -223,3 +223,28 @@ def test_fedray_status_and_the_summary_show_client_text_as_text():
     assert "[/], [bold]x" in shown
     assert shown.count("client [bold]x failed: loss[/]") == 2
     assert "--data-dir /d[/]" in shown
+
+
+def test_fedray_run_json_is_valid_json_even_with_non_finite_numbers(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    import fedray.runner
+    from fedray.cli import main
+    from fedray.runner import RunResult
+
+    record = {**_round({"loss": float("inf")}), "report": {"epsilon": float("inf")},
+              "validation_metrics": {"acc": float("nan")}}
+    status = {"session_id": "s1", "state": "finished", "rounds_done": 1, "rounds_planned": 1,
+              "model_id": "m" * 64, "history": [record]}
+    monkeypatch.setattr(fedray.runner, "run_federation", lambda config, **_: RunResult(
+        status=status, data_dir=tmp_path, tracking_uri="embedded", gateway="g:1"))
+    config = tmp_path / "f.yaml"
+    config.write_text("federation: f\nseed_model: s.safetensors\n")
+    result = CliRunner().invoke(main, ["run", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert summary["history"][0]["train_metrics"] == {"loss": None}
+    assert summary["history"][0]["validation_metrics"] == {"acc": None}
