@@ -181,17 +181,27 @@ class TrackingStore:
             self.db.command("ping")
 
     def ensure_indexes(self, events_ttl_s: int | None = None) -> None:
-        """Create the indexes of ``INDEXES``; with ``events_ttl_s``, the one on ``events.ts``
-        is a TTL index, so MongoDB deletes events that old by itself."""
+        """Create the indexes of ``INDEXES`` (idempotent). With ``events_ttl_s`` the one on
+        ``events.ts`` is a TTL index, so MongoDB deletes events that old by itself; without,
+        a TTL an earlier run set is dropped, so events are kept forever."""
         with self._translate("create indexes"):
             for collection, indexes in INDEXES.items():
                 for keys, unique in indexes:
-                    if events_ttl_s and (collection, keys) == ("events", ("ts",)):
-                        self._ttl_index(int(events_ttl_s))
+                    if (collection, keys) == ("events", ("ts",)):
+                        self._events_ts_index(int(events_ttl_s or 0))
                         continue
                     self.db[collection].create_index(
                         [(key, ASCENDING) for key in keys], unique=unique
                     )
+
+    def _events_ts_index(self, seconds: int) -> None:
+        if seconds:
+            self._ttl_index(seconds)
+            return
+        for name, spec in self.db.events.index_information().items():
+            if [key for key, _ in spec.get("key", [])] == ["ts"] and "expireAfterSeconds" in spec:
+                self.db.events.drop_index(name)  # a plain create_index keeps an old TTL
+        self.db.events.create_index([("ts", ASCENDING)])
 
     def _ttl_index(self, seconds: int) -> None:
         try:
