@@ -175,6 +175,12 @@ def package_build(src: Path, output: Path) -> None:
     click.echo(f"wrote {output} (sha256 {digest})")
 
 
+database_option = click.option(
+    "--database", default=None, metavar="NAME",
+    help="The tracking database (default: the URI's, else 'fedray'; a config's "
+         "tracking.database).")
+
+
 def _query_command(collection: str) -> click.Command:
     @click.option("--filter", "filter_json", default=None, metavar="JSON",
                   help='A Mongo filter, e.g. \'{"status": "failed"}\'.')
@@ -184,8 +190,9 @@ def _query_command(collection: str) -> click.Command:
                   help="A federation's data directory (default: the newest under ~/.fedray).")
     @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
                   help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+    @database_option
     def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
-                tracking_uri: str | None, session: str | None = None,
+                tracking_uri: str | None, database: str | None, session: str | None = None,
                 level: str | None = None) -> None:
         if click.get_current_context().invoked_subcommand:  # fedray models get ...
             return
@@ -194,8 +201,8 @@ def _query_command(collection: str) -> click.Command:
         from fedray.tracking.tables import render_table
 
         with _tracking(data_dir, tracking_uri) as uri:
-            page = query_page(uri, collection, filter_json, limit, session=session, level=level,
-                              count=not as_json)
+            page = query_page(uri, collection, filter_json, limit, database=database,
+                              session=session, level=level, count=not as_json)
         if as_json:
             click.echo(to_json(page.docs))
         else:
@@ -249,23 +256,22 @@ for _collection in QUERY_COLLECTIONS:
               help="A federation's data directory (default: the newest under ~/.fedray).")
 @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
               help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+@database_option
 @needs("fedray plot", "server", modules=(*TRACKING_MODULES, "matplotlib"))
 def plot(session: str | None, output: Path, data_dir: Path | None,
-         tracking_uri: str | None) -> None:
+         tracking_uri: str | None, database: str | None) -> None:
     """Draw a session's training and validation curves, round by round, into a PNG."""
     from fedray.plot import plot_session
 
     with _tracking(data_dir, tracking_uri) as uri:
-        info = plot_session(uri, output, session=session)
+        info = plot_session(uri, output, session=session, database=database)
     shown = ", ".join(info.metrics) or "no metrics yet"
     click.echo(f"wrote {info.path}: session {info.session_id} of {info.federation} "
                f"({info.status}), {info.rounds} rounds; {shown}")
 
 
 def _tracking_options(command):
-    command = click.option("--database", default=None, metavar="NAME",
-                           help="The tracking database (default: the URI's, else 'fedray'; "
-                                "a config's tracking.database).")(command)
+    command = database_option(command)
     command = click.option("--tracking", "tracking_uri", default=None, metavar="URI",
                            help="A mongodb:// URI instead of the embedded tracking of "
                                 "--data-dir.")(command)

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
 
@@ -93,10 +94,13 @@ class SessionConfig:
     continue_from: str = ""  # a session id: start from its last model and strategy state
 
 
+DEFAULT_DATABASE = "fedray"
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str = "embedded"  # or mongodb://host:27017/
-    database: str = "fedray"
+    database: str | None = None  # set at load: the URI's database, else "fedray"
     events_ttl_days: float = 30.0  # events older than this are deleted; 0 keeps them forever
 
     @property
@@ -177,8 +181,21 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> FederationC
 
 def _from_dict(raw: dict[str, Any], blame: _Blame) -> FederationConfig:
     config = _build(FederationConfig, {**raw, "source": blame.source}, "", blame)
+    if config.tracking.database is None:  # what the query commands read with the same URI
+        database = uri_database(config.tracking.uri) or DEFAULT_DATABASE
+        config = dataclasses.replace(
+            config, tracking=dataclasses.replace(config.tracking, database=database))
     _check(config, blame)
     return config
+
+
+def uri_database(uri: str) -> str | None:
+    """The database a ``mongodb://`` URI names (``/NAME`` after its hosts), if any; read as
+    pymongo reads it, whose hosts end at the first '/'."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in ("mongodb", "mongodb+srv"):
+        return None
+    return unquote(rest.partition("/")[2].partition("?")[0]) or None
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,16 @@ def test_a_robust_round_that_could_keep_more_updates_than_allowed_is_refused_at_
     ok = load_config(_write(tmp_path, MINIMAL + "session: {aggregator: median, "
                                                 "clients_per_round: 50, min_clients: 3}\n"))
     assert ok.session.aggregator == "median"
+
+
+@pytest.mark.parametrize(("tracking", "database"), [
+    ({}, "fedray"),
+    ({"uri": "mongodb://db.example.org:27017/"}, "fedray"),
+    ({"uri": "mongodb://u:p@db1,db2/fl_runs?replicaSet=rs0"}, "fl_runs"),
+    ({"uri": "mongodb+srv://cluster.example.org/my%2Ddb"}, "my-db"),
+    ({"uri": "mongodb://db/fl_runs", "database": "other"}, "other"),
+])
+def test_the_tracking_database_is_the_uris_else_fedray_as_the_query_commands_read_it(
+        tracking, database):
+    config = config_from_dict({"federation": "x", "seed_model": "s", "tracking": tracking})
+    assert config.tracking.database == database

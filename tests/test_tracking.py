@@ -816,3 +816,33 @@ def test_rounds_and_clients_cli(embedded_server: EmbeddedMongo, db_name: str) ->
     assert "gpu=0 site=eu" in clients and "fedray-0.1" in clients
     assert "site=us " in clients and "\x1b" not in clients and "[31m" not in clients
     assert "fedbuff (async)" in sessions and "dp_fixed" in sessions
+
+
+def test_query_commands_read_the_database_a_run_wrote(embedded_server: EmbeddedMongo,
+                                                      db_name: str) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+    from fedray.config import config_from_dict
+
+    # tracking.database set in a config: --database finds it; a URI naming one: the same URI
+    named = config_from_dict({"federation": "x", "seed_model": "s",
+                              "tracking": {"uri": embedded_server.uri, "database": db_name}})
+    in_uri = config_from_dict({"federation": "x", "seed_model": "s",
+                               "tracking": {"uri": embedded_server.uri + db_name}})
+    assert named.tracking.database == in_uri.tracking.database == db_name
+    store = TrackingStore.from_uri(named.tracking.uri, named.tracking.database)
+    try:
+        store.create_session("eeee0000eeee0000", "x", {}, 1, MODEL_A)
+        runner = CliRunner()
+        results = [runner.invoke(main, args) for args in (
+            ["sessions", "--json", "--tracking", embedded_server.uri, "--database", db_name],
+            ["sessions", "--json", "--tracking", in_uri.tracking.uri],
+            ["rounds", "--json", "--tracking", embedded_server.uri, "--database", db_name])]
+    finally:
+        store.db.client.drop_database(db_name)
+        store.close()
+    assert all(r.exit_code == 0 for r in results), [r.output for r in results]
+    assert [d["session_id"] for d in json.loads(results[0].output)] == ["eeee0000eeee0000"]
+    assert json.loads(results[1].output) == json.loads(results[0].output)
+    assert json.loads(results[2].output) == []

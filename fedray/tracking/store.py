@@ -38,11 +38,11 @@ from pymongo.errors import (
     PyMongoError,
 )
 
+from fedray.config import DEFAULT_DATABASE
 from fedray.errors import TrackingError
 from fedray.tracking import schema
 from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
 
-DEFAULT_DATABASE = "fedray"
 COLLECTIONS = (
     "sessions",
     "rounds",
