@@ -846,3 +846,18 @@ def test_query_commands_read_the_database_a_run_wrote(embedded_server: EmbeddedM
     assert [d["session_id"] for d in json.loads(results[0].output)] == ["eeee0000eeee0000"]
     assert json.loads(results[1].output) == json.loads(results[0].output)
     assert json.loads(results[2].output) == []
+
+
+def test_a_missing_tls_file_in_the_uri_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    for option in ("tlsCAFile", "tlsCertificateKeyFile"):
+        uri = f"mongodb://u:pw@127.0.0.1:1/?tls=true&{option}={tmp_path}/missing.pem"
+        with pytest.raises(TrackingError, match="check the paths of the URI's tlsCAFile"):
+            TrackingStore.from_uri(uri)
+        result = CliRunner().invoke(main, ["sessions", "--tracking", uri])
+        assert result.exit_code == TrackingError.exit_code, result.output
+        assert "Traceback" not in result.output and result.output.count("\n") == 1
+        assert ":pw@" not in result.output

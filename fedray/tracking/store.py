@@ -159,6 +159,9 @@ class TrackingStore:
                 db = client[database]
         except (PyMongoError, ValueError, TypeError) as exc:
             raise TrackingError(f"tracking database {shown}: {_short(exc)}") from exc
+        except OSError as exc:  # pymongo reads the URI's TLS files (tlsCAFile, ...) now
+            raise TrackingError(f"tracking database {shown}: {exc.strerror or exc}; check the "
+                                "paths of the URI's tlsCAFile and tlsCertificateKeyFile") from exc
         return cls(db, client=client, where=f"{shown} (database {db.name!r})")
 
     def __repr__(self) -> str:
