@@ -99,17 +99,10 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
 
     SIGINT or SIGTERM stops what it started (actors, tracking server, a local Ray) and
     exits 130 or 143."""
-    import yaml
-
-    from fedray.config import load_config
+    from fedray.config import load_config, parse_override
     from fedray.runner import print_summary, run_federation
 
-    parsed = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        parsed[key] = yaml.safe_load(value)
+    parsed = dict(parse_override(item) for item in overrides)
     if data_dir is not None:
         parsed["data_dir"] = str(data_dir)
     config = load_config(config_path, parsed)

@@ -156,14 +156,62 @@ class FederationConfig:
         return dataclasses.asdict(self)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"{key!r} is given twice (lines {first} and {line})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: PyYAML keeps the
+    last one silently, so a pasted block would quietly undo the settings above it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a key of it is what merges are for
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key: construct_mapping says so
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """One ``--set FIELD=VALUE`` as (FIELD, the YAML value)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+    try:
+        return key, load_yaml(value)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"--set {key}: {exc.key!r} is given twice; keep one") from None
+    except yaml.YAMLError as exc:
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
+        raise ConfigError(f"--set {key}: {value!r} is not a valid YAML value ({problem}); "
+                          "check its brackets and quotes") from None
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
     """Read a YAML config; ``overrides`` uses dotted keys (``{"session.rounds": 3}``), as
     `--set` gives them: an error in one of them names ``--set FIELD``, not the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on "
+                          f"line {exc.first}); keep one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
@@ -295,15 +343,29 @@ def _coerce(hint: Any, value: Any, where: str, blame: _Blame) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), where, blame)
         if option is str and isinstance(value, str):
             return value
         if option is dict and isinstance(value, dict):
-            return value
+            return _finite(value, where, blame)
         if option is list and isinstance(value, list):
-            return value
+            return _finite(value, where, blame)
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise blame.error(where, f"must be {wanted}, got {value!r}")
+
+
+def _finite(value: Any, where: str, blame: _Blame) -> Any:
+    """``value`` itself; an infinity or NaN anywhere in it is refused (YAML's ``.inf`` and
+    ``.nan``): NaN passes every "> 0" check, and inf breaks the arithmetic on it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise blame.error(where, f"must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{where}.{key}", blame)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite(item, f"{where}.{i}", blame)
+    return value
 
 
 def _check(c: FederationConfig, blame: _Blame) -> None:
@@ -311,6 +373,9 @@ def _check(c: FederationConfig, blame: _Blame) -> None:
 
     if not _NAME.match(c.federation):
         raise bad("federation", "must be 1-63 letters, digits, '-' or '_'")
+    if c.ray.num_cpus is not None and c.ray.num_cpus < 1:
+        raise bad("ray.num_cpus", f"must be at least 1 (or left out: every CPU), got "
+                  f"{c.ray.num_cpus}")
     ports = {"controller.port": c.controller.port, "combiners.base_port": c.combiners.base_port}
     for where, port in ports.items():
         if not 0 <= port <= 65535:

@@ -129,3 +129,53 @@ def test_the_tracking_database_is_the_uris_else_fedray_as_the_query_commands_rea
         tracking, database):
     config = config_from_dict({"federation": "x", "seed_model": "s", "tracking": tracking})
     assert config.tracking.database == database
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_the_set(tmp_path):
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    path = _write(tmp_path, MINIMAL)
+    result = CliRunner().invoke(main, ["run", str(path), "--set", "session.round_config={lr: 0.1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("fedray: error: --set session.round_config: '{lr: 0.1' is "
+                                    "not a valid YAML value (")
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN"])
+@pytest.mark.parametrize("field", ["session.clients_per_round", "session.round_timeout_s",
+                                   "session.max_update_norm", "tracking.events_ttl_days",
+                                   "combiners.max_update_mb", "session.round_config.lr",
+                                   "session.aggregator_kwargs.server_lr"])
+def test_infinities_and_nan_are_refused_in_every_numeric_field(tmp_path, field, value):
+    from fedray.config import parse_override
+
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, dict([parse_override(f"{field}={value}")]))
+    assert str(info.value).startswith(f"--set {field}: must be a finite number, got ")
+    section, _, name = field.rpartition(".")
+    top, _, sub = section.partition(".")
+    nested = f"{top}: {{{sub + ': {' if sub else ''}{name}: {value}{'}' if sub else ''}}}\n"
+    with pytest.raises(ConfigError, match=f"{path}: {field} must be a finite number"):
+        load_config(_write(tmp_path, MINIMAL + nested))
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    path = _write(tmp_path, MINIMAL + "session:\n  rounds: 3\n  min_clients: 2\n  rounds: 30\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: line 6: 'rounds' is given twice (first on line 4); "
+                               "keep one")
+    with pytest.raises(ConfigError, match="line 3: 'federation' is given twice"):
+        load_config(_write(tmp_path, MINIMAL + "federation: other\n"))
+    # a YAML merge that overrides a key of its base is not a duplicate
+    merged = load_config(_write(tmp_path, MINIMAL + "session:\n  <<: {rounds: 2, min_clients: 3}"
+                                                    "\n  rounds: 4\n"))
+    assert (merged.session.rounds, merged.session.min_clients) == (4, 3)
+    from fedray.config import parse_override
+
+    with pytest.raises(ConfigError, match=r"--set session.round_config: 'lr' is given twice"):
+        parse_override("session.round_config={lr: 1, lr: 2}")
