@@ -41,7 +41,7 @@ class NotRunning(FedrayError):
     exit_code = 1
 
 
-def _preflight(address: str) -> None:
+def preflight(address: str) -> None:
     """Fail fast, in one line, where ``ray.init`` would hang or spam retries.
 
     ``ray.init`` retries an unreachable GCS forever (Ray swapping 127.0.0.1 for this
@@ -107,7 +107,7 @@ def _quiet_stderr() -> Iterator[None]:
 def _connect(address: str, namespace: str | None) -> None:
     import ray
 
-    _preflight(address)
+    preflight(address)
     try:
         ray.init(address=address, namespace=namespace, logging_level=logging.ERROR,
                  log_to_driver=False)

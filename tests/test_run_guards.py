@@ -248,3 +248,52 @@ def test_fedray_run_json_is_valid_json_even_with_non_finite_numbers(tmp_path, mo
     summary = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert summary["history"][0]["train_metrics"] == {"loss": None}
     assert summary["history"][0]["validation_metrics"] == {"acc": None}
+
+
+@pytest.mark.parametrize(("address", "needle"), [
+    ("local", "cannot start a local Ray: no room; check ray.num_cpus"),
+    ("auto", "cannot join Ray at auto: no cluster; is a cluster running there"),
+])
+def test_a_failing_ray_init_is_one_line_with_a_hint(monkeypatch, address, needle):
+    import ray
+
+    from fedray.config import RayConfig
+    from fedray.errors import TransportError
+    from fedray.federation import connect_ray
+
+    error = RuntimeError("no room\nand a long Ray trace") if address == "local" \
+        else ConnectionError("no cluster")
+
+    def init(**kwargs):
+        raise error
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(TransportError) as info:
+        connect_ray(RayConfig(address=address), "fedray-x")
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unreachable_ray_address_fails_fast_instead_of_retrying(monkeypatch):
+    import time
+
+    import ray
+    from netutil import free_ports
+
+    from fedray.config import RayConfig
+    from fedray.federation import connect_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init was called"))
+    start = time.monotonic()
+    with pytest.raises(FedrayError, match=r"no Ray cluster answers at 127\.0\.0\.1:"):
+        connect_ray(RayConfig(address=f"127.0.0.1:{free_ports(1)[0]}"), "fedray-x")
+    assert time.monotonic() - start < 15
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_ray_num_cpus_is_checked_at_load(value):
+    with pytest.raises(ConfigError, match=f"g.yaml: ray.num_cpus must be at least 1 .*got {value}"):
+        config_from_dict({"federation": "g", "seed_model": "s", "ray": {"num_cpus": value}},
+                         source="g.yaml")
