@@ -265,6 +265,20 @@ class _Blame:
         return ConfigError(f"--set {origin}: {why}" if origin == where
                            else f"--set {origin}: {where} {why}")
 
+    def touched(self, *fields: str) -> str | None:
+        """The override that set one of ``fields``, a key below one, or a section above."""
+        return next((o for o in sorted(self.overridden) for f in fields
+                     if o == f or o.startswith(f"{f}.") or f.startswith(f"{o}.")), None)
+
+    def among(self, fields: tuple[str, ...], where: str, why: str) -> ConfigError:
+        """An error about ``where`` that follows from all of ``fields``: blamed on the
+        ``--set`` of one of them if there is one, else on the file."""
+        origin = self.touched(*fields)
+        if origin is None:
+            return ConfigError(f"{self.source}: {where} {why}")
+        return ConfigError(f"--set {origin}: {why}" if origin == where
+                           else f"--set {origin}: {where} {why}")
+
     def unknown(self, where: str, known: list[str]) -> ConfigError:
         origin = self.origin(where)
         head = f"--set {where}: unknown field" if origin == where else \
@@ -405,12 +419,14 @@ def _check(c: FederationConfig, blame: _Blame) -> None:
         if value <= 0:
             raise bad(where, f"must be greater than 0, got {value}")
     if c.combiners.offline_after_s <= c.combiners.heartbeat_interval_s:
-        raise bad("combiners.offline_after_s", "must be longer than combiners.heartbeat_interval_s")
+        raise blame.among(("combiners.offline_after_s", "combiners.heartbeat_interval_s"),
+                          "combiners.offline_after_s",
+                          "must be longer than combiners.heartbeat_interval_s")
     if c.session.clients_per_round > 1 and c.session.clients_per_round != int(c.session.clients_per_round):
         raise bad("session.clients_per_round", "must be a fraction <= 1 or a whole count")
     if c.combiners.chunk_kib > 3 * 1024:
         raise bad("combiners.chunk_kib", "must stay under gRPC's 4 MiB message limit (max 3072)")
-    _check_session(c, bad)
+    _check_session(c, blame)
     if not 0 <= c.tracking.events_ttl_days <= MAX_TTL_DAYS:
         raise bad("tracking.events_ttl_days", f"must be 0 (keep forever) to {MAX_TTL_DAYS} days, "
                   f"got {c.tracking.events_ttl_days}")
@@ -422,11 +438,19 @@ def _check(c: FederationConfig, blame: _Blame) -> None:
     server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
 
 
-def _check_session(c: FederationConfig, bad: Any) -> None:
+STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
+# what decides how many updates one round can bring (most_updates_per_round)
+ROUND_SIZE = (*STRATEGY, "session.clients_per_round", "session.max_kept_updates",
+              "session.over_select", "session.min_clients", "session.select.ids",
+              "combiners.count", "combiners.max_clients")
+
+
+def _check_session(c: FederationConfig, blame: _Blame) -> None:
     """Strategy, selection and straggler settings: everything loadable is loaded now."""
     from fedray.selection import check_select
     from fedray.strategies import make_strategy
 
+    bad = blame.error
     s = c.session
     nonnegative = {"session.buffer_size": s.buffer_size, "session.over_select": s.over_select}
     for where, value in nonnegative.items():
@@ -444,27 +468,32 @@ def _check_session(c: FederationConfig, bad: Any) -> None:
     try:
         strategy = make_strategy(s.aggregator, s.aggregator_kwargs)
     except ConfigError as exc:
-        raise bad("session.aggregator", f"names no strategy that loads: {exc}") from None
+        raise blame.among(STRATEGY, "session.aggregator",
+                          f"names no strategy that loads: {exc}") from None
     try:
         strategy.check_settings(s)
     except ValueError as exc:
-        raise bad("session.aggregator", f"{s.aggregator!r}: {exc}") from None
+        raise blame.among(STRATEGY, "session.aggregator", f"{s.aggregator!r}: {exc}") from None
     try:
         check_select(s.select)
-    except ConfigError as exc:
-        raise ConfigError(f"{c.source}: {exc}") from None
+    except ConfigError as exc:  # it names the field itself
+        origin = blame.touched("session.select")
+        raise ConfigError(f"--set {origin}: {exc}" if origin else f"{c.source}: {exc}") from None
     if s.buffer_size and s.buffer_size < s.min_clients and not strategy.asynchronous:
-        raise bad("session.buffer_size", f"({s.buffer_size}) closes rounds before "
-                  f"session.min_clients ({s.min_clients}) updates can arrive; raise it or "
-                  "lower min_clients")
+        raise blame.among(("session.buffer_size", "session.min_clients"), "session.buffer_size",
+                          f"({s.buffer_size}) closes rounds before session.min_clients "
+                          f"({s.min_clients}) updates can arrive; raise it or lower "
+                          "min_clients")
     if strategy.keeps_updates and not strategy.asynchronous:
         most = most_updates_per_round(c)
         if most > s.max_kept_updates:
-            raise bad("session.aggregator", f"{s.aggregator!r} keeps every update of a round "
-                      f"(in Ray's object store) and up to {most} could arrive, more than "
-                      f"session.max_kept_updates ({s.max_kept_updates}); set "
-                      f"session.clients_per_round to a count of at most {s.max_kept_updates} "
-                      "(or raise max_kept_updates: memory is that many model sizes)")
+            raise blame.among(ROUND_SIZE, "session.aggregator",
+                              f"{s.aggregator!r} keeps every update of a round (in Ray's "
+                              f"object store) and up to {most} could arrive, more than "
+                              f"session.max_kept_updates ({s.max_kept_updates}); set "
+                              "session.clients_per_round to a count of at most "
+                              f"{s.max_kept_updates} (or raise max_kept_updates: memory is "
+                              "that many model sizes)")
 
 
 def most_updates_per_round(c: FederationConfig) -> int:

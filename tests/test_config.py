@@ -179,3 +179,36 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--set session.round_config: 'lr' is given twice"):
         parse_override("session.round_config={lr: 1, lr: 2}")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"session.aggregator_kwargs.sever_lr": 1},
+     "--set session.aggregator_kwargs.sever_lr: session.aggregator names no strategy that "
+     "loads: session.aggregator_kwargs do not fit 'fedadam'"),
+    ({"session.aggregator": "nope"},
+     "--set session.aggregator: names no strategy that loads: unknown aggregator 'nope'"),
+    ({"session.select.policy": "nope"},
+     "--set session.select.policy: session.select.policy 'nope' must be package.module:name"),
+    ({"session.select": {"attrs": {"a": {"b": 1}}}},
+     "--set session.select: session.select.attrs.a must be a value or a list of values"),
+    ({"session.min_clients": 5}, "--set session.min_clients: session.buffer_size (2) closes "
+                                 "rounds before session.min_clients (5)"),
+])
+def test_strategy_and_selection_errors_blame_the_set_they_came_from(tmp_path, overrides,
+                                                                     message):
+    path = _write(tmp_path, MINIMAL + "session: {aggregator: fedadam, buffer_size: 2}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value).startswith(message), str(info.value)
+    assert str(path) not in str(info.value)
+
+
+def test_strategy_and_selection_errors_of_the_file_still_name_the_file(tmp_path):
+    path = _write(tmp_path, MINIMAL + "session: {aggregator_kwargs: {sever_lr: 1}, "
+                                      "select: {policy: nope}}\n")
+    for overrides in (None, {"session.rounds": 3}):
+        with pytest.raises(ConfigError, match=f"^{path}: session.aggregator names no strategy"):
+            load_config(path, overrides)
+    path = _write(tmp_path, MINIMAL + "session: {select: {policy: nope}}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: session.select.policy 'nope'"):
+        load_config(path, {"session.aggregator": "fedavg"})
