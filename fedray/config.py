@@ -21,6 +21,7 @@ from urllib.parse import unquote
 import yaml
 
 from fedray.errors import ConfigError
+from fedray.text import redact
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 MAX_TTL_DAYS = 24_855  # a TTL index holds at most 2**31 - 1 seconds
@@ -108,10 +109,17 @@ class TrackingConfig:
         """``events_ttl_days`` in whole seconds; None keeps events forever."""
         return int(self.events_ttl_days * 86400) or None
 
+    def __repr__(self) -> str:  # the URI may hold a password: configs end up in logs
+        return (f"TrackingConfig(uri={redact(self.uri)!r}, database={self.database!r}, "
+                f"events_ttl_days={self.events_ttl_days!r})")
+
 
 @dataclass(frozen=True)
 class StorageConfig:
-    uri: str = "file"  # or file:///abs/path
+    uri: str = "file"  # or file:///abs/path, or s3://BUCKET?...&secret_key=...
+
+    def __repr__(self) -> str:
+        return f"StorageConfig(uri={redact(self.uri)!r})"
 
 
 @dataclass(frozen=True)
@@ -151,9 +159,6 @@ class FederationConfig:
         raw = os.environ.get("FEDRAY_DATA_DIR") or self.data_dir
         base = Path(raw) if raw else Path.home() / ".fedray" / self.federation
         return base.expanduser().resolve()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class _DuplicateKey(yaml.YAMLError):

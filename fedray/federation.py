@@ -349,8 +349,3 @@ def _merge_history(history: list[dict[str, Any]], known: int, status: dict[str, 
     history.extend(fresh[max(0, known - first):])
     status["history"] = history
     return total
-
-
-def require_finished(status: dict[str, Any]) -> None:
-    if status["state"] != "finished":
-        raise SessionError(f"session {status['session_id']} failed: {status.get('reason', '')}")

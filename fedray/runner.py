@@ -337,7 +337,7 @@ def _follow(federation, session_id: str, config: FederationConfig, console: Cons
 
 def _shown(uri: str) -> str:
     """``uri`` fit to print: no password (summaries, logs and terminals are shared)."""
-    from fedray.tracking.store import redact
+    from fedray.text import redact
 
     return redact(uri)
 

@@ -20,7 +20,6 @@ dotted key reaches into a sub-document: ``update_round(s, 3, **{"combiners.c0":
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +39,7 @@ from pymongo.errors import (
 
 from fedray.config import DEFAULT_DATABASE
 from fedray.errors import TrackingError
+from fedray.text import redact
 from fedray.tracking import schema
 from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
 
@@ -114,11 +114,6 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__
     return False
-
-
-def redact(uri: str) -> str:
-    """``uri`` with any password replaced, fit for messages and logs."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
 class TrackingStore:
