@@ -6,6 +6,7 @@ so a typo in a config stops `fedray run` before anything starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -96,6 +97,7 @@ class SessionConfig:
 
 
 DEFAULT_DATABASE = "fedray"
+DATA_DIR_ENV = "FEDRAY_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,9 @@ class FederationConfig:
         return f"fedray-{self.federation}"
 
     def resolved_data_dir(self) -> Path:
-        raw = os.environ.get("FEDRAY_DATA_DIR") or self.data_dir
-        base = Path(raw) if raw else Path.home() / ".fedray" / self.federation
+        """``data_dir`` as loaded (``--data-dir``, else $FEDRAY_DATA_DIR, else the config's),
+        else ``~/.fedray/<federation>``; actors on other nodes get the same answer."""
+        base = Path(self.data_dir) if self.data_dir else Path.home() / ".fedray" / self.federation
         return base.expanduser().resolve()
 
 
@@ -221,15 +224,24 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
-    blame = _Blame(str(path), frozenset(overrides or ()))
+    return _overridden(raw, str(path), overrides)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
+                     overrides: dict[str, Any] | None = None) -> FederationConfig:
+    """A config from a mapping, ``overrides`` as in ``load_config`` (a flag's value)."""
+    return _overridden(copy.deepcopy(raw), source, overrides)
+
+
+def _overridden(raw: dict[str, Any], source: str,
+                overrides: dict[str, Any] | None) -> FederationConfig:
+    blame = _Blame(source, frozenset(overrides or ()))
     for dotted, value in (overrides or {}).items():
         _check_override(dotted)
         _set_dotted(raw, dotted, value, blame)
+    if "data_dir" not in blame.overridden and os.environ.get(DATA_DIR_ENV):
+        raw["data_dir"] = os.environ[DATA_DIR_ENV]  # over the config's, under --data-dir
     return _from_dict(raw, blame)
-
-
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> FederationConfig:
-    return _from_dict(raw, _Blame(source, frozenset()))
 
 
 def _from_dict(raw: dict[str, Any], blame: _Blame) -> FederationConfig:

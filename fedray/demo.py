@@ -160,7 +160,8 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
     paths = data_mod.write_partitions(data_dir / "data", clients, scheme=partition, seed=0)
     test = data_mod.load_client_data(data_dir / "data" / "test.npz")
     config = config_from_dict(demo_config(clients, rounds, combiners, data_dir, storage, tracking,
-                                          framework), source="fedray demo")
+                                          framework), source="fedray demo",
+                              overrides={"data_dir": str(data_dir)})  # chosen above
     model_label = "" if framework == "numpy" else f", a {framework} CNN"
     console.print(escape(f"demo: {clients} clients ({partition} digits{model_label}), "
                          f"{combiners} combiners, {rounds} rounds; client logs in "

@@ -212,3 +212,29 @@ def test_strategy_and_selection_errors_of_the_file_still_name_the_file(tmp_path)
     path = _write(tmp_path, MINIMAL + "session: {select: {policy: nope}}\n")
     with pytest.raises(ConfigError, match=f"^{path}: session.select.policy 'nope'"):
         load_config(path, {"session.aggregator": "fedavg"})
+
+
+def test_the_data_dir_flag_wins_over_the_env_which_wins_over_the_file(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import fedray.runner
+    from fedray.cli import main
+
+    path = _write(tmp_path, MINIMAL + f"data_dir: {tmp_path / 'file'}\n")
+    monkeypatch.setenv("FEDRAY_DATA_DIR", str(tmp_path / "env"))
+    assert load_config(path).resolved_data_dir() == tmp_path / "env"
+    flagged = load_config(path, {"data_dir": str(tmp_path / "flag")})
+    assert flagged.resolved_data_dir() == tmp_path / "flag"
+    assert config_from_dict({"federation": "x", "seed_model": "s"},
+                            overrides={"data_dir": str(tmp_path / "flag")}).data_dir \
+        == str(tmp_path / "flag")
+
+    used = []
+
+    def run_federation(config, **_):
+        used.append(config.resolved_data_dir())
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(fedray.runner, "run_federation", run_federation)
+    result = CliRunner().invoke(main, ["run", str(path), "--data-dir", str(tmp_path / "flag")])
+    assert result.exit_code == 2 and used == [tmp_path / "flag"], result.output
