@@ -216,6 +216,26 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
     assert combiners["combiner-2"]["restarts"] == 7
 
 
+def test_upserts_that_create_a_document_give_it_every_required_field(
+        store: TrackingStore) -> None:
+    from fedray.tracking import schema
+
+    store.upsert_combiner("combiner-3", clients=4)  # a client count before its address
+    store.increment_combiner_restarts("combiner-4")
+    store.upsert_client("c7", status="online")  # a status before its name and combiner
+    store.upsert_client("c8", name="bob")
+    for collection in ("combiners", "clients"):
+        for doc in store.db[collection].find({}):
+            schema.validate(collection, doc)
+    combiners = {c["name"]: c for c in store.find("combiners")}
+    assert (combiners["combiner-3"]["address"], combiners["combiner-3"]["clients"]) == ("", 4)
+    assert combiners["combiner-4"]["restarts"] == 1
+    clients = {c["client_id"]: c for c in store.find("clients")}
+    assert clients["c7"]["name"] == "c7" and clients["c8"]["status"] == "offline"
+    store.upsert_combiner("combiner-3", address="h:1", status="stopped")  # later writes win
+    assert store.find("combiners", {"name": "combiner-3"})[0]["status"] == "stopped"
+
+
 def test_validations_packages_and_events(store: TrackingStore) -> None:
     validation = {"session_id": "s1", "round": 1, "client_id": "c1", "model_id": MODEL_A,
                   "combiner": "combiner-0", "metrics": {"accuracy": np.float32(0.75)},

@@ -316,18 +316,21 @@ class TrackingStore:
     # clients, combiners
 
     def upsert_client(self, client_id: str, **fields: Any) -> None:
-        """Create or update an edge client; ``last_seen`` is now unless given."""
+        """Create or update an edge client; ``last_seen`` is now unless given. A document
+        this creates has every required field (defaults for those not given)."""
         now = utcnow()
         fields = {"last_seen": now, **clean(fields)}
-        self._upsert("clients", {"client_id": client_id}, fields, {"first_seen": now})
+        self._upsert("clients", {"client_id": client_id}, fields,
+                     {"first_seen": now, **_new_client(client_id)})
 
     def upsert_combiner(self, name: str, **fields: Any) -> None:
         fields = {"updated_at": utcnow(), **clean(fields)}
-        self._upsert("combiners", {"name": name}, fields, {"restarts": 0})
+        self._upsert("combiners", {"name": name}, fields, {"restarts": 0, **NEW_COMBINER})
 
     def increment_combiner_restarts(self, name: str) -> None:
         """Count one more restart of combiner ``name`` (not idempotent: a counter)."""
-        update = {"$inc": {"restarts": 1}, **_setting({"updated_at": utcnow()})}
+        update = {"$inc": {"restarts": 1}, **_setting({"updated_at": utcnow()}),
+                  "$setOnInsert": dict(NEW_COMBINER)}
         with self._translate(f"count a restart of combiner {name!r}"):
             self._retry_dup(
                 lambda: self.db.combiners.update_one({"name": name}, update, upsert=True)
@@ -461,6 +464,15 @@ class TrackingStore:
             return write()
         except DuplicateKeyError:
             return write()
+
+
+# What an upsert gives a new document for the required fields its write did not name
+# (a combiner's client count can land before its address): docs/tracking.md's "required".
+NEW_COMBINER = {"address": "", "status": "online"}
+
+
+def _new_client(client_id: str) -> dict[str, Any]:
+    return {"name": client_id, "combiner": "", "status": "offline"}
 
 
 def _setting(fields: dict[str, Any]) -> dict[str, Any]:
