@@ -29,6 +29,7 @@ from fedray.status import status
 from fedray.text import json_text
 
 INTERNAL_ERROR = 70
+DATA_DIR_ENV = "FEDRAY_DATA_DIR"  # fedray.config's, without importing it
 SESSION_COLLECTIONS = ("rounds", "models", "events", "validations")  # have a session_id
 EVENT_LEVELS = ("debug", "info", "warning", "error")  # tracking's LEVELS, without pymongo
 QUERY_COLLECTIONS = ("sessions", "rounds", "models", "clients", "combiners", "events", "validations",
@@ -190,9 +191,10 @@ def _query_command(collection: str) -> click.Command:
         if click.get_current_context().invoked_subcommand:  # fedray models get ...
             return
         require(f"fedray {collection}", ("server",), TRACKING_MODULES)
-        from fedray.tracking.query import query_page, to_json
+        from fedray.tracking.query import parse_filter, query_page, to_json
         from fedray.tracking.tables import render_table
 
+        parse_filter(filter_json)  # a typo is told before any server starts
         with _tracking(data_dir, tracking_uri) as uri:
             page = query_page(uri, collection, filter_json, limit, database=database,
                               session=session, level=level, count=not as_json)
@@ -228,7 +230,7 @@ def _tracking(data_dir: Path | None, tracking_uri: str | None) -> Iterator[str]:
     if tracking_uri is not None:
         yield tracking_uri
         return
-    uri, server = connect_or_start(data_dir or default_data_dir())
+    uri, server = connect_or_start(federation_dir(data_dir, "tracking"))
     try:
         yield uri
     finally:
@@ -302,9 +304,11 @@ def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
     from fedray.keys import load_token_secret, mark_tokens_issued
     from fedray.tracking.tokens import create_token
 
-    try:
-        folder = data_dir or default_data_dir()
+    try:  # with --tracking, no tracking/ there: the folder of the secret must exist
+        folder = federation_dir(data_dir, "" if tracking_uri is not None else "tracking")
     except ConfigError:
+        if data_dir is not None or os.environ.get(DATA_DIR_ENV):
+            raise
         raise ConfigError("fedray token create needs the federation's --data-dir: its token "
                           "secret (secrets/token.key) lives there") from None
     key = load_token_secret(folder)
@@ -363,10 +367,25 @@ def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
     Console().print(table)
 
 
+def federation_dir(data_dir: Path | None, needs: str = "tracking") -> Path:
+    """``data_dir`` (else the default) once it is a federation's: it has ``needs`` (its
+    tracking/ folder, or itself). A mistyped path must not get an empty tracking server,
+    nor a fresh token secret that no federation knows."""
+    folder = data_dir or default_data_dir()
+    where = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}" \
+        if os.environ.get(DATA_DIR_ENV) else "the data directory"
+    wanted = folder / needs if needs else folder
+    if not wanted.is_dir():
+        what = f"{wanted} is missing" if needs else "no such folder"
+        raise ConfigError(f"{where} {folder}: not a federation's data directory ({what}): "
+                          "a mistyped path, or no `fedray run` used it yet")
+    return folder
+
+
 def default_data_dir() -> Path:
     """$FEDRAY_DATA_DIR, else the most recently used federation under ~/.fedray."""
-    if os.environ.get("FEDRAY_DATA_DIR"):
-        return Path(os.environ["FEDRAY_DATA_DIR"])
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
     root = Path.home() / ".fedray"
     candidates = [d for d in root.glob("*") if (d / "tracking").is_dir()] if root.is_dir() else []
     if not candidates:

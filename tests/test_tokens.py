@@ -285,3 +285,29 @@ def test_config_and_key_reprs_never_show_secrets():
     assert "hunter2" not in shown, shown
     assert "mongodb://fl:***@db:27017/?password=***" in shown and "secret_key=***" in shown
     assert not hasattr(config, "to_dict")  # asdict of a config would dump the URIs whole
+
+
+def test_token_create_refuses_a_mistyped_or_unwritable_data_dir(tmp_path, tracking_uri,
+                                                                  db_name):
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    def create(data_dir, *extra):
+        return CliRunner().invoke(main, ["token", "create", "--name", "site-a", "--data-dir",
+                                         str(data_dir), *extra])
+
+    typo = tmp_path / "digts"
+    for extra in ((), ("--tracking", tracking_uri, "--database", db_name)):
+        result = create(typo, *extra)
+        assert result.exit_code == 2 and "not a federation's data directory" in result.output
+        assert result.output.count("\n") == 1 and not typo.exists(), result.output
+    (tmp_path / "fed" / "tracking").mkdir(parents=True)
+    (tmp_path / "fed" / "secrets").write_text("a file where the secrets folder goes")
+    result = create(tmp_path / "fed", "--tracking", tracking_uri, "--database", db_name)
+    assert result.exit_code == 2, result.output
+    assert "cannot create the token secret" in result.output and "Traceback" not in result.output
+    store = TrackingStore.from_uri(tracking_uri, db_name)
+    assert store.db[COLLECTION].count_documents({}) == 0  # no token no federation accepts
+    store.db.client.drop_database(db_name)
+    store.close()

@@ -881,3 +881,26 @@ def test_a_missing_tls_file_in_the_uri_is_one_line_not_a_traceback(tmp_path: Pat
         assert result.exit_code == TrackingError.exit_code, result.output
         assert "Traceback" not in result.output and result.output.count("\n") == 1
         assert ":pw@" not in result.output
+
+
+def test_query_commands_refuse_a_data_dir_without_tracking(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    typo = tmp_path / "digts"
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    for args in (["rounds", "--data-dir", str(typo)], ["events", "--data-dir", str(typo)],
+                 ["plot", "--data-dir", str(tmp_path / "empty"), "-o", str(tmp_path / "c.png")],
+                 ["token", "list", "--data-dir", str(typo)],
+                 ["token", "revoke", "--name", "a", "--data-dir", str(typo)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "not a federation's data directory" in result.output and "/tracking is " \
+            "missing" in result.output and result.output.count("\n") == 1, result.output
+    monkeypatch.setenv("FEDRAY_DATA_DIR", str(typo))
+    result = runner.invoke(main, ["sessions"])
+    assert result.exit_code == 2 and f"$FEDRAY_DATA_DIR {typo}: not a" in result.output
+    assert not typo.exists() and list((tmp_path / "empty").iterdir()) == []
