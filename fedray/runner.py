@@ -224,8 +224,8 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
         store.put(load_seed(config.seed_model, store))
     package = session_package(config.package, data_dir)
     token = federation_token(config)
-    if config.tracking.uri == "embedded":
-        tracking_uri, server = connect_or_start(data_dir)
+    if config.tracking.uri == "embedded":  # never a server another command will stop
+        tracking_uri, server = connect_or_start(data_dir, own=True)
         if server is not None:  # ours: keep it alive while the federation runs
             supervised = _supervisor(server, config)
             teardown.add(lifecycle.TRACKING, "tracking server", supervised.stop)

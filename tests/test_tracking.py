@@ -515,7 +515,8 @@ def test_connect_or_start_reuses_a_live_server(tmp_path: Path) -> None:
     uri, server = connect_or_start(tmp_path)
     try:
         assert server is not None and uri == server.uri
-        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port}
+        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port,
+                                                "owner": os.getpid()}
 
         again, other = connect_or_start(tmp_path)
 
@@ -548,9 +549,58 @@ def test_connect_or_start_ignores_a_stale_record(tmp_path: Path) -> None:
     try:
         assert server is not None and server.running
         assert server.port != taken and uri == server.uri
-        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port}
+        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port,
+                                                "owner": os.getpid()}
     finally:
         server.stop()
+
+
+def test_a_run_never_depends_on_a_server_another_command_will_stop(tmp_path: Path) -> None:
+    """`fedray rounds` started a server for itself and stops it when done; a `fedray run`
+    starting meanwhile must not reuse it (its session would then hang in flush())."""
+    query_uri, query_server = connect_or_start(tmp_path)  # the query command's own
+    assert query_server is not None
+    got: list[Any] = []
+    done = threading.Event()
+
+    def fedray_run() -> None:  # stays alive: the kernel ties a server to its thread
+        got.append(connect_or_start(tmp_path, own=True))
+        done.wait(60)
+
+    run = threading.Thread(target=fedray_run)
+    run.start()
+    try:
+        time.sleep(1.0)
+        assert got == [] and run.is_alive()  # waiting: the owner will stop that one
+        again, other = connect_or_start(tmp_path)  # a second query still shares it
+        assert (again, other) == (query_uri, None)
+    finally:
+        query_server.stop()  # the query command ends: only it stops its server
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [(uri, server)] = got
+    try:
+        assert server is not None and server.running and server.pid != query_server.pid
+        assert read_server_record(tmp_path)["pid"] == server.pid  # the run's, supervised
+        TrackingStore.from_uri(uri).event("info", "run", "tracking stays up")
+        again, other = connect_or_start(tmp_path)  # a query now reuses the run's server
+        assert again == uri and other is None
+    finally:
+        server.stop()
+        done.set()
+        run.join(10)
+
+
+def test_a_run_refuses_in_one_line_when_another_commands_server_stays(tmp_path: Path) -> None:
+    _, query_server = connect_or_start(tmp_path)
+    assert query_server is not None
+    try:
+        with pytest.raises(TrackingError, match=rf"belongs to another fedray command "
+                                                rf"\(pid {os.getpid()}\) that will stop it"):
+            connect_or_start(tmp_path, own=True, wait_s=0.5)
+    finally:
+        query_server.stop()
 
 
 def test_embedded_start_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
