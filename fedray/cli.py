@@ -10,7 +10,6 @@ which one in one line and exits 2.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import traceback
@@ -27,8 +26,10 @@ from fedray.lifecycle import Stopped, running
 from fedray.models_cli import TRACKING_MODULES
 from fedray.models_cli import get as models_get
 from fedray.status import status
+from fedray.text import json_text
 
 INTERNAL_ERROR = 70
+DATA_DIR_ENV = "FEDRAY_DATA_DIR"  # fedray.config's, without importing it
 SESSION_COLLECTIONS = ("rounds", "models", "events", "validations")  # have a session_id
 EVENT_LEVELS = ("debug", "info", "warning", "error")  # tracking's LEVELS, without pymongo
 QUERY_COLLECTIONS = ("sessions", "rounds", "models", "clients", "combiners", "events", "validations",
@@ -99,17 +100,10 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
 
     SIGINT or SIGTERM stops what it started (actors, tracking server, a local Ray) and
     exits 130 or 143."""
-    import yaml
-
-    from fedray.config import load_config
+    from fedray.config import load_config, parse_override
     from fedray.runner import print_summary, run_federation
 
-    parsed = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        parsed[key] = yaml.safe_load(value)
+    parsed = dict(parse_override(item) for item in overrides)
     if data_dir is not None:
         parsed["data_dir"] = str(data_dir)
     config = load_config(config_path, parsed)
@@ -119,7 +113,7 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
                                 teardown=teardown, insecure=insecure)
     print_summary(result, console)
     if as_json:
-        click.echo(json.dumps(result.summary()))
+        click.echo(json_text(result.summary()))
     if not result.ok:
         sys.exit(9)
 
@@ -154,7 +148,7 @@ def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Pa
                            storage=storage, tracking=tracking, teardown=teardown,
                            framework=framework)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json_text(summary))
     if summary["state"] != "finished":
         sys.exit(9)
 
@@ -175,6 +169,12 @@ def package_build(src: Path, output: Path) -> None:
     click.echo(f"wrote {output} (sha256 {digest})")
 
 
+database_option = click.option(
+    "--database", default=None, metavar="NAME",
+    help="The tracking database (default: the URI's, else 'fedray'; a config's "
+         "tracking.database).")
+
+
 def _query_command(collection: str) -> click.Command:
     @click.option("--filter", "filter_json", default=None, metavar="JSON",
                   help='A Mongo filter, e.g. \'{"status": "failed"}\'.')
@@ -184,18 +184,20 @@ def _query_command(collection: str) -> click.Command:
                   help="A federation's data directory (default: the newest under ~/.fedray).")
     @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
                   help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+    @database_option
     def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
-                tracking_uri: str | None, session: str | None = None,
+                tracking_uri: str | None, database: str | None, session: str | None = None,
                 level: str | None = None) -> None:
         if click.get_current_context().invoked_subcommand:  # fedray models get ...
             return
         require(f"fedray {collection}", ("server",), TRACKING_MODULES)
-        from fedray.tracking.query import query_page, to_json
+        from fedray.tracking.query import parse_filter, query_page, to_json
         from fedray.tracking.tables import render_table
 
+        parse_filter(filter_json)  # a typo is told before any server starts
         with _tracking(data_dir, tracking_uri) as uri:
-            page = query_page(uri, collection, filter_json, limit, session=session, level=level,
-                              count=not as_json)
+            page = query_page(uri, collection, filter_json, limit, database=database,
+                              session=session, level=level, count=not as_json)
         if as_json:
             click.echo(to_json(page.docs))
         else:
@@ -228,7 +230,7 @@ def _tracking(data_dir: Path | None, tracking_uri: str | None) -> Iterator[str]:
     if tracking_uri is not None:
         yield tracking_uri
         return
-    uri, server = connect_or_start(data_dir or default_data_dir())
+    uri, server = connect_or_start(federation_dir(data_dir, "tracking"))
     try:
         yield uri
     finally:
@@ -249,23 +251,22 @@ for _collection in QUERY_COLLECTIONS:
               help="A federation's data directory (default: the newest under ~/.fedray).")
 @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
               help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+@database_option
 @needs("fedray plot", "server", modules=(*TRACKING_MODULES, "matplotlib"))
 def plot(session: str | None, output: Path, data_dir: Path | None,
-         tracking_uri: str | None) -> None:
+         tracking_uri: str | None, database: str | None) -> None:
     """Draw a session's training and validation curves, round by round, into a PNG."""
     from fedray.plot import plot_session
 
     with _tracking(data_dir, tracking_uri) as uri:
-        info = plot_session(uri, output, session=session)
+        info = plot_session(uri, output, session=session, database=database)
     shown = ", ".join(info.metrics) or "no metrics yet"
     click.echo(f"wrote {info.path}: session {info.session_id} of {info.federation} "
                f"({info.status}), {info.rounds} rounds; {shown}")
 
 
 def _tracking_options(command):
-    command = click.option("--database", default=None, metavar="NAME",
-                           help="The tracking database (default: the URI's, else 'fedray'; "
-                                "a config's tracking.database).")(command)
+    command = database_option(command)
     command = click.option("--tracking", "tracking_uri", default=None, metavar="URI",
                            help="A mongodb:// URI instead of the embedded tracking of "
                                 "--data-dir.")(command)
@@ -303,9 +304,11 @@ def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
     from fedray.keys import load_token_secret, mark_tokens_issued
     from fedray.tracking.tokens import create_token
 
-    try:
-        folder = data_dir or default_data_dir()
+    try:  # with --tracking, no tracking/ there: the folder of the secret must exist
+        folder = federation_dir(data_dir, "" if tracking_uri is not None else "tracking")
     except ConfigError:
+        if data_dir is not None or os.environ.get(DATA_DIR_ENV):
+            raise
         raise ConfigError("fedray token create needs the federation's --data-dir: its token "
                           "secret (secrets/token.key) lives there") from None
     key = load_token_secret(folder)
@@ -347,9 +350,12 @@ def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
     with _token_store(data_dir, tracking_uri, database) as store:
         rows = list_tokens(store)
     if as_json:
-        click.echo(json.dumps(rows, default=str))
+        click.echo(json_text(rows, default=str))
         return
     from rich.table import Table
+    from rich.text import Text
+
+    from fedray.text import printable
 
     table = Table("name", "id", "created", "state", title=f"{len(rows)} token(s)")
     for row in rows:
@@ -357,15 +363,30 @@ def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
         state = f"revoked {when:%Y-%m-%d %H:%M}" if row["revoked"] and when else \
             "revoked" if row["revoked"] else "live"
         created = row["created_at"]
-        table.add_row(row["name"], row["id"], f"{created:%Y-%m-%d %H:%M}" if created else "",
-                      state)
+        table.add_row(Text(printable(str(row["name"]), newlines=False)), Text(str(row["id"])),
+                      f"{created:%Y-%m-%d %H:%M}" if created else "", state)
     Console().print(table)
+
+
+def federation_dir(data_dir: Path | None, needs: str = "tracking") -> Path:
+    """``data_dir`` (else the default) once it is a federation's: it has ``needs`` (its
+    tracking/ folder, or itself). A mistyped path must not get an empty tracking server,
+    nor a fresh token secret that no federation knows."""
+    folder = data_dir or default_data_dir()
+    where = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}" \
+        if os.environ.get(DATA_DIR_ENV) else "the data directory"
+    wanted = folder / needs if needs else folder
+    if not wanted.is_dir():
+        what = f"{wanted} is missing" if needs else "no such folder"
+        raise ConfigError(f"{where} {folder}: not a federation's data directory ({what}): "
+                          "a mistyped path, or no `fedray run` used it yet")
+    return folder
 
 
 def default_data_dir() -> Path:
     """$FEDRAY_DATA_DIR, else the most recently used federation under ~/.fedray."""
-    if os.environ.get("FEDRAY_DATA_DIR"):
-        return Path(os.environ["FEDRAY_DATA_DIR"])
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
     root = Path.home() / ".fedray"
     candidates = [d for d in root.glob("*") if (d / "tracking").is_dir()] if root.is_dir() else []
     if not candidates:

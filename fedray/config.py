@@ -6,6 +6,7 @@ so a typo in a config stops `fedray run` before anything starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -16,10 +17,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
 
 from fedray.errors import ConfigError
+from fedray.text import redact
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 MAX_TTL_DAYS = 24_855  # a TTL index holds at most 2**31 - 1 seconds
@@ -93,10 +96,14 @@ class SessionConfig:
     continue_from: str = ""  # a session id: start from its last model and strategy state
 
 
+DEFAULT_DATABASE = "fedray"
+DATA_DIR_ENV = "FEDRAY_DATA_DIR"
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str = "embedded"  # or mongodb://host:27017/
-    database: str = "fedray"
+    database: str | None = None  # set at load: the URI's database, else "fedray"
     events_ttl_days: float = 30.0  # events older than this are deleted; 0 keeps them forever
 
     @property
@@ -104,10 +111,17 @@ class TrackingConfig:
         """``events_ttl_days`` in whole seconds; None keeps events forever."""
         return int(self.events_ttl_days * 86400) or None
 
+    def __repr__(self) -> str:  # the URI may hold a password: configs end up in logs
+        return (f"TrackingConfig(uri={redact(self.uri)!r}, database={self.database!r}, "
+                f"events_ttl_days={self.events_ttl_days!r})")
+
 
 @dataclass(frozen=True)
 class StorageConfig:
-    uri: str = "file"  # or file:///abs/path
+    uri: str = "file"  # or file:///abs/path, or s3://BUCKET?...&secret_key=...
+
+    def __repr__(self) -> str:
+        return f"StorageConfig(uri={redact(self.uri)!r})"
 
 
 @dataclass(frozen=True)
@@ -144,12 +158,55 @@ class FederationConfig:
         return f"fedray-{self.federation}"
 
     def resolved_data_dir(self) -> Path:
-        raw = os.environ.get("FEDRAY_DATA_DIR") or self.data_dir
-        base = Path(raw) if raw else Path.home() / ".fedray" / self.federation
+        """``data_dir`` as loaded (``--data-dir``, else $FEDRAY_DATA_DIR, else the config's),
+        else ``~/.fedray/<federation>``; actors on other nodes get the same answer."""
+        base = Path(self.data_dir) if self.data_dir else Path.home() / ".fedray" / self.federation
         return base.expanduser().resolve()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"{key!r} is given twice (lines {first} and {line})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: PyYAML keeps the
+    last one silently, so a pasted block would quietly undo the settings above it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a key of it is what merges are for
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key: construct_mapping says so
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """One ``--set FIELD=VALUE`` as (FIELD, the YAML value)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+    try:
+        return key, load_yaml(value)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"--set {key}: {exc.key!r} is given twice; keep one") from None
+    except yaml.YAMLError as exc:
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
+        raise ConfigError(f"--set {key}: {value!r} is not a valid YAML value ({problem}); "
+                          "check its brackets and quotes") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
@@ -157,28 +214,53 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
     `--set` gives them: an error in one of them names ``--set FIELD``, not the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on "
+                          f"line {exc.first}); keep one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
-    blame = _Blame(str(path), frozenset(overrides or ()))
+    return _overridden(raw, str(path), overrides)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>",
+                     overrides: dict[str, Any] | None = None) -> FederationConfig:
+    """A config from a mapping, ``overrides`` as in ``load_config`` (a flag's value)."""
+    return _overridden(copy.deepcopy(raw), source, overrides)
+
+
+def _overridden(raw: dict[str, Any], source: str,
+                overrides: dict[str, Any] | None) -> FederationConfig:
+    blame = _Blame(source, frozenset(overrides or ()))
     for dotted, value in (overrides or {}).items():
         _check_override(dotted)
         _set_dotted(raw, dotted, value, blame)
+    if "data_dir" not in blame.overridden and os.environ.get(DATA_DIR_ENV):
+        raw["data_dir"] = os.environ[DATA_DIR_ENV]  # over the config's, under --data-dir
     return _from_dict(raw, blame)
-
-
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> FederationConfig:
-    return _from_dict(raw, _Blame(source, frozenset()))
 
 
 def _from_dict(raw: dict[str, Any], blame: _Blame) -> FederationConfig:
     config = _build(FederationConfig, {**raw, "source": blame.source}, "", blame)
+    if config.tracking.database is None:  # what the query commands read with the same URI
+        database = uri_database(config.tracking.uri) or DEFAULT_DATABASE
+        config = dataclasses.replace(
+            config, tracking=dataclasses.replace(config.tracking, database=database))
     _check(config, blame)
     return config
+
+
+def uri_database(uri: str) -> str | None:
+    """The database a ``mongodb://`` URI names (``/NAME`` after its hosts), if any; read as
+    pymongo reads it, whose hosts end at the first '/'."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in ("mongodb", "mongodb+srv"):
+        return None
+    return unquote(rest.partition("/")[2].partition("?")[0]) or None
 
 
 @dataclass(frozen=True)
@@ -195,6 +277,20 @@ class _Blame:
 
     def error(self, where: str, why: str) -> ConfigError:
         origin = self.origin(where)
+        if origin is None:
+            return ConfigError(f"{self.source}: {where} {why}")
+        return ConfigError(f"--set {origin}: {why}" if origin == where
+                           else f"--set {origin}: {where} {why}")
+
+    def touched(self, *fields: str) -> str | None:
+        """The override that set one of ``fields``, a key below one, or a section above."""
+        return next((o for o in sorted(self.overridden) for f in fields
+                     if o == f or o.startswith(f"{f}.") or f.startswith(f"{o}.")), None)
+
+    def among(self, fields: tuple[str, ...], where: str, why: str) -> ConfigError:
+        """An error about ``where`` that follows from all of ``fields``: blamed on the
+        ``--set`` of one of them if there is one, else on the file."""
+        origin = self.touched(*fields)
         if origin is None:
             return ConfigError(f"{self.source}: {where} {why}")
         return ConfigError(f"--set {origin}: {why}" if origin == where
@@ -278,15 +374,29 @@ def _coerce(hint: Any, value: Any, where: str, blame: _Blame) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), where, blame)
         if option is str and isinstance(value, str):
             return value
         if option is dict and isinstance(value, dict):
-            return value
+            return _finite(value, where, blame)
         if option is list and isinstance(value, list):
-            return value
+            return _finite(value, where, blame)
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise blame.error(where, f"must be {wanted}, got {value!r}")
+
+
+def _finite(value: Any, where: str, blame: _Blame) -> Any:
+    """``value`` itself; an infinity or NaN anywhere in it is refused (YAML's ``.inf`` and
+    ``.nan``): NaN passes every "> 0" check, and inf breaks the arithmetic on it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise blame.error(where, f"must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{where}.{key}", blame)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite(item, f"{where}.{i}", blame)
+    return value
 
 
 def _check(c: FederationConfig, blame: _Blame) -> None:
@@ -294,6 +404,9 @@ def _check(c: FederationConfig, blame: _Blame) -> None:
 
     if not _NAME.match(c.federation):
         raise bad("federation", "must be 1-63 letters, digits, '-' or '_'")
+    if c.ray.num_cpus is not None and c.ray.num_cpus < 1:
+        raise bad("ray.num_cpus", f"must be at least 1 (or left out: every CPU), got "
+                  f"{c.ray.num_cpus}")
     ports = {"controller.port": c.controller.port, "combiners.base_port": c.combiners.base_port}
     for where, port in ports.items():
         if not 0 <= port <= 65535:
@@ -323,12 +436,14 @@ def _check(c: FederationConfig, blame: _Blame) -> None:
         if value <= 0:
             raise bad(where, f"must be greater than 0, got {value}")
     if c.combiners.offline_after_s <= c.combiners.heartbeat_interval_s:
-        raise bad("combiners.offline_after_s", "must be longer than combiners.heartbeat_interval_s")
+        raise blame.among(("combiners.offline_after_s", "combiners.heartbeat_interval_s"),
+                          "combiners.offline_after_s",
+                          "must be longer than combiners.heartbeat_interval_s")
     if c.session.clients_per_round > 1 and c.session.clients_per_round != int(c.session.clients_per_round):
         raise bad("session.clients_per_round", "must be a fraction <= 1 or a whole count")
     if c.combiners.chunk_kib > 3 * 1024:
         raise bad("combiners.chunk_kib", "must stay under gRPC's 4 MiB message limit (max 3072)")
-    _check_session(c, bad)
+    _check_session(c, blame)
     if not 0 <= c.tracking.events_ttl_days <= MAX_TTL_DAYS:
         raise bad("tracking.events_ttl_days", f"must be 0 (keep forever) to {MAX_TTL_DAYS} days, "
                   f"got {c.tracking.events_ttl_days}")
@@ -340,11 +455,19 @@ def _check(c: FederationConfig, blame: _Blame) -> None:
     server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
 
 
-def _check_session(c: FederationConfig, bad: Any) -> None:
+STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
+# what decides how many updates one round can bring (most_updates_per_round)
+ROUND_SIZE = (*STRATEGY, "session.clients_per_round", "session.max_kept_updates",
+              "session.over_select", "session.min_clients", "session.select.ids",
+              "combiners.count", "combiners.max_clients")
+
+
+def _check_session(c: FederationConfig, blame: _Blame) -> None:
     """Strategy, selection and straggler settings: everything loadable is loaded now."""
     from fedray.selection import check_select
     from fedray.strategies import make_strategy
 
+    bad = blame.error
     s = c.session
     nonnegative = {"session.buffer_size": s.buffer_size, "session.over_select": s.over_select}
     for where, value in nonnegative.items():
@@ -362,27 +485,32 @@ def _check_session(c: FederationConfig, bad: Any) -> None:
     try:
         strategy = make_strategy(s.aggregator, s.aggregator_kwargs)
     except ConfigError as exc:
-        raise bad("session.aggregator", f"names no strategy that loads: {exc}") from None
+        raise blame.among(STRATEGY, "session.aggregator",
+                          f"names no strategy that loads: {exc}") from None
     try:
         strategy.check_settings(s)
     except ValueError as exc:
-        raise bad("session.aggregator", f"{s.aggregator!r}: {exc}") from None
+        raise blame.among(STRATEGY, "session.aggregator", f"{s.aggregator!r}: {exc}") from None
     try:
         check_select(s.select)
-    except ConfigError as exc:
-        raise ConfigError(f"{c.source}: {exc}") from None
+    except ConfigError as exc:  # it names the field itself
+        origin = blame.touched("session.select")
+        raise ConfigError(f"--set {origin}: {exc}" if origin else f"{c.source}: {exc}") from None
     if s.buffer_size and s.buffer_size < s.min_clients and not strategy.asynchronous:
-        raise bad("session.buffer_size", f"({s.buffer_size}) closes rounds before "
-                  f"session.min_clients ({s.min_clients}) updates can arrive; raise it or "
-                  "lower min_clients")
+        raise blame.among(("session.buffer_size", "session.min_clients"), "session.buffer_size",
+                          f"({s.buffer_size}) closes rounds before session.min_clients "
+                          f"({s.min_clients}) updates can arrive; raise it or lower "
+                          "min_clients")
     if strategy.keeps_updates and not strategy.asynchronous:
         most = most_updates_per_round(c)
         if most > s.max_kept_updates:
-            raise bad("session.aggregator", f"{s.aggregator!r} keeps every update of a round "
-                      f"(in Ray's object store) and up to {most} could arrive, more than "
-                      f"session.max_kept_updates ({s.max_kept_updates}); set "
-                      f"session.clients_per_round to a count of at most {s.max_kept_updates} "
-                      "(or raise max_kept_updates: memory is that many model sizes)")
+            raise blame.among(ROUND_SIZE, "session.aggregator",
+                              f"{s.aggregator!r} keeps every update of a round (in Ray's "
+                              f"object store) and up to {most} could arrive, more than "
+                              f"session.max_kept_updates ({s.max_kept_updates}); set "
+                              "session.clients_per_round to a count of at most "
+                              f"{s.max_kept_updates} (or raise max_kept_updates: memory is "
+                              "that many model sizes)")
 
 
 def most_updates_per_round(c: FederationConfig) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedray import lifecycle
 from fedray.config import config_from_dict
@@ -159,10 +160,12 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
     paths = data_mod.write_partitions(data_dir / "data", clients, scheme=partition, seed=0)
     test = data_mod.load_client_data(data_dir / "data" / "test.npz")
     config = config_from_dict(demo_config(clients, rounds, combiners, data_dir, storage, tracking,
-                                          framework), source="fedray demo")
+                                          framework), source="fedray demo",
+                              overrides={"data_dir": str(data_dir)})  # chosen above
     model_label = "" if framework == "numpy" else f", a {framework} CNN"
-    console.print(f"demo: {clients} clients ({partition} digits{model_label}), {combiners} "
-                  f"combiners, {rounds} rounds; client logs in {data_dir / 'logs'}")
+    console.print(escape(f"demo: {clients} clients ({partition} digits{model_label}), "
+                         f"{combiners} combiners, {rounds} rounds; client logs in "
+                         f"{data_dir / 'logs'}"))
     procs: list[subprocess.Popen] = []
     teardown = teardown if teardown is not None else Teardown()
 
@@ -203,7 +206,7 @@ def plot_curve(result: RunResult, accuracy: list[float], path: Path,
         plot_rounds(records, path, title=title,
                     subtitle=f"{status['rounds_done']} of {status['rounds_planned']} rounds done")
     except FedrayError as exc:  # the run itself went fine: say so, don't fail it
-        console.print(f"[yellow]warning:[/] no training curve: {exc}")
+        console.print(f"[yellow]warning:[/] no training curve: {escape(str(exc))}")
         return None
-    console.print(f"training curve: {path}")
+    console.print(escape(f"training curve: {path}"))
     return path

@@ -116,12 +116,32 @@ def connect_ray(rc: RayConfig, namespace: str) -> bool:
 
 def _init_ray(rc: RayConfig, local: bool, namespace: str) -> None:
     if local:
-        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
-                 namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        address = None if rc.address == "local" else rc.address  # None: a Ray job's
+        with _init_errors("cannot start a local Ray", "check ray.num_cpus and the free space "
+                          "in /tmp, or join a running cluster (ray.address: auto)"):
+            ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
+                     namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    address = None if rc.address == "local" else rc.address  # None: a Ray job's
+    if address not in (None, "auto") and "://" not in address:
+        from fedray.status import preflight
+
+        preflight(address)  # ray.init would retry an unreachable address for minutes
+    shown = address or os.environ.get("RAY_ADDRESS") or "the Ray job's cluster"
+    with _init_errors(f"cannot join Ray at {shown}", "is a cluster running there (ray start "
+                      "--head), and is ray.address its GCS address, HOST:PORT?"):
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
                  log_to_driver=False)
+
+
+@contextlib.contextmanager
+def _init_errors(what: str, hint: str) -> Iterator[None]:
+    """``ray.init``'s failures (any type: Ray has no base class for them) in one line."""
+    try:
+        yield
+    except FedrayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raises, say it with a hint
+        raise TransportError(f"{what}: {_first_line(exc)}; {hint}") from None
 
 
 # Credentials the actors need (the model store's keys). Actors of a cluster that was joined
@@ -329,8 +349,3 @@ def _merge_history(history: list[dict[str, Any]], known: int, status: dict[str, 
     history.extend(fresh[max(0, known - first):])
     status["history"] = history
     return total
-
-
-def require_finished(status: dict[str, Any]) -> None:
-    if status["state"] != "finished":
-        raise SessionError(f"session {status['session_id']} failed: {status.get('reason', '')}")

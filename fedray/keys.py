@@ -72,15 +72,11 @@ def load_token_secret(data_dir: Path | str, create: bool = True) -> bytes | None
     if not path.exists():
         if not create:
             return None
-        _private_data_dir(folder.parent)
-        private_dir(folder)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # made by another process a moment ago
-            pass
-        else:
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_hex(SECRET_BYTES) + "\n")
+            _create_secret(folder, path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot create the token secret ({exc.strerror or exc}); "
+                              f"check that {folder.parent} is a folder you can write") from None
     if stat.S_IMODE(path.stat().st_mode) & 0o077:
         log.warning("%s was readable by others; making it private (0600)", path)
         path.chmod(0o600)
@@ -94,6 +90,17 @@ def load_token_secret(data_dir: Path | str, create: bool = True) -> bytes | None
     return secret
 
 
+def _create_secret(folder: Path, path: Path) -> None:
+    _private_data_dir(folder.parent)
+    private_dir(folder)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made by another process a moment ago
+        return
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(SECRET_BYTES) + "\n")
+
+
 def _private_data_dir(data_dir: Path) -> None:
     """Create the data directory 0700 when it does not exist yet (an existing one is the
     operator's to set)."""
@@ -102,11 +109,14 @@ def _private_data_dir(data_dir: Path) -> None:
 
 
 def mark_tokens_issued(data_dir: Path | str) -> None:
-    folder = private_dir(secrets_dir(data_dir))
-    marker = folder / "tokens-issued"
-    if not marker.exists():
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.close(fd)
+    marker = secrets_dir(data_dir) / "tokens-issued"
+    try:
+        private_dir(marker.parent)
+        if not marker.exists():
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise ConfigError(f"{marker}: cannot write it ({exc.strerror or exc}); check that "
+                          f"{marker.parent} is a folder you can write") from None
 
 
 def tokens_issued(data_dir: Path | str) -> bool:

@@ -134,11 +134,6 @@ def claim_signals() -> None:
             signal.signal(sig, _active._on_signal)
 
 
-def signalled() -> int | None:
-    """The signal the active command got, if any."""
-    return _active.signum if _active is not None else None
-
-
 def checkpoint() -> None:
     """Raise ``Stopped`` if the active command got a signal that nobody has acted on yet.
 

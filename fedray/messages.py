@@ -8,6 +8,7 @@ why they live here and not under ``fedray/actors/``: the edge imports nothing fr
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,24 +110,37 @@ class MetricSums:
 
     sums: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    overflowed: set[str] = field(default_factory=set)  # keys left out: their sum is not finite
 
     def fold(self, metrics: dict[str, Any], weight: float) -> None:
         for key, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             total = self.sums.get(key, 0.0) + float(value) * weight
-            if total != total or total in (float("inf"), float("-inf")):
+            if not math.isfinite(total):
                 continue  # a non-finite value, or a sum that overflowed
             self.sums[key] = total
             self.weights[key] = self.weights.get(key, 0.0) + weight
 
     def add(self, other: MetricSums) -> None:
+        """Add another combiner's sums. A key whose total overflows is left out of the
+        round (one combiner's share of it would be a wrong mean, and inf cannot be stored)."""
+        self.overflowed |= other.overflowed
         for key, value in other.sums.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.weights[key] = self.weights.get(key, 0.0) + other.weights[key]
+            total = self.sums.get(key, 0.0) + value
+            weight = self.weights.get(key, 0.0) + other.weights[key]
+            if math.isfinite(total) and math.isfinite(weight):
+                self.sums[key], self.weights[key] = total, weight
+            else:
+                self.overflowed.add(key)
+        for key in self.overflowed:
+            self.sums.pop(key, None)
+            self.weights.pop(key, None)
 
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / w for k, w in self.weights.items() if w > 0}
+        """The finite means only: a round record with inf or NaN cannot be committed."""
+        means = {k: self.sums[k] / w for k, w in self.weights.items() if w > 0}
+        return {k: v for k, v in means.items() if math.isfinite(v)}
 
 
 @dataclass(slots=True)

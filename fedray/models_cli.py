@@ -37,12 +37,16 @@ TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [se
               help="A federation's data directory (default: the newest under ~/.fedray).")
 @click.option("--tracking", "tracking_uri", default=None, metavar="URI",
               help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
+@click.option("--database", default=None, metavar="NAME",
+              help="The tracking database (default: the URI's, else 'fedray'; a config's "
+                   "tracking.database).")
 @click.option("--storage", default=None, metavar="URI",
               help="The federation's storage.uri, e.g. s3://BUCKET?endpoint=HOST:9000 (default: "
                    "where tracking recorded the model, else <data-dir>/models).")
 @needs("fedray models get", "server", modules=TRACKING_MODULES)
 def get(ref: str, output: Path, fmt: str | None, build: str | None, session: str | None,
-        data_dir: Path | None, tracking_uri: str | None, storage: str | None) -> None:
+        data_dir: Path | None, tracking_uri: str | None, database: str | None,
+        storage: str | None) -> None:
     """Write a committed model (its sha256 checked against its id) to a file."""
     from fedray.storage.base import is_model_ref
     from fedray.tracking.models import CommittedModel
@@ -60,7 +64,7 @@ def get(ref: str, output: Path, fmt: str | None, build: str | None, session: str
     if len(ref) == 64 and is_model_ref(ref) and storage is not None and session is None:
         model = CommittedModel(ref)  # the store alone can serve it
     else:
-        model = _resolve(ref, session, data_dir, tracking_uri)
+        model = _resolve(ref, session, data_dir, tracking_uri, database)
     store = model_store(model, storage, data_dir)
     data = store.get(model.model_id)  # StorageError if missing or corrupt
     write(data, output)
@@ -68,13 +72,14 @@ def get(ref: str, output: Path, fmt: str | None, build: str | None, session: str
                "sha256 verified")
 
 
-def _resolve(ref: str, session: str | None, data_dir: Path | None, tracking_uri: str | None):
+def _resolve(ref: str, session: str | None, data_dir: Path | None, tracking_uri: str | None,
+             database: str | None = None):
     from fedray.cli import _tracking
     from fedray.tracking.models import resolve_model
     from fedray.tracking.store import TrackingStore
 
     with _tracking(data_dir, tracking_uri) as uri:
-        store = TrackingStore.from_uri(uri)
+        store = TrackingStore.from_uri(uri, database)
         try:
             return resolve_model(store, ref, session=session, what=f"fedray models get {ref}")
         finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedray import lifecycle
@@ -24,6 +25,7 @@ from fedray.errors import ConfigError, FedrayError, SerializationError
 from fedray.lifecycle import RunLock, Teardown
 from fedray.serialization import encode, read_layout
 from fedray.storage.base import ModelStore, is_model_ref
+from fedray.text import printable
 
 
 @dataclass
@@ -222,8 +224,8 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
         store.put(load_seed(config.seed_model, store))
     package = session_package(config.package, data_dir)
     token = federation_token(config)
-    if config.tracking.uri == "embedded":
-        tracking_uri, server = connect_or_start(data_dir)
+    if config.tracking.uri == "embedded":  # never a server another command will stop
+        tracking_uri, server = connect_or_start(data_dir, own=True)
         if server is not None:  # ours: keep it alive while the federation runs
             supervised = _supervisor(server, config)
             teardown.add(lifecycle.TRACKING, "tracking server", supervised.stop)
@@ -236,7 +238,7 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     warning = open_federation(config, token, token is None and _client_tokens(tracking_uri, config),
                               insecure)
     if warning is not None:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     with console.status("starting Ray and the federation actors..."):
         local = starts_ray(config.ray)
         if local:
@@ -245,15 +247,16 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
         federation = Federation(config, token, tracking_uri)
         teardown.add(lifecycle.FEDERATION, f"federation {config.federation}", federation.shutdown)
         federation.deploy(package[:2] if package else None, exclusive=not local)
-    console.print(f"gateway listening at [bold]{federation.gateway}[/]; combiners: "
-                  + ", ".join(f"{c['name']}@{c['address']}" for c in federation.combiner_info))
-    console.print(tracking_line(tracking_uri, config.tracking.database, data_dir))
+    console.print(f"gateway listening at [bold]{escape(federation.gateway)}[/]; combiners: "
+                  + escape(", ".join(f"{c['name']}@{c['address']}"
+                                     for c in federation.combiner_info)))
+    console.print(escape(tracking_line(tracking_uri, config.tracking.database, data_dir)))
     lifecycle.checkpoint()
     if on_ready is not None:
         on_ready(federation.gateway)
     if package is not None:
         _record_package(tracking_uri, config, package)
-        console.print(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})")
+        console.print(escape(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})"))
     session_id = federation.start_session(seed_id, package[0] if package else "", resume,
                                           len(package[1]) if package else 0)
     if federation.resumed_after is not None:
@@ -334,7 +337,7 @@ def _follow(federation, session_id: str, config: FederationConfig, console: Cons
 
 def _shown(uri: str) -> str:
     """``uri`` fit to print: no password (summaries, logs and terminals are shared)."""
-    from fedray.tracking.store import redact
+    from fedray.text import redact
 
     return redact(uri)
 
@@ -344,11 +347,18 @@ def tracking_line(uri: str, database: str, data_dir: Path) -> str:
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
+    """One finished round as console markup; clients name the metrics, so their names are
+    escaped (a metric called ``loss[/]`` must not end the run with a MarkupError)."""
     metrics = {**{f"train {k}": v for k, v in record["train_metrics"].items()},
                **{f"val {k}": v for k, v in record["validation_metrics"].items()}}
-    shown = " · ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    shown = " · ".join(f"{escape(printable(k, newlines=False))} {_number(v)}"
+                       for k, v in metrics.items())
     return (f"round {record['round']}/{rounds} · {record['updates']} updates · "
             f"{record['seconds']:.2f}s · model {record['model_id'][:10]}" + (f" · {shown}" if shown else ""))
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else escape(str(value))
 
 
 def print_summary(result: RunResult, console: Console) -> None:
@@ -356,11 +366,12 @@ def print_summary(result: RunResult, console: Console) -> None:
     if result.ok:
         console.print(f"[green]session {s['session_id']} finished[/]: {s['rounds']} rounds, "
                       f"final model {s['model_id'][:16]}")
-    else:
-        console.print(f"[red]session {s['session_id']} failed[/]: {s['reason']}")
+    else:  # a failure's reason can quote what clients sent: never markup
+        console.print(f"[red]session {s['session_id']} failed[/]: "
+                      f"{escape(printable(str(s['reason'])))}")
     where = f"--data-dir {s['data_dir']}" if result.embedded_tracking \
         else f"--tracking {s['tracking_uri']}"
-    console.print(f"inspect it with: fedray rounds {where}")
+    console.print(escape(f"inspect it with: fedray rounds {where}"))
 
 
 __all__ = ["FedrayError", "RunResult", "load_seed", "print_summary", "run_federation"]

@@ -13,7 +13,6 @@ federation is the one whose controller runs in the cluster (several: it asks whi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -23,11 +22,14 @@ from typing import Any
 
 import click
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from fedray.errors import AuthError, ConfigError, FedrayError, TransportError
 from fedray.extras import needs
+from fedray.text import json_text, printable
 
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
@@ -39,7 +41,7 @@ class NotRunning(FedrayError):
     exit_code = 1
 
 
-def _preflight(address: str) -> None:
+def preflight(address: str) -> None:
     """Fail fast, in one line, where ``ray.init`` would hang or spam retries.
 
     ``ray.init`` retries an unreachable GCS forever (Ray swapping 127.0.0.1 for this
@@ -105,7 +107,7 @@ def _quiet_stderr() -> Iterator[None]:
 def _connect(address: str, namespace: str | None) -> None:
     import ray
 
-    _preflight(address)
+    preflight(address)
     try:
         ray.init(address=address, namespace=namespace, logging_level=logging.ERROR,
                  log_to_driver=False)
@@ -185,41 +187,57 @@ def describe(federation: str | None, address: str) -> dict[str, Any]:
 
 
 def render(status: dict[str, Any], console: Console) -> None:
+    """Print ``status`` as a panel. Clients choose their names, metric names and what ends
+    up in a failure's reason, so every such string is shown as text, never as markup."""
     table = Table(title="combiners", title_justify="left")
     for column in ("name", "address", "status", "clients", "client names"):
         table.add_column(column, justify="right" if column == "clients" else "left")
     for c in status["combiners"]:
         shown = ", ".join(c["client_names"][:6]) + (" …" if len(c["client_names"]) > 6 else "")
         style = "green" if c["status"] == "online" else "bold red"
-        table.add_row(c["name"], c["address"] or "-", f"[{style}]{c['status']}[/]",
-                      str(c["clients"]), shown)
-    lines = [f"gateway  [bold]{status['gateway'] or 'unknown'}[/]   "
-             f"(namespace {status['namespace']}, Ray {status['ray_address']})"]
+        table.add_row(_text(c["name"]), _text(c["address"] or "-"),
+                      Text(_plain(c["status"]), style=style), str(c["clients"]), _text(shown))
+    lines = [f"gateway  [bold]{_shown(status['gateway'] or 'unknown')}[/]   "
+             f"(namespace {_shown(status['namespace'])}, Ray {_shown(status['ray_address'])})"]
     s = status["session"]
     if s is None:
         lines.append("session  none started yet")
     else:
         color = {"finished": "green", "failed": "bold red"}.get(s["state"], "yellow")
-        lines.append(f"session  {s['session_id']}  [{color}]{s['state']}[/]  round {s['round']}"
-                     f"{' ' + s['round_state'] if s['round_state'] else ''}  ·  rounds "
+        lines.append(f"session  {_shown(s['session_id'])}  [{color}]{_shown(s['state'])}[/]  "
+                     f"round {s['round']}"
+                     f"{' ' + _shown(s['round_state']) if s['round_state'] else ''}  ·  rounds "
                      f"{s['rounds_done']}/{s['rounds_planned']}  ·  {s['clients_online']} "
                      "clients online")
         if s.get("model_id"):
-            lines.append(f"model    {s['model_id'][:16]}")
+            lines.append(f"model    {_shown(s['model_id'][:16])}")
         if s.get("reason"):
-            lines.append(f"reason   {s['reason']}")
+            lines.append(f"reason   {_shown(s['reason'])}")
         if s.get("history"):
             last = s["history"][-1]
             metrics = {**last.get("train_metrics", {}),
                        **{f"val {k}": v for k, v in last.get("validation_metrics", {}).items()}}
             lines.append(f"last     round {last['round']}: {last['updates']} updates"
-                         + "".join(f" · {k} {_number(v)}" for k, v in metrics.items()))
-    console.print(Panel(Group(*lines, "", table), title=f"federation {status['federation']}",
-                        title_align="left", expand=False))
+                         + "".join(f" · {_shown(k)} {_number(v)}" for k, v in metrics.items()))
+    title = Text(f"federation {_plain(status['federation'])}")
+    console.print(Panel(Group(*lines, "", table), title=title, title_align="left", expand=False))
+
+
+def _plain(value: Any) -> str:
+    return printable(str(value), newlines=False)
+
+
+def _shown(value: Any) -> str:
+    """``value`` fit to paste into console markup: one line, no escapes, no tags."""
+    return escape(_plain(value))
+
+
+def _text(value: Any) -> Text:
+    return Text(_plain(value))
 
 
 def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else str(value)
+    return f"{value:.4f}" if isinstance(value, int | float) else _shown(value)
 
 
 def default_address(config_address: str | None = None) -> str:
@@ -253,6 +271,6 @@ def status(config_path: Path | None, federation: str | None, address: str | None
         federation, config_address = config.federation, config.ray.address
     result = describe(federation, address or default_address(config_address))
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json_text(result))
     else:
         render(result, Console())

@@ -116,3 +116,125 @@ def test_a_robust_round_that_could_keep_more_updates_than_allowed_is_refused_at_
     ok = load_config(_write(tmp_path, MINIMAL + "session: {aggregator: median, "
                                                 "clients_per_round: 50, min_clients: 3}\n"))
     assert ok.session.aggregator == "median"
+
+
+@pytest.mark.parametrize(("tracking", "database"), [
+    ({}, "fedray"),
+    ({"uri": "mongodb://db.example.org:27017/"}, "fedray"),
+    ({"uri": "mongodb://u:p@db1,db2/fl_runs?replicaSet=rs0"}, "fl_runs"),
+    ({"uri": "mongodb+srv://cluster.example.org/my%2Ddb"}, "my-db"),
+    ({"uri": "mongodb://db/fl_runs", "database": "other"}, "other"),
+])
+def test_the_tracking_database_is_the_uris_else_fedray_as_the_query_commands_read_it(
+        tracking, database):
+    config = config_from_dict({"federation": "x", "seed_model": "s", "tracking": tracking})
+    assert config.tracking.database == database
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_the_set(tmp_path):
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    path = _write(tmp_path, MINIMAL)
+    result = CliRunner().invoke(main, ["run", str(path), "--set", "session.round_config={lr: 0.1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("fedray: error: --set session.round_config: '{lr: 0.1' is "
+                                    "not a valid YAML value (")
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN"])
+@pytest.mark.parametrize("field", ["session.clients_per_round", "session.round_timeout_s",
+                                   "session.max_update_norm", "tracking.events_ttl_days",
+                                   "combiners.max_update_mb", "session.round_config.lr",
+                                   "session.aggregator_kwargs.server_lr"])
+def test_infinities_and_nan_are_refused_in_every_numeric_field(tmp_path, field, value):
+    from fedray.config import parse_override
+
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, dict([parse_override(f"{field}={value}")]))
+    assert str(info.value).startswith(f"--set {field}: must be a finite number, got ")
+    section, _, name = field.rpartition(".")
+    top, _, sub = section.partition(".")
+    nested = f"{top}: {{{sub + ': {' if sub else ''}{name}: {value}{'}' if sub else ''}}}\n"
+    with pytest.raises(ConfigError, match=f"{path}: {field} must be a finite number"):
+        load_config(_write(tmp_path, MINIMAL + nested))
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    path = _write(tmp_path, MINIMAL + "session:\n  rounds: 3\n  min_clients: 2\n  rounds: 30\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: line 6: 'rounds' is given twice (first on line 4); "
+                               "keep one")
+    with pytest.raises(ConfigError, match="line 3: 'federation' is given twice"):
+        load_config(_write(tmp_path, MINIMAL + "federation: other\n"))
+    # a YAML merge that overrides a key of its base is not a duplicate
+    merged = load_config(_write(tmp_path, MINIMAL + "session:\n  <<: {rounds: 2, min_clients: 3}"
+                                                    "\n  rounds: 4\n"))
+    assert (merged.session.rounds, merged.session.min_clients) == (4, 3)
+    from fedray.config import parse_override
+
+    with pytest.raises(ConfigError, match=r"--set session.round_config: 'lr' is given twice"):
+        parse_override("session.round_config={lr: 1, lr: 2}")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"session.aggregator_kwargs.sever_lr": 1},
+     "--set session.aggregator_kwargs.sever_lr: session.aggregator names no strategy that "
+     "loads: session.aggregator_kwargs do not fit 'fedadam'"),
+    ({"session.aggregator": "nope"},
+     "--set session.aggregator: names no strategy that loads: unknown aggregator 'nope'"),
+    ({"session.select.policy": "nope"},
+     "--set session.select.policy: session.select.policy 'nope' must be package.module:name"),
+    ({"session.select": {"attrs": {"a": {"b": 1}}}},
+     "--set session.select: session.select.attrs.a must be a value or a list of values"),
+    ({"session.min_clients": 5}, "--set session.min_clients: session.buffer_size (2) closes "
+                                 "rounds before session.min_clients (5)"),
+])
+def test_strategy_and_selection_errors_blame_the_set_they_came_from(tmp_path, overrides,
+                                                                     message):
+    path = _write(tmp_path, MINIMAL + "session: {aggregator: fedadam, buffer_size: 2}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value).startswith(message), str(info.value)
+    assert str(path) not in str(info.value)
+
+
+def test_strategy_and_selection_errors_of_the_file_still_name_the_file(tmp_path):
+    path = _write(tmp_path, MINIMAL + "session: {aggregator_kwargs: {sever_lr: 1}, "
+                                      "select: {policy: nope}}\n")
+    for overrides in (None, {"session.rounds": 3}):
+        with pytest.raises(ConfigError, match=f"^{path}: session.aggregator names no strategy"):
+            load_config(path, overrides)
+    path = _write(tmp_path, MINIMAL + "session: {select: {policy: nope}}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: session.select.policy 'nope'"):
+        load_config(path, {"session.aggregator": "fedavg"})
+
+
+def test_the_data_dir_flag_wins_over_the_env_which_wins_over_the_file(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import fedray.runner
+    from fedray.cli import main
+
+    path = _write(tmp_path, MINIMAL + f"data_dir: {tmp_path / 'file'}\n")
+    monkeypatch.setenv("FEDRAY_DATA_DIR", str(tmp_path / "env"))
+    assert load_config(path).resolved_data_dir() == tmp_path / "env"
+    flagged = load_config(path, {"data_dir": str(tmp_path / "flag")})
+    assert flagged.resolved_data_dir() == tmp_path / "flag"
+    assert config_from_dict({"federation": "x", "seed_model": "s"},
+                            overrides={"data_dir": str(tmp_path / "flag")}).data_dir \
+        == str(tmp_path / "flag")
+
+    used = []
+
+    def run_federation(config, **_):
+        used.append(config.resolved_data_dir())
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(fedray.runner, "run_federation", run_federation)
+    result = CliRunner().invoke(main, ["run", str(path), "--data-dir", str(tmp_path / "flag")])
+    assert result.exit_code == 2 and used == [tmp_path / "flag"], result.output

@@ -265,3 +265,31 @@ def test_remote_package_clients_pick_up_a_changed_package_between_sessions(
         fed.shutdown()
     installs = [line for line in fleet.lines if "installed compute package" in line]
     assert len(installs) == 4, fleet.lines
+
+
+def test_a_deployed_federation_creates_the_tracking_indexes_with_its_ttl(ray_session,
+                                                                         tracking_uri, tmp_path):
+    import uuid
+
+    config = config_from_dict({
+        "federation": "indexes", "seed_model": "unused", "data_dir": str(tmp_path),
+        "controller": {"host": "127.0.0.1", "port": 0},
+        "combiners": {"count": 1, "host": "127.0.0.1", "base_port": 0},
+        "tracking": {"database": f"t_{uuid.uuid4().hex[:12]}", "events_ttl_days": 2}})
+    tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    fed = Federation(config, None, tracking_uri).deploy()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            specs = list(tracking.db.events.index_information().values())
+            ttl = [s.get("expireAfterSeconds") for s in specs if s["key"] == [("ts", 1)]]
+            unique = [s for s in tracking.db.rounds.index_information().values()
+                      if s.get("unique")]
+            if ttl == [2 * 86400] and unique:
+                break
+            assert time.monotonic() < deadline, (specs, unique)
+            time.sleep(0.1)
+    finally:
+        fed.shutdown()
+        tracking.db.client.drop_database(config.tracking.database)
+        tracking.close()

@@ -179,6 +179,7 @@ def test_plot_cli_draws_the_latest_or_the_named_session(federation: Path) -> Non
 def test_plot_cli_without_sessions(tmp_path: Path) -> None:
     from fedray.cli import main
 
+    (tmp_path / "tracking").mkdir()  # a federation's data directory, nothing run yet
     result = CliRunner().invoke(main, ["plot", "--data-dir", str(tmp_path),
                                        "-o", str(tmp_path / "c.png")])  # fmt: skip
 

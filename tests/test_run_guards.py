@@ -176,3 +176,124 @@ def test_ray_init_keeps_the_commands_sigterm_handler(monkeypatch):
         with ours_kept():
             utils.set_sigterm_handler(lambda *a: None)  # what ray.init does
         assert installed == [] and signal.getsignal(signal.SIGTERM) == teardown._on_signal
+
+
+HOSTILE = ("loss[/]", "[bold]x", "acc[/bold]", "[link=http://evil]y")
+
+
+def _round(metrics: dict) -> dict:
+    return {"round": 1, "updates": 2, "seconds": 0.5, "model_id": "m" * 64,
+            "train_metrics": metrics, "validation_metrics": {"loss[/]": 0.25}}
+
+
+def test_client_chosen_metric_names_are_text_not_markup_in_round_lines():
+    from rich.console import Console
+
+    from fedray.runner import round_line
+
+    console = Console(record=True, width=300)
+    console.print(round_line(_round({name: 1.0 for name in HOSTILE}), 3))
+    shown = console.export_text()
+    assert all(f"train {name} 1.0000" in shown for name in HOSTILE), shown
+    assert "val loss[/] 0.2500" in shown
+
+
+def test_fedray_status_and_the_summary_show_client_text_as_text():
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from fedray.runner import RunResult, print_summary
+    from fedray.status import render
+
+    session = {"session_id": "s1", "state": "failed", "round": 1, "round_state": "running",
+               "rounds_done": 0, "rounds_planned": 2, "clients_online": 1, "model_id": "m" * 64,
+               "reason": "client [bold]x failed: loss[/]", "history": [_round({"[bold]x": 2.0})]}
+    status = {"federation": "f", "namespace": "fedray-f", "ray_address": "auto",
+              "gateway": "g:1", "session": session, "clients_connected": 1,
+              "combiners": [{"name": "combiner-0", "address": "h:2", "status": "online",
+                             "clients": 1, "client_names": ["[/]", "[bold]x"]}]}
+    console = Console(record=True, width=300)
+    render(status, console)
+    result = RunResult(status={**session, "rounds_done": 0}, data_dir=Path("/d[/]"),
+                       tracking_uri="embedded", gateway="g:1")
+    print_summary(result, console)
+    shown = console.export_text()
+    assert "[bold]x 2.0000" in shown and "val loss[/] 0.2500" in shown
+    assert "[/], [bold]x" in shown
+    assert shown.count("client [bold]x failed: loss[/]") == 2
+    assert "--data-dir /d[/]" in shown
+
+
+def test_fedray_run_json_is_valid_json_even_with_non_finite_numbers(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    import fedray.runner
+    from fedray.cli import main
+    from fedray.runner import RunResult
+
+    record = {**_round({"loss": float("inf")}), "report": {"epsilon": float("inf")},
+              "validation_metrics": {"acc": float("nan")}}
+    status = {"session_id": "s1", "state": "finished", "rounds_done": 1, "rounds_planned": 1,
+              "model_id": "m" * 64, "history": [record]}
+    monkeypatch.setattr(fedray.runner, "run_federation", lambda config, **_: RunResult(
+        status=status, data_dir=tmp_path, tracking_uri="embedded", gateway="g:1"))
+    config = tmp_path / "f.yaml"
+    config.write_text("federation: f\nseed_model: s.safetensors\n")
+    result = CliRunner().invoke(main, ["run", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert summary["history"][0]["train_metrics"] == {"loss": None}
+    assert summary["history"][0]["validation_metrics"] == {"acc": None}
+
+
+@pytest.mark.parametrize(("address", "needle"), [
+    ("local", "cannot start a local Ray: no room; check ray.num_cpus"),
+    ("auto", "cannot join Ray at auto: no cluster; is a cluster running there"),
+])
+def test_a_failing_ray_init_is_one_line_with_a_hint(monkeypatch, address, needle):
+    import ray
+
+    from fedray.config import RayConfig
+    from fedray.errors import TransportError
+    from fedray.federation import connect_ray
+
+    error = RuntimeError("no room\nand a long Ray trace") if address == "local" \
+        else ConnectionError("no cluster")
+
+    def init(**kwargs):
+        raise error
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(TransportError) as info:
+        connect_ray(RayConfig(address=address), "fedray-x")
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unreachable_ray_address_fails_fast_instead_of_retrying(monkeypatch):
+    import time
+
+    import ray
+    from netutil import free_ports
+
+    from fedray.config import RayConfig
+    from fedray.federation import connect_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init was called"))
+    start = time.monotonic()
+    with pytest.raises(FedrayError, match=r"no Ray cluster answers at 127\.0\.0\.1:"):
+        connect_ray(RayConfig(address=f"127.0.0.1:{free_ports(1)[0]}"), "fedray-x")
+    assert time.monotonic() - start < 15
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_ray_num_cpus_is_checked_at_load(value):
+    with pytest.raises(ConfigError, match=f"g.yaml: ray.num_cpus must be at least 1 .*got {value}"):
+        config_from_dict({"federation": "g", "seed_model": "s", "ray": {"num_cpus": value}},
+                         source="g.yaml")

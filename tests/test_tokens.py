@@ -251,3 +251,63 @@ def test_printed_tracking_uris_never_show_a_password(tmp_path):
     assert "s3cr3t" not in shown
     assert "mongodb://fedray:***@db.example.org:27017/" in shown
     assert result.tracking_uri == uri  # what the run itself uses is unchanged
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("mongodb://fl:p@ss/w?rd@db1,db2:27017/fedray?replicaSet=rs0",
+     "mongodb://fl:***@db1,db2:27017/fedray?replicaSet=rs0"),
+    ("mongodb://db/?tls=true&tlsCAFile=/ca.pem&tlsCertificateKeyFilePassword=hunter2-x",
+     "mongodb://db/?tls=true&tlsCAFile=/ca.pem&tlsCertificateKeyFilePassword=***"),
+    ("mongodb://db/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:"
+     "hunter2-x,SERVICE_NAME:s", "mongodb://db/?authMechanism=MONGODB-AWS"
+                                 "&authMechanismProperties=***"),
+    ("mongodb://fl@db:27017/?password=hunter2-x;appname=me@lab",
+     "mongodb://fl@db:27017/?password=***;appname=me@lab"),
+    ("s3://models?endpoint=h:9000&access_key=AKIDhunter2-x&secret_key=hunter2-x",
+     "s3://models?endpoint=h:9000&access_key=***&secret_key=***"),
+])
+def test_redact_masks_every_secret_of_a_uri(uri, shown):
+    from fedray.tracking.store import redact
+
+    assert redact(uri) == shown and "hunter2" not in shown and "ss/w" not in shown
+
+
+def test_config_and_key_reprs_never_show_secrets():
+    from fedray.actors.auth import BridgeKeys
+    from fedray.config import config_from_dict
+
+    config = config_from_dict({
+        "federation": "f", "seed_model": "s",
+        "tracking": {"uri": "mongodb://fl:p@ss-hunter2@db:27017/?password=hunter2"},
+        "storage": {"uri": "s3://models?endpoint=h:9000&access_key=a&secret_key=hunter2"}})
+    keys = BridgeKeys("hunter2" * 4, b"hunter2" * 5, True)
+    shown = repr(config) + repr(config.tracking) + repr(config.storage) + repr(keys)
+    assert "hunter2" not in shown, shown
+    assert "mongodb://fl:***@db:27017/?password=***" in shown and "secret_key=***" in shown
+    assert not hasattr(config, "to_dict")  # asdict of a config would dump the URIs whole
+
+
+def test_token_create_refuses_a_mistyped_or_unwritable_data_dir(tmp_path, tracking_uri,
+                                                                  db_name):
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    def create(data_dir, *extra):
+        return CliRunner().invoke(main, ["token", "create", "--name", "site-a", "--data-dir",
+                                         str(data_dir), *extra])
+
+    typo = tmp_path / "digts"
+    for extra in ((), ("--tracking", tracking_uri, "--database", db_name)):
+        result = create(typo, *extra)
+        assert result.exit_code == 2 and "not a federation's data directory" in result.output
+        assert result.output.count("\n") == 1 and not typo.exists(), result.output
+    (tmp_path / "fed" / "tracking").mkdir(parents=True)
+    (tmp_path / "fed" / "secrets").write_text("a file where the secrets folder goes")
+    result = create(tmp_path / "fed", "--tracking", tracking_uri, "--database", db_name)
+    assert result.exit_code == 2, result.output
+    assert "cannot create the token secret" in result.output and "Traceback" not in result.output
+    store = TrackingStore.from_uri(tracking_uri, db_name)
+    assert store.db[COLLECTION].count_documents({}) == 0  # no token no federation accepts
+    store.db.client.drop_database(db_name)
+    store.close()

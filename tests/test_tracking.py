@@ -216,6 +216,26 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
     assert combiners["combiner-2"]["restarts"] == 7
 
 
+def test_upserts_that_create_a_document_give_it_every_required_field(
+        store: TrackingStore) -> None:
+    from fedray.tracking import schema
+
+    store.upsert_combiner("combiner-3", clients=4)  # a client count before its address
+    store.increment_combiner_restarts("combiner-4")
+    store.upsert_client("c7", status="online")  # a status before its name and combiner
+    store.upsert_client("c8", name="bob")
+    for collection in ("combiners", "clients"):
+        for doc in store.db[collection].find({}):
+            schema.validate(collection, doc)
+    combiners = {c["name"]: c for c in store.find("combiners")}
+    assert (combiners["combiner-3"]["address"], combiners["combiner-3"]["clients"]) == ("", 4)
+    assert combiners["combiner-4"]["restarts"] == 1
+    clients = {c["client_id"]: c for c in store.find("clients")}
+    assert clients["c7"]["name"] == "c7" and clients["c8"]["status"] == "offline"
+    store.upsert_combiner("combiner-3", address="h:1", status="stopped")  # later writes win
+    assert store.find("combiners", {"name": "combiner-3"})[0]["status"] == "stopped"
+
+
 def test_validations_packages_and_events(store: TrackingStore) -> None:
     validation = {"session_id": "s1", "round": 1, "client_id": "c1", "model_id": MODEL_A,
                   "combiner": "combiner-0", "metrics": {"accuracy": np.float32(0.75)},
@@ -495,7 +515,8 @@ def test_connect_or_start_reuses_a_live_server(tmp_path: Path) -> None:
     uri, server = connect_or_start(tmp_path)
     try:
         assert server is not None and uri == server.uri
-        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port}
+        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port,
+                                                "owner": os.getpid()}
 
         again, other = connect_or_start(tmp_path)
 
@@ -528,9 +549,58 @@ def test_connect_or_start_ignores_a_stale_record(tmp_path: Path) -> None:
     try:
         assert server is not None and server.running
         assert server.port != taken and uri == server.uri
-        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port}
+        assert read_server_record(tmp_path) == {"pid": server.pid, "port": server.port,
+                                                "owner": os.getpid()}
     finally:
         server.stop()
+
+
+def test_a_run_never_depends_on_a_server_another_command_will_stop(tmp_path: Path) -> None:
+    """`fedray rounds` started a server for itself and stops it when done; a `fedray run`
+    starting meanwhile must not reuse it (its session would then hang in flush())."""
+    query_uri, query_server = connect_or_start(tmp_path)  # the query command's own
+    assert query_server is not None
+    got: list[Any] = []
+    done = threading.Event()
+
+    def fedray_run() -> None:  # stays alive: the kernel ties a server to its thread
+        got.append(connect_or_start(tmp_path, own=True))
+        done.wait(60)
+
+    run = threading.Thread(target=fedray_run)
+    run.start()
+    try:
+        time.sleep(1.0)
+        assert got == [] and run.is_alive()  # waiting: the owner will stop that one
+        again, other = connect_or_start(tmp_path)  # a second query still shares it
+        assert (again, other) == (query_uri, None)
+    finally:
+        query_server.stop()  # the query command ends: only it stops its server
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [(uri, server)] = got
+    try:
+        assert server is not None and server.running and server.pid != query_server.pid
+        assert read_server_record(tmp_path)["pid"] == server.pid  # the run's, supervised
+        TrackingStore.from_uri(uri).event("info", "run", "tracking stays up")
+        again, other = connect_or_start(tmp_path)  # a query now reuses the run's server
+        assert again == uri and other is None
+    finally:
+        server.stop()
+        done.set()
+        run.join(10)
+
+
+def test_a_run_refuses_in_one_line_when_another_commands_server_stays(tmp_path: Path) -> None:
+    _, query_server = connect_or_start(tmp_path)
+    assert query_server is not None
+    try:
+        with pytest.raises(TrackingError, match=rf"belongs to another fedray command "
+                                                rf"\(pid {os.getpid()}\) that will stop it"):
+            connect_or_start(tmp_path, own=True, wait_s=0.5)
+    finally:
+        query_server.stop()
 
 
 def test_embedded_start_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -816,3 +886,71 @@ def test_rounds_and_clients_cli(embedded_server: EmbeddedMongo, db_name: str) ->
     assert "gpu=0 site=eu" in clients and "fedray-0.1" in clients
     assert "site=us " in clients and "\x1b" not in clients and "[31m" not in clients
     assert "fedbuff (async)" in sessions and "dp_fixed" in sessions
+
+
+def test_query_commands_read_the_database_a_run_wrote(embedded_server: EmbeddedMongo,
+                                                      db_name: str) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+    from fedray.config import config_from_dict
+
+    # tracking.database set in a config: --database finds it; a URI naming one: the same URI
+    named = config_from_dict({"federation": "x", "seed_model": "s",
+                              "tracking": {"uri": embedded_server.uri, "database": db_name}})
+    in_uri = config_from_dict({"federation": "x", "seed_model": "s",
+                               "tracking": {"uri": embedded_server.uri + db_name}})
+    assert named.tracking.database == in_uri.tracking.database == db_name
+    store = TrackingStore.from_uri(named.tracking.uri, named.tracking.database)
+    try:
+        store.create_session("eeee0000eeee0000", "x", {}, 1, MODEL_A)
+        runner = CliRunner()
+        results = [runner.invoke(main, args) for args in (
+            ["sessions", "--json", "--tracking", embedded_server.uri, "--database", db_name],
+            ["sessions", "--json", "--tracking", in_uri.tracking.uri],
+            ["rounds", "--json", "--tracking", embedded_server.uri, "--database", db_name])]
+    finally:
+        store.db.client.drop_database(db_name)
+        store.close()
+    assert all(r.exit_code == 0 for r in results), [r.output for r in results]
+    assert [d["session_id"] for d in json.loads(results[0].output)] == ["eeee0000eeee0000"]
+    assert json.loads(results[1].output) == json.loads(results[0].output)
+    assert json.loads(results[2].output) == []
+
+
+def test_a_missing_tls_file_in_the_uri_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    for option in ("tlsCAFile", "tlsCertificateKeyFile"):
+        uri = f"mongodb://u:pw@127.0.0.1:1/?tls=true&{option}={tmp_path}/missing.pem"
+        with pytest.raises(TrackingError, match="check the paths of the URI's tlsCAFile"):
+            TrackingStore.from_uri(uri)
+        result = CliRunner().invoke(main, ["sessions", "--tracking", uri])
+        assert result.exit_code == TrackingError.exit_code, result.output
+        assert "Traceback" not in result.output and result.output.count("\n") == 1
+        assert ":pw@" not in result.output
+
+
+def test_query_commands_refuse_a_data_dir_without_tracking(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from fedray.cli import main
+
+    typo = tmp_path / "digts"
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    for args in (["rounds", "--data-dir", str(typo)], ["events", "--data-dir", str(typo)],
+                 ["plot", "--data-dir", str(tmp_path / "empty"), "-o", str(tmp_path / "c.png")],
+                 ["token", "list", "--data-dir", str(typo)],
+                 ["token", "revoke", "--name", "a", "--data-dir", str(typo)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "not a federation's data directory" in result.output and "/tracking is " \
+            "missing" in result.output and result.output.count("\n") == 1, result.output
+    monkeypatch.setenv("FEDRAY_DATA_DIR", str(typo))
+    result = runner.invoke(main, ["sessions"])
+    assert result.exit_code == 2 and f"$FEDRAY_DATA_DIR {typo}: not a" in result.output
+    assert not typo.exists() and list((tmp_path / "empty").iterdir()) == []

@@ -164,3 +164,30 @@ def test_events_ttl_days_is_checked() -> None:
         is None
     with pytest.raises(ConfigError, match="tracking.events_ttl_days must be 0"):
         config_from_dict({**base, "tracking": {"events_ttl_days": -1}})
+
+
+def _events_ts(store: TrackingStore) -> dict:
+    [spec] = [s for s in store.db.events.index_information().values() if s["key"] == [("ts", 1)]]
+    return spec
+
+
+def test_the_indexing_writer_creates_every_index_and_drops_a_ttl_set_to_zero(
+        store: TrackingStore, tracking_uri: str, db_name: str) -> None:
+    from fedray.tracking.store import INDEXES
+
+    def writer(ttl: int | None) -> None:
+        with TrackingWriter(lambda: TrackingStore.from_uri(tracking_uri, db_name),
+                            events_ttl_s=ttl, indexes=True) as w:
+            w.event("info", "test", "hello")
+            assert w.flush(10)
+
+    writer(7 * 86400)
+    for collection, indexes in INDEXES.items():
+        found = {tuple(k for k, _ in spec["key"]): bool(spec.get("unique"))
+                 for spec in store.db[collection].index_information().values()}
+        assert all(found.get(keys) == unique for keys, unique in indexes), (collection, found)
+    assert _events_ts(store)["expireAfterSeconds"] == 7 * 86400
+    writer(86400)  # a changed events_ttl_days: the index follows
+    assert _events_ts(store)["expireAfterSeconds"] == 86400
+    writer(None)  # events_ttl_days: 0 keeps events forever: no TTL left behind
+    assert "expireAfterSeconds" not in _events_ts(store)

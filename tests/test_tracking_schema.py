@@ -271,6 +271,10 @@ def test_the_writer_drops_a_drifted_write_loudly_and_goes_on(
     assert writer.dropped_by_reason == {"refused": 1}
     assert "tracking sessions: field 'committed' is not in the schema" in caplog.text
     assert store.get_session("s1")["status"] == "running"
+    [lost] = store.find("events", {"level": "error"})  # not only in an actor's log
+    assert lost["data"] == {"reason": "tracking_refused", "method": "update_session"}
+    assert "tracking refused the write update_session(s1); it is lost" in lost["message"]
+    assert "'committed' is not in the schema" in lost["message"]
 
 
 # what the session runner's tracking callback writes

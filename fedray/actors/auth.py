@@ -65,7 +65,7 @@ class BridgeKeys:
     to the actors (which may run on other nodes): the shared token, the token secret
     (``fedray.keys``), and whether per-client tokens were ever issued."""
 
-    shared_token: str | None = None
+    shared_token: str | None = field(default=None, repr=False)
     token_secret: bytes | None = field(default=None, repr=False)
     tokens_issued: bool = False
 

@@ -82,7 +82,8 @@ class Controller:
         self.tls = tls
         self.pool = RayCombinerPool(combiner_names, config.namespace)
         self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller",
-                                         metrics=FederationMetrics(config.federation, "controller"))
+                                         metrics=FederationMetrics(config.federation, "controller"),
+                                         events_ttl_s=config.tracking.events_ttl_s, indexes=True)
         self.store = open_model_store(config.storage.uri, config.resolved_data_dir())
         self.sessions: dict[str, asyncio.Task[tuple[str, str]]] = {}
         self.runners: dict[str, SessionRunner] = {}

@@ -17,15 +17,17 @@ log = logging.getLogger(__name__)
 
 class TrackingObserver:
     def __init__(self, uri: str | None, database: str, source: str, combiner: str = "",
-                 metrics: Any = None, events_ttl_s: int | None = None) -> None:
-        """``events_ttl_s`` (``TrackingConfig.events_ttl_s``) makes this observer's writer
-        keep the events' retention; one per federation is enough (the controller's)."""
+                 metrics: Any = None, events_ttl_s: int | None = None,
+                 indexes: bool = False) -> None:
+        """With ``indexes`` this observer's writer creates the tracking indexes (a TTL index
+        of ``events_ttl_s``, ``TrackingConfig.events_ttl_s``) and keeps the events'
+        retention; one per federation is enough (the controller's)."""
         self.source = source
         self.combiner = combiner
         self.metrics = metrics  # a FederationMetrics inside Ray actors, None elsewhere
         self.writer = TrackingWriter(lambda: TrackingStore.from_uri(uri, database),
                                      source=source, events_ttl_s=events_ttl_s,
-                                     on_drop=self._dropped) if uri else None
+                                     indexes=indexes, on_drop=self._dropped) if uri else None
 
     def _dropped(self, reason: str, count: int) -> None:
         if self.metrics is not None:

@@ -9,11 +9,16 @@ code it uses for a real MongoDB, and so can mongosh, Compass or a notebook.
 Files in ``<data_dir>/tracking/``:
 
     <db>.db            SQLite database per logical database (``fedray.db`` by default)
-    server.json        ``{"pid": ..., "port": ...}`` of the latest server, for reuse
+    server.json        ``{"pid", "port", "owner"}`` of the latest server, for reuse
     nx-27017.log       the server's log (appended across runs)
     nx-27017.out       its stdout/stderr of the latest run (start-up tracebacks land here)
     nx-27017.pid       the server's own pid file
     server.lock        serializes "reuse or start" between processes
+
+Only the process that started a server (its ``owner``) stops it. A query command reuses
+a live server, or starts one for itself and stops it when done. `fedray run` must not
+depend on a server some other command will stop: it waits for such a server to go and
+then starts its own, which it supervises (``connect_or_start(..., own=True)``).
 
 The server runs in its own session, so a Ctrl-C in the terminal reaches the driver, which
 then stops it by its PID (SIGTERM, then SIGKILL). It is also bound to the thread that
@@ -55,6 +60,7 @@ EXECUTABLE = "nx-27017"
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+HANDOVER_WAIT_S = 60.0  # how long a run waits for another command's server to stop
 
 
 def tracking_dir(data_dir: Path | str) -> Path:
@@ -129,11 +135,14 @@ def port_is_free(port: int) -> bool:
 
 
 def read_server_record(data_dir: Path | str) -> dict | None:
-    """The ``{pid, port}`` recorded in ``<data_dir>/tracking/server.json``, if readable."""
+    """The ``{pid, port, owner}`` recorded in ``<data_dir>/tracking/server.json``, if
+    readable; ``owner`` is the PID of the process that started it (None: not recorded)."""
     try:
         record = json.loads((tracking_dir(data_dir) / "server.json").read_text())
-        return {"pid": int(record["pid"]), "port": int(record["port"])}
-    except (OSError, ValueError, KeyError, TypeError):
+        owner = record.get("owner")
+        return {"pid": int(record["pid"]), "port": int(record["port"]),
+                "owner": None if owner is None else int(owner)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -295,7 +304,7 @@ class EmbeddedMongo:
 
     def _write_record(self) -> None:
         assert self._proc is not None
-        record = {"pid": self._proc.pid, "port": self.port}
+        record = {"pid": self._proc.pid, "port": self.port, "owner": os.getpid()}
         tmp = self.server_file.with_suffix(f".{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -335,7 +344,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def connect_or_start(
-    data_dir: Path | str, timeout_s: float = START_TIMEOUT_S
+    data_dir: Path | str, timeout_s: float = START_TIMEOUT_S, *, own: bool = False,
+    wait_s: float = HANDOVER_WAIT_S,
 ) -> tuple[str, EmbeddedMongo | None]:
     """The URI of the embedded server for ``data_dir``, starting one if none is live.
 
@@ -343,23 +353,49 @@ def connect_or_start(
     ``ping``; then the second item is None. Otherwise a new server is started (on the
     recorded port when that is free, so old clients find it again) and returned: the
     caller owns it and must ``stop()`` it.
+
+    With ``own`` (`fedray run`) a live server is not reused while the process that started
+    it lives, since that one stops it when it is done: this waits up to ``wait_s`` for it
+    to go, then starts a server of its own. Only a server whose owner is gone (nobody
+    will stop it) is reused.
     """
     folder = tracking_dir(data_dir)
     try:
         _private_folder(folder)
     except OSError as exc:
         raise TrackingError(f"cannot create tracking folder {folder}: {exc}") from exc
-    with _locked(folder / "server.lock"):
-        uri = live_uri(data_dir)
-        if uri is not None:
-            return uri, None
-        record = read_server_record(data_dir)
-        port = record["port"] if record is not None and port_is_free(record["port"]) else None
-        server = EmbeddedMongo(data_dir, port=port)
-        try:
-            server.start(timeout_s)
-        except TrackingError:
-            if port is None:
-                raise
-            server = EmbeddedMongo(data_dir).start(timeout_s)
-        return server.uri, server
+    deadline = time.monotonic() + wait_s
+    while True:
+        with _locked(folder / "server.lock"):
+            uri = live_uri(data_dir)
+            owner = _foreign_owner(data_dir) if uri is not None and own else None
+            if owner is None:
+                return (uri, None) if uri is not None else _start(data_dir, timeout_s)
+        if time.monotonic() > deadline:  # the lock is free meanwhile: queries go on
+            raise TrackingError(
+                f"the embedded tracking server of {data_dir} belongs to another fedray "
+                f"command (pid {owner}) that will stop it; let that command finish, then "
+                "start the run again")
+        time.sleep(0.2)
+
+
+def _foreign_owner(data_dir: Path | str) -> int | None:
+    """The PID of the live process that started the live server (and so will stop it);
+    None when its owner is gone or unknown: nobody will stop that one, it may be reused."""
+    record = read_server_record(data_dir)
+    owner = record["owner"] if record is not None else None
+    return owner if owner is not None and pid_alive(owner) else None
+
+
+def _start(data_dir: Path | str, timeout_s: float) -> tuple[str, EmbeddedMongo]:
+    """A new server, on the recorded port when that is free (called with the lock held)."""
+    record = read_server_record(data_dir)
+    port = record["port"] if record is not None and port_is_free(record["port"]) else None
+    server = EmbeddedMongo(data_dir, port=port)
+    try:
+        server.start(timeout_s)
+    except TrackingError:
+        if port is None:
+            raise
+        server = EmbeddedMongo(data_dir).start(timeout_s)
+    return server.uri, server

@@ -207,7 +207,8 @@ def _count(
 
 def to_json(docs: Sequence[Doc]) -> str:
     """One JSON array; datetimes as ISO 8601 strings, non-finite numbers as null."""
-    return json.dumps([_plain(doc) for doc in docs], indent=2, ensure_ascii=False)
+    return json.dumps([_plain(doc) for doc in docs], indent=2, ensure_ascii=False,
+                      allow_nan=False)
 
 
 # formatting helpers

@@ -20,7 +20,6 @@ dotted key reaches into a sub-document: ``update_round(s, 3, **{"combiners.c0":
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,11 +37,12 @@ from pymongo.errors import (
     PyMongoError,
 )
 
+from fedray.config import DEFAULT_DATABASE
 from fedray.errors import TrackingError
+from fedray.text import redact
 from fedray.tracking import schema
 from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
 
-DEFAULT_DATABASE = "fedray"
 COLLECTIONS = (
     "sessions",
     "rounds",
@@ -116,11 +116,6 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def redact(uri: str) -> str:
-    """``uri`` with any password replaced, fit for messages and logs."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri)
-
-
 class TrackingStore:
     """The tracking collections of one database, behind a few intention-named methods."""
 
@@ -159,6 +154,9 @@ class TrackingStore:
                 db = client[database]
         except (PyMongoError, ValueError, TypeError) as exc:
             raise TrackingError(f"tracking database {shown}: {_short(exc)}") from exc
+        except OSError as exc:  # pymongo reads the URI's TLS files (tlsCAFile, ...) now
+            raise TrackingError(f"tracking database {shown}: {exc.strerror or exc}; check the "
+                                "paths of the URI's tlsCAFile and tlsCertificateKeyFile") from exc
         return cls(db, client=client, where=f"{shown} (database {db.name!r})")
 
     def __repr__(self) -> str:
@@ -181,17 +179,27 @@ class TrackingStore:
             self.db.command("ping")
 
     def ensure_indexes(self, events_ttl_s: int | None = None) -> None:
-        """Create the indexes of ``INDEXES``; with ``events_ttl_s``, the one on ``events.ts``
-        is a TTL index, so MongoDB deletes events that old by itself."""
+        """Create the indexes of ``INDEXES`` (idempotent). With ``events_ttl_s`` the one on
+        ``events.ts`` is a TTL index, so MongoDB deletes events that old by itself; without,
+        a TTL an earlier run set is dropped, so events are kept forever."""
         with self._translate("create indexes"):
             for collection, indexes in INDEXES.items():
                 for keys, unique in indexes:
-                    if events_ttl_s and (collection, keys) == ("events", ("ts",)):
-                        self._ttl_index(int(events_ttl_s))
+                    if (collection, keys) == ("events", ("ts",)):
+                        self._events_ts_index(int(events_ttl_s or 0))
                         continue
                     self.db[collection].create_index(
                         [(key, ASCENDING) for key in keys], unique=unique
                     )
+
+    def _events_ts_index(self, seconds: int) -> None:
+        if seconds:
+            self._ttl_index(seconds)
+            return
+        for name, spec in self.db.events.index_information().items():
+            if [key for key, _ in spec.get("key", [])] == ["ts"] and "expireAfterSeconds" in spec:
+                self.db.events.drop_index(name)  # a plain create_index keeps an old TTL
+        self.db.events.create_index([("ts", ASCENDING)])
 
     def _ttl_index(self, seconds: int) -> None:
         try:
@@ -308,18 +316,21 @@ class TrackingStore:
     # clients, combiners
 
     def upsert_client(self, client_id: str, **fields: Any) -> None:
-        """Create or update an edge client; ``last_seen`` is now unless given."""
+        """Create or update an edge client; ``last_seen`` is now unless given. A document
+        this creates has every required field (defaults for those not given)."""
         now = utcnow()
         fields = {"last_seen": now, **clean(fields)}
-        self._upsert("clients", {"client_id": client_id}, fields, {"first_seen": now})
+        self._upsert("clients", {"client_id": client_id}, fields,
+                     {"first_seen": now, **_new_client(client_id)})
 
     def upsert_combiner(self, name: str, **fields: Any) -> None:
         fields = {"updated_at": utcnow(), **clean(fields)}
-        self._upsert("combiners", {"name": name}, fields, {"restarts": 0})
+        self._upsert("combiners", {"name": name}, fields, {"restarts": 0, **NEW_COMBINER})
 
     def increment_combiner_restarts(self, name: str) -> None:
         """Count one more restart of combiner ``name`` (not idempotent: a counter)."""
-        update = {"$inc": {"restarts": 1}, **_setting({"updated_at": utcnow()})}
+        update = {"$inc": {"restarts": 1}, **_setting({"updated_at": utcnow()}),
+                  "$setOnInsert": dict(NEW_COMBINER)}
         with self._translate(f"count a restart of combiner {name!r}"):
             self._retry_dup(
                 lambda: self.db.combiners.update_one({"name": name}, update, upsert=True)
@@ -453,6 +464,15 @@ class TrackingStore:
             return write()
         except DuplicateKeyError:
             return write()
+
+
+# What an upsert gives a new document for the required fields its write did not name
+# (a combiner's client count can land before its address): docs/tracking.md's "required".
+NEW_COMBINER = {"address": "", "status": "online"}
+
+
+def _new_client(client_id: str) -> dict[str, Any]:
+    return {"name": client_id, "combiner": "", "status": "offline"}
 
 
 def _setting(fields: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ memory, O(1), never blocking), and a single background thread performs them in o
 a ``TrackingStore``. Connection errors are retried with exponential backoff (up to
 ``max_backoff_s``) for as long as it takes; documents keep the time they were submitted
 (``written_at``), not the time the database came back. A write the database refuses
-(bad document, unknown session, ...) is logged and dropped, and the thread goes on.
+(bad document, unknown session, ...) is logged and dropped, with an error event saying so,
+and the thread goes on.
 Consecutive events are written with one ``insert_many``; when the database refuses such a
 batch, its events are written one by one, so only the bad one is dropped.
 
@@ -18,10 +19,12 @@ round, model, validation and package writes are never dropped (there are a handf
 round). Drops are counted (``dropped_by_reason``, ``on_drop`` for a metric), and once the
 queue has drained to half, one warning event says how many writes of which kind were lost.
 
-With ``events_ttl_s`` the thread also keeps the events' retention: it creates the
-tracking indexes (a TTL index on ``events.ts``) when it first connects, and every
-``prune_every_s`` deletes the events older than that itself, since nx-27017 only expires
-documents lazily, when a collection is read.
+With ``indexes`` (the controller's writer: one per federation) the thread creates the
+tracking indexes before its first write, idempotently: the unique ones lookups and upserts
+rely on, and on ``events.ts`` a TTL index of ``events_ttl_s``, or a plain one when that is
+None (an earlier TTL is dropped: events are then kept). With ``events_ttl_s`` it also
+keeps the events' retention: every ``prune_every_s`` it deletes the events older than
+that itself, since nx-27017 only expires documents lazily, when a collection is read.
 
 ``flush(timeout)`` waits until everything submitted so far is written; ``close()``
 flushes, and only after its timeout gives up on writes it still could not deliver
@@ -52,6 +55,7 @@ DropHook = Callable[[str, int], None]  # (reason, count): "queue_full" | "refuse
 
 MAX_PENDING = 20_000  # queued writes; a client's event is at most a few KiB (the bridge bounds it)
 PRUNE_EVERY_S = 600.0
+INDEX_RETRY_S = 5.0  # while the database is unreachable
 # Never dropped for room: the session's own history, a handful of writes per round.
 PROTECTED = frozenset({"ensure_indexes", "create_session", "update_session", "start_round",
                        "update_round", "add_model", "add_validation", "add_package"})
@@ -96,6 +100,7 @@ class TrackingWriter:
         events_ttl_s: int | None = None,
         prune_every_s: float = PRUNE_EVERY_S,
         on_drop: DropHook | None = None,
+        indexes: bool = False,
     ) -> None:
         self._factory = store_factory
         self._batch_size = batch_size
@@ -115,8 +120,8 @@ class TrackingWriter:
         self._cond = threading.Condition()
         self._closing = False
         self._abort = threading.Event()
-        self._indexed = False
-        self._next_prune = time.monotonic()
+        self._indexed = not (indexes or self._ttl_s)  # a TTL needs its index
+        self._next_index = self._next_prune = time.monotonic()
         self.written = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -302,12 +307,14 @@ class TrackingWriter:
     def _run(self) -> None:
         store: TrackingStore | None = None
         while True:
+            if not self._abort.is_set():
+                store = self._chores(store)
             with self._cond:
                 while not self._queued and not self._closing:
-                    if self._ttl_s is not None and time.monotonic() >= self._next_prune:
+                    due = self._next_chore()
+                    if due is not None and time.monotonic() >= due:
                         break
-                    wait = None if self._ttl_s is None else self._next_prune - time.monotonic()
-                    self._cond.wait(wait)
+                    self._cond.wait(None if due is None else due - time.monotonic())
                 if self._abort.is_set() or (not self._queued and self._closing):
                     break
                 batch = self._take_batch()
@@ -319,8 +326,6 @@ class TrackingWriter:
                 if report is not None:
                     self._enqueue(report)
                 self._cond.notify_all()
-            if self._ttl_s is not None and not self._abort.is_set():
-                store = self._keep_retention(store)
         with self._cond:
             lost = self._queued
             self._queue.clear()
@@ -334,17 +339,44 @@ class TrackingWriter:
         if store is not None:
             store.close()
 
-    def _keep_retention(self, store: TrackingStore | None) -> TrackingStore | None:
-        """When due: create the indexes once (TTL on events), delete expired events."""
-        assert self._ttl_s is not None
-        if time.monotonic() < self._next_prune:
-            return store
+    def _next_chore(self) -> float | None:
+        """When the thread next has index or retention work to do (monotonic); None: never."""
+        due = [] if self._indexed else [self._next_index]
+        if self._ttl_s is not None:
+            due.append(self._next_prune)
+        return min(due) if due else None
+
+    def _chores(self, store: TrackingStore | None) -> TrackingStore | None:
+        """What is due of: the indexes (before the first write), the events' retention."""
+        now = time.monotonic()
+        if not self._indexed and now >= self._next_index:
+            store = self._make_indexes(store)
+        if self._ttl_s is not None and now >= self._next_prune:
+            store = self._keep_retention(store)
+        return store
+
+    def _make_indexes(self, store: TrackingStore | None) -> TrackingStore | None:
+        """Create the tracking indexes (idempotent): the unique ones that lookups and
+        upserts rely on, and on ``events.ts`` a TTL index, or a plain one without a TTL."""
         try:
             if store is None:
                 store = self._factory()
-            if not self._indexed:
-                store.ensure_indexes(events_ttl_s=self._ttl_s)
-                self._indexed = True
+            store.ensure_indexes(events_ttl_s=self._ttl_s)
+            self._indexed = True
+        except Exception as exc:  # noqa: BLE001 - retried while unreachable, never fatal
+            if is_transient(exc):
+                self._next_index = time.monotonic() + INDEX_RETRY_S
+            else:
+                self._indexed = True  # refused (e.g. an index clash): say so, do not loop
+                log.error("tracking indexes: %s", exc)
+        return store
+
+    def _keep_retention(self, store: TrackingStore | None) -> TrackingStore | None:
+        """Delete the events older than the TTL (nx-27017 expires them only when read)."""
+        assert self._ttl_s is not None
+        try:
+            if store is None:
+                store = self._factory()
             removed = store.prune_events(utcnow() - timedelta(seconds=self._ttl_s))
             self._next_prune = time.monotonic() + self._prune_every_s
             if removed:
@@ -352,7 +384,6 @@ class TrackingWriter:
                          self._ttl_s / 86400)
         except Exception as exc:  # noqa: BLE001 - retention is retried, never fatal
             if not is_transient(exc):
-                self._indexed = True  # refused (e.g. an index clash): say so, do not loop
                 log.error("tracking retention: %s", exc)
             self._next_prune = time.monotonic() + min(self._prune_every_s, 30.0)
         return store
@@ -385,6 +416,8 @@ class TrackingWriter:
                 if not is_transient(exc):
                     self._dropped("refused", len(batch))
                     log.error("tracking write %s dropped: %s", _describe(batch), exc)
+                    if batch[0].event is None:
+                        self._report_refused(store, batch[0], exc)
                     return store
                 if failing_since is None:
                     failing_since = time.monotonic()
@@ -396,6 +429,20 @@ class TrackingWriter:
                 log.error("tracking write %s dropped on close", _describe(batch))
                 return store
             delay = min(delay * 2, self._max_backoff_s)
+
+    def _report_refused(self, store: TrackingStore | None, item: _Write,
+                        exc: BaseException) -> None:
+        """A refused session, round or status write is history lost: say so in tracking as
+        an error event too, where operators look (an actor's log is easy to miss)."""
+        if store is None:
+            return
+        shown = [str(arg)[:64] for arg in item.args[:2]]
+        try:
+            store.event("error", self._source, f"tracking refused the write {item.method}"
+                        f"({', '.join(shown)}); it is lost: {str(exc)[:400]}",
+                        data={"reason": "tracking_refused", "method": item.method})
+        except Exception as again:  # noqa: BLE001 - the log line above already said it
+            log.debug("could not record the refused write as an event: %s", again)
 
     @staticmethod
     def _call(store: TrackingStore, batch: list[_Write]) -> None:
