@@ -246,3 +246,27 @@ async def test_an_edge_client_rejoins_when_its_connection_ages_out_and_still_tra
         await gateway.stop(0)
         await bridge.close()
     assert result.updates == 1, (result, lines)
+
+
+async def test_a_burst_of_assigns_asks_the_combiners_for_their_loads_once():
+    """Each Assign made one Ray call to every combiner: a burst of reconnecting clients
+    became a burst of calls on every combiner."""
+    from fedray.actors.controller import GatewayServicer
+
+    class Pool:
+        calls = 0
+
+        async def loads(self):
+            Pool.calls += 1
+            await asyncio.sleep(0.05)
+            return {"c0": (0, "127.0.0.1:1"), "c1": (0, "127.0.0.1:2")}
+
+    gateway = GatewayServicer(Pool(), max_clients=100)
+    answers = await asyncio.gather(*(gateway.Assign(pb.AssignRequest(name=f"n{i}"), None)
+                                     for i in range(50)))
+    assert Pool.calls == 1
+    assert {a.combiner for a in answers} == {"c0", "c1"}  # still spread by recent assignments
+    gateway.LOADS_S = 0.0
+    await asyncio.sleep(0.01)
+    await gateway.Assign(pb.AssignRequest(name="late"), None)
+    assert Pool.calls == 2  # stale loads are asked again

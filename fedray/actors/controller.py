@@ -22,7 +22,7 @@ import ray
 from fedray.actors.auth import make_gate
 from fedray.actors.callbacks import Callbacks, SessionStatus, StatusCallback, TrackingCallback
 from fedray.actors.combiner import advertised_host, quiet
-from fedray.actors.grpc_server import caller_id, start_server
+from fedray.actors.grpc_server import ServerLimits, caller_id, start_server
 from fedray.actors.memory import ReleaseAfterRounds, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
@@ -51,17 +51,28 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     combiner that was least loaded a moment ago."""
 
     RECENT_S = 5.0
+    LOADS_S = 1.0  # combiners' loads are asked at most this often, however many clients ask
 
     def __init__(self, pool: RayCombinerPool, max_clients: int) -> None:
         self.pool = pool
         self.max_clients = max_clients
         self.recent: dict[str, list[float]] = {}
+        self._loads: tuple[float, asyncio.Future] | None = None
+
+    async def loads(self) -> dict[str, tuple[int, str]]:
+        """The combiners' loads, shared by every Assign within ``LOADS_S`` (one Ray call
+        per combiner per Assign let a burst of clients flood the combiners)."""
+        now = time.monotonic()
+        if self._loads is None or now - self._loads[0] > self.LOADS_S \
+                or (self._loads[1].done() and self._loads[1].exception() is not None):
+            self._loads = (now, asyncio.ensure_future(self.pool.loads()))
+        return await asyncio.shield(self._loads[1])
 
     async def Assign(self, request: pb.AssignRequest, context) -> pb.Assignment:
         client_id = await caller_id(context, request.name, request.name)
         if not client_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a client needs a name")
-        loads = await self.pool.loads()
+        loads = await self.loads()
         now = time.monotonic()
         for name in loads:
             self.recent[name] = [t for t in self.recent.get(name, []) if now - t < self.RECENT_S]
@@ -103,9 +114,15 @@ class Controller:
             servicer = GatewayServicer(self.pool, self.config.combiners.max_clients)
             pb_grpc.add_GatewayServicer_to_server(servicer, server)
 
+        combiners = self.config.combiners
         gate = make_gate(token, self.tracking_uri, self.config.tracking.database,
-                         self.config.combiners.max_rpcs_per_s, self.observer.event)
-        self._server, bound = await start_server(register, c.host, c.port, gate, self.tls)
+                         combiners.max_rpcs_per_s, self.observer.event,
+                         max_ids_per_peer=combiners.max_clients_per_connection)
+        # The gateway answers every client of every combiner: its bounds are theirs summed.
+        limits = ServerLimits.for_settings(combiners,
+                                           clients=combiners.count * combiners.max_clients)
+        self._server, bound = await start_server(register, c.host, c.port, gate, self.tls,
+                                                 limits)
         self._gate = gate
         return {"address": f"{advertised_host(c.host, self.config.combiners.advertise)}:{bound}",
                 "port": bound}
