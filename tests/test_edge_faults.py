@@ -46,8 +46,17 @@ def _client(tmp_path: Path, gateway: str, name: str, train_s: float = 3.0) -> su
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate``; a tracking query that fails meanwhile (the run's supervisor may
+    be restarting its tracking server on a loaded machine) is asked again, as a user would."""
+    from fedray.errors import TrackingError
+
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        try:
+            if predicate():
+                return
+        except TrackingError:
+            pass
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
