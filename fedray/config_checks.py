@@ -1,0 +1,144 @@
+"""What a loaded config must satisfy beyond its types: bounds, cross-field rules, and
+everything loadable (strategies, selection policies, TLS files) loaded now, so that a
+mistake is one line at start, never a traceback inside an actor."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING
+
+from fedray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedray.config import FederationConfig, _Blame
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+MAX_TTL_DAYS = 24_855  # a TTL index holds at most 2**31 - 1 seconds
+
+
+def check(c: FederationConfig, blame: _Blame) -> None:
+    """Every rule across fields, with ``blame`` naming the file or the ``--set`` at fault."""
+    bad = blame.error
+
+    if not _NAME.match(c.federation):
+        raise bad("federation", "must be 1-63 letters, digits, '-' or '_'")
+    if c.ray.num_cpus is not None and c.ray.num_cpus < 1:
+        raise bad("ray.num_cpus", f"must be at least 1 (or left out: every CPU), got "
+                  f"{c.ray.num_cpus}")
+    ports = {"controller.port": c.controller.port, "combiners.base_port": c.combiners.base_port}
+    for where, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise bad(where, f"must be a port number (0-65535), got {port}")
+    positive = {
+        "combiners.count": c.combiners.count,
+        "combiners.max_clients": c.combiners.max_clients,
+        "combiners.max_inflight_uploads": c.combiners.max_inflight_uploads,
+        "combiners.max_update_mb": c.combiners.max_update_mb,
+        "combiners.chunk_kib": c.combiners.chunk_kib,
+        "combiners.max_rpcs_per_s": c.combiners.max_rpcs_per_s,
+        "combiners.max_clients_per_connection": c.combiners.max_clients_per_connection,
+        "combiners.max_client_events_per_min": c.combiners.max_client_events_per_min,
+        "combiners.max_event_bytes": c.combiners.max_event_bytes,
+        "combiners.max_connection_age_s": c.combiners.max_connection_age_s,
+        "combiners.max_connection_idle_s": c.combiners.max_connection_idle_s,
+        "combiners.heartbeat_interval_s": c.combiners.heartbeat_interval_s,
+        "combiners.upload_idle_s": c.combiners.upload_idle_s,
+        "session.rounds": c.session.rounds,
+        "session.min_clients": c.session.min_clients,
+        "session.round_timeout_s": c.session.round_timeout_s,
+        "session.round_attempts": c.session.round_attempts,
+        "session.clients_per_round": c.session.clients_per_round,
+        "session.wait_for_clients_s": c.session.wait_for_clients_s,
+    }
+    for where, value in positive.items():
+        if value <= 0:
+            raise bad(where, f"must be greater than 0, got {value}")
+    if c.combiners.offline_after_s <= c.combiners.heartbeat_interval_s:
+        raise blame.among(("combiners.offline_after_s", "combiners.heartbeat_interval_s"),
+                          "combiners.offline_after_s",
+                          "must be longer than combiners.heartbeat_interval_s")
+    if c.session.clients_per_round > 1 and c.session.clients_per_round != int(c.session.clients_per_round):
+        raise bad("session.clients_per_round", "must be a fraction <= 1 or a whole count")
+    if c.combiners.chunk_kib > 3 * 1024:
+        raise bad("combiners.chunk_kib", "must stay under gRPC's 4 MiB message limit (max 3072)")
+    _check_session(c, blame)
+    if not 0 <= c.tracking.events_ttl_days <= MAX_TTL_DAYS:
+        raise bad("tracking.events_ttl_days", f"must be 0 (keep forever) to {MAX_TTL_DAYS} days, "
+                  f"got {c.tracking.events_ttl_days}")
+    uri = c.tracking.uri
+    if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")
+    from fedray.tls import server_tls
+
+    server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
+
+
+STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
+# what decides how many updates one round can bring (most_updates_per_round)
+ROUND_SIZE = (*STRATEGY, "session.clients_per_round", "session.max_kept_updates",
+              "session.over_select", "session.min_clients", "session.select.ids",
+              "combiners.count", "combiners.max_clients")
+
+
+def _check_session(c: FederationConfig, blame: _Blame) -> None:
+    """Strategy, selection and straggler settings: everything loadable is loaded now."""
+    from fedray.selection import check_select
+    from fedray.strategies import make_strategy
+
+    bad = blame.error
+    s = c.session
+    nonnegative = {"session.buffer_size": s.buffer_size, "session.over_select": s.over_select}
+    for where, value in nonnegative.items():
+        if value < 0:
+            raise bad(where, f"must be 0 or more, got {value}")
+    for where, value in {"session.max_examples_per_update": s.max_examples_per_update,
+                         "session.max_kept_updates": s.max_kept_updates,
+                         "session.max_update_norm": s.max_update_norm,
+                         "session.time_budget_s": s.time_budget_s}.items():
+        if value is not None and not value > 0:
+            raise bad(where, f"must be greater than 0, got {value}")
+    if s.max_examples_per_update > 2**53:
+        raise bad("session.max_examples_per_update", f"must be at most 2**53, got "
+                  f"{s.max_examples_per_update}")
+    try:
+        strategy = make_strategy(s.aggregator, s.aggregator_kwargs)
+    except ConfigError as exc:
+        raise blame.among(STRATEGY, "session.aggregator",
+                          f"names no strategy that loads: {exc}") from None
+    try:
+        strategy.check_settings(s)
+    except ValueError as exc:
+        raise blame.among(STRATEGY, "session.aggregator", f"{s.aggregator!r}: {exc}") from None
+    try:
+        check_select(s.select)
+    except ConfigError as exc:  # it names the field itself
+        origin = blame.touched("session.select")
+        raise ConfigError(f"--set {origin}: {exc}" if origin else f"{c.source}: {exc}") from None
+    if s.buffer_size and s.buffer_size < s.min_clients and not strategy.asynchronous:
+        raise blame.among(("session.buffer_size", "session.min_clients"), "session.buffer_size",
+                          f"({s.buffer_size}) closes rounds before session.min_clients "
+                          f"({s.min_clients}) updates can arrive; raise it or lower "
+                          "min_clients")
+    if strategy.keeps_updates and not strategy.asynchronous:
+        most = most_updates_per_round(c)
+        if most > s.max_kept_updates:
+            raise blame.among(ROUND_SIZE, "session.aggregator",
+                              f"{s.aggregator!r} keeps every update of a round (in Ray's "
+                              f"object store) and up to {most} could arrive, more than "
+                              f"session.max_kept_updates ({s.max_kept_updates}); set "
+                              "session.clients_per_round to a count of at most "
+                              f"{s.max_kept_updates} (or raise max_kept_updates: memory is "
+                              "that many model sizes)")
+
+
+def most_updates_per_round(c: FederationConfig) -> int:
+    """An upper bound on the updates one round can fold, from the config alone."""
+    s = c.session
+    online = c.combiners.count * c.combiners.max_clients
+    if s.select.ids:
+        online = min(online, len(set(s.select.ids)))
+    wanted = min(online, int(s.clients_per_round)) if s.clients_per_round > 1 \
+        else math.ceil(s.clients_per_round * online)
+    wanted = max(wanted, min(s.min_clients, online))
+    return min(online, math.ceil(wanted * (1 + s.over_select)))
