@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedray.errors import AlreadyRunning
 
@@ -181,6 +182,8 @@ def running() -> Iterator[Teardown]:
     os.environ[RUN_ENV] = teardown.run_id
     _active = teardown
     claim_signals()
+    saved_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_about_stops(saved_hook)
     try:
         try:
             yield teardown
@@ -192,12 +195,25 @@ def running() -> Iterator[Teardown]:
         raise Stopped(teardown.signum, teardown.since_signal()) from None
     finally:
         _active = None
+        sys.unraisablehook = saved_hook
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         if saved_env is None:
             os.environ.pop(RUN_ENV, None)
         else:
             os.environ[RUN_ENV] = saved_env
+
+
+def _quiet_about_stops(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that says nothing of a ``Stopped`` lost where Python cannot raise
+    (a fork hook, a finalizer): the signal is recorded, and the next ``checkpoint`` acts
+    on it. Without this the one-line stop came after an "Exception ignored" traceback."""
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):
+            previous(unraisable)
+
+    return hook
 
 
 def fate_shared(sig: int = signal.SIGKILL) -> Callable[[], None] | None:

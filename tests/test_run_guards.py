@@ -107,6 +107,32 @@ def test_a_signal_raises_stopped_once_and_waits_while_the_teardown_runs():
     assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
+
+def test_a_signal_lost_where_python_cannot_raise_is_quiet_and_caught_at_the_next_checkpoint():
+    """SIGTERM during a fork (logging's after-fork hook) printed "Exception ignored ...
+    Traceback" before the one-line stop."""
+    import gc
+    import signal
+
+    from fedray.lifecycle import checkpoint, running
+
+    class Finalized:
+        def __del__(self) -> None:  # where Python cannot raise: like a fork hook
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    printed: list[BaseException] = []  # what Python would print as "Exception ignored"
+    before = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: printed.append(unraisable.exc_value)
+    try:
+        with pytest.raises(Stopped) as info, running():
+            Finalized()
+            gc.collect()
+            checkpoint()
+        assert printed == []
+    finally:
+        sys.unraisablehook = before
+    assert info.value.signum == signal.SIGTERM
+
 @pytest.mark.integration
 def test_ray_errors_become_fedray_errors_without_a_remote_traceback(ray_session):
     import ray
