@@ -353,6 +353,8 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
                **{f"val {k}": v for k, v in record["validation_metrics"].items()}}
     shown = " · ".join(f"{escape(printable(k, newlines=False))} {_number(v)}"
                        for k, v in metrics.items())
+    if not record["updates"] and not record["train_metrics"]:  # a model validated, not built
+        return f"validated model {record['model_id'][:10]}" + (f" · {shown}" if shown else "")
     return (f"round {record['round']}/{rounds} · {record['updates']} updates · "
             f"{record['seconds']:.2f}s · model {record['model_id'][:10]}" + (f" · {shown}" if shown else ""))
 

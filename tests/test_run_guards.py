@@ -224,6 +224,16 @@ def test_client_chosen_metric_names_are_text_not_markup_in_round_lines():
     assert "val loss[/] 0.2500" in shown
 
 
+def test_a_validation_without_a_new_model_is_not_shown_as_a_round_of_zero_updates():
+    """FedBuff validates its final version: that printed 'round 6/6 · 0 updates · 0.00s'."""
+    from fedray.runner import round_line
+
+    record = {"round": 6, "updates": 0, "seconds": 0.0, "model_id": "67ccf7b5d3" + "0" * 54,
+              "train_metrics": {}, "validation_metrics": {"accuracy": 0.8981}}
+    assert round_line(record, 6) == "validated model 67ccf7b5d3 · val accuracy 0.8981"
+    assert round_line(_round({"loss": 1.0}), 3).startswith("round 1/3 · 2 updates")
+
+
 def test_fedray_status_and_the_summary_show_client_text_as_text():
     from pathlib import Path
 
