@@ -297,11 +297,26 @@ print(json.dumps({"dumpable_off": hidden, "in_os_environ": "FEDRAY_TOKEN" in os.
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
 def test_a_child_of_the_same_user_cannot_read_the_clients_token():
     env = {**os.environ, "FEDRAY_TOKEN": "frt_secret_1", "PYTHONPATH": str(ROOT)}
+    env.pop("FEDRAY_RUN", None)
     result = subprocess.run([sys.executable, "-c", _TOKEN_PROBE], cwd="/", env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"dumpable_off": True, "in_os_environ": False,
                                          "parent_environ_read": False, "child_env": False}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
+def test_a_client_started_by_fedray_demo_stays_findable_by_its_run_mark():
+    """A non-dumpable client's environ cannot be read by its own (non-root) user, so the
+    command that started it could no longer find it by its FEDRAY_RUN mark to sweep it."""
+    env = {**os.environ, "FEDRAY_TOKEN": "frt_secret_1", "PYTHONPATH": str(ROOT),
+           "FEDRAY_RUN": "run-1234"}
+    result = subprocess.run([sys.executable, "-c", _TOKEN_PROBE], cwd="/", env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["dumpable_off"] is False and seen["in_os_environ"] is False
+    assert seen["child_env"] is False
 
 
 async def test_a_combiner_cannot_make_the_client_beat_in_a_busy_loop(federation):

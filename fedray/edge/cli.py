@@ -107,8 +107,14 @@ def hide_token_from_children() -> bool:
     on Linux the process also becomes non-dumpable: a process of the same non-root user
     can then no longer read its environ, memory or maps, nor ptrace it. Root (or
     CAP_SYS_PTRACE) still can, and ``--token`` stays visible in ``ps``. True when the
-    process is non-dumpable."""
+    process is non-dumpable.
+
+    A client that a fedray command started on its own machine (``fedray demo``: it carries
+    that command's ``FEDRAY_RUN`` mark, and the command's own token) stays dumpable, so
+    that the command can still find it by its mark, however it ends."""
     os.environ.pop("FEDRAY_TOKEN", None)
+    if os.environ.get(RUN_MARK):
+        return False
     return set_not_dumpable()
 
 
@@ -126,6 +132,7 @@ def set_not_dumpable() -> bool:
 
 
 _PR_SET_DUMPABLE = 4  # linux/prctl.h
+RUN_MARK = "FEDRAY_RUN"  # fedray.lifecycle.RUN_ENV (not imported: it needs fcntl, Unix only)
 
 
 def remote_code_policy(remote: bool, tls: bool, pin: str | None, insecure: bool) -> str | None:
