@@ -21,6 +21,14 @@ from tests.simfed import MemoryStore, Recorder, SimPool, run_session, session_se
 SEED = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
 
 
+async def _from_seed(pool: SimPool, store: MemoryStore, settings, **kwargs):
+    """One session from SEED on ``pool``, closed after it: (state, reason, the runner)."""
+    try:
+        return await run_session(pool, store, settings, Start(store.put(encode(SEED))), **kwargs)
+    finally:
+        await pool.close()
+
+
 def shift_by(value: float, examples: int = 10):
     """A client whose update is its model plus ``value`` (and that reports ``examples``)."""
     def train(params, config, client_id, round_):
@@ -38,11 +46,7 @@ async def _pool(clients: dict[str, tuple[float, int]], combiners: int = 1) -> Si
 async def test_fedavg_commits_the_example_weighted_mean_every_round():
     pool = await _pool({"a": (1.0, 10), "b": (4.0, 30)}, combiners=2)
     store = MemoryStore()
-    try:
-        state, reason, runner = await run_session(pool, store, session_settings(rounds=3),
-                                                  Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, session_settings(rounds=3))
     assert (state, reason) == ("finished", "")
     final = decode(store.get(runner.model_id))
     np.testing.assert_allclose(final["w"], 3 * (1.0 * 10 + 4.0 * 30) / 40, rtol=1e-6)
@@ -167,11 +171,7 @@ async def test_fedbuff_commits_a_version_every_k_updates_weighted_by_staleness()
     pool.add("slow1", slow(1.0, 0.25))
     store = MemoryStore()
     settings = session_settings(rounds=12, aggregator="fedbuff", buffer_size=4)
-    try:
-        state, reason, runner = await run_session(pool, store, settings,
-                                                  Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, settings)
     assert state == "finished", reason
     commits = runner.recorder.of(RoundCommitted)
     assert [c.round for c in commits] == list(range(1, 13))
@@ -242,11 +242,7 @@ async def test_a_non_finite_aggregate_is_never_committed_and_the_state_goes_back
     NaNOnSecondRound.calls = 0
     settings = session_settings(rounds=3, round_attempts=2,
                                 aggregator="tests.test_session_runner:NaNOnSecondRound")
-    try:
-        state, reason, runner = await run_session(pool, store, settings,
-                                                  Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, settings)
     assert state == "finished", reason
     failed = runner.recorder.of(RoundFailed)
     assert [(f.round, f.attempt) for f in failed] == [(2, 1)]
@@ -265,10 +261,7 @@ async def test_an_async_session_sends_its_strategy_to_each_combiner_once_more_no
         pool.add(f"c{i}", slow(1.0, 0.02))
     store = MemoryStore()
     settings = session_settings(rounds=2, aggregator="fedbuff", buffer_size=2)
-    try:
-        state, reason, _ = await run_session(pool, store, settings, Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, _ = await _from_seed(pool, store, settings)
     assert state == "finished", reason
     assert sorted(pool.sessions_sent) == sorted(pool.names * 2)  # the session's start, then each
 
@@ -309,11 +302,7 @@ async def test_a_kept_update_lost_with_its_combiner_reruns_the_round(quick_retri
     store = MemoryStore()
     settings = session_settings(rounds=2, round_attempts=2, aggregator="median",
                                 clients_per_round=3)
-    try:
-        state, reason, runner = await run_session(pool, store, settings,
-                                                  Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, settings)
     assert state == "finished", reason
     failed = runner.recorder.of(RoundFailed)
     assert [(f.round, f.attempt) for f in failed] == [(1, 1)]
@@ -346,12 +335,7 @@ async def test_configure_errors_fail_the_attempt_unless_the_settings_cannot_work
     store = MemoryStore()
     settings = session_settings(rounds=1, round_attempts=3, aggregator="fedavgm")
     strategy = ConfigureFails(transient)
-    try:
-        state, reason, runner = await run_session(pool, store, settings,
-                                                  Start(store.put(encode(SEED))),
-                                                  strategy=strategy)
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, settings, strategy=strategy)
     notes = [n.message for n in runner.recorder.of(Notice) if n.level == "warning"]
     if transient:  # runs again, and commits
         assert state == "finished", reason
@@ -375,11 +359,7 @@ async def test_a_plan_asking_more_than_max_kept_updates_fails_the_session_naming
     settings = session_settings(rounds=1, aggregator="median", max_kept_updates=2,
                                 clients_per_round=2,
                                 select={"policy": "tests.test_session_runner:every_client"})
-    try:
-        state, reason, runner = await run_session(pool, store, settings,
-                                                  Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, settings)
     assert state == "failed"
     assert "round 1 asks 3 clients, more than session.max_kept_updates (2)" in reason
     assert not runner.recorder.of(RoundStarted)  # nobody was asked
@@ -414,11 +394,7 @@ async def test_a_policy_that_picks_an_unknown_client_fails_that_attempt_only(qui
     store = MemoryStore()
     settings = session_settings(rounds=1, select={"policy": "tests.test_session_runner:"
                                                             "ghost_first"})
-    try:
-        state, reason, runner = await run_session(pool, store, settings,
-                                                  Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, settings)
     assert state == "finished", reason
     assert [e.attempt for e in runner.recorder.of(RoundStarted)] == [2]
     assert any("not eligible or not online: ['ghost']" in n.message
@@ -466,11 +442,7 @@ async def _fedbuff(pool, strategy=None, **settings):
     store = MemoryStore()
     settings = session_settings(**{"rounds": 4, "aggregator": "fedbuff", "buffer_size": 2,
                                    **settings})
-    try:
-        return await run_session(pool, store, settings, Start(store.put(encode(SEED))),
-                                 strategy=strategy)
-    finally:
-        await pool.close()
+    return await _from_seed(pool, store, settings, strategy=strategy)
 
 
 async def test_an_update_the_strategy_cannot_fold_is_dropped_and_fedbuff_goes_on():
@@ -605,11 +577,7 @@ async def test_metrics_whose_sum_overflows_across_combiners_are_left_out_of_the_
     pool.add("a", huge)
     pool.add("b", huge)
     store = MemoryStore()
-    try:
-        state, reason, runner = await run_session(pool, store, session_settings(rounds=1),
-                                                  Start(store.put(encode(SEED))))
-    finally:
-        await pool.close()
+    state, reason, runner = await _from_seed(pool, store, session_settings(rounds=1))
     assert (state, reason) == ("finished", "")
     [commit] = runner.recorder.of(RoundCommitted)
     assert commit.train_metrics == {"acc": pytest.approx(0.5)}
