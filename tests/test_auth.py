@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedray.actors.auth import AuthGate, Caller, ClientTokens, EventThrottle, RateLimiter, Refused
+from fedray.actors.auth import AuthGate, Caller, EventThrottle, RateLimiter, Refused
+from fedray.actors.client_tokens import ClientTokens
 from fedray.config import config_from_dict
 from fedray.errors import ConfigError
 from fedray.tls import client_tls, server_tls
@@ -149,20 +150,20 @@ async def test_token_rows_are_checked_off_the_event_loop():
         return [row("tok-a", "alice")]
 
     tokens = ClientTokens(load, secret=SECRET, refresh_s=3600)
-    import fedray.actors.auth as auth
+    import fedray.actors.client_tokens as client_tokens
 
-    original = auth.row_mac
+    original = client_tokens.row_mac
 
     def spy(*args):
         checked_in.append(threading.get_ident())
         return original(*args)
 
-    auth.row_mac = spy
+    client_tokens.row_mac = spy
     try:
         await tokens.start()
         await asyncio.sleep(0)
     finally:
-        auth.row_mac = original
+        client_tokens.row_mac = original
         await tokens.close()
     assert tokens.names == {"alice"} and checked_in and loop_thread not in checked_in
 

@@ -115,7 +115,7 @@ def test_the_rate_limiter_bounds_its_keys_in_number_and_length():
 
 @pytest.mark.parametrize("kind", ["client", "shared"])
 async def test_callers_are_keyed_by_identity_and_connection(kind):
-    from fedray.actors.auth import ClientTokens
+    from fedray.actors.client_tokens import ClientTokens
     from tests.test_auth import SECRET, row
 
     tokens = ClientTokens(lambda: [row("tok-a", "alice")], refresh_s=3600, secret=SECRET)

@@ -20,7 +20,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedray.actors.auth import AuthGate, BridgeKeys, ClientTokens, tracking_token_loader
+from fedray.actors.auth import AuthGate, BridgeKeys
+from fedray.actors.client_tokens import ClientTokens, tracking_token_loader
 from fedray.errors import ConfigError
 from fedray.keys import check_shared_token, load_token_secret, tokens_issued
 from fedray.proto import fedray_v1_pb2 as pb

@@ -1,0 +1,174 @@
+"""Per-client tokens as a bridge server sees them: a cache of tracking's token rows.
+
+The cache (keyed hash -> name) is re-read from tracking every few seconds, and at once
+(at most once a second) when an unknown token shows up, so new tokens and revocations
+take effect without a restart. Database reads and MAC checks run in a worker thread: the
+event loop that serves every client never waits on tracking. Tracking is not trusted: a
+row counts only when its MAC under the federation's token secret checks out, a token once
+seen revoked stays revoked, and once tokens were issued (or a valid row was seen) the
+bridge never opens again, whatever is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from fedray.tracking.store import TrackingStore
+from fedray.tracking.tokens import hash_token, read_token_hashes, row_mac
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 3.0  # how stale the token cache may get (bounds the delay of a revocation)
+MISS_REFRESH_S = 1.0  # an unknown token re-reads the tokens at most this often
+
+TokenLoader = Callable[[], list[tuple[str, str, bool, str]]]  # [(hash, name, revoked, mac)]
+
+
+class ClientTokens:
+    """A cache of per-client token hashes, refreshed from tracking off the event loop.
+
+    Only rows whose MAC verifies under ``secret`` count (without a secret, none do). The
+    token list is *required* (callers need a token) until it was first read, when tokens
+    were ``issued`` before this server started, and from the moment a valid row is seen:
+    deleting rows never reopens the bridge. A token seen revoked stays revoked here even
+    if its row says otherwise later."""
+
+    def __init__(self, load: TokenLoader | None, refresh_s: float = REFRESH_S,
+                 miss_refresh_s: float = MISS_REFRESH_S,
+                 on_revoked: Callable[[set[str]], None] | None = None,
+                 release: Callable[[], None] | None = None, secret: bytes | None = None,
+                 issued: bool = False) -> None:
+        self._load = load
+        self._release = release  # closes what ``load`` opened
+        self.refresh_s, self.miss_refresh_s = refresh_s, miss_refresh_s
+        self.on_revoked = on_revoked
+        self.on_untrusted: Callable[[int], None] | None = None  # rows that did not verify
+        self.secret = secret
+        self.entries: dict[str, tuple[str, bool]] = {}  # hash -> (name, revoked)
+        self.names: frozenset[str] = frozenset()  # every name that has a token
+        self.loaded = load is None  # until the first read, unknown: refuse tokenless callers
+        self.issued = issued
+        self._revoked: set[str] = set()  # hashes seen revoked: sticky
+        self._untrusted = 0
+        self._read_at = float("-inf")
+        self._inflight: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def required(self) -> bool:
+        """Whether callers need a token because of per-client tokens (see the class)."""
+        return not self.loaded or self.issued
+
+    def digest(self, token: str) -> str | None:
+        """The keyed hash to look ``token`` up by (None: this server has no secret)."""
+        return hash_token(token, self.secret) if self.secret is not None else None
+
+    async def start(self) -> None:
+        await self.refresh()
+        if self._load is not None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Re-read the tokens (one read at a time; concurrent callers share it)."""
+        if self._load is None:
+            return
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._read())
+        await asyncio.shield(self._inflight)
+
+    async def _read(self) -> None:
+        self._read_at = time.monotonic()
+        try:  # reading and checking up to 100k MACs both stay off the event loop
+            rows, untrusted = await asyncio.to_thread(self._verified_rows)
+        except Exception as exc:  # noqa: BLE001 - keep the last known tokens, retry later
+            log.warning("cannot read client tokens (keeping the last known ones): %s", exc)
+            return
+        finally:
+            self._inflight = None
+        revoked_before = {digest for digest, (_, revoked) in self.entries.items() if revoked}
+        entries = {}
+        for digest, name, revoked in rows:
+            if revoked:
+                self._revoked.add(digest)
+            entries[digest] = (name, revoked or digest in self._revoked)
+        self.entries = entries
+        self.names = frozenset(name for name, _ in self.entries.values())
+        self.loaded = True
+        self.issued = self.issued or bool(entries)
+        if untrusted != self._untrusted:
+            self._untrusted = untrusted
+            if untrusted and self.on_untrusted is not None:
+                self.on_untrusted(untrusted)
+        # By token, not by name: a name revoked and given a new token within one refresh
+        # still has its old holder's stream closed.
+        newly = {name for digest, (name, revoked) in entries.items()
+                 if revoked and digest not in revoked_before}
+        if newly and self.on_revoked is not None:
+            self.on_revoked(newly)
+
+    def _verified_rows(self) -> tuple[list[tuple[str, str, bool]], int]:
+        """Runs in a worker thread: the rows whose MAC verifies, and how many did not."""
+        assert self._load is not None
+        rows, untrusted = [], 0
+        for digest, name, revoked, mac in self._load():
+            if self.secret is None or not hmac.compare_digest(
+                    mac, row_mac(self.secret, digest, name)):
+                untrusted += 1
+            else:
+                rows.append((digest, name, revoked))
+        return rows, untrusted
+
+    async def lookup(self, digest: str) -> tuple[str, bool] | None:
+        """(name, revoked) of the token with this hash. On a miss, re-read the tokens unless
+        a read started since this call did: a token created a moment ago works at once,
+        while a flood of wrong tokens causes at most about one read per interval (and waits
+        for it, which slows the flood down)."""
+        hit = self.entries.get(digest)
+        if hit is not None or self._load is None:
+            return hit
+        asked = time.monotonic()
+        wait = self._read_at + self.miss_refresh_s - asked
+        if wait > 0:
+            await asyncio.sleep(wait)
+        for _ in range(2):  # a second time when the read we joined began before we asked
+            if self._read_at >= asked:
+                break
+            await self.refresh()
+        return self.entries.get(digest)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._release is not None:
+            await asyncio.to_thread(self._release)
+
+
+def tracking_token_loader(uri: str | None, database: str,
+                          ) -> tuple[TokenLoader | None, Callable[[], None] | None]:
+    """A loader reading the ``tokens`` collection (None without tracking), and its close."""
+    if not uri:
+        return None, None
+    opened: list[TrackingStore] = []
+
+    def load() -> list[tuple[str, str, bool]]:
+        if not opened:
+            opened.append(TrackingStore.from_uri(uri, database, timeout_s=2.0))
+        return read_token_hashes(opened[0])
+
+    def close() -> None:
+        for store in opened:
+            store.close()
+
+    return load, close
