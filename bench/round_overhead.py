@@ -453,8 +453,8 @@ def bench_main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedray.config import config_from_dict
-    from fedray.federation import CONTROLLER, combiner_name
-    from fedray.runner import run_federation
+    from fedray.deploy.federation import CONTROLLER, combiner_name
+    from fedray.deploy.runner import run_federation
 
     data_dir = Path(args.data_dir).resolve() if args.data_dir else \
         Path(tempfile.mkdtemp(prefix="fedray-bench-"))

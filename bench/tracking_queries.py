@@ -166,7 +166,7 @@ def main() -> int:
             cli[name], _ = timed(lambda cmd=cmd: subprocess.run(
                 cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"}), r)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import fedray.cli"], check=True)
+        subprocess.run([sys.executable, "-c", "import fedray.cli.main"], check=True)
         cli["python_and_imports_only"] = round(time.perf_counter() - started, 4)
         out["cli_s"] = cli
         store.close()

@@ -4,6 +4,7 @@ The public API is small on purpose; everything not listed in ``__all__`` is inte
 Importing fedray does not import Ray, so edge machines need only the client's dependencies.
 """
 
+from fedray.bridge.tls import ClientTls
 from fedray.config import FederationConfig, config_from_dict, load_config
 from fedray.edge import EdgeClient
 from fedray.errors import (
@@ -20,7 +21,6 @@ from fedray.errors import (
     UpdateRejected,
 )
 from fedray.serialization import decode, encode, model_id
-from fedray.tls import ClientTls
 
 __version__ = "0.1.0"
 

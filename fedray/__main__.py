@@ -1,5 +1,5 @@
 """`python -m fedray` is the `fedray` command."""
 
-from fedray.cli import main
+from fedray.cli.main import main
 
 main()

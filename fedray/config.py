@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 import yaml
 
-from fedray.config_checks import check
+from fedray.deploy.config_checks import check
 from fedray.errors import ConfigError
 from fedray.text import redact
 

@@ -1,4 +1,4 @@
-"""Regenerate the committed gRPC stubs from fedray/proto/*.proto.
+"""Regenerate the committed gRPC stubs from fedray/bridge/proto/*.proto.
 
 Run from anywhere: ``python scripts/gen_proto.py``. With ``--check`` it writes to a temporary
 folder and exits 1 when the committed stubs differ (tests/test_proto_stubs.py uses it).
@@ -13,13 +13,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "fedray" / "proto"
+PROTO_DIR = ROOT / "fedray" / "bridge" / "proto"
 
 
 def generate(out_root: Path) -> list[Path]:
-    from grpc_tools import protoc  # only needed by developers
-
     import grpc_tools
+    from grpc_tools import protoc  # only needed by developers
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(PROTO_DIR.glob("*.proto"))
@@ -35,7 +34,7 @@ def generate(out_root: Path) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {proto}")
-    return sorted((out_root / "fedray" / "proto").glob("*_pb2*.py*"))
+    return sorted((out_root / "fedray" / "bridge" / "proto").glob("*_pb2*.py*"))
 
 
 def main() -> int:

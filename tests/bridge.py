@@ -2,7 +2,7 @@
 
 ``Bridge`` serves ``CombinerServicer`` over a ``CombinerCore`` with the real server setup
 (token interceptor, message limits) in the test's own event loop, so a test can both talk
-to it through raw ``fedray.proto`` stubs and look inside the core to check that a refused
+to it through raw ``fedray.bridge.proto`` stubs and look inside the core to check that a refused
 input left the round's aggregate untouched.
 """
 
@@ -15,17 +15,17 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedray.actors.auth import AuthGate
-from fedray.actors.combiner_core import CombinerCore
-from fedray.actors.combiner_servicer import CombinerServicer
-from fedray.actors.grpc_server import start_server
+from fedray.actors.combiner.core import CombinerCore
+from fedray.actors.combiner.servicer import CombinerServicer
+from fedray.bridge.auth import AuthGate
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.server import start_server
+from fedray.bridge.wire import auth_metadata
 from fedray.config import CombinersConfig
 from fedray.messages import RoundSpec, TaskKind
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.serialization import encode
 from fedray.strategies.fedavg import FedAvg
-from fedray.wire import auth_metadata
 
 TOKEN = "bad-input-token"
 METADATA = auth_metadata(TOKEN)

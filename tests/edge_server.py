@@ -19,9 +19,9 @@ from typing import Any
 
 import grpc
 
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
-from fedray.tls import ServerTls
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.tls import ServerTls
 
 Chunks = Callable[[], Iterable[bytes]]
 

@@ -18,8 +18,8 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import FieldDescriptor as F
 
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.wire import AUTH_HEADER, CLIENT_HEADER
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.wire import AUTH_HEADER, CLIENT_HEADER
 
 # path -> (request type, request streaming, response streaming)
 RPCS = {

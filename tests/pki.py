@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fedray.tls import ClientTls
+from fedray.bridge.tls import ClientTls
 
 
 @dataclass

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from fedray.actors.callbacks import Callbacks, SessionStatus, StatusCallback
-from fedray.actors.combiner_core import CombinerCore
-from fedray.actors.session_runner import SessionRunner, Start
+from fedray.actors.combiner.core import CombinerCore
+from fedray.actors.controller.callbacks import Callbacks, SessionStatus, StatusCallback
+from fedray.actors.controller.session_runner import SessionRunner, Start
 from fedray.config import CombinersConfig, SessionConfig, config_from_dict
 from fedray.messages import TaskKind, UpdateHeader, ValidationReport
 from fedray.serialization import copy_model, decode, encode

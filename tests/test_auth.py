@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from fedray.actors.auth import AuthGate, Caller, EventThrottle, RateLimiter, Refused
-from fedray.actors.client_tokens import ClientTokens
+from fedray.bridge.auth import AuthGate, Caller, EventThrottle, RateLimiter, Refused
+from fedray.bridge.client_tokens import ClientTokens
+from fedray.bridge.tls import client_tls, server_tls
 from fedray.config import config_from_dict
 from fedray.errors import ConfigError
-from fedray.tls import client_tls, server_tls
 from fedray.tracking.tokens import hash_token, row_mac
 from tests.pki import make_pki
 
@@ -150,7 +150,7 @@ async def test_token_rows_are_checked_off_the_event_loop():
         return [row("tok-a", "alice")]
 
     tokens = ClientTokens(load, secret=SECRET, refresh_s=3600)
-    import fedray.actors.client_tokens as client_tokens
+    import fedray.bridge.client_tokens as client_tokens
 
     original = client_tokens.row_mac
 
@@ -282,7 +282,7 @@ def test_edge_tls_options_name_the_bad_one(tmp_path):
 def test_edge_start_names_a_missing_certificate_file(tmp_path):
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     result = CliRunner().invoke(main, ["edge", "start", "--gateway", "127.0.0.1:1", "--name", "a",
                                        "--ca", str(tmp_path / "ca.pem")])

@@ -3,7 +3,7 @@ round's aggregate stays untouched, and the server goes on to accept a good updat
 
 The bridge (``tests/bridge.py``) is a grpc.aio server on 127.0.0.1 hosting the combiner's
 servicer over its core, with the real token interceptor and message limits; the inputs
-are sent with raw ``fedray.proto`` stubs, as a hostile client would.
+are sent with raw ``fedray.bridge.proto`` stubs, as a hostile client would.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from google.protobuf import struct_pb2
 
-from fedray.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.serialization import encode
 from tests.bridge import (
     GOOD_EXAMPLES,

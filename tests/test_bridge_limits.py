@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
-from fedray.actors.auth import AuthGate
-from fedray.actors.limits import RateLimiter
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.wire import auth_metadata, to_struct
+from fedray.bridge.auth import AuthGate
+from fedray.bridge.limits import RateLimiter
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.wire import auth_metadata, to_struct
 from tests.bridge import TOKEN, Bridge, status_of
 
 
@@ -115,7 +115,7 @@ def test_the_rate_limiter_bounds_its_keys_in_number_and_length():
 
 @pytest.mark.parametrize("kind", ["client", "shared"])
 async def test_callers_are_keyed_by_identity_and_connection(kind):
-    from fedray.actors.client_tokens import ClientTokens
+    from fedray.bridge.client_tokens import ClientTokens
     from tests.test_auth import SECRET, row
 
     tokens = ClientTokens(lambda: [row("tok-a", "alice")], refresh_s=3600, secret=SECRET)
@@ -141,7 +141,7 @@ async def test_callers_are_keyed_by_identity_and_connection(kind):
 async def test_one_client_cannot_fill_the_servers_call_slots_with_calls_that_never_end():
     """Uploads that never sent a header stayed open for the connection's age; at 50 calls
     a second one client filled every concurrent-call slot and heartbeats were refused."""
-    from fedray.actors.limits import MAX_CALLS_IN_FLIGHT
+    from fedray.bridge.limits import MAX_CALLS_IN_FLIGHT
 
     bridge = await Bridge.start(upload_idle_s=30)
     mallory = auth_metadata(TOKEN, "mallory")

@@ -11,11 +11,11 @@ import time
 import grpc
 import pytest
 
-from fedray.actors.auth import AuthGate
-from fedray.actors.grpc_server import ServerLimits
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
-from fedray.wire import auth_metadata, to_struct
+from fedray.bridge.auth import AuthGate
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.server import ServerLimits
+from fedray.bridge.wire import auth_metadata, to_struct
 from tests.bridge import METADATA, TOKEN, Bridge, header, status_of, update_bytes
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # not shared with other channels
@@ -251,7 +251,7 @@ async def test_an_edge_client_rejoins_when_its_connection_ages_out_and_still_tra
 async def test_a_burst_of_assigns_asks_the_combiners_for_their_loads_once():
     """Each Assign made one Ray call to every combiner: a burst of reconnecting clients
     became a burst of calls on every combiner."""
-    from fedray.actors.controller import GatewayServicer
+    from fedray.actors.controller.actor import GatewayServicer
 
     class Pool:
         calls = 0

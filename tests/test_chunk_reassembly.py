@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedray.actors.combiner_core import CombinerCore
+from fedray.actors.combiner.core import CombinerCore
 from fedray.config import CombinersConfig
 from fedray.errors import UpdateRejected
 from fedray.messages import RoundSpec, TaskKind, UpdateHeader

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from fedray.actors.combiner_core import CombinerCore
+from fedray.actors.combiner.core import CombinerCore
 from fedray.config import CombinersConfig
 from fedray.messages import RoundSpec, TaskKind, UpdateHeader
 from fedray.serialization import encode, model_id

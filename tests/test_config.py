@@ -134,7 +134,7 @@ def test_the_tracking_database_is_the_uris_else_fedray_as_the_query_commands_rea
 def test_a_set_value_that_is_not_yaml_is_one_line_naming_the_set(tmp_path):
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     path = _write(tmp_path, MINIMAL)
     result = CliRunner().invoke(main, ["run", str(path), "--set", "session.round_config={lr: 0.1"])
@@ -217,8 +217,8 @@ def test_strategy_and_selection_errors_of_the_file_still_name_the_file(tmp_path)
 def test_the_data_dir_flag_wins_over_the_env_which_wins_over_the_file(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import fedray.runner
-    from fedray.cli import main
+    import fedray.deploy.runner
+    from fedray.cli.main import main
 
     path = _write(tmp_path, MINIMAL + f"data_dir: {tmp_path / 'file'}\n")
     monkeypatch.setenv("FEDRAY_DATA_DIR", str(tmp_path / "env"))
@@ -235,6 +235,6 @@ def test_the_data_dir_flag_wins_over_the_env_which_wins_over_the_file(tmp_path, 
         used.append(config.resolved_data_dir())
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(fedray.runner, "run_federation", run_federation)
+    monkeypatch.setattr(fedray.deploy.runner, "run_federation", run_federation)
     result = CliRunner().invoke(main, ["run", str(path), "--data-dir", str(tmp_path / "flag")])
     assert result.exit_code == 2 and used == [tmp_path / "flag"], result.output

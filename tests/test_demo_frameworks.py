@@ -18,14 +18,14 @@ import pytest
 from click.testing import CliRunner
 from procs import assert_none_left, marked, new_mark
 
-from fedray.cli import main
+from fedray.cli.main import main
 from fedray.frameworks import FRAMEWORKS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_importing_fedray_and_its_cli_imports_no_framework() -> None:
-    code = ("import sys, fedray, fedray.frameworks, fedray.cli, fedray.packages.entrypoint; "
+    code = ("import sys, fedray, fedray.frameworks, fedray.cli.main, fedray.packages.entrypoint; "
             "bad = [m for m in ('torch', 'keras', 'tensorflow', 'jax') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -61,7 +61,7 @@ def test_importing_a_helper_without_its_framework_says_what_to_install(monkeypat
 
 
 def test_the_cli_offers_exactly_the_demo_workloads() -> None:
-    from fedray.demo import WORKLOADS
+    from fedray.deploy.demo import WORKLOADS
 
     option = next(p for p in main.commands["demo"].params if p.name == "framework")
     assert list(option.type.choices) == list(WORKLOADS) == ["numpy", *FRAMEWORKS]
@@ -108,7 +108,7 @@ def test_fedray_demo_with_a_framework_reaches_90_percent(tmp_path, framework) ->
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_the_framework_configs_match_the_demo_and_name_real_examples(framework) -> None:
     from fedray.config import load_config
-    from fedray.demo import WORKLOADS
+    from fedray.deploy.demo import WORKLOADS
     from fedray.packages import read_manifest
 
     config = load_config(ROOT / "configs" / f"digits-{framework}.yaml")

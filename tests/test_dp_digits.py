@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from fedray.config import config_from_dict
+from fedray.deploy.federation import Federation
 from fedray.edge.workers import CallbackWorker
-from fedray.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.strategies.accountant import RDPAccountant

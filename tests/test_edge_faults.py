@@ -14,7 +14,7 @@ import pytest
 from netutil import free_ports
 from test_federation import SEED, _config
 
-from fedray.federation import Federation
+from fedray.deploy.federation import Federation
 from fedray.serialization import encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore

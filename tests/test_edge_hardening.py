@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.tls import ClientTls, ServerTls
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker
 from fedray.errors import ConfigError, TransportError
 from fedray.packages import build_package, load_package
-from fedray.proto import fedray_v1_pb2 as pb
 from fedray.serialization import encode
-from fedray.tls import ClientTls, ServerTls
 from tests.edge_server import ScriptedFederation, endless, task, wait_for
 from tests.pki import make_pki
 

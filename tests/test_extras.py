@@ -10,8 +10,8 @@ import importlib.util
 
 from click.testing import CliRunner
 
-from fedray import extras
-from fedray.cli import main
+from fedray.cli import extras
+from fedray.cli.main import main
 
 
 def _without(monkeypatch, *gone: str) -> None:

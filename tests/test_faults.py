@@ -10,10 +10,10 @@ import pytest
 import ray
 from test_federation import SEED, DeltaWorker, SlowWorker, _config, _wait_connected
 
-from fedray.federation import Federation
-from fedray.policy import ResumePoint, resume_point
+from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
+from fedray.tracking.resume import ResumePoint, resume_point
 from fedray.tracking.store import TrackingStore
 
 pytestmark = pytest.mark.integration
@@ -172,8 +172,8 @@ def test_a_client_that_keeps_its_socket_but_stops_heartbeating_goes_offline(
 
     import grpc
 
-    from fedray.proto import fedray_v1_pb2 as pb
-    from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+    from fedray.bridge.proto import fedray_v1_pb2 as pb
+    from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 
     config = _config("stalled", tmp_path, combiners=1, min_clients=1)
     fed = Federation(config, None, tracking_uri).deploy()

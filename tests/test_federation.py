@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedray.config import config_from_dict
-from fedray.federation import Federation
+from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
@@ -230,8 +230,8 @@ def test_remote_package_clients_pick_up_a_changed_package_between_sessions(
 
     from examples.digits.data import write_partitions
     from examples.digits.seed import seed_model
+    from fedray.deploy.runner import session_package
     from fedray.edge.workers import RemotePackageWorker
-    from fedray.runner import session_package
 
     root = Path(__file__).resolve().parent.parent
     first = session_package(str(root / "examples" / "digits" / "client"), tmp_path)

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import ray
 
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.wire import auth_metadata
 from fedray.config import config_from_dict
-from fedray.federation import Federation
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
-from fedray.wire import auth_metadata
 from tests.fuzzing import Fuzzer, fuzz
 
 pytestmark = pytest.mark.integration

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from fedray.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.wire import to_struct
 from fedray.serialization import encode
-from fedray.wire import to_struct
 from tests.bridge import (
     GLOBAL,
     GOOD_VALUE,

@@ -11,7 +11,7 @@ import pytest
 import ray
 from test_federation import SEED, BadWorker, DeltaWorker, _config, _wait_connected
 
-from fedray.federation import Federation
+from fedray.deploy.federation import Federation
 from fedray.serialization import encode
 from fedray.storage import open_model_store
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from fedray.cli import main
+from fedray.cli.main import main
 from fedray.serialization import decode, encode
 from fedray.storage import FileModelStore, open_model_store
 
@@ -76,7 +76,7 @@ def test_a_corrupted_stored_model_is_refused_and_nothing_is_written(stored, tmp_
 
 
 def test_torch_and_keras_go_through_their_framework_module(stored, tmp_path, monkeypatch):
-    import fedray.formats as formats
+    import fedray.frameworks.formats as formats
 
     store, model_id = stored
     real = formats.importlib.import_module
@@ -118,7 +118,7 @@ def test_a_missing_framework_is_one_line_naming_the_extra(stored, tmp_path, fmt,
     out = tmp_path / f"m.{'keras' if fmt == 'keras' else 'safetensors'}"
     block = f"import sys; sys.modules[{hidden!r}] = None; "  # as if it were not installed
     result = subprocess.run(
-        [sys.executable, "-c", block + "from fedray.cli import main; main()", "models", "get",
+        [sys.executable, "-c", block + "from fedray.cli.main import main; main()", "models", "get",
          model_id, "-o", str(out), "--format", fmt, "--storage", store.root.as_uri()],
         capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr) == (2, line + "\n"), result.stdout
@@ -179,7 +179,7 @@ class AddOne:
 def test_a_session_starts_from_a_committed_model_and_models_get_fetches_the_latest(
         ray_session, tracking_uri, fleet, tmp_path):
     from fedray.config import config_from_dict
-    from fedray.runner import resolve_seed, run_federation
+    from fedray.deploy.runner import resolve_seed, run_federation
     from fedray.tracking.store import TrackingStore
 
     seed_file = tmp_path / "seed.safetensors"
@@ -242,8 +242,8 @@ def test_a_session_starts_from_a_committed_model_and_models_get_fetches_the_late
 
 
 def test_seed_model_names_a_committed_model_by_id_or_reference(stored):
+    from fedray.deploy.runner import committed_seed_ref, load_seed
     from fedray.errors import ConfigError, StorageError
-    from fedray.runner import committed_seed_ref, load_seed
 
     store, model_id = stored
     assert [committed_seed_ref(s) for s in ("model:latest", "model:ABCDEF12", "model:init",
@@ -264,7 +264,7 @@ def test_seed_model_names_a_committed_model_by_id_or_reference(stored):
 def test_a_torch_model_comes_out_loadable_and_bit_exact(tmp_path):
     pytest.importorskip("torch", reason="PyTorch is not installed: pip install 'fedray[torch]'")
     from examples.digits_torch.client.model import build_model
-    from fedray.formats import writer
+    from fedray.frameworks.formats import writer
     from fedray.frameworks.torch import get_arrays, load_model_file
     from fedray.serialization import encode
 
@@ -282,7 +282,7 @@ def test_a_keras_model_comes_out_as_a_whole_keras_file(tmp_path, monkeypatch):
 
     from examples.digits_keras.client.model import build_model
     from fedray.errors import ConfigError
-    from fedray.formats import writer
+    from fedray.frameworks.formats import writer
     from fedray.frameworks.keras import get_arrays
     from fedray.serialization import encode
 

@@ -229,7 +229,7 @@ def test_a_package_env_is_built_once_for_two_sessions_and_a_client_restart(
     import subprocess
     import sys
 
-    from fedray.federation import Federation
+    from fedray.deploy.federation import Federation
     from fedray.storage import open_model_store
     from fedray.tracking.store import TrackingStore
 
@@ -276,8 +276,8 @@ def test_a_package_env_is_built_once_for_two_sessions_and_a_client_restart(
 @pytest.mark.integration
 def test_an_unsatisfiable_requirement_fails_that_clients_task_and_the_others_commit(
         ray_session, tracking_uri, fleet, tmp_path, wheels):
+    from fedray.deploy.federation import Federation
     from fedray.edge.workers import PackageWorker
-    from fedray.federation import Federation
     from fedray.storage import open_model_store
     from fedray.tracking.store import TrackingStore
 

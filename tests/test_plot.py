@@ -1,4 +1,4 @@
-"""Training curves: ``fedray.plot`` from round records, `fedray plot` against tracking, and
+"""Training curves: ``fedray.tracking.plot`` from round records, `fedray plot` against tracking, and
 the curve `fedray demo` draws. PNGs are checked by their header, not by pixels."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from fedray.errors import FedrayError
-from fedray.plot import curve_title, is_loss_like, metric_name, plot_rounds, series_of
+from fedray.tracking.plot import curve_title, is_loss_like, metric_name, plot_rounds, series_of
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,8 +110,8 @@ def test_unwritable_output_is_a_fedray_error(tmp_path: Path) -> None:
 
 
 def test_demo_curve_includes_held_out_accuracy(tmp_path: Path) -> None:
-    from fedray.demo import plot_curve
-    from fedray.runner import RunResult
+    from fedray.deploy.demo import plot_curve
+    from fedray.deploy.runner import RunResult
 
     status = {"session_id": "0123456789abcdef", "state": "finished", "rounds_done": 3,
               "rounds_planned": 3, "model_id": "m", "history": _records(3)}  # fmt: skip
@@ -155,7 +155,7 @@ def federation(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_plot_cli_draws_the_latest_or_the_named_session(federation: Path) -> None:
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     runner = CliRunner()
     latest = runner.invoke(main, ["plot", "--data-dir", str(federation),
@@ -177,7 +177,7 @@ def test_plot_cli_draws_the_latest_or_the_named_session(federation: Path) -> Non
 
 
 def test_plot_cli_without_sessions(tmp_path: Path) -> None:
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     (tmp_path / "tracking").mkdir()  # a federation's data directory, nothing run yet
     result = CliRunner().invoke(main, ["plot", "--data-dir", str(tmp_path),

@@ -2,9 +2,9 @@
 
 import pytest
 
-from fedray.policy import pick_combiner, round_verdict
-from fedray.selection import clients_wanted
+from fedray.actors.controller.policy import pick_combiner, round_verdict
 from fedray.strategies.base import CloseReason, ShareSnapshot, default_closing
+from fedray.strategies.selection import clients_wanted
 
 
 @pytest.mark.parametrize(("selected", "accepted", "settled", "buffer", "now", "expected"), [

@@ -38,14 +38,14 @@ def test_no_pickle_family_imports_in_the_package():
 
 
 def test_the_extras_fedray_checks_for_are_the_extras_pyproject_installs():
-    """``fedray.extras.EXTRAS`` (what a server command checks before it runs) names the
+    """``fedray.cli.extras.EXTRAS`` (what a server command checks before it runs) names the
     top-level modules of exactly the requirements of each extra in pyproject.toml."""
     import importlib.metadata
     import re
     import tomllib
     from pathlib import Path
 
-    from fedray.extras import EXTRAS
+    from fedray.cli.extras import EXTRAS
 
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()

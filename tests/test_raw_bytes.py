@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 
-from fedray.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2 as pb
 from tests.bridge import METADATA, Bridge, header, parts, update_bytes
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

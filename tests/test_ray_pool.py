@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from fedray.actors.ray_pool import RayCombinerPool
+from fedray.actors.controller.ray_pool import RayCombinerPool
 
 
 class FakeActor:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from test_federation import _config
 
+from fedray.deploy.federation import Federation
 from fedray.edge.workers import CallbackWorker
-from fedray.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore

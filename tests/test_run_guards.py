@@ -11,9 +11,18 @@ import sys
 import pytest
 
 from fedray.config import config_from_dict
+from fedray.deploy.lifecycle import (
+    CLIENTS,
+    FEDERATION,
+    LOCK,
+    RAY,
+    TRACKING,
+    RunLock,
+    Stopped,
+    Teardown,
+)
+from fedray.deploy.runner import is_loopback, open_federation
 from fedray.errors import AlreadyRunning, ConfigError, FedrayError, SessionError
-from fedray.lifecycle import CLIENTS, FEDERATION, LOCK, RAY, TRACKING, RunLock, Stopped, Teardown
-from fedray.runner import is_loopback, open_federation
 
 
 def _config(controller: str, combiners: str):
@@ -49,7 +58,7 @@ def test_loopback_hosts():
 
 
 def test_the_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from fedray.lifecycle import RunLock; "
+    code = ("import sys, time; from pathlib import Path; from fedray.deploy.lifecycle import RunLock; "
             "RunLock(Path(sys.argv[1]), 'f').acquire(); print('held', flush=True); "
             "time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
@@ -91,7 +100,7 @@ def test_teardown_stops_in_order_goes_on_past_failures_and_lists_what_it_stopped
 def test_a_signal_raises_stopped_once_and_waits_while_the_teardown_runs():
     import signal
 
-    from fedray.lifecycle import running
+    from fedray.deploy.lifecycle import running
 
     seen: list[str] = []
     before = signal.getsignal(signal.SIGINT)  # default, or ignored in a background job
@@ -114,7 +123,7 @@ def test_a_signal_lost_where_python_cannot_raise_is_quiet_and_caught_at_the_next
     import gc
     import signal
 
-    from fedray.lifecycle import checkpoint, running
+    from fedray.deploy.lifecycle import checkpoint, running
 
     class Finalized:
         def __del__(self) -> None:  # where Python cannot raise: like a fork hook
@@ -137,7 +146,7 @@ def test_a_signal_lost_where_python_cannot_raise_is_quiet_and_caught_at_the_next
 def test_ray_errors_become_fedray_errors_without_a_remote_traceback(ray_session):
     import ray
 
-    from fedray.federation import ray_errors
+    from fedray.deploy.federation import ray_errors
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class Flaky:
@@ -176,7 +185,7 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_command_at_a_che
     (after starting Ray, while following a session) raise it again."""
     import signal
 
-    from fedray.lifecycle import checkpoint, running
+    from fedray.deploy.lifecycle import checkpoint, running
 
     class Finalized:
         def __del__(self) -> None:
@@ -194,7 +203,7 @@ def test_ray_init_keeps_the_commands_sigterm_handler(monkeypatch):
 
     from ray._private import utils
 
-    from fedray.lifecycle import ours_kept, running
+    from fedray.deploy.lifecycle import ours_kept, running
 
     installed = []
     monkeypatch.setattr(utils, "set_sigterm_handler", installed.append)
@@ -215,7 +224,7 @@ def _round(metrics: dict) -> dict:
 def test_client_chosen_metric_names_are_text_not_markup_in_round_lines():
     from rich.console import Console
 
-    from fedray.runner import round_line
+    from fedray.deploy.runner import round_line
 
     console = Console(record=True, width=300)
     console.print(round_line(_round({name: 1.0 for name in HOSTILE}), 3))
@@ -226,7 +235,7 @@ def test_client_chosen_metric_names_are_text_not_markup_in_round_lines():
 
 def test_a_validation_without_a_new_model_is_not_shown_as_a_round_of_zero_updates():
     """FedBuff validates its final version: that printed 'round 6/6 · 0 updates · 0.00s'."""
-    from fedray.runner import round_line
+    from fedray.deploy.runner import round_line
 
     record = {"round": 6, "updates": 0, "seconds": 0.0, "model_id": "67ccf7b5d3" + "0" * 54,
               "train_metrics": {}, "validation_metrics": {"accuracy": 0.8981}}
@@ -239,8 +248,8 @@ def test_fedray_status_and_the_summary_show_client_text_as_text():
 
     from rich.console import Console
 
-    from fedray.runner import RunResult, print_summary
-    from fedray.status import render
+    from fedray.deploy.runner import RunResult, print_summary
+    from fedray.deploy.status import render
 
     session = {"session_id": "s1", "state": "failed", "round": 1, "round_state": "running",
                "rounds_done": 0, "rounds_planned": 2, "clients_online": 1, "model_id": "m" * 64,
@@ -266,15 +275,15 @@ def test_fedray_run_json_is_valid_json_even_with_non_finite_numbers(tmp_path, mo
 
     from click.testing import CliRunner
 
-    import fedray.runner
-    from fedray.cli import main
-    from fedray.runner import RunResult
+    import fedray.deploy.runner
+    from fedray.cli.main import main
+    from fedray.deploy.runner import RunResult
 
     record = {**_round({"loss": float("inf")}), "report": {"epsilon": float("inf")},
               "validation_metrics": {"acc": float("nan")}}
     status = {"session_id": "s1", "state": "finished", "rounds_done": 1, "rounds_planned": 1,
               "model_id": "m" * 64, "history": [record]}
-    monkeypatch.setattr(fedray.runner, "run_federation", lambda config, **_: RunResult(
+    monkeypatch.setattr(fedray.deploy.runner, "run_federation", lambda config, **_: RunResult(
         status=status, data_dir=tmp_path, tracking_uri="embedded", gateway="g:1"))
     config = tmp_path / "f.yaml"
     config.write_text("federation: f\nseed_model: s.safetensors\n")
@@ -294,8 +303,8 @@ def test_a_failing_ray_init_is_one_line_with_a_hint(monkeypatch, address, needle
     import ray
 
     from fedray.config import RayConfig
+    from fedray.deploy.federation import connect_ray
     from fedray.errors import TransportError
-    from fedray.federation import connect_ray
 
     error = RuntimeError("no room\nand a long Ray trace") if address == "local" \
         else ConnectionError("no cluster")
@@ -318,7 +327,7 @@ def test_an_unreachable_ray_address_fails_fast_instead_of_retrying(monkeypatch):
     from netutil import free_ports
 
     from fedray.config import RayConfig
-    from fedray.federation import connect_ray
+    from fedray.deploy.federation import connect_ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init was called"))

@@ -12,7 +12,7 @@ import pytest
 from test_federation import SEED, DeltaWorker, _wait_connected
 
 from fedray.config import config_from_dict
-from fedray.federation import Federation
+from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.storage.s3 import S3ModelStore

@@ -21,17 +21,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fedray.cli import main
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.tls import ClientTls
+from fedray.bridge.wire import auth_metadata
+from fedray.cli.main import main
 from fedray.config import config_from_dict
+from fedray.deploy.federation import Federation
 from fedray.errors import AuthError
-from fedray.federation import Federation
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
-from fedray.tls import ClientTls
 from fedray.tracking.store import TrackingStore
-from fedray.wire import auth_metadata
 from tests.pki import Pki, make_pki
 
 pytestmark = pytest.mark.integration

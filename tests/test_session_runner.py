@@ -11,8 +11,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from fedray.actors.callbacks import Notice, RoundCommitted, RoundFailed, RoundStarted
-from fedray.actors.session_runner import Start
+from fedray.actors.controller.callbacks import Notice, RoundCommitted, RoundFailed, RoundStarted
+from fedray.actors.controller.session_runner import Start
 from fedray.serialization import decode, encode
 from fedray.strategies.fedbuff import FedBuff, StaleWeightedDeltas
 from fedray.strategies.fedopt import FedAvgM
@@ -269,7 +269,7 @@ async def test_an_async_session_sends_its_strategy_to_each_combiner_once_more_no
 @pytest.fixture
 def quick_retries(monkeypatch):
     """A failed attempt runs again at once, not after a second."""
-    from fedray.actors import session_runner
+    from fedray.actors.controller import session_runner
 
     monkeypatch.setattr(session_runner, "RETRY_BACKOFF_S", (0.01, 0.01))
 
@@ -366,8 +366,8 @@ async def test_a_plan_asking_more_than_max_kept_updates_fails_the_session_naming
 
 
 async def test_claim_keeps_its_buffer_full_call_referenced_until_it_is_done():
-    from fedray.actors.callbacks import Callbacks
-    from fedray.actors.session_runner import SessionRunner
+    from fedray.actors.controller.callbacks import Callbacks
+    from fedray.actors.controller.session_runner import SessionRunner
     from fedray.strategies import make_strategy
 
     pool = SimPool(2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedray.config import config_from_dict
-from fedray.federation import Federation
+from fedray.deploy.federation import Federation
 from fedray.serialization import encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
@@ -60,7 +60,7 @@ def test_the_slim_install_has_no_server_parts_and_says_which_extra_to_install(sl
                                                                                tmp_path):
     python = str(slim_venv / "bin" / "python")
     code = ("import importlib.util, sys, fedray, fedray.edge.cli\n"
-            "from fedray.cli import main\n"
+            "from fedray.cli.main import main\n"
             "try:\n"
             "    main(['edge', 'start', '--help'])\n"
             "except SystemExit:\n"

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from fedray.config import config_from_dict
-from fedray.federation import Federation
+from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 

@@ -97,7 +97,7 @@ def test_attribute_and_policy_selection_ask_exactly_the_clients_they_name(
         ray_session, tracking_uri, fleet, tmp_path):
     """Clients started with attributes (``fedray edge start --attr site=eu``); rounds ask
     exactly the clients ``session.select`` names, over real Ray and gRPC."""
-    from fedray.federation import Federation
+    from fedray.deploy.federation import Federation
     from fedray.storage import open_model_store
     from fedray.tracking.store import TrackingStore
 

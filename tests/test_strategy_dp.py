@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from fedray.actors.callbacks import RoundCommitted
-from fedray.actors.session_runner import Start
+from fedray.actors.controller.callbacks import RoundCommitted
+from fedray.actors.controller.session_runner import Start
 from fedray.config import SelectConfig, SessionConfig
 from fedray.errors import ConfigError
 from fedray.serialization import decode, encode

@@ -220,7 +220,7 @@ async def test_the_session_runner_takes_the_median_over_every_combiners_updates(
     """Through real combiner cores (tests/simfed.py): 5 clients over 3 combiners, two of
     them far off; each round moves by the median shift over all five, never by a median
     of per-combiner medians."""
-    from fedray.actors.session_runner import Start
+    from fedray.actors.controller.session_runner import Start
     from tests.simfed import MemoryStore, SimPool, run_session, session_settings
 
     def shift_by(value):

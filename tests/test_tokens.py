@@ -20,15 +20,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedray.actors.auth import AuthGate, BridgeKeys
-from fedray.actors.client_tokens import ClientTokens, tracking_token_loader
+from fedray.bridge.auth import AuthGate, BridgeKeys
+from fedray.bridge.client_tokens import ClientTokens, tracking_token_loader
+from fedray.bridge.keys import check_shared_token, load_token_secret, tokens_issued
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.wire import auth_metadata
 from fedray.errors import ConfigError
-from fedray.keys import check_shared_token, load_token_secret, tokens_issued
-from fedray.proto import fedray_v1_pb2 as pb
 from fedray.tracking import EmbeddedMongo, TrackingStore
 from fedray.tracking.embedded import free_port, mongo_uri
 from fedray.tracking.tokens import COLLECTION, create_token, revoke_token
-from fedray.wire import auth_metadata
 from tests.bridge import TOKEN, Bridge
 
 
@@ -143,7 +143,7 @@ def test_the_embedded_tracking_files_are_private(tmp_path):
 def test_token_create_uses_the_federations_secret(tmp_path, store, tracking_uri, db_name):
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
     from fedray.tracking.tokens import hash_token
 
     result = CliRunner().invoke(main, ["token", "create", "--name", "site-a", "--data-dir",
@@ -224,7 +224,7 @@ def test_strong_shared_tokens_pass(token):
 
 def test_fedray_run_refuses_a_weak_shared_token(monkeypatch):
     from fedray.config import config_from_dict
-    from fedray.runner import federation_token
+    from fedray.deploy.runner import federation_token
 
     config = config_from_dict({"federation": "f", "seed_model": "x",
                                "auth": {"token_env": "MY_TOKEN"}})
@@ -238,7 +238,7 @@ def test_fedray_run_refuses_a_weak_shared_token(monkeypatch):
 def test_printed_tracking_uris_never_show_a_password(tmp_path):
     from rich.console import Console
 
-    from fedray.runner import RunResult, print_summary, tracking_line
+    from fedray.deploy.runner import RunResult, print_summary, tracking_line
 
     uri = "mongodb://fedray:s3cr3t-Pa55@db.example.org:27017/fedray?authSource=admin"
     status = {"session_id": "s1", "state": "finished", "rounds_done": 1, "rounds_planned": 1,
@@ -274,7 +274,7 @@ def test_redact_masks_every_secret_of_a_uri(uri, shown):
 
 
 def test_config_and_key_reprs_never_show_secrets():
-    from fedray.actors.auth import BridgeKeys
+    from fedray.bridge.auth import BridgeKeys
     from fedray.config import config_from_dict
 
     config = config_from_dict({
@@ -292,7 +292,7 @@ def test_token_create_refuses_a_mistyped_or_unwritable_data_dir(tmp_path, tracki
                                                                   db_name):
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     def create(data_dir, *extra):
         return CliRunner().invoke(main, ["token", "create", "--name", "site-a", "--data-dir",

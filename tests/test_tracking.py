@@ -770,7 +770,7 @@ def test_events_table_wraps_messages_and_colours_levels() -> None:
 def test_events_cli_options(embedded_server: EmbeddedMongo, db_name: str) -> None:
     from click.testing import CliRunner
 
-    from fedray.cli import EVENT_LEVELS, main
+    from fedray.cli.main import EVENT_LEVELS, main
 
     store = TrackingStore.from_uri(embedded_server.uri, db_name)
     try:
@@ -847,7 +847,7 @@ def _rounds_and_clients(store: TrackingStore) -> None:
 def test_rounds_and_clients_cli(embedded_server: EmbeddedMongo, db_name: str) -> None:
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     store = TrackingStore.from_uri(embedded_server.uri, db_name)
     try:
@@ -892,7 +892,7 @@ def test_query_commands_read_the_database_a_run_wrote(embedded_server: EmbeddedM
                                                       db_name: str) -> None:
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
     from fedray.config import config_from_dict
 
     # tracking.database set in a config: --database finds it; a URI naming one: the same URI
@@ -921,7 +921,7 @@ def test_query_commands_read_the_database_a_run_wrote(embedded_server: EmbeddedM
 def test_a_missing_tls_file_in_the_uri_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     for option in ("tlsCAFile", "tlsCertificateKeyFile"):
         uri = f"mongodb://u:pw@127.0.0.1:1/?tls=true&{option}={tmp_path}/missing.pem"
@@ -937,7 +937,7 @@ def test_query_commands_refuse_a_data_dir_without_tracking(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from fedray.cli import main
+    from fedray.cli.main import main
 
     typo = tmp_path / "digts"
     (tmp_path / "empty").mkdir()

@@ -166,7 +166,7 @@ def test_readers_get_field_names_from_the_classes() -> None:
 
 
 def test_statuses_are_the_states_fedray_knows() -> None:
-    from fedray.actors.combiner_core import CLIENT_STATUSES
+    from fedray.actors.combiner.core import CLIENT_STATUSES
     from fedray.states import RoundState, SessionState
     from fedray.tracking.documents import LEVELS
 
@@ -303,14 +303,14 @@ class StoreObserver:
 
 
 def _callback(store: TrackingStore):
-    from fedray.actors.callbacks import TrackingCallback
+    from fedray.actors.controller.callbacks import TrackingCallback
 
     store.create_session("s1", "digits", {}, 3, MODEL)
     return TrackingCallback(StoreObserver(store))
 
 
 def test_a_round_s_model_id_is_only_the_model_it_committed(store: TrackingStore) -> None:
-    from fedray.actors.callbacks import RoundFailed, RoundStarted
+    from fedray.actors.controller.callbacks import RoundFailed, RoundStarted
 
     tracking = _callback(store)
 
@@ -325,7 +325,7 @@ def test_a_round_s_model_id_is_only_the_model_it_committed(store: TrackingStore)
 
 
 def test_a_rerun_round_keeps_no_outcome_of_its_failed_attempt(store: TrackingStore) -> None:
-    from fedray.actors.callbacks import RoundCommitted, RoundFailed, RoundStarted
+    from fedray.actors.controller.callbacks import RoundCommitted, RoundFailed, RoundStarted
 
     tracking = _callback(store)
     share = GOOD["rounds"]["combiners"]["combiner-0"]
@@ -382,7 +382,7 @@ def _session(config, tracking_uri: str, fleet, workers: dict, tokens: dict[str, 
              seed_id: str) -> dict[str, Any]:
     from test_federation import _wait_connected
 
-    from fedray.federation import Federation
+    from fedray.deploy.federation import Federation
 
     fleet.stop()  # the clients of an earlier session, if any
     fleet.lines.clear()
@@ -403,8 +403,8 @@ def test_a_real_federation_writes_only_documents_the_schema_describes(
         ray_session, tracking_uri, fleet, tmp_path, monkeypatch) -> None:
     from test_federation import SEED, DeltaWorker, _config
 
-    from fedray.keys import load_token_secret, mark_tokens_issued
-    from fedray.runner import _record_package
+    from fedray.bridge.keys import load_token_secret, mark_tokens_issued
+    from fedray.deploy.runner import _record_package
     from fedray.serialization import encode
     from fedray.storage import open_model_store
     from fedray.tracking.tokens import create_token, revoke_token

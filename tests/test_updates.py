@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedray.actors.combiner.checks import check_update
 from fedray.errors import SerializationError, UpdateRejected
 from fedray.serialization import decode, encode, read_layout
-from fedray.updates import check_update
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 LAYOUT = read_layout(encode(GLOBAL))
@@ -175,7 +175,7 @@ def test_a_scalar_tensor_keeps_its_shape():
 
 
 def test_the_magnitude_bound_finds_every_nan_and_infinity_even_past_an_overflowing_sum():
-    from fedray.updates import magnitude_bound
+    from fedray.actors.combiner.checks import magnitude_bound
 
     big = np.full(3_000, 3e38, np.float32)  # its sum overflows float32, yet all are finite
     assert magnitude_bound(big) == np.finfo(np.float32).max

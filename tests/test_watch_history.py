@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import pickle
 
-from fedray.actors.callbacks import HISTORY_KEPT, RoundDone, SessionStatus, StatusCallback
-from fedray.federation import _merge_history
+from fedray.actors.controller.callbacks import (
+    HISTORY_KEPT,
+    RoundDone,
+    SessionStatus,
+    StatusCallback,
+)
+from fedray.deploy.federation import _merge_history
 
 
 def _status(records: int) -> SessionStatus:

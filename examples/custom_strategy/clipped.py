@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedray.selection import plan_round
 from fedray.strategies import (
     Accumulator,
     RoundContext,
@@ -41,6 +40,7 @@ from fedray.strategies import (
     Verdict,
 )
 from fedray.strategies.base import delta_norm
+from fedray.strategies.selection import plan_round
 
 
 @dataclass

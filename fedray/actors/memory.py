@@ -27,7 +27,7 @@ import ctypes
 import logging
 from typing import Any
 
-from fedray.actors.callbacks import RoundDone
+from fedray.actors.controller.callbacks import RoundDone
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # read once, when grpc is firs
 
 import asyncio  # noqa: E402
 
+from fedray.bridge.tls import ClientTls  # noqa: E402
 from fedray.edge.client import EdgeRunner, EdgeSettings  # noqa: E402
 from fedray.edge.workers import (  # noqa: E402
     CallbackWorker,
@@ -21,7 +22,6 @@ from fedray.edge.workers import (  # noqa: E402
     ValidateFn,
     Worker,
 )
-from fedray.tls import ClientTls  # noqa: E402
 
 __all__ = ["ClientTls", "EdgeClient", "EdgeRunner", "EdgeSettings", "CallbackWorker", "PackageWorker",
            "Worker"]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import click
 
+from fedray.bridge.tls import client_tls
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.downloads import DEFAULT_MAX_MODEL_MB, DEFAULT_MAX_PACKAGE_MB, MiB
 from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker, Worker
 from fedray.errors import ConfigError
 from fedray.packages.archive import is_sha256
-from fedray.tls import client_tls
 
 
 @click.group()
@@ -132,7 +132,7 @@ def set_not_dumpable() -> bool:
 
 
 _PR_SET_DUMPABLE = 4  # linux/prctl.h
-RUN_MARK = "FEDRAY_RUN"  # fedray.lifecycle.RUN_ENV (not imported: it needs fcntl, Unix only)
+RUN_MARK = "FEDRAY_RUN"  # fedray.deploy.lifecycle.RUN_ENV (not imported: it needs fcntl, Unix only)
 
 
 def remote_code_policy(remote: bool, tls: bool, pin: str | None, insecure: bool) -> str | None:

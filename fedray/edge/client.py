@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.tls import ClientTls
+from fedray.bridge.wire import auth_metadata, task_from_proto, to_struct
 from fedray.edge.downloads import (
     DEFAULT_MAX_MODEL_MB,
     DEFAULT_MAX_PACKAGE_MB,
@@ -34,10 +38,6 @@ from fedray.errors import AuthError, ConfigError, FedrayError, PackageError, Tra
 from fedray.messages import Task, TaskKind, attrs_problem
 from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
-from fedray.tls import ClientTls
-from fedray.wire import auth_metadata, task_from_proto, to_struct
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import grpc
 
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.errors import FedrayError, PackageError, TransportError
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
 DEFAULT_MAX_MODEL_MB = 4096  # a model larger than this needs --max-model-mb

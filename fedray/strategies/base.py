@@ -242,7 +242,7 @@ class Strategy(ABC, Generic[P, R]):
 
     def configure(self, ctx: RoundContext) -> RoundPlan:
         """Which clients to ask, and what to send them; session settings by default."""
-        from fedray.selection import plan_round
+        from fedray.strategies.selection import plan_round
 
         return plan_round(ctx)
 

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from fedray.errors import ConfigError
-from fedray.selection import eligible, plan_round
 from fedray.strategies.accountant import RDPAccountant
 from fedray.strategies.base import (
     BLOCK,
@@ -49,6 +48,7 @@ from fedray.strategies.base import (
     add_scaled_delta,
     delta_norm,
 )
+from fedray.strategies.selection import eligible, plan_round
 
 if TYPE_CHECKING:
     from fedray.config import SessionConfig

@@ -50,9 +50,9 @@ from types import TracebackType
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
+from fedray.bridge.keys import private_dir
+from fedray.deploy.lifecycle import fate_shared
 from fedray.errors import TrackingError
-from fedray.keys import private_dir
-from fedray.lifecycle import fate_shared
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ``fedray models get REF`` and ``seed_model: model:REF`` resolve through here. ``latest`` is
 the newest committed model of the latest session (of one federation, or the session
 given): the model of that session's last finished round, as a resumed session would
-continue from it (``fedray.policy.resume_point``). A session that committed no round has
+continue from it (``fedray.tracking.resume``). A session that committed no round has
 no latest model; its seed is reachable by id.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedray.errors import ConfigError
-from fedray.policy import resume_point
 from fedray.storage.base import LATEST, MIN_PREFIX, is_model_ref
 from fedray.tracking.query import resolve_session
+from fedray.tracking.resume import resume_point
 from fedray.tracking.store import TrackingStore
 
 

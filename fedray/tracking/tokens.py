@@ -1,7 +1,7 @@
 """Per-client tokens in the ``tokens`` tracking collection: created, listed, revoked.
 
 A token is shown once, when it is created. Tracking stores only a keyed hash of it,
-HMAC-SHA256 under the federation's token secret (``fedray.keys``: a 0600 file under the
+HMAC-SHA256 under the federation's token secret (``fedray.bridge.keys``: a 0600 file under the
 data directory, never in tracking), and a MAC binding that hash to the client's name.
 Servers look a presented token up by its keyed hash and trust a row only when its MAC
 checks out, so tracking's integrity is not needed: a row written by someone without the
@@ -11,7 +11,7 @@ keyed hash, the name, the MAC, created/revoked times, and ``live_name`` (= name,
 while the token is live: a unique index on it means one live token per name, however
 many ``fedray token create`` run at once).
 
-The gateway and combiners read the collection every few seconds (``fedray.actors.auth``),
+The gateway and combiners read the collection every few seconds (``fedray.bridge.auth``),
 so new tokens and revocations take effect without a restart. The collection is kept out
 of ``store.COLLECTIONS``: the generic query commands should not list token hashes.
 """

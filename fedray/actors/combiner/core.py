@@ -9,7 +9,7 @@ carries what changes. A share is either one synchronous round (``run_round``) or
 stream of an asynchronous session (``start_async`` ... ``stop_async``): clients keep
 training on the newest version, every accepted update is kept by handle (in Ray's object
 store when this runs in an actor) and taken by the controller with ``take_updates``.
-Update intake (slots, checks, fold) is ``fedray.actors.intake``. Observability plugs in
+Update intake (slots, checks, fold) is ``fedray.actors.combiner.intake``. Observability plugs in
 through a ``CombinerListener`` whose failures never stop a round.
 """
 
@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedray.actors.async_serving import AsyncServing
-from fedray.actors.intake import Limits, ModelVersion, Share, TaskEntry, UpdateIntake
+from fedray.actors.combiner.async_share import AsyncServing
+from fedray.actors.combiner.intake import Limits, ModelVersion, Share, TaskEntry, UpdateIntake
 from fedray.config import CombinersConfig
 from fedray.errors import UnknownSession, UpdateRejected
 from fedray.messages import (
@@ -392,7 +392,7 @@ class CombinerCore(AsyncServing):
 
     async def push_update(self, header: UpdateHeader,
                           chunks: AsyncIterator[tuple[bytes, int]]) -> tuple[bool, str]:
-        """Receive, check and fold one update (``fedray.actors.intake``)."""
+        """Receive, check and fold one update (``fedray.actors.combiner.intake``)."""
         return await self.intake.push(header, chunks)
 
     def push_validation(self, report: ValidationReport) -> tuple[bool, str]:

@@ -25,15 +25,15 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fedray.actors.callbacks import RoundDone, RoundFailed, RoundStarted
-from fedray.actors.session_runner import RoundFailedError
+from fedray.actors.controller.callbacks import RoundDone, RoundFailed, RoundStarted
+from fedray.actors.controller.session_runner import RoundFailedError
 from fedray.errors import SessionError
 from fedray.messages import AsyncSpec
 from fedray.serialization import decode
 from fedray.strategies.base import Accumulator, ClientInfo, Kept, ShareStart, Update
 
 if TYPE_CHECKING:
-    from fedray.actors.session_runner import SessionRunner
+    from fedray.actors.controller.session_runner import SessionRunner
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedray.proto import fedray_v1_pb2 as fedray_dot_proto_dot_fedray__v1__pb2
+from fedray.bridge.proto import fedray_v1_pb2 as fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fedray/proto/fedray_v1_pb2_grpc.py depends on'
+        + ' but the generated code in fedray/bridge/proto/fedray_v1_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class GatewayStub:
         """
         self.Assign = channel.unary_unary(
                 '/fedray.v1.Gateway/Assign',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.AssignRequest.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.Assignment.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.AssignRequest.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Assignment.FromString,
                 _registered_method=True)
 
 
@@ -56,8 +56,8 @@ def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Assign': grpc.unary_unary_rpc_method_handler(
                     servicer.Assign,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.AssignRequest.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.Assignment.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.AssignRequest.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Assignment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -85,8 +85,8 @@ class Gateway:
             request,
             target,
             '/fedray.v1.Gateway/Assign',
-            fedray_dot_proto_dot_fedray__v1__pb2.AssignRequest.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.Assignment.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.AssignRequest.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Assignment.FromString,
             options,
             channel_credentials,
             insecure,
@@ -109,38 +109,38 @@ class CombinerStub:
         """
         self.Join = channel.unary_stream(
                 '/fedray.v1.Combiner/Join',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.JoinRequest.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.Task.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.JoinRequest.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Task.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/fedray.v1.Combiner/Heartbeat',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.HeartbeatReply.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.FetchModel = channel.unary_stream(
                 '/fedray.v1.Combiner/FetchModel',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.FetchModelRequest.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
                 _registered_method=True)
         self.FetchPackage = channel.unary_stream(
                 '/fedray.v1.Combiner/FetchPackage',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.FetchPackageRequest.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.FetchPackageRequest.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
                 _registered_method=True)
         self.PushUpdate = channel.stream_unary(
                 '/fedray.v1.Combiner/PushUpdate',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.UpdatePart.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.PushReply.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.UpdatePart.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.PushReply.FromString,
                 _registered_method=True)
         self.PushValidation = channel.unary_unary(
                 '/fedray.v1.Combiner/PushValidation',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.ValidationReport.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.ValidationReport.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
                 _registered_method=True)
         self.PushEvent = channel.unary_unary(
                 '/fedray.v1.Combiner/PushEvent',
-                request_serializer=fedray_dot_proto_dot_fedray__v1__pb2.EventReport.SerializeToString,
-                response_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.EventReport.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
                 _registered_method=True)
 
 
@@ -197,38 +197,38 @@ def add_CombinerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_stream_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.JoinRequest.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.Task.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.JoinRequest.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Task.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.HeartbeatRequest.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.HeartbeatReply.SerializeToString,
             ),
             'FetchModel': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchModel,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.FetchModelRequest.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.Chunk.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.FetchModelRequest.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Chunk.SerializeToString,
             ),
             'FetchPackage': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchPackage,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.FetchPackageRequest.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.Chunk.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.FetchPackageRequest.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Chunk.SerializeToString,
             ),
             'PushUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.PushUpdate,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.UpdatePart.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.PushReply.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.UpdatePart.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.PushReply.SerializeToString,
             ),
             'PushValidation': grpc.unary_unary_rpc_method_handler(
                     servicer.PushValidation,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.ValidationReport.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.Ack.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.ValidationReport.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.SerializeToString,
             ),
             'PushEvent': grpc.unary_unary_rpc_method_handler(
                     servicer.PushEvent,
-                    request_deserializer=fedray_dot_proto_dot_fedray__v1__pb2.EventReport.FromString,
-                    response_serializer=fedray_dot_proto_dot_fedray__v1__pb2.Ack.SerializeToString,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.EventReport.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -256,8 +256,8 @@ class Combiner:
             request,
             target,
             '/fedray.v1.Combiner/Join',
-            fedray_dot_proto_dot_fedray__v1__pb2.JoinRequest.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.Task.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.JoinRequest.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,
@@ -283,8 +283,8 @@ class Combiner:
             request,
             target,
             '/fedray.v1.Combiner/Heartbeat',
-            fedray_dot_proto_dot_fedray__v1__pb2.HeartbeatRequest.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.HeartbeatReply.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.HeartbeatRequest.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -310,8 +310,8 @@ class Combiner:
             request,
             target,
             '/fedray.v1.Combiner/FetchModel',
-            fedray_dot_proto_dot_fedray__v1__pb2.FetchModelRequest.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.FetchModelRequest.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -337,8 +337,8 @@ class Combiner:
             request,
             target,
             '/fedray.v1.Combiner/FetchPackage',
-            fedray_dot_proto_dot_fedray__v1__pb2.FetchPackageRequest.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.FetchPackageRequest.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -364,8 +364,8 @@ class Combiner:
             request_iterator,
             target,
             '/fedray.v1.Combiner/PushUpdate',
-            fedray_dot_proto_dot_fedray__v1__pb2.UpdatePart.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.PushReply.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.UpdatePart.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -391,8 +391,8 @@ class Combiner:
             request,
             target,
             '/fedray.v1.Combiner/PushValidation',
-            fedray_dot_proto_dot_fedray__v1__pb2.ValidationReport.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.ValidationReport.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -418,8 +418,8 @@ class Combiner:
             request,
             target,
             '/fedray.v1.Combiner/PushEvent',
-            fedray_dot_proto_dot_fedray__v1__pb2.EventReport.SerializeToString,
-            fedray_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.EventReport.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from fedray.actors.limits import RateLimiter
+from fedray.actors.combiner.checks import check_update
+from fedray.bridge.limits import RateLimiter
 from fedray.errors import UpdateRejected
 from fedray.messages import MetricSums, TaskKind, UpdateHeader
 from fedray.serialization import Layout
 from fedray.strategies.base import Accumulator, Strategy, Update, UpdateMeta, delta_norm
-from fedray.updates import check_update
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def check(c: FederationConfig, blame: _Blame) -> None:
     uri = c.tracking.uri
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")
-    from fedray.tls import server_tls
+    from fedray.bridge.tls import server_tls
 
     server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
 
@@ -83,8 +83,8 @@ ROUND_SIZE = (*STRATEGY, "session.clients_per_round", "session.max_kept_updates"
 
 def _check_session(c: FederationConfig, blame: _Blame) -> None:
     """Strategy, selection and straggler settings: everything loadable is loaded now."""
-    from fedray.selection import check_select
     from fedray.strategies import make_strategy
+    from fedray.strategies.selection import check_select
 
     bad = blame.error
     s = c.session

@@ -27,8 +27,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from fedray.cli.extras import needs
 from fedray.errors import AuthError, ConfigError, FedrayError, TransportError
-from fedray.extras import needs
 from fedray.text import json_text, printable
 
 CALL_TIMEOUT_S = 10.0

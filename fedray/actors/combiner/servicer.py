@@ -15,16 +15,21 @@ from typing import Any
 
 import grpc
 
-from fedray.actors.auth import current_caller
-from fedray.actors.combiner_core import CombinerCore
-from fedray.actors.grpc_server import caller_id
-from fedray.actors.limits import EventThrottle, RateLimiter
+from fedray.actors.combiner.core import CombinerCore
+from fedray.bridge.auth import current_caller
+from fedray.bridge.limits import EventThrottle, RateLimiter
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.server import caller_id
+from fedray.bridge.wire import (
+    client_values,
+    header_from_proto,
+    task_to_proto,
+    validation_from_proto,
+)
 from fedray.errors import UpdateRejected
 from fedray.messages import attrs_problem
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.text import printable
-from fedray.wire import client_values, header_from_proto, task_to_proto, validation_from_proto
 
 log = logging.getLogger(__name__)
 

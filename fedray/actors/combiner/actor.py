@@ -15,18 +15,18 @@ from typing import Any
 import numpy as np
 import ray
 
-from fedray.actors.auth import BridgeKeys, make_gate
-from fedray.actors.combiner_core import CombinerCore
-from fedray.actors.combiner_servicer import CombinerServicer
-from fedray.actors.grpc_server import ServerLimits, start_server
+from fedray.actors.combiner.core import CombinerCore
+from fedray.actors.combiner.servicer import CombinerServicer
 from fedray.actors.memory import release_free_memory, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
+from fedray.bridge.auth import BridgeKeys, make_gate
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.server import ServerLimits, start_server
+from fedray.bridge.tls import ServerTls
 from fedray.config import CombinersConfig
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.strategies.base import ClientInfo, Kept, Strategy
-from fedray.tls import ServerTls
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """How the session runner reaches its combiners: the ``CombinerPool`` protocol.
 
-In a federation it is ``fedray.actors.ray_pool.RayCombinerPool`` (actor handles looked up
+In a federation it is ``fedray.actors.controller.ray_pool.RayCombinerPool`` (actor handles looked up
 by name; models and kept updates are object-store refs); in tests it is in-process
 combiner cores (tests/simfed.py). Nothing here imports Ray, so the runner's decisions
 are tested without it.

@@ -3,7 +3,7 @@
 The reference is resolved in tracking (``fedray.tracking.models``); the bytes come from
 the model store, which checks that they hash to the model id (a corrupted model is refused,
 exit code 5); then they are written as safetensors (the very bytes), npz, torch or keras
-(``fedray.formats``). Which store: ``--storage`` (a ``storage.uri``), else where tracking
+(``fedray.frameworks.formats``). Which store: ``--storage`` (a ``storage.uri``), else where tracking
 recorded the model when that is a folder, else ``<data-dir>/models``. A full id with
 ``--storage`` needs no tracking at all.
 """
@@ -15,9 +15,9 @@ from urllib.parse import unquote, urlparse
 
 import click
 
+from fedray.cli.extras import needs
 from fedray.errors import ConfigError
-from fedray.extras import needs
-from fedray.formats import FORMATS, format_for, writer
+from fedray.frameworks.formats import FORMATS, format_for, writer
 
 TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [server]
 
@@ -74,7 +74,7 @@ def get(ref: str, output: Path, fmt: str | None, build: str | None, session: str
 
 def _resolve(ref: str, session: str | None, data_dir: Path | None, tracking_uri: str | None,
              database: str | None = None):
-    from fedray.cli import _tracking
+    from fedray.cli.main import _tracking
     from fedray.tracking.models import resolve_model
     from fedray.tracking.store import TrackingStore
 
@@ -88,7 +88,7 @@ def _resolve(ref: str, session: str | None, data_dir: Path | None, tracking_uri:
 
 def model_store(model, storage: str | None, data_dir: Path | None):
     """The store to read ``model`` from (see the module docstring)."""
-    from fedray.cli import default_data_dir
+    from fedray.cli.main import default_data_dir
     from fedray.storage import FileModelStore, open_model_store
 
     if storage is not None:

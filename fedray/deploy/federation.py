@@ -25,14 +25,14 @@ from typing import Any
 
 import ray
 
-from fedray import lifecycle
-from fedray.actors.auth import BridgeKeys
-from fedray.actors.combiner import Combiner
-from fedray.actors.controller import Controller
+from fedray.actors.combiner.actor import Combiner
+from fedray.actors.controller.actor import Controller
+from fedray.bridge.auth import BridgeKeys
+from fedray.bridge.keys import load_token_secret, tokens_issued
+from fedray.bridge.tls import server_tls
 from fedray.config import FederationConfig, RayConfig
+from fedray.deploy import lifecycle
 from fedray.errors import AlreadyRunning, FedrayError, ListenError, SessionError, TransportError
-from fedray.keys import load_token_secret, tokens_issued
-from fedray.tls import server_tls
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _init_ray(rc: RayConfig, local: bool, namespace: str) -> None:
         return
     address = None if rc.address == "local" else rc.address  # None: a Ray job's
     if address not in (None, "auto") and "://" not in address:
-        from fedray.status import preflight
+        from fedray.deploy.status import preflight
 
         preflight(address)  # ray.init would retry an unreachable address for minutes
     shown = address or os.environ.get("RAY_ADDRESS") or "the Ray job's cluster"

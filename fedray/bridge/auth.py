@@ -9,9 +9,9 @@ interceptor in ``grpc_server`` only translates its verdict into a status). A cal
   owned by per-client tokens are refused (nobody can pose as a client that has a token);
 - ``open``: the federation has neither a shared token nor any per-client token.
 
-Per-client tokens come from ``fedray.actors.client_tokens`` (a cache of tracking's
+Per-client tokens come from ``fedray.bridge.client_tokens`` (a cache of tracking's
 token rows, checked under the federation's token secret, ``BridgeKeys``). Refusals become warning events, throttled so a flood cannot fill tracking, and each
-caller's RPCs go through a token bucket (``fedray.actors.limits``). Pure asyncio: no grpc
+caller's RPCs go through a token bucket (``fedray.bridge.limits``). Pure asyncio: no grpc
 here.
 """
 
@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedray.actors.client_tokens import ClientTokens, tracking_token_loader
-from fedray.actors.limits import (
+from fedray.bridge.client_tokens import ClientTokens, tracking_token_loader
+from fedray.bridge.limits import (
     MAX_CALLS_IN_FLIGHT,
     EventThrottle,
     InFlight,
@@ -35,7 +35,7 @@ from fedray.actors.limits import (
     RateLimiter,
     Slots,
 )
-from fedray.wire import AUTH_HEADER, CLIENT_HEADER
+from fedray.bridge.wire import AUTH_HEADER, CLIENT_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ EventSink = Callable[..., None]  # (level, message, **data), e.g. TrackingObserv
 class BridgeKeys:
     """What the gateway's and combiners' gates check callers with, handed from the driver
     to the actors (which may run on other nodes): the shared token, the token secret
-    (``fedray.keys``), and whether per-client tokens were ever issued."""
+    (``fedray.bridge.keys``), and whether per-client tokens were ever issued."""
 
     shared_token: str | None = field(default=None, repr=False)
     token_secret: bytes | None = field(default=None, repr=False)

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedray import lifecycle
 from fedray.config import FederationConfig
+from fedray.deploy import lifecycle
+from fedray.deploy.lifecycle import RunLock, Teardown
 from fedray.errors import ConfigError, FedrayError, SerializationError
-from fedray.lifecycle import RunLock, Teardown
 from fedray.serialization import encode, read_layout
 from fedray.storage.base import ModelStore, is_model_ref
 from fedray.text import printable
@@ -138,7 +138,7 @@ def session_package(spec: str | None, data_dir: Path) -> tuple[str, bytes, str] 
 
 def federation_token(config: FederationConfig) -> str | None:
     """The shared token from ``$auth.token_env``; a guessable one stops `fedray run`."""
-    from fedray.keys import check_shared_token
+    from fedray.bridge.keys import check_shared_token
 
     token = os.environ.get(config.auth.token_env) or None
     check_shared_token(token, config.auth.token_env)
@@ -208,8 +208,8 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
          on_status: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     import ray
 
-    from fedray.federation import Federation, connect_ray, starts_ray
-    from fedray.keys import private_dir
+    from fedray.bridge.keys import private_dir
+    from fedray.deploy.federation import Federation, connect_ray, starts_ray
     from fedray.storage import open_model_store
     from fedray.tracking.embedded import connect_or_start
 

@@ -3,7 +3,7 @@
 User mistakes end as one line on stderr and a stable exit code (see ``fedray.errors``);
 a traceback is printed only for a bug in fedray itself (exit code 70). Server-side imports
 (Ray, pymongo) stay inside the commands that need them, and each such command first
-checks that its extra is installed (``fedray.extras``): on an edge-only install it says
+checks that its extra is installed (``fedray.cli.extras``): on an edge-only install it says
 which one in one line and exits 2.
 """
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from fedray.cli.extras import MissingExtra, hint_for, needs, require
+from fedray.cli.models import TRACKING_MODULES
+from fedray.cli.models import get as models_get
+from fedray.deploy.lifecycle import Stopped, running
+from fedray.deploy.status import status
 from fedray.edge.cli import edge
 from fedray.errors import ConfigError, FedrayError
-from fedray.extras import MissingExtra, hint_for, needs, require
-from fedray.lifecycle import Stopped, running
-from fedray.models_cli import TRACKING_MODULES
-from fedray.models_cli import get as models_get
-from fedray.status import status
 from fedray.text import json_text
 
 INTERNAL_ERROR = 70
@@ -101,7 +101,7 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
     SIGINT or SIGTERM stops what it started (actors, tracking server, a local Ray) and
     exits 130 or 143."""
     from fedray.config import load_config, parse_override
-    from fedray.runner import print_summary, run_federation
+    from fedray.deploy.runner import print_summary, run_federation
 
     parsed = dict(parse_override(item) for item in overrides)
     if data_dir is not None:
@@ -140,7 +140,7 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
 def demo(clients: int, rounds: int, combiners: int, partition: str, data_dir: Path | None,
          storage: str, tracking: str, framework: str, as_json: bool) -> None:
     """Run a whole federation on this machine: digits data, edge clients as processes."""
-    from fedray.demo import run_demo
+    from fedray.deploy.demo import run_demo
 
     with running() as teardown:
         summary = run_demo(clients=clients, rounds=rounds, combiners=combiners,
@@ -256,7 +256,7 @@ for _collection in QUERY_COLLECTIONS:
 def plot(session: str | None, output: Path, data_dir: Path | None,
          tracking_uri: str | None, database: str | None) -> None:
     """Draw a session's training and validation curves, round by round, into a PNG."""
-    from fedray.plot import plot_session
+    from fedray.tracking.plot import plot_session
 
     with _tracking(data_dir, tracking_uri) as uri:
         info = plot_session(uri, output, session=session, database=database)
@@ -301,7 +301,7 @@ def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
                  database: str | None) -> None:
     """Create a token for client NAME and print it once (tracking keeps only a keyed hash,
     under the secret in the federation's --data-dir)."""
-    from fedray.keys import load_token_secret, mark_tokens_issued
+    from fedray.bridge.keys import load_token_secret, mark_tokens_issued
     from fedray.tracking.tokens import create_token
 
     try:  # with --tracking, no tracking/ there: the folder of the secret must exist

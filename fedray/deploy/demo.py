@@ -3,7 +3,7 @@
 It partitions scikit-learn's bundled digits across clients, runs the federation through
 ``run_federation`` (the code behind `fedray run`), starts every edge client as its own
 process with `fedray edge start`, and measures each round's committed model on held-out
-data that no client ever saw. It ends by drawing the training curves (``fedray.plot``,
+data that no client ever saw. It ends by drawing the training curves (``fedray.tracking.plot``,
 as `fedray plot` does) into ``<data_dir>/curve.png``.
 """
 
@@ -23,12 +23,12 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from fedray import lifecycle
 from fedray.config import config_from_dict
+from fedray.deploy import lifecycle
+from fedray.deploy.lifecycle import Teardown
+from fedray.deploy.runner import RunResult, federation_token, print_summary, run_federation
 from fedray.errors import ConfigError, FedrayError
 from fedray.frameworks import require
-from fedray.lifecycle import Teardown
-from fedray.runner import RunResult, federation_token, print_summary, run_federation
 from fedray.serialization import decode
 from fedray.storage import open_model_store
 
@@ -196,7 +196,7 @@ def run_demo(*, clients: int, rounds: int, combiners: int, partition: str,
 def plot_curve(result: RunResult, accuracy: list[float], path: Path,
                console: Console) -> Path | None:
     """Draw the session's curves (plus held-out accuracy) like `fedray plot` does."""
-    from fedray.plot import curve_title, plot_rounds
+    from fedray.tracking.plot import curve_title, plot_rounds
 
     status = result.status
     records = [{**record, "test_metrics": {"accuracy": acc}}

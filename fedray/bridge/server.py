@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from fedray.actors.auth import CALLER, AuthGate, Caller, Refused, current_caller
+from fedray.bridge.auth import CALLER, AuthGate, Caller, Refused, current_caller
+from fedray.bridge.tls import ServerTls
 from fedray.config import CombinersConfig
 from fedray.errors import ListenError
-from fedray.tls import ServerTls
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's receive limit: an update part (a chunk + header)
 CONTROL_MESSAGE_BYTES = 64 * 1024  # every other request: ids, names, metrics, events

@@ -6,7 +6,7 @@ Runs inside the controller actor's event loop, but knows nothing of Ray: combine
 (tracking, metrics, progress). Per round: wait for clients, ``strategy.configure`` over a
 snapshot of the online clients, dispatch the plan, reduce the partials, ``finish``,
 refuse a non-finite model, commit (model, strategy state, tracking, durably), and only
-then validate. Asynchronous strategies (FedBuff) run ``fedray.actors.async_runner``.
+then validate. Asynchronous strategies (FedBuff) run ``fedray.actors.controller.async_runner``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedray.actors.aggregate import AggregateRefused, next_model, resolve_kept, storable_report
-from fedray.actors.callbacks import (
+from fedray.actors.controller.aggregate import (
+    AggregateRefused,
+    next_model,
+    resolve_kept,
+    storable_report,
+)
+from fedray.actors.controller.callbacks import (
     Callbacks,
     ClientsOnline,
     ModelRecorded,
@@ -33,11 +38,11 @@ from fedray.actors.callbacks import (
     SessionMoved,
     combiner_doc,
 )
-from fedray.actors.pool import CombinerPool
+from fedray.actors.controller.policy import round_verdict
+from fedray.actors.controller.pool import CombinerPool
 from fedray.config import SessionConfig
 from fedray.errors import ConfigError, FedrayError, SessionError
 from fedray.messages import MetricSums, RoundResult, RoundSpec, TaskKind
-from fedray.policy import round_verdict
 from fedray.serialization import copy_model, decode, encode, read_layout
 from fedray.states import SessionState, next_session_state
 from fedray.storage.base import ModelStore
@@ -112,7 +117,7 @@ class SessionRunner:
         try:
             model = await self._begin(start)
             if self.strategy.asynchronous:
-                from fedray.actors.async_runner import AsyncLoop
+                from fedray.actors.controller.async_runner import AsyncLoop
 
                 await AsyncLoop(self).run(model)
             else:

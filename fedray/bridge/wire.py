@@ -10,9 +10,9 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.errors import UpdateRejected
 from fedray.messages import Task, TaskKind, UpdateHeader, ValidationReport
-from fedray.proto import fedray_v1_pb2 as pb
 from fedray.text import printable
 
 AUTH_HEADER = "authorization"

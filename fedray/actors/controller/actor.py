@@ -19,24 +19,30 @@ from typing import Any
 import grpc
 import ray
 
-from fedray.actors.auth import make_gate
-from fedray.actors.callbacks import Callbacks, SessionStatus, StatusCallback, TrackingCallback
-from fedray.actors.combiner import advertised_host, quiet
-from fedray.actors.grpc_server import ServerLimits, caller_id, start_server
+from fedray.actors.combiner.actor import advertised_host, quiet
+from fedray.actors.controller.callbacks import (
+    Callbacks,
+    SessionStatus,
+    StatusCallback,
+    TrackingCallback,
+)
+from fedray.actors.controller.policy import pick_combiner
+from fedray.actors.controller.ray_pool import RayCombinerPool
+from fedray.actors.controller.session_runner import SessionRunner, Start
 from fedray.actors.memory import ReleaseAfterRounds, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
-from fedray.actors.ray_pool import RayCombinerPool
-from fedray.actors.session_runner import SessionRunner, Start
+from fedray.bridge.auth import make_gate
+from fedray.bridge.proto import fedray_v1_pb2 as pb
+from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.server import ServerLimits, caller_id, start_server
+from fedray.bridge.tls import ServerTls
 from fedray.config import FederationConfig
 from fedray.errors import SessionError
-from fedray.policy import pick_combiner, resume_point
-from fedray.proto import fedray_v1_pb2 as pb
-from fedray.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.states import SessionState
 from fedray.storage import open_model_store
 from fedray.strategies import make_strategy
-from fedray.tls import ServerTls
+from fedray.tracking.resume import resume_point
 from fedray.tracking.schema import ROUNDS, SESSIONS
 from fedray.tracking.store import TrackingStore
 

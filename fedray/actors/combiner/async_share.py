@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedray.actors.intake import Limits, Share, TaskEntry
+from fedray.actors.combiner.intake import Limits, Share, TaskEntry
 from fedray.errors import UnknownSession, UpdateRejected
 from fedray.messages import AsyncSpec, TaskKind
 from fedray.strategies.base import KeepAll, Kept, KeptUpdates, ShareStart, Update
