@@ -452,7 +452,7 @@ def bench_main(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
     from fedray.deploy.federation import CONTROLLER, combiner_name
     from fedray.deploy.runner import run_federation
 

@@ -38,8 +38,9 @@ from typing import Any
 
 from bson import ObjectId
 
-from fedray.tracking import EmbeddedMongo, TrackingStore
+from fedray.tracking.embedded import EmbeddedMongo
 from fedray.tracking.query import query_page
+from fedray.tracking.store import TrackingStore
 
 LEVEL_WEIGHTS = (("debug", 30), ("info", 65), ("warning", 4), ("error", 1))
 

@@ -22,7 +22,8 @@ import numpy as np
 from fedray.actors.combiner.core import CombinerCore
 from fedray.actors.controller.callbacks import Callbacks, SessionStatus, StatusCallback
 from fedray.actors.controller.session_runner import SessionRunner, Start
-from fedray.config import CombinersConfig, SessionConfig, config_from_dict
+from fedray.config import CombinersConfig, SessionConfig
+from fedray.deploy.config_file import config_from_dict
 from fedray.messages import TaskKind, UpdateHeader, ValidationReport
 from fedray.serialization import copy_model, decode, encode
 from fedray.storage.base import ModelStore

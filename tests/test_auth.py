@@ -7,10 +7,10 @@ import pytest
 
 from fedray.bridge.auth import AuthGate, Caller, EventThrottle, RateLimiter, Refused
 from fedray.bridge.client_tokens import ClientTokens
+from fedray.bridge.keys import hash_token, row_mac
 from fedray.bridge.tls import client_tls, server_tls
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.errors import ConfigError
-from fedray.tracking.tokens import hash_token, row_mac
 from tests.pki import make_pki
 
 BEARER = "authorization"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedray.config import config_from_dict, load_config
+from fedray.deploy.config_file import config_from_dict, load_config
 from fedray.errors import ConfigError
 
 MINIMAL = "federation: demo\nseed_model: seed.safetensors\n"
@@ -150,7 +150,7 @@ def test_a_set_value_that_is_not_yaml_is_one_line_naming_the_set(tmp_path):
                                    "combiners.max_update_mb", "session.round_config.lr",
                                    "session.aggregator_kwargs.server_lr"])
 def test_infinities_and_nan_are_refused_in_every_numeric_field(tmp_path, field, value):
-    from fedray.config import parse_override
+    from fedray.deploy.config_file import parse_override
 
     path = _write(tmp_path, MINIMAL)
     with pytest.raises(ConfigError) as info:
@@ -175,7 +175,7 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
     merged = load_config(_write(tmp_path, MINIMAL + "session:\n  <<: {rounds: 2, min_clients: 3}"
                                                     "\n  rounds: 4\n"))
     assert (merged.session.rounds, merged.session.min_clients) == (4, 3)
-    from fedray.config import parse_override
+    from fedray.deploy.config_file import parse_override
 
     with pytest.raises(ConfigError, match=r"--set session.round_config: 'lr' is given twice"):
         parse_override("session.round_config={lr: 1, lr: 2}")

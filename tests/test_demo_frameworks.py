@@ -107,7 +107,7 @@ def test_fedray_demo_with_a_framework_reaches_90_percent(tmp_path, framework) ->
 
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_the_framework_configs_match_the_demo_and_name_real_examples(framework) -> None:
-    from fedray.config import load_config
+    from fedray.deploy.config_file import load_config
     from fedray.deploy.demo import WORKLOADS
     from fedray.packages import read_manifest
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.federation import Federation
 from fedray.edge.workers import CallbackWorker
 from fedray.serialization import decode, encode

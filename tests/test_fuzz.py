@@ -23,7 +23,7 @@ import ray
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.wire import auth_metadata
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store

@@ -178,7 +178,7 @@ class AddOne:
 @pytest.mark.integration
 def test_a_session_starts_from_a_committed_model_and_models_get_fetches_the_latest(
         ray_session, tracking_uri, fleet, tmp_path):
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
     from fedray.deploy.runner import resolve_seed, run_federation
     from fedray.tracking.store import TrackingStore
 

@@ -209,7 +209,7 @@ class AddOne:
 
 
 def _federation(name: str, tmp_path: Path, min_clients: int, **session):
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
 
     return config_from_dict({
         "federation": name, "seed_model": "unused", "data_dir": str(tmp_path / "fed"),

@@ -130,8 +130,9 @@ def test_demo_curve_includes_held_out_accuracy(tmp_path: Path) -> None:
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Path]:
     """A data directory whose embedded tracking holds two sessions (the newer one failed)."""
-    from fedray.tracking import EmbeddedMongo, TrackingStore
     from fedray.tracking.documents import written_at
+    from fedray.tracking.embedded import EmbeddedMongo
+    from fedray.tracking.store import TrackingStore
 
     server = EmbeddedMongo(tmp_path).start()
     store = TrackingStore.from_uri(server.uri)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.lifecycle import (
     CLIENTS,
     FEDERATION,

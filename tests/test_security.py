@@ -26,7 +26,7 @@ from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.tls import ClientTls
 from fedray.bridge.wire import auth_metadata
 from fedray.cli.main import main
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.federation import Federation
 from fedray.errors import AuthError
 from fedray.serialization import decode, encode

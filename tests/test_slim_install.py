@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.federation import Federation
 from fedray.serialization import encode
 from fedray.storage import open_model_store

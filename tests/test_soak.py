@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store

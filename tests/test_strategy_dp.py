@@ -252,7 +252,7 @@ def test_adaptive_without_configure_refuses_a_count_noise_that_cannot_carry_z(ac
 
 
 def test_adaptive_with_a_count_per_round_too_small_for_z_is_refused_at_load():
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
 
     def load(**session):
         return config_from_dict({"federation": "dp", "seed_model": "unused", "session": {

@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from fedray.config import config_from_dict
+from fedray.deploy.config_file import config_from_dict
 from fedray.errors import ConfigError
 from fedray.strategies import make_strategy
 from fedray.strategies.base import BLOCK, ShareStart, Update, UpdateMeta

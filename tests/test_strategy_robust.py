@@ -194,7 +194,7 @@ def test_too_few_updates_for_f_are_refused_clearly(name, options, needed):
 
 
 def test_a_config_whose_min_clients_is_too_low_for_f_is_refused_at_load():
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
 
     def load(min_clients):
         return config_from_dict({"federation": "byz", "seed_model": "unused", "session": {

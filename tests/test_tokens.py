@@ -21,14 +21,14 @@ import grpc
 import pytest
 
 from fedray.bridge.auth import AuthGate, BridgeKeys
-from fedray.bridge.client_tokens import ClientTokens, tracking_token_loader
+from fedray.bridge.client_tokens import ClientTokens
 from fedray.bridge.keys import check_shared_token, load_token_secret, tokens_issued
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.wire import auth_metadata
 from fedray.errors import ConfigError
-from fedray.tracking import EmbeddedMongo, TrackingStore
-from fedray.tracking.embedded import free_port, mongo_uri
-from fedray.tracking.tokens import COLLECTION, create_token, revoke_token
+from fedray.tracking.embedded import EmbeddedMongo, free_port, mongo_uri
+from fedray.tracking.store import TrackingStore
+from fedray.tracking.tokens import COLLECTION, create_token, revoke_token, tracking_token_loader
 from tests.bridge import TOKEN, Bridge
 
 
@@ -143,8 +143,8 @@ def test_the_embedded_tracking_files_are_private(tmp_path):
 def test_token_create_uses_the_federations_secret(tmp_path, store, tracking_uri, db_name):
     from click.testing import CliRunner
 
+    from fedray.bridge.keys import hash_token
     from fedray.cli.main import main
-    from fedray.tracking.tokens import hash_token
 
     result = CliRunner().invoke(main, ["token", "create", "--name", "site-a", "--data-dir",
                                        str(tmp_path), "--tracking", tracking_uri,
@@ -223,7 +223,7 @@ def test_strong_shared_tokens_pass(token):
 
 
 def test_fedray_run_refuses_a_weak_shared_token(monkeypatch):
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
     from fedray.deploy.runner import federation_token
 
     config = config_from_dict({"federation": "f", "seed_model": "x",
@@ -275,7 +275,7 @@ def test_redact_masks_every_secret_of_a_uri(uri, shown):
 
 def test_config_and_key_reprs_never_show_secrets():
     from fedray.bridge.auth import BridgeKeys
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
 
     config = config_from_dict({
         "federation": "f", "seed_model": "s",

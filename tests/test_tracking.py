@@ -27,18 +27,17 @@ from pymongo.errors import DuplicateKeyError
 from rich.console import Console
 
 from fedray.errors import ConfigError, TrackingError
-from fedray.tracking import (
-    COLLECTIONS,
-    EmbeddedMongo,
-    TrackingStore,
-    TrackingWriter,
-    connect_or_start,
-    is_transient,
-)
 from fedray.tracking.documents import LEVELS, make_event, written_at
-from fedray.tracking.embedded import free_port, live_uri, read_server_record
+from fedray.tracking.embedded import (
+    EmbeddedMongo,
+    connect_or_start,
+    free_port,
+    live_uri,
+    read_server_record,
+)
 from fedray.tracking.query import parse_filter, render_table, run_query, to_json
-from fedray.tracking.store import INDEXES
+from fedray.tracking.store import COLLECTIONS, INDEXES, TrackingStore, is_transient
+from fedray.tracking.writer import TrackingWriter
 
 MODEL_A = "a" * 64
 MODEL_B = "b" * 64
@@ -893,7 +892,7 @@ def test_query_commands_read_the_database_a_run_wrote(embedded_server: EmbeddedM
     from click.testing import CliRunner
 
     from fedray.cli.main import main
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
 
     # tracking.database set in a config: --database finds it; a URI naming one: the same URI
     named = config_from_dict({"federation": "x", "seed_model": "s",

@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fedray.errors import ConfigError
-from fedray.tracking import EmbeddedMongo, TrackingStore, TrackingWriter
 from fedray.tracking.documents import written_at
-from fedray.tracking.embedded import free_port, mongo_uri
+from fedray.tracking.embedded import EmbeddedMongo, free_port, mongo_uri
+from fedray.tracking.store import TrackingStore
+from fedray.tracking.writer import TrackingWriter
 
 BIG = 2**64 - 1  # a uint64 num_examples: BSON integers stop at 2**63 - 1
 
@@ -156,7 +157,7 @@ def test_events_older_than_their_retention_go_away(store: TrackingStore, trackin
 
 
 def test_events_ttl_days_is_checked() -> None:
-    from fedray.config import config_from_dict
+    from fedray.deploy.config_file import config_from_dict
 
     base = {"federation": "f", "seed_model": "x"}
     assert config_from_dict(base).tracking.events_ttl_s == 30 * 86400

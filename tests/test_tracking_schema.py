@@ -17,7 +17,9 @@ import pytest
 from bson import ObjectId
 
 from fedray.errors import SchemaError, TrackingError
-from fedray.tracking import TrackingStore, TrackingWriter, schema
+from fedray.tracking import schema
+from fedray.tracking.store import TrackingStore
+from fedray.tracking.writer import TrackingWriter
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 MODEL = "a" * 64

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedray.bridge.client_tokens import ClientTokens, tracking_token_loader
+from fedray.bridge.client_tokens import ClientTokens, TokenLoader
 from fedray.bridge.limits import (
     MAX_CALLS_IN_FLIGHT,
     EventThrottle,
@@ -261,17 +261,19 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-def make_gate(keys: BridgeKeys | str | None, tracking_uri: str | None, database: str,
+def make_gate(keys: BridgeKeys | str | None,
+              source: tuple[TokenLoader | None, Callable[[], None] | None],
               max_rpcs_per_s: float | None, on_event: EventSink | None = None,
               on_revoked: Callable[[set[str]], None] | None = None,
               max_ids_per_peer: int = MAX_IDS_PER_PEER) -> AuthGate:
-    """The gate of an actor's server: the shared token plus the tracking's client tokens.
-    ``keys`` may be just the shared token; without a token secret, per-client tokens
-    are never accepted (there is nothing to verify them with)."""
+    """The gate of an actor's server: the shared token plus per-client tokens, read with
+    ``source`` (a loader and its close: ``fedray.tracking.tokens.tracking_token_loader``;
+    ``(None, None)`` without tracking). ``keys`` may be just the shared token; without a
+    token secret, per-client tokens are never accepted (nothing can verify them)."""
     keys = BridgeKeys.of(keys)
-    if keys.token_secret is None and tracking_uri:
+    load, release = source
+    if keys.token_secret is None and load is not None:
         log.warning("no token secret: per-client tokens cannot be checked and are refused")
-    load, release = tracking_token_loader(tracking_uri, database)
     tokens = ClientTokens(load, on_revoked=on_revoked, release=release,
                           secret=keys.token_secret, issued=keys.tokens_issued)
     return AuthGate(keys.shared_token, tokens, max_rpcs_per_s, on_event,

@@ -18,8 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from fedray.tracking.store import TrackingStore
-from fedray.tracking.tokens import hash_token, read_token_hashes, row_mac
+from fedray.bridge.keys import hash_token, row_mac
 
 log = logging.getLogger(__name__)
 
@@ -153,22 +152,3 @@ class ClientTokens:
                 await self._task
         if self._release is not None:
             await asyncio.to_thread(self._release)
-
-
-def tracking_token_loader(uri: str | None, database: str,
-                          ) -> tuple[TokenLoader | None, Callable[[], None] | None]:
-    """A loader reading the ``tokens`` collection (None without tracking), and its close."""
-    if not uri:
-        return None, None
-    opened: list[TrackingStore] = []
-
-    def load() -> list[tuple[str, str, bool]]:
-        if not opened:
-            opened.append(TrackingStore.from_uri(uri, database, timeout_s=2.0))
-        return read_token_hashes(opened[0])
-
-    def close() -> None:
-        for store in opened:
-            store.close()
-
-    return load, close

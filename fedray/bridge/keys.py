@@ -18,6 +18,8 @@ Nothing here imports grpc, Ray or pymongo.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -142,3 +144,13 @@ def check_shared_token(token: str | None, env: str) -> None:
         raise ConfigError(f"${env} is too weak for a shared token: it needs at least 16 "
                           f"random bytes (32 hex or 22 base64 characters); make one with "
                           f"{GENERATE}")
+
+
+def hash_token(token: str, secret: bytes) -> str:
+    """The keyed hash a token is stored and looked up as."""
+    return hmac.new(secret, b"fedray-token\0" + token.encode(), hashlib.sha256).hexdigest()
+
+
+def row_mac(secret: bytes, digest: str, name: str) -> str:
+    """What binds a stored hash to its client's name."""
+    return hmac.new(secret, f"fedray-row\0{digest}\0{name}".encode(), hashlib.sha256).hexdigest()

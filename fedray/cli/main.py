@@ -100,7 +100,7 @@ def run(config_path: Path, as_json: bool, data_dir: Path | None, overrides: tupl
 
     SIGINT or SIGTERM stops what it started (actors, tracking server, a local Ray) and
     exits 130 or 143."""
-    from fedray.config import load_config, parse_override
+    from fedray.deploy.config_file import load_config, parse_override
     from fedray.deploy.runner import print_summary, run_federation
 
     parsed = dict(parse_override(item) for item in overrides)

@@ -4,20 +4,73 @@ mistake is one line at start, never a traceback inside an actor."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from fedray.bridge.tls import server_tls
+from fedray.config import FederationConfig
 from fedray.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fedray.config import FederationConfig, _Blame
+from fedray.strategies import make_strategy
+from fedray.strategies.selection import check_select
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 MAX_TTL_DAYS = 24_855  # a TTL index holds at most 2**31 - 1 seconds
 
 
-def check(c: FederationConfig, blame: _Blame) -> None:
+@dataclass(frozen=True)
+class Blame:
+    """Where a field's value came from: the config file, or a `--set` override; every
+    error names the one at fault."""
+
+    source: str
+    overridden: frozenset[str]
+
+    def origin(self, where: str) -> str | None:
+        """The override that set ``where`` (or a section holding it), if one did."""
+        return next((o for o in sorted(self.overridden)
+                     if where == o or where.startswith(f"{o}.")), None)
+
+    def error(self, where: str, why: str) -> ConfigError:
+        origin = self.origin(where)
+        if origin is None:
+            return ConfigError(f"{self.source}: {where} {why}")
+        return ConfigError(f"--set {origin}: {why}" if origin == where
+                           else f"--set {origin}: {where} {why}")
+
+    def touched(self, *fields: str) -> str | None:
+        """The override that set one of ``fields``, a key below one, or a section above."""
+        return next((o for o in sorted(self.overridden) for f in fields
+                     if o == f or o.startswith(f"{f}.") or f.startswith(f"{o}.")), None)
+
+    def among(self, fields: tuple[str, ...], where: str, why: str) -> ConfigError:
+        """An error about ``where`` that follows from all of ``fields``: blamed on the
+        ``--set`` of one of them if there is one, else on the file."""
+        origin = self.touched(*fields)
+        if origin is None:
+            return ConfigError(f"{self.source}: {where} {why}")
+        return ConfigError(f"--set {origin}: {why}" if origin == where
+                           else f"--set {origin}: {where} {why}")
+
+    def unknown(self, where: str, known: list[str]) -> ConfigError:
+        origin = self.origin(where)
+        head = f"--set {where}: unknown field" if origin == where else \
+            f"--set {origin}: unknown field {where}" if origin else \
+            f"{self.source}: unknown field {where}"
+        return ConfigError(f"{head} ({field_hint(where, known)})")
+
+
+def field_hint(where: str, known: list[str]) -> str:
+    """A near miss of ``where`` among ``known`` fields, or the fields there are."""
+    prefix, _, name = where.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return "known: " + ", ".join(sorted(known))
+
+
+def check(c: FederationConfig, blame: Blame) -> None:
     """Every rule across fields, with ``blame`` naming the file or the ``--set`` at fault."""
     bad = blame.error
 
@@ -69,8 +122,6 @@ def check(c: FederationConfig, blame: _Blame) -> None:
     uri = c.tracking.uri
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")
-    from fedray.bridge.tls import server_tls
-
     server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
 
 
@@ -81,10 +132,8 @@ ROUND_SIZE = (*STRATEGY, "session.clients_per_round", "session.max_kept_updates"
               "combiners.count", "combiners.max_clients")
 
 
-def _check_session(c: FederationConfig, blame: _Blame) -> None:
+def _check_session(c: FederationConfig, blame: Blame) -> None:
     """Strategy, selection and straggler settings: everything loadable is loaded now."""
-    from fedray.strategies import make_strategy
-    from fedray.strategies.selection import check_select
 
     bad = blame.error
     s = c.session

@@ -23,8 +23,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from fedray.config import config_from_dict
 from fedray.deploy import lifecycle
+from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.lifecycle import Teardown
 from fedray.deploy.runner import RunResult, federation_token, print_summary, run_federation
 from fedray.errors import ConfigError, FedrayError

@@ -265,7 +265,7 @@ def status(config_path: Path | None, federation: str | None, address: str | None
     if config_path is not None:
         if federation is not None:
             raise ConfigError("give either CONFIG or --federation, not both")
-        from fedray.config import load_config
+        from fedray.deploy.config_file import load_config
 
         config = load_config(config_path)
         federation, config_address = config.federation, config.ray.address

@@ -7,21 +7,7 @@ it); ``TrackingWriter`` lets actors write without blocking their event loop or l
 writes during an outage; ``documents`` builds what they store; ``embedded`` runs the
 default local server; ``query`` and ``tables`` (imported on their own, they need rich)
 serve the CLI.
+
+This package imports nothing itself: ``fedray.tracking.schema`` or ``.resume`` load without
+pymongo, and each module is imported by its own name.
 """
-
-from __future__ import annotations
-
-from fedray.tracking.documents import LEVELS
-from fedray.tracking.embedded import EmbeddedMongo, connect_or_start
-from fedray.tracking.store import COLLECTIONS, TrackingStore, is_transient
-from fedray.tracking.writer import TrackingWriter
-
-__all__ = [
-    "COLLECTIONS",
-    "LEVELS",
-    "EmbeddedMongo",
-    "TrackingStore",
-    "TrackingWriter",
-    "connect_or_start",
-    "is_transient",
-]

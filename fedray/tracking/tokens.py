@@ -18,15 +18,15 @@ of ``store.COLLECTIONS``: the generic query commands should not list token hashe
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from fedray.bridge.keys import hash_token, row_mac
 from fedray.errors import ConfigError, TrackingError
 from fedray.tracking import schema
 from fedray.tracking.documents import utcnow
@@ -37,16 +37,6 @@ COLLECTION = "tokens"
 PREFIX = "frt_"  # makes a leaked token easy to recognise (and to grep for)
 MAX_ROWS = 100_000  # token rows a server reads (a flood of forged rows is bounded too)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
-
-
-def hash_token(token: str, secret: bytes) -> str:
-    """The keyed hash a token is stored and looked up as."""
-    return hmac.new(secret, b"fedray-token\0" + token.encode(), hashlib.sha256).hexdigest()
-
-
-def row_mac(secret: bytes, digest: str, name: str) -> str:
-    """What binds a stored hash to its client's name."""
-    return hmac.new(secret, f"fedray-row\0{digest}\0{name}".encode(), hashlib.sha256).hexdigest()
 
 
 def _check_name(name: str) -> None:
@@ -120,3 +110,24 @@ def read_token_hashes(store: TrackingStore) -> list[tuple[str, str, bool, str]]:
                 if d.get(TOKENS.hash) and d.get(TOKENS.name)]
     except PyMongoError as exc:
         raise _fail(store, "read tokens", exc) from exc
+
+
+def tracking_token_loader(uri: str | None, database: str,
+                          ) -> tuple[Callable[[], list[tuple[str, str, bool, str]]] | None,
+                                     Callable[[], None] | None]:
+    """A loader reading the ``tokens`` collection (None without tracking), and its close:
+    what ``fedray.bridge.client_tokens.ClientTokens`` refreshes from."""
+    if not uri:
+        return None, None
+    opened: list[TrackingStore] = []
+
+    def load() -> list[tuple[str, str, bool]]:
+        if not opened:
+            opened.append(TrackingStore.from_uri(uri, database, timeout_s=2.0))
+        return read_token_hashes(opened[0])
+
+    def close() -> None:
+        for store in opened:
+            store.close()
+
+    return load, close

@@ -27,6 +27,7 @@ from fedray.bridge.tls import ServerTls
 from fedray.config import CombinersConfig
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
 from fedray.strategies.base import ClientInfo, Kept, Strategy
+from fedray.tracking.tokens import tracking_token_loader
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class Combiner:
         self.packages: dict[str, bytes] = dict([package]) if package else {}
         self.address = ""
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self.gate = make_gate(token, tracking_uri, tracking_db, settings.max_rpcs_per_s,
+        self.gate = make_gate(token, tracking_token_loader(tracking_uri, tracking_db),
+                              settings.max_rpcs_per_s,
                               self.observer.event, self._disconnect,
                               max_ids_per_peer=settings.max_clients_per_connection)
         self._ready = asyncio.ensure_future(self._serve(port))

@@ -45,6 +45,7 @@ from fedray.strategies import make_strategy
 from fedray.tracking.resume import resume_point
 from fedray.tracking.schema import ROUNDS, SESSIONS
 from fedray.tracking.store import TrackingStore
+from fedray.tracking.tokens import tracking_token_loader
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ class Controller:
             pb_grpc.add_GatewayServicer_to_server(servicer, server)
 
         combiners = self.config.combiners
-        gate = make_gate(token, self.tracking_uri, self.config.tracking.database,
+        gate = make_gate(token, tracking_token_loader(self.tracking_uri,
+                                                     self.config.tracking.database),
                          combiners.max_rpcs_per_s, self.observer.event,
                          max_ids_per_peer=combiners.max_clients_per_connection)
         # The gateway answers every client of every combiner: its bounds are theirs summed.
