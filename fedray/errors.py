@@ -117,3 +117,50 @@ class AlreadyRunning(FedrayError):
     the Ray cluster); nothing of it was touched."""
 
     exit_code = 10
+
+
+class AttemptFailed(SessionError):
+    """One attempt at a round did not commit; the round may run again."""
+
+
+class AggregateRefused(FedrayError):
+    """The strategy could not aggregate the round, or gave a model that is not committed."""
+
+
+class CombinerError(SessionError):
+    """A call from the controller to one combiner did not give an answer: ``combiner``
+    names it, ``round`` the round it was for (None outside a round), ``why`` says what
+    happened in one line."""
+
+    def __init__(self, combiner: str, round: int | None, why: str) -> None:
+        where = f"combiner {combiner}" + (f" (round {round})" if round is not None else "")
+        super().__init__(f"{where}: {why}")
+        self.combiner, self.round, self.why = combiner, round, why
+
+    def __reduce__(self):
+        return (type(self), (self.combiner, self.round, self.why))
+
+
+class CombinerLost(CombinerError):
+    """The combiner actor died, or cannot be reached (Ray restarts it)."""
+
+
+class CombinerTimeout(CombinerError):
+    """The combiner gave no answer within the round's deadline and its grace."""
+
+
+class CombinerFailed(CombinerError):
+    """The call raised inside the combiner."""
+
+
+class UnknownTaskKind(TransportError):
+    """A task of a kind this client does not know (a newer server): it is refused, never
+    run as something else."""
+
+    def __init__(self, kind: int, task_id: str) -> None:
+        super().__init__(f"task {task_id[:32]} has kind {kind}, which this client does not "
+                         "know; upgrade fedray on this client")
+        self.kind, self.task_id = kind, task_id
+
+    def __reduce__(self):
+        return (type(self), (self.kind, self.task_id))

@@ -33,8 +33,12 @@ def attrs_problem(attrs: Mapping[str, str]) -> str:
 
 
 class TaskKind(enum.StrEnum):
+    """What a client runs for a task: the user's train or validate, or (STAGE) a stage a
+    strategy declared, answered by the strategy's client half."""
+
     TRAIN = "train"
     VALIDATE = "validate"
+    STAGE = "stage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,21 @@ class Task:
     deadline_unix: float
     package_sha256: str = ""
     package_size: int = 0
+    stage: str = ""  # the declared stage's name ("train", "validate", or the strategy's own)
+    payload: bytes = b""  # this client's own bytes for this task (RoundPlan.payloads)
+    client_half: str = ""  # package.module:Class of the strategy's client half, if any
+
+
+@dataclass(frozen=True, slots=True)
+class StageReply:
+    """A client's answer to a task of kind STAGE: bytes its client half returned."""
+
+    client_id: str
+    task_id: str
+    session_id: str
+    round: int
+    stage: str
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +96,13 @@ class ValidationReport:
 
 @dataclass(frozen=True, slots=True)
 class RoundSpec:
-    """The controller's order to one combiner for one round (or validation pass).
+    """The controller's order to one combiner for one stage of a round (training, a
+    validation, or a stage the strategy declared).
 
-    The strategy itself reached the combiner once, with the session; what changes per
-    round travels here (``params`` for its accumulators, ``buffer`` for its closing).
+    The strategy itself reached the combiner once, with the session (its declaration
+    says how each stage closes and what its replies may hold); what changes per round
+    travels here (``params`` for its accumulators, ``buffer`` for its closing,
+    ``payloads`` for the clients).
     """
 
     session_id: str
@@ -98,10 +120,16 @@ class RoundSpec:
     max_examples: int = 1_000_000  # session.max_examples_per_update
     max_update_norm: float | None = None  # session.max_update_norm
     version: int = 0  # the model version this round trains (asynchronously: the first)
+    stage: str = ""  # the declared stage this share runs (default: the kind's name)
+    payloads: dict[str, bytes] = field(default_factory=dict)  # client id -> its own bytes
+
+    @property
+    def stage_name(self) -> str:
+        return self.stage or self.kind.value
 
     @property
     def key(self) -> tuple[str, int, str, int]:
-        return (self.session_id, self.round, self.kind.value, self.attempt)
+        return (self.session_id, self.round, self.stage_name, self.attempt)
 
 
 @dataclass(slots=True)
@@ -165,6 +193,8 @@ class RoundResult:
     metrics: MetricSums = field(default_factory=MetricSums)  # clients' train metrics
     failures: dict[str, str] = field(default_factory=dict)  # client id -> why it failed
     attempt: int = 1
+    stage: str = "train"
+    replies: dict[str, bytes] = field(default_factory=dict)  # a STAGE share: client -> reply
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,17 @@ class Layout:
         return {name: (t.dtype, t.shape) for name, t in self.tensors.items()}
 
 
+def spec_nbytes(spec: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:
+    """The bytes of tensor data a model of ``spec`` holds (its header aside)."""
+    total = 0
+    for dtype, shape in spec.values():
+        count = 1
+        for dim in shape:
+            count *= int(dim)
+        total += count * _DTYPES[dtype].itemsize
+    return total
+
+
 def model_id(data: Buffer) -> str:
     return hashlib.sha256(memoryview(data).cast("B") if not isinstance(data, bytes) else data).hexdigest()
 

@@ -244,7 +244,8 @@ def session_settings(**fields: Any) -> SessionConfig:
 async def run_session(pool: SimPool, store: MemoryStore, settings: SessionConfig,
                       start: Start, session_id: str | None = None,
                       recorder: Recorder | None = None, strategy=None) -> tuple[str, str, Any]:
-    """Run one session to its end; (state, reason, the runner)."""
+    """Run one session to its end; (state, reason, its ``Session``, with the events it
+    reported as ``recorder``)."""
     recorder = recorder or Recorder()
     status = SessionStatus(session_id=session_id or uuid.uuid4().hex[:16])
     strategy = strategy or make_strategy(settings.aggregator, settings.aggregator_kwargs)
@@ -254,5 +255,6 @@ async def run_session(pool: SimPool, store: MemoryStore, settings: SessionConfig
                            combiner_strategy=copy.deepcopy(strategy))
     pool.runner = runner
     state, reason = await runner.run(start)
-    runner.recorder = recorder
-    return state, reason, runner
+    session = runner.session
+    session.recorder = recorder
+    return state, reason, session

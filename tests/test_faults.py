@@ -33,7 +33,8 @@ def _server_optimizer_run(name: str, kwargs: dict, rounds: int, reset_after: int
     """The global ``w`` after ``rounds`` rounds in which every client adds 1 (pure); with
     ``reset_after``, as if the server state had been lost after that round."""
     from fedray.strategies import make_strategy
-    from fedray.strategies.base import ShareStart, Update, UpdateMeta
+    from fedray.strategies.snapshots import UpdateMeta
+    from fedray.strategies.updates import ShareStart, Update
 
     strategy, model = make_strategy(name, kwargs), dict(SEED)
     spec = {k: ("F32", v.shape) for k, v in model.items()}

@@ -3,8 +3,8 @@
 import pytest
 
 from fedray.actors.controller.policy import pick_combiner, round_verdict
-from fedray.strategies.base import CloseReason, ShareSnapshot, default_closing
 from fedray.strategies.selection import clients_wanted
+from fedray.strategies.snapshots import CloseReason, ShareSnapshot, default_closing
 
 
 @pytest.mark.parametrize(("selected", "accepted", "settled", "buffer", "now", "expected"), [

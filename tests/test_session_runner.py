@@ -269,7 +269,7 @@ async def test_an_async_session_sends_its_strategy_to_each_combiner_once_more_no
 @pytest.fixture
 def quick_retries(monkeypatch):
     """A failed attempt runs again at once, not after a second."""
-    from fedray.actors.controller import session_runner
+    from fedray.actors.controller import sync_rounds as session_runner
 
     monkeypatch.setattr(session_runner, "RETRY_BACKOFF_S", (0.01, 0.01))
 
@@ -374,13 +374,14 @@ async def test_claim_keeps_its_buffer_full_call_referenced_until_it_is_done():
     runner = SessionRunner(federation="sim", session_id="s", settings=session_settings(),
                            strategy=make_strategy("fedavg"), pool=pool, store=MemoryStore(),
                            callbacks=Callbacks([]))
-    runner._buffers[(1, 1)] = [0, 2]
-    assert runner.claim(1, 1, "a") == 1 and not runner._tasks
-    assert runner.claim(1, 1, "b") == 2 and len(runner._tasks) == 1  # the K-th: buffer_full
-    task = next(iter(runner._tasks))
+    runner.claims.open(1, 1, 2)
+    tasks = runner.session._tasks
+    assert runner.claim(1, 1, "a") == 1 and not tasks
+    assert runner.claim(1, 1, "b") == 2 and len(tasks) == 1  # the K-th: buffer_full
+    task = next(iter(tasks))
     await task
     await asyncio.sleep(0)
-    assert not runner._tasks
+    assert not tasks
     await pool.close()
 
 
@@ -415,11 +416,12 @@ class FoldRefuses(FedBuff):
     """FedBuff whose fold fails for client ``bad`` (a strategy bug, mid-session)."""
 
     def start(self, share):
-        def weigh(meta):
-            if meta.client_id == "bad":
-                raise ZeroDivisionError("float division by zero")
-            return self.weight(meta.staleness)
-        return StaleWeightedDeltas(share, weigh)
+        class Folds(StaleWeightedDeltas):
+            def fold(self, update):
+                if update.meta.client_id == "bad":
+                    raise ZeroDivisionError("float division by zero")
+                super().fold(update)
+        return Folds(share)
 
 
 class NaNVersions(FedBuff):

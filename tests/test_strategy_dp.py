@@ -15,8 +15,9 @@ from fedray.errors import ConfigError
 from fedray.serialization import decode, encode
 from fedray.strategies import make_strategy
 from fedray.strategies.accountant import RDPAccountant
-from fedray.strategies.base import ClientInfo, RoundContext, ShareStart, Update, UpdateMeta
 from fedray.strategies.dp import CLIPPING_NORM
+from fedray.strategies.snapshots import ClientInfo, RoundContext, UpdateMeta
+from fedray.strategies.updates import ShareStart, Update
 from tests.simfed import MemoryStore, SimPool, run_session, session_settings
 
 SPEC = {"w": ("F32", (3, 4)), "b": ("F32", (4,)), "n": ("I64", (2,))}

@@ -5,7 +5,9 @@ import pytest
 
 from fedray.errors import ConfigError
 from fedray.strategies import make_strategy
-from fedray.strategies.base import ShareStart, Update, UpdateMeta, add_scaled
+from fedray.strategies.numeric import add_scaled
+from fedray.strategies.snapshots import UpdateMeta
+from fedray.strategies.updates import ShareStart, Update
 
 SPEC = {"w": ("F32", (3, 4)), "b": ("F32", (4,))}
 
@@ -84,7 +86,7 @@ def test_integer_tensors_are_rounded_back():
 
 
 def test_add_scaled_works_across_block_boundaries(monkeypatch):
-    import fedray.strategies.base as base
+    import fedray.strategies.numeric as base
 
     monkeypatch.setattr(base, "BLOCK", 7)
     acc = np.zeros(50)

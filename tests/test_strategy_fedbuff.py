@@ -3,6 +3,7 @@ the memory its reduce and finish take at the controller."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tracemalloc
 
@@ -12,15 +13,20 @@ import pytest
 from fedray.deploy.config_file import config_from_dict
 from fedray.errors import ConfigError
 from fedray.strategies import make_strategy
-from fedray.strategies.base import BLOCK, ShareStart, Update, UpdateMeta
+from fedray.strategies.numeric import BLOCK
+from fedray.strategies.snapshots import UpdateMeta
+from fedray.strategies.updates import ShareStart, Update
 
 
 def _fold(strategy, model, updates):
-    """One accumulator over ``updates``: (model, staleness, examples) each, base = ``model``."""
+    """One accumulator over ``updates``: (model, staleness, examples) each, base = ``model``;
+    each update carries the strategy's ``weigh`` decision, as the controller folds it."""
     spec = {k: (str(v.dtype), v.shape) for k, v in model.items()}
     acc = strategy.start(ShareStart(spec=spec, base=model, base_of=lambda v: model))
     for i, (update, staleness, examples) in enumerate(updates):
-        acc.fold(Update(update, UpdateMeta(f"c{i}", 1, examples, staleness=staleness), b""))
+        meta = UpdateMeta(f"c{i}", 1, examples, staleness=staleness)
+        meta = dataclasses.replace(meta, weight=strategy.weigh(meta).weight)
+        acc.fold(Update(update, meta, b""))
     return acc.partial()
 
 

@@ -13,7 +13,8 @@ import pytest
 from fedray.errors import ConfigError
 from fedray.serialization import copy_model, decode, encode
 from fedray.strategies import make_strategy
-from fedray.strategies.base import ShareStart, Update, UpdateMeta
+from fedray.strategies.snapshots import UpdateMeta
+from fedray.strategies.updates import ShareStart, Update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/ is not installed
 

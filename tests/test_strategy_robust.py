@@ -10,7 +10,8 @@ from fedray.config import SelectConfig, SessionConfig
 from fedray.errors import ConfigError
 from fedray.serialization import decode, encode
 from fedray.strategies import make_strategy
-from fedray.strategies.base import ClientInfo, RoundContext, ShareStart, Update, UpdateMeta
+from fedray.strategies.snapshots import ClientInfo, RoundContext, UpdateMeta
+from fedray.strategies.updates import ShareStart, Update
 
 SEED = {"w": np.zeros((3, 5), np.float32), "b": np.zeros(7, np.float32)}
 CASES = {  # strategy -> (options, clients per round)

@@ -9,12 +9,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedray.actors.combiner.checks import check_update
+from fedray.actors.combiner.checks import check_update, expected_for
+from fedray.actors.combiner.share import ModelVersion
 from fedray.errors import SerializationError, UpdateRejected
 from fedray.serialization import decode, encode, read_layout
+from fedray.strategies.declaration import UpdateLayout
+
+
+def expected(model: dict, layout: UpdateLayout | None = None):
+    """What updates of ``model`` are checked against, as a combiner builds it."""
+    data = encode(model)
+    version = ModelVersion(0, "m", read_layout(data), decode(data), len(data))
+    return expected_for(layout or UpdateLayout(), version, 1 << 30)
+
 
 GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
-LAYOUT = read_layout(encode(GLOBAL))
+LAYOUT = expected(GLOBAL)
 
 
 def _reason(update: dict) -> str:
@@ -97,8 +107,8 @@ def _expected_reason(want: dict, got: dict, poisoned: bool) -> str | None:
 @settings(max_examples=300, deadline=None)
 @given(SPECS, st.data())
 def test_the_checker_accepts_exactly_the_updates_that_match_the_layout(spec, data):
-    layout = read_layout(encode(_model(spec, fill=0)))
-    want = layout.spec()
+    layout = expected(_model(spec, fill=0))
+    want = layout.spec
     got = dict(want)
     for name in list(got):
         change = data.draw(st.sampled_from(["keep", "keep", "dtype", "shape", "drop"]), name)

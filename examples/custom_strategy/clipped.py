@@ -39,7 +39,7 @@ from fedray.strategies import (
     UpdateMeta,
     Verdict,
 )
-from fedray.strategies.base import delta_norm
+from fedray.strategies.numeric import delta_norm
 from fedray.strategies.selection import plan_round
 
 

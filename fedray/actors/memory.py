@@ -27,8 +27,6 @@ import ctypes
 import logging
 from typing import Any
 
-from fedray.actors.controller.callbacks import RoundDone
-
 log = logging.getLogger(__name__)
 
 MMAP_THRESHOLD = 16 << 20  # above the 8 MiB float64 blocks aggregation works in
@@ -58,11 +56,3 @@ def release_free_memory() -> None:
     """Give the pages of freed heap memory back to the system (a few ms; thread-safe)."""
     if _TRIM is not None:
         _TRIM(0)
-
-
-class ReleaseAfterRounds:
-    """A session runner callback: free memory goes back once each round is done."""
-
-    def on_event(self, event: Any) -> None:
-        if isinstance(event, RoundDone):
-            release_free_memory()

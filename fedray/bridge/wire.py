@@ -11,14 +11,15 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from fedray.bridge.proto import fedray_v1_pb2 as pb
-from fedray.errors import UpdateRejected
-from fedray.messages import Task, TaskKind, UpdateHeader, ValidationReport
+from fedray.errors import UnknownTaskKind, UpdateRejected
+from fedray.messages import StageReply, Task, TaskKind, UpdateHeader, ValidationReport
 from fedray.text import printable
 
 AUTH_HEADER = "authorization"
 CLIENT_HEADER = "x-fedray-client"  # the name a client claims; keys its rate limit
 
-_KINDS = {TaskKind.TRAIN: pb.TASK_KIND_TRAIN, TaskKind.VALIDATE: pb.TASK_KIND_VALIDATE}
+_KINDS = {TaskKind.TRAIN: pb.TASK_KIND_TRAIN, TaskKind.VALIDATE: pb.TASK_KIND_VALIDATE,
+          TaskKind.STAGE: pb.TASK_KIND_STAGE}
 _KINDS_BACK = {v: k for k, v in _KINDS.items()}
 
 
@@ -98,26 +99,34 @@ def task_to_proto(task: Task) -> pb.Task:
     return pb.Task(task_id=task.task_id, kind=_KINDS[task.kind], session_id=task.session_id,
                    round=task.round, model_id=task.model_id, model_size=task.model_size,
                    config=to_struct(task.config), deadline_unix=task.deadline_unix,
-                   package_sha256=task.package_sha256, package_size=task.package_size)
+                   package_sha256=task.package_sha256, package_size=task.package_size,
+                   stage=task.stage, payload=task.payload, client_half=task.client_half)
 
 
 def task_from_proto(msg: pb.Task) -> Task:
-    return Task(task_id=msg.task_id, kind=_KINDS_BACK.get(msg.kind, TaskKind.TRAIN),
-                session_id=msg.session_id, round=msg.round, model_id=msg.model_id,
-                model_size=msg.model_size, config=from_struct(msg.config),
-                deadline_unix=msg.deadline_unix, package_sha256=msg.package_sha256,
-                package_size=msg.package_size)
+    """The task; ``UnknownTaskKind`` for a kind this side does not know (never a guess)."""
+    kind = _KINDS_BACK.get(msg.kind)
+    if kind is None:
+        raise UnknownTaskKind(msg.kind, msg.task_id)
+    return Task(task_id=msg.task_id, kind=kind, session_id=msg.session_id, round=msg.round,
+                model_id=msg.model_id, model_size=msg.model_size,
+                config=from_struct(msg.config), deadline_unix=msg.deadline_unix,
+                package_sha256=msg.package_sha256, package_size=msg.package_size,
+                stage=msg.stage or kind.value, payload=bytes(msg.payload),
+                client_half=msg.client_half)
 
 
 MAX_ID_CHARS = 128  # task, session and model ids are 16-64 characters; nothing longer is kept
 
 
-def _ids(msg: pb.UpdateHeader | pb.ValidationReport) -> None:
+def _ids(msg: pb.UpdateHeader | pb.ValidationReport | pb.StageReply) -> None:
     """Refuse ids no combiner ever handed out, before they reach events or tables: a 4 MiB
     ``session_id`` would otherwise be copied into every rejection event."""
     for name in ("task_id", "session_id", "model_id"):
-        if len(getattr(msg, name)) > MAX_ID_CHARS:
+        if hasattr(msg, name) and len(getattr(msg, name)) > MAX_ID_CHARS:
             raise UpdateRejected("malformed", f"{name} is over {MAX_ID_CHARS} characters")
+    if isinstance(msg, pb.StageReply) and len(msg.stage) > MAX_ID_CHARS:
+        raise UpdateRejected("malformed", f"stage is over {MAX_ID_CHARS} characters")
     if isinstance(msg, pb.UpdateHeader) and len(msg.sha256) not in (0, 64):
         raise UpdateRejected("malformed", "sha256 must be 64 hex characters")
 
@@ -135,3 +144,9 @@ def validation_from_proto(msg: pb.ValidationReport, client_id: str) -> Validatio
     return ValidationReport(client_id=client_id, task_id=msg.task_id, session_id=msg.session_id,
                             round=msg.round, model_id=msg.model_id, num_examples=msg.num_examples,
                             metrics=client_values(msg.metrics))
+
+
+def stage_reply_from_proto(msg: pb.StageReply, client_id: str) -> StageReply:
+    _ids(msg)
+    return StageReply(client_id=client_id, task_id=msg.task_id, session_id=msg.session_id,
+                      round=msg.round, stage=msg.stage, payload=bytes(msg.payload))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fedray.bridge.tls import server_tls
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError
-from fedray.strategies import make_strategy
+from fedray.strategies import NormCheck, make_strategy
 from fedray.strategies.selection import check_select
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -164,12 +164,18 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
     except ConfigError as exc:  # it names the field itself
         origin = blame.touched("session.select")
         raise ConfigError(f"--set {origin}: {exc}" if origin else f"{c.source}: {exc}") from None
-    if s.buffer_size and s.buffer_size < s.min_clients and not strategy.asynchronous:
+    declared = strategy.declare()
+    asynchronous = declared.asynchronous is not None
+    if s.buffer_size and s.buffer_size < s.min_clients and not asynchronous:
         raise blame.among(("session.buffer_size", "session.min_clients"), "session.buffer_size",
                           f"({s.buffer_size}) closes rounds before session.min_clients "
                           f"({s.min_clients}) updates can arrive; raise it or lower "
                           "min_clients")
-    if strategy.keeps_updates and not strategy.asynchronous:
+    if s.max_update_norm is not None and declared.layout.norm is NormCheck.OFF:
+        raise blame.among((*STRATEGY, "session.max_update_norm"), "session.max_update_norm",
+                          f"cannot apply: {s.aggregator!r} sends updates whose layout has no "
+                          "norm (encoded or masked); leave max_update_norm unset")
+    if declared.keeps_updates and not asynchronous:
         most = most_updates_per_round(c)
         if most > s.max_kept_updates:
             raise blame.among(ROUND_SIZE, "session.aggregator",

@@ -40,14 +40,18 @@ class EdgeClient:
         self.worker = CallbackWorker(train, validate)
 
     def runner(self, gateway: str, name: str, token: str | None = None,
-               tls: ClientTls | None = None, attrs: dict[str, str] | None = None) -> EdgeRunner:
+               tls: ClientTls | None = None, attrs: dict[str, str] | None = None,
+               client_halves: tuple[str, ...] = ()) -> EdgeRunner:
         token = token if token is not None else os.environ.get("FEDRAY_TOKEN")
         return EdgeRunner(self.worker, EdgeSettings(gateway=gateway, name=name, token=token,
-                                                    tls=tls, attrs=dict(attrs or {})))
+                                                    tls=tls, attrs=dict(attrs or {}),
+                                                    client_halves=tuple(client_halves)))
 
     def start(self, gateway: str, name: str, token: str | None = None,
-              tls: ClientTls | None = None, attrs: dict[str, str] | None = None) -> None:
+              tls: ClientTls | None = None, attrs: dict[str, str] | None = None,
+              client_halves: tuple[str, ...] = ()) -> None:
         """Serve tasks until interrupted; with ``tls=ClientTls.from_files(ca="ca.pem")`` it
         dials over TLS and verifies the servers' certificates. ``attrs`` (``{"site": "eu"}``)
-        tell the federation about this client."""
-        asyncio.run(self.runner(gateway, name, token, tls, attrs).run())
+        tell the federation about this client; ``client_halves`` names the modules whose
+        strategy client halves it may run (fedray's own always run)."""
+        asyncio.run(self.runner(gateway, name, token, tls, attrs, client_halves).run())

@@ -67,10 +67,14 @@ def edge() -> None:
 @click.option("--share-tracebacks", is_flag=True,
               help="Send failed tasks' tracebacks to the federation (they name local files); "
                    "by default it gets the error's class and first line.")
+@click.option("--allow-client-half", "client_halves", multiple=True, metavar="MODULE",
+              help="Run the client half a session's strategy names from MODULE (repeatable); "
+                   "fedray's own (fedray.*) always run.")
 def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
           pin: str | None, insecure: bool, data: str, attrs: tuple[str, ...], ca: str | None,
           system_roots: bool, cert: str | None, key: str | None, tls_server_name: str,
-          max_model_mb: int, max_package_mb: int, no_env: bool, share_tracebacks: bool) -> None:
+          max_model_mb: int, max_package_mb: int, no_env: bool, share_tracebacks: bool,
+          client_halves: tuple[str, ...]) -> None:
     """Connect to a federation and serve its train/validate tasks until stopped."""
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
@@ -92,7 +96,7 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
                             attrs=parse_attrs(attrs), max_model_bytes=max_model_mb * MiB,
                             max_package_bytes=max_package_mb * MiB,
-                            share_tracebacks=share_tracebacks)
+                            share_tracebacks=share_tracebacks, client_halves=client_halves)
     runner = EdgeRunner(worker, settings)
     click.echo(f"[{name}] starting; gateway {gateway}{' over TLS' if tls else ''}; Ctrl-C to stop")
     asyncio.run(_serve(runner))

@@ -1,22 +1,19 @@
 """The edge client: dials out to the gateway and a combiner, runs tasks, reconnects.
 
 An asyncio core, so one process can host many clients (the benchmark runs hundreds).
-It never listens on a port and never imports Ray, pymongo or minio. User code (a Python
-callback or a compute package) runs in a worker thread, so heartbeats keep flowing while
-it trains.
+It never listens on a port and never imports Ray, pymongo or minio. This module is the
+connection: the gateway's assignment, the task stream, heartbeats, and reconnecting with
+backoff (a wrong token or a repeated TLS mistake ends it, with a hint). What a task runs
+is ``fedray.edge.tasks``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import random
-import time
-import traceback
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,23 +22,24 @@ import grpc
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.tls import ClientTls
-from fedray.bridge.wire import auth_metadata, task_from_proto, to_struct
+from fedray.bridge.wire import auth_metadata, task_from_proto
 from fedray.edge.downloads import (
     DEFAULT_MAX_MODEL_MB,
     DEFAULT_MAX_PACKAGE_MB,
     MiB,
-    fetch_model,
-    fetch_package,
 )
-from fedray.edge.workers import RemotePackageWorker, Worker
-from fedray.errors import AuthError, ConfigError, FedrayError, PackageError, TransportError
-from fedray.messages import Task, TaskKind, attrs_problem
-from fedray.packages.archive import is_sha256
-from fedray.packages.run import default_cache_dir
+from fedray.edge.tasks import Link, TaskRunner
+from fedray.edge.workers import Worker
+from fedray.errors import (
+    AuthError,
+    ConfigError,
+    TransportError,
+    UnknownTaskKind,
+)
+from fedray.messages import attrs_problem
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -51,8 +49,6 @@ FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 MAX_HEARTBEAT_MISSES = 3
 HEARTBEAT_BOUNDS_S = (0.5, 60.0)  # what a combiner's heartbeat interval is clamped to
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
-MAX_FAILURE_CHARS = 300  # the one line a failed task sends to the combiner
-MAX_SHARED_TRACEBACK_CHARS = 1500  # the end of the traceback, with --share-tracebacks
 
 
 def check_attrs(attrs: dict[str, str]) -> dict[str, str]:
@@ -78,28 +74,10 @@ class EdgeSettings:
     max_model_bytes: int = DEFAULT_MAX_MODEL_MB * MiB  # whatever a task announces
     max_package_bytes: int = DEFAULT_MAX_PACKAGE_MB * MiB
     share_tracebacks: bool = False  # send failed tasks' tracebacks (they name local files)
+    client_halves: tuple[str, ...] = ()  # modules whose client halves may run (fedray.* may)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attrs", check_attrs(self.attrs))
-
-
-class ModelCache:
-    """Models by id; an entry is only ever stored after its sha256 matched the id."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[str, memoryview] = OrderedDict()
-
-    def get(self, model_id: str) -> memoryview | None:
-        data = self._items.get(model_id)
-        if data is not None:
-            self._items.move_to_end(model_id)
-        return data
-
-    def put(self, model_id: str, data: memoryview) -> None:
-        self._items[model_id] = data
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
 
 
 class EdgeRunner:
@@ -110,16 +88,18 @@ class EdgeRunner:
         self.worker = worker
         self.settings = settings
         self.say = say or (lambda line: print(line, flush=True))
-        self.cache = ModelCache(settings.cached_models)
         self.metadata = auth_metadata(settings.token, settings.name)
         self.client_id = ""
         self.combiner = ""
-        self.tasks_done = 0
         self.target = f"gateway {settings.gateway}"  # what we are talking to, for messages
         self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
         self.stop = asyncio.Event()
         self._told_identity = ""
-        self._events: set[asyncio.Future] = set()  # progress events on their way
+        self.tasks = TaskRunner(worker, settings, self._line, self.say)
+
+    @property
+    def tasks_done(self) -> int:
+        return self.tasks.done
 
     def _line(self, text: str) -> None:
         self.say(f"[{self.settings.name}] {text}")
@@ -218,7 +198,13 @@ class EdgeRunner:
                     if msg is None:
                         self._line(f"{assignment.combiner} closed the task stream")
                         return
-                    await self._handle(stub, task_from_proto(msg))
+                    link = Link(stub, self.metadata, self.client_id)
+                    try:
+                        task = task_from_proto(msg)
+                    except UnknownTaskKind as exc:  # refused, never run as something else
+                        await self.tasks.refuse(link, msg, exc)
+                        continue
+                    await self.tasks.handle(link, task)
             finally:
                 beats.cancel()
                 stopper.cancel()
@@ -253,125 +239,6 @@ class EdgeRunner:
             self._line(f"connected as {self.client_id} (the name of your token); "
                        f"--name {self.settings.name} is ignored")
 
-    async def _install_package(self, stub: pb_grpc.CombinerStub, task: Task) -> None:
-        """Download the session's compute package, verify it, unpack it, and use it."""
-        sha256 = task.package_sha256
-        if not is_sha256(sha256):  # it names a file below: nothing else may
-            raise PackageError(f"the task's package_sha256 {sha256[:80]!r} is not a sha256 "
-                               "(64 lowercase hex characters)")
-        self.worker.allow(sha256)
-        cache = self.worker.cache_dir or default_cache_dir()
-        archive = cache / "archives" / f"{sha256}.tgz"
-        if not archive.is_file():
-            await fetch_package(stub, self.metadata, self.client_id, sha256, task.package_size,
-                                self.settings.max_package_bytes, archive)
-        try:
-            name = await asyncio.to_thread(self.worker.install, sha256, archive)
-        except PackageError:
-            archive.unlink(missing_ok=True)  # fetch it afresh next time
-            raise
-        self._line(f"installed compute package {name!r} (sha256 {sha256[:12]})")
-
-    async def _fetch(self, stub: pb_grpc.CombinerStub, model_id: str, size: int = 0) -> memoryview:
-        cached = self.cache.get(model_id)
-        if cached is not None:
-            return cached
-        data = await fetch_model(stub, self.metadata, self.client_id, model_id, size,
-                                 self.settings.max_model_bytes)
-        if await asyncio.to_thread(_sha256, data) != model_id:
-            raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
-        self.cache.put(model_id, data)
-        return data
-
-    async def _handle(self, stub: pb_grpc.CombinerStub, task: Task) -> None:
-        what = f"round {task.round} {task.kind.value}"
-        started = time.perf_counter()
-        try:
-            if isinstance(self.worker, RemotePackageWorker) and task.package_sha256 \
-                    and task.package_sha256 != self.worker.sha256:
-                await self._install_package(stub, task)
-            prepare = getattr(self.worker, "prepare", None)
-            if prepare is not None:  # a package's python env: built once, then a no-op
-                await asyncio.to_thread(prepare, self._progress(stub))
-            model = await self._fetch(stub, task.model_id, task.model_size)
-            if task.kind is TaskKind.TRAIN:
-                data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
-                digest = await asyncio.to_thread(_sha256, data)
-                reply = await stub.PushUpdate(self._parts(task, data, digest, examples, metrics),
-                                              metadata=self.metadata)
-                outcome = "update accepted" if reply.accepted else f"update REJECTED: {reply.reason}"
-            else:
-                examples, metrics = await asyncio.to_thread(self.worker.validate, model, task.config)
-                await stub.PushValidation(pb.ValidationReport(
-                    client_id=self.client_id, task_id=task.task_id, session_id=task.session_id,
-                    round=task.round, model_id=task.model_id, num_examples=examples,
-                    metrics=to_struct(metrics)), metadata=self.metadata)
-                outcome = "validation sent"
-        except grpc.aio.AioRpcError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - user code failed: report it, stay up
-            await self._report_failure(stub, task, what, exc)
-            return
-        self.tasks_done += 1
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-        self._line(f"{what} on model {task.model_id[:10]}: {examples} examples, "
-                   f"{time.perf_counter() - started:.2f}s{', ' + shown if shown else ''} -> {outcome}")
-
-    def _progress(self, stub: pb_grpc.CombinerStub) -> Callable[[str], None]:
-        """A line in this client's output and an info event at the combiner; callable from
-        a worker thread (building a package's python env reports through it)."""
-        loop = asyncio.get_running_loop()
-
-        def say(message: str) -> None:
-            self._line(message)
-            loop.call_soon_threadsafe(self._send_event, stub, message)
-
-        return say
-
-    def _send_event(self, stub: pb_grpc.CombinerStub, message: str) -> None:
-        task = asyncio.ensure_future(self._push_event(stub, message))
-        self._events.add(task)
-        task.add_done_callback(self._events.discard)
-
-    async def _push_event(self, stub: pb_grpc.CombinerStub, message: str) -> None:
-        try:
-            await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="info",
-                                                message=message[:MAX_FAILURE_CHARS]),
-                                 metadata=self.metadata, timeout=10)
-        except grpc.aio.AioRpcError as exc:  # progress only: the task goes on without it
-            log.info("progress event not sent: %s", exc.code().name)
-
-    async def _report_failure(self, stub: pb_grpc.CombinerStub, task: Task, what: str,
-                              exc: Exception) -> None:
-        """Everything goes to this client's own output; the combiner gets the error's class
-        and first line only, as its traceback names this machine's files (unless the client
-        shares tracebacks)."""
-        text = str(exc).strip()
-        first = (text.splitlines() or [""])[0][:MAX_FAILURE_CHARS]
-        detail = text if isinstance(exc, FedrayError) \
-            else "".join(traceback.format_exception(exc)).rstrip()
-        self._line(f"{what} FAILED: {type(exc).__name__}: {first}")
-        if detail.strip() != first:
-            self.say(detail)
-        message = first
-        if self.settings.share_tracebacks:
-            message = f"{first}\n{detail[-MAX_SHARED_TRACEBACK_CHARS:]}"
-        await stub.PushEvent(pb.EventReport(client_id=self.client_id, level="error",
-                                            message=message, task_id=task.task_id,
-                                            error_class=type(exc).__name__),
-                             metadata=self.metadata)
-
-    async def _parts(self, task: Task, data: bytes, digest: str, examples: int, metrics: dict):
-        yield pb.UpdatePart(header=pb.UpdateHeader(
-            client_id=self.client_id, task_id=task.task_id, session_id=task.session_id,
-            round=task.round, model_id=task.model_id, num_examples=examples,
-            metrics=to_struct(metrics), size=len(data), sha256=digest))
-        view = memoryview(data)
-        for offset in range(0, len(data), CHUNK):
-            yield pb.UpdatePart(chunk=pb.Chunk(data=bytes(view[offset : offset + CHUNK]),
-                                               offset=offset, total_size=len(data)))
-
-
 def heartbeat_interval(sent: float, current: float) -> float:
     """The combiner's interval within ``HEARTBEAT_BOUNDS_S``: a tiny one would beat in a
     busy loop, a huge one would let the combiner take us for dead. Unset (0) or not a
@@ -382,5 +249,3 @@ def heartbeat_interval(sent: float, current: float) -> float:
     return min(max(sent, low), high)
 
 
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()

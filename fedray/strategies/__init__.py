@@ -2,37 +2,56 @@
 
 ``session.aggregator`` is a registered name or ``package.module:Class`` naming a user's
 own ``Strategy`` subclass; ``session.aggregator_kwargs`` are its constructor's options.
-Both are checked when the config is loaded, so a typo never reaches the actors.
+Both are checked when the config is loaded, so a typo never reaches the actors. The
+contract is ``base`` (what a strategy decides and computes), ``declaration`` (what it
+declares the runtime must do), ``snapshots`` and ``updates`` (what it decides over and
+folds), and ``client_half`` (its optional edge side).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from typing import Any
 
 from fedray.errors import ConfigError
-from fedray.strategies.base import (
+from fedray.strategies.base import KeptStrategy, Strategy
+from fedray.strategies.client_half import ClientHalf
+from fedray.strategies.declaration import (
+    TRAIN,
+    VALIDATE,
+    Asynchronous,
+    CloseRule,
+    Declaration,
+    NormCheck,
+    Stage,
+    UpdateLayout,
+    When,
+)
+from fedray.strategies.loading import load_object
+from fedray.strategies.snapshots import (
     ACCEPT,
-    Accumulator,
     ClientInfo,
     CloseReason,
-    Kept,
-    KeptStrategy,
-    KeptUpdates,
+    Reply,
     RoundContext,
     RoundPlan,
+    RoundState,
     ShareSnapshot,
-    ShareStart,
-    Strategy,
-    Update,
+    Staleness,
     UpdateMeta,
     Verdict,
+)
+from fedray.strategies.updates import (
+    Accumulator,
+    KeepAll,
+    Kept,
+    KeptUpdates,
+    ShareStart,
+    Update,
 )
 
 REGISTRY: dict[str, str] = {
     "fedavg": "fedray.strategies.fedavg:FedAvg",
+    "fedprox": "fedray.strategies.fedprox:FedProx",
     "fedavgm": "fedray.strategies.fedopt:FedAvgM",
     "fedadam": "fedray.strategies.fedopt:FedAdam",
     "fedyogi": "fedray.strategies.fedopt:FedYogi",
@@ -48,36 +67,13 @@ REGISTRY: dict[str, str] = {
 }
 
 __all__ = [
-    "ACCEPT", "Accumulator", "ClientInfo", "CloseReason", "Kept", "KeptStrategy", "KeptUpdates",
-    "REGISTRY", "RoundContext", "RoundPlan", "ShareSnapshot", "ShareStart", "Strategy", "Update",
-    "UpdateMeta", "Verdict", "load_object", "make_strategy", "strategy_class",
+    "ACCEPT", "Accumulator", "Asynchronous", "ClientHalf", "ClientInfo", "CloseReason",
+    "CloseRule", "Declaration", "KeepAll", "Kept", "KeptStrategy", "KeptUpdates", "NormCheck",
+    "REGISTRY", "Reply", "RoundContext", "RoundPlan", "RoundState", "ShareSnapshot",
+    "ShareStart", "Stage", "Staleness", "Strategy", "TRAIN", "Update", "UpdateLayout",
+    "UpdateMeta", "VALIDATE", "Verdict", "When", "load_object", "make_strategy",
+    "strategy_class",
 ]  # fmt: skip
-
-
-def load_object(target: str, what: str) -> Any:
-    """``package.module:attr``, imported; a ConfigError that says what failed otherwise.
-
-    The working directory is importable, as it is for ``ray job submit --working-dir .``.
-    """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{what} {target!r} must be package.module:name")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{what} {target!r}: cannot import {module_name} ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - user code failed while importing
-        raise ConfigError(f"{what} {target!r}: importing {module_name} failed: "
-                          f"{type(exc).__name__}: {exc}") from None
-    obj = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"{what} {target!r}: {module_name} has no {attr!r}") from None
-    return obj
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -92,9 +88,18 @@ def strategy_class(name: str) -> type[Strategy]:
 
 
 def make_strategy(name: str, kwargs: dict[str, Any] | None = None) -> Strategy:
-    """A fresh strategy for a session; options that do not fit are a ConfigError."""
+    """A fresh strategy for a session; options that do not fit, or a declaration that
+    does not hold, are a ConfigError."""
     cls = strategy_class(name)
     try:
-        return cls(**(kwargs or {}))
+        strategy = cls(**(kwargs or {}))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"session.aggregator_kwargs do not fit {name!r}: {exc}") from None
+    try:
+        declaration = strategy.declare()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"aggregator {name!r} declares what cannot run: {exc}") from None
+    if not isinstance(declaration, Declaration):
+        raise ConfigError(f"aggregator {name!r}: declare() must return a "
+                          f"fedray.strategies.Declaration, got {type(declaration).__name__}")
+    return strategy

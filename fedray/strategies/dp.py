@@ -29,29 +29,19 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
+from fedray.config import SessionConfig
 from fedray.errors import ConfigError
 from fedray.strategies.accountant import RDPAccountant
-from fedray.strategies.base import (
-    BLOCK,
-    Accumulator,
-    Model,
-    RoundContext,
-    RoundPlan,
-    ShareStart,
-    Strategy,
-    Update,
-    add_scaled,
-    add_scaled_delta,
-    delta_norm,
-)
+from fedray.strategies.base import Strategy
+from fedray.strategies.declaration import Declaration, NormCheck, UpdateLayout
+from fedray.strategies.numeric import BLOCK, Model, add_scaled, add_scaled_delta, delta_norm
 from fedray.strategies.selection import eligible, plan_round
-
-if TYPE_CHECKING:
-    from fedray.config import SessionConfig
+from fedray.strategies.snapshots import RoundContext, RoundPlan
+from fedray.strategies.updates import Accumulator, ShareStart, Update
 
 CLIPPING_NORM = "dp.clipping_norm"  # the RoundPlan.params key combiners clip with
 
@@ -76,7 +66,7 @@ class ClippedSum(Accumulator[ClippedSums]):
                                      if _floating(share.base[name])}, clipping_norm)
 
     def fold(self, update: Update) -> None:
-        norm = update.meta.norm  # the intake computed it against this base (needs_norm)
+        norm = update.meta.norm  # the intake computed it against this base (NormCheck.ALWAYS)
         if norm is None:
             norm = delta_norm(update.model, self.base)
         if not math.isfinite(norm):
@@ -126,8 +116,12 @@ class DPFedAvgFixed(Strategy[ClippedSums, ClippedSums]):
     """
 
     name = "dp_fixed"
-    needs_norm = True  # the intake computes ||update - base||; fold reuses it
     adaptive: ClassVar[bool] = False
+
+    def declare(self) -> Declaration:
+        """Train then validate, like FedAvg; the intake computes every update's
+        ``||update - base||`` (``NormCheck.ALWAYS``) and the fold clips with it."""
+        return Declaration(layout=UpdateLayout(norm=NormCheck.ALWAYS))
 
     def __init__(self, noise_multiplier: float, clipping_norm: float, delta: float = 1e-5,
                  sampling_amplification: bool = True, seed: int | None = None) -> None:

@@ -12,16 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedray.strategies.base import (
-    BLOCK,
-    Accumulator,
-    Model,
-    ShareStart,
-    Spec,
-    Strategy,
-    Update,
-    add_scaled,
-)
+from fedray.strategies.base import Strategy
+from fedray.strategies.numeric import BLOCK, Model, Spec, add_scaled
+from fedray.strategies.updates import Accumulator, ShareStart, Update
 
 
 @dataclass

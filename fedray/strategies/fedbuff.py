@@ -9,8 +9,9 @@ version every K updates (``session.buffer_size``, else ``session.min_clients``):
 where ``base_i`` is the version update i was trained from, ``tau_i`` its staleness
 (versions committed since then) and ``s`` the staleness weight: ``1/sqrt(1+tau)`` by
 default, ``constant``, ``hinge`` (1 up to ``hinge_a``, then ``1/(b (tau - a) + 1)``), or a
-``package.module:callable`` of tau. Updates staler than ``max_staleness`` are dropped with
-an event. With every update fresh and K clients this is FedAvg of the buffer. The
+``package.module:callable`` of tau. Both are the strategy's ``weigh`` decision: updates
+staler than ``max_staleness`` are dropped (the controller says so in an event), the others
+carry their weight in ``UpdateMeta.weight`` into the fold. With every update fresh and K clients this is FedAvg of the buffer. The
 controller keeps the last ``max_staleness + 1`` versions to compute the differences; its
 memory is one float64 model (the fold's sums), plus the next version in the model's own
 dtypes while ``finish`` writes it.
@@ -20,22 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
 
 import numpy as np
 
-from fedray.strategies.base import (
-    BLOCK,
-    Accumulator,
-    Model,
-    ShareStart,
-    Strategy,
-    Update,
-    UpdateMeta,
-    Verdict,
-    add_scaled_delta,
-)
+from fedray.strategies.base import Strategy
+from fedray.strategies.declaration import TRAIN, VALIDATE, Asynchronous, Declaration
 from fedray.strategies.fedavg import WeightedSums, add_sums
+from fedray.strategies.loading import load_object
+from fedray.strategies.numeric import BLOCK, Model, add_scaled_delta
+from fedray.strategies.snapshots import ACCEPT, Staleness, UpdateMeta, Verdict
+from fedray.strategies.updates import Accumulator, ShareStart, Update
 
 PROBED = 1000  # the staleness weights checked when a FedBuff is made (0 ... this)
 
@@ -51,8 +46,6 @@ def staleness_function(name: str, hinge_a: float, hinge_b: float) -> Callable[[i
     if name == "hinge":
         return lambda tau: 1.0 if tau <= hinge_a else 1.0 / (hinge_b * (tau - hinge_a) + 1.0)
     if ":" in name:
-        from fedray.strategies import load_object
-
         fn = load_object(name, "aggregator_kwargs.staleness")
         if not callable(fn):
             raise ValueError(f"staleness {name!r} is not callable")
@@ -73,19 +66,19 @@ def _integer(array: np.ndarray) -> bool:
 
 
 class StaleWeightedDeltas(Accumulator[WeightedSums]):
-    """``sum s(tau) n (x - base)`` in float64; ``weight`` sums ``n`` (not ``s(tau) n``), so
-    stale updates shrink the step instead of being renormalised away."""
+    """``sum s(tau) n (x - base)`` in float64, ``s(tau)`` being ``UpdateMeta.weight`` (the
+    strategy's staleness decision); ``weight`` sums ``n`` (not ``s(tau) n``), so stale
+    updates shrink the step instead of being renormalised away."""
 
-    def __init__(self, share: ShareStart, weigh: Callable[[UpdateMeta], float]) -> None:
+    def __init__(self, share: ShareStart) -> None:
         self.share = share
-        self.weigh = weigh
         self._partial = WeightedSums({name: np.zeros(shape, np.float64)
                                       for name, (_, shape) in share.spec.items()})
 
     def fold(self, update: Update) -> None:
         meta = update.meta
         base = self.share.base_of(meta.base_version) if self.share.base_of else self.share.base
-        scale = self.weigh(meta) * meta.num_examples
+        scale = meta.weight * meta.num_examples
         for name, acc in self._partial.sums.items():
             add_scaled_delta(acc, update.model[name], base[name], scale)
         self._partial.weight += meta.num_examples
@@ -97,8 +90,6 @@ class StaleWeightedDeltas(Accumulator[WeightedSums]):
 
 class FedBuff(Strategy[WeightedSums, WeightedSums]):
     name = "fedbuff"
-    asynchronous: ClassVar[bool] = True
-    keeps_updates: ClassVar[bool] = True  # combiners forward each update by reference
 
     def __init__(self, max_staleness: int = 10, staleness: str = "polynomial",
                  server_lr: float = 1.0, hinge_a: float = 10.0, hinge_b: float = 4.0) -> None:
@@ -140,14 +131,25 @@ class FedBuff(Strategy[WeightedSums, WeightedSums]):
             raise ValueError(f"staleness weight of {staleness} is {w}, not a finite number >= 0")
         return w
 
+    def declare(self) -> Declaration:
+        """Asynchronous serving: combiners forward every accepted update by reference
+        (kept), and the runtime keeps the last ``max_staleness + 1`` versions."""
+        return Declaration(stages=(TRAIN, VALIDATE), keeps_updates=True,
+                           asynchronous=Asynchronous(self.max_staleness))
+
     def accept(self, meta: UpdateMeta) -> Verdict:
+        """At the combiner: an update already too stale is not forwarded at all."""
+        decision = self.weigh(meta)
+        return Verdict(False, decision.drop, decision.detail) if decision.drop else ACCEPT
+
+    def weigh(self, meta: UpdateMeta) -> Staleness:
         if meta.staleness > self.max_staleness:
-            return Verdict(False, "stale", f"staleness {meta.staleness} is over max_staleness "
-                           f"{self.max_staleness}")
-        return Verdict(True)
+            return Staleness.dropped("stale", f"staleness {meta.staleness} is over "
+                                     f"max_staleness {self.max_staleness}")
+        return Staleness(self.weight(meta.staleness))
 
     def start(self, share: ShareStart) -> Accumulator[WeightedSums]:
-        return StaleWeightedDeltas(share, lambda meta: self.weight(meta.staleness))
+        return StaleWeightedDeltas(share)
 
     def reduce(self, partials: Sequence[WeightedSums]) -> WeightedSums:
         carrying = [p for p in partials if p.count > 0]

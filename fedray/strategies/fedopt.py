@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedray.strategies.base import Model
 from fedray.strategies.fedavg import FedAvg, WeightedSums, weighted_mean
+from fedray.strategies.numeric import Model
 
 
 class ServerOptimizer(FedAvg):

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedray.config import SessionConfig
 from fedray.errors import ConfigError
-from fedray.strategies.base import BLOCK, KeptStrategy, Model, RoundContext, RoundPlan, UpdateMeta
-
-if TYPE_CHECKING:
-    from fedray.config import SessionConfig
+from fedray.strategies.base import KeptStrategy
+from fedray.strategies.numeric import BLOCK, Model
+from fedray.strategies.snapshots import RoundContext, RoundPlan, UpdateMeta
 
 Models = list[Mapping[str, np.ndarray]]
 

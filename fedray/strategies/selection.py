@@ -19,7 +19,8 @@ from functools import cache
 from typing import Any
 
 from fedray.errors import ConfigError
-from fedray.strategies.base import ClientInfo, RoundContext, RoundPlan
+from fedray.strategies.loading import load_object
+from fedray.strategies.snapshots import ClientInfo, RoundContext, RoundPlan
 
 Policy = Callable[[tuple[ClientInfo, ...], RoundContext], Iterable[str]]
 
@@ -38,8 +39,6 @@ def check_select(select: Any) -> None:
 
 @cache
 def load_policy(target: str) -> Policy:
-    from fedray.strategies import load_object
-
     policy = load_object(target, "session.select.policy")
     if not callable(policy):
         raise ConfigError(f"session.select.policy {target!r} is not callable")

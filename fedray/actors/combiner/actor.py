@@ -17,6 +17,7 @@ import ray
 
 from fedray.actors.combiner.core import CombinerCore
 from fedray.actors.combiner.servicer import CombinerServicer
+from fedray.actors.hosting import advertised_host, quiet
 from fedray.actors.memory import release_free_memory, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
@@ -26,24 +27,14 @@ from fedray.bridge.server import ServerLimits, start_server
 from fedray.bridge.tls import ServerTls
 from fedray.config import CombinersConfig
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
-from fedray.strategies.base import ClientInfo, Kept, Strategy
+from fedray.strategies.base import Strategy
+from fedray.strategies.snapshots import ClientInfo
+from fedray.strategies.updates import Kept
 from fedray.tracking.tokens import tracking_token_loader
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
-# Calls made every round or more often (polls, lookups) record no task event: the GCS keeps
-# one for every task (up to RAY_task_events_max_num_task_in_gcs, 100,000 by default), which
-# made it grow by about 30 KB per round. Rounds themselves (run_round) stay visible.
-quiet = ray.method(enable_task_events=False)
-
-
-def advertised_host(bind_host: str, advertise: str) -> str:
-    if advertise != "auto":
-        return advertise
-    if bind_host in {"127.0.0.1", "localhost", "::1"}:
-        return bind_host
-    return ray.util.get_node_ip_address()
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -96,7 +87,7 @@ class Combiner:
     def _disconnect(self, names: set[str]) -> None:
         """Close the task streams of clients whose tokens were just revoked."""
         for name in names & set(self.core.clients):
-            self.core.clients[name].queue.put_nowait(None)
+            self.core.clients[name].close()
             self.observer.event("warning", f"client {name}: its token was revoked; disconnected",
                                 client_id=name)
 
@@ -129,9 +120,10 @@ class Combiner:
     async def start_session(self, session_id: str, strategy: Strategy) -> None:
         self.core.start_session(session_id, strategy)
 
-    async def run_round(self, spec: RoundSpec, model: np.ndarray) -> RoundResult:
+    async def run_round(self, spec: RoundSpec, model: np.ndarray | None) -> RoundResult:
         # Ray resolves the ObjectRef the controller passed: `model` is a zero-copy view of
-        # the one serialized copy in the object store, shared by every combiner on the node.
+        # the one serialized copy in the object store, shared by every combiner on the node
+        # (None for a stage that sends no model).
         result = await self.core.run_round(spec, model)
         release_free_memory()  # the round's upload buffers and temporaries
         return result

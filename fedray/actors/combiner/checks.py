@@ -1,36 +1,51 @@
-"""Checks an update's payload against the round's global model before it is folded.
+"""Checks an update's payload against what the strategy declared before it is folded.
 
 Header checks (task, round, model id, duplicates) need the combiner's state and live in
-the combiner's intake; this module checks the bytes themselves: a valid safetensors
-payload within the size bound, whose header is no larger than the global model's needs,
-with exactly the global model's names, dtypes and shapes, and only finite values. It
-returns zero-copy views (checking costs no copy of the model) and the largest magnitude
-seen, so the intake can tell whether weighting the update could overflow the sums.
+the combiner's intake; this module checks the bytes themselves against an ``Expected``
+(``expected_for``: the strategy's ``UpdateLayout`` over the global model's spec, by
+default exactly the global model's names, dtypes and shapes): a valid safetensors payload
+within the size bound, whose header is no larger than the global model's needs, with the
+expected tensors and, when the layout asks, only finite values. It returns zero-copy
+views (checking costs no copy of the model) and the largest magnitude seen, so the intake
+can tell whether weighting the update could overflow the sums.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from fedray.actors.combiner.share import Expected, ModelVersion
 from fedray.errors import SerializationError, UpdateRejected
-from fedray.serialization import Buffer, Layout, Model, decode, read_layout
+from fedray.serialization import Buffer, Model, decode, read_layout, spec_nbytes
+from fedray.strategies.declaration import UpdateLayout
 
 FINITE_BLOCK = 1 << 20
 
 
 HEADER_FACTOR, HEADER_EXTRA = 2, 4096  # an update's header vs the global model's
+HEADER_SLACK = 1 << 20  # an update's bytes may exceed its tensors' by this much
 
 
-def check_update(data: Buffer, expected: Layout, max_bytes: int) -> tuple[Model, float]:
-    """The update's tensors (read-only views) and a bound on its largest magnitude."""
+def expected_for(layout: UpdateLayout, version: ModelVersion, max_update_bytes: int) -> Expected:
+    """What updates trained from ``version`` must look like under ``layout``."""
+    spec = layout.expected(version.layout.spec())
+    header = version.layout.data_offset * HEADER_FACTOR + HEADER_EXTRA
+    return Expected(layout, spec, header,
+                    min(max_update_bytes, spec_nbytes(spec) + version.layout.data_offset
+                        + HEADER_SLACK))
+
+
+def check_update(data: Buffer, expected: Expected, max_bytes: int) -> tuple[Model, float]:
+    """The update's tensors (read-only views) and a bound on its largest magnitude (0
+    when the layout does not ask for finite values)."""
     size = memoryview(data).nbytes
     if size > max_bytes:
         raise UpdateRejected("too_large", f"{size} bytes, the limit is {max_bytes}")
     try:
-        layout = read_layout(data, max_header=expected.data_offset * HEADER_FACTOR + HEADER_EXTRA)
+        layout = read_layout(data, max_header=expected.header_bound)
     except SerializationError as exc:
         raise UpdateRejected("malformed", str(exc)) from None
-    want, got = expected.spec(), layout.spec()
+    want, got = expected.spec, layout.spec()
     if set(want) != set(got):
         missing = sorted(set(want) - set(got))[:3]
         extra = sorted(set(got) - set(want))[:3]
@@ -42,6 +57,8 @@ def check_update(data: Buffer, expected: Layout, max_bytes: int) -> tuple[Model,
             raise UpdateRejected("wrong_shape", f"{name} is {list(got[name][1])}, expected {list(shape)}")
     model = decode(data, layout)
     bound = 0.0
+    if not expected.layout.finite:
+        return model, bound
     for name, arr in model.items():
         top = magnitude_bound(arr)
         if not np.isfinite(top):

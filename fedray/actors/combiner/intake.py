@@ -2,16 +2,18 @@
 
 An update goes through, in order: the header's task (``Share.admit``: right round, right
 client, right model, not answered yet, round still open), the header's numbers (size
-within what the round's model needs, ``num_examples`` in ``(0, max_examples_per_update]``),
+within what the expected layout needs, ``num_examples`` in ``(0, max_examples_per_update]``),
 an upload slot (``max_inflight_uploads`` per combiner, one per client, held until the
 check ends), the chunks (in order, each within ``upload_idle_s`` of the last, on average
 at least ``MIN_UPLOAD_BYTES_PER_S``, in a bounded number of parts, never past the
 announced size), and
 then, in a worker thread so the event loop keeps serving heartbeats: the sha256, the
-safetensors header (bounded by the round model's own header size), names, dtypes and
-shapes, finite values that cannot overflow the float64 sums once weighted, the norm of
-the update's difference from its base model (``max_update_norm``), the strategy's
-``accept``, and the fold. Every refusal is an ``UpdateRejected`` with a short reason, and
+safetensors header (bounded by the round model's own header size), the tensors the
+strategy's declared ``UpdateLayout`` expects (by default the global model's names, dtypes
+and shapes), finite values that cannot overflow the float64 sums once weighted, the norm
+of the update's difference from its base model when the layout computes it
+(``max_update_norm``; always for a strategy that reads it), the strategy's ``accept``,
+and the fold. Every refusal is an ``UpdateRejected`` with a short reason, and
 every refusal but a duplicate settles the client's task, so the round never waits on it.
 A refused update never touches the aggregate: each check runs before the fold starts.
 """
@@ -22,22 +24,23 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
 from fedray.actors.combiner.checks import check_update
+from fedray.actors.combiner.share import Share, TaskEntry
 from fedray.bridge.limits import RateLimiter
 from fedray.errors import UpdateRejected
-from fedray.messages import MetricSums, TaskKind, UpdateHeader
-from fedray.serialization import Layout
-from fedray.strategies.base import Accumulator, Strategy, Update, UpdateMeta, delta_norm
+from fedray.messages import TaskKind, UpdateHeader
+from fedray.strategies.declaration import NormCheck
+from fedray.strategies.numeric import delta_norm
+from fedray.strategies.snapshots import UpdateMeta
+from fedray.strategies.updates import Update
 
 log = logging.getLogger(__name__)
 
-HEADER_SLACK = 1 << 20  # an update's bytes may exceed the global model's by this much
 MAX_WEIGHTED = 1e290  # max |value| * num_examples: float64 sums of 10^15 such stay finite
 MIN_UPLOAD_BYTES_PER_S = 64 * 1024  # an upload slower than this on average is cut off
 CHUNK_BYTES_PER_PART = 1024  # an upload may come in size / this (+ CHUNK_SLACK) parts at most
@@ -45,95 +48,7 @@ CHUNK_SLACK = 16
 REJECTIONS_PER_S = 1.0  # rejection events recorded per client (bursts of 30 s' worth)
 
 
-@dataclass(frozen=True, slots=True)
-class ModelVersion:
-    """A model a share serves and checks updates against (the bytes live in ``models``)."""
-
-    version: int
-    model_id: str
-    layout: Layout
-    base: Mapping[str, np.ndarray]  # read-only views into the model bytes
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_examples: int
-    max_norm: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TaskEntry:
-    client_id: str
-    version: int  # the model version the task sent out
-
-
-@dataclass(eq=False)
-class Share:
-    """One combiner's open share of a round, or of an asynchronous session's stream.
-
-    In a synchronous round ``versions`` holds the round's one model; asynchronously it
-    holds the recent versions clients may still be training from.
-    """
-
-    session_id: str
-    round: int
-    kind: TaskKind
-    strategy: Strategy
-    accumulator: Accumulator | None
-    limits: Limits
-    versions: dict[int, ModelVersion]
-    current: int
-    deadline: float  # monotonic
-    tasks: dict[str, TaskEntry] = field(default_factory=dict)
-    asynchronous: bool = False
-    buffer: int = 0
-    started: float = field(default_factory=time.monotonic)
-    settled: set[str] = field(default_factory=set)  # client ids
-    gone: set[str] = field(default_factory=set)  # settled because they went offline
-    uploading: set[str] = field(default_factory=set)  # one upload per client at a time
-    accepted: int = 0
-    round_accepted: int = 0  # across every combiner (buffered rounds: from the controller)
-    attempt: int = 1
-    rejected: dict[str, int] = field(default_factory=dict)
-    failed: int = 0
-    failures: dict[str, str] = field(default_factory=dict)  # client id -> why its task failed
-    bytes_in: int = 0
-    aggregation_s: float = 0.0
-    metrics: MetricSums = field(default_factory=MetricSums)
-    validations: list[Any] = field(default_factory=list)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set on every accepted fold
-    close_reason: str = ""
-    fold_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def admit(self, client_id: str, task_id: str, session_id: str, round_: int, model_id: str,
-              kind: TaskKind) -> TaskEntry:
-        """The task a report answers, or UpdateRejected saying why it answers none."""
-        if self.session_id != session_id or self.kind is not kind \
-                or (not self.asynchronous and self.round != round_):
-            raise UpdateRejected("stale", f"no open {kind.value} round {round_} of session "
-                                 f"{session_id[:16]}")
-        entry = self.tasks.get(task_id)
-        if entry is None or entry.client_id != client_id:
-            raise UpdateRejected("unknown_task", f"task {task_id[:32]} was not given to "
-                                 f"{client_id}")
-        if not self.asynchronous and client_id in self.settled and client_id not in self.gone:
-            raise UpdateRejected("duplicate", f"{client_id} already answered task {task_id}")
-        if self.asynchronous and entry.version != round_:
-            raise UpdateRejected("unknown_task", f"task {task_id[:32]} was for version "
-                                 f"{entry.version}, not {round_}")
-        version = self.versions.get(entry.version)
-        if version is None or model_id != version.model_id:
-            raise UpdateRejected("wrong_model", f"trained from {model_id[:12]}, the task sent "
-                                 f"{version.model_id[:12] if version else 'a model now gone'}")
-        if self.closed.is_set():
-            raise UpdateRejected("round_closed", f"round {self.round} closed "
-                                 f"({self.close_reason})")
-        return entry
-
-
-ShareLookup = Callable[[str, TaskKind], Share]  # (session id, kind) -> the open share
+ShareLookup = Callable[[str], Share]  # session id -> the open share (UpdateRejected: none)
 Settle = Callable[[Share, str, bool], None]  # (share, client id, accepted)
 Claim = Callable[[Share, str], Awaitable[bool]]  # a buffered round's slot for this client
 
@@ -162,11 +77,10 @@ class UpdateIntake:
         """
         share: Share | None = None
         try:
-            share = self._lookup(header.session_id, TaskKind.TRAIN)
-            entry = share.admit(header.client_id, header.task_id, header.session_id,
-                                header.round, header.model_id, TaskKind.TRAIN)
-            version = share.versions[entry.version]
-            self._check_numbers(header, share, version)
+            share = self._lookup(header.session_id)
+            share.admit(header.client_id, header.task_id, header.session_id, header.round,
+                        TaskKind.TRAIN, header.model_id)
+            self._check_numbers(header, share)
             if header.client_id in share.uploading:  # else one client could take every slot
                 raise UpdateRejected("duplicate", "an upload for this task is already running")
             share.uploading.add(header.client_id)
@@ -200,8 +114,9 @@ class UpdateIntake:
         if not done.cancelled() and done.exception() is not None:
             log.error("checking an update from %s failed", client_id, exc_info=done.exception())
 
-    def _check_numbers(self, header: UpdateHeader, share: Share, version: ModelVersion) -> None:
-        limit = min(self.max_update_bytes, version.size + HEADER_SLACK)
+    def _check_numbers(self, header: UpdateHeader, share: Share) -> None:
+        assert share.expected is not None  # a train share always has one
+        limit = share.expected.size_bound
         if header.size > limit:
             raise UpdateRejected("too_large", f"{header.size} bytes, the limit is {limit}")
         if header.num_examples <= 0:
@@ -219,7 +134,7 @@ class UpdateIntake:
                 # Asked again now: while this update waited its round may have closed (its
                 # partial is taken) or a concurrent copy of it may have been folded.
                 entry = share.admit(header.client_id, header.task_id, header.session_id,
-                                    header.round, header.model_id, TaskKind.TRAIN)
+                                    header.round, TaskKind.TRAIN, header.model_id)
                 started = time.perf_counter()
                 if share.buffer:  # a slot among the round's first K, between check and fold
                     update = await asyncio.to_thread(self._check, share, entry, data, header)
@@ -232,9 +147,7 @@ class UpdateIntake:
                     await asyncio.to_thread(
                         lambda: self._fold(share, self._check(share, entry, data, header)))
                 share.aggregation_s += time.perf_counter() - started
-                if header.client_id in share.gone:  # marked offline mid-upload, but delivered
-                    share.gone.discard(header.client_id)
-                    share.failed -= 1
+                share.delivered(header.client_id)  # marked offline mid-upload, but delivered
                 share.accepted += 1
                 share.arrived.set()
                 self._settle(share, header.client_id, True)
@@ -253,12 +166,15 @@ class UpdateIntake:
         if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
             raise UpdateRejected("checksum", "payload does not match the header's sha256")
         version = share.versions[entry.version]
-        model, magnitude = check_update(data, version.layout, self.max_update_bytes)
+        assert share.expected is not None
+        model, magnitude = check_update(data, share.expected, self.max_update_bytes)
         if magnitude * header.num_examples > MAX_WEIGHTED:
             raise UpdateRejected("overflow", f"values up to {magnitude:.3g} weighted by "
                                  f"{header.num_examples} examples would overflow the sums")
         norm = None
-        if share.strategy.needs_norm or share.limits.max_norm is not None:
+        rule = share.expected.layout.norm
+        if rule is NormCheck.ALWAYS or (rule is NormCheck.WHEN_LIMITED
+                                        and share.limits.max_norm is not None):
             norm = delta_norm(model, version.base)
             if share.limits.max_norm is not None and not norm <= share.limits.max_norm:
                 raise UpdateRejected("norm", f"the update moves the model by {norm:.4g} (L2), "

@@ -24,6 +24,7 @@ from fedray.bridge.server import caller_id
 from fedray.bridge.wire import (
     client_values,
     header_from_proto,
+    stage_reply_from_proto,
     task_to_proto,
     validation_from_proto,
 )
@@ -154,6 +155,17 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         accepted, reason = self.core.push_validation(report)
         if not accepted:
             log.info("validation from %s refused: %s", client_id, reason)
+        return pb.Ack()
+
+    async def PushStageReply(self, request: pb.StageReply, context) -> pb.Ack:
+        client_id = await caller_id(context, request.client_id)
+        try:
+            reply = stage_reply_from_proto(request, client_id)
+        except UpdateRejected as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        accepted, reason = self.core.push_reply(reply)
+        if not accepted:
+            log.info("stage reply from %s refused: %s", client_id, reason)
         return pb.Ack()
 
     async def PushEvent(self, request: pb.EventReport, context) -> pb.Ack:

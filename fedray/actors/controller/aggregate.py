@@ -13,15 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from fedray.errors import FedrayError
+from fedray.errors import AggregateRefused, FedrayError
 from fedray.serialization import decode, encode, read_layout
-from fedray.strategies.base import KeptUpdates, Strategy, is_finite_model
+from fedray.strategies.base import Strategy
+from fedray.strategies.numeric import is_finite_model
+from fedray.strategies.snapshots import RoundState
+from fedray.strategies.updates import KeptUpdates
 
 log = logging.getLogger(__name__)
-
-
-class AggregateRefused(FedrayError):
-    """The strategy could not aggregate the round, or gave a model that is not committed."""
 
 
 async def resolve_kept(pool: Any, partials: list[Any]) -> None:
@@ -32,11 +31,14 @@ async def resolve_kept(pool: Any, partials: list[Any]) -> None:
                 kept.model = decode(await pool.resolve(kept.handle))
 
 
-def next_model(strategy: Strategy, model: bytes, partials: list[Any]) -> bytes:
-    """``finish(model, reduce(partials))`` as safetensors bytes, or AggregateRefused."""
+def next_model(strategy: Strategy, model: bytes, partials: list[Any],
+               state: RoundState | None = None) -> bytes:
+    """``finish(model, reduce_round(partials, state))`` as safetensors bytes (asynchronous
+    versions have no round state: ``reduce``), or AggregateRefused."""
     name = type(strategy).name or type(strategy).__name__
     try:
-        reduced = strategy.reduce(partials)
+        reduced = strategy.reduce(partials) if state is None \
+            else strategy.reduce_round(partials, state)
         new = strategy.finish(decode(model), reduced)
     except FedrayError as exc:
         raise AggregateRefused(f"the strategy refused the round: {exc}") from None

@@ -3,8 +3,9 @@
 Every combiner keeps its participating clients training on the newest version it was
 given and forwards each accepted update by handle (``take_updates``, a long poll). The
 controller folds each update as it comes, weighted by its staleness against the version
-it started from, drops those staler than the strategy's ``max_staleness`` (with an
-event), and commits version v+1 once K updates are in. As many clients participate as
+it started from (the strategy's ``weigh`` decision: a weight, or drop it, with an
+event), and commits version v+1 once K updates are in. The runtime keeps the last
+``Asynchronous.max_staleness + 1`` versions (the strategy's declaration). As many clients participate as
 the strategy plans over those online: one gone is replaced, and joiners are added as far
 as the plan's count grows; nobody waits for the slowest. An update that cannot be read or
 folded is dropped; a refused version discards its buffer and is built again (up to
@@ -23,17 +24,17 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedray.actors.controller.callbacks import RoundDone, RoundFailed, RoundStarted
-from fedray.actors.controller.session_runner import RoundFailedError
-from fedray.errors import SessionError
+from fedray.actors.controller.planning import context, plan_round, wait_for_clients
+from fedray.actors.controller.session import Commit, Session
+from fedray.actors.controller.validation import after_commit
+from fedray.errors import AttemptFailed, SessionError
 from fedray.messages import AsyncSpec
 from fedray.serialization import decode
-from fedray.strategies.base import Accumulator, ClientInfo, Kept, ShareStart, Update
-
-if TYPE_CHECKING:
-    from fedray.actors.controller.session_runner import SessionRunner
+from fedray.strategies.snapshots import ClientInfo
+from fedray.strategies.updates import Accumulator, Kept, ShareStart, Update
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,16 @@ RETRY_S = 1.0  # after a combiner failed, before asking it again
 
 
 class AsyncLoop:
-    def __init__(self, runner: SessionRunner) -> None:
-        self.r = runner
-        s = runner.settings
+    def __init__(self, session: Session) -> None:
+        self.r = session
+        s = session.settings
         self.k = s.buffer_size or s.min_clients
-        self.max_staleness = int(getattr(runner.strategy, "max_staleness", 0))
+        declared = session.declaration.asynchronous
+        self.max_staleness = declared.max_staleness if declared is not None else 0
         self.versions: OrderedDict[int, tuple[str, Any, Mapping[str, Any]]] = OrderedDict()
         self.participants: dict[str, set[str]] = {}
         self.dropped = 0
-        self.first_version = runner.rounds_done
+        self.first_version = session.rounds_done
         self.attempt = 1  # of the next version: a refused aggregate discards its buffer
         self._watch_error = ""  # the last failure of the watch, said once
 
@@ -94,8 +96,8 @@ class AsyncLoop:
         """Clients to add, per combiner: as many participate as the strategy plans over
         the clients online now, topped up from its picks when participants went offline
         (or moved), never beyond that count."""
-        ctx = self.r.context(version + 1, 1, online)
-        plan = self.r.plan(ctx)
+        ctx = context(self.r, version + 1, 1, online)
+        plan = plan_round(self.r, ctx)
         here = {name: {c.client_id for c in clients} for name, clients in online.items()}
         active = sum(len(self.participants.get(name, set()) & ids) for name, ids in here.items())
         fresh = [(name, cid) for name, ids in sorted(plan.clients.items()) for cid in ids
@@ -141,13 +143,13 @@ class AsyncLoop:
         if version >= s.rounds:
             return
         budget_end = time.monotonic() + s.time_budget_s if s.time_budget_s else float("inf")
-        online = await r.wait_for_clients()
+        online = await wait_for_clients(r)
         await self._add_version(version, r.model_id, model)
         for name in r.pool.names:
             self.participants.setdefault(name, set())
         try:
             await self._participants_from(online, version)
-        except RoundFailedError as exc:  # this snapshot only: the watch plans again
+        except AttemptFailed as exc:  # this snapshot only: the watch plans again
             self._watch_failed(exc, version + 1)
         await asyncio.gather(*(self._start_combiner(name, version) for name in r.pool.names))
         current = [version]
@@ -161,8 +163,8 @@ class AsyncLoop:
                 task.cancel()
             await asyncio.gather(*(r.pool.stop_async(name, r.session_id) for name in r.pool.names),
                                  return_exceptions=True)
-        if s.validate and r.rounds_done > version:
-            metrics = await r.validate(r.rounds_done, model, r.model_id)
+        if r.rounds_done > version and r.declaration.after_commit:
+            metrics = await after_commit(r, r.rounds_done, model, r.model_id)
             r.emit(RoundDone(r.session_id, {"round": r.rounds_done, "updates": 0,
                                             "model_id": r.model_id, "train_metrics": {},
                                             "validation_metrics": metrics, "seconds": 0.0,
@@ -229,27 +231,37 @@ class AsyncLoop:
     async def _fold(self, acc: Accumulator, kept: Kept, version: int) -> dict[str, Any] | None:
         """Fold one forwarded update; one that is stale, lost or refused by the strategy
         is dropped with an event, and the session goes on."""
-        meta = kept.meta
-        staleness = version - meta.base_version
-        if staleness > self.max_staleness or meta.base_version not in self.versions:
+        meta = dataclasses.replace(kept.meta, staleness=version - kept.meta.base_version)
+        try:
+            decision = self.r.strategy.weigh(meta)
+        except Exception as exc:  # noqa: BLE001 - user strategy code: this update only
+            return self._drop(meta, version, "strategy_error", "warning", f"strategy "
+                              f"{self.r.settings.aggregator!r} failed to weigh it: "
+                              f"{type(exc).__name__}: {exc}")
+        if decision.drop:
+            return self._drop(meta, version, decision.drop, "info", f"trained from version "
+                              f"{meta.base_version}, {meta.staleness} version(s) old"
+                              f"{': ' + decision.detail if decision.detail else ''}",
+                              staleness=meta.staleness)
+        if meta.base_version not in self.versions:  # older than the versions kept
             return self._drop(meta, version, "stale", "info", f"trained from version "
-                              f"{meta.base_version}, {staleness} version(s) old, over "
-                              f"max_staleness {self.max_staleness}", staleness=staleness)
-        meta = dataclasses.replace(meta, staleness=staleness)
+                              f"{meta.base_version}, which is no longer kept",
+                              staleness=meta.staleness)
+        weight = float(decision.weight)
+        meta = dataclasses.replace(meta, weight=weight)
         try:
             raw = await self.r.pool.resolve(kept.handle)
         except Exception as exc:  # noqa: BLE001 - its combiner died after forwarding it
             return self._drop(meta, version, "lost", "warning", f"it could not be read "
                               f"({type(exc).__name__}: {str(exc)[:200]})")
         try:
-            weight = float(getattr(self.r.strategy, "weight", lambda s: 1.0)(staleness))
             await asyncio.to_thread(acc.fold, Update(model=decode(raw), meta=meta, raw=raw))
         except Exception as exc:  # noqa: BLE001 - user strategy code: this update only
             return self._drop(meta, version, "strategy_error", "warning", f"strategy "
                               f"{self.r.settings.aggregator!r} failed to fold it: "
                               f"{type(exc).__name__}: {exc}")
         return {"client_id": meta.client_id, "base_version": meta.base_version,
-                "staleness": staleness, "num_examples": meta.num_examples,
+                "staleness": meta.staleness, "num_examples": meta.num_examples,
                 "weight": round(weight, 6)}
 
     def _drop(self, meta: Any, version: int, reason: str, level: str, why: str,
@@ -268,15 +280,15 @@ class AsyncLoop:
         number = current[0] + 1
         try:
             new_model = await asyncio.to_thread(r.reduce_and_finish, model, [acc.partial()])
-        except RoundFailedError as exc:
+        except AttemptFailed as exc:
             await self._refused(number, str(exc), len(contributions))
             return model
         stale = [c["staleness"] for c in contributions]
-        await r.commit(number, self.attempt, parent, new_model, {
-            "updates": len(contributions), "started": started,
-            "train_metrics": {"staleness_mean": sum(stale) / len(stale),
-                              "staleness_max": float(max(stale))}},
-            mode="async", contributions=contributions)
+        await r.commit(number, self.attempt, parent, new_model, Commit(
+            started=started, updates=len(contributions),
+            train_metrics={"staleness_mean": sum(stale) / len(stale),
+                           "staleness_max": float(max(stale))},
+            contributions=contributions, mode="async"))
         current[0] = number
         self.attempt = 1
         ref = await self._add_version(number, r.model_id, new_model)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+from fedray.actors.memory import release_free_memory
 from fedray.messages import RoundResult, ValidationReport
 
 log = logging.getLogger(__name__)
@@ -303,3 +304,11 @@ class StatusCallback:
             self.update()
         elif isinstance(e, ClientsOnline):
             self.update(clients_online=e.count)
+
+
+class ReleaseAfterRounds:
+    """Free memory goes back to the system once each round is done (``fedray.actors.memory``)."""
+
+    def on_event(self, event: RunnerEvent) -> None:
+        if isinstance(event, RoundDone):
+            release_free_memory()

@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
-from fedray.strategies.base import Buffer, ClientInfo, Kept, Strategy
+from fedray.strategies.base import Strategy
+from fedray.strategies.snapshots import ClientInfo
+from fedray.strategies.updates import Buffer, Kept
 
 
 class CombinerPool(Protocol):

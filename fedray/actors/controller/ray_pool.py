@@ -4,6 +4,11 @@ Models go into the object store once per version and every combiner gets the sam
 kept updates come back as refs the controller reads zero-copy. The session's strategy is
 sent to each combiner once; a combiner that Ray restarted has forgotten it, says so
 (``UnknownSession``), and is sent it again before the call is retried.
+
+This is the seam between controller and combiners: every Ray error a call raises leaves
+it translated (``translate``) into fedray's own tree, naming the combiner and the round
+(``CombinerLost``, ``CombinerFailed``, ``CombinerTimeout``); a fedray error the combiner
+raised itself comes through as it was.
 """
 
 from __future__ import annotations
@@ -15,14 +20,48 @@ from typing import Any
 import numpy as np
 import ray
 
-from fedray.errors import UnknownSession
+from fedray.errors import (
+    CombinerError,
+    CombinerFailed,
+    CombinerLost,
+    CombinerTimeout,
+    FedrayError,
+    UnknownSession,
+)
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
-from fedray.strategies.base import ClientInfo, Kept, Strategy
+from fedray.strategies.base import Strategy
+from fedray.strategies.snapshots import ClientInfo
+from fedray.strategies.updates import Kept
 
 
-def _is_unknown_session(exc: BaseException) -> bool:
-    return isinstance(exc, UnknownSession) or isinstance(getattr(exc, "cause", None),
-                                                         UnknownSession)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:300]
+
+
+def translate(exc: BaseException, combiner: str, round_: int | None) -> FedrayError:
+    """A Ray error from a call to ``combiner`` as fedray's own (see the module docstring)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, FedrayError):
+        return cause  # the combiner said what went wrong itself (UnknownSession, ...)
+    if isinstance(exc, FedrayError):
+        return exc
+    kind = type(exc).__name__
+    if isinstance(exc, ray.exceptions.ActorUnavailableError):
+        return CombinerLost(combiner, round_, f"unreachable, Ray is restarting it ({kind})")
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnschedulableError):
+        return CombinerLost(combiner, round_, f"died ({kind}): {_first_line(exc)}")
+    if isinstance(exc, ray.exceptions.ObjectLostError):
+        return CombinerLost(combiner, round_, f"what it returned was lost ({kind})")
+    if isinstance(exc, ray.exceptions.GetTimeoutError):
+        return CombinerTimeout(combiner, round_, f"no answer in time ({kind})")
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        inner = type(cause).__name__ if cause is not None else kind
+        return CombinerFailed(combiner, round_, f"failed with {inner}: "
+                              f"{_first_line(cause if cause is not None else exc)}")
+    if isinstance(exc, ray.exceptions.RayError):
+        return CombinerFailed(combiner, round_, f"{kind}: {_first_line(exc)}")
+    return CombinerFailed(combiner, round_, f"{kind}: {_first_line(exc)}")
 
 
 class RayCombinerPool:
@@ -46,16 +85,24 @@ class RayCombinerPool:
             handle = self._handles[name] = ray.get_actor(name, namespace=self.namespace)
         return handle
 
-    async def _ask(self, name: str, method: str, *args: Any) -> Any:
-        handle = self.handle(name)
+    async def _ask(self, name: str, method: str, *args: Any, round_: int | None = None) -> Any:
+        try:
+            handle = self.handle(name)
+        except ValueError as exc:  # ray.get_actor: no actor by that name (yet)
+            raise CombinerLost(name, round_, f"not found in {self.namespace}: "
+                               f"{_first_line(exc)}") from None
         try:
             return await getattr(handle, method).remote(*args)
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.RayActorError as exc:
             # Dead or unreachable: the next call looks the name up again, and finds the
             # actor that was started under it since.
             if self._handles.get(name) is handle:
                 del self._handles[name]
+            raise translate(exc, name, round_) from None
+        except CombinerError:
             raise
+        except Exception as exc:  # noqa: BLE001 - every other failure, translated once here
+            raise translate(exc, name, round_) from None
 
     async def online(self) -> dict[str, list[ClientInfo]]:
         answers = await asyncio.gather(*(self._ask(n, "online_info") for n in self.names),
@@ -92,17 +139,20 @@ class RayCombinerPool:
                                for n in (self.names if combiners is None else combiners)),
                              return_exceptions=True)
 
-    async def _with_session(self, combiner: str, session_id: str, method: str, *args: Any) -> Any:
+    async def _with_session(self, combiner: str, session_id: str, method: str, *args: Any,
+                            round_: int | None = None) -> Any:
         try:
-            return await self._ask(combiner, method, *args)
-        except Exception as exc:
-            if not _is_unknown_session(exc) or session_id not in self.strategies:
+            return await self._ask(combiner, method, *args, round_=round_)
+        except UnknownSession:
+            if session_id not in self.strategies:
                 raise
-        await self._ask(combiner, "start_session", session_id, self.strategies[session_id])
-        return await self._ask(combiner, method, *args)
+        await self._ask(combiner, "start_session", session_id, self.strategies[session_id],
+                        round_=round_)
+        return await self._ask(combiner, method, *args, round_=round_)
 
     async def run_round(self, combiner: str, spec: RoundSpec, model_ref: Any) -> RoundResult:
-        return await self._with_session(combiner, spec.session_id, "run_round", spec, model_ref)
+        return await self._with_session(combiner, spec.session_id, "run_round", spec, model_ref,
+                                        round_=spec.round)
 
     async def start_async(self, combiner: str, spec: AsyncSpec, model_ref: Any, version: int,
                           model_id: str) -> None:
@@ -123,4 +173,4 @@ class RayCombinerPool:
         return await self._ask(combiner, "stop_async", session_id)
 
     async def buffer_full(self, combiner: str, session_id: str, round_: int, attempt: int) -> None:
-        await self._ask(combiner, "buffer_full", session_id, round_, attempt)
+        await self._ask(combiner, "buffer_full", session_id, round_, attempt, round_=round_)

@@ -13,9 +13,11 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_KIND_TRAIN: _ClassVar[TaskKind]
     TASK_KIND_VALIDATE: _ClassVar[TaskKind]
+    TASK_KIND_STAGE: _ClassVar[TaskKind]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_VALIDATE: TaskKind
+TASK_KIND_STAGE: TaskKind
 
 class AssignRequest(_message.Message):
     __slots__ = ("name", "version", "previous_combiner")
@@ -57,7 +59,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., attrs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "session_id", "round", "model_id", "model_size", "config", "deadline_unix", "package_sha256", "package_size")
+    __slots__ = ("task_id", "kind", "session_id", "round", "model_id", "model_size", "config", "deadline_unix", "package_sha256", "package_size", "stage", "payload", "client_half")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,9 @@ class Task(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HALF_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     session_id: str
@@ -78,7 +83,10 @@ class Task(_message.Message):
     deadline_unix: float
     package_sha256: str
     package_size: int
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., model_size: _Optional[int] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., package_sha256: _Optional[str] = ..., package_size: _Optional[int] = ...) -> None: ...
+    stage: str
+    payload: bytes
+    client_half: str
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., model_size: _Optional[int] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., package_sha256: _Optional[str] = ..., package_size: _Optional[int] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ..., client_half: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "status")
@@ -177,6 +185,22 @@ class ValidationReport(_message.Message):
     num_examples: int
     metrics: _struct_pb2.Struct
     def __init__(self, client_id: _Optional[str] = ..., task_id: _Optional[str] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class StageReply(_message.Message):
+    __slots__ = ("client_id", "task_id", "session_id", "round", "stage", "payload")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    task_id: str
+    session_id: str
+    round: int
+    stage: str
+    payload: bytes
+    def __init__(self, client_id: _Optional[str] = ..., task_id: _Optional[str] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class EventReport(_message.Message):
     __slots__ = ("client_id", "level", "message", "task_id", "data", "error_class")

@@ -137,6 +137,11 @@ class CombinerStub:
                 request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.ValidationReport.SerializeToString,
                 response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
                 _registered_method=True)
+        self.PushStageReply = channel.unary_unary(
+                '/fedray.v1.Combiner/PushStageReply',
+                request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.StageReply.SerializeToString,
+                response_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
+                _registered_method=True)
         self.PushEvent = channel.unary_unary(
                 '/fedray.v1.Combiner/PushEvent',
                 request_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.EventReport.SerializeToString,
@@ -186,6 +191,13 @@ class CombinerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushStageReply(self, request, context):
+        """A client half's answer to a task of kind STAGE (a stage the strategy declared).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushEvent(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -223,6 +235,11 @@ def add_CombinerServicer_to_server(servicer, server):
             'PushValidation': grpc.unary_unary_rpc_method_handler(
                     servicer.PushValidation,
                     request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.ValidationReport.FromString,
+                    response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.SerializeToString,
+            ),
+            'PushStageReply': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushStageReply,
+                    request_deserializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.StageReply.FromString,
                     response_serializer=fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.SerializeToString,
             ),
             'PushEvent': grpc.unary_unary_rpc_method_handler(
@@ -392,6 +409,33 @@ class Combiner:
             target,
             '/fedray.v1.Combiner/PushValidation',
             fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.ValidationReport.SerializeToString,
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStageReply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedray.v1.Combiner/PushStageReply',
+            fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.StageReply.SerializeToString,
             fedray_dot_bridge_dot_proto_dot_fedray__v1__pb2.Ack.FromString,
             options,
             channel_credentials,

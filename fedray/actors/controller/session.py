@@ -1,0 +1,169 @@
+"""One session's state and the services both of its loops (rounds, asynchronous) use.
+
+A ``Session`` knows the strategy (and what it declared), the combiner pool, the model
+store and the callbacks. It says what happens (typed events), moves the session's state
+machine, keeps one object-store copy of the current model, and commits: model, strategy
+state and tracking, waiting until they are durable. It makes no decision: planning is
+``fedray.actors.controller.planning``, a round's stages ``sync_rounds``, an asynchronous
+session ``async_runner``. Nothing here imports Ray: the pool and the store are protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fedray.actors.controller.aggregate import next_model, storable_report
+from fedray.actors.controller.callbacks import (
+    Callbacks,
+    ModelRecorded,
+    Notice,
+    RoundCommitted,
+    SessionMoved,
+)
+from fedray.actors.controller.pool import CombinerPool
+from fedray.config import SessionConfig
+from fedray.errors import AggregateRefused, AttemptFailed
+from fedray.serialization import copy_model, decode, encode, read_layout
+from fedray.states import SessionState, next_session_state
+from fedray.storage.base import ModelStore
+from fedray.strategies.base import Strategy
+from fedray.strategies.snapshots import RoundState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a session begins: a new one from ``model_id``, or ``resume`` after
+    ``rounds_done`` committed rounds; ``state_id`` names saved strategy state."""
+
+    model_id: str
+    rounds_done: int = 0
+    state_id: str = ""
+    resume: bool = False
+    continued_from: str = ""  # a new session that continues another one's model and state
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a round (or version) brings to its commit record, besides the model."""
+
+    started: float  # monotonic, when the round started
+    updates: int
+    rejected: int = 0
+    reduce_s: float = 0.0
+    train_metrics: dict[str, float] | None = None
+    combiners: dict[str, Any] | None = None
+    lost_combiners: list[str] | None = None
+    contributions: list[dict[str, Any]] | None = None
+    mode: str = "sync"
+
+
+class Session:
+    def __init__(self, *, federation: str, session_id: str, settings: SessionConfig,
+                 strategy: Strategy, pool: CombinerPool, store: ModelStore,
+                 callbacks: Callbacks, combiner_strategy: Strategy | None = None,
+                 package: tuple[str, int] = ("", 0)) -> None:
+        self.federation = federation
+        self.session_id = session_id
+        self.settings = settings
+        self.strategy = strategy  # the controller's copy: it holds the server state
+        self.combiner_strategy = combiner_strategy or strategy  # shipped once, stateless
+        self.declaration = strategy.declare()  # read once: what the runtime does for it
+        self.pool = pool
+        self.store = store
+        self.callbacks = callbacks
+        self.package = package  # (sha256, size) of the session's compute package
+        self.state = SessionState.CREATED
+        self.rounds_done = 0
+        self.model_id = ""
+        self.state_id = ""
+        self._put: tuple[str, Any] | None = None  # (model id, ref) of the last put
+        self._tasks: set[asyncio.Future] = set()  # fire-and-forget calls, until they are done
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.declaration.asynchronous is not None
+
+    # ----------------------------------------------------------------- what happens
+
+    def emit(self, event: Any) -> None:
+        self.callbacks.emit(event)
+
+    def note(self, level: str, message: str, round_: int | None = None, **data: Any) -> None:
+        self.emit(Notice(level, message, self.session_id, round_, data))
+
+    def move(self, state: SessionState, **fields: Any) -> None:
+        self.state = next_session_state(self.state, state)
+        self.emit(SessionMoved(self.session_id, state.value, fields))
+        if state is SessionState.RUNNING:
+            self.note("info", f"session {self.session_id} is running")
+
+    def background(self, aw: Any) -> None:
+        """Run ``aw`` without waiting for it; the loop holds tasks weakly, so keep it
+        referenced until it is done."""
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----------------------------------------------------------------- models
+
+    def model_ref(self, mid: str, model: bytes) -> Any:
+        """One object-store copy per model: validation of round N and training of round
+        N + 1 (and reruns of a round) share it."""
+        if self._put is None or self._put[0] != mid:
+            self._put = None  # the old copy goes before the new one comes
+            self._put = (mid, self.pool.put_model(model))
+        return self._put[1]
+
+    def record_model(self, mid: str, parent_id: str | None, number: int, data: bytes) -> None:
+        spec = read_layout(data).spec()
+        self.emit(ModelRecorded(mid, parent_id, self.session_id, number, len(data),
+                                self.store.uri(mid),
+                                {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec.items()}))
+
+    def reduce_and_finish(self, model: bytes, partials: list[Any],
+                          state: RoundState | None = None) -> bytes:
+        """Runs in a worker thread. A model that is not finite is never committed."""
+        try:
+            return next_model(self.strategy, model, partials, state)
+        except AggregateRefused as exc:
+            raise AttemptFailed(str(exc)) from None
+
+    async def restore_state(self) -> None:
+        """After a refused aggregate: the strategy's state as of the last commit."""
+        if self.state_id:
+            state = await asyncio.to_thread(self.store.get, self.state_id)
+            self.strategy.load_state_dict(copy_model(decode(state)))
+        else:
+            self.strategy.load_state_dict({})
+
+    async def commit(self, number: int, attempt: int, parent_id: str, new_model: bytes,
+                     facts: Commit) -> str:
+        """Store the model and the strategy's state, record the round, wait until durable."""
+        new_id = await asyncio.to_thread(self.store.put, new_model)
+        state = self.strategy.state_dict()
+        state_id = await asyncio.to_thread(self.store.put, encode(state)) if state else ""
+        self.record_model(new_id, parent_id, number, new_model)
+        self.emit(RoundCommitted(
+            self.session_id, number, attempt, new_id, parent_id, facts.updates, facts.rejected,
+            time.monotonic() - facts.started, facts.reduce_s, state_id,
+            facts.train_metrics or {}, facts.combiners or {}, facts.lost_combiners or [],
+            self.report(), facts.contributions or [], facts.mode))
+        await self.callbacks.flush()  # committed: a restarted controller resumes after this
+        self.rounds_done, self.model_id, self.state_id = number, new_id, state_id
+        return new_id
+
+    def report(self) -> dict[str, float | int | None]:
+        """The strategy's ``round_report`` as tracking can store it (``storable_report``)."""
+        try:
+            return storable_report(self.strategy.round_report())
+        except Exception as exc:  # noqa: BLE001 - user strategy code; the commit stands
+            log.exception("strategy %s failed in round_report", self.settings.aggregator)
+            self.note("warning", f"strategy {self.settings.aggregator!r} failed in round_report:"
+                      f" {type(exc).__name__}: {exc}")
+            return {}
