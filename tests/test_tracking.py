@@ -217,7 +217,7 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
 
 def test_upserts_that_create_a_document_give_it_every_required_field(
         store: TrackingStore) -> None:
-    from fedray.tracking import schema
+    from fedray.tracking import checker
 
     store.upsert_combiner("combiner-3", clients=4)  # a client count before its address
     store.increment_combiner_restarts("combiner-4")
@@ -225,7 +225,7 @@ def test_upserts_that_create_a_document_give_it_every_required_field(
     store.upsert_client("c8", name="bob")
     for collection in ("combiners", "clients"):
         for doc in store.db[collection].find({}):
-            schema.validate(collection, doc)
+            checker.validate(collection, doc)
     combiners = {c["name"]: c for c in store.find("combiners")}
     assert (combiners["combiner-3"]["address"], combiners["combiner-3"]["clients"]) == ("", 4)
     assert combiners["combiner-4"]["restarts"] == 1

@@ -40,7 +40,7 @@ from pymongo.errors import (
 from fedray.config import DEFAULT_DATABASE
 from fedray.errors import TrackingError
 from fedray.text import redact
-from fedray.tracking import schema
+from fedray.tracking import checker, schema
 from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
 
 COLLECTIONS = (
@@ -263,7 +263,7 @@ class TrackingStore:
         """
         now = utcnow()
         update = {"status": "running", "started_at": now, "updated_at": now, **clean(fields)}
-        schema.check_fields("rounds", update)
+        checker.check_fields("rounds", update)
         write = _setting(update)
         write["$unset"] = {name: "" for name in ATTEMPT_OUTCOME if name not in update}
         with self._translate(f"start round {round} of session {session_id!r}"):
@@ -349,7 +349,7 @@ class TrackingStore:
         doc.setdefault("_id", ObjectId())
         doc.setdefault("ts", utcnow())
         stored = clean(doc)
-        schema.validate("validations", stored)
+        checker.validate("validations", stored)
         with self._translate("add a validation"), contextlib.suppress(DuplicateKeyError):
             self.db.validations.insert_one(stored)
 
@@ -372,7 +372,7 @@ class TrackingStore:
         if not docs:
             return
         for doc in docs:
-            schema.validate("events", doc)
+            checker.validate("events", doc)
         with self._translate(f"insert {len(docs)} event(s)"):
             try:
                 self.db.events.insert_many(list(docs), ordered=False)
@@ -425,7 +425,7 @@ class TrackingStore:
 
     def _insert_once(self, collection: str, key: str, doc: Mapping[str, Any]) -> bool:
         """Insert ``doc`` unless a document with its ``key`` exists; True if inserted."""
-        schema.validate(collection, doc)
+        checker.validate(collection, doc)
         rest = {k: v for k, v in doc.items() if k != key}
         with self._translate(f"insert into {collection}"):
             result = self._retry_dup(
@@ -439,7 +439,7 @@ class TrackingStore:
         self, collection: str, flt: dict[str, Any], fields: dict[str, Any], what: str
     ) -> None:
         update = {**clean(fields), "updated_at": utcnow()}
-        schema.check_fields(collection, update)
+        checker.check_fields(collection, update)
         with self._translate(f"update {what}"):
             result = self.db[collection].update_one(flt, _setting(update))
         if result.matched_count == 0:
@@ -449,7 +449,7 @@ class TrackingStore:
         self, collection: str, key: dict[str, Any], fields: dict[str, Any], defaults: dict[str, Any]
     ) -> None:
         on_insert = {k: v for k, v in defaults.items() if k not in fields}
-        schema.check_fields(collection, {**fields, **on_insert})
+        checker.check_fields(collection, {**fields, **on_insert})
         update = _setting(fields)
         if on_insert:
             update["$setOnInsert"] = on_insert
