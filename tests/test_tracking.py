@@ -35,8 +35,10 @@ from fedray.tracking.embedded import (
     live_uri,
     read_server_record,
 )
+from fedray.tracking.indexes import INDEXES
+from fedray.tracking.mongo import is_transient
 from fedray.tracking.query import parse_filter, render_table, run_query, to_json
-from fedray.tracking.store import COLLECTIONS, INDEXES, TrackingStore, is_transient
+from fedray.tracking.store import COLLECTIONS, TrackingStore
 from fedray.tracking.writer import TrackingWriter
 
 MODEL_A = "a" * 64
@@ -635,7 +637,7 @@ def _sessions_and_events(store: TrackingStore) -> None:
 
 
 def test_indexable_writes_scalar_equalities_as_eq() -> None:
-    from fedray.tracking.store import indexable
+    from fedray.tracking.mongo import indexable
 
     query = {"session_id": "s1", "round": 3, "status": {"$in": ["a"]}, "lost_combiners": "c0",
              "level": True, "metrics.loss": 1}  # fmt: skip

@@ -207,8 +207,9 @@ def test_docs_tracking_md_lists_every_field_with_its_type() -> None:
 
 
 def test_indexes_sorts_and_scalar_fields_name_schema_fields() -> None:
+    from fedray.tracking.indexes import INDEXES
+    from fedray.tracking.mongo import SCALAR_FIELDS
     from fedray.tracking.query import _ORDER
-    from fedray.tracking.store import INDEXES, SCALAR_FIELDS
 
     def top_level(collection: str) -> set[str]:
         return {name for name, _, _ in checker.fields_of(schema.DOCUMENTS[collection])}

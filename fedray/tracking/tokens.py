@@ -30,8 +30,9 @@ from fedray.bridge.keys import hash_token, row_mac
 from fedray.errors import ConfigError, TrackingError
 from fedray.tracking import checker, schema
 from fedray.tracking.documents import utcnow
+from fedray.tracking.mongo import setting
 from fedray.tracking.schema import TOKENS
-from fedray.tracking.store import TrackingStore, _setting
+from fedray.tracking.store import TrackingStore
 
 COLLECTION = "tokens"
 PREFIX = "frt_"  # makes a leaked token easy to recognise (and to grep for)
@@ -80,7 +81,7 @@ def revoke_token(store: TrackingStore, name: str) -> int:
         for doc in live:
             revoked = {"revoked": True, "revoked_at": utcnow()}
             checker.check_fields(COLLECTION, revoked)
-            update = _setting(revoked)
+            update = setting(revoked)
             update["$unset"] = {TOKENS.live_name: ""}
             tokens.update_one({TOKENS.hash: doc[TOKENS.hash]}, update)
     except PyMongoError as exc:

@@ -46,7 +46,8 @@ from typing import Any
 
 from fedray.errors import TrackingError
 from fedray.tracking.documents import LEVELS, make_event, utcnow, written_at
-from fedray.tracking.store import WRITE_METHODS, TrackingStore, is_transient
+from fedray.tracking.mongo import is_transient
+from fedray.tracking.store import WRITE_METHODS, TrackingStore
 
 log = logging.getLogger(__name__)
 
