@@ -28,14 +28,9 @@ from rich.console import Console
 
 from fedray.errors import ConfigError, TrackingError
 from fedray.tracking.documents import LEVELS, make_event, written_at
-from fedray.tracking.embedded import (
-    EmbeddedMongo,
-    connect_or_start,
-    free_port,
-    live_uri,
-    read_server_record,
-)
+from fedray.tracking.embedded import EmbeddedMongo, connect_or_start, live_uri, read_server_record
 from fedray.tracking.indexes import INDEXES
+from fedray.tracking.loopback import free_port
 from fedray.tracking.mongo import is_transient
 from fedray.tracking.query import parse_filter, render_table, run_query, to_json
 from fedray.tracking.store import COLLECTIONS, TrackingStore

@@ -12,7 +12,8 @@ import pytest
 
 from fedray.errors import ConfigError
 from fedray.tracking.documents import written_at
-from fedray.tracking.embedded import EmbeddedMongo, free_port, mongo_uri
+from fedray.tracking.embedded import EmbeddedMongo
+from fedray.tracking.loopback import free_port, mongo_uri
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.writer import TrackingWriter
 
