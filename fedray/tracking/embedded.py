@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 
 from fedray.bridge.keys import private_dir
-from fedray.deploy.lifecycle import fate_shared
+from fedray.children import fate_shared
 from fedray.errors import TrackingError
 from fedray.tracking.loopback import HOST, free_port, mongo_uri, pid_alive, ping, port_is_free
 
