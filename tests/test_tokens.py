@@ -26,7 +26,8 @@ from fedray.bridge.keys import check_shared_token, load_token_secret, tokens_iss
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.wire import auth_metadata
 from fedray.errors import ConfigError
-from fedray.tracking.embedded import EmbeddedMongo, free_port, mongo_uri
+from fedray.tracking.embedded import EmbeddedMongo
+from fedray.tracking.loopback import free_port, mongo_uri
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.tokens import COLLECTION, create_token, revoke_token, tracking_token_loader
 from tests.bridge import TOKEN, Bridge

@@ -28,15 +28,12 @@ from rich.console import Console
 
 from fedray.errors import ConfigError, TrackingError
 from fedray.tracking.documents import LEVELS, make_event, written_at
-from fedray.tracking.embedded import (
-    EmbeddedMongo,
-    connect_or_start,
-    free_port,
-    live_uri,
-    read_server_record,
-)
+from fedray.tracking.embedded import EmbeddedMongo, connect_or_start, live_uri, read_server_record
+from fedray.tracking.indexes import INDEXES
+from fedray.tracking.loopback import free_port
+from fedray.tracking.mongo import is_transient
 from fedray.tracking.query import parse_filter, render_table, run_query, to_json
-from fedray.tracking.store import COLLECTIONS, INDEXES, TrackingStore, is_transient
+from fedray.tracking.store import COLLECTIONS, TrackingStore
 from fedray.tracking.writer import TrackingWriter
 
 MODEL_A = "a" * 64
@@ -217,7 +214,7 @@ def test_clients_and_combiners(store: TrackingStore) -> None:
 
 def test_upserts_that_create_a_document_give_it_every_required_field(
         store: TrackingStore) -> None:
-    from fedray.tracking import schema
+    from fedray.tracking import checker
 
     store.upsert_combiner("combiner-3", clients=4)  # a client count before its address
     store.increment_combiner_restarts("combiner-4")
@@ -225,7 +222,7 @@ def test_upserts_that_create_a_document_give_it_every_required_field(
     store.upsert_client("c8", name="bob")
     for collection in ("combiners", "clients"):
         for doc in store.db[collection].find({}):
-            schema.validate(collection, doc)
+            checker.validate(collection, doc)
     combiners = {c["name"]: c for c in store.find("combiners")}
     assert (combiners["combiner-3"]["address"], combiners["combiner-3"]["clients"]) == ("", 4)
     assert combiners["combiner-4"]["restarts"] == 1
@@ -635,7 +632,7 @@ def _sessions_and_events(store: TrackingStore) -> None:
 
 
 def test_indexable_writes_scalar_equalities_as_eq() -> None:
-    from fedray.tracking.store import indexable
+    from fedray.tracking.mongo import indexable
 
     query = {"session_id": "s1", "round": 3, "status": {"$in": ["a"]}, "lost_combiners": "c0",
              "level": True, "metrics.loss": 1}  # fmt: skip

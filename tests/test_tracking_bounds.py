@@ -12,7 +12,8 @@ import pytest
 
 from fedray.errors import ConfigError
 from fedray.tracking.documents import written_at
-from fedray.tracking.embedded import EmbeddedMongo, free_port, mongo_uri
+from fedray.tracking.embedded import EmbeddedMongo
+from fedray.tracking.loopback import free_port, mongo_uri
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.writer import TrackingWriter
 
@@ -174,7 +175,7 @@ def _events_ts(store: TrackingStore) -> dict:
 
 def test_the_indexing_writer_creates_every_index_and_drops_a_ttl_set_to_zero(
         store: TrackingStore, tracking_uri: str, db_name: str) -> None:
-    from fedray.tracking.store import INDEXES
+    from fedray.tracking.indexes import INDEXES
 
     def writer(ttl: int | None) -> None:
         with TrackingWriter(lambda: TrackingStore.from_uri(tracking_uri, db_name),

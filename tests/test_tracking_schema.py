@@ -1,6 +1,6 @@
-"""The tracking schema (fedray/tracking/schema.py): wrong documents are refused with the
-field named, writers cannot write what it does not describe, and docs/tracking.md says
-the same as the classes."""
+"""The tracking schema (fedray/tracking/schema.py, checked by fedray/tracking/checker.py):
+wrong documents are refused with the field named, writers cannot write what it does not
+describe, and docs/tracking.md says the same as the classes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from bson import ObjectId
 
 from fedray.errors import SchemaError, TrackingError
-from fedray.tracking import schema
+from fedray.tracking import checker, schema
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.writer import TrackingWriter
 
@@ -64,7 +64,7 @@ GOOD: dict[str, dict[str, Any]] = {
 def test_every_collection_has_a_class_and_a_valid_example() -> None:
     assert set(GOOD) == set(schema.DOCUMENTS)
     for collection, doc in GOOD.items():
-        schema.validate(collection, doc)
+        checker.validate(collection, doc)
 
 
 @pytest.mark.parametrize(("collection", "change", "field", "problem"), [
@@ -99,7 +99,7 @@ def test_every_collection_has_a_class_and_a_valid_example() -> None:
 def test_a_wrong_field_is_refused_by_name(collection: str, change: dict[str, Any], field: str,
                                           problem: str) -> None:
     with pytest.raises(SchemaError, match=problem) as info:
-        schema.validate(collection, {**GOOD[collection], **change})
+        checker.validate(collection, {**GOOD[collection], **change})
 
     assert info.value.field == field and info.value.collection == collection
     assert f"field {field!r}" in str(info.value)
@@ -113,7 +113,7 @@ def test_a_missing_required_field_is_named(collection: str, missing: str) -> Non
     doc = {k: v for k, v in GOOD[collection].items() if k != missing}
 
     with pytest.raises(SchemaError, match=f"field '{missing}' is required but missing"):
-        schema.validate(collection, doc)
+        checker.validate(collection, doc)
 
 
 @pytest.mark.parametrize(("collection", "doc", "field"), [
@@ -129,15 +129,15 @@ def test_a_missing_required_field_is_named(collection: str, missing: str) -> Non
 ])  # fmt: skip
 def test_whole_document_rules(collection: str, doc: dict[str, Any], field: str | None) -> None:
     if field is None:
-        schema.validate(collection, doc)
+        checker.validate(collection, doc)
         return
     with pytest.raises(SchemaError) as info:
-        schema.validate(collection, doc)
+        checker.validate(collection, doc)
     assert info.value.field == field
 
 
 def test_update_fields_are_checked_along_their_dotted_path() -> None:
-    schema.check_fields("rounds", {"status": "failed", "combiners.combiner-0.updates": 3,
+    checker.check_fields("rounds", {"status": "failed", "combiners.combiner-0.updates": 3,
                                    "report.epsilon": None, "validation_metrics": {}})
     for fields, field in [({"combiners.combiner-0.updates_received": 1},
                            "combiners.combiner-0.updates_received"),
@@ -145,10 +145,10 @@ def test_update_fields_are_checked_along_their_dotted_path() -> None:
                           ({"$set": {}}, "$set"), ({"": 1}, ""),
                           ({"train_metrics.loss": "low"}, "train_metrics.loss")]:
         with pytest.raises(SchemaError) as info:
-            schema.check_fields("rounds", fields)
+            checker.check_fields("rounds", fields)
         assert info.value.field == field, fields
     with pytest.raises(SchemaError, match="not a tracking collection"):
-        schema.validate("network.clients", {})
+        checker.validate("network.clients", {})
 
 
 def test_schema_errors_are_tracking_errors_and_cross_processes() -> None:
@@ -203,15 +203,16 @@ def test_docs_tracking_md_lists_every_field_with_its_type() -> None:
 
     assert set(tables) == set(classes)
     for name, cls in classes.items():
-        assert tables[name] == schema.fields_of(cls), name
+        assert tables[name] == checker.fields_of(cls), name
 
 
 def test_indexes_sorts_and_scalar_fields_name_schema_fields() -> None:
+    from fedray.tracking.indexes import INDEXES
+    from fedray.tracking.mongo import SCALAR_FIELDS
     from fedray.tracking.query import _ORDER
-    from fedray.tracking.store import INDEXES, SCALAR_FIELDS
 
     def top_level(collection: str) -> set[str]:
-        return {name for name, _, _ in schema.fields_of(schema.DOCUMENTS[collection])}
+        return {name for name, _, _ in checker.fields_of(schema.DOCUMENTS[collection])}
 
     for collection, indexes in INDEXES.items():
         assert {k for keys, _ in indexes for k in keys} <= top_level(collection), collection
@@ -323,7 +324,7 @@ def test_a_round_s_model_id_is_only_the_model_it_committed(store: TrackingStore)
 
     assert running["parent_model_id"] == MODEL and "model_id" not in running
     assert failed["status"] == "failed" and "model_id" not in failed  # it made no model
-    schema.validate("rounds", store.db.rounds.find_one({"session_id": "s1"}))
+    checker.validate("rounds", store.db.rounds.find_one({"session_id": "s1"}))
 
 
 def test_a_rerun_round_keeps_no_outcome_of_its_failed_attempt(store: TrackingStore) -> None:
@@ -345,7 +346,7 @@ def test_a_rerun_round_keeps_no_outcome_of_its_failed_attempt(store: TrackingSto
     assert failed["failures"] == {"c2": "RuntimeError: no data"} and failed["reason"]
     assert rerun["attempt"] == 2 and rerun["status"] == "running"
     assert not {"reason", "failures", "combiners"} & set(rerun)
-    schema.validate("rounds", committed)
+    checker.validate("rounds", committed)
     assert committed["model_id"] == "b" * 64 and "reason" not in committed
 
 
@@ -440,7 +441,7 @@ def test_a_real_federation_writes_only_documents_the_schema_describes(
     for collection, found in docs.items():
         for doc in found:
             try:
-                schema.validate(collection, doc)
+                checker.validate(collection, doc)
             except SchemaError as exc:
                 wrong.append(f"{exc}: {doc}")
     assert not wrong, "\n".join(wrong)

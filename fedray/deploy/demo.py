@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from fedray.children import fate_shared
 from fedray.deploy import lifecycle
 from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.lifecycle import Teardown
@@ -120,7 +121,7 @@ def start_clients(gateway: str, paths: list[Path], logs: Path, token: str | None
         with open(logs / f"client-{i}.log", "wb") as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           cwd=os.getcwd(), start_new_session=True,
-                                          preexec_fn=lifecycle.fate_shared(signal.SIGTERM)))
+                                          preexec_fn=fate_shared(signal.SIGTERM)))
     return procs
 
 

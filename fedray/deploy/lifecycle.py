@@ -13,9 +13,9 @@ Ray, lock) and goes on past a failing step.
   arrive while the teardown runs are noted and ignored, so a second Ctrl-C cannot cut the
   clean-up short. ``ray.init`` installs its own SIGTERM handler (and Ray's C++ crash
   handler, which prints a stack dump): ``claim_signals`` takes them back.
-- **Children.** Processes fedray starts get ``fate_shared()`` as ``preexec_fn``:
-  ``PR_SET_PDEATHSIG`` makes the kernel signal them when the thread that started them ends,
-  even if the command is killed with SIGKILL.
+- **Children.** Processes fedray starts get ``fedray.children.fate_shared()`` as
+  ``preexec_fn``: ``PR_SET_PDEATHSIG`` makes the kernel signal them when the thread that
+  started them ends, even if the command is killed with SIGKILL.
 - **Last sweep.** ``running()`` puts a unique ``FEDRAY_RUN`` into the environment, which
   every descendant inherits (Ray's gcs_server, raylet, agents and workers included). When
   the teardown is done, any live process that still carries it is killed. Nothing else
@@ -25,7 +25,6 @@ Ray, lock) and goes on past a failing step.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -46,7 +45,6 @@ RUN_ENV = "FEDRAY_RUN"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Stages, in the order ``close`` stops them.
 FEDERATION, CLIENTS, TRACKING, RAY, LOCK = range(5)
-PR_SET_PDEATHSIG = 1
 
 
 class Stopped(KeyboardInterrupt):
@@ -214,22 +212,6 @@ def _quiet_about_stops(previous: Callable[[Any], None]) -> Callable[[Any], None]
             previous(unraisable)
 
     return hook
-
-
-def fate_shared(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the kernel send ``sig`` to the child when the thread that
-    started it ends (Linux; None elsewhere). Start such children from a long-lived thread."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the line above took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _marked(needle: bytes) -> list[int]:

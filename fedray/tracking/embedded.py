@@ -39,7 +39,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,17 +46,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from pymongo import MongoClient
-from pymongo.errors import PyMongoError
-
 from fedray.bridge.keys import private_dir
-from fedray.deploy.lifecycle import fate_shared
+from fedray.children import fate_shared
 from fedray.errors import TrackingError
+from fedray.tracking.loopback import HOST, free_port, mongo_uri, pid_alive, ping, port_is_free
 
 log = logging.getLogger(__name__)
 
 EXECUTABLE = "nx-27017"
-HOST = "127.0.0.1"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 HANDOVER_WAIT_S = 60.0  # how long a run waits for another command's server to stop
@@ -81,57 +77,6 @@ def find_executable() -> str:
         "or on PATH: install it (pip install 'fedray[server]') or set tracking.uri to a "
         "mongodb:// URI"
     )
-
-
-def mongo_uri(port: int) -> str:
-    return f"mongodb://{HOST}:{port}/"
-
-
-def ping(uri: str, timeout_s: float = 1.0) -> bool:
-    """Whether a MongoDB-speaking server answers ``ping`` at ``uri`` within ``timeout_s``."""
-    ms = max(1, int(timeout_s * 1000))
-    client: MongoClient = MongoClient(
-        uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms
-    )
-    try:
-        client.admin.command("ping")
-        return True
-    except PyMongoError:
-        return False
-    finally:
-        client.close()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists (signal 0; nothing is sent)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_is_free(port: int) -> bool:
-    if not 1024 <= port <= 65535:
-        return False
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
 
 
 def read_server_record(data_dir: Path | str) -> dict | None:

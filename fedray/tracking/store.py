@@ -1,16 +1,15 @@
 """Tracking documents in MongoDB (or the embedded nx-27017), through pymongo only.
 
 The controller, combiners and CLI record what happens here; users query the same
-collections with any Mongo client. Only the pymongo subset that both a real MongoDB and
-nx-27017 serve is used (find/sort/limit/projection, insert_one/insert_many, update_one
-with ``$set``/``$setOnInsert``/``$unset``/``$inc`` and upsert, create_index, aggregate
-with ``$match``/``$count``), and every pymongo error
-is translated into ``TrackingError`` here, once. ``is_transient`` tells a connection
-problem (worth retrying) from a refused write.
+collections with any Mongo client. How the store talks to the server is in ``mongo``:
+only the pymongo subset that both a real MongoDB and nx-27017 serve, and every pymongo
+error translated into ``TrackingError`` once. ``indexes`` is what the collections are
+indexed by.
 
-Every write is checked against ``schema`` first (an insert whole, an update field by
-field), so a document never drifts from its class there; docs/tracking.md describes each
-collection and field, with example queries. All timestamps are timezone-aware UTC.
+Every write is checked against ``schema`` first (by ``checker``: an insert whole, an
+update field by field), so a document never drifts from its class there; docs/tracking.md
+describes each collection and field, with example queries. All timestamps are
+timezone-aware UTC.
 
 ``update_*`` and ``upsert_*`` take fields as keyword arguments and ``$set`` them, so a
 dotted key reaches into a sub-document: ``update_round(s, 3, **{"combiners.c0":
@@ -20,28 +19,22 @@ dotted key reaches into a sub-document: ``update_round(s, 3, **{"combiners.c0":
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
 from bson.codec_options import CodecOptions
-from bson.errors import BSONError
-from pymongo import ASCENDING, MongoClient
+from pymongo import MongoClient
 from pymongo.database import Database
-from pymongo.errors import (
-    BulkWriteError,
-    ConnectionFailure,
-    DuplicateKeyError,
-    OperationFailure,
-    PyMongoError,
-)
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from fedray.config import DEFAULT_DATABASE
 from fedray.errors import TrackingError
 from fedray.text import redact
-from fedray.tracking import schema
+from fedray.tracking import checker, schema
 from fedray.tracking.documents import clean, make_event, tensor_list, utcnow
+from fedray.tracking.indexes import create_indexes
+from fedray.tracking.mongo import connect, indexable, retry_duplicate, setting, translated
 
 COLLECTIONS = (
     "sessions",
@@ -54,34 +47,6 @@ COLLECTIONS = (
     "packages",
 )
 
-# (keys, unique) per collection: what the controller, the CLI and ``find`` look up, and
-# the sorts of the CLI's listings (``query._ORDER``): newest first, filtered by session or
-# event level. bench/tracking_queries.py measures them.
-INDEXES: dict[str, list[tuple[tuple[str, ...], bool]]] = {
-    "sessions": [
-        (("session_id",), True), (("federation", "created_at"), False), (("created_at",), False),
-    ],
-    "rounds": [(("session_id", "round"), True), (("started_at",), False)],
-    "models": [(("model_id",), True), (("session_id", "round"), False), (("created_at",), False)],
-    "clients": [(("client_id",), True), (("last_seen",), False)],
-    "combiners": [(("name",), True)],
-    "validations": [(("session_id", "round"), False), (("session_id", "ts"), False),
-                    (("ts",), False)],
-    "events": [(("session_id", "ts"), False), (("level", "ts"), False), (("ts",), False)],
-    "packages": [(("sha256",), True)],
-}  # fmt: skip
-
-# Top-level fields that always hold one string or integer. ``find`` and ``count`` write an
-# equality on them as ``{"$eq": value}``: the same query for MongoDB, but nx-27017 turns a
-# bare ``{"field": value}`` into "equal, or an array containing it", which no index can
-# serve (a full scan: 0.2 s per 100k events), while ``$eq`` becomes a plain indexed
-# comparison (4 ms).
-SCALAR_FIELDS = frozenset(
-    {"session_id", "federation", "status", "round", "model_id", "parent_id", "client_id",
-     "name", "combiner", "level", "source", "sha256"}
-)  # fmt: skip
-
-_NO_SUCH_FIELD = "_fedray_never_set"  # see _setting
 ATTEMPT_OUTCOME = ("reason", "failures", "combiners")  # what a failed attempt writes
 
 # The methods a TrackingWriter may queue: writes only, never reads.
@@ -104,18 +69,6 @@ WRITE_METHODS = frozenset(
 )
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it was raised from) is a connection problem worth a retry."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ConnectionFailure):
-            return True
-        seen.add(id(current))
-        current = current.__cause__
-    return False
-
-
 class TrackingStore:
     """The tracking collections of one database, behind a few intention-named methods."""
 
@@ -136,28 +89,8 @@ class TrackingStore:
         Connecting is lazy: an unreachable server shows up as a TrackingError on the
         first call, naming the URI.
         """
-        shown = redact(uri)
-        ms = int(timeout_s * 1000)
-        try:
-            client: MongoClient = MongoClient(
-                uri,
-                serverSelectionTimeoutMS=ms,
-                connectTimeoutMS=ms,
-                socketTimeoutMS=60_000,
-                tz_aware=True,
-                tzinfo=UTC,
-                appname="fedray",
-            )
-            if database is None:
-                db = client.get_default_database(default=DEFAULT_DATABASE)
-            else:
-                db = client[database]
-        except (PyMongoError, ValueError, TypeError) as exc:
-            raise TrackingError(f"tracking database {shown}: {_short(exc)}") from exc
-        except OSError as exc:  # pymongo reads the URI's TLS files (tlsCAFile, ...) now
-            raise TrackingError(f"tracking database {shown}: {exc.strerror or exc}; check the "
-                                "paths of the URI's tlsCAFile and tlsCertificateKeyFile") from exc
-        return cls(db, client=client, where=f"{shown} (database {db.name!r})")
+        client, db = connect(uri, database, timeout_s)
+        return cls(db, client=client, where=f"{redact(uri)} (database {db.name!r})")
 
     def __repr__(self) -> str:
         return f"TrackingStore({self.where})"
@@ -167,49 +100,19 @@ class TrackingStore:
         if self._client is not None:
             self._client.close()
 
-    @contextlib.contextmanager
-    def _translate(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except (PyMongoError, BSONError, OverflowError) as exc:  # OverflowError: BSON ints
-            raise TrackingError(f"tracking database {self.where}: {what}: {_short(exc)}") from exc
+    def _translate(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return translated(self.where, what)
 
     def ping(self) -> None:
         with self._translate("ping"):
             self.db.command("ping")
 
     def ensure_indexes(self, events_ttl_s: int | None = None) -> None:
-        """Create the indexes of ``INDEXES`` (idempotent). With ``events_ttl_s`` the one on
-        ``events.ts`` is a TTL index, so MongoDB deletes events that old by itself; without,
-        a TTL an earlier run set is dropped, so events are kept forever."""
+        """Create the indexes of ``indexes.INDEXES`` (idempotent). With ``events_ttl_s`` the
+        one on ``events.ts`` is a TTL index, so MongoDB deletes events that old by itself;
+        without, a TTL an earlier run set is dropped, so events are kept forever."""
         with self._translate("create indexes"):
-            for collection, indexes in INDEXES.items():
-                for keys, unique in indexes:
-                    if (collection, keys) == ("events", ("ts",)):
-                        self._events_ts_index(int(events_ttl_s or 0))
-                        continue
-                    self.db[collection].create_index(
-                        [(key, ASCENDING) for key in keys], unique=unique
-                    )
-
-    def _events_ts_index(self, seconds: int) -> None:
-        if seconds:
-            self._ttl_index(seconds)
-            return
-        for name, spec in self.db.events.index_information().items():
-            if [key for key, _ in spec.get("key", [])] == ["ts"] and "expireAfterSeconds" in spec:
-                self.db.events.drop_index(name)  # a plain create_index keeps an old TTL
-        self.db.events.create_index([("ts", ASCENDING)])
-
-    def _ttl_index(self, seconds: int) -> None:
-        try:
-            self.db.events.create_index([("ts", ASCENDING)], expireAfterSeconds=seconds)
-        except OperationFailure as exc:
-            if exc.code not in (85, 86):  # IndexOptionsConflict / IndexKeySpecsConflict
-                raise
-            # MongoDB: the index exists with another (or no) TTL; nx-27017 updates in place.
-            self.db.command("collMod", "events",
-                            index={"keyPattern": {"ts": 1}, "expireAfterSeconds": seconds})
+            create_indexes(self.db, events_ttl_s)
 
     def prune_events(self, before: datetime) -> int:
         """Delete events stamped before ``before``; how many went (retention)."""
@@ -263,11 +166,11 @@ class TrackingStore:
         """
         now = utcnow()
         update = {"status": "running", "started_at": now, "updated_at": now, **clean(fields)}
-        schema.check_fields("rounds", update)
-        write = _setting(update)
+        checker.check_fields("rounds", update)
+        write = setting(update)
         write["$unset"] = {name: "" for name in ATTEMPT_OUTCOME if name not in update}
         with self._translate(f"start round {round} of session {session_id!r}"):
-            self._retry_dup(
+            retry_duplicate(
                 lambda: self.db.rounds.update_one(
                     {"session_id": session_id, "round": int(round)}, write, upsert=True
                 )
@@ -329,10 +232,10 @@ class TrackingStore:
 
     def increment_combiner_restarts(self, name: str) -> None:
         """Count one more restart of combiner ``name`` (not idempotent: a counter)."""
-        update = {"$inc": {"restarts": 1}, **_setting({"updated_at": utcnow()}),
+        update = {"$inc": {"restarts": 1}, **setting({"updated_at": utcnow()}),
                   "$setOnInsert": dict(NEW_COMBINER)}
         with self._translate(f"count a restart of combiner {name!r}"):
-            self._retry_dup(
+            retry_duplicate(
                 lambda: self.db.combiners.update_one({"name": name}, update, upsert=True)
             )
 
@@ -349,7 +252,7 @@ class TrackingStore:
         doc.setdefault("_id", ObjectId())
         doc.setdefault("ts", utcnow())
         stored = clean(doc)
-        schema.validate("validations", stored)
+        checker.validate("validations", stored)
         with self._translate("add a validation"), contextlib.suppress(DuplicateKeyError):
             self.db.validations.insert_one(stored)
 
@@ -372,7 +275,7 @@ class TrackingStore:
         if not docs:
             return
         for doc in docs:
-            schema.validate("events", doc)
+            checker.validate("events", doc)
         with self._translate(f"insert {len(docs)} event(s)"):
             try:
                 self.db.events.insert_many(list(docs), ordered=False)
@@ -425,10 +328,10 @@ class TrackingStore:
 
     def _insert_once(self, collection: str, key: str, doc: Mapping[str, Any]) -> bool:
         """Insert ``doc`` unless a document with its ``key`` exists; True if inserted."""
-        schema.validate(collection, doc)
+        checker.validate(collection, doc)
         rest = {k: v for k, v in doc.items() if k != key}
         with self._translate(f"insert into {collection}"):
-            result = self._retry_dup(
+            result = retry_duplicate(
                 lambda: self.db[collection].update_one(
                     {key: doc[key]}, {"$setOnInsert": rest}, upsert=True
                 )
@@ -439,9 +342,9 @@ class TrackingStore:
         self, collection: str, flt: dict[str, Any], fields: dict[str, Any], what: str
     ) -> None:
         update = {**clean(fields), "updated_at": utcnow()}
-        schema.check_fields(collection, update)
+        checker.check_fields(collection, update)
         with self._translate(f"update {what}"):
-            result = self.db[collection].update_one(flt, _setting(update))
+            result = self.db[collection].update_one(flt, setting(update))
         if result.matched_count == 0:
             raise TrackingError(f"tracking database {self.where}: no {what} to update")
 
@@ -449,21 +352,12 @@ class TrackingStore:
         self, collection: str, key: dict[str, Any], fields: dict[str, Any], defaults: dict[str, Any]
     ) -> None:
         on_insert = {k: v for k, v in defaults.items() if k not in fields}
-        schema.check_fields(collection, {**fields, **on_insert})
-        update = _setting(fields)
+        checker.check_fields(collection, {**fields, **on_insert})
+        update = setting(fields)
         if on_insert:
             update["$setOnInsert"] = on_insert
         with self._translate(f"upsert into {collection}"):
-            self._retry_dup(lambda: self.db[collection].update_one(key, update, upsert=True))
-
-    @staticmethod
-    def _retry_dup(write: Any) -> Any:
-        # Two concurrent upserts of a new key can race on a unique index in MongoDB; the
-        # loser's retry then finds the winner's document and updates it.
-        try:
-            return write()
-        except DuplicateKeyError:
-            return write()
+            retry_duplicate(lambda: self.db[collection].update_one(key, update, upsert=True))
 
 
 # What an upsert gives a new document for the required fields its write did not name
@@ -473,30 +367,3 @@ NEW_COMBINER = {"address": "", "status": "online"}
 
 def _new_client(client_id: str) -> dict[str, Any]:
     return {"name": client_id, "combiner": "", "status": "offline"}
-
-
-def _setting(fields: dict[str, Any]) -> dict[str, Any]:
-    """The update document ``{"$set": fields}``, safe for datetimes on nx-27017.
-
-    nx-27017 0.8.1 stores a datetime that ``$set`` writes into an existing document as a
-    plain string (its SQL update path binds it as text). A ``$pull`` on a field that never
-    exists sends the update down its Python path, which keeps the type; on MongoDB that
-    ``$pull`` is a no-op. ``test_tracking`` checks the types, so a server that changes
-    this shows up there.
-    """
-    return {"$set": fields, "$pull": {_NO_SUCH_FIELD: None}}
-
-
-def indexable(filter: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``filter`` with equalities on ``SCALAR_FIELDS`` written as ``$eq`` (see there)."""
-    query = dict(filter or {})
-    for key, value in query.items():
-        if key in SCALAR_FIELDS and (isinstance(value, str) or type(value) is int):
-            query[key] = {"$eq": value}
-    return query
-
-
-def _short(exc: BaseException) -> str:
-    """The first useful part of a pymongo message (they can embed a topology dump)."""
-    text = str(exc).split(", Timeout:")[0].split(", full error:")[0].strip()
-    return text if len(text) <= 300 else text[:297] + "..."

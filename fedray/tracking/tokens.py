@@ -28,10 +28,11 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fedray.bridge.keys import hash_token, row_mac
 from fedray.errors import ConfigError, TrackingError
-from fedray.tracking import schema
+from fedray.tracking import checker, schema
 from fedray.tracking.documents import utcnow
+from fedray.tracking.mongo import setting
 from fedray.tracking.schema import TOKENS
-from fedray.tracking.store import TrackingStore, _setting
+from fedray.tracking.store import TrackingStore
 
 COLLECTION = "tokens"
 PREFIX = "frt_"  # makes a leaked token easy to recognise (and to grep for)
@@ -57,7 +58,7 @@ def create_token(store: TrackingStore, name: str, secret: bytes) -> str:
     digest = hash_token(token, secret)
     doc = schema.Token(hash=digest, name=name, mac=row_mac(secret, digest, name),
                        live_name=name, created_at=utcnow(), revoked=False, revoked_at=None)
-    schema.validate(COLLECTION, doc)
+    checker.validate(COLLECTION, doc)
     try:
         tokens.create_index([(TOKENS.hash, ASCENDING)], unique=True)
         tokens.create_index([(TOKENS.name, ASCENDING)])
@@ -79,8 +80,8 @@ def revoke_token(store: TrackingStore, name: str) -> int:
                                 {TOKENS.hash: 1}))
         for doc in live:
             revoked = {"revoked": True, "revoked_at": utcnow()}
-            schema.check_fields(COLLECTION, revoked)
-            update = _setting(revoked)
+            checker.check_fields(COLLECTION, revoked)
+            update = setting(revoked)
             update["$unset"] = {TOKENS.live_name: ""}
             tokens.update_one({TOKENS.hash: doc[TOKENS.hash]}, update)
     except PyMongoError as exc:

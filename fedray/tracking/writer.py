@@ -13,11 +13,10 @@ Consecutive events are written with one ``insert_many``; when the database refus
 batch, its events are written one by one, so only the bad one is dropped.
 
 The queue is bounded (``max_pending``, plus the batch being written). When it is full,
-the least valuable queued write makes room, oldest first: debug events, then info
-events, then warning events and client/combiner status, then error events. Session,
-round, model, validation and package writes are never dropped (there are a handful per
-round). Drops are counted (``dropped_by_reason``, ``on_drop`` for a metric), and once the
-queue has drained to half, one warning event says how many writes of which kind were lost.
+the least valuable queued write makes room (``write_queue`` says which), and session,
+round, model, validation and package writes are never dropped. Drops are counted
+(``dropped_by_reason``, ``on_drop`` for a metric), and once the queue has drained to half,
+one warning event says how many writes of which kind were lost.
 
 With ``indexes`` (the controller's writer: one per federation) the thread creates the
 tracking indexes before its first write, idempotently: the unique ones lookups and upserts
@@ -38,15 +37,16 @@ import copy
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from fedray.errors import TrackingError
-from fedray.tracking.documents import LEVELS, make_event, utcnow, written_at
-from fedray.tracking.store import WRITE_METHODS, TrackingStore, is_transient
+from fedray.tracking.documents import make_event, utcnow, written_at
+from fedray.tracking.mongo import is_transient
+from fedray.tracking.store import WRITE_METHODS, TrackingStore
+from fedray.tracking.write_queue import Write, WriteQueue, ranked
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +56,6 @@ DropHook = Callable[[str, int], None]  # (reason, count): "queue_full" | "refuse
 MAX_PENDING = 20_000  # queued writes; a client's event is at most a few KiB (the bridge bounds it)
 PRUNE_EVERY_S = 600.0
 INDEX_RETRY_S = 5.0  # while the database is unreachable
-# Never dropped for room: the session's own history, a handful of writes per round.
-PROTECTED = frozenset({"ensure_indexes", "create_session", "update_session", "start_round",
-                       "update_round", "add_model", "add_validation", "add_package"})
-STATUS_RANK = LEVELS.index("warning")  # upsert_client/_combiner, restarts: as a warning
-RANKS = len(LEVELS)
-
-
-@dataclass(slots=True)
-class _Write:
-    method: str
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    at: datetime | None = None
-    event: dict[str, Any] | None = None  # set for events, which are batched
-    rank: int | None = None  # what it is worth when the queue is full; None: never dropped
-    label: str = ""  # what drop reports call it: an event level or a method
-    dropped: bool = False  # evicted while queued: the thread skips it
-
-
-def _ranked(item: _Write) -> _Write:
-    if item.event is not None:
-        item.label = item.event["level"]
-        item.rank = LEVELS.index(item.label)
-    else:
-        item.label = item.method
-        item.rank = None if item.method in PROTECTED else STATUS_RANK
-    return item
 
 
 class TrackingWriter:
@@ -103,19 +76,13 @@ class TrackingWriter:
         indexes: bool = False,
     ) -> None:
         self._factory = store_factory
-        self._batch_size = batch_size
         self._max_backoff_s = max_backoff_s
-        self._max_pending = max(1, max_pending)
         self._source = source
         self._ttl_s = events_ttl_s or None
         self._prune_every_s = prune_every_s
         self._on_drop = on_drop
-        self._queue: deque[_Write] = deque()  # in order; evicted items stay until popped
-        self._by_rank: tuple[deque[_Write], ...] = tuple(deque() for _ in range(RANKS))
-        self._queued = 0  # live items in _queue
-        self._evicted = 0  # evicted items still in _queue
+        self._queue = WriteQueue(max_pending, batch_size, source)  # guarded by _cond
         self._inflight = 0  # items of the batch being written
-        self._unreported: Counter[str] = Counter()  # dropped for room, by label, not yet told
         self.dropped_by_reason: Counter[str] = Counter()
         self._cond = threading.Condition()
         self._closing = False
@@ -136,13 +103,13 @@ class TrackingWriter:
     def pending(self) -> int:
         """Writes submitted but not yet done (including the ones in progress)."""
         with self._cond:
-            return self._queued + self._inflight
+            return self._queue.queued + self._inflight
 
     @property
     def queued(self) -> int:
         """Writes waiting for the thread (not counting the batch it is writing)."""
         with self._cond:
-            return self._queued
+            return self._queue.queued
 
     def submit(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Queue ``store.<method>(*args, **kwargs)``; returns at once.
@@ -154,18 +121,15 @@ class TrackingWriter:
         if method not in WRITE_METHODS:
             raise ValueError(f"{method!r} is not a TrackingStore write method")
         if method == "event":
-            item = _Write("insert_events", event=make_event(*args, **kwargs))
+            item = Write("insert_events", event=make_event(*args, **kwargs))
         else:
-            item = _Write(method, copy.deepcopy(args), copy.deepcopy(kwargs), at=utcnow())
-        _ranked(item)
+            item = Write(method, copy.deepcopy(args), copy.deepcopy(kwargs), at=utcnow())
+        ranked(item)
         with self._cond:
             if self._closing:
                 raise TrackingError("the tracking writer is closed")
-            lost = None
-            if self._queued >= self._max_pending:
-                lost = self._make_room(item)
+            lost = self._queue.offer(item)
             if lost is not item:
-                self._enqueue(item)
                 self._cond.notify_all()
         if lost is not None:
             self._dropped("queue_full", 1)
@@ -187,7 +151,7 @@ class TrackingWriter:
         """Wait until every write submitted so far is done; False if ``timeout`` passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queued or self._inflight:
+            while self._queue.queued or self._inflight:
                 if not self._thread.is_alive():
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -223,39 +187,7 @@ class TrackingWriter:
     def _at_exit(self) -> None:
         self.close(timeout=5.0)
 
-    # the bounded queue (called with the lock held)
-
-    def _enqueue(self, item: _Write) -> None:
-        self._queue.append(item)
-        if item.rank is not None:
-            self._by_rank[item.rank].append(item)
-        self._queued += 1
-
-    def _make_room(self, item: _Write) -> _Write | None:
-        """Evict the oldest queued write worth less than ``item`` (anything droppable for a
-        protected one); returns what was lost: that write, ``item`` itself, or None."""
-        ceiling = RANKS if item.rank is None else item.rank
-        for rank in range(ceiling):
-            if self._by_rank[rank]:
-                victim = self._by_rank[rank].popleft()
-                victim.dropped, victim.event, victim.args, victim.kwargs = True, None, (), {}
-                self._queued -= 1
-                self._evicted += 1
-                self._count_for_room(victim)
-                if self._evicted > max(self._queued, 1024):  # keep the deque O(max_pending)
-                    self._queue = deque(w for w in self._queue if not w.dropped)
-                    self._evicted = 0
-                return victim
-        if item.rank is None:
-            return None  # protected writes always get in: there are few of them
-        self._count_for_room(item)
-        return item
-
-    def _count_for_room(self, item: _Write) -> None:
-        if not self._unreported:
-            log.warning("tracking queue full (%d writes): dropping low-value writes",
-                        self._max_pending)
-        self._unreported[item.label] += 1
+    # the writer thread
 
     def _dropped(self, reason: str, count: int) -> None:
         with self._cond:
@@ -266,72 +198,31 @@ class TrackingWriter:
             except Exception:  # noqa: BLE001 - a metric must never break a write
                 log.debug("tracking drop hook failed", exc_info=True)
 
-    def _take_batch(self) -> list[_Write]:
-        """The head of the queue: one write, or a run of consecutive events."""
-        batch: list[_Write] = []
-        while self._queue:
-            item = self._queue[0]
-            if item.dropped:
-                self._queue.popleft()
-                self._evicted -= 1
-                continue
-            if batch and (item.event is None or len(batch) >= self._batch_size):
-                break
-            self._queue.popleft()
-            if item.rank is not None:
-                head = self._by_rank[item.rank].popleft()
-                assert head is item
-            batch.append(item)
-            if item.event is None:
-                break
-        self._queued -= len(batch)
-        self._inflight = len(batch)
-        return batch
-
-    def _drop_report(self) -> _Write | None:
-        """One warning event about writes dropped for room, once the queue has drained."""
-        if not self._unreported or self._queued > self._max_pending // 2:
-            return None
-        counts, self._unreported = dict(self._unreported), Counter()
-        total = sum(counts.values())
-        kinds = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
-        message = (f"the tracking queue was full ({self._max_pending} writes): dropped {total} "
-                   f"low-value write(s) ({kinds})")
-        event = make_event("warning", self._source, message,
-                           data={"reason": "tracking_queue_full", "dropped": total,
-                                 "by_kind": counts})
-        return _Write("insert_events", event=event, label="warning")  # rank None: kept
-
-    # the writer thread
-
     def _run(self) -> None:
         store: TrackingStore | None = None
         while True:
             if not self._abort.is_set():
                 store = self._chores(store)
             with self._cond:
-                while not self._queued and not self._closing:
+                while not self._queue.queued and not self._closing:
                     due = self._next_chore()
                     if due is not None and time.monotonic() >= due:
                         break
                     self._cond.wait(None if due is None else due - time.monotonic())
-                if self._abort.is_set() or (not self._queued and self._closing):
+                if self._abort.is_set() or (not self._queue.queued and self._closing):
                     break
-                batch = self._take_batch()
+                batch = self._queue.take_batch()
+                self._inflight = len(batch)
             if batch:
                 store = self._perform(store, batch)
             with self._cond:
                 self._inflight = 0
-                report = self._drop_report()
+                report = self._queue.drop_report()
                 if report is not None:
-                    self._enqueue(report)
+                    self._queue.append(report)
                 self._cond.notify_all()
         with self._cond:
-            lost = self._queued
-            self._queue.clear()
-            for ranked in self._by_rank:
-                ranked.clear()
-            self._queued = self._evicted = 0
+            lost = self._queue.clear()
             self._cond.notify_all()
         if lost:
             self._dropped("closed", lost)
@@ -388,7 +279,7 @@ class TrackingWriter:
             self._next_prune = time.monotonic() + min(self._prune_every_s, 30.0)
         return store
 
-    def _perform(self, store: TrackingStore | None, batch: list[_Write]) -> TrackingStore | None:
+    def _perform(self, store: TrackingStore | None, batch: list[Write]) -> TrackingStore | None:
         """Run one batch until it succeeds, is refused, or the writer is aborted."""
         delay = 0.1
         failing_since: float | None = None
@@ -430,7 +321,7 @@ class TrackingWriter:
                 return store
             delay = min(delay * 2, self._max_backoff_s)
 
-    def _report_refused(self, store: TrackingStore | None, item: _Write,
+    def _report_refused(self, store: TrackingStore | None, item: Write,
                         exc: BaseException) -> None:
         """A refused session, round or status write is history lost: say so in tracking as
         an error event too, where operators look (an actor's log is easy to miss)."""
@@ -445,7 +336,7 @@ class TrackingWriter:
             log.debug("could not record the refused write as an event: %s", again)
 
     @staticmethod
-    def _call(store: TrackingStore, batch: list[_Write]) -> None:
+    def _call(store: TrackingStore, batch: list[Write]) -> None:
         head = batch[0]
         if head.event is not None:
             store.insert_events([item.event for item in batch if item.event is not None])
@@ -454,7 +345,7 @@ class TrackingWriter:
             getattr(store, head.method)(*head.args, **head.kwargs)
 
 
-def _describe(batch: list[_Write]) -> str:
+def _describe(batch: list[Write]) -> str:
     if batch[0].event is not None:
         return f"of {len(batch)} event(s)"
     return repr(batch[0].method)
