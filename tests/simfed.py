@@ -24,7 +24,9 @@ from fedray.actors.controller.callbacks import Callbacks, SessionStatus, StatusC
 from fedray.actors.controller.session_runner import SessionRunner, Start
 from fedray.config import CombinersConfig, SessionConfig
 from fedray.deploy.config_file import config_from_dict
-from fedray.messages import TaskKind, UpdateHeader, ValidationReport
+from fedray.edge.halves import ClientHalves
+from fedray.edge.tasks import encode_update
+from fedray.messages import StageReply, TaskKind, UpdateHeader, ValidationReport
 from fedray.serialization import copy_model, decode, encode
 from fedray.storage.base import ModelStore
 from fedray.strategies import make_strategy
@@ -91,14 +93,15 @@ class SimClient:
         self.attrs, self.delay, self.validate = dict(attrs or {}), delay, validate
         self.tasks_seen: list[tuple[str, int]] = []
         self.replies: list[tuple[int, bool, str]] = []
+        self.halves = ClientHalves(("tests", "examples"))
 
     async def run(self) -> None:
         link = self.core.connect(self.client_id, self.client_id, self.attrs)
         beat = asyncio.ensure_future(self._beat())
         try:
             async for task in self.core.tasks(link):
-                self.tasks_seen.append((task.kind.value, task.round))
-                asyncio.ensure_future(self._answer(task)) if task.kind is TaskKind.VALIDATE \
+                self.tasks_seen.append((task.stage or task.kind.value, task.round))
+                asyncio.ensure_future(self._answer(task)) if task.kind is not TaskKind.TRAIN \
                     else await self._answer(task)
         finally:
             beat.cancel()
@@ -109,6 +112,20 @@ class SimClient:
             await asyncio.sleep(0.05)
 
     async def _answer(self, task) -> None:
+        half = self.halves.for_task(task)  # the strategy's client half, as the edge runs it
+        if half is not None:
+            half.on_task(task)
+        if task.kind is TaskKind.STAGE:
+            data = self.core.models.get(task.model_id) if task.model_id else None
+            try:
+                reply = half.run_stage(task, decode(data) if data is not None else None)
+            except Exception as exc:  # noqa: BLE001 - reported as the edge client does
+                self.core.task_failed(self.client_id, task.task_id, str(exc),
+                                      type(exc).__name__)
+                return
+            self.core.push_reply(StageReply(self.client_id, task.task_id, task.session_id,
+                                            task.round, task.stage, reply))
+            return
         data = self.core.models.get(task.model_id)
         if data is None:
             return
@@ -128,6 +145,8 @@ class SimClient:
             self.core.task_failed(self.client_id, task.task_id, str(exc), type(exc).__name__)
             return
         payload = encode({k: np.asarray(v, dtype=params[k].dtype) for k, v in new.items()})
+        if half is not None:
+            payload = encode_update(half, task, payload, data)
         header = UpdateHeader(self.client_id, task.task_id, task.session_id, task.round,
                               task.model_id, int(n), dict(metrics), len(payload),
                               hashlib.sha256(payload).hexdigest())
