@@ -17,7 +17,7 @@ import traceback
 
 import click
 
-from fedray.cli.extras import MissingExtra, hint_for
+from fedray.cli.extras import hint_for
 from fedray.cli.package import package
 from fedray.cli.plot import plot
 from fedray.cli.query import QUERIES
@@ -26,7 +26,7 @@ from fedray.cli.status import status
 from fedray.cli.tokens import token
 from fedray.deploy.lifecycle import Stopped
 from fedray.edge.cli import edge
-from fedray.errors import FedrayError
+from fedray.errors import FedrayError, MissingExtra
 
 INTERNAL_ERROR = 70
 

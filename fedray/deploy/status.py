@@ -26,17 +26,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from fedray.errors import AuthError, ConfigError, FedrayError, TransportError
+from fedray.errors import AuthError, ConfigError, NotRunning, TransportError
 from fedray.text import printable
 
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
-
-
-class NotRunning(FedrayError):
-    """No controller of the federation is alive in the cluster."""
-
-    exit_code = 1
 
 
 def preflight(address: str) -> None:

@@ -13,15 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from fedray.errors import FedrayError
+from fedray.errors import AggregateRefused, FedrayError
 from fedray.serialization import decode, encode, read_layout
 from fedray.strategies.base import KeptUpdates, Strategy, is_finite_model
 
 log = logging.getLogger(__name__)
-
-
-class AggregateRefused(FedrayError):
-    """The strategy could not aggregate the round, or gave a model that is not committed."""
 
 
 async def resolve_kept(pool: Any, partials: list[Any]) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedray.actors.controller.callbacks import RoundDone, RoundFailed, RoundStarted
-from fedray.actors.controller.session_runner import RoundFailedError
+from fedray.errors import RoundFailed as RoundFailedError  # RoundFailed here is the event
 from fedray.errors import SessionError
 from fedray.messages import AsyncSpec
 from fedray.serialization import decode

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedray.actors.controller.aggregate import (
-    AggregateRefused,
     next_model,
     resolve_kept,
     storable_report,
@@ -41,7 +40,8 @@ from fedray.actors.controller.callbacks import (
 from fedray.actors.controller.policy import round_verdict
 from fedray.actors.controller.pool import CombinerPool
 from fedray.config import SessionConfig
-from fedray.errors import ConfigError, FedrayError, SessionError
+from fedray.errors import AggregateRefused, ConfigError, FedrayError, SessionError
+from fedray.errors import RoundFailed as RoundFailedError  # RoundFailed here is the event
 from fedray.messages import MetricSums, RoundResult, RoundSpec, TaskKind
 from fedray.serialization import copy_model, decode, encode, read_layout
 from fedray.states import SessionState, next_session_state
@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 
 RPC_GRACE_S = 30.0  # how long past a round's deadline a combiner may take to answer
 RETRY_BACKOFF_S = (1.0, 30.0)  # a failed attempt waits this long, doubling up to the cap
-
-
-class RoundFailedError(SessionError):
-    """One attempt at a round did not commit; the round may run again."""
 
 
 @dataclass(frozen=True)
