@@ -33,6 +33,7 @@ from fedray.actors.memory import ReleaseAfterRounds, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.bridge.auth import make_gate
+from fedray.bridge.boundary import Boundary, EventSink, guard_rpcs, log_event
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.server import ServerLimits, caller_id, start_server
@@ -52,17 +53,21 @@ log = logging.getLogger(__name__)
 UNFINISHED = [state.value for state in SessionState if not state.terminal]
 
 
+@guard_rpcs
 class GatewayServicer(pb_grpc.GatewayServicer):
     """Client discovery. Assignments from the last few seconds count towards a combiner's
     load, so a burst of clients starting together is spread instead of piling onto the
-    combiner that was least loaded a moment ago."""
+    combiner that was least loaded a moment ago. An unexpected exception in a handler is
+    an error event (``on_event``: the controller's observer) and INTERNAL with a ref."""
 
     RECENT_S = 5.0
     LOADS_S = 1.0  # combiners' loads are asked at most this often, however many clients ask
 
-    def __init__(self, pool: RayCombinerPool, max_clients: int) -> None:
+    def __init__(self, pool: RayCombinerPool, max_clients: int,
+                 on_event: EventSink = log_event) -> None:
         self.pool = pool
         self.max_clients = max_clients
+        self.boundary = Boundary("the gateway", on_event)
         self.recent: dict[str, list[float]] = {}
         self._loads: tuple[float, asyncio.Future] | None = None
 
@@ -118,7 +123,8 @@ class Controller:
         c = self.config.controller
 
         def register(server):
-            servicer = GatewayServicer(self.pool, self.config.combiners.max_clients)
+            servicer = GatewayServicer(self.pool, self.config.combiners.max_clients,
+                                       self.observer.event)
             pb_grpc.add_GatewayServicer_to_server(servicer, server)
 
         combiners = self.config.combiners
