@@ -1,23 +1,41 @@
-"""The one exception hierarchy of fedray.
+"""The one exception hierarchy of fedray, and the registry of its exit codes.
 
-    FedrayError                 base; ``exit_code`` is what the CLI exits with
-    ├── ConfigError             a bad config field or CLI argument (names the field and file)
-    ├── SerializationError      bytes that are not a valid safetensors model
-    ├── UpdateRejected          an update failed its checks (``reason`` is a short code)
-    ├── PackageError            a compute package that is unsafe, malformed or failing
-    │   └── PythonEnvError      its python_env (venv + pip install) could not be built
-    ├── StorageError            the model store could not read or write
-    ├── TrackingError           the tracking database is unreachable or refused a write
-    │   └── SchemaError         a document that is not what fedray.tracking.schema says
-    ├── TransportError          a gRPC call to the gateway or a combiner failed
-    │   ├── AuthError           the token was missing, wrong or revoked
-    │   └── ListenError         a gateway or combiner could not listen on its address
-    ├── SessionError            a session or round could not complete
-    └── AlreadyRunning          the federation already runs: another live process owns it
+Every error fedray raises on purpose is a class here, and each class has its own
+``exit_code``: the `fedray` command exits with it (``fedray.cli.main``), so scripts can
+tell one kind of failure from another. A code, once given, keeps its meaning; a new class
+takes the next free number (``tests/test_errors.py`` checks that no two classes share one
+and that none is defined outside this module).
+
+    code  class                       what happened
+       1  FedrayError                 base of them all
+       2  ├── ConfigError             a bad config field or CLI argument (names field and file)
+      11  │   └── MissingExtra        a command needs an extra that is not installed
+       3  ├── SerializationError      bytes that are not a valid safetensors model
+      12  ├── UpdateRejected          an update failed its checks (``reason`` is a short code)
+       4  ├── PackageError            a compute package that is unsafe, malformed or failing
+      13  │   └── PythonEnvError      its python_env (venv + pip install) could not be built
+       5  ├── StorageError            the model store could not read or write
+       6  ├── TrackingError           tracking is unreachable or refused a write
+      14  │   └── SchemaError         a document that is not what fedray.tracking.schema says
+       7  ├── TransportError          a gRPC call to the gateway or a combiner failed
+       8  │   ├── AuthError           the token was missing, wrong or revoked
+      15  │   ├── ListenError         a gateway or combiner could not listen on its address
+      24  │   └── UnknownTaskKind     a task of a kind this client does not know (refused)
+       9  ├── SessionError            a session or round could not complete
+      16  │   ├── UnknownSession      a combiner does not know the session (it is sent again)
+      17  │   ├── AttemptFailed       one attempt at a round did not commit (it may run again)
+      18  │   └── CombinerError       a combiner did not do its part of a round
+      19  │       ├── CombinerLost    its actor died or cannot be reached
+      20  │       ├── CombinerTimeout no answer within the round's deadline and grace
+      21  │       └── CombinerFailed  the call raised inside the combiner
+      10  ├── AlreadyRunning          the federation already runs: another live process owns it
+      22  ├── AggregateRefused        the strategy could not aggregate, or its model is refused
+      23  └── NotRunning              `fedray status`: no controller of the federation is alive
 
 Lower-layer exceptions (grpc, ray, pymongo, minio) are translated into these once, at the
-adapter that calls the library. All of them stay picklable so they can cross actor
-boundaries.
+adapter that calls the library. All of them stay picklable, with their fields, so they can
+cross actor boundaries: a class whose ``__init__`` takes other arguments than the message
+says how to rebuild it in ``__reduce__``.
 """
 
 from __future__ import annotations
@@ -33,6 +51,13 @@ class ConfigError(FedrayError):
     exit_code = 2
 
 
+class MissingExtra(ConfigError):
+    """A command needs an extra that is not installed; the message is the whole hint
+    (``fedray.cli.extras.hint``), printed without the usual ``fedray: error:``."""
+
+    exit_code = 11
+
+
 class SerializationError(FedrayError):
     exit_code = 3
 
@@ -40,7 +65,7 @@ class SerializationError(FedrayError):
 class UpdateRejected(FedrayError):
     """An update failed a check; ``reason`` is a stable short code for events and metrics."""
 
-    exit_code = 3
+    exit_code = 12
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -58,6 +83,8 @@ class PackageError(FedrayError):
 class PythonEnvError(PackageError):
     """A compute package's ``python_env`` could not be built (pip's error, in one line)."""
 
+    exit_code = 13
+
 
 class StorageError(FedrayError):
     exit_code = 5
@@ -70,6 +97,8 @@ class TrackingError(FedrayError):
 class SchemaError(TrackingError):
     """A tracking document (or an update's field) that does not match its schema class:
     ``field`` is its dotted path ("" for the document), ``problem`` what is wrong."""
+
+    exit_code = 14
 
     def __init__(self, collection: str, field: str, problem: str) -> None:
         where = f"field {field!r} " if field else ""
@@ -93,6 +122,8 @@ class AuthError(TransportError):
 class ListenError(TransportError):
     """A server could not bind ``address``; ``in_use`` when the port was the reason."""
 
+    exit_code = 15
+
     def __init__(self, address: str, reason: str, in_use: bool = False) -> None:
         super().__init__(f"cannot listen on {address}: {reason}")
         self.address = address
@@ -111,6 +142,51 @@ class UnknownSession(SessionError):
     """A combiner was asked about a session whose strategy it was never given (or forgot,
     after Ray restarted it): the controller sends the strategy again and retries."""
 
+    exit_code = 16
+
+
+class AttemptFailed(SessionError):
+    """One attempt at a round did not commit; the round may run again."""
+
+    exit_code = 17
+
+
+class CombinerError(SessionError):
+    """A combiner did not do its part of round ``round`` (None: outside a round); ``why``
+    says how in a few words, e.g. ``died (ActorDiedError)``. Raised where Ray's errors
+    from a combiner call are translated, so the controller decides on fields, not on the
+    text of a Ray exception."""
+
+    exit_code = 18
+
+    def __init__(self, combiner: str, round: int | None, why: str) -> None:
+        where = f" (round {round})" if round is not None else ""
+        super().__init__(f"combiner {combiner}{where}: {why}")
+        self.combiner = combiner
+        self.round = round
+        self.why = why
+
+    def __reduce__(self):
+        return (type(self), (self.combiner, self.round, self.why))
+
+
+class CombinerLost(CombinerError):
+    """The combiner's actor died or cannot be reached (Ray may be restarting it)."""
+
+    exit_code = 19
+
+
+class CombinerTimeout(CombinerError):
+    """The combiner gave no answer within the round's deadline plus the grace period."""
+
+    exit_code = 20
+
+
+class CombinerFailed(CombinerError):
+    """The call raised inside the combiner: it is up, but could not do what it was asked."""
+
+    exit_code = 21
+
 
 class AlreadyRunning(FedrayError):
     """A live process already runs this federation (its data directory, or its actors in
@@ -119,43 +195,24 @@ class AlreadyRunning(FedrayError):
     exit_code = 10
 
 
-class AttemptFailed(SessionError):
-    """One attempt at a round did not commit; the round may run again."""
-
-
 class AggregateRefused(FedrayError):
     """The strategy could not aggregate the round, or gave a model that is not committed."""
 
-
-class CombinerError(SessionError):
-    """A call from the controller to one combiner did not give an answer: ``combiner``
-    names it, ``round`` the round it was for (None outside a round), ``why`` says what
-    happened in one line."""
-
-    def __init__(self, combiner: str, round: int | None, why: str) -> None:
-        where = f"combiner {combiner}" + (f" (round {round})" if round is not None else "")
-        super().__init__(f"{where}: {why}")
-        self.combiner, self.round, self.why = combiner, round, why
-
-    def __reduce__(self):
-        return (type(self), (self.combiner, self.round, self.why))
+    exit_code = 22
 
 
-class CombinerLost(CombinerError):
-    """The combiner actor died, or cannot be reached (Ray restarts it)."""
+class NotRunning(FedrayError):
+    """No controller of the federation is alive in the cluster (``fedray status``), or no
+    Ray cluster answers at the address given."""
 
-
-class CombinerTimeout(CombinerError):
-    """The combiner gave no answer within the round's deadline and its grace."""
-
-
-class CombinerFailed(CombinerError):
-    """The call raised inside the combiner."""
+    exit_code = 23
 
 
 class UnknownTaskKind(TransportError):
     """A task of a kind this client does not know (a newer server): it is refused, never
     run as something else."""
+
+    exit_code = 24
 
     def __init__(self, kind: int, task_id: str) -> None:
         super().__init__(f"task {task_id[:32]} has kind {kind}, which this client does not "

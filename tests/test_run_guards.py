@@ -337,6 +337,21 @@ def test_an_unreachable_ray_address_fails_fast_instead_of_retrying(monkeypatch):
     assert time.monotonic() - start < 15
 
 
+def test_fedray_status_with_no_cluster_there_is_one_line_and_not_running_s_code(monkeypatch):
+    from click.testing import CliRunner
+    from netutil import free_ports
+
+    from fedray.cli.main import main
+    from fedray.errors import NotRunning
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = free_ports(1)[0]
+    result = CliRunner().invoke(main, ["status", "--address", f"127.0.0.1:{port}"])
+    assert result.exit_code == NotRunning.exit_code == 23, result.output
+    assert result.output.startswith("fedray: error: no Ray cluster answers at ")
+    assert result.output.count("\n") == 1, result.output
+
+
 @pytest.mark.parametrize("value", [0, -2])
 def test_ray_num_cpus_is_checked_at_load(value):
     with pytest.raises(ConfigError, match=f"g.yaml: ray.num_cpus must be at least 1 .*got {value}"):

@@ -766,7 +766,8 @@ def test_events_table_wraps_messages_and_colours_levels() -> None:
 def test_events_cli_options(embedded_server: EmbeddedMongo, db_name: str) -> None:
     from click.testing import CliRunner
 
-    from fedray.cli.main import EVENT_LEVELS, main
+    from fedray.cli.main import main
+    from fedray.cli.query import EVENT_LEVELS
 
     store = TrackingStore.from_uri(embedded_server.uri, db_name)
     try:

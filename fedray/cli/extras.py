@@ -14,7 +14,7 @@ import importlib.util
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from fedray.errors import ConfigError
+from fedray.errors import MissingExtra
 
 # extra -> the top-level modules of its requirements, in pyproject.toml's order
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -24,10 +24,6 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 WHAT = {"server": "the server parts", "examples": "the examples"}
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class MissingExtra(ConfigError):
-    """A command needs an extra that is not installed; the message is the whole hint."""
 
 
 def hint(command: str, extras: Iterable[str], missing: Iterable[str] = ()) -> str:

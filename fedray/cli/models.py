@@ -15,11 +15,10 @@ from urllib.parse import unquote, urlparse
 
 import click
 
+from fedray.cli.common import TRACKING_MODULES, default_data_dir, tracking, tracking_options
 from fedray.cli.extras import needs
 from fedray.errors import ConfigError
 from fedray.frameworks.formats import FORMATS, format_for, writer
-
-TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [server]
 
 
 @click.command("get")
@@ -33,13 +32,7 @@ TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [se
                    "it (checked), and keras saves the whole model as a .keras file.")
 @click.option("--session", default=None, metavar="ID",
               help="With latest: that session's newest model (an id or its first characters).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="A federation's data directory (default: the newest under ~/.fedray).")
-@click.option("--tracking", "tracking_uri", default=None, metavar="URI",
-              help="A mongodb:// URI instead of the embedded tracking of --data-dir.")
-@click.option("--database", default=None, metavar="NAME",
-              help="The tracking database (default: the URI's, else 'fedray'; a config's "
-                   "tracking.database).")
+@tracking_options
 @click.option("--storage", default=None, metavar="URI",
               help="The federation's storage.uri, e.g. s3://BUCKET?endpoint=HOST:9000 (default: "
                    "where tracking recorded the model, else <data-dir>/models).")
@@ -74,11 +67,10 @@ def get(ref: str, output: Path, fmt: str | None, build: str | None, session: str
 
 def _resolve(ref: str, session: str | None, data_dir: Path | None, tracking_uri: str | None,
              database: str | None = None):
-    from fedray.cli.main import _tracking
     from fedray.tracking.models import resolve_model
     from fedray.tracking.store import TrackingStore
 
-    with _tracking(data_dir, tracking_uri) as uri:
+    with tracking(data_dir, tracking_uri) as uri:
         store = TrackingStore.from_uri(uri, database)
         try:
             return resolve_model(store, ref, session=session, what=f"fedray models get {ref}")
@@ -88,7 +80,6 @@ def _resolve(ref: str, session: str | None, data_dir: Path | None, tracking_uri:
 
 def model_store(model, storage: str | None, data_dir: Path | None):
     """The store to read ``model`` from (see the module docstring)."""
-    from fedray.cli.main import default_data_dir
     from fedray.storage import FileModelStore, open_model_store
 
     if storage is not None:

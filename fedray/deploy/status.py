@@ -1,13 +1,14 @@
-"""`fedray status`: look at a running federation from another shell.
+"""What `fedray status` shows: a running federation, looked at from another shell.
 
 `fedray run` (often as a `ray job submit` job) owns the federation's lifetime and shows
 progress only in its own output. Operators on another machine or shell need the same
 picture: which combiners are up, where edge clients should dial, how far the session is.
-Everything lives in named, detached actors in namespace ``fedray-<federation>``, so this
-command joins the cluster as a short-lived driver, asks those actors read-only questions
-(``ready``, ``watch(-1, ...)``, ``info``, ``online_clients``) and leaves again.
+Everything lives in named, detached actors in namespace ``fedray-<federation>``, so
+``describe`` joins the cluster as a short-lived driver, asks those actors read-only
+questions (``ready``, ``watch(-1, ...)``, ``info``, ``online_clients``) and leaves again.
 It never changes the federation. Named by neither a config nor ``--federation``, the
 federation is the one whose controller runs in the cluster (several: it asks which).
+The command itself, its options and its extra check, is ``fedray.cli.status``.
 """
 
 from __future__ import annotations
@@ -17,28 +18,19 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import click
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from fedray.cli.extras import needs
-from fedray.errors import AuthError, ConfigError, FedrayError, TransportError
-from fedray.text import json_text, printable
+from fedray.errors import AuthError, ConfigError, NotRunning, TransportError
+from fedray.text import printable
 
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
-
-
-class NotRunning(FedrayError):
-    """No controller of the federation is alive in the cluster."""
-
-    exit_code = 1
 
 
 def preflight(address: str) -> None:
@@ -247,30 +239,3 @@ def default_address(config_address: str | None = None) -> str:
     if config_address and config_address not in {"local", "auto"}:
         return config_address
     return "auto"
-
-
-@click.command("status")
-@click.argument("config_path", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path))
-@click.option("--federation", default=None, help="The federation's name (instead of CONFIG).")
-@click.option("--address", default=None, metavar="RAY_ADDRESS",
-              help="Ray's GCS address, HOST:PORT (default: $RAY_ADDRESS, else auto).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@needs("fedray status", "server", modules=("ray",))
-def status(config_path: Path | None, federation: str | None, address: str | None,
-           as_json: bool) -> None:
-    """Show a running federation: combiners, clients, gateway and the current session.
-
-    Without CONFIG or --federation: the one federation running in the cluster."""
-    config_address = None
-    if config_path is not None:
-        if federation is not None:
-            raise ConfigError("give either CONFIG or --federation, not both")
-        from fedray.deploy.config_file import load_config
-
-        config = load_config(config_path)
-        federation, config_address = config.federation, config.ray.address
-    result = describe(federation, address or default_address(config_address))
-    if as_json:
-        click.echo(json_text(result))
-    else:
-        render(result, Console())

@@ -1,8 +1,10 @@
 """The gRPC face of a combiner: a thin adapter from RPCs to ``CombinerCore`` calls.
 
 Protocol errors from the network are answered with a status and a public message; they
-never reach the core as exceptions and never stop the server. What a client reports
-about itself (``PushEvent``) goes to tracking within its ``EventBudget``.
+never reach the core as exceptions and never stop the server. An exception that a handler
+did not expect ends at ``fedray.bridge.boundary``: INTERNAL with a ref for the client, the
+details in an error event. What a client reports about itself (``PushEvent``) goes to
+tracking within its ``EventBudget``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import grpc
 
 from fedray.actors.combiner.core import CombinerCore
 from fedray.bridge.auth import current_caller
+from fedray.bridge.boundary import Boundary, guard_rpcs
 from fedray.bridge.limits import EventThrottle, RateLimiter
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -74,12 +77,17 @@ def _clip(text: str, max_bytes: int) -> str:
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode(errors="ignore")
 
 
+@guard_rpcs
 class CombinerServicer(pb_grpc.CombinerServicer):
     def __init__(self, core: CombinerCore, packages: dict[str, bytes] | None = None) -> None:
         self.core = core
+        self.boundary = Boundary(f"combiner {core.name}", self._event)
         self.packages = packages if packages is not None else {}
         self.events = EventBudget(core.settings.max_client_events_per_min,
                                   core.settings.max_event_bytes)
+
+    def _event(self, level: str, message: str, **data: Any) -> None:
+        self.core.listener.event(level, message, **data)  # the core's listener of the moment
 
     async def Join(self, request: pb.JoinRequest, context):
         # With a per-client token, both the id and the name are the token's name.

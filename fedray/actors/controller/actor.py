@@ -77,7 +77,8 @@ class Controller:
         c = self.config.controller
 
         def register(server):
-            servicer = GatewayServicer(self.pool, self.config.combiners.max_clients)
+            servicer = GatewayServicer(self.pool, self.config.combiners.max_clients,
+                                       self.observer.event)
             pb_grpc.add_GatewayServicer_to_server(servicer, server)
 
         combiners = self.config.combiners

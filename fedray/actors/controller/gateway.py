@@ -14,22 +14,27 @@ import grpc
 
 from fedray.actors.controller.policy import pick_combiner
 from fedray.actors.controller.pool import CombinerPool
+from fedray.bridge.boundary import Boundary, EventSink, guard_rpcs, log_event
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.server import caller_id
 
 
+@guard_rpcs
 class GatewayServicer(pb_grpc.GatewayServicer):
     """Client discovery. Assignments from the last few seconds count towards a combiner's
     load, so a burst of clients starting together is spread instead of piling onto the
-    combiner that was least loaded a moment ago."""
+    combiner that was least loaded a moment ago. An unexpected exception in a handler is
+    an error event (``on_event``: the controller's observer) and INTERNAL with a ref."""
 
     RECENT_S = 5.0
     LOADS_S = 1.0  # combiners' loads are asked at most this often, however many clients ask
 
-    def __init__(self, pool: CombinerPool, max_clients: int) -> None:
+    def __init__(self, pool: CombinerPool, max_clients: int,
+                 on_event: EventSink = log_event) -> None:
         self.pool = pool
         self.max_clients = max_clients
+        self.boundary = Boundary("the gateway", on_event)
         self.recent: dict[str, list[float]] = {}
         self._loads: tuple[float, asyncio.Future] | None = None
 

@@ -1,0 +1,91 @@
+"""What several command groups share: the tracking options, the data directory they name,
+and the tracking connection made from them.
+
+A query, ``plot``, ``token`` and ``models get`` all read a federation's tracking: through
+``--tracking URI``, else the embedded server of ``--data-dir`` (default: the newest
+federation under ~/.fedray). Nothing here imports a server extra at module level, so the
+edge-only install can still load every command group and print its help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from fedray.errors import ConfigError
+
+DATA_DIR_ENV = "FEDRAY_DATA_DIR"  # fedray.config's, without importing it
+TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [server]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+database_option = click.option(
+    "--database", default=None, metavar="NAME",
+    help="The tracking database (default: the URI's, else 'fedray'; a config's "
+         "tracking.database).")
+
+
+def tracking_options(command: F) -> F:
+    """``--data-dir``, ``--tracking`` and ``--database``, in that order in the help."""
+    command = database_option(command)
+    command = click.option("--tracking", "tracking_uri", default=None, metavar="URI",
+                           help="A mongodb:// URI instead of the embedded tracking of "
+                                "--data-dir.")(command)
+    return click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                        help="A federation's data directory (default: the newest under "
+                             "~/.fedray).")(command)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def tracking(data_dir: Path | None, tracking_uri: str | None) -> Iterator[str]:
+    """The tracking URI to query: --tracking, else the embedded server of the data directory
+    (started for the command, and stopped after it, when it is not already running)."""
+    from fedray.tracking.embedded import connect_or_start
+
+    if tracking_uri is not None:
+        yield tracking_uri
+        return
+    uri, server = connect_or_start(federation_dir(data_dir, "tracking"))
+    try:
+        yield uri
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def federation_dir(data_dir: Path | None, needs: str = "tracking") -> Path:
+    """``data_dir`` (else the default) once it is a federation's: it has ``needs`` (its
+    tracking/ folder, or itself). A mistyped path must not get an empty tracking server,
+    nor a fresh token secret that no federation knows."""
+    folder = data_dir or default_data_dir()
+    where = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}" \
+        if os.environ.get(DATA_DIR_ENV) else "the data directory"
+    wanted = folder / needs if needs else folder
+    if not wanted.is_dir():
+        what = f"{wanted} is missing" if needs else "no such folder"
+        raise ConfigError(f"{where} {folder}: not a federation's data directory ({what}): "
+                          "a mistyped path, or no `fedray run` used it yet")
+    return folder
+
+
+def default_data_dir() -> Path:
+    """$FEDRAY_DATA_DIR, else the most recently used federation under ~/.fedray."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    root = Path.home() / ".fedray"
+    candidates = [d for d in root.glob("*") if (d / "tracking").is_dir()] if root.is_dir() else []
+    if not candidates:
+        raise ConfigError("no federation data found under ~/.fedray; pass --data-dir or --tracking")
+    newest = max(candidates, key=lambda d: (d / "tracking").stat().st_mtime)
+    click.echo(f"(tracking of {newest})", err=True)
+    return newest
