@@ -59,6 +59,8 @@ class ScriptedCombiner(pb_grpc.CombinerServicer, pb_grpc.GatewayServicer):
         self.events: list[pb.EventReport] = []
         self.validations: list[pb.ValidationReport] = []
         self.updates: list[pb.UpdateHeader] = []
+        self.update_bytes: list[bytes] = []  # the payload of each update, in order
+        self.stage_replies: list[pb.StageReply] = []
         self.heartbeat_interval_s = 0.5  # what Heartbeat tells the client
         self.heartbeats = 0
 
@@ -116,10 +118,18 @@ class ScriptedCombiner(pb_grpc.CombinerServicer, pb_grpc.GatewayServicer):
             yield chunk
 
     async def PushUpdate(self, request_iterator, context) -> pb.PushReply:
+        data = bytearray()
         async for part in request_iterator:
             if part.WhichOneof("part") == "header":
                 self.updates.append(part.header)
+            else:
+                data += part.chunk.data
+        self.update_bytes.append(bytes(data))
         return pb.PushReply(accepted=True)
+
+    async def PushStageReply(self, request: pb.StageReply, context) -> pb.Ack:
+        self.stage_replies.append(request)
+        return pb.Ack()
 
     async def PushValidation(self, request: pb.ValidationReport, context) -> pb.Ack:
         self.validations.append(request)

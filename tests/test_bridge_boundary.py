@@ -188,7 +188,7 @@ def test_the_boundary_counts_what_it_did_not_record():
 
 def test_every_rpc_of_both_servicers_is_guarded():
     from fedray.actors.combiner.servicer import CombinerServicer
-    from fedray.actors.controller.actor import GatewayServicer
+    from fedray.actors.controller.gateway import GatewayServicer
 
     for servicer, base in [(CombinerServicer, pb_grpc.CombinerServicer),
                            (GatewayServicer, pb_grpc.GatewayServicer)]:
@@ -198,7 +198,7 @@ def test_every_rpc_of_both_servicers_is_guarded():
 
 
 async def test_the_gateway_answers_a_bug_with_internal_and_an_event_of_the_controller():
-    from fedray.actors.controller.actor import GatewayServicer
+    from fedray.actors.controller.gateway import GatewayServicer
 
     class Pool:
         broken = True

@@ -251,7 +251,7 @@ async def test_an_edge_client_rejoins_when_its_connection_ages_out_and_still_tra
 async def test_a_burst_of_assigns_asks_the_combiners_for_their_loads_once():
     """Each Assign made one Ray call to every combiner: a burst of reconnecting clients
     became a burst of calls on every combiner."""
-    from fedray.actors.controller.actor import GatewayServicer
+    from fedray.actors.controller.gateway import GatewayServicer
 
     class Pool:
         calls = 0

@@ -58,3 +58,46 @@ def test_fedprox_on_a_label_skewed_split_trains_and_mu_reaches_every_client(
     accuracy = model.evaluate(decode(store.get(status["model_id"])), split.X_test,
                               split.y_test)["accuracy"]
     assert accuracy >= 0.85, accuracy
+
+
+def test_fedprox_is_fedavg_whose_train_tasks_carry_mu():
+    """Pure: ``aggregator: fedprox`` adds ``mu`` to the round config every client's train
+    receives, keeps the rest of it, and aggregates as FedAvg."""
+    from fedray.strategies import ClientInfo, RoundContext, make_strategy
+    from fedray.strategies.fedavg import FedAvg
+    from tests.simfed import session_settings
+
+    strategy = make_strategy("fedprox", {"mu": 0.25})
+    online = tuple(ClientInfo(c, "c0") for c in "abc")
+    ctx = RoundContext("s", 1, 1, online, session_settings(round_config={"lr": 0.1}), seed=1)
+    plan = strategy.configure(ctx)
+    assert dict(plan.config) == {"lr": 0.1, "mu": 0.25}
+    assert plan.clients == FedAvg().configure(ctx).clients
+    with pytest.raises(Exception, match="mu must be a finite number >= 0"):
+        make_strategy("fedprox", {"mu": -1})
+
+
+async def test_every_client_trains_with_the_strategys_mu():
+    from fedray.actors.controller.session_runner import Start
+    from fedray.serialization import encode
+    from tests.simfed import MemoryStore, SimPool, run_session, session_settings
+
+    seen: list[float] = []
+
+    def train(params, config, client_id, round_):
+        seen.append(config["mu"])
+        return params, 10, {}
+
+    pool = SimPool(2)
+    for name in "abc":
+        pool.add(name, train)
+    store = MemoryStore()
+    settings = session_settings(rounds=2, min_clients=3, aggregator="fedprox",
+                                aggregator_kwargs={"mu": 0.05})
+    try:
+        state, reason, _ = await run_session(pool, store, settings,
+                                             Start(store.put(encode(model.init_model(0)))))
+    finally:
+        await pool.close()
+    assert (state, reason) == ("finished", "")
+    assert seen == [0.05] * 6

@@ -176,3 +176,38 @@ async def test_a_stage_with_too_few_replies_fails_the_attempt_and_commits_nothin
     assert all(("train", 1) not in c.tasks_seen for c in clients.values())
     assert session.model_id == store.put(store.get(session.model_id))  # still the seed's
     assert np.all(decode(store.get(session.model_id))["w"] == SEED["w"])
+
+
+# ------------------------------------------------------------------ a combiner's stage share
+
+
+async def test_a_combiner_collects_stage_replies_over_grpc_and_refuses_oversized_ones(bridge):
+    """Real gRPC into a real combiner core: each client's task carries its own payload,
+    a reply is kept for the controller, one over the stage's max_reply_bytes is refused
+    and settles that client, and a reply for another stage is refused as stale."""
+    from fedray.bridge.proto import fedray_v1_pb2 as pb
+    from tests.bridge import METADATA
+
+    bridge.core.start_session("s1", SurveyAvg())
+    tasks = await bridge.open_round(["a", "b", "c"], kind=TaskKind.STAGE, stage="survey",
+                                    payloads={"a": b"pa", "b": b"pb"})
+    assert {c: (t.kind, t.stage, t.payload) for c, t in tasks.items()} == {
+        "a": (pb.TASK_KIND_STAGE, "survey", b"pa"), "b": (pb.TASK_KIND_STAGE, "survey", b"pb"),
+        "c": (pb.TASK_KIND_STAGE, "survey", b"")}
+    assert tasks["a"].client_half == "tests.stage_strategies:SurveyHalf"
+
+    def reply(client: str, payload: bytes, stage: str = "survey") -> pb.StageReply:
+        t = tasks[client]
+        return pb.StageReply(client_id=client, task_id=t.task_id, session_id=t.session_id,
+                             round=t.round, stage=stage, payload=payload)
+
+    await bridge.stub.PushStageReply(reply("a", b"from a"), metadata=METADATA)
+    await bridge.stub.PushStageReply(reply("b", b"x" * 257), metadata=METADATA)  # over 256
+    await bridge.stub.PushStageReply(reply("c", b"from c", stage="other"), metadata=METADATA)
+    share = bridge.core.share
+    assert share.replies == {"a": b"from a"} and share.rejected == {"too_large": 1}
+    assert share.settled == {"a", "b"} and not share.closed.is_set()  # c still owes one
+    await bridge.stub.PushStageReply(reply("c", b"from c"), metadata=METADATA)
+    result = await bridge.round
+    assert result.replies == {"a": b"from a", "c": b"from c"}
+    assert (result.stage, result.close_reason) == ("survey", "all_answered")

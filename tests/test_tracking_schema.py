@@ -168,7 +168,7 @@ def test_readers_get_field_names_from_the_classes() -> None:
 
 
 def test_statuses_are_the_states_fedray_knows() -> None:
-    from fedray.actors.combiner.core import CLIENT_STATUSES
+    from fedray.actors.combiner.clients import CLIENT_STATUSES
     from fedray.states import RoundState, SessionState
     from fedray.tracking.documents import LEVELS
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedray.errors import ConfigError
+from fedray.messages import TaskKind
 from fedray.strategies.base import KeptStrategy, Strategy
 from fedray.strategies.client_half import ClientHalf
 from fedray.strategies.declaration import (
@@ -70,7 +71,7 @@ __all__ = [
     "ACCEPT", "Accumulator", "Asynchronous", "ClientHalf", "ClientInfo", "CloseReason",
     "CloseRule", "Declaration", "KeepAll", "Kept", "KeptStrategy", "KeptUpdates", "NormCheck",
     "REGISTRY", "Reply", "RoundContext", "RoundPlan", "RoundState", "ShareSnapshot",
-    "ShareStart", "Stage", "Staleness", "Strategy", "TRAIN", "Update", "UpdateLayout",
+    "ShareStart", "Stage", "Staleness", "Strategy", "TRAIN", "TaskKind", "Update", "UpdateLayout",
     "UpdateMeta", "VALIDATE", "Verdict", "When", "load_object", "make_strategy",
     "strategy_class",
 ]  # fmt: skip

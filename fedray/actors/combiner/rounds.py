@@ -188,12 +188,14 @@ class RoundShares:
             share = self.slot.lookup(reply.session_id)
             share.admit(reply.client_id, reply.task_id, reply.session_id, reply.round,
                         TaskKind.STAGE, stage=reply.stage)
-            most = share.stage.max_reply_bytes
-            if len(reply.payload) > most:
-                raise UpdateRejected("too_large", f"a reply to stage {share.stage.name} is "
-                                     f"at most {most} bytes, got {len(reply.payload)}")
         except UpdateRejected as exc:
             return False, str(exc)
+        most = share.stage.max_reply_bytes
+        if len(reply.payload) > most:  # its task is answered, and refused: settle it
+            share.rejected["too_large"] = share.rejected.get("too_large", 0) + 1
+            self.settle(share, reply.client_id)
+            return False, (f"too_large: a reply to stage {share.stage.name} is at most "
+                           f"{most} bytes, got {len(reply.payload)}")
         share.delivered(reply.client_id)
         share.replies[reply.client_id] = bytes(reply.payload)
         share.accepted += 1
