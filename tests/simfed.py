@@ -25,7 +25,7 @@ from fedray.actors.controller.session_runner import SessionRunner, Start
 from fedray.config import CombinersConfig, SessionConfig
 from fedray.deploy.config_file import config_from_dict
 from fedray.edge.halves import ClientHalves
-from fedray.edge.tasks import encode_update
+from fedray.edge.tasks import encode_update, received
 from fedray.messages import StageReply, TaskKind, UpdateHeader, ValidationReport
 from fedray.serialization import copy_model, decode, encode
 from fedray.storage.base import ModelStore
@@ -113,10 +113,10 @@ class SimClient:
 
     async def _answer(self, task) -> None:
         half = self.halves.for_task(task)  # the strategy's client half, as the edge runs it
+        data = self.core.models.get(task.model_id) if task.model_id else None
         if half is not None:
-            half.on_task(task)
+            data = received(half, task, data)
         if task.kind is TaskKind.STAGE:
-            data = self.core.models.get(task.model_id) if task.model_id else None
             try:
                 reply = half.run_stage(task, decode(data) if data is not None else None)
             except Exception as exc:  # noqa: BLE001 - reported as the edge client does
@@ -126,7 +126,6 @@ class SimClient:
             self.core.push_reply(StageReply(self.client_id, task.task_id, task.session_id,
                                             task.round, task.stage, reply))
             return
-        data = self.core.models.get(task.model_id)
         if data is None:
             return
         params = copy_model(decode(data))

@@ -31,8 +31,9 @@ class SurveyHalf(ClientHalf):
     def __init__(self) -> None:
         self.seen: list[str] = []
 
-    def on_task(self, task: Task) -> None:
+    def receive(self, task: Task, model: Mapping[str, np.ndarray] | None):
         self.seen.append(task.stage)
+        return model
 
     def run_stage(self, task: Task, model: Mapping[str, np.ndarray] | None) -> bytes:
         if task.config.get("refuse_survey"):
@@ -80,3 +81,10 @@ class SurveyAvg(FedAvg):
 
 def nonce(client_id: str, round_: int) -> bytes:
     return f"{client_id}/{round_}".encode()
+
+
+class RebuildHalf(ClientHalf):
+    """Gives the user's code a model of its own making (as a delta codec rebuilds one)."""
+
+    def receive(self, task: Task, model: Mapping[str, np.ndarray] | None):
+        return {name: value + 10 for name, value in model.items()}

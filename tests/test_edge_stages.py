@@ -114,3 +114,14 @@ async def test_a_client_half_that_is_not_allowed_fails_the_task_with_a_hint(fede
     assert fed.events[0].task_id == "t-survey" and fed.events[0].level == "error"
     assert "--allow-client-half tests.stage_strategies" in fed.events[0].message
     assert not fed.stage_replies
+
+
+async def test_the_client_half_gives_the_users_code_the_model_it_rebuilt(federation):
+    fed = federation.servicer
+    fed.serve(MODEL)
+    client = Client(federation.gateway, client_halves=("tests",))
+    fed.send(task(kind="train", model=MODEL, stage="train",
+                  client_half="tests.stage_strategies:RebuildHalf"))
+    await wait_for(lambda: fed.update_bytes, lambda: ("an update", client.lines))
+    await client.close()
+    np.testing.assert_array_equal(decode(fed.update_bytes[0])["w"], np.full(4, 11.0, np.float32))

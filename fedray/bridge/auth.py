@@ -1,7 +1,7 @@
 """Who is calling the bridge, and whether to let them: tokens, identities, rate limits.
 
 Every RPC to the gateway or a combiner is admitted by an ``AuthGate`` (the gRPC
-interceptor in ``grpc_server`` only translates its verdict into a status). A caller is:
+interceptor in ``fedray.bridge.server`` only translates its verdict into a status). A caller is:
 
 - ``client``: it presented a per-client token; its identity is the token's name, whatever
   name or client id its messages claim;

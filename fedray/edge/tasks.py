@@ -1,9 +1,9 @@
 """How an edge client runs one task: the user's code, the strategy's client half, replies.
 
-A task arrives on the client's task stream. Its strategy's client half (if any) sees it
-first; then, for train and validate, the session's compute package is installed and its
-python env built (once), the model is fetched by id (chunked, checked against its
-sha256, cached), the user's code runs in a worker thread (heartbeats keep flowing), the
+A task arrives on the client's task stream. For train and validate, the session's compute
+package is installed and its python env built (once); the model is fetched by id
+(chunked, checked against its sha256, cached); the strategy's client half (if any) sees
+the task and its model first (``receive``: it may rebuild the model); the user's code runs in a worker thread (heartbeats keep flowing), the
 update goes through the client half's ``encode_update`` and up in 1 MiB chunks. A stage
 the strategy declared is answered by its client half's ``run_stage``. A task that fails
 is reported to the combiner as one line (the traceback stays in this client's output
@@ -34,7 +34,7 @@ from fedray.errors import FedrayError, PackageError, TransportError
 from fedray.messages import Task, TaskKind
 from fedray.packages.archive import is_sha256
 from fedray.packages.run import default_cache_dir
-from fedray.serialization import decode, encode
+from fedray.serialization import Buffer, decode, encode
 from fedray.strategies.client_half import ClientHalf
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,12 @@ class TaskRunner:
         examples, metrics = 0, {}
         try:
             half = self.halves.for_task(task)
-            if half is not None:
-                await asyncio.to_thread(half.on_task, task)
             if task.kind is not TaskKind.STAGE:
                 await self._ready_worker(link, task)
             model = await self._fetch(link, task.model_id, task.model_size) \
                 if task.model_id else None
+            if half is not None:  # what the user's code gets: the model sent, or the half's
+                model = await asyncio.to_thread(received, half, task, model)
             if task.kind is TaskKind.TRAIN:
                 examples, metrics, outcome = await self._train(link, task, model, half)
             elif task.kind is TaskKind.VALIDATE:
@@ -179,8 +179,8 @@ class TaskRunner:
         if half is None:
             raise FedrayError(f"stage {task.stage!r} is answered by the strategy's client "
                               "half, and the task names none")
-        params = decode(model) if model is not None else None
-        payload = await asyncio.to_thread(half.run_stage, task, params)
+        payload = await asyncio.to_thread(
+            half.run_stage, task, decode(model) if model is not None else None)
         if not isinstance(payload, bytes | bytearray):
             raise FedrayError(f"{task.client_half}.run_stage must return bytes, got "
                               f"{type(payload).__name__}")
@@ -258,7 +258,20 @@ def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_update(half: ClientHalf, task: Task, data: bytes, model: memoryview) -> bytes:
+def received(half: ClientHalf, task: Task, model: Buffer | None) -> Buffer | None:
+    """The task's model through the client half (``ClientHalf.receive``): the same bytes
+    when it returns the model it was given, else its model, encoded."""
+    params = decode(model) if model is not None else None
+    new = half.receive(task, params)
+    if new is params:
+        return model
+    if not isinstance(new, Mapping):
+        raise FedrayError(f"{task.client_half}.receive must return a mapping of names to "
+                          f"arrays (or the model it got), got {type(new).__name__}")
+    return encode({str(k): np.asarray(v) for k, v in new.items()})
+
+
+def encode_update(half: ClientHalf, task: Task, data: bytes, model: Buffer) -> bytes:
     """The trained update through the client half (``ClientHalf.encode_update``)."""
     new = half.encode_update(task, decode(data), decode(model))
     if not isinstance(new, Mapping):

@@ -5,8 +5,11 @@ task of its sessions carries that name, and the edge imports the module (built-i
 under ``fedray.`` always, any other only when the client allows it: ``fedray edge start
 --allow-client-half MODULE``), makes one instance per session, and calls:
 
-    on_task(task)                       every task, as it arrives (keep what later stages
-                                        of the round need: keys, the round's settings)
+    receive(task, model) -> Model       every task, once its model (None for a stage
+                                        without one) has arrived: keep what later stages
+                                        need (keys, the round's settings, ``task.payload``)
+                                        and return the model the user's code gets (the one
+                                        sent, or one the half rebuilds, e.g. from a delta)
     encode_update(task, update, base)   a train task's update, before it is sent: encode,
         -> Model                        clip, add noise, mask. What it returns must fit the
                                         strategy's declared ``UpdateLayout``
@@ -30,8 +33,12 @@ from fedray.messages import Task
 class ClientHalf:
     """Subclass it and override what your strategy needs; the defaults change nothing."""
 
-    def on_task(self, task: Task) -> None:
-        """A task arrived (before its model is fetched)."""
+    def receive(self, task: Task, model: Mapping[str, np.ndarray] | None,
+                ) -> Mapping[str, np.ndarray] | None:
+        """A task arrived with ``model`` (read-only views; None when the task sends none):
+        the model the user's code (and ``run_stage``) gets. Return ``model`` itself to
+        change nothing."""
+        return model
 
     def encode_update(self, task: Task, update: Mapping[str, np.ndarray],
                       base: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:

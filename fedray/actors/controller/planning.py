@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from fedray.actors.controller.callbacks import ClientsOnline
 from fedray.actors.controller.session import Session
 from fedray.errors import AttemptFailed, ConfigError, SessionError
+from fedray.messages import TaskKind
 from fedray.states import SessionState
 from fedray.strategies.declaration import Stage
 from fedray.strategies.snapshots import (
@@ -73,6 +74,8 @@ def plan_stage(s: Session, stage: Stage, state: RoundState) -> RoundPlan:
     """The strategy's plan for one stage of the round, checked."""
     plan = _decide(s, "plan_stage", lambda: s.strategy.plan_stage(stage, state))
     check_plan(s, state.ctx, plan, f"plan_stage({stage.name})")
+    if stage.kind is TaskKind.TRAIN:
+        check_kept(s, state.ctx.round, plan)
     return plan
 
 

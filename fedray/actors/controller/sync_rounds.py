@@ -86,8 +86,7 @@ class SyncRounds:
         results: list[RoundResult] = []
         lost: list[str] = []
         for stage in s.declaration.before_commit:
-            stage_plan = plan if stage.kind is TaskKind.TRAIN and not state.replies \
-                else plan_stage(s, stage, state)
+            stage_plan = plan_stage(s, stage, state)
             if stage.kind is TaskKind.TRAIN:
                 results, lost = await self._train(number, attempt, stage, stage_plan, ref,
                                                   parent_id)
