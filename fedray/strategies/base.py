@@ -94,11 +94,10 @@ class Strategy(ABC, Generic[P, R]):
     def plan_stage(self, stage: Stage, state: RoundState) -> RoundPlan:
         """Who runs ``stage``, with which config and payloads. By default: before the
         commit, the round's plan, less the clients that did not answer an earlier stage;
-        after it, every client online then (``state.ctx.online``)."""
+        after it, every client online then (``state.ctx.online``), with no config."""
         if stage.when is When.COMMITTED:
             return RoundPlan(clients={combiner: tuple(c.client_id for c in clients)
-                                      for combiner, clients in state.ctx.by_combiner().items()},
-                             config=state.plan.config)
+                                      for combiner, clients in state.ctx.by_combiner().items()})
         answered = [set(replies) for replies in state.replies.values()]
         plan = state.plan if not answered else state.plan.only(set.intersection(*answered))
         return plan if stage.kind is TaskKind.TRAIN else RoundPlan(

@@ -163,7 +163,7 @@ class AsyncLoop:
                 task.cancel()
             await asyncio.gather(*(r.pool.stop_async(name, r.session_id) for name in r.pool.names),
                                  return_exceptions=True)
-        if r.rounds_done > version and r.declaration.after_commit:
+        if s.validate and r.rounds_done > version and r.declaration.after_commit:
             metrics = await after_commit(r, r.rounds_done, model, r.model_id)
             r.emit(RoundDone(r.session_id, {"round": r.rounds_done, "updates": 0,
                                             "model_id": r.model_id, "train_metrics": {},
