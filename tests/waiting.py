@@ -44,7 +44,7 @@ def wait_until(condition: Condition, what: str, *, timeout: float = TIMEOUT_S,
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(_timed_out(what, timeout, describe))
-        time.sleep(poll_s)
+        time.sleep(poll_s)  # the helper's own poll interval (POLL_S)
 
 
 async def async_wait_until(condition: Condition, what: str, *, timeout: float = TIMEOUT_S,
@@ -65,7 +65,7 @@ async def async_wait_until(condition: Condition, what: str, *, timeout: float = 
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(_timed_out(what, timeout, describe))
-        await asyncio.sleep(poll_s)
+        await asyncio.sleep(poll_s)  # the helper's own poll interval (POLL_S)
 
 
 def _ask(condition: Condition, retry_on: tuple[type[BaseException], ...]) -> Any:
