@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from netutil import free_ports
 
+from tests.waiting import wait_until
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +172,6 @@ def _start_weed(folder: Path, ports: list[int]):
     """Launch `weed mini` on ``ports``; return it once S3 lists buckets, None if it exited
     early (a port taken in the meantime), and fail the session if it hangs."""
     import subprocess
-    import time
 
     cmd = [_weed_binary(), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1",
            "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
@@ -184,16 +185,21 @@ def _start_weed(folder: Path, ports: list[int]):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder,
                                 start_new_session=True)
     server = SeaweedS3(f"127.0.0.1:{ports[WEED_PORTS.index('s3.port')]}", proc, log)
-    deadline = time.monotonic() + 60
-    while proc.poll() is None:
-        try:
-            server.client(timeout_s=2).list_buckets()
-            return server
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline:
-                _stop_weed(proc, ports)
-                pytest.fail(f"weed mini did not answer S3 in 60 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+
+    def answered_or_exited() -> str:
+        if proc.poll() is not None:
+            return "exited"
+        server.client(timeout_s=2).list_buckets()
+        return "answered"
+
+    try:  # any error of the S3 call: not up yet
+        outcome = wait_until(answered_or_exited, "weed mini to answer S3", timeout=60,
+                             retry_on=(Exception,), poll_s=0.2)
+    except AssertionError:
+        _stop_weed(proc, ports)
+        pytest.fail(f"weed mini did not answer S3 in 60 s:\n{log.read_text()[-3000:]}")
+    if outcome == "answered":
+        return server
     _stop_weed(proc, ports)
     return None
 

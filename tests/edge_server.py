@@ -161,10 +161,3 @@ class ScriptedFederation:
 
     async def close(self) -> None:
         await self.server.stop(0)
-
-
-async def wait_for(predicate: Callable[[], Any], what: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what() if callable(what) else what
-        await asyncio.sleep(0.02)

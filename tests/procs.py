@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
+
+from tests.waiting import wait_until
 
 MARK = "FEDRAY_TEST_MARK"
 
@@ -50,11 +51,14 @@ def survivors(mark: str, folder: Path | None = None) -> list[str]:
 def assert_none_left(mark: str, folder: Path | None = None, grace_s: float = 3.0) -> None:
     """Fail (after killing them) if processes of ``mark`` are still alive ``grace_s`` after
     the command ended; the grace only covers the kernel finishing kills already sent."""
-    deadline = time.monotonic() + grace_s
-    left = survivors(mark, folder)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = survivors(mark, folder)
+    left: list[str] = []
+
+    def gone() -> bool:
+        left[:] = survivors(mark, folder)
+        return not left
+
+    with contextlib.suppress(AssertionError):  # still alive after the grace: killed, reported
+        wait_until(gone, "the command's processes to end", timeout=grace_s, poll_s=0.1)
     for line in left:  # ours: don't leave them to the next test
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(line.partition(":")[0]), signal.SIGKILL)

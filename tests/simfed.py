@@ -31,6 +31,8 @@ from fedray.serialization import copy_model, decode, encode
 from fedray.storage.base import ModelStore
 from fedray.strategies import make_strategy
 
+HEARTBEAT_S = 0.05  # how often a SimClient beats (the pool's combiners expect one this often)
+
 # train(params, config, client_id, round) -> (params, num_examples, metrics)
 TrainFn = Callable[[dict[str, np.ndarray], dict, str, int], tuple[Mapping, int, dict]]
 
@@ -109,7 +111,7 @@ class SimClient:
     async def _beat(self) -> None:
         while True:
             self.core.heartbeat(self.client_id)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(HEARTBEAT_S)  # behaviour: a client's heartbeat period
 
     async def _answer(self, task) -> None:
         half = self.halves.for_task(task)  # the strategy's client half, as the edge runs it
@@ -136,7 +138,7 @@ class SimClient:
                                                        task.model_id, n, metrics))
             return
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # behaviour: a slow client
         try:
             new, n, metrics = await asyncio.to_thread(self.train, params, dict(task.config),
                                                       self.client_id, task.round)
@@ -163,7 +165,7 @@ class SimPool:
     Ray would pickle them)."""
 
     def __init__(self, combiners: int = 1, **settings: Any) -> None:
-        base = {"heartbeat_interval_s": 0.05, "offline_after_s": 5.0, "chunk_kib": 64}
+        base = {"heartbeat_interval_s": HEARTBEAT_S, "offline_after_s": 5.0, "chunk_kib": 64}
         self.listener = CoreListener()
         self.runner: Any = None  # set by run_session: it counts buffered rounds
         self.cores = {f"combiner-{i}": CombinerCore(f"combiner-{i}",

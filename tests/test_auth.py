@@ -161,7 +161,7 @@ async def test_token_rows_are_checked_off_the_event_loop():
     client_tokens.row_mac = spy
     try:
         await tokens.start()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the refresh task starts, still spied on
     finally:
         client_tokens.row_mac = original
         await tokens.close()

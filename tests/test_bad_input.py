@@ -32,6 +32,7 @@ from tests.bridge import (
     parts,
     update_bytes,
 )
+from tests.waiting import async_wait_until
 
 CLIENTS = ["a", "b", "good"]
 
@@ -158,8 +159,9 @@ async def test_concurrent_copies_of_one_update_are_folded_once(bridge):
               for _ in range(2)]
     # One copy is received and waits to fold; the other is refused while the first uploads
     # (or, had it arrived later, by the duplicate check under the fold lock).
-    while bridge.core.share.bytes_in < len(data) or not any(p.done() for p in pushes):
-        await asyncio.sleep(0.01)
+    await async_wait_until(lambda: bridge.core.share.bytes_in >= len(data)
+                           and any(p.done() for p in pushes),
+                           "one copy received and the other refused")
     lock.release()
     replies = await asyncio.gather(*pushes)
     assert sorted(r.accepted for r in replies) == [False, True]
@@ -176,20 +178,18 @@ async def test_a_client_that_cancels_mid_stream_leaves_nothing_behind(bridge):
         for part in parts(header(tasks["a"], "a", data), data)[:2]:
             yield part
         sent.set()
-        await asyncio.sleep(60)
+        await asyncio.sleep(60)  # behaviour: a client that stops mid-stream
 
     call = bridge.stub.PushUpdate(half(), metadata=METADATA)
     await sent.wait()
-    await asyncio.sleep(0.2)  # the server holds the header and a chunk
+    free = bridge.core.settings.max_inflight_uploads
+    await async_wait_until(lambda: bridge.core.intake._slots._value == free - 1,
+                           "the server to hold the header (an upload slot taken)")
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    free = bridge.core.settings.max_inflight_uploads
-    for _ in range(100):  # the upload slot comes back
-        if bridge.core.intake._slots._value == free:
-            break
-        await asyncio.sleep(0.02)
-    assert bridge.core.intake._slots._value == free
+    await async_wait_until(lambda: bridge.core.intake._slots._value == free,
+                           "the upload slot to come back")
     bridge.assert_untouched()
     # The partial upload is discarded; depending on whether the server saw the stream end
     # or the cancellation first, it is counted as truncated or not at all.
@@ -207,7 +207,7 @@ async def test_a_stalled_upload_gives_up_its_slot_when_the_round_closes():
 
         async def stalled():
             yield parts(header(tasks["a"], "a", data), data)[0]
-            await asyncio.sleep(60)
+            await asyncio.sleep(60)  # behaviour: an upload that stalls
 
         call = bridge.stub.PushUpdate(stalled(), metadata=METADATA)
         reply = await asyncio.wait_for(call, 5)
@@ -268,15 +268,14 @@ async def test_a_client_that_hangs_up_during_the_fold_is_still_counted_once(brid
 
     def slow_fold(*args, **kwargs):
         folding.set()
-        time.sleep(0.3)
+        time.sleep(0.3)  # behaviour: a long fold, in the worker thread
         fold(*args, **kwargs)
 
     accumulator.fold = slow_fold
     data = update_bytes(GOOD_VALUE)
     call = bridge.stub.PushUpdate(iter(parts(header(tasks["good"], "good", data), data)),
                                   metadata=METADATA)
-    while not folding.is_set():
-        await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(folding.wait, 10), "the fold did not start"
     call.cancel()
     async with bridge.core.share.fold_lock:  # the fold finishes before anyone reads the sums
         bridge.assert_untouched(count=1)
@@ -313,10 +312,7 @@ async def test_clients_that_left_are_forgotten(bridge):
                                 metadata=METADATA)
         await call.wait_for_connection()
         call.cancel()
-    for _ in range(100):
-        if not bridge.core.clients:
-            break
-        await asyncio.sleep(0.02)
-    assert len(bridge.core.clients) == 0
+    await async_wait_until(lambda: not bridge.core.clients, "the clients that left to be forgotten",
+                           describe=lambda: len(bridge.core.clients))
     tasks = await bridge.open_round(CLIENTS)
     await bridge.good_update_is_accepted(tasks["good"], "good")

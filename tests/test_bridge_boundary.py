@@ -4,7 +4,6 @@ the same ref (throttled); and the server goes on serving. Real gRPC on 127.0.0.1
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from typing import Any
@@ -18,7 +17,7 @@ from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.server import start_server
 from tests.bridge import METADATA, TOKEN, Bridge, header, parts, status_of, update_bytes
-from tests.edge_server import wait_for
+from tests.waiting import async_wait_until
 
 SECRET = "secret detail /home/x"
 PUBLIC = re.compile(r"internal error in (.+) \(ref ([0-9a-f]{8})\); "
@@ -151,9 +150,10 @@ async def test_chosen_statuses_bad_bytes_and_cancelled_calls_pass_through(watche
     assert "Error parsing message" in (garbage.details() or "")
     join = bridge.stub.Join(pb.JoinRequest(client_id="gone", name="gone"), metadata=METADATA)
     await join.wait_for_connection()
-    await wait_for(lambda: "gone" in bridge.core.clients, "the client never joined")
+    await async_wait_until(lambda: "gone" in bridge.core.clients, "the client to join")
     join.cancel()
-    await wait_for(lambda: "gone" not in bridge.core.clients, "the cancelled Join never ended")
+    await async_wait_until(lambda: "gone" not in bridge.core.clients,
+                           "the cancelled Join to end")
     assert recorder.internal() == []
 
 
@@ -223,8 +223,7 @@ async def test_the_gateway_answers_a_bug_with_internal_and_an_event_of_the_contr
         error = await _failure(stub.Assign(pb.AssignRequest(name="a"), metadata=METADATA))
         ref = _ref_of(error, "the gateway")
         _event_of(observer, ref, "Assign")
-        Pool.broken = False
-        await asyncio.sleep(0.01)
+        Pool.broken = False  # a failed ask is never reused: the next Assign asks again
         answer = await stub.Assign(pb.AssignRequest(name="a"), metadata=METADATA)
     finally:
         await channel.close()

@@ -16,6 +16,7 @@ from fedray.bridge.limits import RateLimiter
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.wire import auth_metadata, to_struct
 from tests.bridge import TOKEN, Bridge, status_of
+from tests.waiting import async_wait_until
 
 
 class Recorder:
@@ -147,21 +148,25 @@ async def test_one_client_cannot_fill_the_servers_call_slots_with_calls_that_nev
     mallory = auth_metadata(TOKEN, "mallory")
 
     async def never():
-        await asyncio.sleep(60)
+        await asyncio.sleep(60)  # behaviour: an upload that never sends anything
         yield  # pragma: no cover
 
+    running = bridge.gate.in_flight._running  # calls in flight, per caller
     try:
         held = [bridge.stub.PushUpdate(never(), metadata=mallory)
                 for _ in range(MAX_CALLS_IN_FLIGHT)]
-        await asyncio.sleep(0.3)
+        await async_wait_until(lambda: MAX_CALLS_IN_FLIGHT in running.values(),
+                               f"mallory's {MAX_CALLS_IN_FLIGHT} calls to be in flight",
+                               describe=lambda: dict(running))
         extra = await status_of(bridge.stub.PushUpdate(never(), metadata=mallory))
         beat = await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="honest"),
                                                      metadata=auth_metadata(TOKEN, "honest")))
         assert extra is grpc.StatusCode.RESOURCE_EXHAUSTED and beat is grpc.StatusCode.OK
         for call in held:
             call.cancel()
-        await asyncio.sleep(0.3)
-        assert len(bridge.gate.in_flight) == 0  # ended calls leave nothing behind
+        await async_wait_until(lambda: len(bridge.gate.in_flight) == 0,
+                               "the ended calls to leave nothing behind",
+                               describe=lambda: dict(running))
         again = await status_of(bridge.stub.Heartbeat(pb.HeartbeatRequest(client_id="mallory"),
                                                       metadata=mallory))
         assert again is grpc.StatusCode.OK

@@ -17,8 +17,10 @@ from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.server import ServerLimits
 from fedray.bridge.wire import auth_metadata, to_struct
 from tests.bridge import METADATA, TOKEN, Bridge, header, status_of, update_bytes
+from tests.waiting import async_wait_until, connections
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # not shared with other channels
+TICK_S = 0.005  # the event-loop lag probe's period
 
 
 def _code_of(exc: BaseException | None) -> grpc.StatusCode:
@@ -34,8 +36,8 @@ async def _loop_lag_while(work) -> tuple[float, object]:
         nonlocal lag
         while not done.is_set():
             asked = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lag += max(0.0, time.perf_counter() - asked - 0.005)
+            await asyncio.sleep(TICK_S)  # behaviour: the ticker's period is the measurement
+            lag += max(0.0, time.perf_counter() - asked - TICK_S)
 
     tick = asyncio.ensure_future(ticker())
     try:
@@ -160,10 +162,10 @@ async def test_idle_connections_are_closed():
         await pb_grpc.CombinerStub(ch).Heartbeat(pb.HeartbeatRequest(client_id="a"),
                                                  metadata=METADATA)
         assert ch.get_state() is grpc.ChannelConnectivity.READY
-        deadline = time.monotonic() + 5
-        while ch.get_state() is grpc.ChannelConnectivity.READY:
-            assert time.monotonic() < deadline, "the idle connection stayed open"
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(ch.wait_for_state_change(grpc.ChannelConnectivity.READY), 5)
+        except TimeoutError:
+            raise AssertionError("the idle connection stayed open") from None
     finally:
         await ch.close()
         await bridge.close()
@@ -233,10 +235,12 @@ async def test_an_edge_client_rejoins_when_its_connection_ages_out_and_still_tra
                                            backoff_initial_s=0.1), say=lines.append)
     running = asyncio.ensure_future(edge.run())
     try:
-        deadline = time.monotonic() + 15
-        while sum("connected to" in line for line in lines) < 3:
-            assert time.monotonic() < deadline and not running.done(), lines
-            await asyncio.sleep(0.05)
+        def rejoined() -> bool:
+            assert not running.done(), lines  # the client gave up
+            return connections(lines) >= 3
+
+        await async_wait_until(rejoined, "the client to connect three times (two rejoins)",
+                               timeout=15, describe=lambda: lines)
         spec = RoundSpec(session_id="s1", round=1, kind=TaskKind.TRAIN, clients=("e1",),
                          config={}, timeout_s=10)
         result = await bridge.core.run_round(spec, MODEL)
@@ -258,7 +262,7 @@ async def test_a_burst_of_assigns_asks_the_combiners_for_their_loads_once():
 
         async def loads(self):
             Pool.calls += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # behaviour: a slow Ray call, so the Assigns overlap
             return {"c0": (0, "127.0.0.1:1"), "c1": (0, "127.0.0.1:2")}
 
     gateway = GatewayServicer(Pool(), max_clients=100)
@@ -266,7 +270,6 @@ async def test_a_burst_of_assigns_asks_the_combiners_for_their_loads_once():
                                      for i in range(50)))
     assert Pool.calls == 1
     assert {a.combiner for a in answers} == {"c0", "c1"}  # still spread by recent assignments
-    gateway.LOADS_S = 0.0
-    await asyncio.sleep(0.01)
+    gateway.LOADS_S = 0.0  # the loads were asked >= 0.05 s ago (the call above took that)
     await gateway.Assign(pb.AssignRequest(name="late"), None)
     assert Pool.calls == 2  # stale loads are asked again

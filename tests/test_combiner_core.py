@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fedray.config import CombinersConfig
 from fedray.messages import RoundSpec, TaskKind, UpdateHeader
 from fedray.serialization import encode, model_id
 from fedray.strategies.fedavg import FedAvg
+from tests.waiting import async_wait_until
 
 GLOBAL = {"w": np.zeros((2, 2), np.float32)}
 MODEL = np.frombuffer(encode(GLOBAL), np.uint8)
@@ -160,7 +162,9 @@ async def test_silent_clients_go_offline_and_release_the_round():
     run, _, streams = await _start(core, ["a"])
     core.sweep()
     assert core.online_clients() == ["a"]
-    await asyncio.sleep(0.3)
+    silence = core.clients["a"].last_seen + core.settings.offline_after_s
+    await async_wait_until(lambda: time.monotonic() > silence,
+                           "'a' to be silent for longer than offline_after_s")
     core.sweep()
     assert core.online_clients() == []
     result = await asyncio.wait_for(run, 2)
@@ -224,11 +228,13 @@ async def test_an_update_from_a_client_marked_offline_still_counts_once():
 async def test_an_update_still_waiting_to_fold_when_the_round_closes_is_refused():
     core = _core()
     run, tasks, _ = await _start(core, ["a", "b"], timeout=0.3)
-    await core.share.fold_lock.acquire()  # a long fold of someone else's update
+    share = core.share
+    await share.fold_lock.acquire()  # a long fold of someone else's update
     data = _update(1.0)
     push = asyncio.ensure_future(core.push_update(_header(tasks["b"], "b", data), _chunks(data)))
-    await asyncio.sleep(0.5)  # the deadline passes while "b" waits to fold
-    core.share.fold_lock.release()
+    await async_wait_until(lambda: share.bytes_in >= len(data), "'b' to be received")
+    await asyncio.wait_for(share.closed.wait(), 5)  # the deadline passes while "b" waits to fold
+    share.fold_lock.release()
     accepted, why = await push
     result = await asyncio.wait_for(run, 2)
     assert not accepted and why.startswith("round_closed")
@@ -247,7 +253,7 @@ async def test_a_client_cannot_hold_several_upload_slots_for_one_task():
         yield data[8:], 8
 
     first = asyncio.ensure_future(core.push_update(_header(tasks["a"], "a", data), slow()))
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: "a" in core.share.uploading, "'a' to be uploading")
     accepted, why = await core.push_update(_header(tasks["a"], "a", data), _chunks(data))
     assert not accepted and "already running" in why
     # the other client still finds a free slot while "a" is uploading
@@ -276,9 +282,9 @@ async def test_in_flight_uploads_are_bounded_by_max_inflight_uploads():
             yield piece
 
     first = asyncio.ensure_future(core.push_update(_header(tasks["a"], "a", data), held()))
-    await asyncio.sleep(0.05)
+    await async_wait_until(lambda: core.intake._slots.locked(), "'a' to take the one slot")
     second = asyncio.ensure_future(core.push_update(_header(tasks["b"], "b", data), watched()))
-    await asyncio.sleep(0.2)
+    await async_wait_until(lambda: core.intake._slots._waiters, "'b' to wait for the slot")
     assert not started_b.is_set() and not second.done()  # "b" waits for the slot
     release.set()
     assert (await first)[0] and (await second)[0]

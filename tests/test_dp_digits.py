@@ -22,6 +22,7 @@ from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.strategies.accountant import RDPAccountant
 from fedray.tracking.store import TrackingStore
+from tests.waiting import wait_connected
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -57,10 +58,7 @@ def test_dp_fedavg_on_digits_with_100_clients_learns_and_reports_epsilon(
         for i, path in enumerate(paths):
             fleet.add(f"digits-{i:03d}", CallbackWorker(*app.make_client_fns(str(path))),
                       fed.gateway)
-        deadline = time.monotonic() + 60
-        while sum("connected to" in line for line in fleet.lines) < CLIENTS:
-            assert time.monotonic() < deadline, fleet.lines[-5:]
-            time.sleep(0.1)
+        wait_connected(fleet, CLIENTS, timeout=60)
         fed.start_session(seed_id)  # every client is online: q = 20/100 from round 1
         status = fed.follow(lambda s: None)
     finally:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,18 @@ from netutil import free_ports
 from test_federation import SEED, _config
 
 from fedray.deploy.federation import Federation
+from fedray.errors import TrackingError
 from fedray.serialization import encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
+
+# A tracking query may fail while the run's supervisor restarts its tracking server (on a
+# loaded machine): a wait asks again, as a user would.
+TRACKING_DOWN = (TrackingError,)
 
 SLOW_APP = textwrap.dedent('''
     """Adds 1.0 to every weight after a pause; touches a marker file when training starts."""
@@ -31,7 +36,7 @@ SLOW_APP = textwrap.dedent('''
 
     def train(params, config):
         pathlib.Path(os.environ["MARKER"]).touch()
-        time.sleep(float(os.environ.get("TRAIN_S", "3")))
+        time.sleep(float(os.environ.get("TRAIN_S", "3")))  # behaviour: a slow training
         return {k: v + 1.0 for k, v in params.items()}, 10, {"loss": 1.0}
 ''')
 
@@ -43,22 +48,6 @@ def _client(tmp_path: Path, gateway: str, name: str, train_s: float = 3.0) -> su
     return subprocess.Popen([sys.executable, "-m", "fedray", "edge", "start", "--gateway", gateway,
                              "--name", name, "--app", "slowapp"], cwd=tmp_path, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    """Poll ``predicate``; a tracking query that fails meanwhile (the run's supervisor may
-    be restarting its tracking server on a loaded machine) is asked again, as a user would."""
-    from fedray.errors import TrackingError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return
-        except TrackingError:
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_a_client_killed_mid_training_is_dropped_and_rejoins_the_next_round(
@@ -74,11 +63,11 @@ def test_a_client_killed_mid_training_is_dropped_and_rejoins_the_next_round(
         for name in ("steady-1", "steady-2", "victim"):
             procs[name] = _client(tmp_path, fed.gateway, name)
         tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
-        _wait_for(lambda: len(tracking.find("clients", {"status": "online"})) == 3, 60,
-                  "three clients online")
+        wait_until(lambda: len(tracking.find("clients", {"status": "online"})) == 3,
+                   "three clients online", timeout=60, retry_on=TRACKING_DOWN)
         session_id = fed.start_session(seed_id)
         marker = tmp_path / "victim.training"
-        _wait_for(marker.exists, 30, "the victim to start training")
+        wait_until(marker.exists, "the victim to start training", timeout=30)
         procs["victim"].send_signal(signal.SIGKILL)
         procs["victim"].wait()
         marker.unlink()
@@ -129,9 +118,11 @@ def test_fedray_run_killed_and_started_again_resumes_the_session(ray_session, tm
     clients = [_client(tmp_path, f"127.0.0.1:{gateway_port}", f"site-{i}", train_s=1.0)
                for i in range(2)]
     try:
-        _wait_for(lambda: live_uri(data_dir) is not None, 60, "the tracking server")
+        wait_until(lambda: live_uri(data_dir) is not None, "the tracking server", timeout=60,
+                   retry_on=TRACKING_DOWN)
         tracking = TrackingStore.from_uri(live_uri(data_dir))
-        _wait_for(lambda: tracking.find("rounds", {"status": "finished"}), 90, "round 1")
+        wait_until(lambda: tracking.find("rounds", {"status": "finished"}), "round 1",
+                   timeout=90, retry_on=TRACKING_DOWN)
         session_id = tracking.find("sessions", {})[0]["session_id"]
         tracking.close()
         first.send_signal(signal.SIGKILL)  # its tracking server dies with it (PDEATHSIG)

@@ -27,11 +27,13 @@ from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWork
 from fedray.errors import ConfigError, TransportError
 from fedray.packages import build_package, load_package
 from fedray.serialization import encode
-from tests.edge_server import ScriptedFederation, endless, task, wait_for
+from tests.edge_server import ScriptedFederation, endless, task
 from tests.pki import make_pki
+from tests.waiting import async_wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
+BUSY_LOOP_WINDOW_S = 1.2  # watched: told to beat every 1e-6 s, a client beats every 0.5 s at most
 ECHO_PACKAGE = {
     "fedray.yaml": "name: echo\nentrypoints:\n  validate: python v.py {data} {out_meta}\n",
     "v.py": "import json, os, sys\n"
@@ -93,8 +95,9 @@ class Client:
 
 
 async def _failure(fed: ScriptedFederation, client: Client, what: str) -> pb.EventReport:
-    await wait_for(lambda: fed.servicer.events or client.future.done(),
-                   lambda: (what, client.lines))
+    await async_wait_until(lambda: fed.servicer.events or client.future.done(),
+                           f"an event or the client's end: {what}",
+                           describe=lambda: client.lines)
     await client.close()
     assert fed.servicer.events, client.lines
     return fed.servicer.events[0]
@@ -131,11 +134,12 @@ async def test_a_model_download_is_assembled_in_one_buffer(federation):
     fed.serve(model)
     worker = Counting()
     client = Client(worker, federation.gateway)
-    await wait_for(lambda: fed.joins, "the client to join")
+    await async_wait_until(lambda: fed.joins, "the client to join")
     tracemalloc.start()
     try:
         fed.send(task(model=model))
-        await wait_for(lambda: fed.validations or fed.events, lambda: client.lines)
+        await async_wait_until(lambda: fed.validations or fed.events,
+                               "a validation or a failure", describe=lambda: client.lines)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -150,7 +154,8 @@ async def _package_failure(federation, tmp_path, sha256: str, package_size: int,
     joined = len(fed.joins)
     client = Client(RemotePackageWorker(cache_dir=tmp_path / "cache"), federation.gateway,
                     **settings)
-    await wait_for(lambda: len(fed.joins) > joined, "the client to join")  # not an older one
+    await async_wait_until(lambda: len(fed.joins) > joined,
+                           "the client to join")  # not an older one
     model = b"model"
     fed.serve(model)
     fed.send(task(model=model, package_sha256=sha256, package_size=package_size))
@@ -206,7 +211,8 @@ async def test_a_pinned_client_runs_only_the_pinned_package(federation, tmp_path
     client = Client(worker, federation.gateway)
     fed.send(task(model=model, package_sha256=other_sha))
     fed.send(task(model=model, package_sha256=pinned))
-    await wait_for(lambda: fed.validations, lambda: client.lines)
+    await async_wait_until(lambda: fed.validations, "a validation",
+                           describe=lambda: client.lines)
     await client.close()
     assert len(fed.events) == 1 and "pinned" in fed.events[0].message
     assert other_sha not in fed.sent  # never downloaded, let alone run
@@ -243,8 +249,8 @@ async def test_edge_start_runs_remote_code_over_plaintext_when_told_to(federatio
         sys.executable, "-m", "fedray", "edge", "start", "--gateway", federation.gateway,
         "--name", "site-a", *trust, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        await wait_for(lambda: federation.servicer.joins or proc.returncode is not None,
-                       "the client to join", 30)
+        await async_wait_until(lambda: federation.servicer.joins or proc.returncode is not None,
+                               "the client to join (or end)", timeout=30)
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -322,8 +328,9 @@ def test_a_client_started_by_fedray_demo_stays_findable_by_its_run_mark():
 async def test_a_combiner_cannot_make_the_client_beat_in_a_busy_loop(federation):
     federation.servicer.heartbeat_interval_s = 1e-6
     client = Client(Counting(), federation.gateway, heartbeat_s=0.5)
-    await wait_for(lambda: federation.servicer.heartbeats, lambda: client.lines)
-    await asyncio.sleep(1.2)
+    await async_wait_until(lambda: federation.servicer.heartbeats, "a first heartbeat",
+                           describe=lambda: client.lines)
+    await asyncio.sleep(BUSY_LOOP_WINDOW_S)  # behaviour: the window a busy loop would fill
     beats = federation.servicer.heartbeats
     await client.close()
     assert beats <= 5, beats  # every 0.5 s at most, not thousands
@@ -412,7 +419,8 @@ async def test_a_local_package_gets_a_relative_data_path_resolved(federation, tm
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         fed = federation.servicer
-        await wait_for(lambda: fed.validations or fed.events, "a validation or a failure", 30)
+        await async_wait_until(lambda: fed.validations or fed.events,
+                               "a validation or a failure", timeout=30)
     finally:
         proc.terminate()
         out, _ = await asyncio.wait_for(proc.communicate(), 20)
@@ -517,7 +525,7 @@ async def test_edge_start_exits_7_on_a_wrong_ca_without_grpc_noise(pki, tmp_path
 async def test_a_client_is_told_when_its_token_names_it_otherwise(federation):
     federation.servicer.identity = "alice"
     client = Client(Counting(), federation.gateway, name="mallory")
-    await wait_for(lambda: federation.servicer.joins, "a join")
+    await async_wait_until(lambda: federation.servicer.joins, "a join")
     await client.close()
     expected = "connected as alice (the name of your token); --name mallory is ignored"
     assert sum(expected in line for line in client.lines) == 1, client.lines
@@ -533,7 +541,8 @@ async def test_attrs_reach_the_combiner(federation, bridge):
     federation.servicer.address = bridge.address  # the gateway sends the client to the bridge
     attrs = {"site": "eu-west", "gpu": "0", "os.version": "12.1-rc"}
     client = Client(Counting(), federation.gateway, name="site-a", token=TOKEN, attrs=attrs)
-    await wait_for(lambda: "site-a" in bridge.core.clients, lambda: client.lines)
+    await async_wait_until(lambda: "site-a" in bridge.core.clients, "site-a to join",
+                           describe=lambda: client.lines)
     await client.close()
     assert bridge.core.clients["site-a"].attrs == attrs
 

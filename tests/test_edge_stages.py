@@ -16,7 +16,8 @@ from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.halves import allowed
 from fedray.edge.workers import CallbackWorker
 from fedray.serialization import decode, encode
-from tests.edge_server import ScriptedFederation, task, wait_for
+from tests.edge_server import ScriptedFederation, task
+from tests.waiting import async_wait_until
 
 HALF = "tests.stage_strategies:SurveyHalf"
 MODEL = encode({"w": np.zeros(4, np.float32)})
@@ -68,7 +69,8 @@ async def test_a_task_of_an_unknown_kind_is_refused_and_the_client_stays_up(fede
     fed.send(pb.Task(task_id="t-unknown", kind=7, session_id="s1", round=1,
                      model_id=task(model=MODEL).model_id, model_size=len(MODEL)))
     fed.send(task(kind="train", model=MODEL))  # a task it knows, after the one it does not
-    await wait_for(lambda: fed.updates, lambda: ("the known task to train", client.lines))
+    await async_wait_until(lambda: fed.updates, "the known task to train",
+                           describe=lambda: client.lines)
     await client.close()
     refused = [e for e in fed.events if e.task_id == "t-unknown"]
     assert len(refused) == 1 and refused[0].level == "error"
@@ -82,7 +84,8 @@ async def test_a_stage_of_the_strategys_own_is_answered_by_its_client_half(feder
     client = Client(federation.gateway, client_halves=("tests",))
     fed.send(pb.Task(task_id="t-survey", kind=pb.TASK_KIND_STAGE, session_id="s1", round=2,
                      stage="survey", payload=b"site-a/2", client_half=HALF))
-    await wait_for(lambda: fed.stage_replies, lambda: ("a stage reply", client.lines))
+    await async_wait_until(lambda: fed.stage_replies, "a stage reply",
+                           describe=lambda: client.lines)
     await client.close()
     reply = fed.stage_replies[0]
     assert (reply.task_id, reply.stage, reply.round) == ("t-survey", "survey", 2)
@@ -96,7 +99,8 @@ async def test_the_client_half_encodes_every_update_before_it_is_sent(federation
     fed.serve(MODEL)
     client = Client(federation.gateway, client_halves=("tests",))
     fed.send(task(kind="train", model=MODEL, client_half=HALF, stage="train"))
-    await wait_for(lambda: fed.update_bytes, lambda: ("an update", client.lines))
+    await async_wait_until(lambda: fed.update_bytes, "an update",
+                           describe=lambda: client.lines)
     await client.close()
     sent = decode(fed.update_bytes[0])
     np.testing.assert_array_equal(sent["w"], np.full(4, 2.0, np.float32))  # train +1, half +1
@@ -109,7 +113,8 @@ async def test_a_client_half_that_is_not_allowed_fails_the_task_with_a_hint(fede
     client = Client(federation.gateway)
     fed.send(pb.Task(task_id="t-survey", kind=pb.TASK_KIND_STAGE, session_id="s1", round=1,
                      stage="survey", client_half=HALF))
-    await wait_for(lambda: fed.events, lambda: ("the refusal", client.lines))
+    await async_wait_until(lambda: fed.events, "the refusal",
+                           describe=lambda: client.lines)
     await client.close()
     assert fed.events[0].task_id == "t-survey" and fed.events[0].level == "error"
     assert "--allow-client-half tests.stage_strategies" in fed.events[0].message
@@ -122,6 +127,7 @@ async def test_the_client_half_gives_the_users_code_the_model_it_rebuilt(federat
     client = Client(federation.gateway, client_halves=("tests",))
     fed.send(task(kind="train", model=MODEL, stage="train",
                   client_half="tests.stage_strategies:RebuildHalf"))
-    await wait_for(lambda: fed.update_bytes, lambda: ("an update", client.lines))
+    await async_wait_until(lambda: fed.update_bytes, "an update",
+                           describe=lambda: client.lines)
     await client.close()
     np.testing.assert_array_equal(decode(fed.update_bytes[0])["w"], np.full(4, 11.0, np.float32))

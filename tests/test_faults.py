@@ -8,13 +8,14 @@ import time
 import numpy as np
 import pytest
 import ray
-from test_federation import SEED, DeltaWorker, SlowWorker, _config, _wait_connected
+from test_federation import SEED, DeltaWorker, SlowWorker, _config
 
 from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.resume import ResumePoint, resume_point
 from fedray.tracking.store import TrackingStore
+from tests.waiting import async_wait_until, wait_connected, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def _deploy(config, tracking_uri, fleet, workers, **settings):
     fed = Federation(config, None, tracking_uri).deploy()
     for i, (name, worker) in enumerate(workers.items()):
         fleet.add(name, worker, fed.gateway, backoff_initial_s=0.2, **settings)
-        _wait_connected(fleet, i + 1)
+        wait_connected(fleet, i + 1)
     return fed, store, seed_id
 
 
@@ -103,7 +104,9 @@ def test_a_combiner_killed_mid_round_does_not_hang_the_round(
     started = time.monotonic()
     try:
         fed.start_session(seed_id)
-        time.sleep(0.8)  # round 1 is out: every client is training
+        wait_until(lambda: all(w.training.is_set() for w in workers.values()),
+                   "round 1 to be out, every client training",
+                   describe=lambda: [n for n, w in workers.items() if not w.training.is_set()])
         ray.kill(ray.get_actor("combiner-1", namespace=config.namespace), no_restart=False)
         status = fed.follow(lambda s: None)
     finally:
@@ -188,12 +191,15 @@ def test_a_client_that_keeps_its_socket_but_stops_heartbeating_goes_offline(
             await stream.wait_for_connection()
             joined = time.monotonic()
             tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
-            while time.monotonic() - joined < 15:  # the socket stays open, no heartbeat is sent
+
+            async def offline() -> bool:
                 docs = await asyncio.to_thread(tracking.find, "clients", {"name": "staller"})
-                if docs and docs[0]["status"] == "offline":
-                    return time.monotonic() - joined
-                await asyncio.sleep(0.2)
-            raise AssertionError("the stalled client was never marked offline")
+                return bool(docs) and docs[0]["status"] == "offline"
+
+            # the socket stays open, no heartbeat is sent
+            await async_wait_until(offline, "the stalled client to be marked offline",
+                                   timeout=15)
+            return time.monotonic() - joined
 
     try:
         elapsed = asyncio.run(stall())
@@ -212,7 +218,7 @@ class SlowValidator(DeltaWorker):
 
     def validate(self, model: bytes, config: dict):
         self.validating.set()
-        time.sleep(1.5)
+        time.sleep(1.5)  # behaviour: a slow validation, long enough to kill the controller in
         return super().validate(model, config)
 
 

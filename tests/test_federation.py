@@ -17,6 +17,7 @@ from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
+from tests.waiting import wait_connected, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +40,17 @@ class DeltaWorker:
 
 
 class SlowWorker(DeltaWorker):
-    """Trains for ``seconds`` (a straggler, or so a fault can land mid-round)."""
+    """Trains for ``seconds`` (a straggler, or so a fault can land mid-round); ``training``
+    is set once it has started."""
 
     def __init__(self, delta: float, examples: int, seconds: float) -> None:
         super().__init__(delta, examples)
         self.seconds = seconds
+        self.training = threading.Event()
 
     def train(self, model: bytes, config: dict):
-        time.sleep(self.seconds)
+        self.training.set()
+        time.sleep(self.seconds)  # behaviour: a slow client's training
         return super().train(model, config)
 
 
@@ -83,13 +87,6 @@ def _config(name: str, tmp_path, combiners: int = 2, **session):
     })
 
 
-def _wait_connected(fleet, count: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum("connected to" in line for line in fleet.lines) < count:
-        assert time.monotonic() < deadline, fleet.lines
-        time.sleep(0.05)
-
-
 def _run(config, tracking_uri, fleet, workers: dict, token=None, seed=None):
     store = open_model_store("file", config.resolved_data_dir())
     seed_id = store.put(encode(SEED if seed is None else seed))
@@ -97,7 +94,7 @@ def _run(config, tracking_uri, fleet, workers: dict, token=None, seed=None):
     try:
         for i, (name, worker) in enumerate(workers.items()):
             fleet.add(name, worker, fed.gateway, token=token)
-            _wait_connected(fleet, i + 1)
+            wait_connected(fleet, i + 1)
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
     finally:
@@ -187,7 +184,7 @@ def test_a_wrong_token_is_refused_and_the_right_one_works(ray_session, tracking_
     try:
         intruder = fleet.add("intruder", DeltaWorker(1.0, 1), fed.gateway, token="wrong")
         fleet.add("member", DeltaWorker(1.0, 1), fed.gateway, token="s3cret")
-        _wait_connected(fleet, 1)
+        wait_connected(fleet, 1)
         fed.start_session(seed_id)
         assert fed.follow(lambda s: None)["state"] == "finished"
         with pytest.raises(AuthError):
@@ -208,10 +205,10 @@ def test_clients_reconnect_through_the_gateway_when_their_combiner_dies(
     try:
         runners = [fleet.add(f"r{i}", DeltaWorker(1.0, 10), fed.gateway, backoff_initial_s=0.2)
                    for i in range(2)]
-        _wait_connected(fleet, 2)
+        wait_connected(fleet, 2)
         victim = runners[0].combiner
         ray.kill(ray.get_actor(victim, namespace=config.namespace), no_restart=False)
-        _wait_connected(fleet, 3, timeout=30)
+        wait_connected(fleet, 3, timeout=30)
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
         assert status["state"] == "finished", status
@@ -252,7 +249,7 @@ def test_remote_package_clients_pick_up_a_changed_package_between_sessions(
     try:
         for i, worker in enumerate(workers):
             fleet.add(f"remote-{i}", worker, fed.gateway)
-        _wait_connected(fleet, 2)
+        wait_connected(fleet, 2)
         fed.start_session(seed_id, first[0])
         status = fed.follow(lambda s: None)
         assert status["state"] == "finished", (status["reason"], fleet.lines)
@@ -279,16 +276,16 @@ def test_a_deployed_federation_creates_the_tracking_indexes_with_its_ttl(ray_ses
     tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
     fed = Federation(config, None, tracking_uri).deploy()
     try:
-        deadline = time.monotonic() + 20
-        while True:
+        def indexed():
             specs = list(tracking.db.events.index_information().values())
             ttl = [s.get("expireAfterSeconds") for s in specs if s["key"] == [("ts", 1)]]
             unique = [s for s in tracking.db.rounds.index_information().values()
                       if s.get("unique")]
-            if ttl == [2 * 86400] and unique:
-                break
-            assert time.monotonic() < deadline, (specs, unique)
-            time.sleep(0.1)
+            return ttl == [2 * 86400] and unique
+
+        wait_until(indexed, "the events TTL index and a unique rounds index",
+                   describe=lambda: (tracking.db.events.index_information(),
+                                     tracking.db.rounds.index_information()))
     finally:
         fed.shutdown()
         tracking.db.client.drop_database(config.tracking.database)

@@ -29,12 +29,15 @@ from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
 from tests.fuzzing import Fuzzer, fuzz
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "fuzz-token"
 SEED = {"w": np.zeros((4, 8), np.float32), "b": np.zeros(8, np.float32)}
 ITERATIONS = 400  # before the session; the hostile client adds about 100 more
+HEARTBEAT_S = 0.5  # the hostile client beats like an honest one (offline_after_s is 3)
+BACKOFF_S = 0.2  # and pauses when the combiner refuses a call (e.g. over its RPC rate)
 
 
 class Honest:
@@ -77,7 +80,7 @@ async def _hostile_client(address: str, fuzzer: Fuzzer, pushes: int, log: Counte
             while True:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await stub.Heartbeat(pb.HeartbeatRequest(client_id="hostile"), metadata=md)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(HEARTBEAT_S)  # behaviour: a client's heartbeat period
 
         beats = asyncio.ensure_future(beat())
         try:
@@ -107,7 +110,7 @@ async def _hostile_client(address: str, fuzzer: Fuzzer, pushes: int, log: Counte
                     reply = await stub.PushUpdate(iter(parts), metadata=md, timeout=5)
                 except grpc.aio.AioRpcError as exc:  # e.g. over its RPC rate
                     log[exc.code().name] += 1
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(BACKOFF_S)  # behaviour: a refused client backs off
                     continue
                 log["accepted" if reply.accepted else reply.reason.split(":")[0]] += 1
                 if rng.random() < 0.1:  # and the other RPCs, now with ids that exist
@@ -120,15 +123,6 @@ async def _hostile_client(address: str, fuzzer: Fuzzer, pushes: int, log: Counte
 
 def _pid(handle) -> int:
     return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
-
-
-def _wait(predicate, what, timeout: float = 30.0) -> None:
-    """Until ``predicate()``; ``what`` (a string, or a callable giving one) says what
-    did not happen, as it stands when the wait gives up."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what() if callable(what) else what
-        time.sleep(0.05)
 
 
 def test_fuzzing_every_rpc_leaves_a_federation_that_completes_its_round(
@@ -159,8 +153,8 @@ def test_fuzzing_every_rpc_leaves_a_federation_that_completes_its_round(
             _hostile_client(combiner, fuzzer, 100, hostile), fleet.loop)
         fleet.add("c1", Honest(1.0, 10), fed.gateway, token=TOKEN)
         fleet.add("c2", Honest(3.0, 30), fed.gateway, token=TOKEN)
-        _wait(lambda: len(ray.get(fed.combiners[0].online_clients.remote())) == 3,
-              lambda: f"three clients online: {fleet.lines}")
+        wait_until(lambda: len(ray.get(fed.combiners[0].online_clients.remote())) == 3,
+                   "three clients online", describe=lambda: fleet.lines)
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
         attack.result(timeout=30)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import threading
 import time
 
 import numpy as np
@@ -27,8 +28,10 @@ from tests.bridge import (
     parts,
     update_bytes,
 )
+from tests.waiting import async_wait_until
 
 CLIENTS = ["a", "b", "good"]
+TRICKLE_S = 0.2  # a byte this often resets a 0.3 s idle timer, and is still too slow
 
 
 def _with_header(head: bytes, payload: bytes) -> bytes:
@@ -36,11 +39,8 @@ def _with_header(head: bytes, payload: bytes) -> bytes:
 
 
 async def _settled(bridge: Bridge, client: str) -> None:
-    for _ in range(100):
-        if client in bridge.core.share.settled:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{client}'s task was not settled")
+    await async_wait_until(lambda: client in bridge.core.share.settled,
+                           f"{client}'s task to be settled")
 
 
 async def test_integer_dimensions_thousands_of_digits_long_are_refused_at_once(bridge):
@@ -134,12 +134,12 @@ async def test_uploads_that_stall_after_their_header_give_their_slots_back():
         def stalled(client):
             async def parts_then_nothing():
                 yield parts(header(tasks[client], client, data), data)[0]
-                await asyncio.sleep(60)
+                await asyncio.sleep(60)  # behaviour: an upload that stalls after its header
             return bridge.stub.PushUpdate(parts_then_nothing(), metadata=METADATA)
 
         calls = [stalled(c) for c in stallers]
-        await asyncio.sleep(0.2)
-        assert bridge.core.intake._slots._value == 0  # every slot is held
+        await async_wait_until(lambda: bridge.core.intake._slots._value == 0,
+                               "the stalled uploads to hold every slot")
         started = time.perf_counter()
         await bridge.good_update_is_accepted(tasks["good"], "good")
         assert time.perf_counter() - started < 3.0  # not the 30 s deadline
@@ -179,7 +179,7 @@ async def test_an_upload_that_never_sends_its_header_ends_after_upload_idle_s():
     bridge = await Bridge.start(upload_idle_s=0.3)
     try:
         async def nothing():
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # behaviour: an upload that never sends its header
             yield  # pragma: no cover
 
         started = time.perf_counter()
@@ -200,13 +200,15 @@ async def test_a_trickling_upload_is_cut_off_and_an_honest_one_gets_the_slot():
         async def trickle():
             yield parts(header(tasks["slow"], "slow", data), data)[0]
             for offset in range(len(data)):
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(TRICKLE_S)  # behaviour: one byte at a time, slowly
                 yield pb.UpdatePart(chunk=pb.Chunk(data=data[offset : offset + 1],
                                                    offset=offset, total_size=len(data)))
 
         started = time.perf_counter()
         slow = asyncio.ensure_future(bridge.stub.PushUpdate(trickle(), metadata=METADATA))
-        await asyncio.sleep(0.1)
+        await async_wait_until(lambda: "slow" in bridge.core.share.uploading
+                               and bridge.core.intake._slots._value == 0,
+                               "the trickle to take the one upload slot")
         await bridge.good_update_is_accepted(tasks["good"], "good")
         assert time.perf_counter() - started < 3.0  # not the 30 s deadline
         reply = await asyncio.wait_for(slow, 5)
@@ -225,7 +227,7 @@ async def test_empty_chunks_are_no_sign_of_life_and_parts_are_bounded():
         async def empties():
             yield parts(header(tasks["a"], "a", data), data)[0]
             for _ in range(100):
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # behaviour: an empty chunk now and then
                 yield pb.UpdatePart(chunk=pb.Chunk(data=b"", offset=0, total_size=len(data)))
 
         reply = await asyncio.wait_for(bridge.stub.PushUpdate(empties(), metadata=METADATA), 5)
@@ -246,28 +248,32 @@ async def test_a_client_that_hangs_up_during_the_check_keeps_its_slot_until_it_e
     bridge = await Bridge.start(max_inflight_uploads=2)
     try:
         tasks = await bridge.open_round(CLIENTS, timeout=30)
-        checking = asyncio.Event()
+        checking, checked = threading.Event(), threading.Event()
         check = bridge.core.intake._check
 
         def slow_check(*args):
             checking.set()
-            time.sleep(0.6)
+            checked.wait(30)  # a long check: it ends when the test says so
             return check(*args)
 
         bridge.core.intake._check = slow_check
+        calls = bridge.gate.in_flight._running  # the joins' streams, then the upload too
+        before = sum(calls.values())
         data = update_bytes(GOOD_VALUE)
         call = bridge.stub.PushUpdate(iter(parts(header(tasks["good"], "good", data), data)),
                                       metadata=METADATA)
-        await asyncio.wait_for(checking.wait(), 5)
-        call.cancel()
-        await asyncio.sleep(0.1)
-        assert bridge.core.intake._slots._value == 1  # still held by the running check
-        assert "good" in bridge.core.share.uploading
-        for _ in range(100):
-            if bridge.core.intake._slots._value == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert bridge.core.intake._slots._value == 2 and not bridge.core.share.uploading
+        try:
+            assert await asyncio.to_thread(checking.wait, 5), "the check did not start"
+            call.cancel()
+            await async_wait_until(lambda: sum(calls.values()) == before,
+                                   "the server to end the cancelled upload call")
+            assert bridge.core.intake._slots._value == 1  # still held by the running check
+            assert "good" in bridge.core.share.uploading
+        finally:
+            checked.set()
+        await async_wait_until(lambda: bridge.core.intake._slots._value == 2,
+                               "the check to end and give its slot back")
+        assert not bridge.core.share.uploading
         bridge.assert_untouched(1)  # delivered and counted although the client left
     finally:
         await bridge.close()
@@ -331,10 +337,7 @@ async def test_a_validation_is_counted_once_even_after_its_client_was_marked_gon
         huge.client_id, huge.task_id, huge.num_examples = "b", tasks["b"].task_id, 2**64 - 1
         await bridge.stub.PushValidation(huge, metadata=METADATA)
         bridge.joins[0].cancel()  # "a" closes its task stream: marked gone
-        for _ in range(100):
-            if "a" in share.gone:
-                break
-            await asyncio.sleep(0.02)
+        await async_wait_until(lambda: "a" in share.gone, "'a' to be marked gone")
         for _ in range(5):
             await bridge.stub.PushValidation(report, metadata=METADATA)
         assert [v.client_id for v in share.validations] == ["a"]

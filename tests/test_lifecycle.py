@@ -26,13 +26,15 @@ from pathlib import Path
 import pytest
 from netutil import free_ports
 from procs import assert_none_left, marked, new_mark
-from test_edge_faults import SLOW_APP, _client, _wait_for
+from test_edge_faults import SLOW_APP, _client
 from test_federation import SEED
 
 from fedray.serialization import encode
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
+CTRL_C_GAP_S = 0.3  # between a person's two Ctrl-C: the second lands while the first stops
 
 
 class Command:
@@ -43,19 +45,31 @@ class Command:
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         self.lines: list[str] = []
+        self._said = threading.Condition()  # notified at each line, and at the end of stderr
+        self._ended = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stderr:
-            self.lines.append(line)
+            with self._said:
+                self.lines.append(line)
+                self._said.notify_all()
+        with self._said:
+            self._ended = True
+            self._said.notify_all()
 
     def wait_for(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(needle in line for line in self.lines):
-            assert self.proc.poll() is None, "".join(self.lines)[-3000:]
-            assert time.monotonic() < deadline, f"no {needle!r} in:\n" + "".join(self.lines)[-3000:]
-            time.sleep(0.05)
+        """Until the command says ``needle`` on stderr; fails if it ends first."""
+        def seen() -> bool:
+            return any(needle in line for line in self.lines)
+
+        with self._said:
+            if self._said.wait_for(lambda: seen() or self._ended, timeout) and seen():
+                return
+            tail = "".join(self.lines)[-3000:]
+        assert not self._ended, f"the command ended without saying {needle!r}:\n{tail}"
+        raise AssertionError(f"timed out after {timeout:g}s waiting for {needle!r} in:\n{tail}")
 
     def signal(self, sig: int, group: bool = False) -> None:
         """``group``: to its whole process group, as a terminal's Ctrl-C does."""
@@ -129,8 +143,8 @@ def test_a_live_run_is_refused_found_by_status_and_stopped_mid_round(ray_session
     clients = [_client(tmp_path, f"127.0.0.1:{gateway}", f"site-{i}", train_s=120)
                for i in range(2)]
     try:
-        _wait_for(lambda: all((tmp_path / f"site-{i}.training").exists() for i in range(2)), 120,
-                  "both clients training in round 1")
+        wait_until(lambda: all((tmp_path / f"site-{i}.training").exists() for i in range(2)),
+                   "both clients training in round 1", timeout=120)
         # The same config again, from the same data directory: the lock file refuses it.
         again = subprocess.run([sys.executable, "-m", "fedray", "run", str(config),
                                 "--data-dir", str(data_dir)], cwd=ROOT, env=env,
@@ -188,7 +202,7 @@ def test_ctrl_c_twice_to_fedray_demo_mid_session_leaves_nothing(tmp_path, ray_tm
     try:
         demo.wait_for("round 2/50", 120)
         demo.signal(signal.SIGINT, group=True)  # what a terminal's Ctrl-C does, twice
-        time.sleep(0.3)
+        time.sleep(CTRL_C_GAP_S)  # behaviour: a person pressing Ctrl-C a second time
         demo.signal(signal.SIGINT, group=True)
         code, err, _ = demo.finish(timeout=60)
     finally:
@@ -205,7 +219,7 @@ def test_sigterm_while_fedray_demo_starts_ray_leaves_nothing(tmp_path, ray_tmp):
     demo = Command(["demo", "--clients", "2", "--rounds", "2", "--data-dir", tmp_path / "demo"],
                    marked(_env(RAY_TMPDIR=ray_tmp), mark))
     try:
-        _wait_for(lambda: list(Path(ray_tmp).glob("ray/session_2*")), 60, "Ray starting")
+        wait_until(lambda: list(Path(ray_tmp).glob("ray/session_2*")), "Ray starting", timeout=60)
         demo.signal(signal.SIGTERM)
         code, err, _ = demo.finish(timeout=60)
     finally:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 import ray
-from test_federation import SEED, BadWorker, DeltaWorker, _config, _wait_connected
+from test_federation import SEED, BadWorker, DeltaWorker, _config
 
 from fedray.deploy.federation import Federation
 from fedray.serialization import encode
 from fedray.storage import open_model_store
+from tests.waiting import wait_connected, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_round_metrics_reach_the_node_metrics_endpoint(ray_session, tracking_uri
     try:
         for i, worker in enumerate([DeltaWorker(1.0, 10), DeltaWorker(2.0, 10), BadWorker(nan)]):
             fleet.add(f"m{i}", worker, fed.gateway)
-            _wait_connected(fleet, i + 1)
+            wait_connected(fleet, i + 1)
         fed.start_session(seed_id)
         assert fed.follow(lambda s: None)["state"] == "finished"
         wanted = {
@@ -53,15 +53,19 @@ def test_round_metrics_reach_the_node_metrics_endpoint(ray_session, tracking_uri
             ("ray_fedray_connected_clients", "combiner-0", ()): 3.0,
             ("ray_fedray_rounds_completed_total", "controller", ()): 1.0,
         }
-        deadline = time.monotonic() + 30  # Ray exports every few seconds
-        while True:
-            text = _scrape()
-            seen = {key: _value(text, key[0], federation="metrics", source=key[1], **dict(key[2]))
-                    for key in wanted}
-            if seen == wanted or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert seen == wanted
+        scraped = {"text": "", "seen": {}}
+
+        def exported() -> bool:
+            text = scraped["text"] = _scrape()
+            scraped["seen"] = {key: _value(text, key[0], federation="metrics", source=key[1],
+                                           **dict(key[2]))
+                               for key in wanted}
+            return scraped["seen"] == wanted
+
+        # Ray exports every few seconds
+        wait_until(exported, "Ray to export the wanted metrics", timeout=30, poll_s=1.0,
+                   describe=lambda: scraped["seen"])
+        text = scraped["text"]
         bytes_in = _value(text, "ray_fedray_bytes_in_total", federation="metrics", source="combiner-0")
         assert bytes_in and bytes_in > 0
         assert "ray_fedray_round_seconds_bucket" in text

@@ -21,6 +21,7 @@ from fedray.errors import PackageError, PythonEnvError
 from fedray.packages import build_package, load_package, parse_manifest
 from fedray.packages.env import ensure_env
 from fedray.serialization import encode
+from tests.waiting import wait_connected
 
 SEED = {"w": np.zeros((2, 3), np.float32)}
 
@@ -290,10 +291,7 @@ def test_an_unsatisfiable_requirement_fails_that_clients_task_and_the_others_com
     try:
         for name, worker in [("broken", broken), ("ok-1", AddOne()), ("ok-2", AddOne())]:
             fleet.add(name, worker, fed.gateway)
-        deadline = time.monotonic() + 30
-        while sum("connected to" in line for line in fleet.lines) < 3:
-            assert time.monotonic() < deadline, fleet.lines
-            time.sleep(0.05)
+        wait_connected(fleet, 3)
         session_id = fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
     finally:

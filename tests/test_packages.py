@@ -226,9 +226,10 @@ def test_timeout_and_arguments_are_not_shell_interpreted(tmp_path: Path) -> None
         "import json, sys\njson.dump({'num_examples': 1, 'metrics': {'n': len(sys.argv)}},"
         " open(sys.argv[2], 'w'))\n"
     )
+    hangs = "python -c 'import time; time.sleep(30)'"  # behaviour: a training that hangs
     manifest = (
         "name: t\nentrypoints:\n  validate: python v.py {data} {out_meta}\n"
-        "  train: python -c 'import time; time.sleep(30)' {out_model} {out_meta}\n"
+        f"  train: {hangs} {{out_model}} {{out_meta}}\n"
     )
     pkg = load_package(_write_pkg(tmp_path, {"fedray.yaml": manifest, "v.py": echo}))
     assert pkg.validate(b"", {"k": 1}, "a b; touch pwned") == (1, {"n": 3})

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from netutil import free_ports
 
+from tests.waiting import wait_until
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -104,17 +106,16 @@ def _head(root: Path) -> Iterator[Head]:
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     node = Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env, token, root)
     try:
-        deadline = time.monotonic() + 90
-        while True:
+        def answers() -> bool:
             assert head.poll() is None, (root / "head.log").read_text()[-3000:]
-            with contextlib.suppress(OSError):
-                node.http("/api/version")  # the job API answers (and accepts our token) ...
-                # ... and so does the head's dashboard agent, a few seconds later on a busy
-                # machine: until then a submit fails with "No available agent to submit job".
-                urllib.request.urlopen(f"http://127.0.0.1:{agent}/api/healthz", timeout=5).close()
-                break
-            assert time.monotonic() < deadline, "the head's dashboard never answered"
-            time.sleep(0.5)
+            node.http("/api/version")  # the job API answers (and accepts our token) ...
+            # ... and so does the head's dashboard agent, a few seconds later on a busy
+            # machine: until then a submit fails with "No available agent to submit job".
+            urllib.request.urlopen(f"http://127.0.0.1:{agent}/api/healthz", timeout=5).close()
+            return True
+
+        wait_until(answers, "the head's dashboard and its agent to answer", timeout=90,
+                   retry_on=(OSError,), poll_s=0.5)
         yield node
     finally:
         head.send_signal(signal.SIGTERM)  # stops the whole local cluster; never `ray stop`
@@ -133,15 +134,17 @@ def _status(head: Head, *extra: str) -> subprocess.CompletedProcess:
 
 
 def _wait_status(head: Head, ready, what: str, timeout: float = 90) -> dict:
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
+    """`fedray status --json` once ``ready(status)``; each ask is a command of its own."""
+    last = None
+
+    def shown() -> dict | None:
+        nonlocal last
         last = _status(head, "--json")
-        if last.returncode == 0:
-            status = json.loads(last.stdout)
-            if ready(status):
-                return status
-        time.sleep(1)
-    raise AssertionError(f"fedray status never showed {what}: {last.stdout} {last.stderr}")
+        status = json.loads(last.stdout) if last.returncode == 0 else None
+        return status if status is not None and ready(status) else None
+
+    return wait_until(shown, f"fedray status to show {what}", timeout=timeout, poll_s=1.0,
+                      describe=lambda: last and f"{last.stdout} {last.stderr}")
 
 
 def _job(head: Head, job_id: str) -> dict:
@@ -150,15 +153,14 @@ def _job(head: Head, job_id: str) -> dict:
 
 def _stop_strays(head: Head, job_id: str, marker: Path) -> None:
     """After a failure: stop the job (its driver cleans up), then kill what still runs for it."""
-    with contextlib.suppress(OSError, ValueError, KeyError):
+    # AssertionError: the job did not stop in time; what still runs is killed below.
+    with contextlib.suppress(OSError, ValueError, KeyError, AssertionError):
         if _job(head, job_id)["status"] in {"PENDING", "RUNNING"}:
             urllib.request.urlopen(urllib.request.Request(
                 f"{head.dashboard}/api/jobs/{job_id}/stop", method="POST",
                 headers={"Authorization": f"Bearer {head.token}"}), timeout=10)
-            deadline = time.monotonic() + 20
-            while _job(head, job_id)["status"] in {"PENDING", "RUNNING"} \
-                    and time.monotonic() < deadline:
-                time.sleep(0.5)
+            wait_until(lambda: _job(head, job_id)["status"] not in {"PENDING", "RUNNING"},
+                       f"job {job_id} to stop", timeout=20, poll_s=0.5)
     # The driver's embedded tracking server runs in a session of its own: find it by our
     # unique data path, not by name.
     for proc in Path("/proc").iterdir():

@@ -24,6 +24,7 @@ from fedray.edge.workers import CallbackWorker
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
+from tests.waiting import connections, wait_connected
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/ is not installed
 
@@ -65,13 +66,6 @@ def noise(X, y, seed: int):
     return train
 
 
-def _wait_lines(fleet, count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum("connected to" in line for line in fleet.lines) < count:
-        assert time.monotonic() < deadline, fleet.lines[-20:]
-        time.sleep(0.02)
-
-
 def _federate(aggregator, options, clients, tmp_path, tracking_uri, fleet, seed_bytes):
     """Deploy, connect ``clients`` edge clients (the last two attack), run ROUNDS rounds,
     tear down; the accuracy of every committed model on the held-out split."""
@@ -86,10 +80,10 @@ def _federate(aggregator, options, clients, tmp_path, tracking_uri, fleet, seed_
     fed = Federation(config, None, tracking_uri).deploy()
     names = [f"{name}-{i:02d}" for i in range(clients)]
     try:
-        before = sum("connected to" in line for line in fleet.lines)
+        before = connections(fleet.lines)
         for client, train in zip(names, fns, strict=True):
             fleet.add(client, CallbackWorker(train), fed.gateway)
-        _wait_lines(fleet, before + clients)
+        wait_connected(fleet, before + clients)
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
     finally:

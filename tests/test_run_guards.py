@@ -60,7 +60,7 @@ def test_loopback_hosts():
 def test_the_run_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
     code = ("import sys, time; from pathlib import Path; from fedray.deploy.lifecycle import RunLock; "
             "RunLock(Path(sys.argv[1]), 'f').acquire(); print('held', flush=True); "
-            "time.sleep(60)")
+            "time.sleep(60)")  # behaviour: a process that holds the lock until it is killed
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -159,7 +159,7 @@ def test_ray_errors_become_fedray_errors_without_a_remote_traceback(ray_session)
         def hang(self) -> None:
             import time
 
-            time.sleep(30)
+            time.sleep(30)  # behaviour: an actor call that hangs
 
     actor = Flaky.remote()
     with pytest.raises(ConfigError) as info, ray_errors("asking"):

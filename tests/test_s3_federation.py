@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_federation import SEED, DeltaWorker, _wait_connected
+from test_federation import SEED, DeltaWorker
 
 from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.federation import Federation
@@ -17,6 +17,7 @@ from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.storage.s3 import S3ModelStore
 from fedray.tracking.store import TrackingStore
+from tests.waiting import wait_connected
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def test_two_rounds_commit_every_model_to_the_bucket(ray_session, tracking_uri, 
     try:
         fleet.add("a", DeltaWorker(1.0, 10), fed.gateway)
         fleet.add("b", DeltaWorker(3.0, 30), fed.gateway)
-        _wait_connected(fleet, 2)
+        wait_connected(fleet, 2)
         fed.start_session(seed_id)
         status = fed.follow(lambda s: None)
     finally:

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -33,6 +32,7 @@ from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
 from tests.pki import Pki, make_pki
+from tests.waiting import connections, wait_connected, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,18 +81,6 @@ def _deploy(config, tracking_uri, token: str | None = TOKEN, seed=None):
     store = open_model_store("file", config.resolved_data_dir())
     seed_id = store.put(encode(SEED if seed is None else seed))
     return Federation(config, token, tracking_uri).deploy(), seed_id
-
-
-def _wait(predicate, what, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what() if callable(what) else what
-        time.sleep(0.05)
-
-
-def _wait_connected(fleet, count: int, timeout: float = 20.0) -> None:
-    _wait(lambda: sum("connected to" in line for line in fleet.lines) >= count,
-          lambda: fleet.lines, timeout)
 
 
 def _channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
@@ -147,7 +135,7 @@ def test_tls_clients_run_a_round_while_plaintext_and_untrusting_clients_are_refu
         member = fleet.add("site-a", DeltaWorker(1.0), fed.gateway, token=TOKEN, tls=pki.client())
         outsider = fleet.add("site-x", DeltaWorker(9.0), fed.gateway, token=TOKEN,
                              tls=pki.client(ca=pki.other_ca), backoff_initial_s=0.2)
-        _wait_connected(fleet, 1)
+        wait_connected(fleet, 1)
 
         for target, call in ((fed.gateway, _assign), (combiner, _heartbeat)):
             assert call(target, tls=pki.client()) is grpc.StatusCode.OK
@@ -176,7 +164,7 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(
         combiner = fed.combiner_info[0]["address"]
         member = fleet.add("site-a", DeltaWorker(1.0), fed.gateway, token=TOKEN,
                            tls=pki.client(cert="client"))
-        _wait_connected(fleet, 1)
+        wait_connected(fleet, 1)
         for target, call in ((fed.gateway, _assign), (combiner, _heartbeat)):
             assert call(target, tls=pki.client(cert="client")) is grpc.StatusCode.OK
             assert call(target, tls=pki.client()) is grpc.StatusCode.UNAVAILABLE  # no cert
@@ -206,7 +194,7 @@ def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
         # alice's client claims to be someone else: it is tracked as alice all the same.
         impostor = fleet.add("mallory", DeltaWorker(1.0, 10), fed.gateway, token=alice)
         fleet.add("bob", DeltaWorker(3.0, 30), fed.gateway, token=bob)
-        _wait_connected(fleet, 2)
+        wait_connected(fleet, 2)
         assert impostor.client_id == "alice"
         # Nobody can pose as a client that has its own token, not even with the shared one.
         assert _assign(fed.gateway, name="bob") is grpc.StatusCode.PERMISSION_DENIED
@@ -269,7 +257,7 @@ def test_a_client_over_its_rpc_rate_gets_resource_exhausted_and_others_go_on(
     fed, seed_id = _deploy(config, tracking_uri)
     try:
         steady = fleet.add("steady", DeltaWorker(1.0), fed.gateway, token=TOKEN)
-        _wait_connected(fleet, 1)
+        wait_connected(fleet, 1)
         combiner = fed.combiner_info[0]["address"]
         with _channel(combiner) as ch:
             stub = pb_grpc.CombinerStub(ch)
@@ -293,11 +281,13 @@ def test_a_full_combiner_refuses_more_clients(ray_session, tracking_uri, fleet, 
     fed, seed_id = _deploy(config, tracking_uri)
     try:
         first = fleet.add("first", DeltaWorker(1.0), fed.gateway, token=TOKEN)
-        _wait_connected(fleet, 1)
+        wait_connected(fleet, 1)
         second = fleet.add("second", DeltaWorker(5.0), fed.gateway, token=TOKEN,
                            backoff_initial_s=0.2)
-        _wait(lambda: any(line.startswith("[second]") and "unavailable" in line
-                          for line in fleet.lines), lambda: fleet.lines)
+        wait_until(lambda: any(line.startswith("[second]") and "unavailable" in line
+                               for line in fleet.lines),
+                   "'second' to be told the combiner is unavailable",
+                   describe=lambda: fleet.lines)
         assert _assign(fed.gateway, name="third") is grpc.StatusCode.UNAVAILABLE
         with _channel(fed.combiner_info[0]["address"]) as ch:  # straight to the combiner
             assert _code(pb_grpc.CombinerStub(ch).Join, pb.JoinRequest(client_id="third"),
@@ -366,7 +356,8 @@ def test_an_edge_process_never_listens(ray_session, tracking_uri, tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        _wait(lambda: any("connected to" in line for line in lines), lambda: lines, 60)
+        wait_until(lambda: connections(lines), "the edge client to connect", timeout=60,
+                   describe=lambda: lines)
         assert socket_inodes(proc.pid)  # it does talk: outbound connections only
         assert listening_sockets(proc.pid) == set()
         fed.start_session(seed_id)

@@ -17,6 +17,7 @@ from fedray.serialization import decode, encode
 from fedray.strategies.fedbuff import FedBuff, StaleWeightedDeltas
 from fedray.strategies.fedopt import FedAvgM
 from tests.simfed import MemoryStore, Recorder, SimPool, run_session, session_settings
+from tests.waiting import async_wait_until
 
 SEED = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
 
@@ -104,7 +105,7 @@ def slow(value: float, seconds: float):
     import time
 
     def train(params, config, client_id, round_):
-        time.sleep(seconds)
+        time.sleep(seconds)  # behaviour: a slow client's training
         return {k: v + value for k, v in params.items()}, 10, {}
     return train
 
@@ -121,7 +122,12 @@ async def test_buffer_size_closes_the_round_on_its_first_k_updates_across_combin
     try:
         state, reason, runner = await run_session(pool, store, settings,
                                                   Start(store.put(encode(SEED))))
-        await asyncio.sleep(1.5)  # the slow clients answer round 2 after it closed
+        # the slow clients answer round 2 after it closed
+        await async_wait_until(lambda: all(any(r[0] == 2 for r in pool.clients[n].replies)
+                                           for n in ("s1", "s2")),
+                               "the slow clients' answers to round 2",
+                               describe=lambda: {n: pool.clients[n].replies
+                                                 for n in ("s1", "s2")})
     finally:
         await pool.close()
     assert state == "finished", reason
@@ -380,7 +386,7 @@ async def test_claim_keeps_its_buffer_full_call_referenced_until_it_is_done():
     assert runner.claim(1, 1, "b") == 2 and len(tasks) == 1  # the K-th: buffer_full
     task = next(iter(tasks))
     await task
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the task's done-callback forgets it
     assert not tasks
     await pool.close()
 
@@ -403,13 +409,6 @@ async def test_a_policy_that_picks_an_unknown_client_fails_that_attempt_only(qui
 
 
 # ------------------------------------------------------------------ asynchronous (FedBuff)
-
-
-async def _until(predicate, timeout_s: float = 10.0) -> None:
-    give_up = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < give_up, "timed out"
-        await asyncio.sleep(0.02)
 
 
 class FoldRefuses(FedBuff):
@@ -491,11 +490,8 @@ def _trained(pool) -> set[str]:
 
 async def _online(pool, count: int) -> None:
     async def ready():
-        return sum(len(c) for c in (await pool.online()).values())
-    give_up = asyncio.get_running_loop().time() + 10
-    while await ready() != count:
-        assert asyncio.get_running_loop().time() < give_up
-        await asyncio.sleep(0.02)
+        return sum(len(c) for c in (await pool.online()).values()) == count
+    await async_wait_until(ready, f"{count} clients online")
 
 
 async def test_async_participants_stay_at_the_planned_count_and_replace_those_gone():
@@ -505,6 +501,14 @@ async def test_async_participants_stay_at_the_planned_count_and_replace_those_go
     for i in range(20):
         pool.add(f"c{i:02d}", slow(1.0, 0.02))
     await _online(pool, 20)
+    watched: list[set[str]] = []  # the clients online in each snapshot the watch planned with
+    wait_for_change = pool.wait_for_change
+
+    async def watching(online, timeout_s: float) -> None:
+        watched.append({c.client_id for clients in online.values() for c in clients})
+        await wait_for_change(online, timeout_s)
+
+    pool.wait_for_change = watching
     store, recorder = MemoryStore(), Recorder()
     settings = session_settings(rounds=100_000, aggregator="fedbuff", buffer_size=3,
                                 clients_per_round=0.3, time_budget_s=3.0)
@@ -512,14 +516,19 @@ async def test_async_participants_stay_at_the_planned_count_and_replace_those_go
                                                 Start(store.put(encode(SEED))),
                                                 recorder=recorder))
     try:
-        await _until(lambda: len(_trained(pool)) == 6 and recorder.of(RoundCommitted))
+        await async_wait_until(lambda: len(_trained(pool)) == 6 and recorder.of(RoundCommitted),
+                               "6 clients training and a commit",
+                               describe=lambda: sorted(_trained(pool)))
         first = _trained(pool)
         gone, idle = sorted(first)[0], sorted(set(pool.clients) - first)[0]
         for name in (gone, idle):
             pool.remove(name)
-            await asyncio.sleep(0.3)
-        await _until(lambda: len(_trained(pool) | {gone}) >= 7)
-        await asyncio.sleep(0.5)  # time for more changes to add more, as they used to
+            await async_wait_until(lambda name=name: watched and name not in watched[-1],
+                                   f"the watch to plan without {name}")
+        await async_wait_until(lambda: len(_trained(pool) | {gone}) >= 7,
+                               f"a client to replace {gone}",
+                               describe=lambda: sorted(_trained(pool)))
+        # the rest of the time budget is time for more changes to add more, as they used to
         state, reason, _ = await session
         trained = _trained(pool)
     finally:
@@ -553,12 +562,15 @@ async def test_the_async_watch_outlives_a_failed_plan_and_still_adds_clients():
                                                 Start(store.put(encode(SEED))),
                                                 recorder=recorder, strategy=ConfigureFailsOnce()))
     try:
-        await _until(lambda: recorder.of(RoundCommitted))
+        await async_wait_until(lambda: recorder.of(RoundCommitted), "a first commit")
         pool.add("late1", slow(1.0, 0.02))
-        await _until(lambda: any("selection service unavailable" in n.message
-                                 for n in recorder.of(Notice)))
+        await async_wait_until(lambda: any("selection service unavailable" in n.message
+                                           for n in recorder.of(Notice)),
+                               "the failed plan's notice",
+                               describe=lambda: [n.message for n in recorder.of(Notice)])
         pool.add("late2", slow(1.0, 0.02))
-        await _until(lambda: {"late1", "late2"} <= _trained(pool))
+        await async_wait_until(lambda: {"late1", "late2"} <= _trained(pool),
+                               "late1 and late2 to train", describe=lambda: sorted(_trained(pool)))
         state, reason, _ = await session
     finally:
         await pool.close()

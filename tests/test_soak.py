@@ -15,6 +15,7 @@ checked separately, from the raylet's figures.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -26,6 +27,7 @@ from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.federation import Federation
 from fedray.serialization import decode, encode
 from fedray.storage import open_model_store
+from tests.waiting import wait_connected, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +37,7 @@ PARAMS = 2_000_000  # float32, in 4 tensors: an 8 MB model
 GROWTH = 1.2  # allowed: RSS after ROUNDS <= GROWTH * RSS after WARM
 SEED = {f"layer{i}.weight": np.zeros(PARAMS // 4, np.float32) for i in range(4)}
 MODEL_BYTES = PARAMS * 4
+READING_GAP_S = 0.05  # between the three memory readings of one sample
 
 
 class StepWorker:
@@ -65,7 +68,7 @@ def _memory_mb(pid: int) -> dict[str, float]:
     readings = []
     for attempt in range(3):
         if attempt:
-            time.sleep(0.05)
+            time.sleep(READING_GAP_S)  # behaviour: separate samples, not a wait for anything
         with open(f"/proc/{pid}/status") as fh:
             kib = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in fh)
                    if k in ("VmRSS", "RssShmem")}
@@ -84,20 +87,17 @@ def _object_store_mb() -> float:
 
 def _settled_store_mb(limit_mb: float, timeout_s: float = 10.0) -> float:
     """The object store's use once it is at most ``limit_mb`` (frees are asynchronous), or
-    the lowest seen in ``timeout_s``."""
-    deadline, lowest = time.monotonic() + timeout_s, float("inf")
-    while True:
-        lowest = min(lowest, _object_store_mb())
-        if lowest <= limit_mb or time.monotonic() > deadline:
-            return lowest
-        time.sleep(0.2)
+    the lowest seen in ``timeout_s`` (the caller's assertion reports it)."""
+    seen = [float("inf")]
 
+    def settled() -> bool:
+        seen.append(_object_store_mb())
+        return min(seen) <= limit_mb
 
-def _wait_connected(fleet, count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum("connected to" in line for line in fleet.lines) < count:
-        assert time.monotonic() < deadline, fleet.lines
-        time.sleep(0.05)
+    with contextlib.suppress(AssertionError):  # not settled: the lowest seen tells by how much
+        wait_until(settled, f"the object store to hold at most {limit_mb:.0f} MiB",
+                   timeout=timeout_s, poll_s=0.2)
+    return min(seen)
 
 
 def test_150_rounds_keep_combiner_and_controller_memory_flat(ray_session, tracking_uri, fleet,
@@ -117,7 +117,7 @@ def test_150_rounds_keep_combiner_and_controller_memory_flat(ray_session, tracki
              for h in (fed.combiners[0], fed.controller)]), strict=True))
         for i in range(2):
             fleet.add(f"soak-{i}", StepWorker(), fed.gateway)
-        _wait_connected(fleet, 2)
+        wait_connected(fleet, 2)
 
         def on_status(status):
             done = status["history"][-1]["round"] if status["history"] else 0

@@ -10,10 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from test_federation import SEED, DeltaWorker, SlowWorker, _config, _run, _wait_connected
+from test_federation import SEED, DeltaWorker, SlowWorker, _config, _run
 
 from fedray.edge.workers import CallbackWorker
 from fedray.serialization import decode, encode
+from tests.waiting import wait_connected
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def _digits_workers(delays: dict[str, float]):
 
     def make(X, y, seconds):
         def train(params, config):
-            time.sleep(seconds)
+            time.sleep(seconds)  # behaviour: a slow client's training
             new, metrics = model.train(params, X, y, epochs=5, lr=0.3, seed=0)
             return new, len(y), metrics
         return CallbackWorker(train)
@@ -113,7 +114,7 @@ def test_attribute_and_policy_selection_ask_exactly_the_clients_they_name(
             for i in range(6):
                 fleet.add(f"c{i}", DeltaWorker(1.0, 10), fed.gateway,
                           attrs={"site": "eu" if i % 2 else "us", "gpu": str(i // 3)})
-                _wait_connected(fleet, i + 1)
+                wait_connected(fleet, i + 1)
             fed.start_session(seed_id)
             status = fed.follow(lambda s: None)
         finally:

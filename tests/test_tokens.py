@@ -14,6 +14,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from fedray.tracking.loopback import free_port, mongo_uri
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.tokens import COLLECTION, create_token, revoke_token, tracking_token_loader
 from tests.bridge import TOKEN, Bridge
+from tests.waiting import async_wait_until
 
 
 def _mode(path: Path) -> int:
@@ -42,6 +44,13 @@ async def _gated_bridge(uri: str, db: str, keys: BridgeKeys) -> Bridge:
     tokens = ClientTokens(load, refresh_s=0.2, miss_refresh_s=0.1, release=release,
                           secret=keys.token_secret, issued=keys.tokens_issued)
     return await Bridge.start(gate=AuthGate(keys.shared_token, tokens))
+
+
+async def _reread(bridge: Bridge) -> None:
+    """Until the token cache's own refresh has read the rows again since this call."""
+    tokens, asked = bridge.gate.tokens, time.monotonic()
+    await async_wait_until(lambda: tokens._read_at > asked and tokens._inflight is None,
+                           "the token cache to re-read its rows")
 
 
 async def _beat(bridge: Bridge, token: str | None, name: str = "probe") -> grpc.StatusCode:
@@ -85,10 +94,10 @@ async def test_renamed_or_revived_rows_give_their_token_nothing(tmp_path, store,
         assert await _beat(bridge, carol, "carol") is grpc.StatusCode.OK
         store.db[COLLECTION].update_one({"name": "alice"}, {"$set": {"name": "bob"}})
         assert revoke_token(store, "carol") == 1
-        await asyncio.sleep(0.5)  # two refreshes
+        await _reread(bridge)
         assert await _beat(bridge, carol, "carol") is grpc.StatusCode.UNAUTHENTICATED
         store.db[COLLECTION].update_one({"name": "carol"}, {"$set": {"revoked": False}})
-        await asyncio.sleep(0.5)
+        await _reread(bridge)
         assert await _beat(bridge, alice, "bob") is grpc.StatusCode.UNAUTHENTICATED
         assert await _beat(bridge, carol, "carol") is grpc.StatusCode.UNAUTHENTICATED
     finally:
@@ -107,10 +116,10 @@ async def test_deleting_token_rows_does_not_reopen_the_bridge(tmp_path, store, t
         if not issued_before:
             assert await _beat(bridge, None) is grpc.StatusCode.OK  # never had tokens: open
             create_token(store, "alice", secret)
-            await asyncio.sleep(0.5)
+            await _reread(bridge)
             assert await _beat(bridge, None) is grpc.StatusCode.UNAUTHENTICATED
             store.db[COLLECTION].delete_many({})
-            await asyncio.sleep(0.5)
+            await _reread(bridge)
         assert await _beat(bridge, None) is grpc.StatusCode.UNAUTHENTICATED
     finally:
         await bridge.close()
@@ -195,10 +204,9 @@ async def test_shared_token_callers_wait_until_the_token_list_was_read(tmp_path,
         tracking = TrackingStore.from_uri(server.uri, db_name)
         create_token(tracking, "alice", secret)
         tracking.close()
-        for _ in range(100):
-            if bridge.gate.tokens.loaded and "alice" in bridge.gate.tokens.names:
-                break
-            await asyncio.sleep(0.1)
+        await async_wait_until(lambda: bridge.gate.tokens.loaded
+                               and "alice" in bridge.gate.tokens.names,
+                               "the bridge to read the token list once tracking is up")
         assert await _beat(bridge, TOKEN, "alice") is grpc.StatusCode.PERMISSION_DENIED
         assert await _beat(bridge, TOKEN, "carol") is grpc.StatusCode.OK
     finally:

@@ -35,6 +35,7 @@ from fedray.tracking.mongo import is_transient
 from fedray.tracking.query import parse_filter, render_table, run_query, to_json
 from fedray.tracking.store import COLLECTIONS, TrackingStore
 from fedray.tracking.writer import TrackingWriter
+from tests.waiting import wait_until
 
 MODEL_A = "a" * 64
 MODEL_B = "b" * 64
@@ -367,7 +368,9 @@ def test_writer_drops_refused_writes_and_goes_on(
     store.close()
 
 
-def test_writer_survives_a_server_restart(tmp_path: Path) -> None:
+def test_writer_survives_a_server_restart(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fedray.tracking.writer")
     server = EmbeddedMongo(tmp_path).start()
     port = server.port
     writer = TrackingWriter(
@@ -383,7 +386,7 @@ def test_writer_survives_a_server_restart(tmp_path: Path) -> None:
             writer.submit("start_round", "s1", r)
             writer.event("info", "test", f"round {r}", session_id="s1", round=r)
         writer.submit("add_model", MODEL_B, MODEL_A, "s1", 1, 10, "file:///b", {"w": ("F32", [1])})
-        time.sleep(1.5)  # the writer is retrying now
+        wait_until(lambda: "unreachable, will retry" in caplog.text, "the writer to retry")
         assert writer.pending > 0
 
         server.start()
@@ -551,13 +554,24 @@ def test_connect_or_start_ignores_a_stale_record(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_a_run_never_depends_on_a_server_another_command_will_stop(tmp_path: Path) -> None:
+def test_a_run_never_depends_on_a_server_another_command_will_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`fedray rounds` started a server for itself and stops it when done; a `fedray run`
     starting meanwhile must not reuse it (its session would then hang in flush())."""
+    from fedray.tracking import embedded
+
     query_uri, query_server = connect_or_start(tmp_path)  # the query command's own
     assert query_server is not None
     got: list[Any] = []
     done = threading.Event()
+    owners: list[int | None] = []  # the live server's owner, each time the run looked
+    owner_of = embedded._foreign_owner
+
+    def looked(data_dir):
+        owners.append(owner_of(data_dir))
+        return owners[-1]
+
+    monkeypatch.setattr(embedded, "_foreign_owner", looked)
 
     def fedray_run() -> None:  # stays alive: the kernel ties a server to its thread
         got.append(connect_or_start(tmp_path, own=True))
@@ -566,15 +580,14 @@ def test_a_run_never_depends_on_a_server_another_command_will_stop(tmp_path: Pat
     run = threading.Thread(target=fedray_run)
     run.start()
     try:
-        time.sleep(1.0)
+        wait_until(lambda: owners.count(os.getpid()) >= 2,
+                   "the run to find the query's server owned, twice", describe=lambda: owners)
         assert got == [] and run.is_alive()  # waiting: the owner will stop that one
         again, other = connect_or_start(tmp_path)  # a second query still shares it
         assert (again, other) == (query_uri, None)
     finally:
         query_server.stop()  # the query command ends: only it stops its server
-    deadline = time.monotonic() + 30
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: got, "the run to start a server of its own", timeout=30)
     [(uri, server)] = got
     try:
         assert server is not None and server.running and server.pid != query_server.pid

@@ -5,7 +5,6 @@ events that outlive their retention."""
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,6 +15,7 @@ from fedray.tracking.embedded import EmbeddedMongo
 from fedray.tracking.loopback import free_port, mongo_uri
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.writer import TrackingWriter
+from tests.waiting import wait_until
 
 BIG = 2**64 - 1  # a uint64 num_examples: BSON integers stop at 2**63 - 1
 
@@ -75,13 +75,6 @@ def test_one_bad_event_does_not_drop_the_rest_of_its_batch(tracking_uri: str, st
     assert writer.dropped == 1 and writer.written == 3
 
 
-def _wait(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 def test_a_full_queue_drops_debug_and_info_first_and_never_session_writes(
         tmp_path, db_name: str) -> None:
     port = free_port()  # the database is down until the server starts on this port
@@ -93,7 +86,8 @@ def test_a_full_queue_drops_debug_and_info_first_and_never_session_writes(
     server = EmbeddedMongo(tmp_path, port=port)
     try:
         writer.submit("create_session", "s1", "digits", {}, 3, "a" * 64)
-        _wait(lambda: writer.queued == 0)  # the thread holds it, retrying
+        wait_until(lambda: writer.queued == 0,  # the thread holds it, retrying
+                   "the writer's thread to take the first write")
         for i in range(4):
             writer.event("debug", "c", f"debug {i}")
         for i in range(6):
@@ -141,11 +135,14 @@ def test_events_older_than_their_retention_go_away(store: TrackingStore, trackin
     try:
         writer.event("info", "recent", "now")
         assert writer.flush(10)
-        _wait(lambda: store.db.events.count_documents({"source": "old"}) == 0)
+        wait_until(lambda: store.db.events.count_documents({"source": "old"}) == 0,
+                   "the prune to delete the events older than 30 days",
+                   describe=lambda: [e["message"] for e in store.find("events")])
         writer.event("info", "old", "now, but old")  # the next prune spares it
         with written_at(now - timedelta(days=60)):
             store.event("info", "old", "60 days ago, written late")
-        _wait(lambda: not store.find("events", {"message": "60 days ago, written late"}))
+        wait_until(lambda: not store.find("events", {"message": "60 days ago, written late"}),
+                   "the next prune to delete an old event written late")
         assert writer.flush(10)
     finally:
         writer.close()

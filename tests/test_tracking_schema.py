@@ -383,9 +383,8 @@ class FlakyWorker:
 
 def _session(config, tracking_uri: str, fleet, workers: dict, tokens: dict[str, str],
              seed_id: str) -> dict[str, Any]:
-    from test_federation import _wait_connected
-
     from fedray.deploy.federation import Federation
+    from tests.waiting import wait_connected
 
     fleet.stop()  # the clients of an earlier session, if any
     fleet.lines.clear()
@@ -394,7 +393,7 @@ def _session(config, tracking_uri: str, fleet, workers: dict, tokens: dict[str, 
         for i, (name, worker) in enumerate(workers.items()):
             fleet.add(name, worker, fed.gateway, token=tokens[name],
                       attrs={"site": "eu" if i % 2 else "us", "rank": str(i)})
-            _wait_connected(fleet, i + 1)
+            wait_connected(fleet, i + 1)
         fed.start_session(seed_id)
         return fed.follow(lambda s: None)
     finally:
