@@ -155,25 +155,24 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         return pb.PushReply(accepted=accepted, reason=reason)
 
     async def PushValidation(self, request: pb.ValidationReport, context) -> pb.Ack:
-        client_id = await caller_id(context, request.client_id)
-        try:
-            report = validation_from_proto(request, client_id)
-        except UpdateRejected as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        accepted, reason = self.core.push_validation(report)
-        if not accepted:
-            log.info("validation from %s refused: %s", client_id, reason)
-        return pb.Ack()
+        return await self._report(request, context, validation_from_proto,
+                                  self.core.push_validation, "validation")
 
     async def PushStageReply(self, request: pb.StageReply, context) -> pb.Ack:
+        return await self._report(request, context, stage_reply_from_proto,
+                                  self.core.push_reply, "stage reply")
+
+    async def _report(self, request, context, convert, push, what: str) -> pb.Ack:
+        """A client's answer to a task that is not an update: checked, then handed to the
+        core; a refusal is the core's to count, the client just gets its Ack."""
         client_id = await caller_id(context, request.client_id)
         try:
-            reply = stage_reply_from_proto(request, client_id)
+            report = convert(request, client_id)
         except UpdateRejected as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        accepted, reason = self.core.push_reply(reply)
+        accepted, reason = push(report)
         if not accepted:
-            log.info("stage reply from %s refused: %s", client_id, reason)
+            log.info("%s from %s refused: %s", what, client_id, reason)
         return pb.Ack()
 
     async def PushEvent(self, request: pb.EventReport, context) -> pb.Ack:
