@@ -78,6 +78,9 @@ class SessionConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     max_examples_per_update: int = 1_000_000  # a larger self-reported num_examples is refused
     max_update_norm: float | None = None  # L2 norm of (update - round model); larger: refused
+    # ...and, by default, ||update - w|| over max_update_norm_ratio x (||w|| + sqrt(n)), n the
+    # model's floating parameters: one client cannot push the model out of float range
+    max_update_norm_ratio: float | None = 100.0
     max_kept_updates: int = 1000  # robust strategies keep a round's updates (object store)
     time_budget_s: float | None = None  # asynchronous sessions also end after this long
     continue_from: str = ""  # a session id: start from its last model and strategy state

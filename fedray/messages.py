@@ -119,6 +119,7 @@ class RoundSpec:
     buffer: int = 0  # the round closes on its first K accepted updates, across combiners
     max_examples: int = 1_000_000  # session.max_examples_per_update
     max_update_norm: float | None = None  # session.max_update_norm
+    max_update_norm_ratio: float | None = None  # session.max_update_norm_ratio
     version: int = 0  # the model version this round trains (asynchronously: the first)
     stage: str = ""  # the declared stage this share runs (default: the kind's name)
     payloads: dict[str, bytes] = field(default_factory=dict)  # client id -> its own bytes
@@ -210,5 +211,6 @@ class AsyncSpec:
     package_size: int = 0
     max_examples: int = 1_000_000
     max_update_norm: float | None = None
+    max_update_norm_ratio: float | None = None
     kept_versions: int = 8  # model versions still served and checked against
     max_pending: int = 1000  # forwarded updates waiting for the controller (backpressure)

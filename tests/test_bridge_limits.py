@@ -128,7 +128,7 @@ async def test_callers_are_keyed_by_identity_and_connection(kind):
         admitted = 0
         for i in range(60):  # every call from a new connection of the same host
             try:
-                await gate.admit(md, "/m", f"ipv4:10.0.0.1:{1000 + i}")
+                gate.admit(md, "/m", f"ipv4:10.0.0.1:{1000 + i}")
                 admitted += 1
             except Exception:  # noqa: BLE001 - Refused
                 pass

@@ -193,6 +193,10 @@ def test_a_live_run_is_refused_found_by_status_and_stopped_mid_round(ray_session
     # The refused runs wrote nothing: one session, interrupted (resumable), never failed.
     assert [s["status"] for s in sessions] == ["running"], sessions
     assert not [m for m in events if "cannot go from" in m], events
+    # The stop is said as such, with the signal; no round failed for it.
+    stopped = [m for m in events if "stopped after 0 rounds: stopped by SIGTERM" in m]
+    assert len(stopped) == 1, events
+    assert not [m for m in events if "failed" in m], events
 
 
 def test_ctrl_c_twice_to_fedray_demo_mid_session_leaves_nothing(tmp_path, ray_tmp):

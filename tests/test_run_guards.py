@@ -52,6 +52,30 @@ def test_a_federation_anyone_could_join_starts_only_on_loopback_or_when_told(
     assert (warning is None) == (verdict == "silent"), warning
 
 
+def test_a_token_row_the_secret_does_not_vouch_for_does_not_close_the_bridge(
+        store, tmp_path):
+    """The guard counted raw rows (finding 1): one forged row, and `fedray run` on 0.0.0.0
+    without $FEDRAY_TOKEN started with no warning while the gates stayed open."""
+    from fedray.bridge.keys import load_token_secret, row_mac
+    from fedray.deploy.runner import client_tokens_vouched
+    from fedray.tracking.tokens import COLLECTION, create_token
+
+    config = config_from_dict({"federation": "g", "seed_model": "s",
+                               "tracking": {"database": store.db.name}}, source="g.yaml")
+    forged = {"hash": "f" * 64, "name": "mallory", "mac": "0" * 64, "revoked": False,
+              "live_name": "mallory", "created_at": None, "revoked_at": None}
+    store.db[COLLECTION].insert_one(forged)
+    uri = f"mongodb://{store.db.client.address[0]}:{store.db.client.address[1]}/"
+    assert client_tokens_vouched(uri, config, tmp_path) == (False, 1)
+    with pytest.raises(ConfigError, match="--insecure"):
+        open_federation(config, None, False, False)
+    # A row made with this federation's secret does vouch (and the forged one still not).
+    secret = load_token_secret(tmp_path)
+    create_token(store, "alice", secret)
+    assert client_tokens_vouched(uri, config, tmp_path) == (True, 1)
+    assert row_mac(secret, "f" * 64, "mallory") != "0" * 64
+
+
 def test_loopback_hosts():
     assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "fl.example.org", ""]))

@@ -187,7 +187,8 @@ def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
              "--data-dir", str(tmp_path)]  # where the federation's token secret is
     fed, seed_id = _deploy(config, tracking_uri)
     try:
-        # Tokens created while the federation runs work at once.
+        # Tokens created while the federation runs work within a second (the servers read
+        # new tokens in the background; the clients try again meanwhile).
         alice = _token("create", "--name", "alice", *where)
         bob = _token("create", "--name", "bob", *where)
         assert alice.startswith("frt_") and alice != bob
@@ -237,7 +238,9 @@ def test_per_client_tokens_give_identities_and_revoking_one_needs_no_restart(
     refused = [e for e in _events(tracking_uri, config, level="warning")
                if e["message"].startswith("refused /")]
     wrong = [e for e in refused if e["data"]["reason"] == "wrong_token"]
-    assert 5 <= len(wrong) <= 12, len(wrong)  # 61 refusals: 10 answered, the rest throttled
+    # 61 refusals of the flood (10 answered, the rest throttled), and the first tries of
+    # alice and bob, refused until the servers had read their new tokens (within a second)
+    assert 5 <= len(wrong) <= 16, len(wrong)
     assert wrong[0]["source"] == "controller"
     assert wrong[0]["data"]["method"] == "/fedray.v1.Gateway/Assign"
     assert wrong[0]["data"]["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))

@@ -596,3 +596,38 @@ async def test_metrics_whose_sum_overflows_across_combiners_are_left_out_of_the_
     [commit] = runner.recorder.of(RoundCommitted)
     assert commit.train_metrics == {"acc": pytest.approx(0.5)}
     checker.check_fields("rounds", {"train_metrics": commit.train_metrics})
+
+
+async def test_a_halted_session_is_recorded_as_stopped_not_failed_and_stays_resumable():
+    """Finding 7 of issue 14: a user's SIGTERM was recorded as "round 5 failed: only 0
+    update(s) arrived" and "attempt 1 failed ... running it again"."""
+    from fedray.actors.controller.callbacks import Callbacks, SessionStatus, StatusCallback
+    from fedray.actors.controller.session_runner import SessionRunner
+    from fedray.strategies import make_strategy
+    from tests.waiting import async_wait_until
+
+    pool = SimPool(1)
+    pool.add("a", slow(1.0, 0.2))
+    pool.add("b", slow(1.0, 0.2))
+    store = MemoryStore()
+    recorder = Recorder()
+    status = SessionStatus(session_id="s-halt")
+    runner = SessionRunner(federation="sim", session_id="s-halt",
+                           settings=session_settings(rounds=50), strategy=make_strategy("fedavg"),
+                           pool=pool, store=store,
+                           callbacks=Callbacks([recorder, StatusCallback(status, lambda s: None)]))
+    pool.runner = runner
+    task = asyncio.ensure_future(runner.run(Start(store.put(encode(SEED)))))
+    try:
+        await async_wait_until(lambda: recorder.of(RoundCommitted), "a first commit")
+        await async_wait_until(lambda: len(recorder.of(RoundStarted)) >= 2, "round 2 to start")
+        runner.halt("stopped by SIGTERM (fedray pid 1)", task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await pool.close()
+    stopped = [n for n in recorder.of(Notice) if n.data.get("reason") == "stopped"]
+    assert len(stopped) == 1 and "stopped by SIGTERM (fedray pid 1)" in stopped[0].message
+    assert "resumes" in stopped[0].message
+    assert not recorder.of(RoundFailed)
+    assert status.state == "running"  # not failed: `fedray run` resumes it

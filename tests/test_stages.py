@@ -212,3 +212,47 @@ async def test_a_combiner_collects_stage_replies_over_grpc_and_refuses_oversized
     result = await bridge.round
     assert result.replies == {"a": b"from a", "c": b"from c"}
     assert (result.stage, result.close_reason) == ("survey", "all_answered")
+
+
+# ------------------------------------------------------------------ the default norm bound
+
+
+async def test_one_update_at_float32s_largest_values_cannot_make_the_session_unusable():
+    """Finding 3 of issue 14: float32 values at float32's maximum with num_examples 1e6
+    passed every check, the round committed, and every later honest update was refused
+    as non_finite. The default session.max_update_norm_ratio refuses it as ``norm``."""
+    huge = np.finfo(np.float32).max
+
+    def attacker(params, config, client_id, round_):
+        return {k: np.full_like(v, huge) for k, v in params.items()}, 1_000_000, {}
+
+    pool = SimPool(1)
+    pool.add("honest-1", shift_by(1.0))
+    pool.add("honest-2", shift_by(3.0))
+    bad = pool.add("mallory", attacker)
+    clients = dict(pool.clients)
+    store = MemoryStore()
+    state, reason, session = await _from_seed(pool, store, session_settings(rounds=3))
+    assert (state, reason) == ("finished", "")
+    final = decode(store.get(session.model_id))
+    np.testing.assert_allclose(final["w"], 3 * (1.0 + 3.0) / 2, rtol=1e-6)  # honest only
+    assert [r[1] for r in bad.replies] == [False] * 3
+    assert all("over session.max_update_norm_ratio 100" in r[2] for r in bad.replies)
+    honest = [r for name in ("honest-1", "honest-2") for r in clients[name].replies]
+    assert len(honest) == 6 and all(ok for _, ok, _ in honest)
+
+
+async def test_the_norm_bound_can_be_switched_off_and_the_absolute_one_still_applies():
+    pool = SimPool(1)
+    pool.add("a", shift_by(1000.0))  # moves w (12 values) by 1000 each: ||d|| ~ 3464
+    pool.add("b", shift_by(1000.0))
+    store = MemoryStore()
+    state, _, _ = await _from_seed(pool, store, session_settings(
+        rounds=1, max_update_norm_ratio=None))
+    assert state == "finished"  # without the ratio, a large move is the strategy's business
+    pool = SimPool(1)
+    late = pool.add("a", shift_by(1.0))
+    pool.add("b", shift_by(1.0))
+    state, reason, _ = await _from_seed(pool, store, session_settings(
+        rounds=1, round_attempts=1, max_update_norm=0.5, max_update_norm_ratio=None))
+    assert state == "failed" and "over session.max_update_norm (0.5)" in late.replies[0][2]

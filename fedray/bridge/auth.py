@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -178,18 +179,19 @@ class AuthGate:
             raise Refused("RESOURCE_EXHAUSTED", f"one connection may act for at most "
                           f"{self.peer_ids.per_peer} client ids")
 
-    async def admit(self, metadata: Mapping[str, Any], method: str, peer: str) -> Caller:
+    def admit(self, metadata: Mapping[str, Any], method: str, peer: str) -> Caller:
         """The caller, or ``Refused``: ``identify``, then ``limit`` (what the interceptor
         does in two steps, so that a refused call never has its request read)."""
         try:
-            caller = await self.identify(metadata)
+            caller = self.identify(metadata)
         except Refused as exc:
             raise self.refused(exc, method, peer) from None
         return self.limit(caller, metadata, method, peer)
 
-    async def identify(self, metadata: Mapping[str, Any]) -> Caller:
+    def identify(self, metadata: Mapping[str, Any]) -> Caller:
         """Who presents this metadata's token, or ``Refused`` (UNAUTHENTICATED, with the
-        reason for ``refused``); needs nothing but the metadata."""
+        reason for ``refused``); needs nothing but the metadata, and never waits: an
+        unknown token is refused at once (its re-read goes on in the background)."""
         header = str(metadata.get(AUTH_HEADER, ""))
         token = header[7:] if header.startswith("Bearer ") and len(header) > 7 else None
         if token is not None and self._shared is not None \
@@ -198,7 +200,7 @@ class AuthGate:
         why, reason = "no token", "no_token"
         digest = self.tokens.digest(token) if token is not None else None
         if digest is not None:
-            hit = await self.tokens.lookup(digest)
+            hit = self.tokens.find(digest)
             if hit is not None and not hit[1]:
                 return Caller("client", hit[0], gate=self)
             why, reason = ((f"the revoked token of {hit[0]!r}", "revoked") if hit is not None
@@ -254,11 +256,22 @@ class AuthGate:
 
 
 def peer_host(peer: str) -> str:
-    """``ipv4:10.0.0.1:5555`` -> ``ipv4:10.0.0.1`` (and ``ipv6:[::1]:5555`` -> ``ipv6:[::1]``)."""
+    """Who a failure limit counts a caller as: its IPv4 address (``ipv4:10.0.0.1:5555`` ->
+    ``ipv4:10.0.0.1``), or its IPv6 /64 prefix (``ipv6:[2001:db8::1]:5555`` ->
+    ``ipv6:2001:db8::/64``: one host holds a whole /64, so counting addresses would give
+    it 2^64 fresh budgets)."""
     kind, _, address = peer.partition(":")
-    if kind in {"ipv4", "ipv6"} and address.count(":") >= 1 and address.rsplit(":", 1)[1].isdigit():
-        return f"{kind}:{address.rsplit(':', 1)[0]}"
-    return peer
+    if kind not in {"ipv4", "ipv6"} or address.count(":") < 1 \
+            or not address.rsplit(":", 1)[1].isdigit():
+        return peer
+    host = address.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.IPv6Address(host.strip("[]").split("%", 1)[0])
+            if ip.ipv4_mapped is not None:
+                return f"ipv4:{ip.ipv4_mapped}"
+            return f"ipv6:{ipaddress.IPv6Network(f'{ip}/64', strict=False)}"
+    return f"{kind}:{host}"
 
 
 def make_gate(keys: BridgeKeys | str | None,

@@ -1,8 +1,8 @@
 """Per-client tokens as a bridge server sees them: a cache of tracking's token rows.
 
-The cache (keyed hash -> name) is re-read from tracking every few seconds, and at once
-(at most once a second) when an unknown token shows up, so new tokens and revocations
-take effect without a restart. Database reads and MAC checks run in a worker thread: the
+The cache (keyed hash -> name) is re-read from tracking every few seconds, and (at most
+once a second, in the background) when an unknown token shows up, so new tokens and
+revocations take effect without a restart; looking a token up never waits. Database reads and MAC checks run in a worker thread: the
 event loop that serves every client never waits on tracking. Tracking is not trusted: a
 row counts only when its MAC under the federation's token secret checks out, a token once
 seen revoked stays revoked, and once tokens were issued (or a valid row was seen) the
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Callable
 
-from fedray.bridge.keys import hash_token, row_mac
+from fedray.bridge.keys import hash_token, verifies
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,7 @@ class ClientTokens:
         self._untrusted = 0
         self._read_at = float("-inf")
         self._inflight: asyncio.Future[None] | None = None
+        self._missed: asyncio.Future[None] | None = None  # the last re-read a miss started
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -120,35 +120,41 @@ class ClientTokens:
         assert self._load is not None
         rows, untrusted = [], 0
         for digest, name, revoked, mac in self._load():
-            if self.secret is None or not hmac.compare_digest(
-                    mac, row_mac(self.secret, digest, name)):
-                untrusted += 1
-            else:
+            if verifies(self.secret, digest, name, mac):
                 rows.append((digest, name, revoked))
+            else:
+                untrusted += 1
         return rows, untrusted
 
-    async def lookup(self, digest: str) -> tuple[str, bool] | None:
-        """(name, revoked) of the token with this hash. On a miss, re-read the tokens unless
-        a read started since this call did: a token created a moment ago works at once,
-        while a flood of wrong tokens causes at most about one read per interval (and waits
-        for it, which slows the flood down)."""
+    def find(self, digest: str) -> tuple[str, bool] | None:
+        """(name, revoked) of the token with this hash: a dictionary lookup, never a wait.
+
+        A miss makes sure a re-read starts within ``miss_refresh_s`` (in the background,
+        one at a time), so a token created a moment ago works on the client's next try,
+        while a flood of wrong tokens neither waits nor holds a server slot, and causes
+        about one read per interval."""
         hit = self.entries.get(digest)
-        if hit is not None or self._load is None:
-            return hit
-        asked = time.monotonic()
-        wait = self._read_at + self.miss_refresh_s - asked
-        if wait > 0:
-            await asyncio.sleep(wait)
-        for _ in range(2):  # a second time when the read we joined began before we asked
-            if self._read_at >= asked:
-                break
-            await self.refresh()
-        return self.entries.get(digest)
+        if hit is None and self._load is not None and (self._missed is None
+                                                       or self._missed.done()):
+            self._missed = asyncio.ensure_future(self._reread_soon())
+        return hit
+
+    async def _reread_soon(self) -> None:
+        due = self._read_at + self.miss_refresh_s - time.monotonic()
+        if due > 0:
+            await asyncio.sleep(due)
+        await self.refresh()
+
+    async def settled(self) -> None:
+        """Until a re-read a miss started (if any) is done."""
+        if self._missed is not None:
+            await asyncio.shield(self._missed)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._missed):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._release is not None:
             await asyncio.to_thread(self._release)

@@ -154,3 +154,8 @@ def hash_token(token: str, secret: bytes) -> str:
 def row_mac(secret: bytes, digest: str, name: str) -> str:
     """What binds a stored hash to its client's name."""
     return hmac.new(secret, f"fedray-row\0{digest}\0{name}".encode(), hashlib.sha256).hexdigest()
+
+
+def verifies(secret: bytes | None, digest: str, name: str, mac: str) -> bool:
+    """Whether a stored token row is one this federation's secret vouches for."""
+    return secret is not None and hmac.compare_digest(mac, row_mac(secret, digest, name))

@@ -4,10 +4,11 @@ Every RPC passes ``Gatekeeper`` first, in two steps, so nobody without a valid t
 costs the server more than a dictionary lookup:
 
 1. In ``intercept_service``, which gRPC calls with the metadata before any message is
-   read, the server's ``AuthGate`` checks the token. A missing, wrong or revoked token
-   gets a handler that reads no message at all (a request-streaming one that never
-   iterates its requests) and ends the call with UNAUTHENTICATED, or RESOURCE_EXHAUSTED
-   once its host has failed too often.
+   read, the server's ``AuthGate`` checks the token (a dictionary lookup: it never
+   waits). A missing, wrong or revoked token gets a handler that reads no message at all
+   (a request-streaming one that never iterates its requests) and ends the call with
+   UNAUTHENTICATED, or RESOURCE_EXHAUSTED once its host has failed too often, whatever
+   the method: even UNIMPLEMENTED is only said to a caller with a valid token.
 2. For an admitted call, the request deserializer first checks the message's size
    against the method's limit (``ServerLimits.message_limit``: 64 KiB for control RPCs),
    so protobuf never parses an oversized message; then the gate applies the caller's
@@ -110,33 +111,36 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         self.limits = limits
 
     async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return None
         metadata = dict(details.invocation_metadata or ())
         try:
-            caller = await self.gate.identify(metadata)
-        except Refused as exc:
-            return _refusal(handler, self.gate, exc, details.method)
+            caller = self.gate.identify(metadata)  # a dictionary lookup: no wait, no slot held
+        except Refused as exc:  # UNIMPLEMENTED would tell a scanner what this port serves
+            return _refusal(await continuation(details), self.gate, exc, details.method)
+        handler = await continuation(details)
+        if handler is None:  # an unknown method, asked with a valid token
+            return None
         return _guarded(handler, self.gate, caller, metadata, details.method,
                         self.limits.message_limit(details.method))
 
 
-def _refusal(handler: grpc.RpcMethodHandler, gate: AuthGate, refused: Refused,
+def _refusal(handler: grpc.RpcMethodHandler | None, gate: AuthGate, refused: Refused,
              method: str) -> grpc.RpcMethodHandler:
-    """A handler that ends the call without reading a single request message."""
+    """A handler that ends the call without reading a single request message (for an
+    unknown method too: the caller learns nothing but that it is refused). The per-host
+    failure limit comes first (``AuthGate.refused``)."""
 
     async def refuse(context) -> None:
         exc = gate.refused(refused, method, context.peer())
         await context.abort(grpc.StatusCode[exc.code], exc.message)
 
-    if handler.response_streaming:
+    if handler is None or handler.response_streaming:
         async def stream_behavior(request_iterator, context):
             await refuse(context)
             yield  # pragma: no cover - abort raises
 
         return grpc.stream_stream_rpc_method_handler(
-            stream_behavior, response_serializer=handler.response_serializer)
+            stream_behavior,
+            response_serializer=handler.response_serializer if handler is not None else None)
 
     async def behavior(request_iterator, context):
         await refuse(context)

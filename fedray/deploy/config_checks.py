@@ -144,6 +144,7 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
     for where, value in {"session.max_examples_per_update": s.max_examples_per_update,
                          "session.max_kept_updates": s.max_kept_updates,
                          "session.max_update_norm": s.max_update_norm,
+                         "session.max_update_norm_ratio": s.max_update_norm_ratio,
                          "session.time_budget_s": s.time_budget_s}.items():
         if value is not None and not value > 0:
             raise bad(where, f"must be greater than 0, got {value}")

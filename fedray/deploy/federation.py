@@ -317,9 +317,18 @@ class Federation:
             if status["state"] in {"finished", "failed"}:
                 return status
 
-    def shutdown(self) -> None:
-        """Stop and remove the federation's actors, also those a deploy cut short left."""
+    def shutdown(self, signum: int | None = None) -> None:
+        """Stop and remove the federation's actors, also those a deploy cut short left.
+        Stopped by a signal (``signum``), the controller first records its running session
+        as stopped by it, before the combiners' clients leave."""
         handles = [h for h in [self.controller, *self.combiners] if h is not None]
+        if signum is not None and self.controller in self._serving:
+            why = f"stopped by {signal.Signals(signum).name} (fedray pid {os.getpid()})"
+            try:
+                with ray_errors("stopping the session"):
+                    ray.get(self.controller.halt.remote(why), timeout=STOP_TIMEOUT_S)
+            except FedrayError as exc:
+                log.warning("the session was not stopped cleanly: %s", exc)
         if self._serving:
             try:
                 with ray_errors("stopping the actors"):

@@ -235,8 +235,12 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     if seed_id is None:
         seed_id = store.put(load_seed(config.seed_model, store,
                                       lambda ref: resolve_seed(tracking_uri, config, ref)))
-    warning = open_federation(config, token, token is None and _client_tokens(tracking_uri, config),
-                              insecure)
+    vouched, unverified = client_tokens_vouched(tracking_uri, config, data_dir)
+    if unverified:
+        console.print(f"[yellow]warning:[/] tracking holds {unverified} token row(s) that do not "
+                      "verify under this federation's token secret (forged, altered, or from "
+                      "another federation); they are ignored and let nobody in")
+    warning = open_federation(config, token, vouched, insecure)
     if warning is not None:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     with console.status("starting Ray and the federation actors..."):
@@ -245,7 +249,8 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
             teardown.add(lifecycle.RAY, "Ray", ray.shutdown)
         connect_ray(config.ray, config.namespace)
         federation = Federation(config, token, tracking_uri)
-        teardown.add(lifecycle.FEDERATION, f"federation {config.federation}", federation.shutdown)
+        teardown.add(lifecycle.FEDERATION, f"federation {config.federation}",
+                     lambda: federation.shutdown(teardown.signum))
         federation.deploy(package[:2] if package else None, exclusive=not local)
     console.print(f"gateway listening at [bold]{escape(federation.gateway)}[/]; combiners: "
                   + escape(", ".join(f"{c['name']}@{c['address']}"
@@ -268,17 +273,23 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
                      embedded_tracking=config.tracking.uri == "embedded")
 
 
-def _client_tokens(tracking_uri: str, config: FederationConfig) -> bool:
-    """Whether tracking holds per-client tokens (then the bridge is closed without the
-    shared one)."""
+def client_tokens_vouched(tracking_uri: str, config: FederationConfig,
+                          data_dir: Path) -> tuple[bool, int]:
+    """(whether the bridge will require per-client tokens, how many token rows in tracking
+    do not verify): exactly what the gates decide (``fedray.bridge.client_tokens``), so
+    that a forged or keyless row no longer passes for a closed bridge."""
+    from fedray.bridge.keys import load_token_secret, tokens_issued, verifies
     from fedray.tracking.store import TrackingStore
     from fedray.tracking.tokens import read_token_hashes
 
+    secret = load_token_secret(data_dir, create=False)
     store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
     try:
-        return bool(read_token_hashes(store))
+        rows = read_token_hashes(store)
     finally:
         store.close()
+    vouched = sum(1 for digest, name, _, mac in rows if verifies(secret, digest, name, mac))
+    return vouched > 0 or tokens_issued(data_dir), len(rows) - vouched
 
 
 def _supervisor(server, config: FederationConfig):

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# A token the servers have not read yet (created a moment ago) is refused until their next
+# read, within a second of the refusal (the gateway's, then a combiner's): a refusal is
+# tried again every AUTH_RETRY_S for AUTH_PATIENCE_S before the client gives up.
+AUTH_RETRY_S, AUTH_PATIENCE_S = 0.5, 3.0
 MAX_HEARTBEAT_MISSES = 3
 HEARTBEAT_BOUNDS_S = (0.5, 60.0)  # what a combiner's heartbeat interval is clamped to
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
@@ -108,15 +113,28 @@ class EdgeRunner:
         """Serve until ``stop``; a wrong token, or the same TLS mistake a few times in a
         row, ends it with an error (retrying would not fix either)."""
         backoff = self.settings.backoff_initial_s
-        mistake, streak = None, 0
+        mistake, streak, refused_since = None, 0, None
         while not self.stop.is_set():
             self.joined = False
             try:
                 await self._session()
-                backoff, mistake, streak = self.settings.backoff_initial_s, None, 0
+                backoff, mistake, streak, refused_since = (self.settings.backoff_initial_s,
+                                                           None, 0, None)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
-                    raise AuthError(f"{self.settings.name}: {exc.details()} (check --token)") from None
+                    now = time.monotonic()
+                    refused_since = refused_since or now
+                    if exc.code() is not grpc.StatusCode.UNAUTHENTICATED \
+                            or now - refused_since + AUTH_RETRY_S > AUTH_PATIENCE_S:
+                        raise AuthError(f"{self.settings.name}: {exc.details()} "
+                                        f"({self._credential_hint()})") from None
+                    if now == refused_since:
+                        self._line(f"{self.target}: refused ({exc.details()}); trying again "
+                                   f"for {AUTH_PATIENCE_S:g}s (a new token is read within "
+                                   "a second)")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), AUTH_RETRY_S)
+                    continue
                 why, tls_mistake = self._why(exc.details() or "")
                 if tls_mistake and not self.joined:
                     streak = streak + 1 if (self.target, why) == mistake else 1
@@ -133,6 +151,13 @@ class EdgeRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self.settings.backoff_max_s)
+
+    def _credential_hint(self) -> str:
+        """What to check after a refusal: the token this client sent, or that it sent none."""
+        if self.settings.token is None:
+            return "no token was sent: set $FEDRAY_TOKEN (the federation's, or one from " \
+                   "fedray token create)"
+        return "check $FEDRAY_TOKEN: it is not a token of this federation, or it was revoked"
 
     def _why(self, details: str) -> tuple[str, bool]:
         """The useful end of a connection error, and whether it is a TLS mistake (with a

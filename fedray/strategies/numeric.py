@@ -54,6 +54,20 @@ def delta_norm(model: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) 
     return math.sqrt(total)
 
 
+def l2_norm(model: Mapping[str, np.ndarray]) -> tuple[float, int]:
+    """(L2 norm, number of values) over every floating tensor, in blocks."""
+    total, count = 0.0, 0
+    for value in model.values():
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        v = value.reshape(-1)
+        count += v.size
+        for start in range(0, v.size, BLOCK):
+            d = v[start : start + BLOCK].astype(np.float64)
+            total += float(np.dot(d, d))
+    return math.sqrt(total), count
+
+
 def cast_like(reference: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> Model:
     """``values`` in ``reference``'s dtypes and shapes (integers rounded)."""
     out: Model = {}

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from fedray.actors.combiner.checks import expected_for
+from fedray.actors.combiner.checks import bounded, expected_for
 from fedray.actors.combiner.clients import ClientLink, ClientRegistry
 from fedray.actors.combiner.share import Limits, Share, ShareSlot, TaskEntry, task_for
 from fedray.actors.combiner.shelf import ModelShelf
 from fedray.errors import UnknownSession, UpdateRejected
 from fedray.messages import AsyncSpec, TaskKind
 from fedray.strategies.base import Strategy
-from fedray.strategies.declaration import Declaration
+from fedray.strategies.declaration import Declaration, UpdateLayout
 from fedray.strategies.updates import Buffer, KeepAll, Kept, KeptUpdates, ShareStart, Update
 
 
@@ -60,6 +60,7 @@ class AsyncServing:
         self.max_update_bytes = max_update_bytes
         self.spec: AsyncSpec | None = None
         self.client_half = ""
+        self.layout = UpdateLayout()
         self.participants: set[str] = set()
 
     def _open_share(self, session_id: str | None = None) -> Share | None:
@@ -77,17 +78,19 @@ class AsyncServing:
             await self.set_version(version, model, known_id)  # a retried call: catch up
             self.add_clients(spec.clients)
             return
-        current = self.shelf.keep(model, version, known_id, keep=spec.kept_versions)
+        current = bounded(self.shelf.keep(model, version, known_id, keep=spec.kept_versions),
+                          declared.layout, spec.max_update_norm, spec.max_update_norm_ratio)
         keep = ShareStart(spec=current.layout.spec(), base=current.base, keep=self.keeper)
         share = Share(session_id=spec.session_id, round=version, kind=TaskKind.TRAIN,
                       strategy=strategy, accumulator=BoundedKeepAll(keep, spec.max_pending),
-                      limits=Limits(spec.max_examples, spec.max_update_norm),
+                      limits=Limits(spec.max_examples),
                       versions={version: current}, current=version, deadline=float("inf"),
                       stage=declared.train,
                       expected=expected_for(declared.layout, current, self.max_update_bytes),
                       asynchronous=True)
         self.slot.open(share)
         self.spec, self.participants, self.client_half = spec, set(), declared.client_half
+        self.layout = declared.layout
         self.add_clients(spec.clients)
 
     def add_clients(self, clients: tuple[str, ...] | list[str]) -> None:
@@ -133,8 +136,9 @@ class AsyncServing:
         if share is None or spec is None or version <= share.current:
             return
         async with share.fold_lock:  # no fold is halfway through reading ``current``
-            share.versions[version] = self.shelf.keep(model, version, known_id,
-                                                      keep=spec.kept_versions)
+            share.versions[version] = bounded(
+                self.shelf.keep(model, version, known_id, keep=spec.kept_versions),
+                self.layout, spec.max_update_norm, spec.max_update_norm_ratio)
             share.current = version
             for old in sorted(share.versions)[: max(0, len(share.versions) - spec.kept_versions)]:
                 del share.versions[old]

@@ -12,12 +12,16 @@ can tell whether weighting the update could overflow the sums.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 
-from fedray.actors.combiner.share import Expected, ModelVersion
+from fedray.actors.combiner.share import Expected, ModelVersion, NormBound
 from fedray.errors import SerializationError, UpdateRejected
 from fedray.serialization import Buffer, Model, decode, read_layout, spec_nbytes
-from fedray.strategies.declaration import UpdateLayout
+from fedray.strategies.declaration import NormCheck, UpdateLayout
+from fedray.strategies.numeric import l2_norm
 
 FINITE_BLOCK = 1 << 20
 
@@ -33,6 +37,27 @@ def expected_for(layout: UpdateLayout, version: ModelVersion, max_update_bytes: 
     return Expected(layout, spec, header,
                     min(max_update_bytes, spec_nbytes(spec) + version.layout.data_offset
                         + HEADER_SLACK))
+
+
+def bounded(version: ModelVersion, layout: UpdateLayout, max_norm: float | None,
+            ratio: float | None) -> ModelVersion:
+    """``version`` with the norm bound its updates are checked against: the smaller of
+    ``session.max_update_norm`` and ``ratio x (||w|| + sqrt(n))`` (``w`` the version's
+    floating tensors, ``n`` their values: the bound grows with the model, and "+ sqrt(n)"
+    gives a model of zeros room to move). None where the layout has no such distance."""
+    if layout.norm is NormCheck.OFF:
+        return version
+    bounds = []
+    if max_norm is not None:
+        bounds.append(NormBound(max_norm, f"session.max_update_norm ({max_norm:g})"))
+    if ratio is not None:
+        w, n = l2_norm(version.base)
+        bounds.append(NormBound(ratio * (w + math.sqrt(n)),
+                                f"session.max_update_norm_ratio {ratio:g} x (||w|| {w:.4g} "
+                                f"+ sqrt(n) {math.sqrt(n):.4g})"))
+    if not bounds:
+        return version
+    return dataclasses.replace(version, norm=min(bounds, key=lambda b: b.limit))
 
 
 def check_update(data: Buffer, expected: Expected, max_bytes: int) -> tuple[Model, float]:

@@ -172,13 +172,12 @@ class UpdateIntake:
             raise UpdateRejected("overflow", f"values up to {magnitude:.3g} weighted by "
                                  f"{header.num_examples} examples would overflow the sums")
         norm = None
-        rule = share.expected.layout.norm
-        if rule is NormCheck.ALWAYS or (rule is NormCheck.WHEN_LIMITED
-                                        and share.limits.max_norm is not None):
+        rule, bound = share.expected.layout.norm, version.norm
+        if rule is NormCheck.ALWAYS or (rule is NormCheck.WHEN_LIMITED and bound is not None):
             norm = delta_norm(model, version.base)
-            if share.limits.max_norm is not None and not norm <= share.limits.max_norm:
+            if bound is not None and not norm <= bound.limit:
                 raise UpdateRejected("norm", f"the update moves the model by {norm:.4g} (L2), "
-                                     f"over session.max_update_norm ({share.limits.max_norm:g})")
+                                     f"over {bound.rule} = {bound.limit:.4g}")
         meta = UpdateMeta(client_id=header.client_id, round=header.round,
                           num_examples=header.num_examples, base_version=entry.version,
                           staleness=share.current - entry.version, norm=norm,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedray.actors.combiner.checks import expected_for
+from fedray.actors.combiner.checks import bounded, expected_for
 from fedray.actors.combiner.clients import ClientRegistry, CombinerListener
 from fedray.actors.combiner.share import Limits, Share, ShareSlot, TaskEntry, task_for
 from fedray.actors.combiner.shelf import ModelShelf
@@ -63,8 +63,12 @@ class RoundShares:
     def _open(self, spec: RoundSpec, model: np.ndarray | None, strategy: Strategy,
               declared: Declaration) -> Share:
         stage = declared.stage(spec.stage_name)
-        version = self.shelf.keep(model, spec.version, spec.model_id) \
-            if model is not None else None
+        version = None
+        if model is not None:
+            version = self.shelf.keep(model, spec.version, spec.model_id)
+            if spec.kind is TaskKind.TRAIN:  # how far an update may move it
+                version = bounded(version, declared.layout, spec.max_update_norm,
+                                  spec.max_update_norm_ratio)
         accumulator = expected = None
         if spec.kind is TaskKind.TRAIN:
             if version is None:
@@ -75,7 +79,7 @@ class RoundShares:
         tasks = {uuid.uuid4().hex: TaskEntry(client, spec.version) for client in spec.clients}
         share = Share(session_id=spec.session_id, round=spec.round, kind=spec.kind,
                       strategy=strategy, accumulator=accumulator,
-                      limits=Limits(spec.max_examples, spec.max_update_norm),
+                      limits=Limits(spec.max_examples),
                       versions={spec.version: version} if version else {},
                       current=spec.version, deadline=time.monotonic() + spec.timeout_s,
                       stage=stage, expected=expected, tasks=tasks, buffer=spec.buffer,

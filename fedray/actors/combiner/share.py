@@ -33,12 +33,21 @@ class ModelVersion:
     layout: Layout
     base: Mapping[str, np.ndarray]  # read-only views into the model bytes
     size: int
+    norm: NormBound | None = None  # how far an update may move it (None: no bound)
+
+
+@dataclass(frozen=True, slots=True)
+class NormBound:
+    """The L2 norm an update's difference from its base may not exceed, and the setting
+    that set it (for the refusal's message)."""
+
+    limit: float
+    rule: str
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_examples: int
-    max_norm: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

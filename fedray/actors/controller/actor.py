@@ -228,6 +228,20 @@ class Controller:
                     await asyncio.wait_for(self._changed.wait(), timeout_s)
             return self._version, self.status.snapshot(after) if self.status else None
 
+    async def halt(self, why: str) -> list[str]:
+        """Stop every running session, each recorded as stopped by ``why`` (the driver says
+        so before it stops the combiners, whose leaving would otherwise fail the round)."""
+        halted = []
+        for session_id, task in self.sessions.items():
+            runner = self.runners.get(session_id)
+            if task.done() or runner is None:
+                continue
+            runner.halt(why, task)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            halted.append(session_id)
+        return halted
+
     async def stop(self) -> None:
         await self._server.stop(grace=1.0)
         await self._gate.close()

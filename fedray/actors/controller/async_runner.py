@@ -74,6 +74,7 @@ class AsyncLoop:
                          package_sha256=self.r.package[0], package_size=self.r.package[1],
                          max_examples=s.max_examples_per_update,
                          max_update_norm=s.max_update_norm,
+                         max_update_norm_ratio=s.max_update_norm_ratio,
                          kept_versions=self.max_staleness + 1, max_pending=s.max_kept_updates)
 
     async def _start_combiner(self, name: str, version: int) -> None:

@@ -39,7 +39,9 @@ def specs_for(s: Session, number: int, stage: Stage, plan: RoundPlan, model_id: 
                         attempt=attempt, params=dict(plan.params),
                         buffer=plan.buffer if stage.close is CloseRule.FIRST_K else 0,
                         max_examples=settings.max_examples_per_update,
-                        max_update_norm=settings.max_update_norm, version=s.rounds_done,
+                        max_update_norm=settings.max_update_norm,
+                        max_update_norm_ratio=settings.max_update_norm_ratio,
+                        version=s.rounds_done,
                         stage=stage.name,
                         payloads={c: bytes(plan.payloads[c]) for c in clients
                                   if c in plan.payloads})

@@ -43,6 +43,7 @@ class SessionRunner:
                                callbacks=callbacks, combiner_strategy=combiner_strategy,
                                package=package)
         self.claims = BufferClaims(self.session, self._close_buffered)
+        self.halted = ""  # who stopped the session, once ``halt`` was called
 
     @property
     def session_id(self) -> str:
@@ -59,6 +60,13 @@ class SessionRunner:
     @property
     def store(self) -> ModelStore:
         return self.session.store
+
+    def halt(self, why: str, task: asyncio.Future) -> None:
+        """Stop the session ``task`` runs now, recorded as stopped (``why``: by whom) and
+        not as a failure: the round in progress is cut short, nothing is committed, and
+        the session stays resumable."""
+        self.halted = why
+        task.cancel()
 
     def claim(self, round_: int, attempt: int, client_id: str) -> int:
         """A combiner asks to fold an update of a buffered round (``BufferClaims``)."""
@@ -82,6 +90,13 @@ class SessionRunner:
             s.move(SessionState.FINISHED, rounds_done=s.rounds_done, model_id=s.model_id)
             s.note("info", f"session {s.session_id} finished after {s.rounds_done} "
                    f"{'versions' if s.asynchronous else 'rounds'}")
+        except asyncio.CancelledError:  # halted: the command that runs it was stopped
+            s.note("warning", f"session {s.session_id} stopped after {s.rounds_done} "
+                   f"{'versions' if s.asynchronous else 'rounds'}: {self.halted or 'cancelled'};"
+                   " it resumes when the federation runs it again", reason="stopped",
+                   stopped_by=self.halted)
+            await s.callbacks.flush()
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure ends the session, said once
             reason = str(exc) if isinstance(exc, FedrayError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, FedrayError):
