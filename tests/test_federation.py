@@ -227,7 +227,7 @@ def test_remote_package_clients_pick_up_a_changed_package_between_sessions(
 
     from examples.digits.data import write_partitions
     from examples.digits.seed import seed_model
-    from fedray.deploy.runner import session_package
+    from fedray.deploy.seeds import session_package
     from fedray.edge.workers import RemotePackageWorker
 
     root = Path(__file__).resolve().parent.parent

@@ -293,3 +293,66 @@ def test_a_port_another_program_holds_is_one_line_naming_the_field(ray_session, 
     assert_none_left(mark, tmp_path)
     assert not [e for e in ray.util.list_named_actors(all_namespaces=True)
                 if e["namespace"] == f"fedray-{config.stem}"]
+
+
+def _listening(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, local address) of every listening TCP socket of ``pids`` (``ss -ltnp``)."""
+    import re
+
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                found.append((pid, fields[3]))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host.startswith(("127.", "::ffff:127.")) or host == "::1"
+
+
+def test_a_local_ray_for_loopback_hosts_stays_on_loopback_and_status_finds_it(
+        tmp_path, ray_tmp):
+    """Finding 4 of issue 14: with loopback hosts, `fedray run` still started Ray's
+    gcs_server, raylet, workers and agents on every interface, wrote its token file 0644,
+    and `fedray status` rewrote --address 127.0.0.1:P to the node IP. No environment
+    variable is set here: the run keeps Ray private by itself."""
+    from procs import survivors
+
+    name = f"priv-{uuid.uuid4().hex[:6]}"
+    gateway, combiner = free_ports(2)
+    config = _config(tmp_path, name, "local", gateway, combiner)
+    data_dir, mark = tmp_path / "fed", new_mark()
+    env = marked(_env(RAY_TMPDIR=ray_tmp), mark)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    run = Command(["run", config, "--data-dir", data_dir], env)
+    try:
+        run.wait_for("Ray at ", 180)
+        line = next(x for x in run.lines if x.startswith("Ray at "))
+        address = line.split()[2].rstrip(":")
+        pids = {int(entry.split(":", 1)[0]) for entry in survivors(mark)}
+        sockets = _listening(pids)
+        status_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        found = subprocess.run([sys.executable, "-m", "fedray", "status", "--json",
+                                "--data-dir", str(data_dir)], cwd=ROOT, env=status_env,
+                               capture_output=True, text=True, timeout=120)
+        given = subprocess.run([sys.executable, "-m", "fedray", "status", "--json",
+                                "--federation", name, "--address", address], cwd=ROOT,
+                               env=status_env, capture_output=True, text=True, timeout=120)
+        run.signal(signal.SIGTERM)
+        code, err, _ = run.finish(timeout=60)
+    finally:
+        run.kill()
+    assert address.startswith("127.0.0.1:") and "(loopback only)" in line, line
+    assert sockets and all(_loopback(a) for _, a in sockets), sockets
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        assert token.stat().st_mode & 0o777 == 0o600
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert json.loads(found.stdout)["federation"] == name
+    assert given.returncode == 0, given.stderr[-3000:]
+    assert code == 143, err[-3000:]
+    assert_none_left(mark, tmp_path)

@@ -179,7 +179,8 @@ class AddOne:
 def test_a_session_starts_from_a_committed_model_and_models_get_fetches_the_latest(
         ray_session, tracking_uri, fleet, tmp_path):
     from fedray.deploy.config_file import config_from_dict
-    from fedray.deploy.runner import resolve_seed, run_federation
+    from fedray.deploy.runner import run_federation
+    from fedray.deploy.seeds import resolve_seed
     from fedray.tracking.store import TrackingStore
 
     seed_file = tmp_path / "seed.safetensors"
@@ -242,7 +243,7 @@ def test_a_session_starts_from_a_committed_model_and_models_get_fetches_the_late
 
 
 def test_seed_model_names_a_committed_model_by_id_or_reference(stored):
-    from fedray.deploy.runner import committed_seed_ref, load_seed
+    from fedray.deploy.seeds import committed_seed_ref, load_seed
     from fedray.errors import ConfigError, StorageError
 
     store, model_id = stored

@@ -246,6 +246,7 @@ def test_ray_job_submit_on_a_ray_start_head(ray_head, tmp_path):
     anonymous = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
     refused = _run([sys.executable, "-m", "fedray", "status", "--federation", "digits",
                     "--address", head.gcs], anonymous)
+    # Without the head's token: this machine's token file is not it, and the line says so.
     assert refused.returncode == 8 and "set RAY_AUTH_MODE=token" in refused.stderr, refused.stderr
     gone = _status(head)  # the job tore its actors down
     assert gone.returncode == 23 and "no federation 'digits' is running" in gone.stderr

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from fedray.deploy.config_file import config_from_dict
+from fedray.deploy.exposure import is_loopback, open_federation
 from fedray.deploy.lifecycle import (
     CLIENTS,
     FEDERATION,
@@ -21,7 +22,6 @@ from fedray.deploy.lifecycle import (
     Stopped,
     Teardown,
 )
-from fedray.deploy.runner import is_loopback, open_federation
 from fedray.errors import AlreadyRunning, ConfigError, FedrayError, SessionError
 
 
@@ -57,7 +57,7 @@ def test_a_token_row_the_secret_does_not_vouch_for_does_not_close_the_bridge(
     """The guard counted raw rows (finding 1): one forged row, and `fedray run` on 0.0.0.0
     without $FEDRAY_TOKEN started with no warning while the gates stayed open."""
     from fedray.bridge.keys import load_token_secret, row_mac
-    from fedray.deploy.runner import client_tokens_vouched
+    from fedray.deploy.exposure import client_tokens_vouched
     from fedray.tracking.tokens import COLLECTION, create_token
 
     config = config_from_dict({"federation": "g", "seed_model": "s",

@@ -233,7 +233,7 @@ def test_strong_shared_tokens_pass(token):
 
 def test_fedray_run_refuses_a_weak_shared_token(monkeypatch):
     from fedray.deploy.config_file import config_from_dict
-    from fedray.deploy.runner import federation_token
+    from fedray.deploy.exposure import federation_token
 
     config = config_from_dict({"federation": "f", "seed_model": "x",
                                "auth": {"token_env": "MY_TOKEN"}})

@@ -26,8 +26,9 @@ from rich.markup import escape
 from fedray.children import fate_shared
 from fedray.deploy import lifecycle
 from fedray.deploy.config_file import config_from_dict
+from fedray.deploy.exposure import federation_token
 from fedray.deploy.lifecycle import Teardown
-from fedray.deploy.runner import RunResult, federation_token, print_summary, run_federation
+from fedray.deploy.runner import RunResult, print_summary, run_federation
 from fedray.errors import ConfigError, FedrayError
 from fedray.frameworks import require
 from fedray.serialization import decode

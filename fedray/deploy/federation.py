@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -94,32 +95,54 @@ def starts_ray(rc: RayConfig) -> bool:
     return not ray.is_initialized() and rc.address == "local" and not os.environ.get("RAY_ADDRESS")
 
 
-def connect_ray(rc: RayConfig, namespace: str) -> bool:
-    """Join or start Ray; True when this process started a private local instance."""
+def connect_ray(rc: RayConfig, namespace: str, loopback: bool = False) -> bool:
+    """Join or start Ray; True when this process started a private local instance.
+
+    A local Ray for a federation whose every host is loopback (``loopback``) is kept
+    private: it takes 127.0.0.1 as its node's address (with ``LOOPBACK_RAY_ENV``, set
+    before Ray is imported, its GCS, raylet, workers and agents bind it alone), and its
+    auth token file is made 0600 (Ray writes it 0644)."""
     if ray.is_initialized():
         return False
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     local = starts_ray(rc)
+    private_ray_token()
     try:
         with lifecycle.ours_kept():
-            _init_ray(rc, local, namespace)
+            _init_ray(rc, local, namespace, loopback)
     except SystemExit as exc:  # a handler Ray installed anyway: sys.exit(SIGTERM)
         if exc.code == signal.SIGTERM:
             raise lifecycle.stop_by(signal.SIGTERM) from None
         raise
     finally:
         lifecycle.claim_signals()  # ray.init may have replaced them (its C++ handlers too)
+    private_ray_token()  # ray.init may have written it just now
     lifecycle.checkpoint()  # a signal that landed where its exception was swallowed
     return local
 
 
-def _init_ray(rc: RayConfig, local: bool, namespace: str) -> None:
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def private_ray_token() -> None:
+    """Ray's token file (whoever reads it can run code in the cluster) readable by its
+    owner only."""
+    with contextlib.suppress(OSError):
+        info = RAY_TOKEN_FILE.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            RAY_TOKEN_FILE.chmod(0o600)
+
+
+def _init_ray(rc: RayConfig, local: bool, namespace: str, loopback: bool = False) -> None:
     if local:
+        extra = {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"} \
+            if loopback else {}
         with _init_errors("cannot start a local Ray", "check ray.num_cpus and the free space "
                           "in /tmp, or join a running cluster (ray.address: auto)"):
             ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
-                     namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+                     namespace=namespace, logging_level=logging.WARNING, log_to_driver=False,
+                     **extra)
         return
     address = None if rc.address == "local" else rc.address  # None: a Ray job's
     if address not in (None, "auto") and "://" not in address:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -278,3 +279,42 @@ class RunLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing drops the flock; the file stays, harmless
+
+    @staticmethod
+    def held(data_dir: Path) -> bool:
+        """Whether a live process holds ``data_dir``'s run lock (a run is going on there)."""
+        path = Path(data_dir) / "run.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # a lock we took goes with the descriptor
+        return False
+
+
+RUN_RECORD = "ray.json"  # in the data directory while a run holds its lock
+
+
+def record_run(data_dir: Path, federation: str, ray_address: str) -> Callable[[], None]:
+    """Say where this run's Ray is, for `fedray status` on this data directory; returns
+    the call that takes it back."""
+    path = Path(data_dir) / RUN_RECORD
+    path.write_text(json.dumps({"ray_address": ray_address, "federation": federation,
+                                "pid": os.getpid()}) + "\n")
+    return lambda: path.unlink(missing_ok=True)
+
+
+def recorded_run(data_dir: Path) -> tuple[str, str] | None:
+    """(Ray address, federation) of the run going on in ``data_dir`` (``fedray run``
+    records them while it holds the directory's run lock), if one is."""
+    try:
+        record = json.loads((Path(data_dir) / RUN_RECORD).read_text())
+        address, federation = str(record["ray_address"]), str(record["federation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (address, federation) if RunLock.held(data_dir) else None

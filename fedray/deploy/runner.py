@@ -6,8 +6,6 @@ stdout, so ``--json`` output stays machine-readable.
 
 from __future__ import annotations
 
-import importlib
-import ipaddress
 import os
 import sys
 from collections.abc import Callable
@@ -21,10 +19,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedray.config import FederationConfig
 from fedray.deploy import lifecycle
+from fedray.deploy.exposure import (
+    LOOPBACK_RAY_ENV,
+    client_tokens_vouched,
+    federation_token,
+    is_loopback,
+    open_federation,
+)
 from fedray.deploy.lifecycle import RunLock, Teardown
-from fedray.errors import ConfigError, FedrayError, SerializationError
-from fedray.serialization import encode, read_layout
-from fedray.storage.base import ModelStore, is_model_ref
+from fedray.deploy.seeds import committed_seed_ref, load_seed, resolve_seed, session_package
+from fedray.errors import FedrayError
 from fedray.text import printable
 
 
@@ -46,140 +50,6 @@ class RunResult:
                 "rounds": s["rounds_done"], "rounds_planned": s["rounds_planned"],
                 "model_id": s["model_id"], "history": s["history"],
                 "data_dir": str(self.data_dir), "tracking_uri": _shown(self.tracking_uri)}
-
-
-MODEL_SEED = "model:"
-
-
-def committed_seed_ref(spec: str) -> str | None:
-    """The model reference of ``seed_model: model:REF`` (an id, a prefix of 6+ hex
-    characters, or ``latest``), else None (``model:name`` stays a module:function)."""
-    if not spec.startswith(MODEL_SEED):
-        return None
-    ref = spec[len(MODEL_SEED):].strip().lower()
-    return ref if is_model_ref(ref) else None
-
-
-def load_seed(spec: str, store: ModelStore | None = None,
-              resolve: Callable[[str], str] | None = None) -> bytes:
-    """Seed model bytes from a ``.safetensors`` file, a ``module:function`` returning arrays,
-    or ``model:REF``, a committed model in ``store`` (``resolve`` turns ``latest`` or an id
-    prefix into an id, through tracking)."""
-    ref = committed_seed_ref(spec)
-    if ref is not None:
-        return _committed_seed(spec, ref, store, resolve)
-    path = Path(spec)
-    if path.suffix == ".safetensors" or path.exists():
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"seed_model: cannot read {spec} ({exc.strerror})") from None
-        try:
-            read_layout(data)
-        except SerializationError as exc:
-            raise ConfigError(f"seed_model: {spec} is not a safetensors model ({exc})") from None
-        return data
-    if ":" not in spec:
-        raise ConfigError(f"seed_model: {spec!r} is neither a .safetensors file nor module:function")
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-        return encode(factory())
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"seed_model: cannot load {spec!r} ({exc})") from None
-
-
-def _committed_seed(spec: str, ref: str, store: ModelStore | None,
-                    resolve: Callable[[str], str] | None) -> bytes:
-    if store is None:
-        raise ConfigError(f"seed_model: {spec} needs the federation's model store")
-    if len(ref) != 64:
-        if resolve is None:
-            raise ConfigError(f"seed_model: {spec} needs tracking to find that model")
-        ref = resolve(ref)
-    if not store.exists(ref):
-        raise ConfigError(f"seed_model: {spec}: no model {ref} in {store.uri(ref)}")
-    return store.get(ref)  # checks the bytes against the id: StorageError if corrupt
-
-
-def resolve_seed(tracking_uri: str, config: FederationConfig, ref: str) -> str:
-    """``latest`` (this federation's) or an id prefix, as a model id from tracking."""
-    from fedray.tracking.models import resolve_model
-    from fedray.tracking.store import TrackingStore
-
-    store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
-    try:
-        return resolve_model(store, ref, federation=config.federation,
-                             what=f"{config.source}: seed_model: model:{ref}").model_id
-    finally:
-        store.close()
-
-
-def session_package(spec: str | None, data_dir: Path) -> tuple[str, bytes, str] | None:
-    """The config's compute package as (sha256, .tgz bytes, name), checked before serving."""
-    if not spec:
-        return None
-    from fedray.packages import build_package, load_package, sha256_file
-
-    src = Path(spec)
-    if src.is_dir():
-        archive = data_dir / "packages" / f"{src.resolve().name}.tgz"
-        archive.parent.mkdir(parents=True, exist_ok=True)
-        sha = build_package(src, archive)
-    elif src.is_file():
-        archive, sha = src, sha256_file(src)
-    else:
-        raise ConfigError(f"package: {spec} is neither a folder nor a .tgz file")
-    package = load_package(archive, expected_sha256=sha)  # refuses unsafe archives now
-    return sha, archive.read_bytes(), package.manifest.name
-
-
-def federation_token(config: FederationConfig) -> str | None:
-    """The shared token from ``$auth.token_env``; a guessable one stops `fedray run`."""
-    from fedray.bridge.keys import check_shared_token
-
-    token = os.environ.get(config.auth.token_env) or None
-    check_shared_token(token, config.auth.token_env)
-    return token
-
-
-LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (or name): nothing off this machine reaches it."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def open_federation(config: FederationConfig, token: str | None, client_tokens: bool,
-                    insecure: bool) -> str | None:
-    """Whether a federation may start: None if it may (and says nothing), a warning to print
-    if it may but anyone reaching it could join, or ``ConfigError`` if it must not start.
-
-    Without ``$FEDRAY_TOKEN`` and without any per-client token the bridge accepts every
-    caller. That is refused unless nothing off this machine can reach it (both hosts
-    loopback) or the operator said so (``--insecure``).
-    """
-    if token is not None or client_tokens:
-        return None
-    env = config.auth.token_env
-    if is_loopback(config.controller.host) and is_loopback(config.combiners.host):
-        return (f"${env} is not set and no client has a token: any process on this machine "
-                "may join (the gateway and combiners listen on loopback only)")
-    if insecure:
-        return (f"${env} is not set and no client has a token: anyone who reaches "
-                f"{config.controller.host}:{config.controller.port} may join (--insecure)")
-    raise ConfigError(
-        f"{config.source}: ${env} is not set and no client has a token (fedray token create), "
-        f"so anyone who reaches {config.controller.host}:{config.controller.port} could join. "
-        f"Set ${env}, bind controller.host and combiners.host to 127.0.0.1, or pass --insecure")
 
 
 def run_federation(config: FederationConfig, *, console: Console,
@@ -206,6 +76,10 @@ def run_federation(config: FederationConfig, *, console: Console,
 def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], None] | None,
          resume: bool, teardown: Teardown, insecure: bool,
          on_status: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    loopback = is_loopback(config.controller.host) and is_loopback(config.combiners.host)
+    if loopback and "ray" not in sys.modules:  # read once, when Ray is first imported
+        os.environ.update(LOOPBACK_RAY_ENV)
+
     import ray
 
     from fedray.bridge.keys import private_dir
@@ -247,7 +121,9 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
         local = starts_ray(config.ray)
         if local:
             teardown.add(lifecycle.RAY, "Ray", ray.shutdown)
-        connect_ray(config.ray, config.namespace)
+        connect_ray(config.ray, config.namespace, loopback=loopback)
+        ray_address = ray.get_runtime_context().gcs_address
+        teardown.add(lifecycle.LOCK, "", lifecycle.record_run(data_dir, config.federation, ray_address))
         federation = Federation(config, token, tracking_uri)
         teardown.add(lifecycle.FEDERATION, f"federation {config.federation}",
                      lambda: federation.shutdown(teardown.signum))
@@ -256,6 +132,8 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
                   + escape(", ".join(f"{c['name']}@{c['address']}"
                                      for c in federation.combiner_info)))
     console.print(escape(tracking_line(tracking_uri, config.tracking.database, data_dir)))
+    console.print(escape(f"Ray at {ray_address}{' (loopback only)' if local and loopback else ''}"
+                         f": fedray status --address {ray_address}"))
     lifecycle.checkpoint()
     if on_ready is not None:
         on_ready(federation.gateway)
@@ -271,25 +149,6 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
                      gateway=federation.gateway,
                      embedded_tracking=config.tracking.uri == "embedded")
-
-
-def client_tokens_vouched(tracking_uri: str, config: FederationConfig,
-                          data_dir: Path) -> tuple[bool, int]:
-    """(whether the bridge will require per-client tokens, how many token rows in tracking
-    do not verify): exactly what the gates decide (``fedray.bridge.client_tokens``), so
-    that a forged or keyless row no longer passes for a closed bridge."""
-    from fedray.bridge.keys import load_token_secret, tokens_issued, verifies
-    from fedray.tracking.store import TrackingStore
-    from fedray.tracking.tokens import read_token_hashes
-
-    secret = load_token_secret(data_dir, create=False)
-    store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
-    try:
-        rows = read_token_hashes(store)
-    finally:
-        store.close()
-    vouched = sum(1 for digest, name, _, mac in rows if verifies(secret, digest, name, mac))
-    return vouched > 0 or tokens_issued(data_dir), len(rows) - vouched
 
 
 def _supervisor(server, config: FederationConfig):
@@ -387,4 +246,4 @@ def print_summary(result: RunResult, console: Console) -> None:
     console.print(escape(f"inspect it with: fedray rounds {where}"))
 
 
-__all__ = ["FedrayError", "RunResult", "load_seed", "print_summary", "run_federation"]
+__all__ = ["FedrayError", "RunResult", "print_summary", "run_federation"]

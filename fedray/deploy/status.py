@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from fedray.deploy.exposure import LOOPBACK_RAY_ENV, is_loopback
 from fedray.errors import AuthError, ConfigError, NotRunning, TransportError
 from fedray.text import printable
 
@@ -47,27 +49,34 @@ def preflight(address: str) -> None:
     if "://" in address:
         raise ConfigError(f"Ray address {address}: fedray status joins Ray's GCS (HOST:PORT, port "
                           "6379 by default), not the dashboard URL that `ray job` takes")
-    try:
-        resolved = services.canonicalize_bootstrap_address_or_die(address)
-    except (ConnectionError, ValueError) as exc:
-        raise NotRunning(f"no Ray cluster at {address!r}: {_first_line(exc)}") from None
+    if address == "auto":  # found on this machine, as ray.init finds it
+        try:
+            resolved = services.canonicalize_bootstrap_address_or_die(address)
+        except (ConnectionError, ValueError) as exc:
+            raise NotRunning(f"no Ray cluster at {address!r}: {_first_line(exc)}") from None
+    else:  # an address given is used as given: never swapped for this machine's IP
+        resolved = address
     host, _, port = resolved.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r}: expected HOST:PORT (Ray's GCS address)")
     if not _accepts(host.strip("[]"), port, CONNECT_TIMEOUT_S):
-        hint = ""
-        if not host.startswith("127.") and _accepts("127.0.0.1", port, 1.0):
-            hint = (" (Ray replaces 127.0.0.1 with this machine's IP; for a head started with "
-                    "--node-ip-address=127.0.0.1 set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
-        raise NotRunning(f"no Ray cluster answers at {resolved}{hint}")
-    if address in {"auto", None}:  # as ray.init does: a local token file turns token auth on
-        logging.getLogger(auth.__name__).setLevel(logging.ERROR)
-        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        raise NotRunning(f"no Ray cluster answers at {resolved}")
+    # As ray.init does for a cluster of this machine: a local token file turns token auth
+    # on (a local fedray run's Ray, found or named, uses the one in ~/.ray).
+    logging.getLogger(auth.__name__).setLevel(logging.ERROR)
+    asked = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    found = auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         with _quiet_stderr():
             GcsClient(address=resolved, cluster_id=None)
     except Exception as exc:  # noqa: BLE001 - Ray's auth errors have no stable base class
         if "auth" in type(exc).__name__.lower() or "token" in str(exc).lower():
-            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            if asked:
                 fix = "the token is not the head's (check RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+            elif found:
+                fix = ("this machine's Ray token (~/.ray/auth_token) is not the head's: set "
+                       "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN to the "
+                       "head's")
             else:
                 fix = ("the cluster uses token auth: set RAY_AUTH_MODE=token (the token is read "
                        "from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)")
@@ -148,6 +157,9 @@ def _only_federation(address: str) -> str:
 def describe(federation: str | None, address: str) -> dict[str, Any]:
     """Join Ray at ``address`` and describe ``federation``'s actors and session as a dict
     (``None``: the one federation running there)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if is_loopback(host) and "ray" not in sys.modules:  # a loopback-only Ray, as runs keep it
+        os.environ.update(LOOPBACK_RAY_ENV)
     import ray
 
     _connect(address, f"fedray-{federation}" if federation else None)
