@@ -95,6 +95,40 @@ def test_a_killed_controller_resumes_after_its_last_committed_round(
     assert any("resumed after round 2" in m for m in events), events
 
 
+def test_a_resumed_session_does_not_train_from_a_model_tracking_was_made_to_name(
+        ray_session, tracking_uri, fleet, tmp_path):
+    """Finding 6 of issue 14: the resumed session's model and state ids came from tracking,
+    which anyone who can write it may alter (the embedded server has no authentication):
+    with a writable model store, that is model substitution. Commits are signed with the
+    federation's key; a resume passes over a round whose signature does not verify."""
+    config = _config("resume-signed", tmp_path, combiners=1, rounds=4, min_clients=2)
+    workers = {"a": SlowWorker(1.0, 10, 0.3), "b": SlowWorker(1.0, 10, 0.3)}
+    fed, store, seed_id = _deploy(config, tracking_uri, fleet, workers)
+    planted = store.put(encode({k: np.full_like(v, 1000.0) for k, v in SEED.items()}))
+    tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    killed = threading.Event()
+
+    def on_status(status):
+        if status["rounds_done"] == 2 and not killed.is_set():
+            killed.set()  # tracking says round 2 committed the planted model, then a crash
+            tracking.update_round(status["session_id"], 2, model_id=planted)
+            ray.kill(ray.get_actor("controller", namespace=config.namespace), no_restart=False)
+
+    try:
+        session_id = fed.start_session(seed_id)
+        status = fed.follow(on_status)
+    finally:
+        fed.shutdown()
+    assert killed.is_set() and status["state"] == "finished", status
+    trail = tracking.find("models", {"session_id": session_id})
+    assert planted not in {m.get("parent_id") for m in trail}  # never trained from
+    events = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
+    assert any("do not verify under this federation's key" in m for m in events), events
+    assert any("resumed after round 1" in m for m in events), events
+    # 4 rounds of +1 from the seed's 0, round 2 done twice: never 1000-something
+    np.testing.assert_allclose(decode(store.get(status["model_id"]))["w"], 4.0, rtol=1e-6)
+
+
 def test_a_combiner_killed_mid_round_does_not_hang_the_round(
         ray_session, tracking_uri, fleet, tmp_path):
     config = _config("combiner-dies", tmp_path, combiners=2, rounds=2, min_clients=4,
@@ -283,3 +317,20 @@ def test_a_session_continued_from_another_keeps_its_server_optimizer_state(
     doc = tracking.get_session(later)
     assert doc["continued_from"] == earlier
     assert doc["seed_model_id"] == tracking.get_session(earlier)["model_id"]
+
+
+def test_a_resume_counts_only_what_the_federation_signed():
+    from fedray.tracking.resume import commit_mac
+
+    key = b"k" * 32
+    session = {"session_id": "s", "seed_model_id": "seed", "seed_mac": commit_mac(key, "s", 0, "seed")}
+    rounds = [{"round": 1, "status": "finished", "model_id": "m1", "aggregator_state_id": "x1",
+               "commit_mac": commit_mac(key, "s", 1, "m1", "x1")},
+              {"round": 2, "status": "finished", "model_id": "planted",  # altered after signing
+               "commit_mac": commit_mac(key, "s", 2, "m2")},
+              {"round": 3, "status": "finished", "model_id": "m3"}]  # no signature at all
+    assert resume_point(session, rounds, key) == ResumePoint(1, "m1", "x1", unverified=2)
+    assert resume_point(session, rounds[1:], key) == ResumePoint(0, "seed", unverified=2)
+    forged_seed = {**session, "seed_model_id": "planted"}
+    assert not resume_point(forged_seed, rounds[1:], key).trusted
+    assert resume_point(forged_seed, rounds[1:]).trusted  # without a key, as before

@@ -52,6 +52,7 @@ class Session(TypedDict):
     strategy: NotRequired[str]
     mode: NotRequired[Mode]
     reason: NotRequired[str]
+    seed_mac: NotRequired[str]  # the controller's signature of the seed (tracking.resume)
 
 
 class CombinerShare(TypedDict):
@@ -101,6 +102,7 @@ class Round(TypedDict):
     validation_metrics: NotRequired[dict[str, float]]
     report: NotRequired[dict[str, float | None]]
     contributions: NotRequired[list[Contribution]]
+    commit_mac: NotRequired[str]  # the controller's signature of what it committed
 
 
 class TensorSpec(TypedDict):

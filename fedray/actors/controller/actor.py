@@ -31,7 +31,7 @@ from fedray.actors.hosting import advertised_host, quiet
 from fedray.actors.memory import tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
-from fedray.bridge.auth import make_gate
+from fedray.bridge.auth import BridgeKeys, make_gate
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.server import ServerLimits, start_server
 from fedray.bridge.tls import ServerTls
@@ -52,10 +52,13 @@ UNFINISHED = [state.value for state in SessionState if not state.terminal]
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Controller:
-    def __init__(self, config: FederationConfig, combiner_names: list[str], token: str | None,
-                 tracking_uri: str | None, tls: ServerTls | None = None) -> None:
+    def __init__(self, config: FederationConfig, combiner_names: list[str],
+                 token: BridgeKeys | str | None, tracking_uri: str | None,
+                 tls: ServerTls | None = None) -> None:
         tune_allocator()
         self.config = config
+        # Signs every commit, and checks what a resume would train from (tracking.resume).
+        self.secret = BridgeKeys.of(token).token_secret
         self.tls = tls
         self.pool = RayCombinerPool(combiner_names, config.namespace)
         self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller",
@@ -73,7 +76,7 @@ class Controller:
         self._resumed = (asyncio.ensure_future(self._resume_after_restart())
                          if ray.get_runtime_context().was_current_actor_reconstructed else None)
 
-    async def _serve(self, token: str | None) -> dict[str, Any]:
+    async def _serve(self, token: BridgeKeys | str | None) -> dict[str, Any]:
         c = self.config.controller
 
         def register(server):
@@ -123,11 +126,23 @@ class Controller:
             if not docs:
                 return None
             session_id = docs[0][SESSIONS.session_id]
-            point = resume_point(docs[0], store.find("rounds", {ROUNDS.session_id: session_id}))
-            return docs[0], Start(point.model_id, point.rounds_done, point.aggregator_state_id,
-                                  resume=True)
+            point = resume_point(docs[0], store.find("rounds", {ROUNDS.session_id: session_id}),
+                                 self.secret)
         finally:
             store.close()
+        if point.unverified:
+            self.observer.event("warning", f"session {session_id}: {point.unverified} committed "
+                                "round(s) in tracking do not verify under this federation's key "
+                                "(altered, or not committed by it); a resume passes them over",
+                                session_id=session_id, reason="unverified_commit")
+        if not point.trusted:
+            self.observer.event("warning", f"session {session_id} is not resumed: nothing it "
+                                "committed, nor its seed, verifies under this federation's key; "
+                                "a new session starts instead", session_id=session_id,
+                                reason="unverified_resume")
+            return None
+        return docs[0], Start(point.model_id, point.rounds_done, point.aggregator_state_id,
+                              resume=True)
 
     def _continued(self, session_id: str) -> Start:
         """A new session's start from another session's last committed model and state."""
@@ -143,12 +158,14 @@ class Controller:
                 raise SessionError(f"session.continue_from {session_id!r}: {what} matches")
             doc = found[0]
             point = resume_point(doc, store.find("rounds",
-                                                 {ROUNDS.session_id: doc[SESSIONS.session_id]}))
+                                                 {ROUNDS.session_id: doc[SESSIONS.session_id]}),
+                                 self.secret)
         finally:
             store.close()
         if not point.rounds_done:
+            signed = " this federation signed" if point.unverified else ""
             raise SessionError(f"session.continue_from {session_id!r}: that session committed "
-                               "no round yet")
+                               f"no round{signed} yet")
         return Start(point.model_id, 0, point.aggregator_state_id,
                      continued_from=doc[SESSIONS.session_id])
 
@@ -174,7 +191,7 @@ class Controller:
             store=self.store, callbacks=Callbacks([tracking, StatusCallback(status, self._on_change),
                                                    ReleaseAfterRounds()], flush=tracking.flush),
             combiner_strategy=make_strategy(s.aggregator, s.aggregator_kwargs),
-            package=(package_sha256, package_size))
+            package=(package_sha256, package_size), secret=self.secret)
         self.runners = {session_id: runner}
         self.sessions[session_id] = asyncio.ensure_future(runner.run(start))
 

@@ -32,6 +32,7 @@ class SessionCreated:
     continued_from: str = ""
     strategy: str = ""
     asynchronous: bool = False
+    seed_mac: str = ""  # the controller's signature of the seed (fedray.tracking.resume)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class RoundCommitted:
     report: dict[str, float | None] = field(default_factory=dict)  # epsilon...; None: infinite
     contributions: list[dict[str, Any]] = field(default_factory=list)  # async: who built it
     mode: str = "sync"
+    commit_mac: str = ""  # the controller's signature of what it committed
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,8 @@ class TrackingCallback:
             write("update_session", e.session_id, seed_model_id=e.seed_model_id,
                   package_sha256=e.package_sha256, package_size=e.package_size,
                   continued_from=e.continued_from or None,
-                  strategy=e.strategy, mode="async" if e.asynchronous else "sync")
+                  strategy=e.strategy, mode="async" if e.asynchronous else "sync",
+                  **({"seed_mac": e.seed_mac} if e.seed_mac else {}))
             self._event("info", f"session {e.session_id} created"
                         + (f", continuing {e.continued_from}" if e.continued_from else ""),
                         e.session_id)
@@ -210,7 +213,8 @@ class TrackingCallback:
                   combiners=e.combiners, lost_combiners=e.lost_combiners, reduce_s=e.reduce_s,
                   seconds=e.seconds, attempt=e.attempt, aggregator_state_id=e.state_id,
                   train_metrics=e.train_metrics, validation_metrics={}, report=e.report,
-                  contributions=e.contributions, mode=e.mode)
+                  contributions=e.contributions, mode=e.mode,
+                  **({"commit_mac": e.commit_mac} if e.commit_mac else {}))
             write("update_session", e.session_id, rounds_done=e.round, model_id=e.model_id)
             self.observer.round_committed(e.seconds)
             what = "version" if e.mode == "async" else "round"

@@ -32,6 +32,7 @@ from fedray.states import SessionState, next_session_state
 from fedray.storage.base import ModelStore
 from fedray.strategies.base import Strategy
 from fedray.strategies.snapshots import RoundState
+from fedray.tracking.resume import commit_mac
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class Session:
     def __init__(self, *, federation: str, session_id: str, settings: SessionConfig,
                  strategy: Strategy, pool: CombinerPool, store: ModelStore,
                  callbacks: Callbacks, combiner_strategy: Strategy | None = None,
-                 package: tuple[str, int] = ("", 0)) -> None:
+                 package: tuple[str, int] = ("", 0), secret: bytes | None = None) -> None:
         self.federation = federation
+        self.secret = secret  # signs what is committed: a resume trusts only that
         self.session_id = session_id
         self.settings = settings
         self.strategy = strategy  # the controller's copy: it holds the server state
@@ -153,10 +155,16 @@ class Session:
             self.session_id, number, attempt, new_id, parent_id, facts.updates, facts.rejected,
             time.monotonic() - facts.started, facts.reduce_s, state_id,
             facts.train_metrics or {}, facts.combiners or {}, facts.lost_combiners or [],
-            self.report(), facts.contributions or [], facts.mode))
+            self.report(), facts.contributions or [], facts.mode,
+            self.sign(number, new_id, state_id)))
         await self.callbacks.flush()  # committed: a restarted controller resumes after this
         self.rounds_done, self.model_id, self.state_id = number, new_id, state_id
         return new_id
+
+    def sign(self, number: int, model_id: str, state_id: str = "") -> str:
+        """The signature a resume checks what it trains from against ("" without a secret)."""
+        return commit_mac(self.secret, self.session_id, number, model_id, state_id) \
+            if self.secret is not None else ""
 
     def report(self) -> dict[str, float | int | None]:
         """The strategy's ``round_report`` as tracking can store it (``storable_report``)."""

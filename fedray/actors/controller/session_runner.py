@@ -37,11 +37,11 @@ class SessionRunner:
     def __init__(self, *, federation: str, session_id: str, settings: SessionConfig,
                  strategy: Strategy, pool: CombinerPool, store: ModelStore,
                  callbacks: Callbacks, combiner_strategy: Strategy | None = None,
-                 package: tuple[str, int] = ("", 0)) -> None:
+                 package: tuple[str, int] = ("", 0), secret: bytes | None = None) -> None:
         self.session = Session(federation=federation, session_id=session_id,
                                settings=settings, strategy=strategy, pool=pool, store=store,
                                callbacks=callbacks, combiner_strategy=combiner_strategy,
-                               package=package)
+                               package=package, secret=secret)
         self.claims = BufferClaims(self.session, self._close_buffered)
         self.halted = ""  # who stopped the session, once ``halt`` was called
 
@@ -114,7 +114,7 @@ class SessionRunner:
             s.emit(SessionCreated(s.session_id, s.federation, asdict(s.settings),
                                   s.settings.rounds, start.model_id, s.package[0],
                                   s.package[1], start.continued_from, s.settings.aggregator,
-                                  s.asynchronous))
+                                  s.asynchronous, s.sign(0, start.model_id)))
         else:
             s.note("warning", f"session {s.session_id} resumed after round "
                    f"{start.rounds_done} from model {start.model_id[:12]}")
