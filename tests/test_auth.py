@@ -3,11 +3,13 @@ and the TLS settings' errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from fedray.bridge.auth import AuthGate, Caller, EventThrottle, RateLimiter, Refused
 from fedray.bridge.client_tokens import ClientTokens
-from fedray.bridge.keys import hash_token, row_mac
+from fedray.bridge.keys import TokenRow, hash_token
 from fedray.bridge.tls import client_tls, server_tls
 from fedray.deploy.config_file import config_from_dict
 from fedray.errors import ConfigError
@@ -18,14 +20,12 @@ BEARER = "authorization"
 SECRET = b"s" * 32  # the federation's token secret
 
 
-def row(token: str, name: str, revoked: bool = False) -> tuple[str, str, bool, str]:
-    digest = hash_token(token, SECRET)
-    return digest, name, revoked, row_mac(SECRET, digest, name)
+def row(token: str, name: str, revoked: bool = False) -> TokenRow:
+    return TokenRow(hash_token(token, SECRET), name, revoked).signed(SECRET)
 
 
 class Book:
-    """A stand-in for the tokens collection: (hash, name, revoked, mac) rows, and a read
-    count."""
+    """A stand-in for the tokens collection: its rows, and a read count."""
 
     def __init__(self, **tokens: str) -> None:
         self.rows = [row(t, name) for name, t in tokens.items()]
@@ -36,7 +36,8 @@ class Book:
         return list(self.rows)
 
     def revoke(self, name: str) -> None:
-        self.rows = [(h, n, r or n == name, m) for h, n, r, m in self.rows]
+        self.rows = [dataclasses.replace(r, revoked=r.revoked or r.name == name)
+                     for r in self.rows]
 
 
 def _tokens(book, **kwargs) -> ClientTokens:
@@ -143,7 +144,7 @@ async def test_a_name_revoked_and_given_a_new_token_in_one_refresh_loses_its_old
         await tokens.close()
 
 
-async def test_token_rows_are_checked_off_the_event_loop():
+async def test_token_rows_are_checked_off_the_event_loop(monkeypatch):
     import asyncio
     import threading
 
@@ -155,20 +156,17 @@ async def test_token_rows_are_checked_off_the_event_loop():
         return [row("tok-a", "alice")]
 
     tokens = ClientTokens(load, secret=SECRET, refresh_s=3600)
-    import fedray.bridge.client_tokens as client_tokens
+    original = TokenRow.verifies
 
-    original = client_tokens.verifies
-
-    def spy(*args):
+    def spy(self, secret):
         checked_in.append(threading.get_ident())
-        return original(*args)
+        return original(self, secret)
 
-    client_tokens.verifies = spy
+    monkeypatch.setattr(TokenRow, "verifies", spy)
     try:
         await tokens.start()
         await asyncio.sleep(0)  # one turn of the loop: the refresh task starts, still spied on
     finally:
-        client_tokens.verifies = original
         await tokens.close()
     assert tokens.names == {"alice"} and checked_in and loop_thread not in checked_in
 

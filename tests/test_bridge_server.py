@@ -273,3 +273,30 @@ async def test_a_burst_of_assigns_asks_the_combiners_for_their_loads_once():
     gateway.LOADS_S = 0.0  # the loads were asked >= 0.05 s ago (the call above took that)
     await gateway.Assign(pb.AssignRequest(name="late"), None)
     assert Pool.calls == 2  # stale loads are asked again
+
+
+async def test_a_shared_token_cannot_take_over_a_connected_clients_stream(bridge):
+    """Finding 5 of issue 14: with the shared token, a Join under a live client's id took
+    over its stream, and the two knocked each other off."""
+
+    first = bridge.stub.Join(pb.JoinRequest(client_id="site-a", name="site-a"),
+                             metadata=METADATA)
+    await first.wait_for_connection()
+    bridge.joins.append(first)
+    await async_wait_until(lambda: "site-a" in bridge.core.clients, "site-a online")
+    # Another connection (a channel of its own: gRPC shares connections between channels).
+    async with grpc.aio.insecure_channel(
+            bridge.address, options=[("grpc.use_local_subchannel_pool", 1)]) as other:
+        second = pb_grpc.CombinerStub(other).Join(
+            pb.JoinRequest(client_id="site-a", name="site-a"), metadata=METADATA)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(second.read(), 10)
+    assert refused.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert "own --name" in refused.value.details()
+    assert bridge.core.registry.get("site-a") is not None and not first.done()
+    # The same connection joining again (a client's own retry) still replaces its stream.
+    again = bridge.stub.Join(pb.JoinRequest(client_id="site-a", name="site-a"),
+                             metadata=METADATA)
+    await again.wait_for_connection()
+    bridge.joins.append(again)
+    await async_wait_until(lambda: first.done(), "the old stream closed")

@@ -28,6 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedray.bridge.client_tokens import ClientTokens, TokenLoader
+from fedray.bridge.identity import (
+    FEDERATION_HEADER,
+    KEY_HEADER,
+    SIG_HEADER,
+    TS_HEADER,
+    SignatureCheck,
+    fingerprint,
+    public_from_text,
+)
+from fedray.bridge.keys import federation_id
 from fedray.bridge.limits import (
     MAX_CALLS_IN_FLIGHT,
     EventThrottle,
@@ -130,6 +140,9 @@ class AuthGate:
                  max_ids_per_peer: int = MAX_IDS_PER_PEER) -> None:
         self._shared = shared_token.encode() if shared_token else None
         self.tokens = tokens or ClientTokens(None)
+        secret = self.tokens.secret
+        self.federation = federation_id(secret) if secret is not None else ""
+        self.signatures = SignatureCheck(self.federation)
         self.tokens.on_untrusted = self._untrusted
         self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
         self.peer_ids = PeerIds(max_ids_per_peer)
@@ -189,27 +202,72 @@ class AuthGate:
         return self.limit(caller, metadata, method, peer)
 
     def identify(self, metadata: Mapping[str, Any]) -> Caller:
-        """Who presents this metadata's token, or ``Refused`` (UNAUTHENTICATED, with the
-        reason for ``refused``); needs nothing but the metadata, and never waits: an
-        unknown token is refused at once (its re-read goes on in the background)."""
+        """Who presents this metadata's key or token, or ``Refused`` (UNAUTHENTICATED, with
+        the reason for ``refused``); needs nothing but the metadata, and never waits: an
+        unknown token or key is refused at once (its re-read goes on in the background)."""
+        if KEY_HEADER in metadata:
+            return self._identify_key(metadata)
         header = str(metadata.get(AUTH_HEADER, ""))
         token = header[7:] if header.startswith("Bearer ") and len(header) > 7 else None
+        digest = self.tokens.digest(token) if token is not None else None
         if token is not None and self._shared is not None \
                 and hmac.compare_digest(token.encode(), self._shared):
-            return Caller("shared", gate=self)
+            row = self.tokens.entries.get(digest) if digest is not None else None
+            if row is None or not (row.revoked or row.expired()):  # no miss re-read: it
+                return Caller("shared", gate=self)  # is known without a row
+            raise Refused("UNAUTHENTICATED", "missing, wrong, expired or revoked token",
+                          "revoked" if row.revoked else "expired",
+                          f"the {'revoked' if row.revoked else 'expired'} shared token")
         why, reason = "no token", "no_token"
-        digest = self.tokens.digest(token) if token is not None else None
         if digest is not None:
             hit = self.tokens.find(digest)
-            if hit is not None and not hit[1]:
-                return Caller("client", hit[0], gate=self)
-            why, reason = ((f"the revoked token of {hit[0]!r}", "revoked") if hit is not None
-                           else ("a wrong token", "wrong_token"))
+            if hit is not None and hit.kind != "key" and not hit.revoked and not hit.expired():
+                return Caller("shared", gate=self) if hit.kind == "shared" \
+                    else Caller("client", hit.name, gate=self)
+            what = "shared token" if hit is not None and hit.kind == "shared" \
+                else f"token of {hit.name!r}" if hit is not None else ""
+            why, reason = ((f"the revoked {what}", "revoked") if hit is not None and hit.revoked
+                           else (f"the expired {what}", "expired") if hit is not None
+                           and hit.kind != "key" else ("a wrong token", "wrong_token"))
         elif token is not None:
             why, reason = "a wrong token", "wrong_token"
         if not self.required:
             return Caller("open", gate=self)
-        raise Refused("UNAUTHENTICATED", "missing, wrong or revoked token", reason, why)
+        if token is None:
+            raise Refused("UNAUTHENTICATED", "this federation needs a credential and none was "
+                          "sent", reason, why)
+        raise Refused("UNAUTHENTICATED", "missing, wrong, expired or revoked token", reason, why)
+
+    def _identify_key(self, metadata: Mapping[str, Any]) -> Caller:
+        """A caller signing with a key pair (``fedray.bridge.identity``): its registered
+        name once the signature verifies. Its refusals say exactly why: nothing in them
+        helps anyone without the private key."""
+        def refuse(reason: str, message: str) -> Refused:
+            return Refused("UNAUTHENTICATED", message, reason, message)
+
+        public = public_from_text(str(metadata.get(KEY_HEADER, "")))
+        if public is None:
+            raise refuse("bad_key", f"{KEY_HEADER} is not an Ed25519 public key")
+        federation = str(metadata.get(FEDERATION_HEADER, ""))
+        if self.federation and federation and federation != self.federation:
+            raise refuse("other_federation", "this credential was issued by another "
+                         f"federation ({federation[:16]}, this is {self.federation}); get one "
+                         "from this federation's operator (fedray client add)")
+        hit = self.tokens.find(fingerprint(public))
+        if hit is None or hit.kind != "key" or hit.public != public:
+            raise refuse("unknown_key", "this credential's key is not registered with this "
+                         "federation (fedray client add registers one; fedray client list "
+                         "shows them)")
+        why = self.signatures.why_not(public, str(metadata.get(TS_HEADER, "")),
+                                      str(metadata.get(SIG_HEADER, "")))
+        if why:
+            raise refuse("bad_signature", f"refused {why}")
+        if hit.revoked:
+            raise refuse("revoked", f"the credential of {hit.name!r} was revoked")
+        if hit.expired():
+            raise refuse("expired", f"the credential of {hit.name!r} expired; ask for a new "
+                         "one (fedray client add)")
+        return Caller("client", hit.name, gate=self)
 
     def refused(self, exc: Refused, method: str, peer: str) -> Refused:
         """Record a refused authentication and say how to answer it: RESOURCE_EXHAUSTED

@@ -1,6 +1,6 @@
-"""Per-client tokens as a bridge server sees them: a cache of tracking's token rows.
+"""Credentials as a bridge server sees them: a cache of tracking's token rows.
 
-The cache (keyed hash -> name) is re-read from tracking every few seconds, and (at most
+The cache (keyed hash or key fingerprint -> ``Credential``) is re-read from tracking every few seconds, and (at most
 once a second, in the background) when an unknown token shows up, so new tokens and
 revocations take effect without a restart; looking a token up never waits. Database reads and MAC checks run in a worker thread: the
 event loop that serves every client never waits on tracking. Tracking is not trusted: a
@@ -16,15 +16,31 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from fedray.bridge.keys import hash_token, verifies
+from fedray.bridge.keys import TokenRow, hash_token
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 3.0  # how stale the token cache may get (bounds the delay of a revocation)
 MISS_REFRESH_S = 1.0  # an unknown token re-reads the tokens at most this often
 
-TokenLoader = Callable[[], list[tuple[str, str, bool, str]]]  # [(hash, name, revoked, mac)]
+TokenLoader = Callable[[], list[TokenRow]]  # every row of tracking's tokens, unverified
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A verified row: whose it is, what kind (``fedray.bridge.keys.KINDS``), whether it
+    still counts."""
+
+    name: str
+    revoked: bool = False
+    kind: str = "token"
+    public: bytes = b""  # kind "key": the Ed25519 public key
+    expires_at: float | None = None  # Unix time
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
 
 
 class ClientTokens:
@@ -47,8 +63,8 @@ class ClientTokens:
         self.on_revoked = on_revoked
         self.on_untrusted: Callable[[int], None] | None = None  # rows that did not verify
         self.secret = secret
-        self.entries: dict[str, tuple[str, bool]] = {}  # hash -> (name, revoked)
-        self.names: frozenset[str] = frozenset()  # every name that has a token
+        self.entries: dict[str, Credential] = {}  # hash or key fingerprint -> credential
+        self.names: frozenset[str] = frozenset()  # every client name with a credential
         self.loaded = load is None  # until the first read, unknown: refuse tokenless callers
         self.issued = issued
         self._revoked: set[str] = set()  # hashes seen revoked: sticky
@@ -94,14 +110,21 @@ class ClientTokens:
             return
         finally:
             self._inflight = None
-        revoked_before = {digest for digest, (_, revoked) in self.entries.items() if revoked}
+        revoked_before = {digest for digest, c in self.entries.items() if c.revoked}
         entries = {}
-        for digest, name, revoked in rows:
-            if revoked:
-                self._revoked.add(digest)
-            entries[digest] = (name, revoked or digest in self._revoked)
+        for row in rows:
+            if row.revoked:
+                self._revoked.add(row.hash)
+            public = b""
+            if row.kind == "key":
+                try:
+                    public = bytes.fromhex(row.public_key)
+                except ValueError:
+                    continue
+            entries[row.hash] = Credential(row.name, row.revoked or row.hash in self._revoked,
+                                           row.kind, public, row.expires_at)
         self.entries = entries
-        self.names = frozenset(name for name, _ in self.entries.values())
+        self.names = frozenset(c.name for c in entries.values() if c.kind != "shared")
         self.loaded = True
         self.issued = self.issued or bool(entries)
         if untrusted != self._untrusted:
@@ -110,24 +133,25 @@ class ClientTokens:
                 self.on_untrusted(untrusted)
         # By token, not by name: a name revoked and given a new token within one refresh
         # still has its old holder's stream closed.
-        newly = {name for digest, (name, revoked) in entries.items()
-                 if revoked and digest not in revoked_before}
+        newly = {c.name for digest, c in entries.items()
+                 if c.revoked and digest not in revoked_before and c.kind != "shared"}
         if newly and self.on_revoked is not None:
             self.on_revoked(newly)
 
-    def _verified_rows(self) -> tuple[list[tuple[str, str, bool]], int]:
+    def _verified_rows(self) -> tuple[list[TokenRow], int]:
         """Runs in a worker thread: the rows whose MAC verifies, and how many did not."""
         assert self._load is not None
         rows, untrusted = [], 0
-        for digest, name, revoked, mac in self._load():
-            if verifies(self.secret, digest, name, mac):
-                rows.append((digest, name, revoked))
+        for row in self._load():
+            if row.verifies(self.secret):
+                rows.append(row)
             else:
                 untrusted += 1
         return rows, untrusted
 
-    def find(self, digest: str) -> tuple[str, bool] | None:
-        """(name, revoked) of the token with this hash: a dictionary lookup, never a wait.
+    def find(self, digest: str) -> Credential | None:
+        """The credential with this hash (or key fingerprint): a dictionary lookup, never a
+        wait.
 
         A miss makes sure a re-read starts within ``miss_refresh_s`` (in the background,
         one at a time), so a token created a moment ago works on the client's next try,

@@ -18,6 +18,7 @@ Nothing here imports grpc, Ray or pymongo.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -26,6 +27,7 @@ import os
 import secrets
 import stat
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedray.errors import ConfigError
@@ -151,11 +153,53 @@ def hash_token(token: str, secret: bytes) -> str:
     return hmac.new(secret, b"fedray-token\0" + token.encode(), hashlib.sha256).hexdigest()
 
 
-def row_mac(secret: bytes, digest: str, name: str) -> str:
-    """What binds a stored hash to its client's name."""
-    return hmac.new(secret, f"fedray-row\0{digest}\0{name}".encode(), hashlib.sha256).hexdigest()
+KINDS = ("token", "key", "shared")  # a client's bearer token, a client's public key, a
+# shared token (any name, like $FEDRAY_TOKEN, but with an expiry and revocable)
 
 
-def verifies(secret: bytes | None, digest: str, name: str, mac: str) -> bool:
+@dataclass(frozen=True)
+class TokenRow:
+    """One credential row of tracking's ``tokens`` collection, as a server reads it.
+
+    ``hash`` is the keyed hash of a token (kinds ``token`` and ``shared``) or the
+    fingerprint of a public key (kind ``key``, ``public_key`` its 32 bytes in hex);
+    ``expires_at`` is a Unix time (None: never). The MAC binds all of it to ``name``."""
+
+    hash: str
+    name: str
+    revoked: bool = False
+    mac: str = field(default="", repr=False)
+    kind: str = "token"
+    public_key: str = ""
+    expires_at: float | None = None
+
+    def terms(self) -> str:
+        """What the MAC covers beyond hash and name; "" for a plain token (so rows made
+        before kinds and expiries verify as they did)."""
+        if self.kind == "token" and not self.public_key and self.expires_at is None:
+            return ""
+        expires = "" if self.expires_at is None else f"{self.expires_at:.0f}"
+        return f"{self.kind}\0{self.public_key}\0{expires}"
+
+    def signed(self, secret: bytes) -> TokenRow:
+        return dataclasses.replace(self, mac=row_mac(secret, self.hash, self.name, self.terms()))
+
+    def verifies(self, secret: bytes | None) -> bool:
+        return verifies(secret, self.hash, self.name, self.mac, self.terms())
+
+
+def row_mac(secret: bytes, digest: str, name: str, terms: str = "") -> str:
+    """What binds a stored hash (and its terms: kind, key, expiry) to its client's name."""
+    text = f"fedray-row\0{digest}\0{name}" + (f"\0{terms}" if terms else "")
+    return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
+
+
+def verifies(secret: bytes | None, digest: str, name: str, mac: str, terms: str = "") -> bool:
     """Whether a stored token row is one this federation's secret vouches for."""
-    return secret is not None and hmac.compare_digest(mac, row_mac(secret, digest, name))
+    return secret is not None and hmac.compare_digest(mac, row_mac(secret, digest, name, terms))
+
+
+def federation_id(secret: bytes) -> str:
+    """A public name of the federation that holds ``secret``: credential bundles carry it,
+    so a server can tell a client that its credential is another federation's."""
+    return hmac.new(secret, b"fedray-federation-id", hashlib.sha256).hexdigest()[:16]

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 
 from fedray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedray.tracking.store import TrackingStore
 
 DATA_DIR_ENV = "FEDRAY_DATA_DIR"  # fedray.config's, without importing it
 TRACKING_MODULES = ("pymongo", "nx_27017")  # what reading tracking needs of [server]
@@ -89,3 +94,56 @@ def default_data_dir() -> Path:
     newest = max(candidates, key=lambda d: (d / "tracking").stat().st_mtime)
     click.echo(f"(tracking of {newest})", err=True)
     return newest
+
+
+@contextlib.contextmanager
+def token_store(data_dir: Path | None, tracking_uri: str | None,
+                 database: str | None) -> Iterator[TrackingStore]:
+    from fedray.tracking.store import TrackingStore
+
+    with tracking(data_dir, tracking_uri) as uri:
+        store = TrackingStore.from_uri(uri, database)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_expiry(text: str | None, option: str = "--expires") -> float | None:
+    """``30m``, ``8h``, ``90d``... from now, as a Unix time (None: never)."""
+    if text is None:
+        return None
+    match = _DURATION.match(text.strip().lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(f"{option} {text!r}: a duration such as 30m, 8h or 90d")
+    return time.time() + float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def credential_table(rows: list[dict], title: str):
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from fedray.text import printable
+
+    now = datetime.now(UTC)
+    table = Table("name", "kind", "id", "created", "state", "attrs", title=title)
+    for row in rows:
+        when, expires = row["revoked_at"], row.get("expires_at")
+        if expires is not None and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+        state = (f"revoked {when:%Y-%m-%d %H:%M}" if row["revoked"] and when else
+                 "revoked" if row["revoked"] else
+                 f"expired {expires:%Y-%m-%d %H:%M}" if expires and expires <= now else
+                 f"live until {expires:%Y-%m-%d %H:%M}" if expires else "live")
+        created = row["created_at"]
+        attrs = ", ".join(f"{k}={v}" for k, v in (row.get("attrs") or {}).items())
+        table.add_row(Text(printable(str(row["name"]), newlines=False)), row["kind"],
+                      Text(str(row["id"])), f"{created:%Y-%m-%d %H:%M}" if created else "",
+                      state, Text(printable(attrs, newlines=False)))
+    return table

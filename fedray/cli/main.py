@@ -1,7 +1,7 @@
 """The `fedray` command: the group, its error handling and exit codes.
 
 The commands live one module per group beside this one (``run``, ``status``, ``query``,
-``models``, ``tokens``, ``package``, ``plot``; the edge's in ``fedray.edge.cli``); this
+``models``, ``tokens``, ``clients``, ``package``, ``plot``; the edge's in ``fedray.edge.cli``); this
 module only puts them together. User mistakes end as one line on stderr and the stable
 exit code of their ``FedrayError`` (the registry is ``fedray.errors``); a traceback is
 printed only for a bug in fedray itself (exit code 70). Server-side imports (Ray, pymongo)
@@ -17,6 +17,7 @@ import traceback
 
 import click
 
+from fedray.cli.clients import client
 from fedray.cli.extras import hint_for
 from fedray.cli.package import package
 from fedray.cli.plot import plot
@@ -67,7 +68,7 @@ def main() -> None:
     """fedray: federated learning on Ray, with edge clients that only dial out."""
 
 
-for _command in (edge, status, run, demo, package, *QUERIES, plot, token):
+for _command in (edge, status, run, demo, package, *QUERIES, plot, token, client):
     main.add_command(_command)
 
 

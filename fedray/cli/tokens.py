@@ -4,11 +4,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -16,48 +13,42 @@ from rich.console import Console
 from fedray.cli.common import (
     DATA_DIR_ENV,
     TRACKING_MODULES,
+    credential_table,
     federation_dir,
-    tracking,
+    parse_expiry,
+    token_store,
     tracking_options,
 )
 from fedray.cli.extras import needs
 from fedray.errors import ConfigError
 from fedray.text import json_text
 
-if TYPE_CHECKING:
-    from fedray.tracking.store import TrackingStore
-
-
-@contextlib.contextmanager
-def _token_store(data_dir: Path | None, tracking_uri: str | None,
-                 database: str | None) -> Iterator[TrackingStore]:
-    from fedray.tracking.store import TrackingStore
-
-    with tracking(data_dir, tracking_uri) as uri:
-        store = TrackingStore.from_uri(uri, database)
-        try:
-            yield store
-        finally:
-            store.close()
-
 
 @click.group()
 def token() -> None:
-    """Per-client tokens: the gateway and combiners accept them (and the shared token)
-    within seconds, and a client's identity is its token's name."""
+    """Bearer tokens: per-client ones (a client's identity is its token's name) and shared
+    ones (callers name themselves, like $FEDRAY_TOKEN) that expire and rotate. The gateway
+    and combiners accept a new one within seconds. Prefer key pairs: fedray client add."""
 
 
 @token.command("create")
-@click.option("--name", required=True, help="The client's name (its identity in tracking).")
+@click.option("--name", default=None, help="The client's name (its identity in tracking).")
+@click.option("--shared", is_flag=True,
+              help="A shared token instead: any caller presenting it names itself.")
+@click.option("--expires", default=None, metavar="DURATION",
+              help="Refuse the token after this long (30m, 8h, 90d; default: never).")
 @tracking_options
 @needs("fedray token create", "server", modules=TRACKING_MODULES)
-def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
-                 database: str | None) -> None:
-    """Create a token for client NAME and print it once (tracking keeps only a keyed hash,
-    under the secret in the federation's --data-dir)."""
+def token_create(name: str | None, shared: bool, expires: str | None, data_dir: Path | None,
+                 tracking_uri: str | None, database: str | None) -> None:
+    """Create a token for client --name, or a --shared one, and print it once (tracking
+    keeps only a keyed hash, under the secret in the federation's --data-dir)."""
     from fedray.bridge.keys import load_token_secret, mark_tokens_issued
-    from fedray.tracking.tokens import create_token
+    from fedray.tracking.tokens import create_shared_token, create_token
 
+    if (name is None) == (not shared):
+        raise ConfigError("give --name NAME (a client's own token) or --shared, not both")
+    until = parse_expiry(expires)
     try:  # with --tracking, no tracking/ there: the folder of the secret must exist
         folder = federation_dir(data_dir, "" if tracking_uri is not None else "tracking")
     except ConfigError:
@@ -67,29 +58,52 @@ def token_create(name: str, data_dir: Path | None, tracking_uri: str | None,
                           "secret (secrets/token.key) lives there") from None
     key = load_token_secret(folder)
     assert key is not None
-    with _token_store(folder, tracking_uri, database) as store:
-        secret = create_token(store, name, key)
+    with token_store(folder, tracking_uri, database) as store:
+        if shared:
+            secret, token_id = create_shared_token(store, key, until)
+        else:
+            secret, token_id = create_token(store, name, key, until), ""
     mark_tokens_issued(folder)
     click.echo(secret)
-    click.echo(f"token for {name} created; it is shown only now. On that client, put it in "
-               "the environment as FEDRAY_TOKEN (not --token: command lines show in ps), "
-               "then fedray edge start ...", err=True)
+    whom = f"shared token {token_id}" if shared else f"token for {name}"
+    click.echo(f"{whom} created{' (expires in ' + expires + ')' if expires else ''}; it is "
+               "shown only now. On a client, put it in the environment as FEDRAY_TOKEN (not "
+               "--token: command lines show in ps), then fedray edge start ...", err=True)
 
 
 @token.command("revoke")
-@click.option("--name", required=True, help="The client whose token stops working.")
+@click.option("--name", default=None, help="The client whose token stops working.")
+@click.option("--id", "token_id", default=None, metavar="ID",
+              help="The token with this id (fedray token list), e.g. an old shared token.")
+@click.option("--shared", "env_token", is_flag=True,
+              help="The shared token in $FEDRAY_TOKEN (the one fedray run was started with).")
 @tracking_options
 @needs("fedray token revoke", "server", modules=TRACKING_MODULES)
-def token_revoke(name: str, data_dir: Path | None, tracking_uri: str | None,
+def token_revoke(name: str | None, token_id: str | None, env_token: bool,
+                 data_dir: Path | None, tracking_uri: str | None,
                  database: str | None) -> None:
-    """Revoke the token of client NAME; servers refuse it within a few seconds."""
-    from fedray.tracking.tokens import revoke_token
+    """Revoke a token; servers refuse it within a few seconds."""
+    from fedray.bridge.keys import load_token_secret
+    from fedray.tracking.tokens import revoke_shared_value, revoke_token
 
-    with _token_store(data_dir, tracking_uri, database) as store:
-        count = revoke_token(store, name)
+    if sum(x is not None and x is not False for x in (name, token_id, env_token)) != 1:
+        raise ConfigError("give one of --name NAME, --id ID or --shared")
+    with token_store(data_dir, tracking_uri, database) as store:
+        if env_token:
+            value = os.environ.get("FEDRAY_TOKEN")
+            if not value:
+                raise ConfigError("--shared revokes the token in $FEDRAY_TOKEN, which is not set")
+            folder = federation_dir(data_dir, "" if tracking_uri is not None else "tracking")
+            secret = load_token_secret(folder, create=False)
+            if secret is None:
+                raise ConfigError(f"{folder}: no token secret (secrets/token.key)")
+            count = revoke_shared_value(store, value, secret)
+        else:
+            count = revoke_token(store, name, token_id, kinds=("token", "shared"))
     if count == 0:
-        raise ConfigError(f"--name {name}: no live token to revoke (see fedray token list)")
-    click.echo(f"revoked the token of {name}")
+        raise ConfigError(f"{'--name ' + name if name else '--id ' + str(token_id)}: no live "
+                          "token to revoke (see fedray token list)")
+    click.echo(f"revoked {'the shared token' if env_token else f'{count} token(s)'}")
 
 
 @token.command("list")
@@ -98,25 +112,13 @@ def token_revoke(name: str, data_dir: Path | None, tracking_uri: str | None,
 @needs("fedray token list", "server", modules=TRACKING_MODULES)
 def token_list(as_json: bool, data_dir: Path | None, tracking_uri: str | None,
                database: str | None) -> None:
-    """List per-client tokens: name, id (a hash prefix), created, revoked."""
+    """List tokens: name (shared ones are named "shared"), kind, id (a hash prefix),
+    created, state."""
     from fedray.tracking.tokens import list_tokens
 
-    with _token_store(data_dir, tracking_uri, database) as store:
-        rows = list_tokens(store)
+    with token_store(data_dir, tracking_uri, database) as store:
+        rows = [r for r in list_tokens(store) if r["kind"] != "key"]
     if as_json:
         click.echo(json_text(rows, default=str))
         return
-    from rich.table import Table
-    from rich.text import Text
-
-    from fedray.text import printable
-
-    table = Table("name", "id", "created", "state", title=f"{len(rows)} token(s)")
-    for row in rows:
-        when = row["revoked_at"] or ""
-        state = f"revoked {when:%Y-%m-%d %H:%M}" if row["revoked"] and when else \
-            "revoked" if row["revoked"] else "live"
-        created = row["created_at"]
-        table.add_row(Text(printable(str(row["name"]), newlines=False)), Text(str(row["id"])),
-                      f"{created:%Y-%m-%d %H:%M}" if created else "", state)
-    Console().print(table)
+    Console().print(credential_table(rows, f"{len(rows)} token(s)"))

@@ -1,9 +1,12 @@
-"""How exposed a federation is, and whether it may start so: who could join it.
+"""How exposed a federation is, and whether it may start so: who could join it, and
+who could read what crosses the network.
 
-The shared token must be strong; without one, and without per-client tokens that this
-federation's secret vouches for, anyone who reaches the gateway could join, which is
+The shared token must be strong; without one, and without per-client credentials that
+this federation's secret vouches for, anyone who reaches the gateway could join, which is
 refused unless nothing off this machine reaches it (loopback hosts) or the operator said
-so (``--insecure``).
+so (``--insecure``). A bridge that binds anything but loopback serves TLS: with the
+config's ``tls.cert``, else with the federation's own CA (``fedray.deploy.certificates``);
+plaintext there needs ``--insecure`` and is warned about on every start.
 """
 
 from __future__ import annotations
@@ -72,15 +75,31 @@ def client_tokens_vouched(tracking_uri: str, config: FederationConfig,
     """(whether the bridge will require per-client tokens, how many token rows in tracking
     do not verify): exactly what the gates decide (``fedray.bridge.client_tokens``), so
     that a forged or keyless row no longer passes for a closed bridge."""
-    from fedray.bridge.keys import load_token_secret, tokens_issued, verifies
+    from fedray.bridge.keys import load_token_secret, tokens_issued
     from fedray.tracking.store import TrackingStore
-    from fedray.tracking.tokens import read_token_hashes
+    from fedray.tracking.tokens import read_token_rows
 
     secret = load_token_secret(data_dir, create=False)
     store = TrackingStore.from_uri(tracking_uri, config.tracking.database)
     try:
-        rows = read_token_hashes(store)
+        rows = read_token_rows(store)
     finally:
         store.close()
-    vouched = sum(1 for digest, name, _, mac in rows if verifies(secret, digest, name, mac))
+    vouched = sum(1 for row in rows if row.verifies(secret))
     return vouched > 0 or tokens_issued(data_dir), len(rows) - vouched
+
+
+def bridge_transport(config: FederationConfig, insecure: bool) -> tuple[str, str | None]:
+    """How the bridge serves: ``"config"`` (the config's tls.cert), ``"plaintext"``
+    (loopback, or off loopback with ``--insecure``) or ``"auto"`` (the federation's own
+    CA); and a warning to print on every start, if any."""
+    if config.tls.cert is not None:
+        return "config", None
+    if is_loopback(config.controller.host) and is_loopback(config.combiners.host):
+        return "plaintext", None
+    if insecure:
+        return "plaintext", (
+            f"the gateway and combiners serve plaintext on {config.controller.host} and "
+            f"{config.combiners.host} (--insecure): tokens, models and updates cross the "
+            "network unencrypted and can be read or changed on the way")
+    return "auto", None

@@ -30,7 +30,7 @@ from fedray.actors.combiner.actor import Combiner
 from fedray.actors.controller.actor import Controller
 from fedray.bridge.auth import BridgeKeys
 from fedray.bridge.keys import load_token_secret, tokens_issued
-from fedray.bridge.tls import server_tls
+from fedray.bridge.tls import ServerTls, server_tls
 from fedray.config import FederationConfig, RayConfig
 from fedray.deploy import lifecycle
 from fedray.errors import AlreadyRunning, FedrayError, ListenError, SessionError, TransportError
@@ -178,8 +178,10 @@ def forwarded_env() -> dict[str, str]:
 
 
 class Federation:
-    def __init__(self, config: FederationConfig, token: str | None, tracking_uri: str | None) -> None:
+    def __init__(self, config: FederationConfig, token: str | None, tracking_uri: str | None,
+                 tls: ServerTls | None = None) -> None:
         self.config = config
+        self.tls = tls  # the bridge's TLS when the driver made it (else the config's tls)
         self.token = token
         self.tracking_uri = tracking_uri
         self.namespace = config.namespace
@@ -199,7 +201,7 @@ class Federation:
         (``AlreadyRunning`` if a live driver holds it). Either way, actors of a federation
         whose lease is held are never removed as leftovers.
         """
-        tls = server_tls(self.config.tls, self.config.source)  # PEM bytes, read here once
+        tls = self.tls or server_tls(self.config.tls, self.config.source)  # PEM, read once
         data_dir = self.config.resolved_data_dir()  # the token secret's bytes travel to the actors
         keys = BridgeKeys(self.token, load_token_secret(data_dir), tokens_issued(data_dir))
         if exclusive:

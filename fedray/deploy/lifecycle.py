@@ -309,6 +309,24 @@ def record_run(data_dir: Path, federation: str, ray_address: str) -> Callable[[]
     return lambda: path.unlink(missing_ok=True)
 
 
+GATEWAY_RECORD = "gateway.json"
+
+
+def record_gateway(data_dir: Path, gateway: str, tls: bool) -> None:
+    """Say where clients dial this federation (kept after the run): what ``fedray client
+    add`` writes into credential bundles when not told ``--gateway``."""
+    (Path(data_dir) / GATEWAY_RECORD).write_text(json.dumps({"gateway": gateway,
+                                                             "tls": tls}) + "\n")
+
+
+def recorded_gateway(data_dir: Path) -> str:
+    """The gateway address of this data directory's last run ("" if none was recorded)."""
+    try:
+        return str(json.loads((Path(data_dir) / GATEWAY_RECORD).read_text())["gateway"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def recorded_run(data_dir: Path) -> tuple[str, str] | None:
     """(Ray address, federation) of the run going on in ``data_dir`` (``fedray run``
     records them while it holds the directory's run lock), if one is."""

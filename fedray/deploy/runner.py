@@ -19,8 +19,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedray.config import FederationConfig
 from fedray.deploy import lifecycle
+from fedray.deploy.certificates import tls_dir
 from fedray.deploy.exposure import (
     LOOPBACK_RAY_ENV,
+    bridge_transport,
     client_tokens_vouched,
     federation_token,
     is_loopback,
@@ -117,6 +119,9 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     warning = open_federation(config, token, vouched, insecure)
     if warning is not None:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
+    transport, warning = bridge_transport(config, insecure)
+    if warning is not None:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     with console.status("starting Ray and the federation actors..."):
         local = starts_ray(config.ray)
         if local:
@@ -124,13 +129,19 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
         connect_ray(config.ray, config.namespace, loopback=loopback)
         ray_address = ray.get_runtime_context().gcs_address
         teardown.add(lifecycle.LOCK, "", lifecycle.record_run(data_dir, config.federation, ray_address))
-        federation = Federation(config, token, tracking_uri)
+        tls = own_tls(config, data_dir) if transport == "auto" else None
+        federation = Federation(config, token, tracking_uri, tls=tls)
         teardown.add(lifecycle.FEDERATION, f"federation {config.federation}",
                      lambda: federation.shutdown(teardown.signum))
         federation.deploy(package[:2] if package else None, exclusive=not local)
+        lifecycle.record_gateway(data_dir, federation.gateway, transport != "plaintext")
     console.print(f"gateway listening at [bold]{escape(federation.gateway)}[/]; combiners: "
                   + escape(", ".join(f"{c['name']}@{c['address']}"
                                      for c in federation.combiner_info)))
+    if transport != "plaintext":
+        ca = f"; clients verify it with {tls_dir(data_dir) / 'ca.pem'}, which fedray client " \
+             "add puts in their credentials" if transport == "auto" else ""
+        console.print(escape(f"the bridge serves TLS{ca}"))
     console.print(escape(tracking_line(tracking_uri, config.tracking.database, data_dir)))
     console.print(escape(f"Ray at {ray_address}{' (loopback only)' if local and loopback else ''}"
                          f": fedray status --address {ray_address}"))
@@ -149,6 +160,18 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
                      gateway=federation.gateway,
                      embedded_tracking=config.tracking.uri == "embedded")
+
+
+def own_tls(config: FederationConfig, data_dir: Path):
+    """The bridge's certificate from the federation's CA, naming every address clients
+    may dial (this machine's, the configured hosts', and each Ray node's)."""
+    import ray
+
+    from fedray.deploy.certificates import dialable_hosts, server_tls_for
+
+    nodes = [n.get("NodeManagerAddress", "") for n in ray.nodes() if n.get("Alive")]
+    hosts = [config.controller.host, config.combiners.host, config.combiners.advertise, *nodes]
+    return server_tls_for(data_dir, dialable_hosts(hosts))
 
 
 def _supervisor(server, config: FederationConfig):

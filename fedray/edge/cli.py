@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from fedray.bridge.credential import ENV as CREDENTIALS_ENV
+from fedray.bridge.credential import CredentialBundle, read_bundle
 from fedray.bridge.tls import client_tls
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.downloads import DEFAULT_MAX_MODEL_MB, DEFAULT_MAX_PACKAGE_MB, MiB
@@ -29,10 +31,17 @@ def edge() -> None:
 
 
 @edge.command("start")
-@click.option("--gateway", required=True, metavar="HOST:PORT", help="The federation's gateway.")
+@click.option("--gateway", default=None, metavar="HOST:PORT",
+              help="The federation's gateway (default: the one in --credentials).")
+@click.option("--credentials", "credentials", envvar=CREDENTIALS_ENV, default=None,
+              metavar="FILE", help="This client's credential bundle, from fedray client add "
+                                   f"(default: ${CREDENTIALS_ENV}): its name, key, gateway and "
+                                   "the federation's CA.")
 @click.option("--token", envvar="FEDRAY_TOKEN", default=None,
-              help="Federation token (default: $FEDRAY_TOKEN).")
-@click.option("--name", required=True, help="This client's name, unique in the federation.")
+              help="Federation token (default: $FEDRAY_TOKEN), when there are no --credentials.")
+@click.option("--name", default=None,
+              help="This client's name, unique in the federation (default: the one in "
+                   "--credentials).")
 @click.option("--app", "app", default=None, metavar="MODULE[:OBJECT]",
               help="Python code with train(params, config) and validate(params, config).")
 @click.option("--package", "package", default=None, metavar="PATH|remote",
@@ -41,8 +50,9 @@ def edge() -> None:
 @click.option("--package-sha256", "pin", default=None, metavar="HEX",
               help="Run the federation's package only if it has this sha256, and nothing else.")
 @click.option("--insecure", is_flag=True,
-              help="Run the federation's package over plaintext without --package-sha256 "
-                   "(anyone on the network path could swap it).")
+              help="Allow plaintext off loopback: send the token or signed calls, and run the "
+                   "federation's package without --package-sha256 (anyone on the network "
+                   "path could read them or swap it).")
 @click.option("--data", default="", help="Path to this client's data (passed to the code).")
 @click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
               help="Something about this client the federation may select by (repeatable).")
@@ -70,7 +80,8 @@ def edge() -> None:
 @click.option("--allow-client-half", "client_halves", multiple=True, metavar="MODULE",
               help="Run the client half a session's strategy names from MODULE (repeatable); "
                    "fedray's own (fedray.*) always run.")
-def start(gateway: str, token: str | None, name: str, app: str | None, package: str | None,
+def start(gateway: str | None, credentials: str | None, token: str | None, name: str | None,
+          app: str | None, package: str | None,
           pin: str | None, insecure: bool, data: str, attrs: tuple[str, ...], ca: str | None,
           system_roots: bool, cert: str | None, key: str | None, tls_server_name: str,
           max_model_mb: int, max_package_mb: int, no_env: bool, share_tracebacks: bool,
@@ -79,6 +90,14 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     if app is not None and package is not None:
         raise ConfigError("give one of --app MODULE[:OBJECT] or --package PATH|remote, not both")
     tls = client_tls(ca, cert, key, tls_server_name, system_roots)
+    bundle = read_bundle(credentials) if credentials else None
+    name, gateway = identity(bundle, name, gateway)
+    check_gateway(gateway)
+    if bundle is not None:
+        token = None  # the key pair is the identity; a token in the environment is not sent
+        attrs = tuple(f"{k}={v}" for k, v in bundle.attrs.items()
+                      if not any(a.startswith(f"{k}=") for a in attrs)) + attrs
+        tls = tls or bundle.tls(tls_server_name)
     remote = app is None and package in (None, "remote")
     pin = remote_code_policy(remote, tls is not None, pin, insecure)
     data = resolve_data(data)
@@ -96,11 +115,41 @@ def start(gateway: str, token: str | None, name: str, app: str | None, package: 
     settings = EdgeSettings(gateway=gateway, name=name, token=token, tls=tls,
                             attrs=parse_attrs(attrs), max_model_bytes=max_model_mb * MiB,
                             max_package_bytes=max_package_mb * MiB,
-                            share_tracebacks=share_tracebacks, client_halves=client_halves)
+                            share_tracebacks=share_tracebacks, client_halves=client_halves,
+                            signer=bundle.signer() if bundle else None, insecure=insecure,
+                            plaintext_loopback=bundle is not None and tls is not None
+                            and bundle.ca is not None and tls.ca == bundle.ca)
     runner = EdgeRunner(worker, settings)
-    click.echo(f"[{name}] starting; gateway {gateway}{' over TLS' if tls else ''}; Ctrl-C to stop")
+    who = f" as {name} (key pair of {credentials})" if bundle else ""
+    click.echo(f"[{name}] starting{who}; gateway {gateway}{' over TLS' if tls else ''}; "
+               "Ctrl-C to stop")
     asyncio.run(_serve(runner))
     click.echo(f"[{name}] stopped after {runner.tasks_done} task(s)")
+
+
+def identity(bundle: CredentialBundle | None, name: str | None,
+             gateway: str | None) -> tuple[str, str]:
+    """This client's name and gateway: the options, else the credential bundle's."""
+    if bundle is not None and name is not None and name != bundle.name:
+        raise ConfigError(f"--name {name}: the credentials are {bundle.name!r}'s (a client's "
+                          "name is its credential's); drop --name")
+    name = name or (bundle.name if bundle else None)
+    gateway = gateway or (bundle.gateway if bundle else None)
+    if not name:
+        raise ConfigError("give --name NAME (or --credentials FILE from fedray client add)")
+    if not gateway:
+        raise ConfigError("give --gateway HOST:PORT (the federation's gateway" +
+                          (": these credentials name none)" if bundle else ")"))
+    return name, gateway
+
+
+def check_gateway(gateway: str) -> None:
+    """``HOST:PORT``, or one line saying what is missing."""
+    host, sep, port = gateway.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 \
+            or (host.count(":") and not host.startswith("[")):
+        raise ConfigError(f"--gateway {gateway}: expected HOST:PORT, e.g. 127.0.0.1:12080 (the "
+                          "controller.port of the federation's config)")
 
 
 def hide_token_from_children() -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import random
@@ -20,10 +21,19 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from fedray.bridge.identity import CallSigner
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.tls import ClientTls
 from fedray.bridge.wire import auth_metadata, task_from_proto
+from fedray.edge.diagnosis import (
+    DOWN,
+    MISTAKE,
+    SPEAKS_PLAINTEXT,
+    UNTRUSTED,
+    WRONG_SERVICE,
+    diagnose,
+)
 from fedray.edge.downloads import (
     DEFAULT_MAX_MODEL_MB,
     DEFAULT_MAX_PACKAGE_MB,
@@ -53,7 +63,8 @@ FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 AUTH_RETRY_S, AUTH_PATIENCE_S = 0.5, 3.0
 MAX_HEARTBEAT_MISSES = 3
 HEARTBEAT_BOUNDS_S = (0.5, 60.0)  # what a combiner's heartbeat interval is clamped to
-TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same TLS mistake this often in a row ends the client
+TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same setting mistake this often in a row ends it
+QUIET_REMINDER_S = 600.0  # while the federation is down, a line this often
 
 
 def check_attrs(attrs: dict[str, str]) -> dict[str, str]:
@@ -80,6 +91,10 @@ class EdgeSettings:
     max_package_bytes: int = DEFAULT_MAX_PACKAGE_MB * MiB
     share_tracebacks: bool = False  # send failed tasks' tracebacks (they name local files)
     client_halves: tuple[str, ...] = ()  # modules whose client halves may run (fedray.* may)
+    signer: CallSigner | None = field(default=None, repr=False)  # a key pair's signed calls
+    plaintext_loopback: bool = False  # TLS came with the credentials: a loopback server
+    # that speaks plaintext is dialed so (a federation bound to loopback serves no TLS)
+    insecure: bool = False  # may send credentials over plaintext off loopback
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attrs", check_attrs(self.attrs))
@@ -93,14 +108,22 @@ class EdgeRunner:
         self.worker = worker
         self.settings = settings
         self.say = say or (lambda line: print(line, flush=True))
-        self.metadata = auth_metadata(settings.token, settings.name)
+        self._static = auth_metadata(None if settings.signer else settings.token, settings.name)
+        self._plaintext = False  # a loopback server turned out to speak plaintext
         self.client_id = ""
         self.combiner = ""
         self.target = f"gateway {settings.gateway}"  # what we are talking to, for messages
         self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
+        self.was_connected = False  # ever joined a combiner
         self.stop = asyncio.Event()
         self._told_identity = ""
         self.tasks = TaskRunner(worker, settings, self._line, self.say)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call made now: the token, or headers signed for this window."""
+        signer = self.settings.signer
+        return self._static + (signer.metadata() if signer is not None else ())
 
     @property
     def tasks_done(self) -> int:
@@ -110,75 +133,113 @@ class EdgeRunner:
         self.say(f"[{self.settings.name}] {text}")
 
     async def run(self) -> None:
-        """Serve until ``stop``; a wrong token, or the same TLS mistake a few times in a
-        row, ends it with an error (retrying would not fix either)."""
+        """Serve until ``stop``. A refused credential, a server that is not a gateway, or
+        the same setting mistake a few times in a row ends it with an error (retrying
+        would not fix them); a federation that is down is waited for, quietly."""
         backoff = self.settings.backoff_initial_s
-        mistake, streak, refused_since = None, 0, None
+        mistake, streak, refused_since, down_since = None, 0, None, None
         while not self.stop.is_set():
             self.joined = False
             try:
                 await self._session()
-                backoff, mistake, streak, refused_since = (self.settings.backoff_initial_s,
-                                                           None, 0, None)
+                backoff, mistake, streak, refused_since, down_since = (
+                    self.settings.backoff_initial_s, None, 0, None, None)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     now = time.monotonic()
                     refused_since = refused_since or now
                     if exc.code() is not grpc.StatusCode.UNAUTHENTICATED \
+                            or not self._may_be_new(exc.details() or "") \
                             or now - refused_since + AUTH_RETRY_S > AUTH_PATIENCE_S:
                         raise AuthError(f"{self.settings.name}: {exc.details()} "
                                         f"({self._credential_hint()})") from None
                     if now == refused_since:
                         self._line(f"{self.target}: refused ({exc.details()}); trying again "
-                                   f"for {AUTH_PATIENCE_S:g}s (a new token is read within "
-                                   "a second)")
+                                   f"for {AUTH_PATIENCE_S:g}s (a new credential is read "
+                                   "within a second)")
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stop.wait(), AUTH_RETRY_S)
                     continue
-                why, tls_mistake = self._why(exc.details() or "")
-                if tls_mistake and not self.joined:
-                    streak = streak + 1 if (self.target, why) == mistake else 1
-                    mistake = (self.target, why)
+                tls = self.settings.tls
+                found = diagnose(exc.code().name, exc.details() or "", self._address(),
+                                 tls is not None and not self._plaintext,
+                                 tls is not None and tls.cert is not None)
+                if found.why.startswith(SPEAKS_PLAINTEXT) and not self._plaintext \
+                        and self.settings.plaintext_loopback \
+                        and is_loopback_target(self._address()):
+                    self._plaintext = True
+                    self._line(f"{self.target} serves plaintext on loopback; dialing it "
+                               "without TLS")
+                    continue
+                if found.why.startswith(UNTRUSTED) and self.settings.plaintext_loopback:
+                    raise TransportError(
+                        f"{self.settings.name}: {self.target}: TLS: the server's certificate "
+                        "is not signed by the CA in --credentials: they are another "
+                        "federation's, or --gateway is not theirs") from None
+                if found.action == WRONG_SERVICE:
+                    raise TransportError(f"{self.settings.name}: {found.why}") from None
+                if found.action == MISTAKE and not self.joined:
+                    streak = streak + 1 if (self.target, found.why) == mistake else 1
+                    mistake = (self.target, found.why)
                     if streak >= TLS_FAILURES_BEFORE_GIVING_UP:
-                        raise TransportError(f"{self.settings.name}: {self.target}: {why} "
-                                             f"({streak} times in a row; giving up)") from None
+                        raise TransportError(f"{self.settings.name}: {self.target}: "
+                                             f"{found.why} ({streak} times in a row; "
+                                             "giving up)") from None
                 else:
                     mistake, streak = None, 0
-                self._line(f"{self.target}: {exc.code().name.lower()} ({why}); "
-                           f"retrying in {backoff:.1f}s")
+                if found.action == DOWN:
+                    down_since = self._waiting(found.why, down_since)
+                else:
+                    down_since = None
+                    self._line(f"{self.target}: {exc.code().name.lower()} ({found.why}); "
+                               f"retrying in {backoff:.1f}s")
             if self.stop.is_set():
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self.settings.backoff_max_s)
 
+    def _address(self) -> str:
+        return self.target.rsplit(" ", 1)[-1]
+
+    def _waiting(self, why: str, since: float | None) -> float:
+        """Say once that the federation is down (and again every ``QUIET_REMINDER_S``);
+        a client that was connected says its session ended."""
+        now = time.monotonic()
+        if since is None:
+            self._line(f"the federation is down (its session ended?); waiting for it at "
+                       f"{self._address()}, quietly" if self.tasks_done or self.was_connected
+                       else f"{why}; waiting for it, quietly")
+            return now
+        if now - since >= QUIET_REMINDER_S:
+            self._line(f"still waiting for the federation at {self._address()}")
+            return now
+        return since
+
+    def _may_be_new(self, details: str) -> bool:
+        """Whether a refusal may be of a credential the servers have not read yet (made a
+        moment ago): worth trying again for a few seconds. A refusal that names its reason
+        (revoked, expired, another federation's, nothing sent) never fixes itself."""
+        if self.settings.signer is not None:
+            return "not registered" in details
+        return self.settings.token is not None
+
     def _credential_hint(self) -> str:
         """What to check after a refusal: the token this client sent, or that it sent none."""
+        if self.settings.signer is not None:
+            return "the federation refused these --credentials; fedray client list shows " \
+                   "the keys it knows"
         if self.settings.token is None:
-            return "no token was sent: set $FEDRAY_TOKEN (the federation's, or one from " \
-                   "fedray token create)"
+            return "no credential was sent: pass --credentials FILE (from fedray client " \
+                   "add) or set $FEDRAY_TOKEN"
         return "check $FEDRAY_TOKEN: it is not a token of this federation, or it was revoked"
-
-    def _why(self, details: str) -> tuple[str, bool]:
-        """The useful end of a connection error, and whether it is a TLS mistake (with a
-        hint at the option to change) that retrying cannot fix."""
-        tls = self.settings.tls
-        if "CERTIFICATE_VERIFY_FAILED" in details or "Hostname Verification" in details:
-            return "TLS: the server's certificate is not trusted; check --ca / --tls-server-name", True
-        if "WRONG_VERSION_NUMBER" in details:
-            return "TLS handshake failed: the server speaks plaintext; drop --ca / --tls", True
-        if "handshake" in details.lower():
-            return "TLS handshake failed", True
-        why = details.rsplit(": ", 1)[-1]
-        if why == "Socket closed" and tls is None:
-            return f"{why}; if the federation uses TLS, pass --ca", True
-        if why == "Socket closed" and tls.cert is None:
-            return f"{why}; if the federation asks for client certificates, pass --cert/--key", True
-        return why, False
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         tls = self.settings.tls
+        if tls is not None and self._plaintext and is_loopback_target(target):
+            tls = None
         if tls is None:
+            check_plaintext(target, self.settings)
             return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         return grpc.aio.secure_channel(target, tls.credentials(),
                                        options=CHANNEL_OPTIONS + tls.options())
@@ -203,7 +264,7 @@ class EdgeRunner:
                                               version=self.settings.version,
                                               attrs=self.settings.attrs), metadata=self.metadata)
             await stream.wait_for_connection()
-            self.joined = True
+            self.joined = self.was_connected = True
             self._line(f"connected to {assignment.combiner} at {assignment.address}")
             self._tell_identity()
             beats = asyncio.ensure_future(self._heartbeats(stub, stream))
@@ -223,7 +284,7 @@ class EdgeRunner:
                     if msg is None:
                         self._line(f"{assignment.combiner} closed the task stream")
                         return
-                    link = Link(stub, self.metadata, self.client_id)
+                    link = Link(stub, lambda: self.metadata, self.client_id)
                     try:
                         task = task_from_proto(msg)
                     except UnknownTaskKind as exc:  # refused, never run as something else
@@ -263,6 +324,30 @@ class EdgeRunner:
             self._told_identity = self.client_id
             self._line(f"connected as {self.client_id} (the name of your token); "
                        f"--name {self.settings.name} is ignored")
+
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether ``HOST:PORT`` names this machine's loopback (nothing crosses a network)."""
+    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
+    if host.lower() in {"localhost", "ip6-localhost", "ip6-loopback"}:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plaintext(target: str, settings: EdgeSettings) -> None:
+    """Refuse to send a credential over plaintext off loopback, unless ``--insecure``."""
+    if (settings.token or settings.signer) and not settings.insecure \
+            and not is_loopback_target(target):
+        what = "signed calls" if settings.signer else "the token"
+        raise ConfigError(f"refusing to send {what} to {target} over plaintext (anyone on "
+                          "the path could read it): pass --ca (the federation's CA: "
+                          "<data_dir>/tls/ca.pem) or --credentials from fedray client add, or "
+                          "--insecure if the network is yours")
+
 
 def heartbeat_interval(sent: float, current: float) -> float:
     """The combiner's interval within ``HEARTBEAT_BOUNDS_S``: a tiny one would beat in a

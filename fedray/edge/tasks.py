@@ -49,8 +49,12 @@ class Link:
     """This client's session with one combiner: where a task's answers go, as whom."""
 
     stub: pb_grpc.CombinerStub
-    metadata: tuple[tuple[str, str], ...]
+    auth: Callable[[], tuple[tuple[str, str], ...]]  # each call's metadata (signed anew)
     client_id: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.auth()
 
 
 class ModelCache:

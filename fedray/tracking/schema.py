@@ -187,6 +187,10 @@ class Token(TypedDict):
     revoked: bool
     revoked_at: datetime | None
     live_name: NotRequired[str]
+    kind: NotRequired[Literal["token", "key", "shared"]]
+    public_key: NotRequired[str]
+    expires_at: NotRequired[datetime | None]
+    attrs: NotRequired[dict[str, str]]
 
 
 DOCUMENTS: dict[str, type] = {

@@ -39,6 +39,7 @@ class ClientLink:
     queue: asyncio.Queue[Task | None] = field(default_factory=asyncio.Queue)
     last_seen: float = field(default_factory=time.monotonic)
     status: str = "online"
+    peer: str = ""  # the connection it joined on (a shared-token client is bound to it)
 
     def send(self, task: Task) -> None:
         self.queue.put_nowait(task)
@@ -74,15 +75,21 @@ class ClientRegistry:
     def has_room(self) -> bool:
         return len(self.online_ids()) < self.settings.max_clients
 
+    def held_elsewhere(self, client_id: str, peer: str) -> bool:
+        """Whether ``client_id`` is online on another connection than ``peer``: a caller
+        who only names itself (a shared token) may not take over that stream."""
+        link = self.get(client_id)
+        return link is not None and bool(link.peer) and link.peer != peer
+
     def connect(self, client_id: str, name: str, attrs: Mapping[str, str] | None = None,
-                version: str = "") -> ClientLink:
+                version: str = "", peer: str = "") -> ClientLink:
         """Register a client (a reconnect replaces its old stream); it is online from now.
         ``attrs`` and ``version`` are what it says about itself (tracked with it)."""
         old = self.links.get(client_id)
         if old is not None:
             old.close()
         link = ClientLink(client_id=client_id, name=name,
-                          attrs=dict(list((attrs or {}).items())[:MAX_ATTRS]))
+                          attrs=dict(list((attrs or {}).items())[:MAX_ATTRS]), peer=peer)
         self.links[client_id] = link
         self.listener.client_status(client_id, name, "online", len(self.online_ids()),
                                     link.attrs, version)

@@ -120,8 +120,8 @@ class CombinerCore:
         return self.registry.has_room()
 
     def connect(self, client_id: str, name: str, attrs: Mapping[str, str] | None = None,
-                version: str = "") -> ClientLink:
-        return self.registry.connect(client_id, name, attrs, version)
+                version: str = "", peer: str = "") -> ClientLink:
+        return self.registry.connect(client_id, name, attrs, version, peer)
 
     def tasks(self, link: ClientLink) -> AsyncIterator[Task]:
         return self.registry.tasks(link)

@@ -104,7 +104,18 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         if client_id not in self.core.clients and not self.core.accepts_clients():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"combiner {self.core.name} is full; ask the gateway again")
-        link = self.core.connect(client_id, name, dict(request.attrs), request.version)
+        caller = current_caller()
+        if caller.kind != "client" and self.core.registry.held_elsewhere(client_id, caller.peer):
+            if caller.gate is not None:  # throttled like every refusal
+                caller.gate.report("warning", f"refused a second Join as {client_id!r} from "
+                                   f"{caller.peer}: it is connected on another connection",
+                                   reason="taken_id", client_id=client_id)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"{client_id!r} is connected from another connection: give "
+                                "each client its own --name (a client that lost its "
+                                "connection gets back in once the old one times out)")
+        link = self.core.connect(client_id, name, dict(request.attrs), request.version,
+                                 caller.peer)
         await context.send_initial_metadata(())  # the client's wait_for_connection returns now
         async for task in self.core.tasks(link):
             yield task_to_proto(task)
