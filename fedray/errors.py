@@ -18,7 +18,7 @@ and that none is defined outside this module).
        6  ├── TrackingError           tracking is unreachable or refused a write
       14  │   └── SchemaError         a document that is not what fedray.tracking.schema says
        7  ├── TransportError          a gRPC call to the gateway or a combiner failed
-       8  │   ├── AuthError           the token was missing, wrong or revoked
+       8  │   ├── AuthError           a credential was missing, wrong, expired or revoked
       15  │   ├── ListenError         a gateway or combiner could not listen on its address
       24  │   └── UnknownTaskKind     a task of a kind this client does not know (refused)
        9  ├── SessionError            a session or round could not complete

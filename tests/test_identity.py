@@ -221,3 +221,20 @@ def test_the_federation_ca_signs_a_server_certificate_for_every_dialable_host(tm
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "10.1.2.3" in {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
     assert cert.issuer == x509.load_pem_x509_certificate(ca).subject
+
+
+def test_the_python_client_takes_its_name_gateway_ca_and_key_from_a_bundle(tmp_path):
+    import fedray
+
+    bundle = CredentialBundle("site-b", FEDERATION, ClientKey.generate(), "127.0.0.1:9",
+                              b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+                              {"region": "eu"})
+    bundle.write(tmp_path / "b.json")
+    runner = fedray.EdgeClient(train=lambda p, c: (p, 1, {})).runner(
+        credentials=tmp_path / "b.json", attrs={"gpu": "0"})
+    settings = runner.settings
+    assert (settings.name, settings.gateway, settings.token) == ("site-b", "127.0.0.1:9", None)
+    assert settings.attrs == {"region": "eu", "gpu": "0"} and settings.tls.ca == bundle.ca
+    assert dict(runner.metadata)["x-fedray-federation"] == FEDERATION
+    with pytest.raises(ConfigError, match="gateway= and name="):
+        fedray.EdgeClient(train=lambda p, c: (p, 1, {})).runner()

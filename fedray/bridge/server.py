@@ -5,7 +5,7 @@ costs the server more than a dictionary lookup:
 
 1. In ``intercept_service``, which gRPC calls with the metadata before any message is
    read, the server's ``AuthGate`` checks the token (a dictionary lookup: it never
-   waits). A missing, wrong or revoked token gets a handler that reads no message at all
+   waits). A missing, wrong, expired or revoked credential gets a handler that reads no message at all
    (a request-streaming one that never iterates its requests) and ends the call with
    UNAUTHENTICATED, or RESOURCE_EXHAUSTED once its host has failed too often, whatever
    the method: even UNIMPLEMENTED is only said to a caller with a valid token.

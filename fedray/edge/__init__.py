@@ -13,6 +13,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # read once, when grpc is firs
 
 import asyncio  # noqa: E402
 
+from fedray.bridge.credential import ENV as CREDENTIALS_ENV  # noqa: E402
+from fedray.bridge.credential import read_bundle  # noqa: E402
 from fedray.bridge.tls import ClientTls  # noqa: E402
 from fedray.edge.client import EdgeRunner, EdgeSettings  # noqa: E402
 from fedray.edge.workers import (  # noqa: E402
@@ -22,6 +24,7 @@ from fedray.edge.workers import (  # noqa: E402
     ValidateFn,
     Worker,
 )
+from fedray.errors import ConfigError  # noqa: E402
 
 __all__ = ["ClientTls", "EdgeClient", "EdgeRunner", "EdgeSettings", "CallbackWorker", "PackageWorker",
            "Worker"]
@@ -39,19 +42,37 @@ class EdgeClient:
     def __init__(self, train: TrainFn, validate: ValidateFn | None = None) -> None:
         self.worker = CallbackWorker(train, validate)
 
-    def runner(self, gateway: str, name: str, token: str | None = None,
+    def runner(self, gateway: str = "", name: str = "", token: str | None = None,
                tls: ClientTls | None = None, attrs: dict[str, str] | None = None,
-               client_halves: tuple[str, ...] = ()) -> EdgeRunner:
-        token = token if token is not None else os.environ.get("FEDRAY_TOKEN")
-        return EdgeRunner(self.worker, EdgeSettings(gateway=gateway, name=name, token=token,
-                                                    tls=tls, attrs=dict(attrs or {}),
-                                                    client_halves=tuple(client_halves)))
+               client_halves: tuple[str, ...] = (),
+               credentials: str | os.PathLike | None = None) -> EdgeRunner:
+        credentials = credentials or os.environ.get(CREDENTIALS_ENV) or None
+        bundle = read_bundle(credentials, "credentials") if credentials else None
+        if bundle is not None:
+            name, gateway = name or bundle.name, gateway or bundle.gateway
+            attrs = {**bundle.attrs, **(attrs or {})}
+            tls, token = tls or bundle.tls(), None
+        elif token is None:
+            token = os.environ.get("FEDRAY_TOKEN")
+        if not gateway or not name:
+            raise ConfigError("EdgeClient needs gateway= and name= (or credentials= from "
+                              "fedray client add)")
+        return EdgeRunner(self.worker, EdgeSettings(
+            gateway=gateway, name=name, token=token, tls=tls, attrs=dict(attrs or {}),
+            client_halves=tuple(client_halves), signer=bundle.signer() if bundle else None,
+            plaintext_loopback=bundle is not None and bundle.ca is not None
+            and tls is not None and tls.ca == bundle.ca))
 
-    def start(self, gateway: str, name: str, token: str | None = None,
+    def start(self, gateway: str = "", name: str = "", token: str | None = None,
               tls: ClientTls | None = None, attrs: dict[str, str] | None = None,
-              client_halves: tuple[str, ...] = ()) -> None:
-        """Serve tasks until interrupted; with ``tls=ClientTls.from_files(ca="ca.pem")`` it
-        dials over TLS and verifies the servers' certificates. ``attrs`` (``{"site": "eu"}``)
-        tell the federation about this client; ``client_halves`` names the modules whose
-        strategy client halves it may run (fedray's own always run)."""
-        asyncio.run(self.runner(gateway, name, token, tls, attrs, client_halves).run())
+              client_halves: tuple[str, ...] = (),
+              credentials: str | os.PathLike | None = None) -> None:
+        """Serve tasks until interrupted. ``credentials="site-a.fedray.json"`` (from
+        ``fedray client add``; default ``$FEDRAY_CREDENTIALS``) gives the name, the
+        gateway, the CA and the key that signs every call; else ``gateway`` and ``name``
+        with a token (default ``$FEDRAY_TOKEN``), and ``tls=ClientTls.from_files(
+        ca="ca.pem")`` to dial over TLS. ``attrs`` (``{"site": "eu"}``) tell the
+        federation about this client; ``client_halves`` names the modules whose strategy
+        client halves it may run (fedray's own always run)."""
+        asyncio.run(self.runner(gateway, name, token, tls, attrs, client_halves,
+                                credentials).run())
