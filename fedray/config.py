@@ -22,6 +22,9 @@ class RayConfig:
     address: str = "local"
     num_cpus: int | None = None
     include_dashboard: bool = False
+    # A Ray that fedray starts itself listens on "loopback" only (its GCS, raylet,
+    # dashboard and metrics ports: one node needs nothing else), or on "all" interfaces.
+    listen: str = "loopback"
 
 
 @dataclass(frozen=True)

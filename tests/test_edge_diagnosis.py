@@ -10,8 +10,9 @@ import grpc
 import pytest
 from netutil import free_ports
 
+from fedray.bridge.addresses import is_loopback_target
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
-from fedray.edge.client import EdgeRunner, EdgeSettings, check_plaintext, is_loopback_target
+from fedray.edge.client import EdgeRunner, EdgeSettings, check_plaintext
 from fedray.edge.diagnosis import DOWN, MISTAKE, RETRY, WRONG_SERVICE, diagnose
 from fedray.edge.workers import CallbackWorker
 from fedray.errors import ConfigError, TransportError

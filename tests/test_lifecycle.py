@@ -102,15 +102,16 @@ def ray_tmp() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _config(tmp_path: Path, name: str, ray_address: str, gateway: int, combiner: int) -> Path:
+def _config(tmp_path: Path, name: str, ray_address: str, gateway: int, combiner: int,
+            host: str = "127.0.0.1") -> Path:
     (tmp_path / "seed.safetensors").write_bytes(encode(SEED))
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(f"""
         federation: {name}
         seed_model: {tmp_path / "seed.safetensors"}
         ray: {{address: "{ray_address}", num_cpus: 1}}
-        controller: {{host: 127.0.0.1, port: {gateway}}}
-        combiners: {{count: 1, host: 127.0.0.1, base_port: {combiner}}}
+        controller: {{host: {host}, port: {gateway}}}
+        combiners: {{count: 1, host: {host}, base_port: {combiner}}}
         session: {{rounds: 3, min_clients: 2, validate: false, round_timeout_s: 60,
                    wait_for_clients_s: 120}}
     """))
@@ -354,5 +355,42 @@ def test_a_local_ray_for_loopback_hosts_stays_on_loopback_and_status_finds_it(
     assert found.returncode == 0, found.stderr[-3000:]
     assert json.loads(found.stdout)["federation"] == name
     assert given.returncode == 0, given.stderr[-3000:]
+    assert code == 143, err[-3000:]
+    assert_none_left(mark, tmp_path)
+
+
+def test_a_local_ray_stays_on_loopback_while_the_bridge_serves_every_interface_over_tls(
+        tmp_path, ray_tmp):
+    """Issue 14: the metrics and dashboard ports are not reachable from other hosts unless
+    asked for (ray.listen: all). With 0.0.0.0 hosts only the gateway and the combiner
+    listen off loopback, over TLS from the federation's own CA, and they advertise this
+    host's address (not Ray's loopback node address)."""
+    from procs import survivors
+
+    from fedray.bridge.addresses import primary_ip
+
+    name = f"wide-{uuid.uuid4().hex[:6]}"
+    gateway, combiner = free_ports(2)
+    config = _config(tmp_path, name, "local", gateway, combiner, host="0.0.0.0")
+    data_dir, mark = tmp_path / "fed", new_mark()
+    env = marked(_env(RAY_TMPDIR=ray_tmp, FEDRAY_TOKEN=secrets.token_hex(16)), mark)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    run = Command(["run", config, "--data-dir", data_dir], env)
+    try:
+        run.wait_for("Ray at ", 180)
+        pids = {int(entry.split(":", 1)[0]) for entry in survivors(mark)}
+        sockets = _listening(pids)
+        run.signal(signal.SIGTERM)
+        code, err, _ = run.finish(timeout=60)
+    finally:
+        run.kill()
+    ours = {str(gateway), str(combiner)}
+    wide = [(pid, a) for pid, a in sockets if a.rpartition(":")[2] in ours]
+    assert len(wide) == 2 and not any(_loopback(a) for _, a in wide), sockets
+    others = [(pid, a) for pid, a in sockets if a.rpartition(":")[2] not in ours]
+    assert others and all(_loopback(a) for _, a in others), others
+    assert "(loopback only)" in err and "the bridge serves TLS" in err, err[-3000:]
+    assert f"gateway listening at {primary_ip()}:{gateway}" in err, err[-3000:]
+    assert (data_dir / "tls" / "server.key").stat().st_mode & 0o777 == 0o600
     assert code == 143, err[-3000:]
     assert_none_left(mark, tmp_path)

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from fedray.bridge.addresses import is_loopback
 from fedray.deploy.config_file import config_from_dict
-from fedray.deploy.exposure import is_loopback, open_federation
+from fedray.deploy.exposure import open_federation
 from fedray.deploy.lifecycle import (
     CLIENTS,
     FEDERATION,

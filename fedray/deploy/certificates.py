@@ -25,6 +25,7 @@ import socket
 from collections.abc import Iterable
 from pathlib import Path
 
+from fedray.bridge.addresses import primary_ip
 from fedray.bridge.keys import private_dir
 from fedray.bridge.tls import ServerTls
 from fedray.errors import ConfigError
@@ -96,7 +97,8 @@ def _read(path: Path) -> bytes:
 
 def dialable_hosts(configured: Iterable[str]) -> list[str]:
     """Every name and address clients may dial this federation's servers by."""
-    hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()]
+    hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn(),
+             primary_ip()]
     hosts += [h.strip("[]") for h in configured if h.strip("[]") not in WILDCARDS
               and h != "auto"]
     with contextlib.suppress(OSError):  # a host name that does not resolve: no addresses

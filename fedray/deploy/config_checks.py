@@ -76,6 +76,8 @@ def check(c: FederationConfig, blame: Blame) -> None:
 
     if not _NAME.match(c.federation):
         raise bad("federation", "must be 1-63 letters, digits, '-' or '_'")
+    if c.ray.listen not in ("loopback", "all"):
+        raise bad("ray.listen", f"must be loopback or all, got {c.ray.listen!r}")
     if c.ray.num_cpus is not None and c.ray.num_cpus < 1:
         raise bad("ray.num_cpus", f"must be at least 1 (or left out: every CPU), got "
                   f"{c.ray.num_cpus}")

@@ -11,10 +11,10 @@ plaintext there needs ``--insecure`` and is warned about on every start.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 
+from fedray.bridge.addresses import is_loopback
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError
 
@@ -28,22 +28,10 @@ def federation_token(config: FederationConfig) -> str | None:
     return token
 
 
-LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
-
 # With it, Ray takes 127.0.0.1 as the node's address and every Ray server binds it (Ray
 # 2.60, measured: the GCS, raylets, workers, the dashboard agent and its metrics port;
 # without it they bind every interface). Ray reads it when it is first imported.
 LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (or name): nothing off this machine reaches it."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def open_federation(config: FederationConfig, token: str | None, client_tokens: bool,

@@ -79,7 +79,9 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
          resume: bool, teardown: Teardown, insecure: bool,
          on_status: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     loopback = is_loopback(config.controller.host) and is_loopback(config.combiners.host)
-    if loopback and "ray" not in sys.modules:  # read once, when Ray is first imported
+    private_ray = loopback or (config.ray.listen == "loopback" and config.ray.address == "local"
+                               and not os.environ.get("RAY_ADDRESS"))
+    if private_ray and "ray" not in sys.modules:  # read once, when Ray is first imported
         os.environ.update(LOOPBACK_RAY_ENV)
 
     import ray
@@ -126,7 +128,7 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
         local = starts_ray(config.ray)
         if local:
             teardown.add(lifecycle.RAY, "Ray", ray.shutdown)
-        connect_ray(config.ray, config.namespace, loopback=loopback)
+        connect_ray(config.ray, config.namespace, loopback=private_ray)
         ray_address = ray.get_runtime_context().gcs_address
         teardown.add(lifecycle.LOCK, "", lifecycle.record_run(data_dir, config.federation, ray_address))
         tls = own_tls(config, data_dir) if transport == "auto" else None
@@ -143,7 +145,7 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
              "add puts in their credentials" if transport == "auto" else ""
         console.print(escape(f"the bridge serves TLS{ca}"))
     console.print(escape(tracking_line(tracking_uri, config.tracking.database, data_dir)))
-    console.print(escape(f"Ray at {ray_address}{' (loopback only)' if local and loopback else ''}"
+    console.print(escape(f"Ray at {ray_address}{' (loopback only)' if local and private_ray else ''}"
                          f": fedray status --address {ray_address}"))
     lifecycle.checkpoint()
     if on_ready is not None:

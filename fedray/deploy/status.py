@@ -27,7 +27,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from fedray.deploy.exposure import LOOPBACK_RAY_ENV, is_loopback
+from fedray.bridge.addresses import is_loopback
+from fedray.deploy.exposure import LOOPBACK_RAY_ENV
 from fedray.errors import AuthError, ConfigError, NotRunning, TransportError
 from fedray.text import printable
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import random
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from fedray.bridge.addresses import is_loopback_target
 from fedray.bridge.identity import CallSigner
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -325,17 +325,6 @@ class EdgeRunner:
             self._line(f"connected as {self.client_id} (the name of your token); "
                        f"--name {self.settings.name} is ignored")
 
-
-
-def is_loopback_target(target: str) -> bool:
-    """Whether ``HOST:PORT`` names this machine's loopback (nothing crosses a network)."""
-    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
-    if host.lower() in {"localhost", "ip6-localhost", "ip6-loopback"}:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_plaintext(target: str, settings: EdgeSettings) -> None:
