@@ -321,3 +321,49 @@ def test_token_create_refuses_a_mistyped_or_unwritable_data_dir(tmp_path, tracki
     assert store.db[COLLECTION].count_documents({}) == 0  # no token no federation accepts
     store.db.client.drop_database(db_name)
     store.close()
+
+
+async def test_a_shared_token_expires_and_rotates_without_a_restart(tmp_path, store,
+                                                                   tracking_uri, db_name):
+    """Issue 14, finding 5: the shared token never expired and could only be changed by a
+    restart. Now one from tracking carries an expiry, and the next one replaces it live:
+    created, used, the old one revoked by its id; and $FEDRAY_TOKEN revoked too."""
+    from click.testing import CliRunner
+
+    from fedray.cli.main import main
+
+    def fedray(*args: str, env: dict | None = None):
+        result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path), "--tracking",
+                                           tracking_uri, "--database", db_name], env=env)
+        assert result.exit_code == 0, result.output
+        return result
+
+    old = fedray("token", "create", "--shared", "--expires", "8h").stdout.strip()
+    secret = load_token_secret(tmp_path, create=False)
+    bridge = await _gated_bridge(tracking_uri, db_name, BridgeKeys(TOKEN, secret, True))
+    try:
+        assert await _beat(bridge, old, "site-a") == grpc.StatusCode.OK
+        new = fedray("token", "create", "--shared", "--expires", "8h").stdout.strip()
+        rows = json.loads(fedray("token", "list", "--json").stdout)
+        assert [r["kind"] for r in rows] == ["shared", "shared"]
+        assert all(r["expires_at"] for r in rows)
+        fedray("token", "revoke", "--id", rows[0]["id"])
+        await _reread(bridge)
+        assert await _beat(bridge, old, "site-a") == grpc.StatusCode.UNAUTHENTICATED
+        assert await _beat(bridge, new, "site-a") == grpc.StatusCode.OK
+        assert await _beat(bridge, TOKEN, "site-b") == grpc.StatusCode.OK
+        fedray("token", "revoke", "--shared", env={"FEDRAY_TOKEN": TOKEN})
+        await _reread(bridge)
+        assert await _beat(bridge, TOKEN, "site-b") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await bridge.close()
+    # An expiry is part of the row's MAC: pushing it back makes the row verify nothing.
+    store.db[COLLECTION].update_many({}, {"$set": {"expires_at": None}})
+    from fedray.tracking.tokens import read_token_rows
+
+    assert not any(row.verifies(secret) for row in read_token_rows(store)
+                   if row.kind == "shared" and not row.revoked)
+    with pytest.raises(ConfigError, match="a duration such as"):
+        from fedray.cli.common import parse_expiry
+
+        parse_expiry("tomorrow")

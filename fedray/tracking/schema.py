@@ -230,8 +230,13 @@ def _round_rules(doc: Mapping[str, Any]) -> Problem:
 def _token_rules(doc: Mapping[str, Any]) -> Problem:
     if doc.get("revoked") and "live_name" in doc:
         return "live_name", "must be gone once the token is revoked"
+    if doc.get("kind") == "shared":  # many shared tokens may be live: none holds a name
+        return ("live_name", "is only for a client's own credential") \
+            if "live_name" in doc else None
     if not doc.get("revoked") and doc.get("live_name") != doc.get("name"):
         return "live_name", "must equal 'name' while the token is live"
+    if doc.get("kind") == "key" and not doc.get("public_key"):
+        return "public_key", "is required for a key"
     return None
 
 
