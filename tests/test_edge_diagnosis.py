@@ -120,3 +120,24 @@ async def test_dialing_a_combiner_port_as_the_gateway_ends_the_client_at_once():
     finally:
         await server.stop(0)
     assert runner.attempts == 1 and lines == [], lines
+
+
+async def test_credentials_dial_a_plaintext_loopback_federation_without_tls(tmp_path):
+    """A bundle carries the federation's CA, but a federation bound to loopback serves no
+    TLS: on loopback (and only there) the client dials it in plaintext, saying so once."""
+    from fedray.bridge.tls import ClientTls
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path)
+    fed = await ScriptedFederation.start()  # plaintext, on 127.0.0.1
+    lines: list[str] = []
+    runner = _runner(fed.gateway, lines, tls=ClientTls(ca=pki.ca), ca_from_credentials=True)
+    task = asyncio.ensure_future(runner.run())
+    try:
+        await async_wait_until(lambda: runner.was_connected, "the client joined",
+                               describe=lambda: lines)
+    finally:
+        runner.stop.set()
+        await asyncio.wait_for(task, 10)
+        await fed.close()
+    assert sum("serves plaintext on loopback" in line for line in lines) == 1, lines

@@ -1,18 +1,20 @@
-"""Who is calling the bridge, and whether to let them: tokens, identities, rate limits.
+"""Who is calling the bridge, and whether to let them: credentials, identities, rate limits.
 
 Every RPC to the gateway or a combiner is admitted by an ``AuthGate`` (the gRPC
 interceptor in ``fedray.bridge.server`` only translates its verdict into a status). A caller is:
 
-- ``client``: it presented a per-client token; its identity is the token's name, whatever
-  name or client id its messages claim;
-- ``shared``: it presented the federation token; its messages name it, except that names
-  owned by per-client tokens are refused (nobody can pose as a client that has a token);
-- ``open``: the federation has neither a shared token nor any per-client token.
+- ``client``: it signed the call with a registered key pair (``fedray.bridge.identity``)
+  or presented a per-client token; its identity is the credential's name, whatever name
+  or client id its messages claim;
+- ``shared``: it presented the federation token or a live shared token from tracking; its
+  messages name it, except that names owned by a client's own credential are refused
+  (nobody can pose as a client that has one);
+- ``open``: the federation has no shared token and no credential at all.
 
-Per-client tokens come from ``fedray.bridge.client_tokens`` (a cache of tracking's
-token rows, checked under the federation's token secret, ``BridgeKeys``). Refusals become warning events, throttled so a flood cannot fill tracking, and each
-caller's RPCs go through a token bucket (``fedray.bridge.limits``). Pure asyncio: no grpc
-here.
+Credentials come from ``fedray.bridge.client_tokens`` (a cache of tracking's rows, checked
+under the federation's token secret, ``BridgeKeys``). Refusals become warning events,
+throttled so a flood cannot fill tracking, and each caller's RPCs go through a token
+bucket (``fedray.bridge.limits``). Pure asyncio: no grpc here.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class AuthGate:
         secret = self.tokens.secret
         self.federation = federation_id(secret) if secret is not None else ""
         self.signatures = SignatureCheck(self.federation)
+        self._shared_digest = self.tokens.digest(shared_token) if shared_token else None
         self.tokens.on_untrusted = self._untrusted
         self.limiter = RateLimiter(max_rpcs_per_s) if max_rpcs_per_s else None
         self.peer_ids = PeerIds(max_ids_per_peer)
@@ -209,16 +212,16 @@ class AuthGate:
             return self._identify_key(metadata)
         header = str(metadata.get(AUTH_HEADER, ""))
         token = header[7:] if header.startswith("Bearer ") and len(header) > 7 else None
-        digest = self.tokens.digest(token) if token is not None else None
         if token is not None and self._shared is not None \
                 and hmac.compare_digest(token.encode(), self._shared):
-            row = self.tokens.entries.get(digest) if digest is not None else None
+            row = self.tokens.entries.get(self._shared_digest) if self._shared_digest else None
             if row is None or not (row.revoked or row.expired()):  # no miss re-read: it
                 return Caller("shared", gate=self)  # is known without a row
             raise Refused("UNAUTHENTICATED", "missing, wrong, expired or revoked token",
                           "revoked" if row.revoked else "expired",
                           f"the {'revoked' if row.revoked else 'expired'} shared token")
         why, reason = "no token", "no_token"
+        digest = self.tokens.digest(token) if token is not None else None
         if digest is not None:
             hit = self.tokens.find(digest)
             if hit is not None and hit.kind != "key" and not hit.revoked and not hit.expired():

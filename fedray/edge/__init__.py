@@ -60,7 +60,7 @@ class EdgeClient:
         return EdgeRunner(self.worker, EdgeSettings(
             gateway=gateway, name=name, token=token, tls=tls, attrs=dict(attrs or {}),
             client_halves=tuple(client_halves), signer=bundle.signer() if bundle else None,
-            plaintext_loopback=bundle is not None and bundle.ca is not None
+            ca_from_credentials=bundle is not None and bundle.ca is not None
             and tls is not None and tls.ca == bundle.ca))
 
     def start(self, gateway: str = "", name: str = "", token: str | None = None,

@@ -117,7 +117,7 @@ def start(gateway: str | None, credentials: str | None, token: str | None, name:
                             max_package_bytes=max_package_mb * MiB,
                             share_tracebacks=share_tracebacks, client_halves=client_halves,
                             signer=bundle.signer() if bundle else None, insecure=insecure,
-                            plaintext_loopback=bundle is not None and tls is not None
+                            ca_from_credentials=bundle is not None and tls is not None
                             and bundle.ca is not None and tls.ca == bundle.ca)
     runner = EdgeRunner(worker, settings)
     who = f" as {name} (key pair of {credentials})" if bundle else ""

@@ -92,8 +92,9 @@ class EdgeSettings:
     share_tracebacks: bool = False  # send failed tasks' tracebacks (they name local files)
     client_halves: tuple[str, ...] = ()  # modules whose client halves may run (fedray.* may)
     signer: CallSigner | None = field(default=None, repr=False)  # a key pair's signed calls
-    plaintext_loopback: bool = False  # TLS came with the credentials: a loopback server
-    # that speaks plaintext is dialed so (a federation bound to loopback serves no TLS)
+    ca_from_credentials: bool = False  # TLS came with the credentials: an untrusted server
+    # is another federation's, and a loopback one that speaks plaintext is dialed so (a
+    # federation bound to loopback serves no TLS)
     insecure: bool = False  # may send credentials over plaintext off loopback
 
     def __post_init__(self) -> None:
@@ -165,13 +166,13 @@ class EdgeRunner:
                                  tls is not None and not self._plaintext,
                                  tls is not None and tls.cert is not None)
                 if found.why.startswith(SPEAKS_PLAINTEXT) and not self._plaintext \
-                        and self.settings.plaintext_loopback \
+                        and self.settings.ca_from_credentials \
                         and is_loopback_target(self._address()):
                     self._plaintext = True
                     self._line(f"{self.target} serves plaintext on loopback; dialing it "
                                "without TLS")
                     continue
-                if found.why.startswith(UNTRUSTED) and self.settings.plaintext_loopback:
+                if found.why.startswith(UNTRUSTED) and self.settings.ca_from_credentials:
                     raise TransportError(
                         f"{self.settings.name}: {self.target}: TLS: the server's certificate "
                         "is not signed by the CA in --credentials: they are another "
