@@ -102,7 +102,7 @@ def test_a_resumed_session_does_not_train_from_a_model_tracking_was_made_to_name
     with a writable model store, that is model substitution. Commits are signed with the
     federation's key; a resume passes over a round whose signature does not verify."""
     config = _config("resume-signed", tmp_path, combiners=1, rounds=4, min_clients=2)
-    workers = {"a": SlowWorker(1.0, 10, 0.3), "b": SlowWorker(1.0, 10, 0.3)}
+    workers = {"a": SlowWorker(1.0, 10, 1.0), "b": SlowWorker(1.0, 10, 1.0)}
     fed, store, seed_id = _deploy(config, tracking_uri, fleet, workers)
     planted = store.put(encode({k: np.full_like(v, 1000.0) for k, v in SEED.items()}))
     tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
@@ -111,6 +111,12 @@ def test_a_resumed_session_does_not_train_from_a_model_tracking_was_made_to_name
     def on_status(status):
         if status["rounds_done"] == 2 and not killed.is_set():
             killed.set()  # tracking says round 2 committed the planted model, then a crash
+            # The status runs ahead of the queued tracking writes: tamper with round 2 only
+            # once its own commit landed, or that commit would overwrite the planted id.
+            wait_until(lambda: tracking.find("rounds", {"session_id": status["session_id"],
+                                                        "round": 2, "status": "finished",
+                                                        "commit_mac": {"$exists": True}}),
+                       timeout=10, what="round 2's commit in tracking")
             tracking.update_round(status["session_id"], 2, model_id=planted)
             ray.kill(ray.get_actor("controller", namespace=config.namespace), no_restart=False)
 
