@@ -344,3 +344,20 @@ async def test_a_validation_is_counted_once_even_after_its_client_was_marked_gon
         assert share.accepted == 1 and "a" not in share.gone
     finally:
         await bridge.close()
+
+
+async def test_the_norm_bound_measures_the_distance_from_the_model_not_the_size_of_the_update():
+    """The cheap first check (||u|| + ||w||) cannot settle these: an update near a large
+    model passes on its exact distance, one as far as the limit is refused."""
+    model = {k: np.full(v.shape, 100.0, v.dtype) for k, v in GLOBAL.items()}
+    bridge = await Bridge.start()
+    try:
+        tasks = await bridge.open_round(CLIENTS, max_update_norm=50.0, model=model)
+        near = update_bytes(101.0)  # ||u - w|| = sqrt(40) ~ 6.3, ||u|| + ||w|| ~ 1270
+        reply = await bridge.push(parts(header(tasks["a"], "a", near), near))
+        assert reply.accepted, reply.reason
+        far = update_bytes(110.0)  # 10 * sqrt(40) ~ 63 > 50
+        reply = await bridge.push(parts(header(tasks["b"], "b", far), far))
+        assert not reply.accepted and reply.reason.startswith("norm"), reply.reason
+    finally:
+        await bridge.close()

@@ -101,7 +101,9 @@ VALIDATE = Stage(TaskKind.VALIDATE, when=When.COMMITTED)
 
 class NormCheck(enum.StrEnum):
     OFF = "off"  # not defined for this layout (encoded, masked): max_update_norm cannot apply
-    WHEN_LIMITED = "when_limited"  # computed when session.max_update_norm is set
+    # checked against a bound when one is set (max_update_norm, _ratio); UpdateMeta.norm
+    # is exact only where a cheap upper bound could not settle it, else None
+    WHEN_LIMITED = "when_limited"
     ALWAYS = "always"  # computed for every update: accept and fold read UpdateMeta.norm
 
 

@@ -47,16 +47,16 @@ def bounded(version: ModelVersion, layout: UpdateLayout, max_norm: float | None,
     gives a model of zeros room to move). None where the layout has no such distance."""
     if layout.norm is NormCheck.OFF:
         return version
+    if max_norm is None and ratio is None:
+        return version
+    w, n = l2_norm(version.base)
     bounds = []
     if max_norm is not None:
-        bounds.append(NormBound(max_norm, f"session.max_update_norm ({max_norm:g})"))
+        bounds.append(NormBound(max_norm, f"session.max_update_norm ({max_norm:g})", w))
     if ratio is not None:
-        w, n = l2_norm(version.base)
         bounds.append(NormBound(ratio * (w + math.sqrt(n)),
                                 f"session.max_update_norm_ratio {ratio:g} x (||w|| {w:.4g} "
-                                f"+ sqrt(n) {math.sqrt(n):.4g})"))
-    if not bounds:
-        return version
+                                f"+ sqrt(n) {math.sqrt(n):.4g})", w))
     return dataclasses.replace(version, norm=min(bounds, key=lambda b: b.limit))
 
 

@@ -9,6 +9,7 @@ from the network answers a task of the open share; ``task_for`` builds the tasks
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class NormBound:
 
     limit: float
     rule: str
+    base_norm: float = math.inf  # ||w|| of the version's base, for the cheap first check
 
 
 @dataclass(frozen=True, slots=True)
