@@ -31,6 +31,9 @@ _HOMES = {
     "model_id": "fedray.serialization",
     "ClientTls": "fedray.bridge.tls",
     "EdgeClient": "fedray.edge",
+    "connect": "fedray.api",
+    "ApiError": "fedray.errors",
+    "NotFound": "fedray.errors",
 }
 
 __all__ = sorted([*_HOMES, "__version__"])

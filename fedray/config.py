@@ -8,7 +8,7 @@ anything starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -89,6 +89,24 @@ class SessionConfig:
     continue_from: str = ""  # a session id: start from its last model and strategy state
 
 
+def recorded_settings(raw: object, default: SessionConfig) -> SessionConfig:
+    """A session's settings as tracking recorded them (``asdict``), over ``default`` for
+    what the record lacks or has in a form that does not fit (a resume after a restart
+    runs a queued session's own settings, not the service's config)."""
+    if not isinstance(raw, dict):
+        return default
+    names = {f.name: f for f in fields(SessionConfig)}
+    values = {k: v for k, v in raw.items() if k in names and k != "select"}
+    select = raw.get("select")
+    if isinstance(select, dict):
+        allowed = {f.name for f in fields(SelectConfig)}
+        values["select"] = SelectConfig(**{k: v for k, v in select.items() if k in allowed})
+    try:
+        return replace(default, **values)
+    except TypeError:
+        return default
+
+
 DEFAULT_DATABASE = "fedray"
 DATA_DIR_ENV = "FEDRAY_DATA_DIR"
 
@@ -131,6 +149,15 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The HTTP API and web view a running federation serves (fedray.service)."""
+
+    host: str = "127.0.0.1"  # beyond loopback, every endpoint needs the API token
+    port: int = 12070  # 0 picks a free port; a port in use falls back to a free one
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     federation: str
     seed_model: str  # a .safetensors path, module:function returning arrays, or model:ID|latest
@@ -144,6 +171,7 @@ class FederationConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     source: str = "<dict>"  # where the config came from, for error messages
 
     @property

@@ -9,7 +9,8 @@ and that none is defined outside this module).
     code  class                       what happened
        1  FedrayError                 base of them all
        2  ├── ConfigError             a bad config field or CLI argument (names field and file)
-      11  │   └── MissingExtra        a command needs an extra that is not installed
+      11  │   ├── MissingExtra        a command needs an extra that is not installed
+      25  │   └── NotFound            a session, model or file asked for is not there (HTTP 404)
        3  ├── SerializationError      bytes that are not a valid safetensors model
       12  ├── UpdateRejected          an update failed its checks (``reason`` is a short code)
        4  ├── PackageError            a compute package that is unsafe, malformed or failing
@@ -20,7 +21,8 @@ and that none is defined outside this module).
        7  ├── TransportError          a gRPC call to the gateway or a combiner failed
        8  │   ├── AuthError           a credential was missing, wrong, expired or revoked
       15  │   ├── ListenError         a gateway or combiner could not listen on its address
-      24  │   └── UnknownTaskKind     a task of a kind this client does not know (refused)
+      24  │   ├── UnknownTaskKind     a task of a kind this client does not know (refused)
+      26  │   └── ApiError            the federation's HTTP API refused or failed a call
        9  ├── SessionError            a session or round could not complete
       16  │   ├── UnknownSession      a combiner does not know the session (it is sent again)
       17  │   ├── AttemptFailed       one attempt at a round did not commit (it may run again)
@@ -221,3 +223,23 @@ class UnknownTaskKind(TransportError):
 
     def __reduce__(self):
         return (type(self), (self.kind, self.task_id))
+
+
+class NotFound(ConfigError):
+    """What was asked for (a session, a model) is not there; the API answers 404."""
+
+    exit_code = 25
+
+
+class ApiError(TransportError):
+    """The federation's HTTP API refused or failed a call (``fedray.api``); the message is
+    the API's own."""
+
+    exit_code = 26
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.status))

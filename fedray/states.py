@@ -17,10 +17,11 @@ class SessionState(enum.StrEnum):
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
+    STOPPED = "stopped"  # by someone (fedray session stop): ended, not resumed
 
     @property
     def terminal(self) -> bool:
-        return self in (SessionState.FINISHED, SessionState.FAILED)
+        return self in (SessionState.FINISHED, SessionState.FAILED, SessionState.STOPPED)
 
 
 class RoundState(enum.StrEnum):
@@ -36,9 +37,11 @@ class RoundState(enum.StrEnum):
 
 
 _SESSION_MOVES = {
-    SessionState.CREATED: {SessionState.WAITING, SessionState.RUNNING, SessionState.FAILED},
-    SessionState.WAITING: {SessionState.RUNNING, SessionState.FAILED},
-    SessionState.RUNNING: {SessionState.WAITING, SessionState.FINISHED, SessionState.FAILED},
+    SessionState.CREATED: {SessionState.WAITING, SessionState.RUNNING, SessionState.FAILED,
+                           SessionState.STOPPED},
+    SessionState.WAITING: {SessionState.RUNNING, SessionState.FAILED, SessionState.STOPPED},
+    SessionState.RUNNING: {SessionState.WAITING, SessionState.FINISHED, SessionState.FAILED,
+                           SessionState.STOPPED},
 }
 _ROUND_MOVES = {
     RoundState.RUNNING: {RoundState.REDUCING, RoundState.FAILED},

@@ -27,7 +27,8 @@ class Recorder:
     def event(self, level, message, **data):
         self.events.append((level, message, data))
 
-    def client_status(self, client_id, name, status, online, attrs=None, version=None):
+    def client_status(self, client_id, name, status, online, attrs=None, version=None,
+                      connection=None):
         self.statuses.append((client_id, status))
         self.said = (attrs, version)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fedray.tracking.documents import utcnow
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.writer import TrackingWriter
 
@@ -45,10 +46,14 @@ class TrackingObserver:
                    data=data or None)
 
     def client_status(self, client_id: str, name: str, status: str, online: int,
-                      attrs: dict[str, str] | None = None, version: str | None = None) -> None:
+                      attrs: dict[str, str] | None = None, version: str | None = None,
+                      connection: str | None = None) -> None:
         fields: dict[str, Any] = {"attrs": dict(attrs)} if attrs is not None else {}
         if version is not None:
             fields["version"] = version
+        if connection is not None:  # a new Join: its id, and when it was made
+            fields["connection_id"] = connection
+            fields["connected_at"] = utcnow()
         self.write("upsert_client", client_id, name=name, combiner=self.combiner, status=status,
                    **fields)
         self.write("upsert_combiner", self.combiner, clients=online)

@@ -147,3 +147,34 @@ def credential_table(rows: list[dict], title: str):
                       Text(str(row["id"])), f"{created:%Y-%m-%d %H:%M}" if created else "",
                       state, Text(printable(attrs, newlines=False)))
     return table
+
+
+def api_options(command: F) -> F:
+    """``--data-dir`` and ``--api``: which running federation a command drives."""
+    command = click.option("--api", "api_url", default=None, metavar="URL",
+                           help="The federation's API, http://HOST:PORT (token from "
+                                "$FEDRAY_API_TOKEN), instead of --data-dir.")(command)
+    return click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                        help="The data directory of the federation fedray serve runs "
+                             "(default: the one serving under ~/.fedray).")(command)
+
+
+def connect_to(data_dir: Path | None, api_url: str | None):
+    """The ``fedray.api`` handle on the running federation the options name."""
+    from fedray.api import connect
+
+    if api_url:
+        return connect(api_url)
+    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+        data_dir = Path(os.environ[DATA_DIR_ENV])
+    if data_dir is None:
+        root = Path.home() / ".fedray"
+        serving = sorted((p.parent for p in root.glob("*/api.json")),
+                         key=lambda d: (d / "api.json").stat().st_mtime) if root.is_dir() else []
+        if not serving:
+            from fedray.errors import NotRunning
+
+            raise NotRunning("no federation is serving under ~/.fedray; start one with "
+                             "fedray serve CONFIG, or pass --data-dir or --api")
+        data_dir = serving[-1]
+    return connect(data_dir)

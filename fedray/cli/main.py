@@ -1,7 +1,7 @@
 """The `fedray` command: the group, its error handling and exit codes.
 
-The commands live one module per group beside this one (``run``, ``status``, ``query``,
-``models``, ``tokens``, ``clients``, ``package``, ``plot``; the edge's in ``fedray.edge.cli``); this
+The commands live one module per group beside this one (``run``, ``serve``, ``sessions``,
+``status``, ``query``, ``models``, ``tokens``, ``clients``, ``package``, ``plot``; the edge's in ``fedray.edge.cli``); this
 module only puts them together. User mistakes end as one line on stderr and the stable
 exit code of their ``FedrayError`` (the registry is ``fedray.errors``); a traceback is
 printed only for a bug in fedray itself (exit code 70). Server-side imports (Ray, pymongo)
@@ -23,6 +23,8 @@ from fedray.cli.package import package
 from fedray.cli.plot import plot
 from fedray.cli.query import QUERIES
 from fedray.cli.run import demo, run
+from fedray.cli.serve import down, serve
+from fedray.cli.sessions import session
 from fedray.cli.status import status
 from fedray.cli.tokens import token
 from fedray.deploy.lifecycle import Stopped
@@ -68,7 +70,8 @@ def main() -> None:
     """fedray: federated learning on Ray, with edge clients that only dial out."""
 
 
-for _command in (edge, status, run, demo, package, *QUERIES, plot, token, client):
+for _command in (edge, status, run, serve, session, down, demo, package, *QUERIES, plot, token,
+                 client):
     main.add_command(_command)
 
 

@@ -290,17 +290,20 @@ class Federation:
                 ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
 
     def serve_package(self, sha256: str, data: bytes) -> None:
-        """Make every combiner serve this compute package (for the next session)."""
+        """Make every combiner serve this compute package too (for a session to come)."""
         with ray_errors("sending the compute package to the combiners"):
-            ray.get([h.set_package.remote(sha256, data) for h in self.combiners])
+            ray.get([h.add_package.remote(sha256, data) for h in self.combiners])
 
     def start_session(self, seed_model_id: str, package_sha256: str = "",
-                      resume: bool = False, package_size: int = 0) -> str:
+                      resume: bool = False, package_size: int = 0,
+                      resume_only: bool = False) -> str | None:
         """Start a session; with ``resume``, continue the federation's unfinished one if any
-        (``self.resumed_after`` then says after which round)."""
+        (``self.resumed_after`` then says after which round); with ``resume_only``, start
+        none when there is none (None)."""
         with ray_errors("starting the session"):
-            started = ray.get(self.controller.start_session.remote(seed_model_id, package_sha256,
-                                                                   resume, package_size))
+            started = ray.get(self.controller.start_session.remote(
+                seed_model_id, package_sha256, resume or resume_only, package_size,
+                resume_only))
         self.resumed_after = started["resumed_after"]
         return started["session_id"]
 

@@ -75,9 +75,44 @@ def run_federation(config: FederationConfig, *, console: Console,
         teardown.close()
 
 
+@dataclass
+class Deployment:
+    """A federation that is up: its actors, tracking, store, seed and package (what
+    ``bring_up`` started; ``fedray serve`` and ``fedray run`` both begin with it)."""
+
+    config: FederationConfig
+    federation: Any  # fedray.deploy.federation.Federation
+    data_dir: Path
+    tracking_uri: str
+    store: Any  # ModelStore
+    seed_id: str
+    package: tuple[str, bytes, str] | None  # (sha256, .tgz bytes, name)
+    ray_address: str
+    transport: str  # "config" | "plaintext" | "auto" (fedray.deploy.exposure)
+
+
 def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], None] | None,
          resume: bool, teardown: Teardown, insecure: bool,
          on_status: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    up = bring_up(config, console, teardown, insecure)
+    federation, package = up.federation, up.package
+    if on_ready is not None:
+        on_ready(federation.gateway)
+    session_id = federation.start_session(up.seed_id, package[0] if package else "", resume,
+                                          len(package[1]) if package else 0)
+    if federation.resumed_after is not None:
+        console.print(f"[yellow]resuming[/] unfinished session {session_id} after round "
+                      f"{federation.resumed_after} (start a new one with --new-session)")
+    status = _follow(federation, session_id, config, console, on_status)
+    return RunResult(status=status, data_dir=up.data_dir, tracking_uri=up.tracking_uri,
+                     gateway=federation.gateway,
+                     embedded_tracking=config.tracking.uri == "embedded")
+
+
+def bring_up(config: FederationConfig, console: Console, teardown: Teardown,
+             insecure: bool = False) -> Deployment:
+    """Start what the federation needs (tracking, Ray, the actors) and say where it is;
+    everything started is registered on ``teardown``."""
     loopback = is_loopback(config.controller.host) and is_loopback(config.combiners.host)
     private_ray = loopback or (config.ray.listen == "loopback" and config.ray.address == "local"
                                and not os.environ.get("RAY_ADDRESS"))
@@ -148,20 +183,11 @@ def _run(config: FederationConfig, console: Console, on_ready: Callable[[str], N
     console.print(escape(f"Ray at {ray_address}{' (loopback only)' if local and private_ray else ''}"
                          f": fedray status --address {ray_address}"))
     lifecycle.checkpoint()
-    if on_ready is not None:
-        on_ready(federation.gateway)
     if package is not None:
         _record_package(tracking_uri, config, package)
         console.print(escape(f"serving compute package {package[2]!r} (sha256 {package[0][:12]})"))
-    session_id = federation.start_session(seed_id, package[0] if package else "", resume,
-                                          len(package[1]) if package else 0)
-    if federation.resumed_after is not None:
-        console.print(f"[yellow]resuming[/] unfinished session {session_id} after round "
-                      f"{federation.resumed_after} (start a new one with --new-session)")
-    status = _follow(federation, session_id, config, console, on_status)
-    return RunResult(status=status, data_dir=data_dir, tracking_uri=tracking_uri,
-                     gateway=federation.gateway,
-                     embedded_tracking=config.tracking.uri == "embedded")
+    return Deployment(config, federation, data_dir, tracking_uri, store, seed_id, package,
+                      ray_address, transport)
 
 
 def own_tls(config: FederationConfig, data_dir: Path):
@@ -271,4 +297,5 @@ def print_summary(result: RunResult, console: Console) -> None:
     console.print(escape(f"inspect it with: fedray rounds {where}"))
 
 
-__all__ = ["FedrayError", "RunResult", "print_summary", "run_federation"]
+__all__ = ["Deployment", "FedrayError", "RunResult", "bring_up", "print_summary",
+           "run_federation"]

@@ -214,6 +214,11 @@ def to_json(docs: Sequence[Doc]) -> str:
 # formatting helpers
 
 
+def plain(value: Any) -> Any:
+    """A document as JSON can hold it: datetimes as ISO 8601, ids as text, no NaN."""
+    return _plain(value)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}

@@ -25,7 +25,7 @@ from typing import Any, Literal, NotRequired, TypedDict, get_type_hints
 
 from bson import ObjectId
 
-SessionStatus = Literal["created", "waiting", "running", "finished", "failed"]
+SessionStatus = Literal["created", "waiting", "running", "finished", "failed", "stopped"]
 RoundStatus = Literal["running", "finished", "failed"]
 Mode = Literal["sync", "async"]
 ClientStatus = Literal["online", "training", "validating", "offline"]
@@ -53,6 +53,8 @@ class Session(TypedDict):
     mode: NotRequired[Mode]
     reason: NotRequired[str]
     seed_mac: NotRequired[str]  # the controller's signature of the seed (tracking.resume)
+    stopped_by: NotRequired[str]  # who stopped it (status "stopped", or a halted run)
+    submitted_by: NotRequired[str]  # who asked for it (fedray session start, the API)
 
 
 class CombinerShare(TypedDict):
@@ -133,6 +135,8 @@ class Client(TypedDict):
     last_seen: datetime
     attrs: NotRequired[dict[str, str]]
     version: NotRequired[str]
+    connection_id: NotRequired[str]  # its current Join: unchanged while it stays connected
+    connected_at: NotRequired[datetime]
 
 
 class Combiner(TypedDict):

@@ -304,6 +304,20 @@ class TrackingStore:
                 cursor = cursor.limit(int(limit))
             return list(cursor)
 
+    def find_with_ids(self, collection: str, filter: Mapping[str, Any] | None = None,
+                      sort: Sequence[tuple[str, int]] | None = None,
+                      limit: int = 0) -> list[dict[str, Any]]:
+        """Like ``find``, with each document's ``_id`` (a tail tells documents apart by it)."""
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown tracking collection {collection!r}")
+        with self._translate(f"query {collection}"):
+            cursor = self.db[collection].find(indexable(filter))
+            if sort:
+                cursor = cursor.sort(list(sort))
+            if limit:
+                cursor = cursor.limit(int(limit))
+            return list(cursor)
+
     def count(self, collection: str, filter: Mapping[str, Any] | None = None) -> int:
         """How many documents of ``collection`` match ``filter``.
 

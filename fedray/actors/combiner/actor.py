@@ -33,6 +33,7 @@ from fedray.strategies.updates import Kept
 from fedray.tracking.tokens import tracking_token_loader
 
 log = logging.getLogger(__name__)
+MAX_PACKAGES = 4  # compute packages a combiner serves at once (sessions queue)
 
 SWEEP_INTERVAL_S = 1.0
 
@@ -148,9 +149,13 @@ class Combiner:
     async def buffer_full(self, session_id: str, round_: int, attempt: int) -> None:
         self.core.buffer_full(session_id, round_, attempt)
 
-    async def set_package(self, sha256: str, data: bytes) -> None:
-        self.packages.clear()
+    async def add_package(self, sha256: str, data: bytes) -> None:
+        """Serve this compute package too: a queued session's comes while the running
+        one's is still in use. The oldest goes past ``MAX_PACKAGES``."""
+        self.packages.pop(sha256, None)
         self.packages[sha256] = data
+        while len(self.packages) > MAX_PACKAGES:
+            del self.packages[next(iter(self.packages))]
 
     async def stop(self) -> None:
         """Close every client stream and the server, and flush tracking writes."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ class CombinerListener(Protocol):
     def event(self, level: str, message: str, **data: Any) -> None: ...
     def client_status(self, client_id: str, name: str, status: str, online: int,
                       attrs: Mapping[str, str] | None = None,
-                      version: str | None = None) -> None: ...
+                      version: str | None = None, connection: str | None = None) -> None: ...
     def round_closed(self, result: Any) -> None: ...
 
 
@@ -40,6 +41,8 @@ class ClientLink:
     last_seen: float = field(default_factory=time.monotonic)
     status: str = "online"
     peer: str = ""  # the connection it joined on (a shared-token client is bound to it)
+    # this Join's id, tracked with the client: unchanged while the client stays connected
+    connection_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def send(self, task: Task) -> None:
         self.queue.put_nowait(task)
@@ -92,7 +95,7 @@ class ClientRegistry:
                           attrs=dict(list((attrs or {}).items())[:MAX_ATTRS]), peer=peer)
         self.links[client_id] = link
         self.listener.client_status(client_id, name, "online", len(self.online_ids()),
-                                    link.attrs, version)
+                                    link.attrs, version, link.connection_id)
         self._membership_changed()
         self.listener.event("info", f"client {name} joined combiner {self.combiner}",
                             client_id=client_id)

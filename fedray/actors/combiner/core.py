@@ -59,7 +59,7 @@ class NullListener:
 
     def client_status(self, client_id: str, name: str, status: str, online: int,
                       attrs: Mapping[str, str] | None = None,
-                      version: str | None = None) -> None:
+                      version: str | None = None, connection: str | None = None) -> None:
         pass
 
     def round_closed(self, result: RoundResult) -> None:

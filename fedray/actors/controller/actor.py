@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import uuid
@@ -25,6 +26,7 @@ from fedray.actors.controller.callbacks import (
     TrackingCallback,
 )
 from fedray.actors.controller.gateway import GatewayServicer
+from fedray.actors.controller.queue import SessionQueue, SessionRequest
 from fedray.actors.controller.ray_pool import RayCombinerPool
 from fedray.actors.controller.session_runner import SessionRunner, Start
 from fedray.actors.hosting import advertised_host, quiet
@@ -35,7 +37,7 @@ from fedray.bridge.auth import BridgeKeys, make_gate
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.server import ServerLimits, start_server
 from fedray.bridge.tls import ServerTls
-from fedray.config import FederationConfig
+from fedray.config import FederationConfig, SessionConfig, recorded_settings
 from fedray.errors import SessionError
 from fedray.states import SessionState
 from fedray.storage import open_model_store
@@ -48,6 +50,7 @@ from fedray.tracking.tokens import tracking_token_loader
 log = logging.getLogger(__name__)
 
 UNFINISHED = [state.value for state in SessionState if not state.terminal]
+ENDED_KEPT = 32  # queued sessions that never ran, remembered for fedray session list
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -71,6 +74,9 @@ class Controller:
         self._version = 0
         self._changed = asyncio.Condition()
         self.tracking_uri = tracking_uri
+        self.queue = SessionQueue()
+        self.ended: dict[str, dict[str, Any]] = {}  # queued sessions that never ran
+        self._drain: asyncio.Task[None] | None = None
         self._ready = asyncio.ensure_future(self._serve(token))
         # Restarted by Ray after a crash: pick the interrupted session up where it stopped.
         self._resumed = (asyncio.ensure_future(self._resume_after_restart())
@@ -177,12 +183,14 @@ class Controller:
         if found is not None:
             doc, start = found
             self._launch(doc[SESSIONS.session_id], start, doc.get(SESSIONS.package_sha256) or "",
-                         int(doc.get(SESSIONS.package_size) or 0))
+                         int(doc.get(SESSIONS.package_size) or 0),
+                         recorded_settings(doc.get(SESSIONS.config), self.config.session))
 
     def _launch(self, session_id: str, start: Start, package_sha256: str,
-                package_size: int = 0) -> None:
-        s = self.config.session
-        status = SessionStatus(session_id=session_id, rounds_planned=s.rounds)
+                package_size: int = 0, settings: SessionConfig | None = None) -> None:
+        s = settings or self.config.session
+        status = SessionStatus(session_id=session_id, rounds_planned=s.rounds,
+                               strategy=s.aggregator)
         self.status = status
         tracking = TrackingCallback(self.observer)
         runner = SessionRunner(
@@ -193,26 +201,44 @@ class Controller:
             combiner_strategy=make_strategy(s.aggregator, s.aggregator_kwargs),
             package=(package_sha256, package_size), secret=self.secret)
         self.runners = {session_id: runner}
+        self.sessions = {sid: task for sid, task in self.sessions.items() if not task.done()}
         self.sessions[session_id] = asyncio.ensure_future(runner.run(start))
 
-    async def start_session(self, seed_model_id: str, package_sha256: str = "",
-                            resume: bool = False, package_size: int = 0) -> dict[str, Any]:
-        """Start a session (or, with ``resume``, continue the federation's unfinished one)."""
-        if self._resumed is not None:
-            await self._resumed
+    def _running(self) -> str | None:
+        """The session whose task has not ended, if any."""
+        return next((sid for sid, task in self.sessions.items() if not task.done()), None)
+
+    async def _settle(self) -> None:
+        """Wait for a session that has ended and only flushes its last tracking writes;
+        SessionError if one is still running."""
         for session_id, task in self.sessions.items():
             if task.done():
                 continue
             if self.status is not None and self.status.session_id == session_id \
-                    and self.status.state in ("finished", "failed"):
-                await task  # it has ended and is only flushing its last tracking writes
+                    and SessionState(self.status.state).terminal:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             else:
                 raise SessionError(f"session {session_id} is still running; wait for it to end")
+
+    async def start_session(self, seed_model_id: str, package_sha256: str = "",
+                            resume: bool = False, package_size: int = 0,
+                            resume_only: bool = False) -> dict[str, Any]:
+        """Start a session (or, with ``resume``, continue the federation's unfinished one;
+        with ``resume_only`` too, start nothing when there is none)."""
+        if self._resumed is not None:
+            await self._resumed
+        if len(self.queue):
+            raise SessionError(f"{len(self.queue)} session(s) are queued; submit this one too")
+        await self._settle()
         found = await asyncio.to_thread(self._unfinished_session) if resume else None
         if found is not None:
             doc, start = found
-            self._launch(doc[SESSIONS.session_id], start, package_sha256, package_size)
+            self._launch(doc[SESSIONS.session_id], start, package_sha256, package_size,
+                         recorded_settings(doc.get(SESSIONS.config), self.config.session))
             return {"session_id": doc[SESSIONS.session_id], "resumed_after": start.rounds_done}
+        if resume_only:
+            return {"session_id": None, "resumed_after": None}
         session_id = uuid.uuid4().hex[:16]
         continued = self.config.session.continue_from
         start = await asyncio.to_thread(self._continued, continued) if continued \
@@ -220,6 +246,96 @@ class Controller:
         self._launch(session_id, start, package_sha256, package_size)
         return {"session_id": session_id, "resumed_after": None,
                 "continued_from": start.continued_from or None}
+
+    async def submit_session(self, request: SessionRequest) -> dict[str, Any]:
+        """Queue ``request``; it runs once every session before it has ended."""
+        if self._resumed is not None:
+            await self._resumed
+        ahead = [*self.queue_ids(), *(sid for sid in [self._running()] if sid)]
+        source = request.settings.continue_from
+        if source and not any(sid.startswith(source) for sid in ahead):
+            await asyncio.to_thread(self._continued, source)  # said now, not at its turn
+        position = self.queue.push(request)
+        running = self._running()
+        self.observer.event("info", f"session {request.session_id} submitted"
+                            + (f" by {request.submitted_by}" if request.submitted_by else "")
+                            + (f"; it runs after {running}"
+                               + (f" and {position - 1} more" if position > 1 else "")
+                               if running else ""),
+                            session_id=request.session_id, submitted_by=request.submitted_by)
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.ensure_future(self._run_queue())
+        return {"session_id": request.session_id, "position": position,
+                "after": running}
+
+    async def _run_queue(self) -> None:
+        """Run queued sessions one at a time, each as soon as the one before has ended."""
+        while True:
+            running = self._running()
+            if running is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(self.sessions[running])
+                continue
+            request = self.queue.pop()
+            if request is None:
+                return
+            try:
+                await self._settle()
+                start = await asyncio.to_thread(self._continued, request.settings.continue_from) \
+                    if request.settings.continue_from else Start(request.seed_model_id)
+                start = dataclasses.replace(start, submitted_by=request.submitted_by)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the queue goes on
+                reason = str(exc) if isinstance(exc, SessionError) else \
+                    f"{type(exc).__name__}: {exc}"
+                self.ended[request.session_id] = {**request.summary(0), "state": "failed",
+                                                  "reason": reason}
+                self.observer.event("error", f"session {request.session_id} could not start: "
+                                    f"{reason}", session_id=request.session_id)
+                continue
+            self._launch(request.session_id, start, request.package_sha256,
+                         request.package_size, request.settings)
+
+    async def stop_session(self, session_id: str, by: str, reason: str = "") -> dict[str, Any]:
+        """Stop a queued or running session (any unique prefix of its id): a queued one
+        never runs; a running one finishes its current round and ends ``stopped``."""
+        reason = reason or "stopped on request"
+        matches = [sid for sid in [*self.queue_ids(), *self.sessions] if sid.startswith(session_id)]
+        matches = list(dict.fromkeys(matches))
+        if len(matches) != 1:
+            what = "no queued or running session" if not matches else "more than one session"
+            raise SessionError(f"{what} matches {session_id!r}; fedray session list shows them")
+        sid = matches[0]
+        request = self.queue.remove(sid)
+        if request is not None:
+            self.ended[sid] = {**request.summary(0), "state": "stopped", "reason": reason,
+                               "stopped_by": by}
+            self.observer.event("info", f"session {sid} removed from the queue: {reason} "
+                                f"(by {by})", session_id=sid, stopped_by=by)
+            return {"session_id": sid, "state": "stopped", "was": "queued"}
+        task, runner = self.sessions[sid], self.runners.get(sid)
+        if task.done() or runner is None:
+            return {"session_id": sid, "state": self._state_of(sid), "was": "ended"}
+        runner.stop(by, reason, task)
+        return {"session_id": sid, "state": "stopping", "was": "running"}
+
+    def queue_ids(self) -> list[str]:
+        return [q["session_id"] for q in self.queue.listing()]
+
+    def _state_of(self, session_id: str) -> str:
+        if self.status is not None and self.status.session_id == session_id:
+            return self.status.state
+        return "ended"
+
+    @quiet
+    async def session_list(self) -> dict[str, Any]:
+        """The running session's status (without its round records) and the queue."""
+        current = None
+        if self.status is not None:
+            current = {k: v for k, v in self.status.snapshot(self.status.history_total).items()
+                       if k != "history"}
+            current["running"] = self._running() == self.status.session_id
+        return {"current": current, "queued": self.queue.listing(),
+                "ended": list(self.ended.values())[-ENDED_KEPT:]}
 
     @quiet
     async def claim_update(self, session_id: str, round_: int, attempt: int,

@@ -183,6 +183,8 @@ class AsyncLoop:
             takers[name] = asyncio.ensure_future(r.pool.take_updates(name, r.session_id, TAKE_S))
         while current[0] < s.rounds:
             now = time.monotonic()
+            if r.stop is not None:
+                break  # asked to stop: the versions committed stand, the buffer goes
             if now >= budget_end:
                 r.note("info", f"time budget of {s.time_budget_s:g}s used up after "
                        f"{current[0] - self.first_version} version(s)")

@@ -33,6 +33,7 @@ class SessionCreated:
     strategy: str = ""
     asynchronous: bool = False
     seed_mac: str = ""  # the controller's signature of the seed (fedray.tracking.resume)
+    submitted_by: str = ""  # who asked for it (fedray session start, the API)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ class TrackingCallback:
                   package_sha256=e.package_sha256, package_size=e.package_size,
                   continued_from=e.continued_from or None,
                   strategy=e.strategy, mode="async" if e.asynchronous else "sync",
-                  **({"seed_mac": e.seed_mac} if e.seed_mac else {}))
+                  **({"seed_mac": e.seed_mac} if e.seed_mac else {}),
+                  **({"submitted_by": e.submitted_by} if e.submitted_by else {}))
             self._event("info", f"session {e.session_id} created"
                         + (f", continuing {e.continued_from}" if e.continued_from else ""),
                         e.session_id)
@@ -260,6 +262,8 @@ class SessionStatus:
     clients_online: int = 0
     model_id: str = ""
     reason: str = ""
+    stopped_by: str = ""
+    strategy: str = ""
     mode: str = "sync"
     history: list[dict[str, Any]] = field(default_factory=list)
     history_total: int = 0
@@ -298,7 +302,8 @@ class StatusCallback:
     def on_event(self, e: RunnerEvent) -> None:
         if isinstance(e, SessionMoved):
             self.update(state=e.state, **{k: v for k, v in e.fields.items()
-                                          if k in ("rounds_done", "model_id", "reason")})
+                                          if k in ("rounds_done", "model_id", "reason",
+                                                   "stopped_by")})
         elif isinstance(e, RoundStarted):
             self.update(round=e.round, round_state="running")
         elif isinstance(e, RoundCommitted):

@@ -47,6 +47,15 @@ class Start:
     state_id: str = ""
     resume: bool = False
     continued_from: str = ""  # a new session that continues another one's model and state
+    submitted_by: str = ""  # who asked for the session (recorded with it)
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Someone asked the session to end (``SessionRunner.stop``)."""
+
+    by: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class Session:
         self.rounds_done = 0
         self.model_id = ""
         self.state_id = ""
+        self.stop: StopRequest | None = None  # set once: no round starts after it
         self._put: tuple[str, Any] | None = None  # (model id, ref) of the last put
         self._tasks: set[asyncio.Future] = set()  # fire-and-forget calls, until they are done
 

@@ -19,7 +19,7 @@ from fedray.actors.controller.async_runner import AsyncLoop
 from fedray.actors.controller.callbacks import Callbacks, SessionCreated, SessionMoved
 from fedray.actors.controller.claims import BufferClaims
 from fedray.actors.controller.pool import CombinerPool
-from fedray.actors.controller.session import Session, Start
+from fedray.actors.controller.session import Session, Start, StopRequest
 from fedray.actors.controller.sync_rounds import SyncRounds
 from fedray.config import SessionConfig
 from fedray.errors import FedrayError
@@ -31,6 +31,8 @@ from fedray.strategies.base import Strategy
 log = logging.getLogger(__name__)
 
 __all__ = ["SessionRunner", "Start"]
+
+STOP_GRACE_S = 10.0  # past the round timeout, for the commit, before a stop cuts it short
 
 
 class SessionRunner:
@@ -44,6 +46,7 @@ class SessionRunner:
                                package=package, secret=secret)
         self.claims = BufferClaims(self.session, self._close_buffered)
         self.halted = ""  # who stopped the session, once ``halt`` was called
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def session_id(self) -> str:
@@ -68,6 +71,24 @@ class SessionRunner:
         self.halted = why
         task.cancel()
 
+    def stop(self, by: str, reason: str, task: asyncio.Future) -> None:
+        """End the session for good (state ``stopped``): the round in progress finishes
+        and commits, no other starts. A session with no round in progress (waiting for
+        clients) stops at once; one whose round outlasts ``session.round_timeout_s`` (and
+        a few seconds of commit) is cut short there."""
+        s = self.session
+        if s.stop is not None or task.done():
+            return
+        s.stop = StopRequest(by, reason)
+        s.note("info", f"session {s.session_id} is stopping: {reason} (by {by}); "
+               f"{'no round is running' if s.state is SessionState.WAITING else 'its current round finishes first'}",
+               reason="stopping", stopped_by=by)
+        if s.state is SessionState.WAITING:  # for clients: nothing under way to finish
+            task.cancel()
+            return
+        grace = s.settings.round_timeout_s + STOP_GRACE_S
+        self._watchdog = asyncio.get_running_loop().call_later(grace, task.cancel)
+
     def claim(self, round_: int, attempt: int, client_id: str) -> int:
         """A combiner asks to fold an update of a buffered round (``BufferClaims``)."""
         return self.claims.claim(round_, attempt, client_id)
@@ -87,10 +108,18 @@ class SessionRunner:
                 await AsyncLoop(s).run(model)
             else:
                 await SyncRounds(s, self.claims).run(model)
-            s.move(SessionState.FINISHED, rounds_done=s.rounds_done, model_id=s.model_id)
-            s.note("info", f"session {s.session_id} finished after {s.rounds_done} "
-                   f"{'versions' if s.asynchronous else 'rounds'}")
-        except asyncio.CancelledError:  # halted: the command that runs it was stopped
+            if s.stop is not None:
+                self._stopped()
+            else:
+                s.move(SessionState.FINISHED, rounds_done=s.rounds_done, model_id=s.model_id)
+                s.note("info", f"session {s.session_id} finished after {s.rounds_done} "
+                       f"{'versions' if s.asynchronous else 'rounds'}")
+        except asyncio.CancelledError:
+            if s.stop is not None and not self.halted:  # stopped for good, cut short
+                self._stopped()
+                await s.callbacks.flush()
+                return s.state.value, s.stop.reason
+            # halted: the command that runs it was stopped
             s.note("warning", f"session {s.session_id} stopped after {s.rounds_done} "
                    f"{'versions' if s.asynchronous else 'rounds'}: {self.halted or 'cancelled'};"
                    " it resumes when the federation runs it again", reason="stopped",
@@ -104,8 +133,22 @@ class SessionRunner:
             if not s.state.terminal:
                 s.move(SessionState.FAILED, reason=reason)
             s.note("error", f"session {s.session_id} failed: {reason}")
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         await s.callbacks.flush()
         return s.state.value, reason
+
+    def _stopped(self) -> None:
+        s = self.session
+        assert s.stop is not None
+        what = "versions" if s.asynchronous else "rounds"
+        s.move(SessionState.STOPPED, rounds_done=s.rounds_done, model_id=s.model_id,
+               reason=s.stop.reason, stopped_by=s.stop.by)
+        s.note("warning", f"session {s.session_id} stopped after {s.rounds_done} {what}: "
+               f"{s.stop.reason} (by {s.stop.by}); a new session can continue from its model "
+               f"(session.continue_from: {s.session_id})", reason="stopped",
+               stopped_by=s.stop.by)
 
     async def _begin(self, start: Start) -> bytes:
         s = self.session
@@ -114,7 +157,8 @@ class SessionRunner:
             s.emit(SessionCreated(s.session_id, s.federation, asdict(s.settings),
                                   s.settings.rounds, start.model_id, s.package[0],
                                   s.package[1], start.continued_from, s.settings.aggregator,
-                                  s.asynchronous, s.sign(0, start.model_id)))
+                                  s.asynchronous, s.sign(0, start.model_id),
+                                  start.submitted_by))
         else:
             s.note("warning", f"session {s.session_id} resumed after round "
                    f"{start.rounds_done} from model {start.model_id[:12]}")

@@ -40,6 +40,8 @@ class SyncRounds:
 
     async def run(self, model: bytes) -> None:
         for number in range(self.s.rounds_done + 1, self.s.settings.rounds + 1):
+            if self.s.stop is not None:  # asked to stop: no round starts after that
+                return
             model = await self.round(number, model)
 
     async def round(self, number: int, model: bytes) -> bytes:
@@ -54,6 +56,9 @@ class SyncRounds:
                 if attempt == attempts:
                     raise SessionError(f"round {number} failed {attempts} time(s); last: "
                                        f"{exc}") from None
+                if self.s.stop is not None:
+                    raise SessionError(f"round {number} failed while the session was "
+                                       f"stopping: {exc}") from None
                 self.s.note("warning", f"round {number} attempt {attempt} failed: {exc}; "
                             f"running it again in {backoff:g}s ({attempt + 1} of {attempts})",
                             number)
