@@ -31,7 +31,7 @@ def query_command(collection: str) -> click.Command:
     @tracking_options
     def command(filter_json: str | None, as_json: bool, limit: int, data_dir: Path | None,
                 tracking_uri: str | None, database: str | None, session: str | None = None,
-                level: str | None = None) -> None:
+                level: str | None = None, follow: bool = False) -> None:
         if click.get_current_context().invoked_subcommand:  # fedray models get ...
             return
         require(f"fedray {collection}", ("server",), TRACKING_MODULES)
@@ -41,7 +41,11 @@ def query_command(collection: str) -> click.Command:
         parse_filter(filter_json)  # a typo is told before any server starts
         with tracking(data_dir, tracking_uri) as uri:
             page = query_page(uri, collection, filter_json, limit, database=database,
-                              session=session, level=level, count=not as_json)
+                              session=session, level=level, count=not as_json and not follow)
+            if follow:
+                _follow(uri, collection, page.docs, filter_json, database, session, level,
+                        as_json)
+                return
         if as_json:
             click.echo(to_json(page.docs))
         else:
@@ -51,6 +55,11 @@ def query_command(collection: str) -> click.Command:
         command = click.option(
             "--level", type=click.Choice(EVENT_LEVELS), default=None,
             help="Show this level and above (debug < info < warning < error).")(command)
+    if collection in FOLLOWED:
+        command = click.option(
+            "--follow", "-f", is_flag=True,
+            help=f"Then print each new {collection[:-1]} as it lands, until Ctrl-C "
+                 "(with --json: one JSON object per line).")(command)
     if collection in SESSION_COLLECTIONS:
         command = click.option(
             "--session", default=None, metavar="ID",
@@ -65,4 +74,30 @@ def query_command(collection: str) -> click.Command:
     return click.command(collection)(command)
 
 
+def _follow(uri: str, collection: str, docs: list[dict], filter_json: str | None,
+            database: str | None, session: str | None, level: str | None,
+            as_json: bool) -> None:
+    """Print ``docs``, then every new document as it lands (``fedray.tracking.tail``)."""
+    from fedray.tracking.query import follow_query, to_json_line
+    from fedray.tracking.tables import follow_line
+
+    console = Console(soft_wrap=True)
+
+    def show(doc: dict) -> None:
+        if as_json:
+            click.echo(to_json_line(doc))
+        else:
+            console.print(follow_line(collection, doc))
+
+    for doc in docs:
+        show(doc)
+    try:
+        for doc in follow_query(uri, collection, filter_json, database=database,
+                                session=session, level=level, after=docs):
+            show(doc)
+    except KeyboardInterrupt:
+        click.echo("(stopped following)", err=True)
+
+
+FOLLOWED = ("events", "rounds")  # what --follow streams
 QUERIES = [query_command(collection) for collection in QUERY_COLLECTIONS]

@@ -26,6 +26,7 @@ from typing import Annotated, Any
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from fedray.errors import (
     AuthError,
@@ -51,6 +52,19 @@ WEB_DIR = Path(__file__).parent / "web"
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 
+class ErrorBody(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a bad request (the message says what to fix)"},
+    401: {"model": ErrorBody, "description": "the API token is missing or wrong"},
+    404: {"model": ErrorBody, "description": "no such session or model"},
+    409: {"model": ErrorBody, "description": "the federation's state refuses it"},
+    503: {"model": ErrorBody, "description": "Ray or tracking does not answer"},
+}
+
+
 def _status(exc: FedrayError) -> int:
     if isinstance(exc, NotFound):
         return 404
@@ -69,8 +83,11 @@ def make_app(reader: TrackingReader, control: LiveControl | None, token: str, *,
              reads_need_token: bool = False,
              on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     app = FastAPI(title="fedray", version="1", openapi_url=f"{PREFIX}/openapi.json",
-                  docs_url=None, redoc_url=None,
-                  description="A running fedray federation: its tracking, and its sessions.")
+                  docs_url=None, redoc_url=None, responses=ERRORS,
+                  description="A running fedray federation: its tracking, and its sessions. "
+                              "Writes need the API token (Authorization: Bearer TOKEN, from "
+                              "<data_dir>/api-token); so do reads when the API listens "
+                              "beyond loopback.")
     streams = asyncio.Semaphore(MAX_STREAMS)
 
     @app.exception_handler(FedrayError)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,8 +42,8 @@ from fedray.tracking.schema import (
 from fedray.tracking.store import COLLECTIONS, TrackingStore
 from fedray.tracking.tables import render_table
 
-__all__ = ["Page", "levels_from", "parse_filter", "query_page", "render_table",
-           "resolve_session", "run_query", "to_json"]
+__all__ = ["Page", "follow_query", "levels_from", "parse_filter", "plain", "query_page",
+           "render_table", "resolve_session", "run_query", "to_json", "to_json_line"]
 
 Doc = Mapping[str, Any]
 
@@ -203,6 +203,43 @@ def _count(
     if EVENTS.level in query:
         return store.count(collection, _merged(query, {EVENTS.level: {"$in": list(levels)}}))
     return sum(store.count(collection, {**query, EVENTS.level: level}) for level in levels)
+
+
+def follow_query(uri: str, collection: str, filter_json: str | None = None, *,
+                 database: str | None = None, session: str | None = None,
+                 level: str | None = None, after: Sequence[Doc] = ()) -> Iterator[Doc]:
+    """The documents of ``collection`` (events or rounds) that land from now on, or after
+    the last of ``after``, as they land (``fedray.tracking.tail``; endless)."""
+    from fedray.tracking.tail import Tail
+
+    field = {"events": EVENTS.ts, "rounds": "updated_at"}.get(collection)
+    if field is None:
+        raise ConfigError(f"--follow applies to events and rounds, not to {collection}")
+    query = parse_filter(filter_json)
+    levels = levels_from(level, collection)
+    store = TrackingStore.from_uri(uri, database)
+    try:
+        if session is not None:
+            query = _merged(query, {ROUNDS.session_id: resolve_session(store, session)})
+        if levels is not None:
+            query = _merged(query, {EVENTS.level: {"$in": list(levels)}})
+        stamps = [d.get(field) for d in after if isinstance(d.get(field), datetime)]
+        tail = Tail(store, collection, query, field, max(stamps) if stamps else None)
+        known = {_identity(d) for d in after}
+        for doc in tail.follow():
+            if _identity(doc) not in known:
+                yield doc
+    finally:
+        store.close()
+
+
+def _identity(doc: Doc) -> str:
+    return json.dumps(_plain({k: v for k, v in doc.items() if k != "_id"}), sort_keys=True)
+
+
+def to_json_line(doc: Doc) -> str:
+    """One document as one line of JSON (for ``--follow --json``)."""
+    return json.dumps(_plain(doc), ensure_ascii=False, allow_nan=False)
 
 
 def to_json(docs: Sequence[Doc]) -> str:

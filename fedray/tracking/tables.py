@@ -326,3 +326,34 @@ def _generic_columns(docs: Sequence[Doc]) -> list[Column]:
         return lambda d: _time(d[key]) if isinstance(d.get(key), datetime) else d.get(key)
 
     return [(key, getter(key)) for key in keys]
+
+
+def follow_line(collection: str, doc: Doc) -> Text:
+    """One document as one line, for ``--follow`` (a table cannot grow row by row)."""
+    ts = doc.get(EVENTS.ts) if collection == "events" else doc.get("updated_at")
+    when = ""
+    if isinstance(ts, datetime):
+        local = ts.astimezone()
+        when = f"{local:%H:%M:%S}.{local.microsecond // 1000:03d} "
+    line = Text(when, style="dim")
+    if collection == "events":
+        level = str(doc.get(EVENTS.level) or "")
+        line.append(f"{level:<7} ", style=_STYLES.get(level, ""))
+        line.append(printable(str(doc.get(EVENTS.source) or ""), newlines=False) + " ",
+                    style="dim")
+        line.append(printable(str(doc.get(EVENTS.message) or ""), newlines=False),
+                    style=_MESSAGE_STYLES.get(level, ""))
+        return line
+    status = str(doc.get("status") or "")
+    line.append(f"session {_short(doc.get('session_id'), 8)} round {doc.get('round')} ")
+    line.append(status, style={"finished": "green", "failed": "red"}.get(status, ""))
+    if status == "finished":
+        line.append(f" · {doc.get('updates')} updates · {doc.get('seconds', 0):.2f}s")
+        metrics = {**{f"train {k}": v for k, v in (doc.get("train_metrics") or {}).items()},
+                   **{f"val {k}": v for k, v in (doc.get("validation_metrics") or {}).items()}}
+        for name, value in metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, int | float) else str(value)
+            line.append(f" · {printable(name, newlines=False)} {shown}")
+    elif status == "failed":
+        line.append(f": {printable(str(doc.get('reason') or ''), newlines=False)}")
+    return line

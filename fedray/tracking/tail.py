@@ -6,7 +6,8 @@ timestamp field, ``ts`` for events, ``started_at`` for rounds) and waits between
 starting at ``POLL_MIN_S`` and doubling up to ``POLL_MAX_S`` while nothing comes (back to
 the minimum as soon as something does): no busy polling, and a quiet federation costs
 one small query a second. Writers on several processes stamp their own clocks, so each
-ask overlaps the last ``OVERLAP_S`` and drops what it has already given (by ``_id``).
+ask overlaps the last ``OVERLAP_S`` and drops what it has already given (by ``_id`` and
+the field: a round document updated later is given again, as it is then).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Tail:
                                         sort=[(self.field, 1)], limit=BATCH)
         fresh = []
         for doc in docs:
-            key = doc.pop("_id", None)
+            key = (doc.pop("_id", None), str(doc.get(self.field)))  # a change is new again
             if key in self._seen:
                 continue
             self._seen[key] = None
