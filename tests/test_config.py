@@ -200,8 +200,8 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"session.aggregator_kwargs.sever_lr": 1},
-     "--set session.aggregator_kwargs.sever_lr: session.aggregator names no strategy that "
-     "loads: session.aggregator_kwargs do not fit 'fedadam'"),
+     "--set session.aggregator_kwargs.sever_lr: session.aggregator fedadam has no option "
+     "sever_lr in session.aggregator_kwargs (did you mean server_lr?)"),
     ({"session.aggregator": "nope"},
      "--set session.aggregator: names no strategy that loads: unknown aggregator 'nope'"),
     ({"session.select.policy": "nope"},
@@ -224,7 +224,8 @@ def test_strategy_and_selection_errors_of_the_file_still_name_the_file(tmp_path)
     path = _write(tmp_path, MINIMAL + "session: {aggregator_kwargs: {sever_lr: 1}, "
                                       "select: {policy: nope}}\n")
     for overrides in (None, {"session.rounds": 3}):
-        with pytest.raises(ConfigError, match=f"^{path}: session.aggregator names no strategy"):
+        with pytest.raises(ConfigError, match=f"^{path}: session.aggregator fedavg takes no "
+                                              "options; leave session.aggregator_kwargs empty"):
             load_config(path, overrides)
     path = _write(tmp_path, MINIMAL + "session: {select: {policy: nope}}\n")
     with pytest.raises(ConfigError, match=f"^{path}: session.select.policy 'nope'"):

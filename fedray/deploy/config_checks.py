@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fedray.bridge.tls import server_tls
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError
-from fedray.strategies import NormCheck, make_strategy
+from fedray.strategies import NormCheck, make_strategy, options_problem, strategy_class
 from fedray.strategies.selection import check_select
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -149,10 +149,14 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
         raise bad("session.max_examples_per_update", f"must be at most 2**53, got "
                   f"{s.max_examples_per_update}")
     try:
-        strategy = make_strategy(s.aggregator, s.aggregator_kwargs)
+        problem = options_problem(s.aggregator, strategy_class(s.aggregator),
+                                  s.aggregator_kwargs)
+        strategy = None if problem else make_strategy(s.aggregator, s.aggregator_kwargs)
     except ConfigError as exc:
         raise blame.among(STRATEGY, "session.aggregator",
                           f"names no strategy that loads: {exc}") from None
+    if strategy is None:  # an option to set (with an example) or one that does not exist
+        raise blame.among(STRATEGY, "session.aggregator", problem)
     try:
         strategy.check_settings(s)
     except ValueError as exc:
