@@ -358,17 +358,81 @@ def every_client(clients, ctx):
     return [c.client_id for c in clients]
 
 
-async def test_a_plan_asking_more_than_max_kept_updates_fails_the_session_naming_it():
-    pool = await _pool({"a": (1.0, 10), "b": (2.0, 10), "c": (3.0, 10)})
+@pytest.mark.parametrize("select", [{}, {"policy": "tests.test_session_runner:every_client"}])
+async def test_a_plan_asking_more_than_max_kept_updates_is_sampled_down_with_a_notice(select):
+    shifts = {f"c{i}": (float(i), 10) for i in range(5)}
+    pool = await _pool(shifts, combiners=2)
     store = MemoryStore()
-    # The config's estimate (2 per round) cannot see the policy, which asks all 3.
-    settings = session_settings(rounds=1, aggregator="median", max_kept_updates=2,
-                                clients_per_round=2,
-                                select={"policy": "tests.test_session_runner:every_client"})
+    # A fraction (1.0) of 5 clients, or a policy that asks all: each round asks 3 of them.
+    settings = session_settings(rounds=2, aggregator="median", max_kept_updates=3,
+                                select=select)
+    state, reason, runner = await _from_seed(pool, store, settings)
+    assert (state, reason) == ("finished", "")
+    started = runner.recorder.of(RoundStarted)
+    asked = [sorted(i for ids in r.clients.values() for i in ids) for r in started]
+    assert [len(a) for a in asked] == [3, 3]
+    commits = runner.recorder.of(RoundCommitted)
+    assert [c.updates for c in commits] == [3, 3]
+    # The median of the sampled clients' shifts, round after round.
+    expected = sum(float(np.median([shifts[i][0] for i in a])) for a in asked)
+    np.testing.assert_allclose(decode(store.get(runner.model_id))["w"], expected, rtol=1e-6)
+    notes = [n for n in runner.recorder.of(Notice) if n.data.get("reason") == "max_kept_updates"]
+    assert [(n.level, n.round, n.data["planned"], n.data["asked"]) for n in notes] == [
+        ("warning", 1, 5, 3), ("warning", 2, 5, 3)]
+    assert notes[0].message == (
+        "round 1: 'median' keeps every update of a round in Ray's object store, at most "
+        "session.max_kept_updates (3); of the 5 clients planned, 3 are asked (a sample seeded "
+        "by session.seed, the round and the attempt). To ask more, raise "
+        "session.max_kept_updates (memory: that many model sizes)")
+    # Seeded: the same session asks the same clients again.
+    again = await _pool(shifts, combiners=2)
+    _, _, rerun = await _from_seed(again, MemoryStore(), settings)
+    assert [sorted(i for ids in r.clients.values() for i in ids)
+            for r in rerun.recorder.of(RoundStarted)] == asked
+
+
+async def test_a_strategy_that_needs_more_updates_than_min_clients_waits_for_and_asks_them():
+    # Krum with f=1 needs 2f + 3 = 5 updates; session.min_clients is 2 and 2 clients are on.
+    pool = await _pool({"a": (1.0, 10), "b": (2.0, 10)})
+    store = MemoryStore()
+    settings = session_settings(rounds=1, aggregator="krum", min_clients=2,
+                                clients_per_round=2)
+    recorder = Recorder()
+    session = asyncio.ensure_future(run_session(pool, store, settings,
+                                                Start(store.put(encode(SEED))),
+                                                recorder=recorder))
+    try:
+        await async_wait_until(
+            lambda: any(n.message == "waiting for clients: 2 of 5 connected"
+                        for n in recorder.of(Notice)),
+            "the session to wait for krum's 5 clients", describe=lambda: recorder.events)
+        assert not recorder.of(RoundStarted)
+        for name, value in (("c", 3.0), ("d", 4.0), ("e", 5.0)):
+            pool.add(name, shift_by(value))
+        state, reason, runner = await session
+    finally:
+        await pool.close()
+    assert (state, reason) == ("finished", "")
+    (started,) = runner.recorder.of(RoundStarted)
+    assert sum(started.asked.values()) == 5  # clients_per_round 2 < 5: raised, like min_clients
+    assert runner.recorder.of(RoundCommitted)[0].updates == 5
+    assert any(n.message == "'krum' needs at least 5 updates per round: rounds wait for and "
+                            "ask at least 5 clients (session.min_clients is 2)"
+               for n in runner.recorder.of(Notice))
+
+
+async def test_a_round_with_fewer_updates_than_the_strategy_needs_fails_naming_it():
+    pool = SimPool(1)
+    for name, value in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)):
+        pool.add(name, shift_by(value))
+    pool.add("mute", shift_by(5.0), delay=30.0)  # answers after the round's deadline
+    store = MemoryStore()
+    settings = session_settings(rounds=1, aggregator="krum", round_timeout_s=1.0,
+                                round_attempts=1)
     state, reason, runner = await _from_seed(pool, store, settings)
     assert state == "failed"
-    assert "round 1 asks 3 clients, more than session.max_kept_updates (2)" in reason
-    assert not runner.recorder.of(RoundStarted)  # nobody was asked
+    assert "only 4 update(s) arrived, 'krum' needs 5 per round (session.min_clients is 2)" \
+        in reason
 
 
 async def test_claim_keeps_its_buffer_full_call_referenced_until_it_is_done():

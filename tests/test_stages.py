@@ -55,6 +55,13 @@ def test_a_declaration_that_cannot_run_is_refused(stages, why):
         Declaration(stages=stages)
 
 
+@pytest.mark.parametrize("min_updates", [0, -1, 2.5, True])
+def test_min_updates_is_a_whole_number_of_at_least_one(min_updates):
+    with pytest.raises(ValueError, match="min_updates must be a whole number >= 1"):
+        Declaration(min_updates=min_updates)
+    assert Declaration().min_updates == 1 and Declaration(min_updates=7).min_updates == 7
+
+
 def test_an_asynchronous_strategy_has_no_stage_before_train():
     with pytest.raises(ValueError, match="asynchronous"):
         Declaration(stages=(Stage(TaskKind.VALIDATE, name="probe"), TRAIN),

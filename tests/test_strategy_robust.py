@@ -177,14 +177,13 @@ def test_examples_do_not_weigh_in():
 
 @pytest.mark.parametrize(("name", "options", "needed"), [
     ("krum", {"f": 2}, 7), ("multikrum", {"f": 1, "m": 6}, 6), ("bulyan", {"f": 2}, 11)])
-def test_too_few_updates_for_f_are_refused_clearly(name, options, needed):
+def test_too_few_updates_for_f_are_declared_and_refused_clearly(name, options, needed):
     strategy = make_strategy(name, options)
+    # Declared: the runtime then waits for, asks and needs that many (test_session_runner).
+    assert strategy.declare().min_updates == needed
     with pytest.raises(ValueError, match=f"needs at least {needed} updates, got {needed - 1}"):
         strategy.reduce(fold_kept(strategy, SEED, _updates(SEED, 1, needed - 1)))
     online = tuple(ClientInfo(f"c{i}", "combiner-0") for i in range(needed))
-    ctx = RoundContext("s", 1, 1, online, SessionConfig(min_clients=needed - 1), seed=0)
-    with pytest.raises(ConfigError, match=f"session.min_clients is {needed - 1}"):
-        strategy.configure(ctx)
     ok = RoundContext("s", 1, 1, online, SessionConfig(min_clients=needed), seed=0)
     assert strategy.configure(ok).asked == needed
     # Too few clients this round (one is not eligible) may pass next time: not a ConfigError.
@@ -194,18 +193,19 @@ def test_too_few_updates_for_f_are_refused_clearly(name, options, needed):
         strategy.configure(few)
 
 
-def test_a_config_whose_min_clients_is_too_low_for_f_is_refused_at_load():
+def test_a_min_clients_below_what_f_needs_loads_the_runtime_raises_it():
     from fedray.deploy.config_file import config_from_dict
 
-    def load(min_clients):
+    def load(**session):
         return config_from_dict({"federation": "byz", "seed_model": "unused", "session": {
-            "aggregator": "bulyan", "aggregator_kwargs": {"f": 1}, "min_clients": min_clients,
-            "clients_per_round": 10}}, source="byz.yaml")
+            "aggregator": "bulyan", "aggregator_kwargs": {"f": 1}, **session}},
+            source="byz.yaml")
 
-    with pytest.raises(ConfigError, match=r"byz.yaml: session.aggregator 'bulyan': bulyan with "
-                                          r"f=1 \(n >= 4f \+ 3\) needs at least 7 updates"):
-        load(6)
-    assert load(7).session.min_clients == 7
+    assert load(min_clients=2).session.min_clients == 2  # rounds will wait for 7 (4f + 3)
+    with pytest.raises(ConfigError, match=r"^byz.yaml: session.max_kept_updates \(6\): "
+                                          r"'bulyan' keeps at most that many updates per "
+                                          r"round, fewer than the 7 updates 'bulyan' needs"):
+        load(max_kept_updates=6)  # but a bound below 4f + 3 can never work
 
 
 def test_options_are_checked_when_the_config_is_loaded():

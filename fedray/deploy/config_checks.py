@@ -5,14 +5,13 @@ mistake is one line at start, never a traceback inside an actor."""
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from dataclasses import dataclass
 
 from fedray.bridge.tls import server_tls
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError
-from fedray.strategies import NormCheck, make_strategy
+from fedray.strategies import NormCheck, make_strategy, options_problem, strategy_class
 from fedray.strategies.selection import check_select
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -128,10 +127,6 @@ def check(c: FederationConfig, blame: Blame) -> None:
 
 
 STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
-# what decides how many updates one round can bring (most_updates_per_round)
-ROUND_SIZE = (*STRATEGY, "session.clients_per_round", "session.max_kept_updates",
-              "session.over_select", "session.min_clients", "session.select.ids",
-              "combiners.count", "combiners.max_clients")
 
 
 def _check_session(c: FederationConfig, blame: Blame) -> None:
@@ -154,10 +149,14 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
         raise bad("session.max_examples_per_update", f"must be at most 2**53, got "
                   f"{s.max_examples_per_update}")
     try:
-        strategy = make_strategy(s.aggregator, s.aggregator_kwargs)
+        problem = options_problem(s.aggregator, strategy_class(s.aggregator),
+                                  s.aggregator_kwargs)
+        strategy = None if problem else make_strategy(s.aggregator, s.aggregator_kwargs)
     except ConfigError as exc:
         raise blame.among(STRATEGY, "session.aggregator",
                           f"names no strategy that loads: {exc}") from None
+    if strategy is None:  # an option to set (with an example) or one that does not exist
+        raise blame.among(STRATEGY, "session.aggregator", problem)
     try:
         strategy.check_settings(s)
     except ValueError as exc:
@@ -169,34 +168,26 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
         raise ConfigError(f"--set {origin}: {exc}" if origin else f"{c.source}: {exc}") from None
     declared = strategy.declare()
     asynchronous = declared.asynchronous is not None
-    if s.buffer_size and s.buffer_size < s.min_clients and not asynchronous:
-        raise blame.among(("session.buffer_size", "session.min_clients"), "session.buffer_size",
-                          f"({s.buffer_size}) closes rounds before session.min_clients "
-                          f"({s.min_clients}) updates can arrive; raise it or lower "
-                          "min_clients")
+    # The fewest updates a round can commit with: session.min_clients, or more when the
+    # strategy cannot aggregate fewer (Krum); the runtime raises min_clients to it.
+    need = max(s.min_clients, declared.min_updates)
+    needs = f"session.min_clients ({need}) updates" if need == s.min_clients else \
+        f"the {need} updates {s.aggregator!r} needs per round"
+    if s.buffer_size and s.buffer_size < need and not asynchronous:
+        raise blame.among(("session.buffer_size", "session.min_clients",
+                           *(STRATEGY if need > s.min_clients else ())),
+                          "session.buffer_size",
+                          f"({s.buffer_size}) closes rounds before {needs} can arrive; raise "
+                          f"it{' or lower min_clients' if need == s.min_clients else ''}")
     if s.max_update_norm is not None and declared.layout.norm is NormCheck.OFF:
         raise blame.among((*STRATEGY, "session.max_update_norm"), "session.max_update_norm",
                           f"cannot apply: {s.aggregator!r} sends updates whose layout has no "
                           "norm (encoded or masked); leave max_update_norm unset")
-    if declared.keeps_updates and not asynchronous:
-        most = most_updates_per_round(c)
-        if most > s.max_kept_updates:
-            raise blame.among(ROUND_SIZE, "session.aggregator",
-                              f"{s.aggregator!r} keeps every update of a round (in Ray's "
-                              f"object store) and up to {most} could arrive, more than "
-                              f"session.max_kept_updates ({s.max_kept_updates}); set "
-                              "session.clients_per_round to a count of at most "
-                              f"{s.max_kept_updates} (or raise max_kept_updates: memory is "
-                              "that many model sizes)")
-
-
-def most_updates_per_round(c: FederationConfig) -> int:
-    """An upper bound on the updates one round can fold, from the config alone."""
-    s = c.session
-    online = c.combiners.count * c.combiners.max_clients
-    if s.select.ids:
-        online = min(online, len(set(s.select.ids)))
-    wanted = min(online, int(s.clients_per_round)) if s.clients_per_round > 1 \
-        else math.ceil(s.clients_per_round * online)
-    wanted = max(wanted, min(s.min_clients, online))
-    return min(online, math.ceil(wanted * (1 + s.over_select)))
+    if declared.keeps_updates and not asynchronous and s.max_kept_updates < need:
+        # Each round's plan is bounded by max_kept_updates (sampled down to it when more
+        # clients are online); only a bound below what a round needs can never work.
+        raise blame.among((*STRATEGY, "session.max_kept_updates", "session.min_clients"),
+                          "session.max_kept_updates",
+                          f"({s.max_kept_updates}): {s.aggregator!r} keeps at most that many "
+                          f"updates per round, fewer than {needs}, so no round could "
+                          f"commit; raise it to {need} or more")

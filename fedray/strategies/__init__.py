@@ -2,7 +2,8 @@
 
 ``session.aggregator`` is a registered name or ``package.module:Class`` naming a user's
 own ``Strategy`` subclass; ``session.aggregator_kwargs`` are its constructor's options.
-Both are checked when the config is loaded, so a typo never reaches the actors. The
+Both are checked when the config is loaded, so a typo never reaches the actors, and an
+option without a default that is not given is named with an example (``options``). The
 contract is ``base`` (what a strategy decides and computes), ``declaration`` (what it
 declares the runtime must do), ``snapshots`` and ``updates`` (what it decides over and
 folds), and ``client_half`` (its optional edge side).
@@ -28,6 +29,7 @@ from fedray.strategies.declaration import (
     When,
 )
 from fedray.strategies.loading import load_object
+from fedray.strategies.options import options_problem
 from fedray.strategies.snapshots import (
     ACCEPT,
     ClientInfo,
@@ -73,7 +75,7 @@ __all__ = [
     "REGISTRY", "Reply", "RoundContext", "RoundPlan", "RoundState", "ShareSnapshot",
     "ShareStart", "Stage", "Staleness", "Strategy", "TRAIN", "TaskKind", "Update", "UpdateLayout",
     "UpdateMeta", "VALIDATE", "Verdict", "When", "load_object", "make_strategy",
-    "strategy_class",
+    "options_problem", "strategy_class",
 ]  # fmt: skip
 
 
@@ -89,9 +91,13 @@ def strategy_class(name: str) -> type[Strategy]:
 
 
 def make_strategy(name: str, kwargs: dict[str, Any] | None = None) -> Strategy:
-    """A fresh strategy for a session; options that do not fit, or a declaration that
-    does not hold, are a ConfigError."""
+    """A fresh strategy for a session; options that are missing or unknown (said with an
+    example), options that do not fit, or a declaration that does not hold, are a
+    ConfigError."""
     cls = strategy_class(name)
+    problem = options_problem(name, cls, kwargs)
+    if problem:  # said with the option's name and an example, not as a signature error
+        raise ConfigError(f"session.aggregator {problem}")
     try:
         strategy = cls(**(kwargs or {}))
     except (TypeError, ValueError) as exc:

@@ -71,6 +71,9 @@ class Strategy(ABC, Generic[P, R]):
     ``package.module:Class``, and pass options through ``session.aggregator_kwargs``."""
 
     name: ClassVar[str] = ""
+    # Values a config error shows, in a --set that works, for options without a default
+    # that were not given (else a placeholder of the option's annotated type).
+    option_examples: ClassVar[Mapping[str, object]] = {}
 
     def __init__(self, **kwargs: object) -> None:
         if kwargs:

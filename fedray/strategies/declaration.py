@@ -10,6 +10,8 @@ class for flags::
     ├── layout          what intake checks an update against: by default the global
     │                   model's names, dtypes and shapes, finite values, and the norm
     ├── keeps_updates   partials hold every update (bounded by session.max_kept_updates)
+    ├── min_updates     the fewest updates a round can be aggregated from (Krum: 2f + 3);
+    │                   rounds wait for, ask and need at least that many, or min_clients
     ├── asynchronous    None for rounds; FedBuff-style serving names how stale an update
     │                   may be (the runtime keeps that many model versions)
     └── client_half     "package.module:Class": the ClientHalf the edge runs on each task
@@ -146,8 +148,12 @@ class Declaration:
     keeps_updates: bool = False
     asynchronous: Asynchronous | None = None
     client_half: str = ""
+    min_updates: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_updates, bool) or not isinstance(self.min_updates, int) \
+                or self.min_updates < 1:
+            raise ValueError(f"min_updates must be a whole number >= 1, got {self.min_updates!r}")
         stages = tuple(self.stages)
         object.__setattr__(self, "stages", stages)
         names = [s.name for s in stages]

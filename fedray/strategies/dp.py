@@ -117,6 +117,10 @@ class DPFedAvgFixed(Strategy[ClippedSums, ClippedSums]):
 
     name = "dp_fixed"
     adaptive: ClassVar[bool] = False
+    # No defaults (docs/privacy.md, "No defaults"): z is the privacy decision itself and
+    # C depends on the model's scale. These are docs/privacy.md's measured digits values.
+    option_examples: ClassVar[Mapping[str, object]] = {"noise_multiplier": 1.0,
+                                                       "clipping_norm": 1.0}
 
     def declare(self) -> Declaration:
         """Train then validate, like FedAvg; the intake computes every update's
@@ -268,6 +272,8 @@ class DPFedAvgAdaptive(DPFedAvgFixed):
 
     name = "dp_adaptive"
     adaptive = True
+    # z = 0.5 fits the default count noise m/20 from m = 6 clients asked (it needs m > 10z)
+    option_examples: ClassVar[Mapping[str, object]] = {"noise_multiplier": 0.5}
 
     def __init__(self, noise_multiplier: float, initial_clipping_norm: float = 0.1,
                  target_unclipped_quantile: float = 0.5, clip_norm_lr: float = 0.2,

@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from fedray.config import SessionConfig
-from fedray.errors import ConfigError
 from fedray.strategies.base import KeptStrategy
+from fedray.strategies.declaration import Declaration
 from fedray.strategies.numeric import BLOCK, Model
 from fedray.strategies.snapshots import RoundContext, RoundPlan, UpdateMeta
 
@@ -103,8 +102,10 @@ def _whole(value: object, what: str, least: int = 0) -> int:
 
 
 class _NeedsUpdates(KeptStrategy):
-    """A rule that needs at least ``needed()`` updates: ``session.min_clients`` must allow
-    it (checked at config load, and when each round is planned), and the round's count is
+    """A rule that needs at least ``needed()`` updates. It declares them
+    (``Declaration.min_updates``): the runtime then waits for, asks and requires at least
+    that many clients per round, even where ``session.min_clients`` is lower; a round whose
+    eligible clients are still too few fails its attempt (and runs again), and the count is
     checked again before aggregating."""
 
     def needed(self) -> int:
@@ -113,20 +114,12 @@ class _NeedsUpdates(KeptStrategy):
     def describe(self) -> str:
         return self.name
 
-    def check_settings(self, settings: SessionConfig) -> None:
-        if settings.min_clients < self.needed():
-            raise ValueError(f"{self.describe()} needs at least {self.needed()} updates per "
-                             f"round, but session.min_clients is {settings.min_clients}: "
-                             f"raise it to {self.needed()} or more")
+    def declare(self) -> Declaration:
+        return Declaration(keeps_updates=True, min_updates=self.needed())
 
     def configure(self, ctx: RoundContext) -> RoundPlan:
-        """Settings too low for ``needed()`` can never work (ConfigError: the session
-        fails); a round with too few eligible clients may pass later (ValueError: the
-        attempt fails and runs again)."""
-        try:
-            self.check_settings(ctx.settings)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        """A round with too few eligible clients may pass later (ValueError: the attempt
+        fails and runs again)."""
         plan = super().configure(ctx)
         if plan.asked < self.needed():
             raise ValueError(f"{self.describe()} needs at least {self.needed()} updates per "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedray.actors.controller.aggregate import next_model, storable_report
@@ -85,6 +85,11 @@ class Session:
         self.strategy = strategy  # the controller's copy: it holds the server state
         self.combiner_strategy = combiner_strategy or strategy  # shipped once, stateless
         self.declaration = strategy.declare()  # read once: what the runtime does for it
+        # A round needs session.min_clients updates, or more if the strategy cannot
+        # aggregate fewer (Krum's 2f + 3): rounds wait for, ask and need that many.
+        self.min_clients = max(settings.min_clients, self.declaration.min_updates)
+        self.round_settings = settings if self.min_clients == settings.min_clients \
+            else replace(settings, min_clients=self.min_clients)  # what configure sees
         self.pool = pool
         self.store = store
         self.callbacks = callbacks
@@ -100,6 +105,15 @@ class Session:
     @property
     def asynchronous(self) -> bool:
         return self.declaration.asynchronous is not None
+
+    @property
+    def min_clients_rule(self) -> str:
+        """Where the fewest updates a round needs comes from, for messages."""
+        configured = self.settings.min_clients
+        if self.min_clients == configured:
+            return f"session.min_clients is {configured}"
+        return (f"{self.settings.aggregator!r} needs {self.min_clients} per round "
+                f"(session.min_clients is {configured})")
 
     # ----------------------------------------------------------------- what happens
 

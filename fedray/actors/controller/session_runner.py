@@ -162,6 +162,11 @@ class SessionRunner:
         else:
             s.note("warning", f"session {s.session_id} resumed after round "
                    f"{start.rounds_done} from model {start.model_id[:12]}")
+        if s.min_clients > s.settings.min_clients:
+            s.note("info", f"{s.settings.aggregator!r} needs at least {s.min_clients} updates "
+                   f"per round: rounds wait for and ask at least {s.min_clients} clients "
+                   f"(session.min_clients is {s.settings.min_clients})",
+                   min_clients=s.min_clients)
         if start.state_id:
             state = await asyncio.to_thread(s.store.get, start.state_id)
             s.strategy.load_state_dict(copy_model(decode(state)))

@@ -118,7 +118,7 @@ class SyncRounds:
                                        ref if with_model else None,
                                        parent_id if with_model else "", attempt)
         replies = replies_of(results, stage)
-        least = stage.least(self.s.settings.min_clients)
+        least = stage.least(self.s.min_clients)
         if len(replies) < least:
             failures = {cid: why for r in results for cid, why in r.failures.items()}
             combiners = {r.combiner: combiner_doc(r) for r in results}
@@ -135,8 +135,10 @@ class SyncRounds:
         updates = sum(r.updates for r in results)
         combiners = {r.combiner: combiner_doc(r) for r in results}
         failures = {cid: why for r in results for cid, why in r.failures.items()}
-        verdict = round_verdict(updates, s.declaration.train.least(s.settings.min_clients),
-                                lost)
+        train = s.declaration.train
+        least = max(train.least(s.min_clients), s.declaration.min_updates)
+        verdict = round_verdict(updates, least, lost,
+                                s.min_clients_rule if least == s.min_clients else "")
         if not verdict.ok:
             raise self._failed(number, attempt, verdict.reason + failure_note(failures),
                                combiners, failures)
