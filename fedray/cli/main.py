@@ -18,6 +18,7 @@ import traceback
 import click
 
 from fedray.cli.clients import client
+from fedray.cli.dashboard import dashboard
 from fedray.cli.extras import hint_for
 from fedray.cli.package import package
 from fedray.cli.plot import plot
@@ -70,8 +71,8 @@ def main() -> None:
     """fedray: federated learning on Ray, with edge clients that only dial out."""
 
 
-for _command in (edge, status, run, serve, session, down, demo, package, *QUERIES, plot, token,
-                 client):
+for _command in (edge, status, run, serve, session, down, dashboard, demo, package, *QUERIES,
+                 plot, token, client):
     main.add_command(_command)
 
 

@@ -290,12 +290,24 @@ def make_app(reader: TrackingReader, control: LiveControl | None, token: str, *,
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
+        if name == "plotly.min.js":  # the bundle the plotly package ships
+            return FileResponse(_plotly_bundle(), media_type="text/javascript",
+                                headers={"Cache-Control": "max-age=86400"})
         path = (WEB_DIR / name).resolve()
         if path.parent != WEB_DIR.resolve() or not path.is_file():
             raise NotFound(f"no file {name!r}")
-        return FileResponse(path)
+        return FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def _plotly_bundle() -> Path:
+    try:
+        import plotly
+    except ModuleNotFoundError:
+        raise NotFound("the web view's charts need plotly: pip install \"fedray[server]\"") \
+            from None
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 
 
 def _model_bytes(control: LiveControl, model_id: str) -> bytes:

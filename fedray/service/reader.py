@@ -49,8 +49,8 @@ class TrackingReader:
 
     def sessions(self, limit: int = 100) -> list[Doc]:
         with self._store() as store:
-            docs = store.find("sessions", {SESSIONS.federation: self.federation},
-                              [(SESSIONS.created_at, -1)], self._limit(limit))
+            query = {SESSIONS.federation: self.federation} if self.federation else {}
+            docs = store.find("sessions", query, [(SESSIONS.created_at, -1)], self._limit(limit))
         return [plain(d) for d in docs]
 
     def session(self, prefix: str) -> Doc:
@@ -84,7 +84,7 @@ class TrackingReader:
     def model(self, ref: str) -> Doc:
         with self._store() as store:
             try:
-                found = resolve_model(store, ref, federation=self.federation)
+                found = resolve_model(store, ref, federation=self.federation or None)
             except ConfigError as exc:
                 raise NotFound(str(exc)) from None
             docs = store.find("models", {MODELS.model_id: found.model_id}, limit=1)

@@ -6,7 +6,7 @@
 const API = "api/v1";
 const REFRESH_MS = 3000;
 const MAX_EVENTS = 500;
-const state = { selected: null, rounds: new Map(), sessions: [], breakdown: null,
+const state = { selected: null, pinned: false, rounds: new Map(), sessions: [], breakdown: null,
                 levels: new Set(["info", "warning", "error"]), events: [] };
 
 function token() {
@@ -114,8 +114,9 @@ async function loadClients() {
   const online = clients.filter((c) => c.status !== "offline").length;
   el("client-count").textContent = `· ${online} of ${clients.length} clients connected`;
   el("clients").tBodies[0].replaceChildren(...clients.map((c) => h("tr", { "data-client": c.client_id },
-    h("td", {}, c.name || c.client_id), h("td", {}, c.combiner), h("td", {}, badge(c.status)),
-    h("td", {}, Object.entries(c.attrs || {}).map(([k, v]) => `${k}=${v}`).join(" ")),
+    h("td", {}, c.name || c.client_id), h("td", { class: "opt" }, c.combiner),
+    h("td", {}, badge(c.status)),
+    h("td", { class: "opt" }, Object.entries(c.attrs || {}).map(([k, v]) => `${k}=${v}`).join(" ")),
     h("td", {}, ago(c.last_seen)))));
 }
 
@@ -124,14 +125,17 @@ async function loadClients() {
 async function loadSessions() {
   const sessions = await get("/sessions", { limit: 50 });
   state.sessions = sessions;
-  if (!state.selected && sessions.length) {
-    const live = sessions.find((s) => ["running", "waiting", "created"].includes(s.status));
+  const live = sessions.find((s) => ["running", "waiting", "created"].includes(s.status));
+  const shown = sessions.find((s) => s.session_id === state.selected);
+  const ended = !shown || ["finished", "failed", "stopped"].includes(shown.status || shown.state);
+  if (sessions.length && (!state.selected || (!state.pinned && ended && live && live !== shown))) {
     select((live || sessions.find((s) => s.status) || sessions[0]).session_id);
   }
   el("sessions").replaceChildren(...sessions.map((s) => {
     const status = s.status || s.state;
     return h("li", { class: s.session_id === state.selected ? "selected" : "",
-                     onclick: () => select(s.session_id) },
+                     "data-session": s.session_id,
+                     onclick: () => { state.pinned = true; select(s.session_id).then(loadSessions); } },
       h("span", {}, h("code", {}, s.session_id.slice(0, 10)), " ", s.strategy || ""),
       h("span", {}, `${s.rounds_done ?? 0}/${s.rounds_planned ?? "?"} `, badge(status)));
   }));
@@ -177,7 +181,8 @@ async function select(sessionId) {
     state.rounds.set(r.round, r);
     renderRounds();
   }).catch(() => {});
-  document.querySelectorAll("#sessions li").forEach((li) => li.classList.remove("selected"));
+  document.querySelectorAll("#sessions li").forEach((li) =>
+    li.classList.toggle("selected", li.dataset.session === sessionId));
 }
 
 function metricsOf(r) {
@@ -190,8 +195,8 @@ function renderRounds() {
   el("rounds").tBodies[0].replaceChildren(...rounds.slice().reverse().map((r) => h("tr",
     { onclick: () => { state.breakdown = r.round; renderBreakdown(rounds); }, "data-round": r.round },
     h("td", {}, String(r.round)), h("td", {}, badge(r.status)), h("td", {}, num(r.updates)),
-    h("td", {}, num(r.rejected)), h("td", {}, num(r.seconds, 2)),
-    h("td", {}, bytes(Object.values(r.combiners || {}).reduce((a, c) => a + (c.bytes_in || 0), 0))),
+    h("td", { class: "opt" }, num(r.rejected)), h("td", {}, num(r.seconds, 2)),
+    h("td", { class: "opt" }, bytes(Object.values(r.combiners || {}).reduce((a, c) => a + (c.bytes_in || 0), 0))),
     h("td", {}, Object.entries(metricsOf(r)).map(([k, v]) => `${k} ${num(v)}`).join(" · ")))));
   renderChart(rounds);
   renderBreakdown(rounds);
@@ -204,7 +209,8 @@ function renderBreakdown(rounds) {
   el("breakdown").tBodies[0].replaceChildren(...(r ? Object.entries(r.combiners) : []).map(([name, c]) => h("tr", {},
     h("td", {}, name), h("td", {}, num(c.asked)), h("td", {}, num(c.updates)),
     h("td", {}, Object.entries(c.rejections || {}).map(([k, v]) => `${k} ${v}`).join(", ") || "0"),
-    h("td", {}, bytes(c.bytes_in)), h("td", {}, bytes(c.bytes_out)), h("td", {}, num(c.seconds, 2)))));
+    h("td", { class: "opt" }, bytes(c.bytes_in)), h("td", { class: "opt" }, bytes(c.bytes_out)),
+    h("td", {}, num(c.seconds, 2)))));
 }
 
 function median(values) {
@@ -214,8 +220,9 @@ function median(values) {
 }
 
 function renderChart(rounds) {
-  if (!window.Plotly) return;
   const finished = rounds.filter((r) => r.status === "finished");
+  el("chart").hidden = !finished.length;
+  if (!window.Plotly || !finished.length) return;
   const names = new Set(finished.flatMap((r) => Object.keys(metricsOf(r))));
   const traces = [...names].sort().map((name) => ({
     x: finished.filter((r) => name in metricsOf(r)).map((r) => r.round),
