@@ -127,7 +127,7 @@ def test_a_stopped_session_finishes_its_round_and_the_next_continues_from_it(
         assert doc["rounds_done"] == len(rounds) >= 2
         assert queued.info()["state"] == "stopped"
         assert not tracking.find("sessions", {"session_id": queued.id})  # it never ran
-        nxt = fed.start_session(rounds=1, continue_from=long.id)
+        nxt = fed.start_session(rounds=1, continue_from="latest")  # the stopped one's model
         assert nxt.wait(timeout=60)["status"] == "finished"
         first = nxt.rounds()[0]
         assert first["parent_model_id"] == doc["model_id"]

@@ -50,6 +50,7 @@ from fedray.tracking.tokens import tracking_token_loader
 log = logging.getLogger(__name__)
 
 UNFINISHED = [state.value for state in SessionState if not state.terminal]
+LATEST = "latest"  # session.continue_from: the last session that committed a round
 ENDED_KEPT = 32  # queued sessions that never ran, remembered for fedray session list
 
 
@@ -156,9 +157,17 @@ class Controller:
             raise SessionError("session.continue_from needs tracking to find that session")
         store = self._tracking()
         try:
-            found = store.find("sessions",
-                               {SESSIONS.session_id: {"$regex": "^" + re.escape(session_id)}},
-                               limit=3)
+            if session_id == LATEST:  # the federation's last session that committed a round
+                found = store.find("sessions", {SESSIONS.federation: self.config.federation,
+                                                SESSIONS.rounds_done: {"$gt": 0}},
+                                   sort=[(SESSIONS.created_at, -1)], limit=1)
+                if not found:
+                    raise SessionError("session.continue_from latest: no session of this "
+                                       "federation has committed a round yet")
+            else:
+                found = store.find(
+                    "sessions", {SESSIONS.session_id: {"$regex": "^" + re.escape(session_id)}},
+                    limit=3)
             if len(found) != 1:
                 what = "no session" if not found else "more than one session"
                 raise SessionError(f"session.continue_from {session_id!r}: {what} matches")
@@ -253,7 +262,8 @@ class Controller:
             await self._resumed
         ahead = [*self.queue_ids(), *(sid for sid in [self._running()] if sid)]
         source = request.settings.continue_from
-        if source and not any(sid.startswith(source) for sid in ahead):
+        if source and not (ahead and source == LATEST) \
+                and not any(sid.startswith(source) for sid in ahead):
             await asyncio.to_thread(self._continued, source)  # said now, not at its turn
         position = self.queue.push(request)
         running = self._running()
