@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from rich.console import Console
 from test_federation import SEED, DeltaWorker, SlowWorker
@@ -17,7 +18,8 @@ import fedray
 from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.lifecycle import Teardown
 from fedray.errors import ApiError, NotFound
-from fedray.serialization import encode
+from fedray.serialization import decode, encode
+from fedray.storage import open_model_store
 from fedray.service.serve import serve_federation
 from fedray.tracking.store import TrackingStore
 from tests.waiting import wait_connected, wait_until
@@ -102,6 +104,15 @@ def test_sessions_one_after_another_keep_the_clients_connected(
         assert max(lags[1:]) < 2.0, lags  # a session starts its first round at once
         listed = [s["session_id"] for s in fed.sessions()]
         assert listed[:3] == [d["session_id"] for d in reversed(ended)]
+        # A seed of its own, per session, with nothing restarted:
+        other = tmp_path / "other-seed.safetensors"
+        other.write_bytes(encode({k: v + 5 for k, v in SEED.items()}))
+        fourth = fed.start_session(rounds=1, set=[f"seed_model={other}"])
+        doc = fourth.wait(timeout=60)
+        assert doc["status"] == "finished" and doc["seed_model_id"] != ended[0]["seed_model_id"]
+        store = open_model_store("file", config.resolved_data_dir())
+        np.testing.assert_allclose(decode(store.get(doc["model_id"]))["w"], 6.0)  # 5 + 1
+        assert _connections(tracking) == before
 
 
 def test_a_stopped_session_finishes_its_round_and_the_next_continues_from_it(
