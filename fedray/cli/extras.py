@@ -18,7 +18,8 @@ from fedray.errors import MissingExtra
 
 # extra -> the top-level modules of its requirements, in pyproject.toml's order
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "server": ("ray", "pymongo", "minio", "nx_27017", "matplotlib", "fastapi", "uvicorn"),
+    "server": ("ray", "pymongo", "minio", "nx_27017", "matplotlib", "fastapi", "uvicorn",
+               "plotly"),
     "examples": ("sklearn",),
 }
 WHAT = {"server": "the server parts", "examples": "the examples"}
