@@ -42,11 +42,16 @@ def dashboard(data_dir: Path | None, tracking_uri: str | None, database: str | N
         raise ConfigError("--host beyond loopback needs --data-dir: its API token guards "
                           "every read")
     if folder is not None and (folder / RECORD).exists():
-        from fedray.api.endpoint import endpoint_of
+        from fedray.api import connect
+        from fedray.errors import FedrayError
 
-        url = endpoint_of(folder).url
-        console.print(f"fedray serve runs this federation; its web view is at {url}/")
-        return
+        try:
+            url = connect(folder).endpoint.url
+        except FedrayError:
+            url = ""  # a record left by a serve that was killed: serve the page here
+        if url:
+            console.print(f"fedray serve runs this federation; its web view is at {url}/")
+            return
     with running() as teardown, tracking(folder, tracking_uri) as uri:
         reader = TrackingReader(uri, database, "")
         token = api_token(folder) if folder is not None else ""

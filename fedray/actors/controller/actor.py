@@ -375,6 +375,13 @@ class Controller:
         """Stop every running session, each recorded as stopped by ``why`` (the driver says
         so before it stops the combiners, whose leaving would otherwise fail the round)."""
         halted = []
+        dropped = []
+        while (request := self.queue.pop()) is not None:
+            dropped.append(request.session_id)
+        if dropped:
+            self.observer.event("warning", f"{len(dropped)} queued session(s) will not run: "
+                                f"{why} ({', '.join(dropped)}); submit them again",
+                                dropped=dropped)
         for session_id, task in self.sessions.items():
             runner = self.runners.get(session_id)
             if task.done() or runner is None:
