@@ -2,11 +2,20 @@
 
 ``start`` opens a share with no deadline: every participant gets a train task on the
 newest version; each accepted update is kept by handle (in Ray's object store when this
-runs in an actor) and the participant gets its next task at once. The controller takes the
-kept updates with ``take_updates`` (a long poll), announces each new version with
-``set_version`` and adds clients that joined later with ``add_clients``. At most
-``AsyncSpec.max_pending`` updates wait for the controller; more are refused
-(``backpressure``) until it takes them.
+runs in an actor). The controller takes the kept updates with ``take_updates`` (a long
+poll), announces each new version with ``set_version`` and adds clients that joined later
+with ``add_clients``.
+
+A participant whose update was accepted gets its next task only once the controller is
+done with that update: its next ``take_updates`` call says so (it comes after the
+controller folded the updates it took last, and committed and announced any version they
+completed). So the next task starts from the newest committed version, which may be the
+one that update helped build, and no client runs ahead of the controller: each has at
+most one update waiting there. (Sent at once instead, every task trained a version the
+controller was about to replace, and when clients outpaced the controller the updates
+queued up until they were ``max_staleness`` versions old: issue 15.) A refused update, or
+a failed task, gets the next task at once. At most ``AsyncSpec.max_pending`` updates wait
+for the controller; more are refused (``backpressure``) until it takes them.
 
 Its state is its own: the session's spec and its participants; the clients, the models
 and the open share come from the registry, the shelf and the slot it is given.
@@ -62,6 +71,8 @@ class AsyncServing:
         self.client_half = ""
         self.layout = UpdateLayout()
         self.participants: set[str] = set()
+        self.waiting: set[str] = set()  # their update is at the controller: no task yet
+        self.handed: set[str] = set()  # ... handed over by the last take_updates
 
     def _open_share(self, session_id: str | None = None) -> Share | None:
         """The open asynchronous share (of ``session_id``, when named), if there is one."""
@@ -90,6 +101,7 @@ class AsyncServing:
                       asynchronous=True)
         self.slot.open(share)
         self.spec, self.participants, self.client_half = spec, set(), declared.client_half
+        self.waiting, self.handed = set(), set()
         self.layout = declared.layout
         self.add_clients(spec.clients)
 
@@ -104,10 +116,12 @@ class AsyncServing:
                 self.dispatch(share, client_id)
 
     def dispatch(self, share: Share, client_id: str) -> None:
-        """A train task on the newest version, unless the client has one already."""
+        """A train task on the newest version, unless the client has one already or its
+        last update is still with the controller."""
         link = self.registry.get(client_id)
         spec = self.spec
         if link is None or spec is None or client_id not in self.participants \
+                or client_id in self.waiting \
                 or any(e.client_id == client_id for e in share.tasks.values()):
             return
         task_id = uuid.uuid4().hex
@@ -117,11 +131,23 @@ class AsyncServing:
                            (spec.package_sha256, spec.package_size),
                            client_half=self.client_half))
 
-    def settle(self, share: Share, client_id: str) -> None:
-        """The client's task is over (accepted, refused or failed): its next one."""
+    def settle(self, share: Share, client_id: str, accepted: bool) -> None:
+        """The client's task is over: refused or failed, its next one now; accepted, its
+        next one once the controller is done with the update (``take_updates``)."""
         drop_tasks(share, client_id)
-        if not share.closed.is_set():
+        if accepted:
+            self.waiting.add(client_id)
+        elif not share.closed.is_set():
             self.dispatch(share, client_id)
+
+    def _release(self, share: Share) -> None:
+        """The controller is done with the updates it took last: their clients' next tasks,
+        on the newest version it announced."""
+        handed, self.handed = self.handed, set()
+        self.waiting -= handed
+        if not share.closed.is_set():
+            for client_id in sorted(handed):
+                self.dispatch(share, client_id)
 
     def rejoined(self, link: ClientLink) -> None:
         """A participant joined again: the old stream's task died with it."""
@@ -144,11 +170,14 @@ class AsyncServing:
                 del share.versions[old]
 
     async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
-        """The updates accepted since the last call (waits up to ``timeout_s`` for one)."""
+        """The updates accepted since the last call (waits up to ``timeout_s`` for one).
+        Calling again says the controller is done with the ones the last call returned:
+        their clients get their next tasks first."""
         share = self.slot.share
         if share is None or not share.asynchronous or share.session_id != session_id:
             raise UnknownSession(f"combiner {self.name} serves no asynchronous session "
                                  f"{session_id}")
+        self._release(share)
         kept: KeptUpdates = share.accumulator.partial()  # type: ignore[union-attr]
         share.arrived.clear()  # before looking: an update folded meanwhile sets it again
         if not kept.items and not share.closed.is_set():
@@ -156,6 +185,7 @@ class AsyncServing:
                 await asyncio.wait_for(share.arrived.wait(), timeout_s)
         async with share.fold_lock:
             items, kept.items = kept.items, []
+        self.handed |= {k.meta.client_id for k in items}
         return items
 
     def stop(self, why: str, session_id: str | None = None) -> dict[str, Any]:
@@ -166,7 +196,7 @@ class AsyncServing:
                 or (session_id is not None and share.session_id != session_id):
             return {}
         self.slot.close(share, why)
-        self.participants = set()
+        self.participants, self.waiting, self.handed = set(), set(), set()
         share.tasks.clear()
         return {"accepted": share.accepted, "rejected": dict(share.rejected),
                 "failed": share.failed, "bytes_in": share.bytes_in}

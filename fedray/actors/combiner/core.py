@@ -161,7 +161,7 @@ class CombinerCore:
 
     def _settle(self, share: Share, client_id: str, accepted: bool) -> None:
         if share.asynchronous:
-            self.async_share.settle(share, client_id)
+            self.async_share.settle(share, client_id, accepted)
         else:
             self.rounds.settle(share, client_id)
 
