@@ -81,3 +81,26 @@ async def test_a_participant_whose_update_the_combiner_drops_as_stale_trains_aga
     assert refused and all(why.startswith("stale") for _, _, why in refused), slow.replies
     assert len(slow.tasks_seen) >= 3, slow.tasks_seen  # was 1
 
+
+async def test_each_version_records_its_combiners_shares_like_a_round():
+    """bytes_in/bytes_out and the other counts of each combiner, per version (they were
+    {} for FedBuff: 0 bytes)."""
+    from fedray.tracking import checker
+
+    pool = SimPool(2)
+    for i in range(4):
+        pool.add(f"c{i}", shift(0.01))
+    state, reason, session = await _session(pool, rounds=6, buffer_size=4, min_clients=4)
+    assert state == "finished", reason
+    size = len(encode({k: v + 1.0 for k, v in SEED.items()}))  # every update's bytes
+    commits = session.recorder.of(RoundCommitted)
+    received = 0
+    for commit in commits:
+        checker.check_fields("rounds", {"combiners": commit.combiners})  # a CombinerShare each
+        assert sorted(commit.combiners) == ["combiner-0", "combiner-1"]
+        assert all(c["asked"] == 2 and c["close_reason"] == "buffer_full"
+                   for c in commit.combiners.values()), commit.combiners
+        received += sum(c["bytes_in"] for c in commit.combiners.values())
+    # an update's bytes count in the version being built when it arrived: never a later one
+    assert received >= size * sum(c.updates for c in commits) > 0
+    assert commits[0].combiners["combiner-0"]["bytes_in"] > 0

@@ -6,7 +6,9 @@ nothing they send late may reach a later round.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -56,6 +58,67 @@ def _digits_workers(delays: dict[str, float]):
 
     return {name: make(X, y, seconds)
             for (name, seconds), (X, y) in zip(delays.items(), parts, strict=True)}
+
+
+def _timed(name: str, tmp_path, tracking_uri, fleet, delays: dict[str, float], **settings):
+    """One digits session with ``delays``: (status, tracking, seconds from its start to
+    its end, held-out accuracy of its final model). Deployment and connecting the
+    clients are not timed."""
+    from examples.digits.client import model
+    from examples.digits.data import load_split
+    from fedray.deploy.federation import Federation
+    from fedray.storage import open_model_store
+    from fedray.tracking.store import TrackingStore
+
+    config = _config(name, tmp_path / name, combiners=2, min_clients=len(delays), **settings)
+    store = open_model_store("file", config.resolved_data_dir())
+    seed_id = store.put(encode(model.init_model(0)))
+    fleet.stop()  # the clients of an earlier session, if any
+    fleet.lines.clear()
+    fed = Federation(config, None, tracking_uri).deploy()
+    try:
+        for i, (client, worker) in enumerate(_digits_workers(delays).items()):
+            fleet.add(client, worker, fed.gateway)
+            wait_connected(fleet, i + 1)
+        started = time.monotonic()
+        fed.start_session(seed_id)
+        status = fed.follow(lambda s: None)
+        seconds = time.monotonic() - started
+    finally:
+        fed.shutdown()
+    assert status["state"] == "finished", status["reason"]
+    split = load_split()
+    accuracy = model.evaluate(decode(store.get(status["model_id"])), split.X_test,
+                              split.y_test)["accuracy"]
+    return status, TrackingStore.from_uri(tracking_uri, config.tracking.database), seconds, \
+        accuracy
+
+
+def test_fedbuff_keeps_six_equally_fast_clients_on_the_newest_version(
+        ray_session, tracking_uri, fleet, tmp_path):
+    """Issue 15: a version every 6 updates of 6 equally fast digits clients had every
+    update from version 16 on 10 versions old, dropped a third of them as stale, and
+    ended at 0.41 held-out accuracy after 60 versions. Each version also records its
+    combiners' shares, bytes in and out included (they recorded none)."""
+    status, tracking, _, accuracy = _timed("fedbuff-fresh", tmp_path, tracking_uri, fleet,
+                                           {f"c{i}": 0.0 for i in range(6)}, rounds=30,
+                                           aggregator="fedbuff", buffer_size=6)
+    sid = status["session_id"]
+    versions = tracking.find("rounds", {"session_id": sid}, sort=[("round", 1)])
+    staleness = [c["staleness"] for v in versions for c in v["contributions"]]
+    assert len(versions) == 30 and len(staleness) == 180
+    assert statistics.median(staleness) <= 1, Counter(staleness)
+    dropped = tracking.find("events", {"session_id": sid, "message": {"$regex": "dropped"}})
+    assert not dropped, [e["message"] for e in dropped[:3]]
+    assert accuracy >= 0.9, accuracy
+    size = tracking.find("models", {"model_id": status["model_id"]})[0]["size"]  # an update's
+    for v in versions:
+        assert sorted(v["combiners"]) == ["combiner-0", "combiner-1"], v["combiners"]
+    shares = [c for v in versions for c in v["combiners"].values()]
+    assert sum(c["bytes_in"] for c in shares) >= size * len(staleness)
+    assert sum(c["bytes_out"] for c in shares) >= size * 6  # the seed, to each client at least
+    first = versions[0]["combiners"].values()  # its 6 updates came from both combiners
+    assert all(c["bytes_in"] >= 3 * size and c["bytes_out"] >= 3 * size for c in first)
 
 
 def test_fedbuff_matches_synchronous_fedavg_sooner_when_two_of_six_clients_are_slow(

@@ -28,6 +28,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from fedray.actors.combiner.clients import ClientLink, ClientRegistry
 from fedray.actors.combiner.share import Limits, Share, ShareSlot, TaskEntry, task_for
 from fedray.actors.combiner.shelf import ModelShelf
 from fedray.errors import UnknownSession, UpdateRejected
-from fedray.messages import AsyncSpec, TaskKind
+from fedray.messages import AsyncSpec, MetricSums, RoundResult, TaskKind
 from fedray.strategies.base import Strategy
 from fedray.strategies.declaration import Declaration, UpdateLayout
 from fedray.strategies.updates import Buffer, KeepAll, Kept, KeptUpdates, ShareStart, Update
@@ -73,6 +74,7 @@ class AsyncServing:
         self.participants: set[str] = set()
         self.waiting: set[str] = set()  # their update is at the controller: no task yet
         self.handed: set[str] = set()  # ... handed over by the last take_updates
+        self.counted = Counted()  # what the last take_updates reported
 
     def _open_share(self, session_id: str | None = None) -> Share | None:
         """The open asynchronous share (of ``session_id``, when named), if there is one."""
@@ -102,6 +104,7 @@ class AsyncServing:
         self.slot.open(share)
         self.spec, self.participants, self.client_half = spec, set(), declared.client_half
         self.waiting, self.handed = set(), set()
+        self.counted = Counted(bytes_out=self.shelf.bytes_out)
         self.layout = declared.layout
         self.add_clients(spec.clients)
 
@@ -169,10 +172,12 @@ class AsyncServing:
             for old in sorted(share.versions)[: max(0, len(share.versions) - spec.kept_versions)]:
                 del share.versions[old]
 
-    async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
-        """The updates accepted since the last call (waits up to ``timeout_s`` for one).
-        Calling again says the controller is done with the ones the last call returned:
-        their clients get their next tasks first."""
+    async def take_updates(self, session_id: str, timeout_s: float) -> RoundResult:
+        """The updates accepted since the last call (waits up to ``timeout_s`` for one),
+        as the ``KeptUpdates`` partial of a ``RoundResult`` that counts what this
+        combiner did since that call: updates accepted and refused, failed tasks, bytes in
+        and out, seconds folding. Calling again says the controller is done with the
+        updates the last call returned: their clients get their next tasks first."""
         share = self.slot.share
         if share is None or not share.asynchronous or share.session_id != session_id:
             raise UnknownSession(f"combiner {self.name} serves no asynchronous session "
@@ -186,7 +191,25 @@ class AsyncServing:
         async with share.fold_lock:
             items, kept.items = kept.items, []
         self.handed |= {k.meta.client_id for k in items}
-        return items
+        return self._since_last(share, items)
+
+    def _since_last(self, share: Share, items: list[Kept]) -> RoundResult:
+        now = Counted(time.monotonic(), share.accepted, dict(share.rejected),
+                             share.failed, dict(share.failures), share.bytes_in,
+                             self.shelf.bytes_out, share.aggregation_s)
+        last, self.counted = self.counted, now
+        rejections = {reason: n - last.rejected.get(reason, 0)
+                      for reason, n in now.rejected.items() if n > last.rejected.get(reason, 0)}
+        metrics, share.metrics = share.metrics, MetricSums()
+        return RoundResult(
+            combiner=self.name, session_id=share.session_id, round=share.current,
+            asked=len(self.participants), updates=now.accepted - last.accepted,
+            rejected=sum(rejections.values()), failed=now.failed - last.failed,
+            close_reason="", seconds=now.at - last.at, bytes_in=now.bytes_in - last.bytes_in,
+            bytes_out=now.bytes_out - last.bytes_out,
+            aggregation_s=now.aggregation_s - last.aggregation_s, partial=KeptUpdates(items),
+            rejections=rejections, metrics=metrics,
+            failures={c: why for c, why in now.failures.items() if last.failures.get(c) != why})
 
     def stop(self, why: str, session_id: str | None = None) -> dict[str, Any]:
         """End the asynchronous session (of ``session_id``, when named); what it counted
@@ -200,6 +223,20 @@ class AsyncServing:
         share.tasks.clear()
         return {"accepted": share.accepted, "rejected": dict(share.rejected),
                 "failed": share.failed, "bytes_in": share.bytes_in}
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """A share's running counts, as ``take_updates`` last reported them."""
+
+    at: float = field(default_factory=time.monotonic)
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    aggregation_s: float = 0.0
 
 
 def drop_tasks(share: Share, client_id: str) -> None:
