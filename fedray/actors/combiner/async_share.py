@@ -194,9 +194,9 @@ class AsyncServing:
         return self._since_last(share, items)
 
     def _since_last(self, share: Share, items: list[Kept]) -> RoundResult:
-        now = Counted(time.monotonic(), share.accepted, dict(share.rejected),
-                             share.failed, dict(share.failures), share.bytes_in,
-                             self.shelf.bytes_out, share.aggregation_s)
+        now = Counted(time.monotonic(), share.accepted, dict(share.rejected), share.failed,
+                      dict(share.failures), share.bytes_in, self.shelf.bytes_out,
+                      share.aggregation_s)
         last, self.counted = self.counted, now
         rejections = {reason: n - last.rejected.get(reason, 0)
                       for reason, n in now.rejected.items() if n > last.rejected.get(reason, 0)}

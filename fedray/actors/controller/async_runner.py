@@ -197,8 +197,6 @@ class AsyncLoop:
                                          return_when=asyncio.FIRST_COMPLETED)
             for name in [n for n, t in takers.items() if t in done]:
                 taken = await self._taken(name, takers[name], current[0])
-                takers[name] = asyncio.ensure_future(
-                    r.pool.take_updates(name, r.session_id, TAKE_S))
                 items = shares.add(taken) if taken is not None else []
                 for kept in items:
                     if current[0] >= s.rounds:
@@ -215,6 +213,11 @@ class AsyncLoop:
                         shares = VersionShares(r.pool.names)
                         if current[0] < s.rounds:
                             self._started(current[0] + 1)
+                # Only now, with its updates folded and the version they completed committed
+                # and announced: the next take tells the combiner, whose clients' next tasks
+                # then start from that version.
+                takers[name] = asyncio.ensure_future(
+                    r.pool.take_updates(name, r.session_id, TAKE_S))
         return model
 
     def _started(self, number: int) -> None:
