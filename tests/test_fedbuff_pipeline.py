@@ -14,7 +14,9 @@ import statistics
 import time
 
 import numpy as np
+import pytest
 
+from fedray.actors.controller.async_runner import buffer_target
 from fedray.actors.controller.callbacks import Notice, RoundCommitted
 from fedray.actors.controller.session_runner import Start
 from fedray.serialization import encode
@@ -104,3 +106,21 @@ async def test_each_version_records_its_combiners_shares_like_a_round():
     # an update's bytes count in the version being built when it arrived: never a later one
     assert received >= size * sum(c.updates for c in commits) > 0
     assert commits[0].combiners["combiner-0"]["bytes_in"] > 0
+
+
+@pytest.mark.parametrize(("buffer_size", "taking_part", "k"), [
+    (0, 6, 3), (0, 5, 3), (0, 8, 4), (0, 1, 1), (0, 0, 1), (5, 6, 5), (10, 2, 10)])
+def test_a_version_takes_buffer_size_updates_else_half_the_clients_taking_part(
+        buffer_size, taking_part, k):
+    assert buffer_target(buffer_size, taking_part) == k
+
+
+async def test_without_buffer_size_a_version_takes_half_the_clients_updates():
+    """It was session.min_clients (2 in the stock configs: every 2 updates, which lost to
+    FedAvg on the digits when training is quick)."""
+    pool = SimPool(2)
+    for i in range(5):
+        pool.add(f"c{i}", shift(0.01))
+    state, reason, session = await _session(pool, rounds=4, min_clients=5)
+    assert state == "finished", reason
+    assert [c.updates for c in session.recorder.of(RoundCommitted)] == [3, 3, 3, 3]

@@ -117,44 +117,30 @@ def test_fedbuff_keeps_six_equally_fast_clients_on_the_newest_version(
     shares = [c for v in versions for c in v["combiners"].values()]
     assert sum(c["bytes_in"] for c in shares) >= size * len(staleness)
     assert sum(c["bytes_out"] for c in shares) >= size * 6  # the seed, to each client at least
-    first = versions[0]["combiners"].values()  # its 6 updates came from both combiners
-    assert all(c["bytes_in"] >= 3 * size and c["bytes_out"] >= 3 * size for c in first)
+    first = versions[0]["combiners"].values()  # every client's first update, and the seed
+    assert all(c["bytes_in"] > 0 and c["bytes_out"] > 0 for c in first)
+    assert sum(c["bytes_in"] for c in first) >= 6 * size <= sum(c["bytes_out"] for c in first)
 
 
-def test_fedbuff_matches_synchronous_fedavg_sooner_when_two_of_six_clients_are_slow(
+def test_fedbuff_given_80_percent_of_fedavgs_time_reaches_its_accuracy_with_two_slow_clients(
         ray_session, tracking_uri, fleet, tmp_path):
-    from examples.digits.client import model
-    from examples.digits.data import load_split
-
-    split = load_split()
+    """Issue 15: FedBuff with its default options, 2 of 6 digits clients five times
+    slower, given 80% of the wall time synchronous FedAvg takes for its 5 rounds, reaches
+    FedAvg's held-out accuracy within 0.02 (bench/fedbuff_vs_fedavg.py measures it)."""
     delays = {"slow-0": 1.0, "slow-1": 1.0, **{f"fast-{i}": 0.2 for i in range(4)}}
-
-    def session(name, **settings):
-        config = _config(name, tmp_path / name, combiners=2, min_clients=6, **settings)
-        fleet.stop()  # the clients of an earlier session, if any
-        fleet.lines.clear()
-        started = time.monotonic()
-        status, store, tracking = _run(config, tracking_uri, fleet, _digits_workers(delays),
-                                       seed=model.init_model(0))
-        seconds = time.monotonic() - started
-        accuracy = model.evaluate(decode(store.get(status["model_id"])), split.X_test,
-                                  split.y_test)["accuracy"]
-        return status, tracking, seconds, accuracy
-
-    sync = session("sync", rounds=5)
-    fedbuff = session("fedbuff", rounds=10, aggregator="fedbuff", buffer_size=5,
-                      aggregator_kwargs={"server_lr": 0.7})
-    assert sync[0]["state"] == fedbuff[0]["state"] == "finished"
+    sync = _timed("sync", tmp_path, tracking_uri, fleet, delays, rounds=5)
+    budget = 0.8 * sync[2]
+    fedbuff = _timed("fedbuff", tmp_path, tracking_uri, fleet, delays, rounds=10_000,
+                     aggregator="fedbuff", time_budget_s=budget)
+    print(f"sync fedavg {sync[3]:.3f} in {sync[2]:.2f}s; fedbuff {fedbuff[3]:.3f} in "
+          f"{fedbuff[2]:.2f}s (budget {budget:.2f}s)")
     assert fedbuff[3] >= sync[3] - 0.02, (fedbuff[3], sync[3])
-    assert fedbuff[2] < sync[2], (fedbuff[2], sync[2])
-    versions = fedbuff[1].find("rounds", {"session_id": fedbuff[0]["session_id"]},
-                               sort=[("round", 1)])
-    assert [v["round"] for v in versions] == list(range(1, 11))
-    assert all(v["mode"] == "async" and len(v["contributions"]) == 5 for v in versions)
+    assert fedbuff[2] < 0.9 * sync[2], (fedbuff[2], sync[2])  # the budget, and its stop
+    versions = fedbuff[1].find("rounds", {"session_id": fedbuff[0]["session_id"],
+                                          "status": "finished"}, sort=[("round", 1)])
+    assert all(v["mode"] == "async" and len(v["contributions"]) == 3 for v in versions)
     slow = [c for v in versions for c in v["contributions"] if c["client_id"].startswith("slow")]
-    assert slow and all(c["staleness"] >= 1 for c in slow)
-    print(f"sync fedavg {sync[3]:.3f} in {sync[2]:.1f}s; fedbuff {fedbuff[3]:.3f} in "
-          f"{fedbuff[2]:.1f}s; slow contributions {len(slow)}")
+    assert slow and all(c["staleness"] >= 1 for c in slow)  # nobody waited for them
 
 
 def test_attribute_and_policy_selection_ask_exactly_the_clients_they_name(

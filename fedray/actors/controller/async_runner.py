@@ -4,7 +4,8 @@ Every combiner keeps its participating clients training on the newest version it
 given and forwards each accepted update by handle (``take_updates``, a long poll). The
 controller folds each update as it comes, weighted by its staleness against the version
 it started from (the strategy's ``weigh`` decision: a weight, or drop it, with an
-event), and commits version v+1 once K updates are in. Its next ``take_updates``
+event), and commits version v+1 once K updates are in (``buffer_target``:
+``session.buffer_size``, else half the clients taking part). Its next ``take_updates``
 tells the combiner it is done with the updates the last one brought, so their clients'
 next tasks start from the newest version, the one they may just have helped build. The
 runtime keeps the last ``Asynchronous.max_staleness + 1`` versions (the strategy's
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -49,7 +51,8 @@ RETRY_S = 1.0  # after a combiner failed, before asking it again
 class AsyncLoop:
     def __init__(self, session: Session) -> None:
         self.r = session
-        self.k = session.settings.buffer_size or session.settings.min_clients
+        self.k = 1  # updates per version: buffer_target, at the start of each version
+        self.taking_part = 0  # participants online, as of the last plan
         declared = session.declaration.asynchronous
         self.max_staleness = declared.max_staleness if declared is not None else 0
         self.versions: OrderedDict[int, tuple[str, Any, Mapping[str, Any]]] = OrderedDict()
@@ -88,6 +91,9 @@ class AsyncLoop:
                                       version, model_id)
 
     def _fresh(self, version: int) -> Accumulator:
+        """The buffer of the next version (its size set now: the participants may have
+        changed since the last one)."""
+        self.k = buffer_target(self.r.settings.buffer_size, self.taking_part)
         _, _, views = self.versions[version]
         spec = {name: (str(a.dtype), tuple(a.shape)) for name, a in views.items()}
         return self.r.strategy.start(ShareStart(spec=spec, base=views,
@@ -111,6 +117,7 @@ class AsyncLoop:
         for name, cid in fresh[: max(0, plan.asked - active)]:
             self.participants[name].add(cid)
             new.setdefault(name, []).append(cid)
+        self.taking_part = active + sum(len(ids) for ids in new.values())
         return {name: sorted(ids) for name, ids in new.items()}
 
     async def _watch(self, online: Mapping[str, list[ClientInfo]], version: list[int]) -> None:
@@ -326,6 +333,15 @@ class AsyncLoop:
                f"{updates} update(s) were discarded and the next {self.k} build it again "
                f"({self.attempt + 1} of {attempts})", number)
         self.attempt += 1
+
+
+def buffer_target(buffer_size: int, taking_part: int) -> int:
+    """Updates per version: ``session.buffer_size``, else half the clients taking part
+    (rounded up). Measured on the digits example (docs/strategies.md, "How the defaults
+    were chosen"): every 2 updates lost to FedAvg when training is quick; from half the
+    clients to all of them FedBuff matched it, and half commits the most versions while
+    an update stays 1-2 versions old and a 5x straggler's within ``max_staleness``."""
+    return buffer_size or max(1, math.ceil(taking_part / 2))
 
 
 class VersionShares:
