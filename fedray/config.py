@@ -76,7 +76,8 @@ class SessionConfig:
     validate: bool = True
     round_config: dict = field(default_factory=dict)  # sent to clients with every task
     seed: int = 0
-    buffer_size: int = 0  # close a round on its first K updates (fedbuff: a version every K)
+    buffer_size: int = 0  # close a round on its first K updates (fedbuff: a version every K;
+    # 0: K is half the clients taking part)
     over_select: float = 0.0  # ask this fraction more clients than wanted (stragglers)
     select: SelectConfig = field(default_factory=SelectConfig)
     max_examples_per_update: int = 1_000_000  # a larger self-reported num_examples is refused

@@ -1,8 +1,9 @@
 """FedBuff: buffered asynchronous aggregation (Nguyen et al., 2022).
 
-Clients train continuously on the newest model they were given; combiners forward every
-accepted update; the controller folds each one as it arrives and commits a new model
-version every K updates (``session.buffer_size``, else ``session.min_clients``)::
+Clients train continuously, each task on the newest committed version; combiners forward
+every accepted update; the controller folds each one as it arrives and commits a new
+model version every K updates (``session.buffer_size``, else half the clients taking
+part)::
 
     version v+1 = v + server_lr * sum_i s(tau_i) n_i (x_i - base_i) / sum_i n_i
 
@@ -91,6 +92,8 @@ class StaleWeightedDeltas(Accumulator[WeightedSums]):
 class FedBuff(Strategy[WeightedSums, WeightedSums]):
     name = "fedbuff"
 
+    # The defaults, and K's, were chosen on the digits example (docs/strategies.md, "How
+    # the defaults were chosen"; bench/fedbuff_vs_fedavg.py).
     def __init__(self, max_staleness: int = 10, staleness: str = "polynomial",
                  server_lr: float = 1.0, hinge_a: float = 10.0, hinge_b: float = 4.0) -> None:
         super().__init__()

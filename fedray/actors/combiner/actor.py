@@ -29,7 +29,6 @@ from fedray.config import CombinersConfig
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
 from fedray.strategies.base import Strategy
 from fedray.strategies.snapshots import ClientInfo
-from fedray.strategies.updates import Kept
 from fedray.tracking.tokens import tracking_token_loader
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ class Combiner:
     async def set_version(self, version: int, model: np.ndarray, model_id: str) -> None:
         await self.core.set_version(version, model, model_id)
 
-    async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
+    async def take_updates(self, session_id: str, timeout_s: float) -> RoundResult:
         return await self.core.take_updates(session_id, timeout_s)
 
     async def stop_async(self, session_id: str) -> dict[str, Any]:

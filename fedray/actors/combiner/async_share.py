@@ -2,11 +2,20 @@
 
 ``start`` opens a share with no deadline: every participant gets a train task on the
 newest version; each accepted update is kept by handle (in Ray's object store when this
-runs in an actor) and the participant gets its next task at once. The controller takes the
-kept updates with ``take_updates`` (a long poll), announces each new version with
-``set_version`` and adds clients that joined later with ``add_clients``. At most
-``AsyncSpec.max_pending`` updates wait for the controller; more are refused
-(``backpressure``) until it takes them.
+runs in an actor). The controller takes the kept updates with ``take_updates`` (a long
+poll), announces each new version with ``set_version`` and adds clients that joined later
+with ``add_clients``.
+
+A participant whose update was accepted gets its next task only once the controller is
+done with that update: its next ``take_updates`` call says so (it comes after the
+controller folded the updates it took last, and committed and announced any version they
+completed). So the next task starts from the newest committed version, which may be the
+one that update helped build, and no client runs ahead of the controller: each has at
+most one update waiting there. (Sent at once instead, every task trained a version the
+controller was about to replace, and when clients outpaced the controller the updates
+queued up until they were ``max_staleness`` versions old: issue 15.) A refused update, or
+a failed task, gets the next task at once. At most ``AsyncSpec.max_pending`` updates wait
+for the controller; more are refused (``backpressure``) until it takes them.
 
 Its state is its own: the session's spec and its participants; the clients, the models
 and the open share come from the registry, the shelf and the slot it is given.
@@ -19,6 +28,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +38,7 @@ from fedray.actors.combiner.clients import ClientLink, ClientRegistry
 from fedray.actors.combiner.share import Limits, Share, ShareSlot, TaskEntry, task_for
 from fedray.actors.combiner.shelf import ModelShelf
 from fedray.errors import UnknownSession, UpdateRejected
-from fedray.messages import AsyncSpec, TaskKind
+from fedray.messages import AsyncSpec, MetricSums, RoundResult, TaskKind
 from fedray.strategies.base import Strategy
 from fedray.strategies.declaration import Declaration, UpdateLayout
 from fedray.strategies.updates import Buffer, KeepAll, Kept, KeptUpdates, ShareStart, Update
@@ -62,6 +72,9 @@ class AsyncServing:
         self.client_half = ""
         self.layout = UpdateLayout()
         self.participants: set[str] = set()
+        self.waiting: set[str] = set()  # their update is at the controller: no task yet
+        self.handed: set[str] = set()  # ... handed over by the last take_updates
+        self.counted = Counted()  # what the last take_updates reported
 
     def _open_share(self, session_id: str | None = None) -> Share | None:
         """The open asynchronous share (of ``session_id``, when named), if there is one."""
@@ -90,6 +103,8 @@ class AsyncServing:
                       asynchronous=True)
         self.slot.open(share)
         self.spec, self.participants, self.client_half = spec, set(), declared.client_half
+        self.waiting, self.handed = set(), set()
+        self.counted = Counted(bytes_out=self.shelf.bytes_out)
         self.layout = declared.layout
         self.add_clients(spec.clients)
 
@@ -104,10 +119,12 @@ class AsyncServing:
                 self.dispatch(share, client_id)
 
     def dispatch(self, share: Share, client_id: str) -> None:
-        """A train task on the newest version, unless the client has one already."""
+        """A train task on the newest version, unless the client has one already or its
+        last update is still with the controller."""
         link = self.registry.get(client_id)
         spec = self.spec
         if link is None or spec is None or client_id not in self.participants \
+                or client_id in self.waiting \
                 or any(e.client_id == client_id for e in share.tasks.values()):
             return
         task_id = uuid.uuid4().hex
@@ -117,11 +134,23 @@ class AsyncServing:
                            (spec.package_sha256, spec.package_size),
                            client_half=self.client_half))
 
-    def settle(self, share: Share, client_id: str) -> None:
-        """The client's task is over (accepted, refused or failed): its next one."""
+    def settle(self, share: Share, client_id: str, accepted: bool) -> None:
+        """The client's task is over: refused or failed, its next one now; accepted, its
+        next one once the controller is done with the update (``take_updates``)."""
         drop_tasks(share, client_id)
-        if not share.closed.is_set():
+        if accepted:
+            self.waiting.add(client_id)
+        elif not share.closed.is_set():
             self.dispatch(share, client_id)
+
+    def _release(self, share: Share) -> None:
+        """The controller is done with the updates it took last: their clients' next tasks,
+        on the newest version it announced."""
+        handed, self.handed = self.handed, set()
+        self.waiting -= handed
+        if not share.closed.is_set():
+            for client_id in sorted(handed):
+                self.dispatch(share, client_id)
 
     def rejoined(self, link: ClientLink) -> None:
         """A participant joined again: the old stream's task died with it."""
@@ -143,12 +172,17 @@ class AsyncServing:
             for old in sorted(share.versions)[: max(0, len(share.versions) - spec.kept_versions)]:
                 del share.versions[old]
 
-    async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
-        """The updates accepted since the last call (waits up to ``timeout_s`` for one)."""
+    async def take_updates(self, session_id: str, timeout_s: float) -> RoundResult:
+        """The updates accepted since the last call (waits up to ``timeout_s`` for one),
+        as the ``KeptUpdates`` partial of a ``RoundResult`` that counts what this
+        combiner did since that call: updates accepted and refused, failed tasks, bytes in
+        and out, seconds folding. Calling again says the controller is done with the
+        updates the last call returned: their clients get their next tasks first."""
         share = self.slot.share
         if share is None or not share.asynchronous or share.session_id != session_id:
             raise UnknownSession(f"combiner {self.name} serves no asynchronous session "
                                  f"{session_id}")
+        self._release(share)
         kept: KeptUpdates = share.accumulator.partial()  # type: ignore[union-attr]
         share.arrived.clear()  # before looking: an update folded meanwhile sets it again
         if not kept.items and not share.closed.is_set():
@@ -156,7 +190,26 @@ class AsyncServing:
                 await asyncio.wait_for(share.arrived.wait(), timeout_s)
         async with share.fold_lock:
             items, kept.items = kept.items, []
-        return items
+        self.handed |= {k.meta.client_id for k in items}
+        return self._since_last(share, items)
+
+    def _since_last(self, share: Share, items: list[Kept]) -> RoundResult:
+        now = Counted(time.monotonic(), share.accepted, dict(share.rejected), share.failed,
+                      dict(share.failures), share.bytes_in, self.shelf.bytes_out,
+                      share.aggregation_s)
+        last, self.counted = self.counted, now
+        rejections = {reason: n - last.rejected.get(reason, 0)
+                      for reason, n in now.rejected.items() if n > last.rejected.get(reason, 0)}
+        metrics, share.metrics = share.metrics, MetricSums()
+        return RoundResult(
+            combiner=self.name, session_id=share.session_id, round=share.current,
+            asked=len(self.participants), updates=now.accepted - last.accepted,
+            rejected=sum(rejections.values()), failed=now.failed - last.failed,
+            close_reason="", seconds=now.at - last.at, bytes_in=now.bytes_in - last.bytes_in,
+            bytes_out=now.bytes_out - last.bytes_out,
+            aggregation_s=now.aggregation_s - last.aggregation_s, partial=KeptUpdates(items),
+            rejections=rejections, metrics=metrics,
+            failures={c: why for c, why in now.failures.items() if last.failures.get(c) != why})
 
     def stop(self, why: str, session_id: str | None = None) -> dict[str, Any]:
         """End the asynchronous session (of ``session_id``, when named); what it counted
@@ -166,10 +219,24 @@ class AsyncServing:
                 or (session_id is not None and share.session_id != session_id):
             return {}
         self.slot.close(share, why)
-        self.participants = set()
+        self.participants, self.waiting, self.handed = set(), set(), set()
         share.tasks.clear()
         return {"accepted": share.accepted, "rejected": dict(share.rejected),
                 "failed": share.failed, "bytes_in": share.bytes_in}
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """A share's running counts, as ``take_updates`` last reported them."""
+
+    at: float = field(default_factory=time.monotonic)
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    aggregation_s: float = 0.0
 
 
 def drop_tasks(share: Share, client_id: str) -> None:

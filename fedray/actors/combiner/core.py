@@ -46,7 +46,7 @@ from fedray.messages import (
 from fedray.strategies.base import Strategy
 from fedray.strategies.declaration import Declaration
 from fedray.strategies.snapshots import ClientInfo
-from fedray.strategies.updates import Buffer, Kept
+from fedray.strategies.updates import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class CombinerCore:
 
     def _settle(self, share: Share, client_id: str, accepted: bool) -> None:
         if share.asynchronous:
-            self.async_share.settle(share, client_id)
+            self.async_share.settle(share, client_id, accepted)
         else:
             self.rounds.settle(share, client_id)
 
@@ -206,8 +206,12 @@ class CombinerCore:
     async def set_version(self, version: int, model: np.ndarray, known_id: str = "") -> None:
         await self.async_share.set_version(version, model, known_id)
 
-    async def take_updates(self, session_id: str, timeout_s: float) -> list[Kept]:
-        return await self.async_share.take_updates(session_id, timeout_s)
+    async def take_updates(self, session_id: str, timeout_s: float) -> RoundResult:
+        """The updates accepted since the last call, with what this combiner did
+        meanwhile (``AsyncServing.take_updates``); counted like a round's share."""
+        result = await self.async_share.take_updates(session_id, timeout_s)
+        self.listener.round_closed(result)
+        return result
 
     def stop_async(self, session_id: str) -> dict[str, Any]:
         return self.async_share.stop("the session ended", session_id)

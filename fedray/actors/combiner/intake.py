@@ -276,7 +276,9 @@ class UpdateIntake:
                                reason=exc.reason)
         else:  # a client sending refused updates over and over writes no event per try
             self.unrecorded += 1
-        if share is None or late or exc.reason == "duplicate":
+        # A late update changes nothing in a round. Asynchronously its task is over all
+        # the same, and the client's next one must come (else it would never train again).
+        if share is None or exc.reason == "duplicate" or (late and not share.asynchronous):
             return
         entry = share.tasks.get(header.task_id)
         if entry is None or entry.client_id != header.client_id:

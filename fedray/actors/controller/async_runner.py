@@ -4,14 +4,19 @@ Every combiner keeps its participating clients training on the newest version it
 given and forwards each accepted update by handle (``take_updates``, a long poll). The
 controller folds each update as it comes, weighted by its staleness against the version
 it started from (the strategy's ``weigh`` decision: a weight, or drop it, with an
-event), and commits version v+1 once K updates are in. The runtime keeps the last
-``Asynchronous.max_staleness + 1`` versions (the strategy's declaration). As many clients participate as
-the strategy plans over those online: one gone is replaced, and joiners are added as far
-as the plan's count grows; nobody waits for the slowest. An update that cannot be read or
-folded is dropped; a refused version discards its buffer and is built again (up to
-``session.round_attempts`` times in a row). The session ends after
-``session.rounds`` versions or ``session.time_budget_s``. Each version's round document
-lists the updates that built it: client, base version, staleness, examples, weight.
+event), and commits version v+1 once K updates are in (``buffer_target``:
+``session.buffer_size``, else half the clients taking part). Its next ``take_updates``
+tells the combiner it is done with the updates the last one brought, so their clients'
+next tasks start from the newest version, the one they may just have helped build. The
+runtime keeps the last ``Asynchronous.max_staleness + 1`` versions (the strategy's
+declaration). As many clients participate as the strategy plans over those online: one
+gone is replaced, and joiners are added as far as the plan's count grows; nobody waits
+for the slowest. An update that cannot be read or folded is dropped; a refused version
+discards its buffer and is built again (up to ``session.round_attempts`` times in a
+row). The session ends after ``session.rounds`` versions or ``session.time_budget_s``.
+Each version's round document lists the updates that built it (client, base version,
+staleness, examples, weight) and, like a round's, each combiner's share of it
+(``VersionShares``: updates, refusals, bytes in and out, seconds).
 """
 
 from __future__ import annotations
@@ -20,21 +25,22 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from fedray.actors.controller.callbacks import RoundDone, RoundFailed, RoundStarted
+from fedray.actors.controller.callbacks import RoundDone, RoundFailed, RoundStarted, combiner_doc
 from fedray.actors.controller.planning import context, plan_round, wait_for_clients
 from fedray.actors.controller.session import Commit, Session
 from fedray.actors.controller.validation import after_commit
 from fedray.errors import AttemptFailed, SessionError
-from fedray.messages import AsyncSpec
+from fedray.messages import AsyncSpec, MetricSums, RoundResult
 from fedray.serialization import decode
 from fedray.strategies.snapshots import ClientInfo
-from fedray.strategies.updates import Accumulator, Kept, ShareStart, Update
+from fedray.strategies.updates import Accumulator, Kept, KeptUpdates, ShareStart, Update
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +51,8 @@ RETRY_S = 1.0  # after a combiner failed, before asking it again
 class AsyncLoop:
     def __init__(self, session: Session) -> None:
         self.r = session
-        s = session.settings
-        self.k = s.buffer_size or s.min_clients
+        self.k = 1  # updates per version: buffer_target, at the start of each version
+        self.taking_part = 0  # participants online, as of the last plan
         declared = session.declaration.asynchronous
         self.max_staleness = declared.max_staleness if declared is not None else 0
         self.versions: OrderedDict[int, tuple[str, Any, Mapping[str, Any]]] = OrderedDict()
@@ -85,6 +91,9 @@ class AsyncLoop:
                                       version, model_id)
 
     def _fresh(self, version: int) -> Accumulator:
+        """The buffer of the next version (its size set now: the participants may have
+        changed since the last one)."""
+        self.k = buffer_target(self.r.settings.buffer_size, self.taking_part)
         _, _, views = self.versions[version]
         spec = {name: (str(a.dtype), tuple(a.shape)) for name, a in views.items()}
         return self.r.strategy.start(ShareStart(spec=spec, base=views,
@@ -108,6 +117,7 @@ class AsyncLoop:
         for name, cid in fresh[: max(0, plan.asked - active)]:
             self.participants[name].add(cid)
             new.setdefault(name, []).append(cid)
+        self.taking_part = active + sum(len(ids) for ids in new.values())
         return {name: sorted(ids) for name, ids in new.items()}
 
     async def _watch(self, online: Mapping[str, list[ClientInfo]], version: list[int]) -> None:
@@ -176,7 +186,7 @@ class AsyncLoop:
                        budget_end: float) -> bytes:
         r, s = self.r, self.r.settings
         silence_limit = s.round_timeout_s * s.round_attempts
-        acc, contributions = self._fresh(current[0]), []
+        acc, contributions, shares = self._fresh(current[0]), [], VersionShares(r.pool.names)
         started = last_arrival = time.monotonic()
         self._started(current[0] + 1)
         for name in r.pool.names:
@@ -195,9 +205,8 @@ class AsyncLoop:
             done, _ = await asyncio.wait(set(takers.values()), timeout=min(budget_end - now, 5.0),
                                          return_when=asyncio.FIRST_COMPLETED)
             for name in [n for n, t in takers.items() if t in done]:
-                items = await self._taken(name, takers[name], current[0])
-                takers[name] = asyncio.ensure_future(
-                    r.pool.take_updates(name, r.session_id, TAKE_S))
+                taken = await self._taken(name, takers[name], current[0])
+                items = shares.add(taken) if taken is not None else []
                 for kept in items:
                     if current[0] >= s.rounds:
                         break  # the last version is out: what is left arrived too late
@@ -206,22 +215,29 @@ class AsyncLoop:
                     if contribution is not None:
                         contributions.append(contribution)
                     if len(contributions) >= self.k:
-                        model = await self._commit(model, acc, contributions, current, started)
+                        model = await self._commit(model, acc, contributions, current, started,
+                                                   shares)
                         # committed or refused, the buffer is spent: a fresh one
                         acc, contributions, started = self._fresh(current[0]), [], time.monotonic()
+                        shares = VersionShares(r.pool.names)
                         if current[0] < s.rounds:
                             self._started(current[0] + 1)
+                # Only now, with its updates folded and the version they completed committed
+                # and announced: the next take tells the combiner, whose clients' next tasks
+                # then start from that version.
+                takers[name] = asyncio.ensure_future(
+                    r.pool.take_updates(name, r.session_id, TAKE_S))
         return model
 
     def _started(self, number: int) -> None:
         self.r.emit(RoundStarted(self.r.session_id, number, self.attempt, self.r.model_id,
                                  {n: len(ids) for n, ids in self.participants.items()}))
 
-    async def _taken(self, name: str, task: asyncio.Future, version: int) -> list[Kept]:
+    async def _taken(self, name: str, task: asyncio.Future, version: int) -> RoundResult | None:
         try:
             return task.result()
         except asyncio.CancelledError:
-            return []
+            return None
         except Exception as exc:  # noqa: BLE001 - a combiner died or was restarted by Ray
             self.r.note("warning", f"combiner {name} stopped forwarding updates "
                         f"({type(exc).__name__}); serving the session on it again")
@@ -229,7 +245,7 @@ class AsyncLoop:
             with contextlib.suppress(Exception):
                 self.participants[name] = set()
                 await self._start_combiner(name, version)
-            return []
+            return None
 
     async def _fold(self, acc: Accumulator, kept: Kept, version: int) -> dict[str, Any] | None:
         """Fold one forwarded update; one that is stale, lost or refused by the strategy
@@ -274,7 +290,7 @@ class AsyncLoop:
                     reason=reason, client_id=meta.client_id, **data)
 
     async def _commit(self, model: bytes, acc: Accumulator, contributions: list[dict[str, Any]],
-                      current: list[int], started: float) -> bytes:
+                      current: list[int], started: float, shares: VersionShares) -> bytes:
         """Version ``current + 1`` from the buffer; a refused aggregate (not finite, or the
         strategy failed) discards the buffer and keeps the previous model, up to
         ``session.round_attempts`` times in a row."""
@@ -287,11 +303,14 @@ class AsyncLoop:
             await self._refused(number, str(exc), len(contributions))
             return model
         stale = [c["staleness"] for c in contributions]
+        combiners = shares.docs(time.monotonic() - started,
+                                {name: len(ids) for name, ids in self.participants.items()})
         await r.commit(number, self.attempt, parent, new_model, Commit(
             started=started, updates=len(contributions),
-            train_metrics={"staleness_mean": sum(stale) / len(stale),
+            rejected=sum(doc["rejected"] for doc in combiners.values()),
+            train_metrics={**shares.metrics.means(), "staleness_mean": sum(stale) / len(stale),
                            "staleness_max": float(max(stale))},
-            contributions=contributions, mode="async"))
+            combiners=combiners, contributions=contributions, mode="async"))
         current[0] = number
         self.attempt = 1
         ref = await self._add_version(number, r.model_id, new_model)
@@ -316,3 +335,49 @@ class AsyncLoop:
                f"{updates} update(s) were discarded and the next {self.k} build it again "
                f"({self.attempt + 1} of {attempts})", number)
         self.attempt += 1
+
+
+def buffer_target(buffer_size: int, taking_part: int) -> int:
+    """Updates per version: ``session.buffer_size``, else half the clients taking part
+    (rounded up). Measured on the digits example (docs/strategies.md, "How the defaults
+    were chosen"): every 2 updates lost to FedAvg when training is quick; from half the
+    clients to all of them FedBuff matched it, and half commits the most versions while
+    an update stays 1-2 versions old and a 5x straggler's within ``max_staleness``."""
+    return buffer_size or max(1, math.ceil(taking_part / 2))
+
+
+class VersionShares:
+    """Each combiner's share of the version being built, as a round document records a
+    synchronous round's (``combiner_doc``): what the combiner counted from the previous
+    commit to this one, that is what the ``take_updates`` answers in between reported,
+    added up. So the bytes of an update count in the version being built when its
+    combiner received it (never a later one than it is folded into), and a version
+    built from updates that were all in already counts none."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.shares = {name: {**dict.fromkeys(COUNTED, 0), "rejections": {}, "failures": {}}
+                       for name in names}
+        self.metrics = MetricSums()  # the clients' training metrics, example-weighted
+
+    def add(self, taken: RoundResult) -> list[Kept]:
+        """Count one ``take_updates`` answer; the updates it brought."""
+        new = combiner_doc(taken)
+        doc = self.shares.setdefault(taken.combiner, {**dict.fromkeys(COUNTED, 0),
+                                                      "rejections": {}, "failures": {}})
+        for key in COUNTED:
+            doc[key] += new[key]
+        for reason, count in new["rejections"].items():
+            doc["rejections"][reason] = doc["rejections"].get(reason, 0) + count
+        doc["failures"].update(new["failures"])
+        self.metrics.add(taken.metrics)
+        kept = taken.partial
+        return list(kept.items) if isinstance(kept, KeptUpdates) else []
+
+    def docs(self, seconds: float, asked: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+        return {name: {**doc, "asked": asked.get(name, 0), "close_reason": "buffer_full",
+                       "seconds": round(seconds, 4),
+                       "aggregation_s": round(doc["aggregation_s"], 4)}
+                for name, doc in self.shares.items()}
+
+
+COUNTED = ("updates", "rejected", "failed", "bytes_in", "bytes_out", "aggregation_s")

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
 from fedray.strategies.base import Strategy
 from fedray.strategies.snapshots import ClientInfo
-from fedray.strategies.updates import Buffer, Kept
+from fedray.strategies.updates import Buffer
 
 
 class CombinerPool(Protocol):
@@ -37,6 +37,10 @@ class CombinerPool(Protocol):
     async def add_clients(self, combiner: str, clients: list[str]) -> None: ...
     async def set_version(self, combiner: str, version: int, model_ref: Any,
                           model_id: str) -> None: ...
-    async def take_updates(self, combiner: str, session_id: str, timeout_s: float) -> list[Kept]: ...
+    async def take_updates(self, combiner: str, session_id: str,
+                           timeout_s: float) -> RoundResult:
+        """The updates the combiner accepted since the last call (its ``partial``:
+        ``KeptUpdates``) and what it counted meanwhile; calling again says the runner is
+        done with them (their clients' next tasks go out then)."""
     async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]: ...
     async def buffer_full(self, combiner: str, session_id: str, round_: int, attempt: int) -> None: ...

@@ -31,7 +31,6 @@ from fedray.errors import (
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
 from fedray.strategies.base import Strategy
 from fedray.strategies.snapshots import ClientInfo
-from fedray.strategies.updates import Kept
 
 
 def _first_line(exc: BaseException) -> str:
@@ -166,7 +165,8 @@ class RayCombinerPool:
                           model_id: str) -> None:
         await self._ask(combiner, "set_version", version, model_ref, model_id)
 
-    async def take_updates(self, combiner: str, session_id: str, timeout_s: float) -> list[Kept]:
+    async def take_updates(self, combiner: str, session_id: str,
+                           timeout_s: float) -> RoundResult:
         return await self._ask(combiner, "take_updates", session_id, timeout_s)
 
     async def stop_async(self, combiner: str, session_id: str) -> dict[str, Any]:
