@@ -19,8 +19,8 @@ from fedray.deploy.config_file import config_from_dict
 from fedray.deploy.lifecycle import Teardown
 from fedray.errors import ApiError, NotFound
 from fedray.serialization import decode, encode
-from fedray.storage import open_model_store
 from fedray.service.serve import serve_federation
+from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
 from tests.waiting import wait_connected, wait_until
 
