@@ -160,3 +160,19 @@ def test_the_api_refuses_what_a_session_cannot_change_and_what_it_cannot_find(
             unauthorized.start_session(rounds=1)
         assert denied.value.status == 401
         assert fed.sessions() == []  # nothing was queued by any of that
+
+
+def test_an_asynchronous_session_stops_with_the_versions_it_committed(
+        ray_session, tracking_uri, fleet, tmp_path):
+    config = _config("serve-stop-async", tmp_path, tracking_uri, min_clients=2)
+    with served(config) as fed:
+        _attach(fleet, fed, {"a": SlowWorker(1.0, 10, 0.2), "b": SlowWorker(1.0, 10, 0.2)})
+        session = fed.start_session(aggregator="fedbuff", rounds=500)
+        wait_until(lambda: sum(r["status"] == "finished" for r in session.rounds()) >= 2,
+                   "two versions committed")
+        session.stop(reason="enough")
+        doc = session.wait(timeout=30)
+        assert doc["status"] == "stopped" and doc["reason"] == "enough", doc
+        assert 2 <= doc["rounds_done"] < 500
+        committed = [r for r in session.rounds() if r["status"] == "finished"]
+        assert committed[-1]["model_id"] == doc["model_id"]
