@@ -7,7 +7,6 @@ needs only what a client needs.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import signal
 import sys
@@ -18,9 +17,10 @@ import click
 from fedray.bridge.credential import ENV as CREDENTIALS_ENV
 from fedray.bridge.credential import CredentialBundle, read_bundle
 from fedray.bridge.tls import client_tls
+from fedray.edge.apps import load_app
 from fedray.edge.client import EdgeRunner, EdgeSettings
 from fedray.edge.downloads import DEFAULT_MAX_MODEL_MB, DEFAULT_MAX_PACKAGE_MB, MiB
-from fedray.edge.workers import CallbackWorker, PackageWorker, RemotePackageWorker, Worker
+from fedray.edge.workers import PackageWorker, RemotePackageWorker, Worker
 from fedray.errors import ConfigError
 from fedray.packages.archive import is_sha256
 
@@ -236,23 +236,6 @@ async def _serve(runner: EdgeRunner) -> None:
     await runner.run()
 
 
-def load_app(target: str) -> Worker:
-    """``module[:object]`` whose ``train`` (and optionally ``validate``) are callbacks."""
-    module_name, _, attr = target.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(module_name)
-        if attr:
-            obj = getattr(obj, attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--app {target}: cannot import it ({exc})") from None
-    train = getattr(obj, "train", None)
-    if not callable(train):
-        raise ConfigError(f"--app {target}: has no train(params, config) function")
-    return CallbackWorker(train, getattr(obj, "validate", None))
-
-
 def load_package_worker(path: Path, data: str, secrets: tuple[str, ...] = (),
                         use_env: bool = True) -> Worker:
     from fedray.packages import load_package
@@ -260,3 +243,79 @@ def load_package_worker(path: Path, data: str, secrets: tuple[str, ...] = (),
     if not path.exists():
         raise ConfigError(f"--package {path}: no such folder or file")
     return PackageWorker(load_package(path), data, secrets, use_env=use_env)
+
+
+@edge.command("swarm")
+@click.option("--count", required=True, type=click.IntRange(1, 100_000),
+              help="How many edge clients to run.")
+@click.option("--gateway", required=True, metavar="HOST:PORT", help="The federation's gateway.")
+@click.option("--app", "app", required=True, metavar="MODULE[:OBJECT]",
+              help="train(params, config) (and validate) shared by all, or a factory "
+                   "OBJECT(data) -> (train, validate) called per client.")
+@click.option("--procs", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Processes to spread the clients over (each runs one event loop).")
+@click.option("--data", default="", metavar="PATH",
+              help="Each client's data for a factory --app; {i} is the client's index.")
+@click.option("--name-prefix", default="swarm-", show_default=True,
+              help="Client i is named PREFIX + i (five digits).")
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
+              help="Something every client says about itself (repeatable).")
+@click.option("--token", envvar="FEDRAY_TOKEN", default=None,
+              help="Federation token for every client (default: $FEDRAY_TOKEN).")
+@click.option("--heartbeat-s", default=2.0, show_default=True, type=click.FloatRange(0.1, 600),
+              help="Seconds between each client's heartbeats.")
+@click.option("--duration", default=None, type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Stop after this long (default: until Ctrl-C or SIGTERM).")
+@click.option("--verbose", is_flag=True, help="Print every client's lines, not only trouble.")
+def swarm(count: int, gateway: str, app: str, procs: int, data: str, name_prefix: str,
+          attrs: tuple[str, ...], token: str | None, heartbeat_s: float,
+          duration: float | None, verbose: bool) -> None:
+    """Run COUNT real edge clients (load-testing a federation), PROCS processes of them.
+
+    Each client has its own channel, name, heartbeats and tasks. Ctrl-C or SIGTERM stops
+    them all."""
+    import time
+
+    from rich.console import Console
+
+    from fedray.edge.apps import load_target
+    from fedray.edge.swarm import Swarm
+
+    check_gateway(gateway)
+    load_target(app)  # a typo is told here, once, not by every child
+    if "{i}" not in data and data:
+        resolve_data(data)
+    env_name = "FEDRAY_SWARM_TOKEN"
+    if token:
+        os.environ[env_name] = token  # children read it from the environment, not argv
+    spec = {"gateway": gateway, "app": app, "data": data, "prefix": name_prefix,
+            "attrs": parse_attrs(attrs), "heartbeat_s": heartbeat_s, "verbose": verbose,
+            "token_env": env_name}
+    flock = Swarm(spec, count, procs)
+    console = Console(stderr=True)
+    started = time.monotonic()
+    stopped = False
+
+    def stop(signum=None, frame=None) -> None:  # noqa: ANN001 - signal handler
+        nonlocal stopped
+        stopped = True
+        flock.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    flock.start()
+    with console.status(f"swarm: starting {count} clients in {len(flock.parts)} process(es)"
+                        ) as status:
+        def show(counts) -> None:  # noqa: ANN001 - swarm.Counts
+            status.update(f"swarm: {counts.total_connected}/{count} connected · "
+                          f"{counts.total_tasks} task(s) done · "
+                          f"{time.monotonic() - started:.0f}s")
+            if duration is not None and time.monotonic() - started > duration and not stopped:
+                stop()
+
+        flock.watch(show)
+    c = flock.counts
+    click.echo(f"swarm: {count} clients stopped after {time.monotonic() - started:.1f}s; "
+               f"{c.total_tasks} task(s) done, {c.errors} client error(s)", err=True)
+    if c.errors or any(p.returncode not in (0, -signal.SIGTERM) for p in flock.procs):
+        sys.exit(1)
