@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -48,3 +49,27 @@ def test_a_swarm_joins_trains_and_stops_on_one_sigterm(ray_session, tracking_uri
         assert "swarm: 30 clients stopped" in err and "60 task(s) done" in err, err[-2000:]
         wait_until(lambda: not fed.clients(status="online"), "the swarm gone from tracking",
                    timeout=30)
+
+
+@pytest.mark.integration
+def test_more_clients_in_one_process_than_one_connection_may_carry_all_connect(
+        ray_session, tracking_uri, tmp_path):
+    """gRPC shares one connection among a process's channels to the same server, and a
+    combiner admits combiners.max_clients_per_connection (256) ids per connection: a swarm
+    stopped at 256 per combiner (1,024 of 3,000 in 2 processes over 2 combiners). Each
+    client now has a connection of its own."""
+    config = _config("swarm-one-process", tmp_path, tracking_uri, min_clients=300)
+    config = dataclasses.replace(config, combiners=dataclasses.replace(config.combiners, count=1))
+    with served(config) as fed:
+        swarm = subprocess.Popen(
+            [sys.executable, "-m", "fedray", "edge", "swarm", "--count", "300", "--procs", "1",
+             "--gateway", fed.info()["gateway"], "--app", "tests.swarm_app"],
+            cwd=ROOT, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: len(fed.clients(status="online")) == 300,
+                       "300 clients of one process online", timeout=90,
+                       describe=lambda: len(fed.clients(status="online")))
+        finally:
+            swarm.send_signal(signal.SIGTERM)
+            swarm.communicate(timeout=60)

@@ -52,6 +52,11 @@ from fedray.messages import attrs_problem
 log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [
+    # Each client its own connection: gRPC would otherwise share one between every channel
+    # of a process to the same server (its global subchannel pool), and a combiner admits
+    # at most combiners.max_clients_per_connection ids per connection (a swarm of clients
+    # in one process stopped at 256 per combiner).
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
