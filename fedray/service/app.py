@@ -317,8 +317,12 @@ def _model_bytes(control: LiveControl, model_id: str) -> bytes:
 async def _stream(request: Request, streams: asyncio.Semaphore, open_tail) -> StreamingResponse:
     if streams.locked():
         raise TransportError(f"{MAX_STREAMS} streams are open already; close one")
-    tail, store = await asyncio.to_thread(open_tail)  # a bad session id is a 404 here
-    await streams.acquire()
+    await streams.acquire()  # not locked: returns at once, nothing can come between
+    try:
+        tail, store = await asyncio.to_thread(open_tail)  # a bad session id is a 404 here
+    except BaseException:
+        streams.release()
+        raise
 
     async def lines() -> AsyncIterator[bytes]:
         quiet = 0.0
