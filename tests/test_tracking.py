@@ -964,3 +964,21 @@ def test_query_commands_refuse_a_data_dir_without_tracking(tmp_path: Path,
     result = runner.invoke(main, ["sessions"])
     assert result.exit_code == 2 and f"$FEDRAY_DATA_DIR {typo}: not a" in result.output
     assert not typo.exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_stop_while_the_server_starts_is_a_tracking_error_not_a_crash(tmp_path, monkeypatch):
+    """`ray job stop` of a `fedray serve` job: the supervisor was restarting the server as
+    the teardown stopped it, and its start crashed with AttributeError on the process the
+    stop had taken."""
+    import fedray.tracking.embedded as embedded
+
+    server = EmbeddedMongo(tmp_path)
+
+    def ping_that_stops(uri: str, timeout_s: float = 0.5) -> bool:
+        server.stop()  # the teardown, landing while start() waits for the first answer
+        return False
+
+    monkeypatch.setattr(embedded, "ping", ping_that_stops)
+    with pytest.raises(TrackingError, match="stopped while it started"):
+        server.start()
+    assert not server.running

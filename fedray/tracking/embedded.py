@@ -212,7 +212,7 @@ class EmbeddedMongo:
         try:
             fd = os.open(self.out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with open(fd, "wb") as out:
-                self._proc = subprocess.Popen(
+                proc = self._proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -227,7 +227,9 @@ class EmbeddedMongo:
             raise TrackingError(f"cannot launch {executable}: {exc}") from exc
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self._exit_code = self._proc.poll()
+            if self._proc is not proc:  # stop() took it meanwhile (a supervisor's restart)
+                raise TrackingError(f"{EXECUTABLE} was stopped while it started")
+            self._exit_code = proc.poll()
             if self._exit_code is not None:
                 self._proc = None
                 return False
