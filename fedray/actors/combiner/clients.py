@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fedray.actors.combiner.pacing import beat_interval, offline_after
 from fedray.config import CombinersConfig
 from fedray.messages import MAX_ATTRS, Task
 from fedray.strategies.snapshots import ClientInfo
@@ -124,13 +125,19 @@ class ClientRegistry:
             self.listener.client_status(client_id, link.name, status, len(self.online_ids()))
         return True
 
+    def beat_interval(self) -> float:
+        """The heartbeat interval clients are told now (``pacing``: it grows with them)."""
+        return beat_interval(self.settings.heartbeat_interval_s, len(self.links))
+
     def sweep(self) -> None:
         """Mark clients offline whose heartbeats stopped; called about once a second."""
-        limit = time.monotonic() - self.settings.offline_after_s
+        s = self.settings
+        after = offline_after(s.offline_after_s, s.heartbeat_interval_s, self.beat_interval())
+        limit = time.monotonic() - after
         for link in list(self.links.values()):
             if link.status != "offline" and link.last_seen < limit:
                 link.close()
-                self.gone(link, f"no heartbeat for {self.settings.offline_after_s:g}s")
+                self.gone(link, f"no heartbeat for {after:g}s")
 
     def close_all(self) -> None:
         for link in self.links.values():

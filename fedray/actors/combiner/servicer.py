@@ -122,7 +122,7 @@ class CombinerServicer(pb_grpc.CombinerServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         known = self.core.heartbeat(await caller_id(context, request.client_id), request.status)
-        return pb.HeartbeatReply(interval_s=self.core.settings.heartbeat_interval_s, known=known)
+        return pb.HeartbeatReply(interval_s=self.core.registry.beat_interval(), known=known)
 
     async def FetchModel(self, request: pb.FetchModelRequest, context):
         try:
