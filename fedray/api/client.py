@@ -159,7 +159,9 @@ class Session:
 
     @property
     def state(self) -> str:
-        return str(self.info().get("status") or self.info().get("state") or "")
+        """queued, created, waiting, running, finished, failed or stopped."""
+        doc = self.info()
+        return str(doc.get("status") or doc.get("state") or "")
 
     def rounds(self) -> list[dict[str, Any]]:
         return self.http.json("GET", f"/sessions/{_quoted(self.id)}/rounds")
