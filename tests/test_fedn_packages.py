@@ -102,8 +102,9 @@ save([np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros(3, np.float32),
 """
 DATA = """\
 import os
-with open(os.path.join(os.environ["COUNT_DIR"], "startups"), "a") as f:
-    f.write("x")
+if "COUNT_DIR" in os.environ:
+    with open(os.path.join(os.environ["COUNT_DIR"], "startups"), "a") as f:
+        f.write("x")
 """
 
 
@@ -395,3 +396,67 @@ def test_python_is_this_interpreter_for_a_package_without_python_env(tmp_path):
     assert package.argv("train", {"in_model": "a", "out_model": "b"}) == [
         sys.executable, "train.py", "a", "b"]
     assert json.loads(json.dumps(package.manifest.command("build"))) == ["python", "model.py"]
+
+
+# ------------------------------------------------------------------------------ federation
+
+
+@pytest.mark.integration
+def test_a_federation_serves_a_fedn_package_and_a_broken_one_fails_only_its_task(
+        ray_session, tracking_uri, fleet, tmp_path):
+    """The config's ``package:`` is a FEDn folder; two clients download it, and a third
+    runs a local copy whose train writes no -metadata: its task is settled as failed with
+    one line, and the round commits the other two updates."""
+    from fedray.deploy.config_file import config_from_dict
+    from fedray.deploy.federation import Federation
+    from fedray.deploy.seeds import load_seed, session_package
+    from fedray.edge.workers import PackageWorker, RemotePackageWorker
+    from fedray.storage import open_model_store
+    from fedray.tracking.store import TrackingStore
+    from tests.waiting import wait_connected
+
+    seed = tmp_path / "seed.npz"
+    np.savez_compressed(seed, **SEED)
+    config = config_from_dict({
+        "federation": "fedn-served", "seed_model": str(seed), "data_dir": str(tmp_path / "fed"),
+        "controller": {"host": "127.0.0.1", "port": 0},
+        "combiners": {"count": 1, "host": "127.0.0.1", "base_port": 0,
+                      "heartbeat_interval_s": 0.5},
+        "tracking": {"database": "t_fedn_served"},
+        "session": {"rounds": 1, "min_clients": 2, "round_timeout_s": 60, "validate": True,
+                    "wait_for_clients_s": 60}})
+    sha, archive, name = session_package(str(fedn_package(tmp_path / "client")), tmp_path)
+    store = open_model_store("file", config.resolved_data_dir())
+    seed_id = store.put(load_seed(config.seed_model))
+    broken = load_package(fedn_package(tmp_path / "broken", **{
+        "train.py": TRAIN.replace('mode = settings.get("mode", "ok")', 'mode = "no_metadata"')}))
+    fed = Federation(config, None, tracking_uri).deploy((sha, archive))
+    try:
+        for client, worker in [("site-a", RemotePackageWorker(cache_dir=tmp_path / "c-a")),
+                               ("site-b", RemotePackageWorker(cache_dir=tmp_path / "c-b")),
+                               ("broken", PackageWorker(broken))]:
+            fleet.add(client, worker, fed.gateway)
+        wait_connected(fleet, 3)
+        session_id = fed.start_session(seed_id, sha, package_size=len(archive))
+        status = fed.follow(lambda s: None)
+    finally:
+        fed.shutdown()
+    assert name == "fedn-package" and status["state"] == "finished", (status, fleet.lines)
+    failed = [line for line in fleet.lines if "FAILED" in line]
+    assert len(failed) == 1 and failed[0].startswith(
+        "[broken] round 1 train FAILED: PackageError: package 'fedn-package' train: wrote no "), \
+        fleet.lines
+    assert "out.npz-metadata (expected JSON with 'num_examples'" in failed[0]
+    assert sum("installed compute package 'fedn-package'" in line for line in fleet.lines) == 2
+    tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
+    try:
+        (round_,) = tracking.find("rounds", {"session_id": session_id})
+    finally:
+        tracking.close()
+    assert round_["status"] == "finished" and round_["updates"] == 2
+    assert round_["combiners"]["combiner-0"]["failed"] == 1
+    assert round_["train_metrics"]["loss"] == 0.5
+    assert round_["validation_metrics"]["accuracy"] == pytest.approx(0.9)
+    committed = decode(store.get(round_["model_id"]))
+    for key, array in SEED.items():
+        np.testing.assert_array_equal(committed[key], array + 1)
