@@ -356,6 +356,6 @@ def describe_seed(path: Path) -> str:
         return f"not a model: {exc}"
     kind = "numpy-helper npz" if positions(arrays) else "npz"
     total = sum(a.nbytes for a in arrays.values())
-    size = f"{total} bytes" if total < 1e4 else \
+    size = f"{total} bytes" if total < 1e3 else \
         f"{total / 1e3:.1f} kB" if total < 1e6 else f"{total / 1e6:.1f} MB"
     return f"{kind}, {len(arrays)} arrays, {size}"
