@@ -305,6 +305,18 @@ def test_fednignore_leaves_files_out_and_a_fedn_tgz_loads_as_a_fedn_package(tmp_
     assert package.is_fedn and package.train(encode(SEED), {}, "")[1] == 7
 
 
+def test_an_archive_as_fedn_package_create_writes_it_loads(tmp_path):
+    """Files only, no folder entries, names relative to the package folder."""
+    root = fedn_package(tmp_path / "client", **{"lib/util.py": "X = 1\n"})
+    archive = tmp_path / "package.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            tar.add(path, arcname=str(path.relative_to(root)))
+    package = load_package(archive, cache_dir=tmp_path / "cache")
+    assert package.is_fedn and (package.root / "lib" / "util.py").is_file()
+    assert package.train(encode(SEED), {}, "")[1] == 7
+
+
 def test_a_tgz_of_the_client_folder_itself_loads_from_that_folder(tmp_path):
     """``tar -czf package.tgz client``, as FEDn's older quick starts packed it."""
     root = fedn_package(tmp_path / "client")
