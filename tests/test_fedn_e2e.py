@@ -65,7 +65,7 @@ def fedn_digits(tmp_path_factory) -> FednDigits:
 def test_package_seed_builds_the_fedn_venv_and_the_seed_is_the_digits_seed(fedn_digits):
     from examples.digits.client.model import init_model
 
-    assert "building the python env of package 'fedn-digits' (6 requirement(s)" \
+    assert "building the python env of package 'fedn-digits' from python_env.yaml (6 " \
         in fedn_digits.seed_output
     assert f"package 'fedn-digits' build wrote ../seed.npz ({fedn_digits.seed}; numpy-helper " \
         "npz, 4 arrays, 9.6 kB)" in fedn_digits.seed_output, fedn_digits.seed_output

@@ -472,3 +472,21 @@ def test_a_federation_serves_a_fedn_package_and_a_broken_one_fails_only_its_task
     committed = decode(store.get(round_["model_id"]))
     for key, array in SEED.items():
         np.testing.assert_array_equal(committed[key], array + 1)
+
+
+def test_a_python_env_yaml_pip_cannot_install_is_pips_line_naming_the_file(tmp_path,
+                                                                          monkeypatch):
+    from fedray.edge.workers import PackageWorker
+    from fedray.errors import PythonEnvError
+
+    make_wheel(tmp_path / "wheels")
+    offline_pip(monkeypatch, tmp_path / "wheels")
+    root = fedn_package(tmp_path / "client", **{
+        "fedn.yaml": "python_env: python_env.yaml\n" + FEDN_YAML,
+        "python_env.yaml": "name: .unbuildable\ndependencies:\n  - fedray-envprobe==9.9\n"})
+    worker = PackageWorker(load_package(root), cache_dir=tmp_path / "cache")
+    with pytest.raises(PythonEnvError) as err:
+        worker.prepare(lambda line: None)
+    assert str(err.value).splitlines()[0] == (
+        "pip install for package 'unbuildable' from python_env.yaml failed: ERROR: No matching "
+        "distribution found for fedray-envprobe==9.9")

@@ -202,7 +202,8 @@ def read_python_env(root: Path, name: object, field: str) -> tuple[PythonEnv, st
         raise PackageError(f"{path}: more than {MAX_REQUIREMENTS} requirements")
     env_name = raw.get("name")
     env_name = env_name.lstrip(".") if isinstance(env_name, str) else ""
-    return PythonEnv(tuple(requirements)), env_name if _NAME_RE.match(env_name) else ""
+    env = PythonEnv(tuple(requirements), str(pure))  # the file names the env in messages
+    return env, env_name if _NAME_RE.match(env_name) else ""
 
 
 def _requirement(root: Path, path: Path, field: str, line: object) -> list[str]:

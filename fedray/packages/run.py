@@ -102,8 +102,9 @@ class Package:
         if spec is None or self.env is not None:
             return self
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        env = ensure_env(self.identity, spec.requirements, cache,
-                         label=f"package {self.manifest.name!r}", cwd=self.root,
+        label = f"package {self.manifest.name!r}" + \
+            (f" from {spec.requirements_file}" if self.is_fedn and spec.requirements_file else "")
+        env = ensure_env(self.identity, spec.requirements, cache, label=label, cwd=self.root,
                          environ=child_env("", secrets), say=say)
         return replace(self, env=env)
 
