@@ -6,8 +6,8 @@ manifest declares a ``python_env`` (``Package.with_env``, see ``fedray.packages.
 They run in the package directory with a timeout, in this process's environment minus the
 client's token (the package is the federation's code, not the site's); a failure raises
 ``PackageError`` with the exit code and the tail of stderr. A FEDn package (``fedn.yaml``)
-keeps FEDn's calling convention and files; ``fedray.packages.fedn`` converts at the edge. This module runs on edge
-machines: it must never import ray, pymongo or minio.
+keeps FEDn's calling convention and files; ``fedray.packages.fedn`` converts at the edge.
+This module runs on edge machines: it must never import ray, pymongo or minio.
 """
 
 from __future__ import annotations
