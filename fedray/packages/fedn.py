@@ -86,9 +86,11 @@ _HOW_TRAIN = "FEDn's save_metadata({'num_examples': n}, out_model_path)"
 
 def read_package_manifest(root: Path) -> Manifest:
     """The manifest at ``root``: ``fedray.yaml``, else FEDn's ``fedn.yaml``."""
-    if (root / MANIFEST).is_file() or not (root / FEDN_MANIFEST).is_file():
+    if (root / MANIFEST).is_file():
         return read_manifest(root)
-    return read_fedn_manifest(root)
+    if (root / FEDN_MANIFEST).is_file():
+        return read_fedn_manifest(root)
+    raise PackageError(f"{root}: no {MANIFEST} (or FEDn's {FEDN_MANIFEST}) at the package root")
 
 
 def package_root(folder: Path) -> Path:
