@@ -161,7 +161,7 @@ class ApiConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     federation: str
-    seed_model: str  # a .safetensors path, module:function returning arrays, or model:ID|latest
+    seed_model: str  # a .safetensors or .npz path, module:function returning arrays, or model:ID|latest
     package: str | None = None
     data_dir: str | None = None
     ray: RayConfig = field(default_factory=RayConfig)

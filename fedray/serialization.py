@@ -5,13 +5,21 @@ safetensors format (never pickle); its id is the sha256 of those bytes, so store
 caches are content-addressed. ``decode`` parses the header itself and checks every offset
 before building read-only views into the buffer, so untrusted bytes cannot make it read
 out of bounds or allocate a copy of the model.
+
+At the edges a model may also be an ``.npz`` (``decode_npz``: any arrays, no pickle), and
+in particular FEDn's numpy-helper file (``encode_fedn_npz``): a list of arrays saved with
+``np.savez_compressed`` under the keys ``"0"``, ``"1"``, ... A FEDn model keeps those
+keys as its tensor names, so the mapping is the same in both directions and bit-exact.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import re
 import struct
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -213,3 +221,73 @@ def decode(data: Buffer, layout: Layout | None = None) -> Model:
 
 def copy_model(model: Mapping[str, np.ndarray]) -> Model:
     return {name: np.array(arr, copy=True) for name, arr in model.items()}
+
+
+MAX_NPZ_BYTES = 64 * 1024**3  # what an .npz may unpack to (its arrays, uncompressed)
+_POSITION_RE = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+def positions(names) -> list[str] | None:
+    """``names`` in FEDn's order (``"0"``, ``"1"``, ...) when they are exactly the positions
+    0..n-1 of a numpy-helper list, else None."""
+    names = list(names)
+    if not names or not all(_POSITION_RE.fullmatch(n) for n in names):
+        return None
+    ordered = sorted(names, key=int)
+    return ordered if ordered == [str(i) for i in range(len(names))] else None
+
+
+def describe_names(names, limit: int = 4) -> str:
+    """A few of ``names`` for an error message: ``'a', 'b', ... (7 in all)``."""
+    names = sorted(names, key=lambda n: (len(n), n))
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def decode_npz(source: Buffer | str, max_bytes: int = MAX_NPZ_BYTES) -> Model:
+    """The arrays of an ``.npz`` (bytes or a path), by key; pickled objects are refused,
+    and so is an archive that would unpack to more than ``max_bytes``."""
+    if not isinstance(source, str):
+        return _read_npz(io.BytesIO(bytes(source)), max_bytes)
+    try:
+        with open(source, "rb") as fh:
+            return _read_npz(fh, max_bytes)
+    except OSError as exc:
+        raise SerializationError(f"cannot read {source} ({exc.strerror})") from None
+
+
+def _read_npz(fh, max_bytes: int) -> Model:
+    model: Model = {}
+    try:
+        with zipfile.ZipFile(fh) as archive:
+            infos = archive.infolist()
+            if sum(info.file_size for info in infos) > max_bytes:
+                raise SerializationError(f"npz unpacks to more than {max_bytes} bytes")
+            for info in infos:
+                name = info.filename.removesuffix(".npy")
+                if name in model:
+                    raise SerializationError(f"npz holds array {name!r} twice")
+                with archive.open(info) as member:
+                    model[name] = np.lib.format.read_array(member, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise SerializationError(f"not an npz file ({exc})") from None
+    except ValueError as exc:  # a pickled object array, or a malformed .npy header
+        raise SerializationError(f"npz holds an array numpy cannot read without pickle "
+                                 f"({str(exc)[:120]})") from None
+    if not model:
+        raise SerializationError("npz holds no arrays")
+    return model
+
+
+def encode_fedn_npz(model: Mapping[str, np.ndarray]) -> bytes:
+    """FEDn's numpy-helper file of ``model``, whose tensors must be named ``"0"``..``"n-1"``
+    (``helper.load(path)`` returns them as a list in that order)."""
+    order = positions(model)
+    if order is None:
+        raise SerializationError(
+            f"tensors named {describe_names(model)} are not the positions '0', '1', ... "
+            "of FEDn's numpy helper (only a model that started from a numpy-helper seed.npz "
+            "has them)")
+    out = io.BytesIO()
+    np.savez_compressed(out, **{name: np.asarray(model[name]) for name in order})
+    return out.getvalue()

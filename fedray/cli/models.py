@@ -26,7 +26,8 @@ from fedray.frameworks.formats import FORMATS, format_for, writer
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The file to write.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="File format (default: npz for a .npz output, else safetensors).")
+              help="File format (default: npz for a .npz output, else safetensors); fedn: "
+                   "FEDn's numpy-helper npz, for a model that started from a FEDn seed.")
 @click.option("--model", "build", default=None, metavar="MODULE:FUNCTION",
               help="torch/keras: a function that builds the model; the arrays are loaded into "
                    "it (checked), and keras saves the whole model as a .keras file.")

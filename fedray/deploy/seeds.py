@@ -1,9 +1,11 @@
 """What a session starts from: the seed model and the compute package, checked before
 anything starts.
 
-``seed_model`` is a ``.safetensors`` file, a ``module:function`` returning arrays, or
-``model:REF`` (a committed model: an id, a prefix of one, or ``latest``, looked up in
-tracking); ``package`` a compute package folder or ``.tgz``, refused now if unsafe.
+``seed_model`` is a ``.safetensors`` file, an ``.npz`` (FEDn's numpy-helper ``seed.npz``:
+its arrays keep their keys ``"0"``, ``"1"``, ... as names), a ``module:function`` returning
+arrays, or ``model:REF`` (a committed model: an id, a prefix of one, or ``latest``, looked
+up in tracking); ``package`` a compute package folder or ``.tgz`` (fedray's or FEDn's),
+refused now if unsafe.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError, SerializationError
-from fedray.serialization import encode, read_layout
+from fedray.serialization import decode_npz, encode, read_layout
 from fedray.storage.base import ModelStore, is_model_ref
 
 MODEL_SEED = "model:"
@@ -40,6 +42,11 @@ def load_seed(spec: str, store: ModelStore | None = None,
     if ref is not None:
         return _committed_seed(spec, ref, store, resolve)
     path = Path(spec)
+    if path.suffix == ".npz":
+        try:
+            return encode(decode_npz(str(path)))
+        except SerializationError as exc:
+            raise ConfigError(f"seed_model: {spec}: {exc}") from None
     if path.suffix == ".safetensors" or path.exists():
         try:
             data = path.read_bytes()
@@ -51,7 +58,8 @@ def load_seed(spec: str, store: ModelStore | None = None,
             raise ConfigError(f"seed_model: {spec} is not a safetensors model ({exc})") from None
         return data
     if ":" not in spec:
-        raise ConfigError(f"seed_model: {spec!r} is neither a .safetensors file nor module:function")
+        raise ConfigError(f"seed_model: {spec!r} is neither a .safetensors or .npz file nor "
+                          "module:function")
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -45,15 +45,17 @@ def edge() -> None:
 @click.option("--app", "app", default=None, metavar="MODULE[:OBJECT]",
               help="Python code with train(params, config) and validate(params, config).")
 @click.option("--package", "package", default=None, metavar="PATH|remote",
-              help="A compute package folder or .tgz with a fedray.yaml, or 'remote' (the "
-                   "default without --app) to run the package the federation serves.")
+              help="A compute package folder or .tgz with a fedray.yaml (or FEDn's fedn.yaml), "
+                   "or 'remote' (the default without --app) to run the package the "
+                   "federation serves.")
 @click.option("--package-sha256", "pin", default=None, metavar="HEX",
               help="Run the federation's package only if it has this sha256, and nothing else.")
 @click.option("--insecure", is_flag=True,
               help="Allow plaintext off loopback: send the token or signed calls, and run the "
                    "federation's package without --package-sha256 (anyone on the network "
                    "path could read them or swap it).")
-@click.option("--data", default="", help="Path to this client's data (passed to the code).")
+@click.option("--data", default="", help="Path to this client's data (passed to the code; "
+              "$FEDRAY_DATA, and $FEDN_DATA_PATH for a FEDn package).")
 @click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
               help="Something about this client the federation may select by (repeatable).")
 @click.option("--ca", default=None, metavar="CA.pem",

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedray.errors import ConfigError, FedrayError, PackageError, PythonEnvError
+from fedray.errors import ConfigError, FedrayError, PackageError
 from fedray.packages.archive import is_sha256
 from fedray.packages.env import RETRY_AFTER_S
 from fedray.serialization import Buffer, copy_model, decode, encode
@@ -75,31 +75,38 @@ class PackageWorker:
         self.use_env = use_env
         self.cache_dir = cache_dir
         self._prepared = False
-        self._failed: tuple[float, PythonEnvError] | None = None
+        self._failed: tuple[float, PackageError] | None = None
 
     def prepare(self, say: Callable[[str], None]) -> None:
-        """Make the package's python env ready (blocking: call it from a worker thread).
+        """Make the package's python env ready, then run its ``startup`` entrypoint (FEDn's:
+        once per worker), blocking: call it from a worker thread.
 
-        A failed build is raised again, without running pip, for ``RETRY_AFTER_S``."""
+        A failed build or startup is raised again, without running pip or the startup,
+        for ``RETRY_AFTER_S``."""
         if self._prepared:
-            return
-        if self.package.manifest.python_env is None:
-            self._prepared = True
-            return
-        if not self.use_env:
-            say(f"package {self.package.manifest.name!r} declares a python_env; running it "
-                "in this environment (--no-env)")
-            self._prepared = True
             return
         if self._failed is not None and time.monotonic() - self._failed[0] < RETRY_AFTER_S:
             raise self._failed[1]
         try:
-            self.package = self.package.with_env(self.cache_dir, self.secrets, say)
-        except PythonEnvError as exc:
+            self._prepare(say)
+        except PackageError as exc:
             self._failed = (time.monotonic(), exc)
             raise
         self._failed = None
         self._prepared = True
+
+    def _prepare(self, say: Callable[[str], None]) -> None:
+        manifest = self.package.manifest
+        if manifest.python_env is not None and not self.use_env:
+            say(f"package {manifest.name!r} declares a python_env; running it in this "
+                "environment (--no-env)")
+        elif manifest.python_env is not None and self.package.env is None:
+            self.package = self.package.with_env(self.cache_dir, self.secrets, say)
+        if self.package.is_fedn and manifest.has("startup"):
+            started = time.monotonic()
+            self.package.run_alone("startup", self.data, secrets=self.secrets)
+            say(f"ran the startup entry point of package {manifest.name!r} in "
+                f"{time.monotonic() - started:.1f}s")
 
     def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
         return self.package.train(model, config, self.data, secrets=self.secrets)

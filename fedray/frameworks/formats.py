@@ -2,7 +2,8 @@
 
 ``safetensors`` writes the committed bytes as they are (their sha256 is the model id);
 ``npz`` writes the same named arrays with numpy (``np.load(path)`` reads them back, no
-pickle). ``torch`` and ``keras`` go through ``fedray.frameworks.torch`` and
+pickle); ``fedn`` writes FEDn's numpy-helper file (``helper.load(path)`` gives the arrays
+as a list), for a model whose tensors are named ``"0"``, ``"1"``, ... as a FEDn seed's are. ``torch`` and ``keras`` go through ``fedray.frameworks.torch`` and
 ``fedray.frameworks.keras``, imported only when asked for; each provides
 
     save_model_file(arrays: dict[str, np.ndarray], path: Path, build=None) -> None
@@ -32,11 +33,11 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fedray.errors import ConfigError
+from fedray.errors import ConfigError, SerializationError
 from fedray.frameworks import require as require_framework
-from fedray.serialization import decode
+from fedray.serialization import decode, encode_fedn_npz
 
-FORMATS = ("safetensors", "npz", "torch", "keras")
+FORMATS = ("safetensors", "npz", "fedn", "torch", "keras")
 FRAMEWORKS = {"torch": "fedray.frameworks.torch", "keras": "fedray.frameworks.keras"}
 FRAMEWORK_HOOK = "save_model_file"
 FRAMEWORK_CHECK = "check_model_file"
@@ -76,6 +77,8 @@ def writer(fmt: str, build: Callable[[], object] | None = None,
         return lambda data, path: _atomic(path, lambda f: f.write(data))
     if fmt == "npz":
         return lambda data, path: _atomic(path, lambda f: _savez(f, decode(data)))
+    if fmt == "fedn":
+        return _write_fedn
     if fmt not in FRAMEWORKS:
         raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
     module = _framework(fmt)
@@ -113,6 +116,14 @@ def _import_problem(fmt: str, name: str, exc: ImportError) -> ConfigError:
         return ConfigError(f"--format {fmt}: {name} needs {missing}, which is not installed "
                            "here")
     return ConfigError(f"--format {fmt}: {exc}")
+
+
+def _write_fedn(data: bytes, path: Path) -> None:
+    try:
+        npz = encode_fedn_npz(decode(data))
+    except SerializationError as exc:
+        raise ConfigError(f"--format fedn: {exc}; use --format npz for named arrays") from None
+    _atomic(path, lambda f: f.write(npz))
 
 
 def _savez(fh: BinaryIO, arrays: dict[str, np.ndarray]) -> None:

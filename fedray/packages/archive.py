@@ -29,6 +29,13 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from fedray.errors import PackageError
+from fedray.packages.fedn import (
+    FEDN_MANIFEST,
+    fednignore,
+    manifest_member,
+    parse_fedn_manifest,
+    read_package_manifest,
+)
 from fedray.packages.manifest import (
     _SKIP,
     MANIFEST,
@@ -36,7 +43,6 @@ from fedray.packages.manifest import (
     MAX_MEMBERS,
     MAX_TOTAL_BYTES,
     parse_manifest,
-    read_manifest,
 )
 
 MAX_EXTENDED_HEADER_BYTES = 64 * 1024  # one PAX header or GNU long name/link (a path is < 4 KiB)
@@ -68,20 +74,25 @@ def build_package(src_dir: Path | str, out: Path | str) -> str:
     """Write a deterministic ``.tgz`` of ``src_dir`` to ``out`` and return its sha256.
 
     Entries are sorted, with mtime 0, owner 0:0 and modes 0o755 (directories, executables)
-    or 0o644; ``__pycache__``, VCS folders and ``*.pyc`` are skipped. Symlinks are kept as
-    symlinks and must obey the rule ``unpack_package`` enforces.
+    or 0o644; ``__pycache__``, VCS folders, ``*.pyc`` and what ``.fednignore`` lists (FEDn's
+    patterns) are skipped. Symlinks are kept as symlinks and must obey the rule
+    ``unpack_package`` enforces.
     """
     src, out = Path(src_dir), Path(out)
-    read_manifest(src)
+    read_package_manifest(src)
+    ignored = fednignore(src)
     skip_out = out.resolve()
     entries: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP]
+        here = Path(dirpath).relative_to(src)
+        dirnames[:] = [d for d in dirnames
+                       if d not in _SKIP and not ignored((here / d).as_posix())]
         for name in dirnames + filenames:
             path = Path(dirpath) / name
-            if name in _SKIP or name.endswith(".pyc") or path.resolve() == skip_out:
-                continue
             arcname = path.relative_to(src).as_posix()
+            if name in _SKIP or name.endswith(".pyc") or path.resolve() == skip_out \
+                    or ignored(arcname):
+                continue
             if path.is_symlink() and not _link_stays_inside(os.readlink(path)):
                 raise PackageError(f"{path}: symlink {os.readlink(path)!r} may leave the package")
             entries.append((arcname, path))
@@ -307,14 +318,16 @@ def _check_members(
             raise PackageError(f"{archive}: unpacked size exceeds {max_total_bytes} bytes")
         seen[path] = member
         members.append((member, path))
-    manifest = seen.get(MANIFEST)
-    if manifest is None or not manifest.isfile():
-        raise PackageError(f"{archive}: no {MANIFEST} at the package root")
+    found = manifest_member(seen)
+    manifest = seen.get(found[0]) if found is not None else None
+    if found is None or manifest is None or not manifest.isfile():
+        raise PackageError(f"{archive}: no {MANIFEST} (or FEDn's {FEDN_MANIFEST}) at the "
+                           "package root")
     if manifest.size > MAX_MANIFEST_BYTES:
-        raise PackageError(f"{archive}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+        raise PackageError(f"{archive}: {found[0]} is larger than {MAX_MANIFEST_BYTES} bytes")
     f = tar.extractfile(manifest)
     assert f is not None
-    parse_manifest(f.read(), f"{archive}:{MANIFEST}")
+    (parse_fedn_manifest if found[1] else parse_manifest)(f.read(), f"{archive}:{found[0]}")
     return members
 
 

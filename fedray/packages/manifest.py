@@ -78,13 +78,19 @@ class PythonEnv:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """A parsed ``fedray.yaml``; ``entrypoints`` pairs each name with its command's argv."""
+    """A parsed ``fedray.yaml``; ``entrypoints`` pairs each name with its command's argv.
+    ``format`` is ``"fedray"``, or ``"fedn"`` for FEDn's ``fedn.yaml``
+    (``fedray.packages.fedn``), whose entrypoints keep FEDn's calling convention."""
 
     name: str
     entrypoints: tuple[tuple[str, tuple[str, ...]], ...]
     version: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
     python_env: PythonEnv | None = None
+    format: str = "fedray"
+
+    def has(self, entrypoint: str) -> bool:
+        return any(name == entrypoint for name, _ in self.entrypoints)
 
     def command(self, entrypoint: str) -> tuple[str, ...]:
         for name, argv in self.entrypoints:

@@ -5,8 +5,9 @@ shell; a leading ``python`` is this interpreter, or the package's own venv when 
 manifest declares a ``python_env`` (``Package.with_env``, see ``fedray.packages.env``).
 They run in the package directory with a timeout, in this process's environment minus the
 client's token (the package is the federation's code, not the site's); a failure raises
-``PackageError`` with the exit code and the tail of stderr. This module runs on edge
-machines: it must never import ray, pymongo or minio.
+``PackageError`` with the exit code and the tail of stderr. A FEDn package (``fedn.yaml``)
+keeps FEDn's calling convention and files; ``fedray.packages.fedn`` converts at the edge.
+This module runs on edge machines: it must never import ray, pymongo or minio.
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedray.errors import PackageError, SerializationError
+from fedray.packages import fedn
 from fedray.packages.archive import sha256_file, unpack_package
 from fedray.packages.env import PackageEnv, Say, ensure_env
 from fedray.packages.manifest import (
     _PLACEHOLDER_RE,
-    MANIFEST,
     MAX_TOTAL_BYTES,
     STDERR_TAIL_LINES,
     Manifest,
-    read_manifest,
 )
 from fedray.serialization import Buffer, read_layout
 
@@ -63,7 +63,7 @@ def load_package(
     """
     path = Path(path)
     if path.is_dir():
-        return Package(path.resolve(), read_manifest(path))
+        return Package(path.resolve(), fedn.read_package_manifest(path))
     if not path.is_file():
         raise PackageError(f"{path}: no such package (a directory or .tgz is expected)")
     sha = sha256_file(path)
@@ -74,9 +74,10 @@ def load_package(
         try:
             unpack_package(path, dest, max_total_bytes=max_total_bytes)
         except PackageError:
-            if not (dest / MANIFEST).is_file():  # else a concurrent unpack of it won
+            if not dest.is_dir():  # else a concurrent unpack of it won
                 raise
-    return Package(dest, read_manifest(dest), sha)
+    root = fedn.package_root(dest)
+    return Package(root, fedn.read_package_manifest(root), sha)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +102,15 @@ class Package:
         if spec is None or self.env is not None:
             return self
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        env = ensure_env(self.identity, spec.requirements, cache,
-                         label=f"package {self.manifest.name!r}", cwd=self.root,
+        label = f"package {self.manifest.name!r}" + \
+            (f" from {spec.requirements_file}" if self.is_fedn and spec.requirements_file else "")
+        env = ensure_env(self.identity, spec.requirements, cache, label=label, cwd=self.root,
                          environ=child_env("", secrets), say=say)
         return replace(self, env=env)
+
+    @property
+    def is_fedn(self) -> bool:
+        return self.manifest.format == fedn.FEDN
 
     def train(
         self, model_bytes: Buffer, config: Mapping, data: str, timeout_s: float | None = None,
@@ -113,6 +119,11 @@ class Package:
         """Run ``train``; returns (new model bytes, num_examples, metrics)."""
         with tempfile.TemporaryDirectory(prefix="fedray-train-") as tmp:
             work = Path(tmp)
+            if self.is_fedn:  # FEDn's convention: npz files and -metadata beside them
+                where = f"package {self.manifest.name!r} train"
+                values = fedn.write_inputs(work, model_bytes, config, where)
+                self.run("train", values | {"data": data or ""}, work, timeout_s, secrets)
+                return fedn.read_update(work, model_bytes, where)
             num_examples, metrics = self._call("train", work, model_bytes, config, data,
                                                timeout_s, secrets)
             where = f"package {self.manifest.name!r} train"
@@ -131,8 +142,21 @@ class Package:
     ) -> tuple[int, dict]:
         """Run ``validate``; returns (num_examples, metrics)."""
         with tempfile.TemporaryDirectory(prefix="fedray-validate-") as tmp:
+            if self.is_fedn:
+                where = f"package {self.manifest.name!r} validate"
+                values = fedn.write_inputs(Path(tmp), model_bytes, config, where)
+                self.run("validate", values | {"data": data or ""}, Path(tmp), timeout_s,
+                         secrets)
+                return fedn.read_metrics(Path(tmp), where)
             return self._call("validate", Path(tmp), model_bytes, config, data, timeout_s,
                               secrets)
+
+    def run_alone(self, entrypoint: str, data: str = "", timeout_s: float | None = None,
+                  secrets: Collection[str] = ()) -> None:
+        """Run an entrypoint that takes no model (FEDn's ``build`` and ``startup``), in the
+        package folder; its output is kept only for an error."""
+        with tempfile.TemporaryDirectory(prefix=f"fedray-{entrypoint}-") as tmp:
+            self.run(entrypoint, {"data": data}, Path(tmp), timeout_s, secrets)
 
     def argv(self, entrypoint: str, values: Mapping[str, str]) -> list[str]:
         """The entrypoint's command with placeholders filled, argument by argument."""
@@ -177,6 +201,8 @@ class Package:
         argv = self.argv(entrypoint, values)
         timeout = timeout_s if timeout_s is not None else self.manifest.timeout_s
         env = child_env(values.get("data", ""), secrets)
+        if self.is_fedn:
+            env = fedn.environ(env, values.get("data", ""))
         if self.env is not None:
             env = self.env.environ(env)
         where = f"package {self.manifest.name!r} {entrypoint}"
