@@ -86,6 +86,8 @@ class SessionConfig:
     # model's floating parameters: one client cannot push the model out of float range
     max_update_norm_ratio: float | None = 100.0
     max_kept_updates: int = 1000  # robust strategies keep a round's updates (object store)
+    codec: str = "none"  # how clients send updates: none | fp16 | int8 | topk (their delta)
+    codec_kwargs: dict = field(default_factory=dict)  # int8: block; topk: fraction
     time_budget_s: float | None = None  # asynchronous sessions also end after this long
     continue_from: str = ""  # a session id: start from its last model and strategy state
 

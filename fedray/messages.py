@@ -56,6 +56,8 @@ class Task:
     stage: str = ""  # the declared stage's name ("train", "validate", or the strategy's own)
     payload: bytes = b""  # this client's own bytes for this task (RoundPlan.payloads)
     client_half: str = ""  # package.module:Class of the strategy's client half, if any
+    codec: str = ""  # a train task's update codec (session.codec), "" for none
+    codec_options: dict[str, Any] = field(default_factory=dict)  # session.codec_kwargs
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,8 @@ class RoundSpec:
     version: int = 0  # the model version this round trains (asynchronously: the first)
     stage: str = ""  # the declared stage this share runs (default: the kind's name)
     payloads: dict[str, bytes] = field(default_factory=dict)  # client id -> its own bytes
+    codec: str = ""  # session.codec for train stages ("" or "none": updates as trained)
+    codec_options: dict[str, Any] = field(default_factory=dict)  # session.codec_kwargs
 
     @property
     def stage_name(self) -> str:
@@ -214,3 +218,5 @@ class AsyncSpec:
     max_update_norm_ratio: float | None = None
     kept_versions: int = 8  # model versions still served and checked against
     max_pending: int = 1000  # forwarded updates waiting for the controller (backpressure)
+    codec: str = ""  # session.codec ("" or "none": updates as trained)
+    codec_options: dict[str, Any] = field(default_factory=dict)  # session.codec_kwargs

@@ -100,7 +100,8 @@ def task_to_proto(task: Task) -> pb.Task:
                    round=task.round, model_id=task.model_id, model_size=task.model_size,
                    config=to_struct(task.config), deadline_unix=task.deadline_unix,
                    package_sha256=task.package_sha256, package_size=task.package_size,
-                   stage=task.stage, payload=task.payload, client_half=task.client_half)
+                   stage=task.stage, payload=task.payload, client_half=task.client_half,
+                   codec=task.codec, codec_options=to_struct(task.codec_options))
 
 
 def task_from_proto(msg: pb.Task) -> Task:
@@ -113,7 +114,8 @@ def task_from_proto(msg: pb.Task) -> Task:
                 config=from_struct(msg.config), deadline_unix=msg.deadline_unix,
                 package_sha256=msg.package_sha256, package_size=msg.package_size,
                 stage=msg.stage or kind.value, payload=bytes(msg.payload),
-                client_half=msg.client_half)
+                client_half=msg.client_half, codec=msg.codec,
+                codec_options=from_struct(msg.codec_options))
 
 
 MAX_ID_CHARS = 128  # task, session and model ids are 16-64 characters; nothing longer is kept

@@ -12,6 +12,8 @@ from fedray.bridge.tls import server_tls
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError
 from fedray.strategies import NormCheck, make_strategy, options_problem, strategy_class
+from fedray.strategies.codecs import make_codec
+from fedray.strategies.codecs.coded import with_codec
 from fedray.strategies.selection import check_select
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -191,3 +193,12 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
                           f"({s.max_kept_updates}): {s.aggregator!r} keeps at most that many "
                           f"updates per round, fewer than {needs}, so no round could "
                           f"commit; raise it to {need} or more")
+    codec_fields = ("session.codec", "session.codec_kwargs")
+    try:
+        with_codec(declared.layout, make_codec(s.codec, s.codec_kwargs))
+    except ConfigError as exc:  # it names the field itself
+        origin = blame.touched(*codec_fields)
+        raise ConfigError(f"--set {origin}: {exc}" if origin else f"{c.source}: {exc}") from None
+    except ValueError as exc:
+        raise blame.among((*STRATEGY, *codec_fields), "session.codec",
+                          f"{s.codec!r} cannot apply to {s.aggregator!r}: {exc}") from None

@@ -27,6 +27,7 @@ import numpy as np
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.wire import to_struct
+from fedray.edge.coding import UpdateCoding
 from fedray.edge.downloads import fetch_model, fetch_package
 from fedray.edge.halves import ClientHalves
 from fedray.edge.workers import RemotePackageWorker, Worker
@@ -87,6 +88,7 @@ class TaskRunner:
         self.say = say  # a raw line (a traceback)
         self.cache = ModelCache(settings.cached_models)
         self.halves = ClientHalves(settings.client_halves)
+        self.coding = UpdateCoding()  # session.codec's memory (topk's error feedback)
         self.done = 0
         self._events: set[asyncio.Future] = set()  # progress events on their way
 
@@ -128,12 +130,12 @@ class TaskRunner:
             half = self.halves.for_task(task)
             if task.kind is not TaskKind.STAGE:
                 await self._ready_worker(link, task)
-            model = await self._fetch(link, task.model_id, task.model_size) \
+            model = sent = await self._fetch(link, task.model_id, task.model_size) \
                 if task.model_id else None
             if half is not None:  # what the user's code gets: the model sent, or the half's
                 model = await asyncio.to_thread(received, half, task, model)
             if task.kind is TaskKind.TRAIN:
-                examples, metrics, outcome = await self._train(link, task, model, half)
+                examples, metrics, outcome = await self._train(link, task, model, half, sent)
             elif task.kind is TaskKind.VALIDATE:
                 examples, metrics = await asyncio.to_thread(self.worker.validate, model, task.config)
                 await link.stub.PushValidation(pb.ValidationReport(
@@ -165,12 +167,16 @@ class TaskRunner:
             await asyncio.to_thread(prepare, self._progress(link))
 
     async def _train(self, link: Link, task: Task, model: memoryview | None,
-                     half: ClientHalf | None) -> tuple[int, dict, str]:
+                     half: ClientHalf | None, sent: Buffer | None = None,
+                     ) -> tuple[int, dict, str]:
         if model is None:
             raise TransportError(f"train task {task.task_id[:12]} names no model")
         data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
         if half is not None:  # encode, clip, add noise, mask: what the strategy declared
             data = await asyncio.to_thread(encode_update, half, task, data, model)
+        if task.codec:  # its delta from the round's model, as session.codec writes it
+            data = await asyncio.to_thread(self.coding.encode, task, data,
+                                           sent if sent is not None else model)
         digest = await asyncio.to_thread(_sha256, data)
         reply = await link.stub.PushUpdate(self._parts(link, task, data, digest, examples, metrics),
                                       metadata=link.metadata)

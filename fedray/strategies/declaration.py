@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from fedray.messages import TaskKind
 from fedray.strategies.numeric import Spec
@@ -125,6 +128,13 @@ class UpdateLayout:
 
     def expected(self, model: Spec) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {name: (dtype, tuple(shape)) for name, (dtype, shape) in model.items()}
+
+    def view(self, model: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]
+             ) -> Mapping[str, np.ndarray]:
+        """What the strategy folds, from the checked tensors (``expected``'s names) and the
+        update's base model: the tensors themselves by default; an encoded layout
+        returns a view that decodes (``codecs.coded.CodedModel``)."""
+        return model
 
 
 @dataclass(frozen=True, slots=True)

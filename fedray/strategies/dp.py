@@ -38,7 +38,7 @@ from fedray.errors import ConfigError
 from fedray.strategies.accountant import RDPAccountant
 from fedray.strategies.base import Strategy
 from fedray.strategies.declaration import Declaration, NormCheck, UpdateLayout
-from fedray.strategies.numeric import BLOCK, Model, add_scaled, add_scaled_delta, delta_norm
+from fedray.strategies.numeric import BLOCK, Model, add_scaled, delta_norm, fold_delta
 from fedray.strategies.selection import eligible, plan_round
 from fedray.strategies.snapshots import RoundContext, RoundPlan
 from fedray.strategies.updates import Accumulator, ShareStart, Update
@@ -74,7 +74,7 @@ class ClippedSum(Accumulator[ClippedSums]):
         c = self._partial.clipping_norm
         scale = 1.0 if norm <= c else c / norm
         for name, acc in self._partial.sums.items():
-            add_scaled_delta(acc, update.model[name], self.base[name], scale)
+            fold_delta(acc, update.model, name, self.base[name], scale)
         self._partial.count += 1
         self._partial.unclipped += int(norm <= c)
 

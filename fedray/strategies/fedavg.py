@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedray.strategies.base import Strategy
-from fedray.strategies.numeric import BLOCK, Model, Spec, add_scaled
+from fedray.strategies.numeric import BLOCK, Model, Spec, add_scaled, fold_scaled
 from fedray.strategies.updates import Accumulator, ShareStart, Update
 
 
@@ -41,7 +41,7 @@ class WeightedSum(Accumulator[WeightedSums]):
         if not weight > 0:
             raise ValueError("an update needs a positive weight")
         for name, acc in self._partial.sums.items():
-            add_scaled(acc, update.model[name], weight)
+            fold_scaled(acc, update.model, name, weight)
         self._partial.weight += weight
         self._partial.count += 1
 

@@ -29,7 +29,7 @@ from fedray.strategies.base import Strategy
 from fedray.strategies.declaration import TRAIN, VALIDATE, Asynchronous, Declaration
 from fedray.strategies.fedavg import WeightedSums, add_sums
 from fedray.strategies.loading import load_object
-from fedray.strategies.numeric import BLOCK, Model, add_scaled_delta
+from fedray.strategies.numeric import BLOCK, Model, fold_delta
 from fedray.strategies.snapshots import ACCEPT, Staleness, UpdateMeta, Verdict
 from fedray.strategies.updates import Accumulator, ShareStart, Update
 
@@ -81,7 +81,7 @@ class StaleWeightedDeltas(Accumulator[WeightedSums]):
         base = self.share.base_of(meta.base_version) if self.share.base_of else self.share.base
         scale = meta.weight * meta.num_examples
         for name, acc in self._partial.sums.items():
-            add_scaled_delta(acc, update.model[name], base[name], scale)
+            fold_delta(acc, update.model, name, base[name], scale)
         self._partial.weight += meta.num_examples
         self._partial.count += 1
 

@@ -7,6 +7,7 @@ size allocates temporaries of a few MiB, never a second model.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,6 +16,53 @@ Model = dict[str, np.ndarray]
 Spec = Mapping[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
 
 BLOCK = 1 << 20  # elements per in-place block: bounds temporaries to a few MiB
+
+
+class BlockwiseModel(Mapping[str, np.ndarray]):
+    """A model that folds itself into float64 sums (an encoded update: ``codecs.coded``).
+
+    Indexing it gives arrays, as for any model; ``fold_scaled``, ``fold_delta`` and
+    ``delta_norm`` ask it instead, so that it is folded block by block from its own form.
+    """
+
+    base: Mapping[str, np.ndarray]  # the model its values are relative to
+
+    @abstractmethod
+    def add_scaled_into(self, name: str, acc: np.ndarray, scale: float) -> None:
+        """``acc += self[name] * scale``."""
+
+    @abstractmethod
+    def add_delta_into(self, name: str, acc: np.ndarray, base: np.ndarray,
+                       scale: float) -> None:
+        """``acc += (self[name] - base) * scale``."""
+
+    @abstractmethod
+    def delta_norm(self, base: Mapping[str, np.ndarray]) -> float | None:
+        """``||self - base||`` when it can say it without decoding, else None."""
+
+    @abstractmethod
+    def payload(self) -> np.ndarray:
+        """The model as safetensors bytes (uint8) in its base's names (what a kept update
+        holds)."""
+
+
+def fold_scaled(acc: np.ndarray, model: Mapping[str, np.ndarray], name: str,
+                scale: float) -> None:
+    """``acc += model[name] * scale``: what accumulators call, so an encoded update is
+    folded from its own form."""
+    if isinstance(model, BlockwiseModel):
+        model.add_scaled_into(name, acc, scale)
+    else:
+        add_scaled(acc, model[name], scale)
+
+
+def fold_delta(acc: np.ndarray, model: Mapping[str, np.ndarray], name: str, base: np.ndarray,
+               scale: float) -> None:
+    """``acc += (model[name] - base) * scale``, as ``fold_scaled``."""
+    if isinstance(model, BlockwiseModel):
+        model.add_delta_into(name, acc, base, scale)
+    else:
+        add_scaled_delta(acc, model[name], base, scale)
 
 
 def add_scaled(acc: np.ndarray, value: np.ndarray, scale: float) -> None:
@@ -41,6 +89,10 @@ def add_scaled_delta(acc: np.ndarray, value: np.ndarray, base: np.ndarray, scale
 
 def delta_norm(model: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``model - base`` over every floating tensor, in blocks."""
+    if isinstance(model, BlockwiseModel):
+        norm = model.delta_norm(base)
+        if norm is not None:
+            return norm
     total = 0.0
     for name, value in model.items():
         if not np.issubdtype(value.dtype, np.floating):

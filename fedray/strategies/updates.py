@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from fedray.strategies.numeric import Spec
+from fedray.strategies.numeric import BlockwiseModel, Spec
 from fedray.strategies.snapshots import UpdateMeta
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
@@ -31,6 +31,13 @@ class Update:
     model: Mapping[str, np.ndarray]
     meta: UpdateMeta
     raw: Buffer
+
+    def payload(self) -> Buffer:
+        """The update's bytes in the global model's names: ``raw``, or for an encoded update
+        (``session.codec``) the model it stands for, decoded (what robust rules read)."""
+        if isinstance(self.model, BlockwiseModel):
+            return self.model.payload()
+        return self.raw
 
 
 Keeper = Callable[[Buffer], Any]  # keeps an update's bytes; returns a handle for the controller
@@ -82,7 +89,7 @@ class KeepAll(Accumulator[KeptUpdates]):
         self.kept = KeptUpdates()
 
     def fold(self, update: Update) -> None:
-        self.kept.items.append(Kept(update.meta, self.share.keep(update.raw)))
+        self.kept.items.append(Kept(update.meta, self.share.keep(update.payload())))
 
     def partial(self) -> KeptUpdates:
         return self.kept

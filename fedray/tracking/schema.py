@@ -105,6 +105,9 @@ class Round(TypedDict):
     report: NotRequired[dict[str, float | None]]
     contributions: NotRequired[list[Contribution]]
     commit_mac: NotRequired[str]  # the controller's signature of what it committed
+    codec: NotRequired[str]  # session.codec the round's updates were sent in
+    bytes_in: NotRequired[int]  # update bytes the combiners received (all of them)
+    bytes_out: NotRequired[int]  # model bytes the combiners served
 
 
 class TensorSpec(TypedDict):

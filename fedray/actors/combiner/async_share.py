@@ -40,6 +40,7 @@ from fedray.actors.combiner.shelf import ModelShelf
 from fedray.errors import UnknownSession, UpdateRejected
 from fedray.messages import AsyncSpec, MetricSums, RoundResult, TaskKind
 from fedray.strategies.base import Strategy
+from fedray.strategies.codecs.coded import codec_of
 from fedray.strategies.declaration import Declaration, UpdateLayout
 from fedray.strategies.updates import Buffer, KeepAll, Kept, KeptUpdates, ShareStart, Update
 
@@ -132,7 +133,7 @@ class AsyncServing:
         link.send(task_for(task_id, share, share.versions[share.current], spec.config,
                            time.time() + spec.timeout_s,
                            (spec.package_sha256, spec.package_size),
-                           client_half=self.client_half))
+                           client_half=self.client_half, codec=codec_of(self.layout)))
 
     def settle(self, share: Share, client_id: str, accepted: bool) -> None:
         """The client's task is over: refused or failed, its next one now; accepted, its

@@ -44,6 +44,7 @@ from fedray.messages import (
     ValidationReport,
 )
 from fedray.strategies.base import Strategy
+from fedray.strategies.codecs.coded import coded_declaration
 from fedray.strategies.declaration import Declaration
 from fedray.strategies.snapshots import ClientInfo
 from fedray.strategies.updates import Buffer
@@ -189,6 +190,7 @@ class CombinerCore:
     async def run_round(self, spec: RoundSpec, model: np.ndarray | None) -> RoundResult:
         """Run this combiner's share of one stage of a round (see ``RoundShares``)."""
         strategy, declared = self._session(spec.session_id)  # before anything starts
+        declared = coded_declaration(declared, spec.codec, spec.codec_options)
         self.async_share.stop("a round started")
         return await self.rounds.run(spec, model, strategy, declared)
 
@@ -198,6 +200,7 @@ class CombinerCore:
     async def start_async(self, spec: AsyncSpec, model: np.ndarray, version: int,
                           known_id: str = "") -> None:
         strategy, declared = self._session(spec.session_id)
+        declared = coded_declaration(declared, spec.codec, spec.codec_options)
         await self.async_share.start(spec, model, version, known_id, strategy, declared)
 
     def add_clients(self, clients: tuple[str, ...] | list[str]) -> None:

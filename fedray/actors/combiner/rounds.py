@@ -26,6 +26,7 @@ from fedray.actors.combiner.shelf import ModelShelf
 from fedray.errors import UpdateRejected
 from fedray.messages import RoundResult, RoundSpec, StageReply, TaskKind, ValidationReport
 from fedray.strategies.base import Strategy
+from fedray.strategies.codecs.coded import codec_of
 from fedray.strategies.declaration import Declaration
 from fedray.strategies.snapshots import CloseReason, ShareSnapshot
 from fedray.strategies.updates import Buffer, ShareStart
@@ -95,7 +96,8 @@ class RoundShares:
                 continue
             link.send(task_for(task_id, share, version, spec.config, deadline_unix,
                                (spec.package_sha256, spec.package_size),
-                               spec.payloads.get(entry.client_id, b""), declared.client_half))
+                               spec.payloads.get(entry.client_id, b""), declared.client_half,
+                               codec_of(declared.layout)))
         return share
 
     async def _run(self, spec: RoundSpec, model: np.ndarray | None, strategy: Strategy,

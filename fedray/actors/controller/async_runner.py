@@ -81,7 +81,8 @@ class AsyncLoop:
                          max_examples=s.max_examples_per_update,
                          max_update_norm=s.max_update_norm,
                          max_update_norm_ratio=s.max_update_norm_ratio,
-                         kept_versions=self.max_staleness + 1, max_pending=s.max_kept_updates)
+                         kept_versions=self.max_staleness + 1, max_pending=s.max_kept_updates,
+                         codec=s.codec, codec_options=dict(s.codec_kwargs))
 
     async def _start_combiner(self, name: str, version: int) -> None:
         model_id, ref, _ = self.versions[version]

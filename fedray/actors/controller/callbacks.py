@@ -95,6 +95,7 @@ class RoundCommitted:
     contributions: list[dict[str, Any]] = field(default_factory=list)  # async: who built it
     mode: str = "sync"
     commit_mac: str = ""  # the controller's signature of what it committed
+    codec: str = "none"  # session.codec: how the round's updates were sent
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,9 @@ class TrackingCallback:
                   combiners=e.combiners, lost_combiners=e.lost_combiners, reduce_s=e.reduce_s,
                   seconds=e.seconds, attempt=e.attempt, aggregator_state_id=e.state_id,
                   train_metrics=e.train_metrics, validation_metrics={}, report=e.report,
-                  contributions=e.contributions, mode=e.mode,
+                  contributions=e.contributions, mode=e.mode, codec=e.codec,
+                  bytes_in=sum(c.get("bytes_in", 0) for c in e.combiners.values()),
+                  bytes_out=sum(c.get("bytes_out", 0) for c in e.combiners.values()),
                   **({"commit_mac": e.commit_mac} if e.commit_mac else {}))
             write("update_session", e.session_id, rounds_done=e.round, model_id=e.model_id)
             self.observer.round_committed(e.seconds)

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedray.actors.controller.session import Session
 from fedray.errors import CombinerError, CombinerTimeout
-from fedray.messages import RoundResult, RoundSpec
+from fedray.messages import RoundResult, RoundSpec, TaskKind
 from fedray.strategies.declaration import CloseRule, Stage
 from fedray.strategies.snapshots import Reply, RoundPlan
 
@@ -43,6 +43,9 @@ def specs_for(s: Session, number: int, stage: Stage, plan: RoundPlan, model_id: 
                         max_update_norm_ratio=settings.max_update_norm_ratio,
                         version=s.rounds_done,
                         stage=stage.name,
+                        codec=settings.codec if stage.kind is TaskKind.TRAIN else "",
+                        codec_options=dict(settings.codec_kwargs)
+                        if stage.kind is TaskKind.TRAIN else {},
                         payloads={c: bytes(plan.payloads[c]) for c in clients
                                   if c in plan.payloads})
         for name, clients in plan.clients.items() if clients

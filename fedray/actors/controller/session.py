@@ -180,7 +180,7 @@ class Session:
             time.monotonic() - facts.started, facts.reduce_s, state_id,
             facts.train_metrics or {}, facts.combiners or {}, facts.lost_combiners or [],
             self.report(), facts.contributions or [], facts.mode,
-            self.sign(number, new_id, state_id)))
+            self.sign(number, new_id, state_id), self.settings.codec or "none"))
         await self.callbacks.flush()  # committed: a restarted controller resumes after this
         self.rounds_done, self.model_id, self.state_id = number, new_id, state_id
         return new_id

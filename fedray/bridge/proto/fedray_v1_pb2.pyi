@@ -59,7 +59,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., attrs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "session_id", "round", "model_id", "model_size", "config", "deadline_unix", "package_sha256", "package_size", "stage", "payload", "client_half")
+    __slots__ = ("task_id", "kind", "session_id", "round", "model_id", "model_size", "config", "deadline_unix", "package_sha256", "package_size", "stage", "payload", "client_half", "codec", "codec_options")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class Task(_message.Message):
     STAGE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CLIENT_HALF_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CODEC_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     session_id: str
@@ -86,7 +88,9 @@ class Task(_message.Message):
     stage: str
     payload: bytes
     client_half: str
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., model_size: _Optional[int] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., package_sha256: _Optional[str] = ..., package_size: _Optional[int] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ..., client_half: _Optional[str] = ...) -> None: ...
+    codec: str
+    codec_options: _struct_pb2.Struct
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., model_size: _Optional[int] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., package_sha256: _Optional[str] = ..., package_size: _Optional[int] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ..., client_half: _Optional[str] = ..., codec: _Optional[str] = ..., codec_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "status")
