@@ -9,8 +9,10 @@ One federation (2 combiners, ``--clients`` in-process edge clients on one event 
 IID shares of ``examples/digits``) runs one session per codec with the same seed model
 and settings; each session's bytes come from tracking (the rounds' ``bytes_in`` and
 ``bytes_out``), its accuracy from scoring the final model on the held-out digits no
-client sees. One JSON line goes to stdout: for each codec its accuracy, update bytes per
-round, and how many times fewer than ``none``; the rest to stderr. See bench/README.md.
+client sees. One JSON line goes to stdout: for each codec its accuracy, bytes per round
+in and out, and how many times fewer than ``none`` (updates only; in and out; in and out
+after round 1, whose seed model every client fetches whole); the rest to stderr. See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -34,18 +36,24 @@ if str(ROOT) not in sys.path:
 
 from bench.fedbuff_vs_fedavg import Fleet, log  # noqa: E402
 
-CODECS = ["none", "fp16", "int8", "topk:0.3", "topk:0.1", "topk:0.03", "topk:0.01"]
+CODECS = ["none", "fp16", "int8", "int8/up", "topk:0.3", "topk:0.1", "topk:0.1/up",
+          "topk:0.03", "topk:0.01"]
 
 
 def settings_of(codec: str) -> dict[str, Any]:
+    """``int8``, ``topk:0.1``; a trailing ``/up`` sends the model down whole
+    (``session.codec_downlink: false``)."""
+    codec, up, _ = codec.partition("/up")
     name, _, fraction = codec.partition(":")
-    return {"codec": name, "codec_kwargs": {"fraction": float(fraction)} if fraction else {}}
+    return {"codec": name, "codec_kwargs": {"fraction": float(fraction)} if fraction else {},
+            "codec_downlink": not up}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--codecs", nargs="+", default=CODECS,
-                        help="none, fp16, int8, topk or topk:FRACTION")
+                        help="none, fp16, int8, topk or topk:FRACTION; add /up to compress "
+                             "the uplink only")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
@@ -108,6 +116,9 @@ def main() -> int:
                    "accuracy": round(model.evaluate(final, test.X, test.y)["accuracy"], 4),
                    "bytes_in_per_round": sum(r["bytes_in"] for r in rounds) // args.rounds,
                    "bytes_out_per_round": sum(r["bytes_out"] for r in rounds) // args.rounds,
+                   # after round 1, whose model (the seed) every client fetches whole
+                   "bytes_per_round_after_1": sum(r["bytes_in"] + r["bytes_out"]
+                                                  for r in rounds[1:]) // max(1, args.rounds - 1),
                    "seconds": round(time.monotonic() - started, 2)}
             rows.append(row)
             log(json.dumps(row))
@@ -121,6 +132,11 @@ def main() -> int:
     for row in rows:
         if plain and "error" not in row:
             row["bytes_in_fewer"] = round(plain["bytes_in_per_round"] / row["bytes_in_per_round"], 2)
+            row["bytes_fewer"] = round(
+                (plain["bytes_in_per_round"] + plain["bytes_out_per_round"])
+                / (row["bytes_in_per_round"] + row["bytes_out_per_round"]), 2)
+            row["bytes_fewer_after_1"] = round(plain["bytes_per_round_after_1"]
+                                               / row["bytes_per_round_after_1"], 2)
             row["accuracy_vs_none"] = round(row["accuracy"] - plain["accuracy"], 4)
     print(json.dumps({"bench": "codecs_digits", "clients": args.clients,
                       "rounds": args.rounds, "runs": rows}))

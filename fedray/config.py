@@ -88,6 +88,7 @@ class SessionConfig:
     max_kept_updates: int = 1000  # robust strategies keep a round's updates (object store)
     codec: str = "none"  # how clients send updates: none | fp16 | int8 | topk (their delta)
     codec_kwargs: dict = field(default_factory=dict)  # int8: block; topk: fraction
+    codec_downlink: bool = True  # with a codec, clients fetch each new model as its delta
     time_budget_s: float | None = None  # asynchronous sessions also end after this long
     continue_from: str = ""  # a session id: start from its last model and strategy state
 

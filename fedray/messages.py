@@ -58,6 +58,8 @@ class Task:
     client_half: str = ""  # package.module:Class of the strategy's client half, if any
     codec: str = ""  # a train task's update codec (session.codec), "" for none
     codec_options: dict[str, Any] = field(default_factory=dict)  # session.codec_kwargs
+    delta_from: str = ""  # the model is a codec delta from this one (downlink)
+    delta_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,8 @@ class RoundSpec:
     payloads: dict[str, bytes] = field(default_factory=dict)  # client id -> its own bytes
     codec: str = ""  # session.codec for train stages ("" or "none": updates as trained)
     codec_options: dict[str, Any] = field(default_factory=dict)  # session.codec_kwargs
+    delta_from: str = ""  # the model is parent + this codec delta (downlink), from:
+    delta: bytes = b""  # the delta (the codec's parts, safetensors)
 
     @property
     def stage_name(self) -> str:

@@ -183,3 +183,34 @@ async def test_a_combiner_folds_an_int8_update_and_refuses_an_unencoded_one(brid
     partial = bridge.core.share.accumulator.partial()
     assert partial.count == 1
     np.testing.assert_allclose(partial.sums["w"] / partial.weight, 0.5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "topk"])
+def test_a_committed_model_is_exactly_what_its_delta_rebuilds(name):
+    """The downlink: the controller commits what the codec's delta makes of the parent,
+    so a client rebuilding it gets the committed bytes (its sha256 is the model's id)."""
+    from fedray.strategies.codecs.downlink import Downlink, rebuild
+
+    downlink = Downlink(make_codec(name))
+    parent = encode(BASE)
+    committed, delta = downlink.step(parent, encode(trained()))
+    assert rebuild(make_codec(name), parent, delta) == committed
+    assert len(delta) < len(parent)
+    assert read_layout(committed).spec() == read_layout(parent).spec()
+
+
+def test_the_shelf_serves_a_delta_only_from_the_parent_it_was_made_from():
+    from fedray.actors.combiner.shelf import ModelShelf
+
+    shelf = ModelShelf(1024)
+    model = np.frombuffer(encode(BASE), np.uint8)
+    version = shelf.keep(model, 1)
+    shelf.keep_delta(version.model_id, "parent-id", b"delta-bytes")
+    assert shelf.delta_of(version.model_id) == ("parent-id", 11)
+    assert b"".join(bytes(c) for c, _, _ in shelf.chunks(version.model_id, "parent-id")) \
+        == b"delta-bytes"
+    with pytest.raises(KeyError):
+        list(shelf.chunks(version.model_id, "another-parent"))
+    for i in range(2):  # the model leaves the shelf, and its delta with it
+        shelf.keep(np.frombuffer(encode({"x": np.full(3, i, np.float32)}), np.uint8), 2 + i)
+    assert shelf.delta_of(version.model_id) == ("", 0)

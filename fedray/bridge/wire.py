@@ -101,7 +101,8 @@ def task_to_proto(task: Task) -> pb.Task:
                    config=to_struct(task.config), deadline_unix=task.deadline_unix,
                    package_sha256=task.package_sha256, package_size=task.package_size,
                    stage=task.stage, payload=task.payload, client_half=task.client_half,
-                   codec=task.codec, codec_options=to_struct(task.codec_options))
+                   codec=task.codec, codec_options=to_struct(task.codec_options),
+                   delta_from=task.delta_from, delta_size=task.delta_size)
 
 
 def task_from_proto(msg: pb.Task) -> Task:
@@ -115,7 +116,8 @@ def task_from_proto(msg: pb.Task) -> Task:
                 package_sha256=msg.package_sha256, package_size=msg.package_size,
                 stage=msg.stage or kind.value, payload=bytes(msg.payload),
                 client_half=msg.client_half, codec=msg.codec,
-                codec_options=from_struct(msg.codec_options))
+                codec_options=from_struct(msg.codec_options), delta_from=msg.delta_from,
+                delta_size=msg.delta_size)
 
 
 MAX_ID_CHARS = 128  # task, session and model ids are 16-64 characters; nothing longer is kept

@@ -17,6 +17,7 @@ from fedray.messages import Task
 from fedray.serialization import Buffer, decode, encode
 from fedray.strategies.codecs import Codec, make_codec
 from fedray.strategies.codecs.coded import encode_update
+from fedray.strategies.codecs.downlink import rebuild
 
 KEPT = 2  # sessions whose codec memory is kept
 
@@ -43,6 +44,11 @@ class UpdateCoding:
                 self._states.popitem(last=False)
         self._states.move_to_end(key)
         return found
+
+    def rebuild(self, task: Task, parent: Buffer, delta: Buffer) -> bytes:
+        """The task's model from ``parent`` and the codec ``delta`` the combiner sent."""
+        codec, _ = self._codec(task)
+        return rebuild(codec, parent, delta)
 
     def encode(self, task: Task, update: Buffer, base: Buffer) -> bytes:
         """``update`` (safetensors) as the task's codec writes it against ``base``."""

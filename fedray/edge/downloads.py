@@ -40,15 +40,16 @@ def _overrun(announced: int, limit: int, what: str, option: str) -> str:
 
 
 async def fetch_model(stub: pb_grpc.CombinerStub, metadata, client_id: str, model_id: str,
-                      size: int, cap: int) -> memoryview:
-    """The model's bytes, read-only (the cache keeps them); ``size`` 0 means unknown."""
-    what = f"model {model_id[:12]}"
+                      size: int, cap: int, delta_from: str = "") -> memoryview:
+    """The model's bytes, read-only (the cache keeps them); ``size`` 0 means unknown. With
+    ``delta_from``, the codec delta that rebuilds it from that model (the caller does)."""
+    what = f"model {model_id[:12]}" + (f" (delta from {delta_from[:12]})" if delta_from else "")
     limit = _limit(size, cap, what, "--max-model-mb", TransportError)
     buffer = bytearray(size)  # grows chunk by chunk only when the size is unknown
     view = memoryview(buffer) if size else None
     received = 0
-    call = stub.FetchModel(pb.FetchModelRequest(client_id=client_id, model_id=model_id),
-                           metadata=metadata)
+    call = stub.FetchModel(pb.FetchModelRequest(client_id=client_id, model_id=model_id,
+                                                delta_from=delta_from), metadata=metadata)
     with _not_found_is(TransportError), _cancelled_on_error(call):
         async for chunk in call:
             end = received + len(chunk.data)

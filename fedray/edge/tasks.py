@@ -111,16 +111,42 @@ class TaskRunner:
             raise
         self._line(f"installed compute package {name!r} (sha256 {sha256[:12]})")
 
-    async def _fetch(self, link: Link, model_id: str, size: int = 0) -> memoryview:
+    async def _fetch(self, link: Link, model_id: str, size: int = 0,
+                     task: Task | None = None) -> memoryview:
         cached = self.cache.get(model_id)
         if cached is not None:
             return cached
+        if task is not None and task.delta_from and self.cache.get(task.delta_from) is not None:
+            rebuilt = await self._fetch_delta(link, task)
+            if rebuilt is not None:
+                return rebuilt
         data = await fetch_model(link.stub, link.metadata, link.client_id, model_id, size,
                                  self.settings.max_model_bytes)
         if await asyncio.to_thread(_sha256, data) != model_id:
             raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
         self.cache.put(model_id, data)
         return data
+
+    async def _fetch_delta(self, link: Link, task: Task) -> memoryview | None:
+        """The task's model rebuilt from the cached parent and the codec delta the combiner
+        serves (session.codec's downlink); None (fetch it whole) when that does not work."""
+        parent = self.cache.get(task.delta_from)
+        assert parent is not None
+        try:
+            delta = await fetch_model(link.stub, link.metadata, link.client_id, task.model_id,
+                                      task.delta_size, self.settings.max_model_bytes,
+                                      delta_from=task.delta_from)
+            data = memoryview(await asyncio.to_thread(self.coding.rebuild, task, parent, delta))
+        except (FedrayError, ValueError) as exc:
+            log.info("model %s not rebuilt from its delta (%s); fetching it whole",
+                     task.model_id[:12], exc)
+            return None
+        if await asyncio.to_thread(_sha256, data) != task.model_id:
+            log.info("model %s rebuilt from its delta does not match its id; fetching it "
+                     "whole", task.model_id[:12])
+            return None
+        self.cache.put(task.model_id, data.toreadonly())
+        return self.cache.get(task.model_id)
 
     async def handle(self, link: Link, task: Task) -> None:
         what = f"round {task.round} {task.stage or task.kind.value}"
@@ -130,7 +156,7 @@ class TaskRunner:
             half = self.halves.for_task(task)
             if task.kind is not TaskKind.STAGE:
                 await self._ready_worker(link, task)
-            model = sent = await self._fetch(link, task.model_id, task.model_size) \
+            model = sent = await self._fetch(link, task.model_id, task.model_size, task) \
                 if task.model_id else None
             if half is not None:  # what the user's code gets: the model sent, or the half's
                 model = await asyncio.to_thread(received, half, task, model)
@@ -174,7 +200,7 @@ class TaskRunner:
         data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
         if half is not None:  # encode, clip, add noise, mask: what the strategy declared
             data = await asyncio.to_thread(encode_update, half, task, data, model)
-        if task.codec:  # its delta from the round's model, as session.codec writes it
+        if task.codec not in ("", "none"):  # its delta from the round's model, as the codec writes it
             data = await asyncio.to_thread(self.coding.encode, task, data,
                                            sent if sent is not None else model)
         digest = await asyncio.to_thread(_sha256, data)

@@ -168,8 +168,9 @@ class CombinerCore:
 
     # ----------------------------------------------------------------- models
 
-    def model_chunks(self, wanted: str) -> Iterator[tuple[memoryview, int, int]]:
-        return self.shelf.chunks(wanted)
+    def model_chunks(self, wanted: str, delta_from: str = "",
+                     ) -> Iterator[tuple[memoryview, int, int]]:
+        return self.shelf.chunks(wanted, delta_from)
 
     # ----------------------------------------------------------------- sessions
 

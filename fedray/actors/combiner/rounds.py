@@ -67,6 +67,7 @@ class RoundShares:
         version = None
         if model is not None:
             version = self.shelf.keep(model, spec.version, spec.model_id)
+            self.shelf.keep_delta(version.model_id, spec.delta_from, spec.delta)
             if spec.kind is TaskKind.TRAIN:  # how far an update may move it
                 version = bounded(version, declared.layout, spec.max_update_norm,
                                   spec.max_update_norm_ratio)
@@ -97,7 +98,9 @@ class RoundShares:
             link.send(task_for(task_id, share, version, spec.config, deadline_unix,
                                (spec.package_sha256, spec.package_size),
                                spec.payloads.get(entry.client_id, b""), declared.client_half,
-                               codec_of(declared.layout)))
+                               codec_of(declared.layout) if spec.kind is TaskKind.TRAIN
+                               else (spec.codec, spec.codec_options),
+                               self.shelf.delta_of(version.model_id) if version else ("", 0)))
         return share
 
     async def _run(self, spec: RoundSpec, model: np.ndarray | None, strategy: Strategy,

@@ -126,11 +126,13 @@ class CombinerServicer(pb_grpc.CombinerServicer):
 
     async def FetchModel(self, request: pb.FetchModelRequest, context):
         try:
-            chunks = self.core.model_chunks(request.model_id)
+            chunks = self.core.model_chunks(request.model_id, request.delta_from)
             first = next(chunks)
         except KeyError:
+            what = f" as a delta from {request.delta_from[:12]}" if request.delta_from else ""
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {request.model_id[:12]} is not served by this combiner")
+                                f"model {request.model_id[:12]} is not served by this "
+                                f"combiner{what}")
         for chunk, offset, total in _prepend(first, chunks):
             yield pb.Chunk(data=bytes(chunk), offset=offset, total_size=total)
 

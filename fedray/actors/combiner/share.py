@@ -149,9 +149,11 @@ class Share:
 
 def task_for(task_id: str, share: Share, version: ModelVersion | None, config: Mapping[str, Any],
              deadline_unix: float, package: tuple[str, int], payload: bytes = b"",
-             client_half: str = "", codec: tuple[str, dict[str, Any]] = ("", {})) -> Task:
+             client_half: str = "", codec: tuple[str, dict[str, Any]] = ("", {}),
+             delta: tuple[str, int] = ("", 0)) -> Task:
     """The task a share sends one client (``version`` None: a stage without a model);
-    ``codec`` (name, options) is how a train task's update is sent."""
+    ``codec`` (name, options) is how a train task's update is sent and ``delta`` (from,
+    size) the codec delta its model can be fetched as."""
     return Task(task_id=task_id, kind=share.kind, session_id=share.session_id,
                 round=share.current if share.asynchronous else share.round,
                 model_id=version.model_id if version else "",
@@ -159,8 +161,9 @@ def task_for(task_id: str, share: Share, version: ModelVersion | None, config: M
                 deadline_unix=deadline_unix, package_sha256=package[0],
                 package_size=package[1], stage=share.stage.name, payload=payload,
                 client_half=client_half,
-                codec=codec[0] if share.kind is TaskKind.TRAIN else "",
-                codec_options=dict(codec[1]) if share.kind is TaskKind.TRAIN else {})
+                codec=codec[0] if share.kind is TaskKind.TRAIN or delta[0] else "",
+                codec_options=dict(codec[1]) if share.kind is TaskKind.TRAIN or delta[0] else {},
+                delta_from=delta[0], delta_size=delta[1])
 
 
 class ShareSlot:

@@ -23,6 +23,7 @@ class ModelShelf:
     def __init__(self, chunk_bytes: int) -> None:
         self.chunk_bytes = chunk_bytes
         self.models: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.deltas: dict[str, tuple[str, np.ndarray]] = {}  # model id -> (from, codec delta)
         self.bytes_out = 0
 
     def get(self, wanted: str) -> np.ndarray | None:
@@ -35,13 +36,31 @@ class ModelShelf:
         self.models[mid] = data
         self.models.move_to_end(mid)
         while len(self.models) > keep:
-            self.models.popitem(last=False)
+            gone, _ = self.models.popitem(last=False)
+            self.deltas.pop(gone, None)
         layout = read_layout(data)
         return ModelVersion(version, mid, layout, decode(data, layout), int(data.nbytes))
 
-    def chunks(self, wanted: str) -> Iterator[tuple[memoryview, int, int]]:
-        """The model ``wanted`` as (chunk, offset, total) slices of the one serialized copy."""
-        data = self.models.get(wanted)
+    def keep_delta(self, model: str, parent: str, delta: bytes) -> None:
+        """Serve ``model`` also as the codec delta from ``parent`` (session.codec's downlink)."""
+        if model in self.models and delta:
+            self.deltas[model] = (parent, np.frombuffer(delta, np.uint8))
+
+    def delta_of(self, model: str) -> tuple[str, int]:
+        """(parent, size) of the delta ``model`` is served as, or ("", 0)."""
+        found = self.deltas.get(model)
+        return (found[0], int(found[1].nbytes)) if found else ("", 0)
+
+    def chunks(self, wanted: str, delta_from: str = "") -> Iterator[tuple[memoryview, int, int]]:
+        """The model ``wanted`` as (chunk, offset, total) slices of the one serialized copy;
+        with ``delta_from``, its codec delta from that model (KeyError: none kept)."""
+        if delta_from:
+            found = self.deltas.get(wanted)
+            if found is None or found[0] != delta_from:
+                raise KeyError(wanted)
+            data = found[1]
+        else:
+            data = self.models.get(wanted)
         if data is None:
             raise KeyError(wanted)
         view = memoryview(data).cast("B")

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedray.actors.controller.session import Session
 from fedray.errors import CombinerError, CombinerTimeout
-from fedray.messages import RoundResult, RoundSpec, TaskKind
+from fedray.messages import RoundResult, RoundSpec
 from fedray.strategies.declaration import CloseRule, Stage
 from fedray.strategies.snapshots import Reply, RoundPlan
 
@@ -31,6 +31,7 @@ def stage_deadline(s: Session, stage: Stage) -> float:
 def specs_for(s: Session, number: int, stage: Stage, plan: RoundPlan, model_id: str,
               attempt: int) -> dict[str, RoundSpec]:
     settings = s.settings
+    delta = s.delta if s.delta is not None and model_id and s.delta[0] == model_id else None
     return {
         name: RoundSpec(session_id=s.session_id, round=number, kind=stage.kind,
                         clients=tuple(clients), config=dict(plan.config),
@@ -43,9 +44,8 @@ def specs_for(s: Session, number: int, stage: Stage, plan: RoundPlan, model_id: 
                         max_update_norm_ratio=settings.max_update_norm_ratio,
                         version=s.rounds_done,
                         stage=stage.name,
-                        codec=settings.codec if stage.kind is TaskKind.TRAIN else "",
-                        codec_options=dict(settings.codec_kwargs)
-                        if stage.kind is TaskKind.TRAIN else {},
+                        codec=settings.codec, codec_options=dict(settings.codec_kwargs),
+                        delta_from=delta[1] if delta else "", delta=delta[2] if delta else b"",
                         payloads={c: bytes(plan.payloads[c]) for c in clients
                                   if c in plan.payloads})
         for name, clients in plan.clients.items() if clients

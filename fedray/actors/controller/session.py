@@ -31,6 +31,8 @@ from fedray.serialization import copy_model, decode, encode, read_layout
 from fedray.states import SessionState, next_session_state
 from fedray.storage.base import ModelStore
 from fedray.strategies.base import Strategy
+from fedray.strategies.codecs import make_codec
+from fedray.strategies.codecs.downlink import Downlink
 from fedray.strategies.snapshots import RoundState
 from fedray.tracking.resume import commit_mac
 
@@ -100,6 +102,12 @@ class Session:
         self.state_id = ""
         self.stop: StopRequest | None = None  # set once: no round starts after it
         self._put: tuple[str, Any] | None = None  # (model id, ref) of the last put
+        # session.codec's downlink: commits move by what the codec can write, and clients
+        # holding the parent fetch the delta. (model id, parent id, delta) of the last one.
+        codec = make_codec(settings.codec, settings.codec_kwargs) \
+            if settings.codec_downlink and not self.asynchronous else None
+        self.downlink = Downlink(codec) if codec is not None else None
+        self.delta: tuple[str, str, bytes] | None = None
         self._tasks: set[asyncio.Future] = set()  # fire-and-forget calls, until they are done
 
     @property

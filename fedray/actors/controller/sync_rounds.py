@@ -147,6 +147,9 @@ class SyncRounds:
         try:
             await self._resolve(partials)
             new_model = await asyncio.to_thread(s.reduce_and_finish, model, partials, state)
+            delta = b""
+            if s.downlink is not None and parent_id:  # what the codec's delta rebuilds
+                new_model, delta = await asyncio.to_thread(s.downlink.step, model, new_model)
         except AttemptFailed as exc:
             await s.restore_state()
             raise self._failed(number, attempt, str(exc), combiners, failures) from None
@@ -161,6 +164,8 @@ class SyncRounds:
             started=started, updates=updates, rejected=sum(r.rejected for r in results),
             reduce_s=time.monotonic() - reduce_started, train_metrics=metrics.means(),
             combiners=combiners, lost_combiners=lost))
+        if delta:
+            s.delta = (new_id, parent_id, delta)
         record = {"round": number, "updates": updates, "model_id": new_id,
                   "train_metrics": metrics.means(), "validation_metrics": {},
                   "report": s.report()}

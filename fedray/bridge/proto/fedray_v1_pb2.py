@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedray/bridge/proto/fedray_v1.proto\x12\tfedray.v1\x1a\x1cgoogle/protobuf/struct.proto\"I\n\rAssignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11previous_combiner\x18\x03 \x01(\t\"B\n\nAssignment\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ombiner\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x9f\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32!.fedray.v1.JoinRequest.AttrsEntry\x1a,\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe5\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.fedray.v1.TaskKind\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x12\n\nmodel_size\x18\x06 \x01(\x04\x12\'\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x16\n\x0epackage_sha256\x18\t \x01(\t\x12\x14\n\x0cpackage_size\x18\n \x01(\x04\x12\r\n\x05stage\x18\x0b \x01(\t\x12\x0f\n\x07payload\x18\x0c \x01(\x0c\x12\x13\n\x0b\x63lient_half\x18\r \x01(\t\x12\r\n\x05\x63odec\x18\x0e \x01(\t\x12.\n\rcodec_options\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\"5\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"3\n\x0eHeartbeatReply\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\x12\r\n\x05known\x18\x02 \x01(\x08\"8\n\x11\x46\x65tchModelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\"8\n\x13\x46\x65tchPackageRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xc5\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\"b\n\nUpdatePart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedray.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedray.v1.ChunkH\x00\x42\x06\n\x04part\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xab\x01\n\x10ValidationReport\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"s\n\nStageReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"\x8d\x01\n\x0b\x45ventReport\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x65rror_class\x18\x06 \x01(\t\"\x05\n\x03\x41\x63k*g\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x16\n\x12TASK_KIND_VALIDATE\x10\x02\x12\x13\n\x0fTASK_KIND_STAGE\x10\x03\x32\x44\n\x07Gateway\x12\x39\n\x06\x41ssign\x12\x18.fedray.v1.AssignRequest\x1a\x15.fedray.v1.Assignment2\xf0\x03\n\x08\x43ombiner\x12\x31\n\x04Join\x12\x16.fedray.v1.JoinRequest\x1a\x0f.fedray.v1.Task0\x01\x12\x43\n\tHeartbeat\x12\x1b.fedray.v1.HeartbeatRequest\x1a\x19.fedray.v1.HeartbeatReply\x12>\n\nFetchModel\x12\x1c.fedray.v1.FetchModelRequest\x1a\x10.fedray.v1.Chunk0\x01\x12\x42\n\x0c\x46\x65tchPackage\x12\x1e.fedray.v1.FetchPackageRequest\x1a\x10.fedray.v1.Chunk0\x01\x12;\n\nPushUpdate\x12\x15.fedray.v1.UpdatePart\x1a\x14.fedray.v1.PushReply(\x01\x12=\n\x0ePushValidation\x12\x1b.fedray.v1.ValidationReport\x1a\x0e.fedray.v1.Ack\x12\x37\n\x0ePushStageReply\x12\x15.fedray.v1.StageReply\x1a\x0e.fedray.v1.Ack\x12\x33\n\tPushEvent\x12\x16.fedray.v1.EventReport\x1a\x0e.fedray.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedray/bridge/proto/fedray_v1.proto\x12\tfedray.v1\x1a\x1cgoogle/protobuf/struct.proto\"I\n\rAssignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11previous_combiner\x18\x03 \x01(\t\"B\n\nAssignment\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08\x63ombiner\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x9f\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32!.fedray.v1.JoinRequest.AttrsEntry\x1a,\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.fedray.v1.TaskKind\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x12\n\nmodel_size\x18\x06 \x01(\x04\x12\'\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x16\n\x0epackage_sha256\x18\t \x01(\t\x12\x14\n\x0cpackage_size\x18\n \x01(\x04\x12\r\n\x05stage\x18\x0b \x01(\t\x12\x0f\n\x07payload\x18\x0c \x01(\x0c\x12\x13\n\x0b\x63lient_half\x18\r \x01(\t\x12\r\n\x05\x63odec\x18\x0e \x01(\t\x12.\n\rcodec_options\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndelta_from\x18\x10 \x01(\t\x12\x12\n\ndelta_size\x18\x11 \x01(\x04\"5\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"3\n\x0eHeartbeatReply\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\x12\r\n\x05known\x18\x02 \x01(\x08\"L\n\x11\x46\x65tchModelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\ndelta_from\x18\x03 \x01(\t\"8\n\x13\x46\x65tchPackageRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xc5\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04size\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\"b\n\nUpdatePart\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedray.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedray.v1.ChunkH\x00\x42\x06\n\x04part\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xab\x01\n\x10ValidationReport\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"s\n\nStageReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"\x8d\x01\n\x0b\x45ventReport\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12%\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0b\x65rror_class\x18\x06 \x01(\t\"\x05\n\x03\x41\x63k*g\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x16\n\x12TASK_KIND_VALIDATE\x10\x02\x12\x13\n\x0fTASK_KIND_STAGE\x10\x03\x32\x44\n\x07Gateway\x12\x39\n\x06\x41ssign\x12\x18.fedray.v1.AssignRequest\x1a\x15.fedray.v1.Assignment2\xf0\x03\n\x08\x43ombiner\x12\x31\n\x04Join\x12\x16.fedray.v1.JoinRequest\x1a\x0f.fedray.v1.Task0\x01\x12\x43\n\tHeartbeat\x12\x1b.fedray.v1.HeartbeatRequest\x1a\x19.fedray.v1.HeartbeatReply\x12>\n\nFetchModel\x12\x1c.fedray.v1.FetchModelRequest\x1a\x10.fedray.v1.Chunk0\x01\x12\x42\n\x0c\x46\x65tchPackage\x12\x1e.fedray.v1.FetchPackageRequest\x1a\x10.fedray.v1.Chunk0\x01\x12;\n\nPushUpdate\x12\x15.fedray.v1.UpdatePart\x1a\x14.fedray.v1.PushReply(\x01\x12=\n\x0ePushValidation\x12\x1b.fedray.v1.ValidationReport\x1a\x0e.fedray.v1.Ack\x12\x37\n\x0ePushStageReply\x12\x15.fedray.v1.StageReply\x1a\x0e.fedray.v1.Ack\x12\x33\n\tPushEvent\x12\x16.fedray.v1.EventReport\x1a\x0e.fedray.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST_ATTRSENTRY']._loaded_options = None
   _globals['_JOINREQUEST_ATTRSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=1817
-  _globals['_TASKKIND']._serialized_end=1920
+  _globals['_TASKKIND']._serialized_start=1877
+  _globals['_TASKKIND']._serialized_end=1980
   _globals['_ASSIGNREQUEST']._serialized_start=80
   _globals['_ASSIGNREQUEST']._serialized_end=153
   _globals['_ASSIGNMENT']._serialized_start=155
@@ -45,33 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST_ATTRSENTRY']._serialized_start=339
   _globals['_JOINREQUEST_ATTRSENTRY']._serialized_end=383
   _globals['_TASK']._serialized_start=386
-  _globals['_TASK']._serialized_end=743
-  _globals['_HEARTBEATREQUEST']._serialized_start=745
-  _globals['_HEARTBEATREQUEST']._serialized_end=798
-  _globals['_HEARTBEATREPLY']._serialized_start=800
-  _globals['_HEARTBEATREPLY']._serialized_end=851
-  _globals['_FETCHMODELREQUEST']._serialized_start=853
-  _globals['_FETCHMODELREQUEST']._serialized_end=909
-  _globals['_FETCHPACKAGEREQUEST']._serialized_start=911
-  _globals['_FETCHPACKAGEREQUEST']._serialized_end=967
-  _globals['_CHUNK']._serialized_start=969
-  _globals['_CHUNK']._serialized_end=1026
-  _globals['_UPDATEHEADER']._serialized_start=1029
-  _globals['_UPDATEHEADER']._serialized_end=1226
-  _globals['_UPDATEPART']._serialized_start=1228
-  _globals['_UPDATEPART']._serialized_end=1326
-  _globals['_PUSHREPLY']._serialized_start=1328
-  _globals['_PUSHREPLY']._serialized_end=1373
-  _globals['_VALIDATIONREPORT']._serialized_start=1376
-  _globals['_VALIDATIONREPORT']._serialized_end=1547
-  _globals['_STAGEREPLY']._serialized_start=1549
-  _globals['_STAGEREPLY']._serialized_end=1664
-  _globals['_EVENTREPORT']._serialized_start=1667
-  _globals['_EVENTREPORT']._serialized_end=1808
-  _globals['_ACK']._serialized_start=1810
-  _globals['_ACK']._serialized_end=1815
-  _globals['_GATEWAY']._serialized_start=1922
-  _globals['_GATEWAY']._serialized_end=1990
-  _globals['_COMBINER']._serialized_start=1993
-  _globals['_COMBINER']._serialized_end=2489
+  _globals['_TASK']._serialized_end=783
+  _globals['_HEARTBEATREQUEST']._serialized_start=785
+  _globals['_HEARTBEATREQUEST']._serialized_end=838
+  _globals['_HEARTBEATREPLY']._serialized_start=840
+  _globals['_HEARTBEATREPLY']._serialized_end=891
+  _globals['_FETCHMODELREQUEST']._serialized_start=893
+  _globals['_FETCHMODELREQUEST']._serialized_end=969
+  _globals['_FETCHPACKAGEREQUEST']._serialized_start=971
+  _globals['_FETCHPACKAGEREQUEST']._serialized_end=1027
+  _globals['_CHUNK']._serialized_start=1029
+  _globals['_CHUNK']._serialized_end=1086
+  _globals['_UPDATEHEADER']._serialized_start=1089
+  _globals['_UPDATEHEADER']._serialized_end=1286
+  _globals['_UPDATEPART']._serialized_start=1288
+  _globals['_UPDATEPART']._serialized_end=1386
+  _globals['_PUSHREPLY']._serialized_start=1388
+  _globals['_PUSHREPLY']._serialized_end=1433
+  _globals['_VALIDATIONREPORT']._serialized_start=1436
+  _globals['_VALIDATIONREPORT']._serialized_end=1607
+  _globals['_STAGEREPLY']._serialized_start=1609
+  _globals['_STAGEREPLY']._serialized_end=1724
+  _globals['_EVENTREPORT']._serialized_start=1727
+  _globals['_EVENTREPORT']._serialized_end=1868
+  _globals['_ACK']._serialized_start=1870
+  _globals['_ACK']._serialized_end=1875
+  _globals['_GATEWAY']._serialized_start=1982
+  _globals['_GATEWAY']._serialized_end=2050
+  _globals['_COMBINER']._serialized_start=2053
+  _globals['_COMBINER']._serialized_end=2549
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., attrs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "session_id", "round", "model_id", "model_size", "config", "deadline_unix", "package_sha256", "package_size", "stage", "payload", "client_half", "codec", "codec_options")
+    __slots__ = ("task_id", "kind", "session_id", "round", "model_id", "model_size", "config", "deadline_unix", "package_sha256", "package_size", "stage", "payload", "client_half", "codec", "codec_options", "delta_from", "delta_size")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class Task(_message.Message):
     CLIENT_HALF_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     CODEC_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FROM_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SIZE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     session_id: str
@@ -90,7 +92,9 @@ class Task(_message.Message):
     client_half: str
     codec: str
     codec_options: _struct_pb2.Struct
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., model_size: _Optional[int] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., package_sha256: _Optional[str] = ..., package_size: _Optional[int] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ..., client_half: _Optional[str] = ..., codec: _Optional[str] = ..., codec_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    delta_from: str
+    delta_size: int
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., session_id: _Optional[str] = ..., round: _Optional[int] = ..., model_id: _Optional[str] = ..., model_size: _Optional[int] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., package_sha256: _Optional[str] = ..., package_size: _Optional[int] = ..., stage: _Optional[str] = ..., payload: _Optional[bytes] = ..., client_half: _Optional[str] = ..., codec: _Optional[str] = ..., codec_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., delta_from: _Optional[str] = ..., delta_size: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "status")
@@ -109,12 +113,14 @@ class HeartbeatReply(_message.Message):
     def __init__(self, interval_s: _Optional[float] = ..., known: _Optional[bool] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
-    __slots__ = ("client_id", "model_id")
+    __slots__ = ("client_id", "model_id", "delta_from")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FROM_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     model_id: str
-    def __init__(self, client_id: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    delta_from: str
+    def __init__(self, client_id: _Optional[str] = ..., model_id: _Optional[str] = ..., delta_from: _Optional[str] = ...) -> None: ...
 
 class FetchPackageRequest(_message.Message):
     __slots__ = ("client_id", "sha256")
