@@ -101,6 +101,13 @@ def flower_skip() -> str:
 # --------------------------------------------------------------------------- running
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, even when this script was
+    started in the background (which ignores it), so that the bench's Python turns it into
+    KeyboardInterrupt and tears its federation down."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """The workload's process, in a process group of its own, so a timeout stops all of it."""
 
@@ -111,7 +118,8 @@ class Child:
         """(exit status or None on timeout, stdout)."""
         with open(log_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
-                                    stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+                                    preexec_fn=default_sigint)
             cls.current = proc
             try:
                 out, _ = proc.communicate(timeout=timeout_s)
@@ -139,7 +147,7 @@ class Child:
             except ProcessLookupError:
                 return
             try:
-                proc.communicate(timeout=wait_s)
+                proc.wait(timeout=wait_s)  # not communicate: its children may hold stdout
                 if sig == signal.SIGINT:  # the bench is gone; now whatever it left behind
                     os.killpg(proc.pid, signal.SIGTERM)
                 return
