@@ -202,8 +202,9 @@ def table(lines: dict[str, dict[str, Any]], rate: float | None) -> str:
         params = line.get("params", flags.get("--params"))
         model = f"P={int(params):,}" if params else w.note or "—"
         round_s = line.get("median_round_s") if ok else None
-        rows.append(f"| `{w.name}` | {clients} | {model} | {cell(round_s, '{:.3f}')} | "
-                    f"{cell(ceiling, '{:.3f}')} | {pair('combiner')} | {pair('controller')} | "
+        shown = "skipped" if line.get("skipped") else cell(round_s, "{:.3f}")
+        rows.append(f"| `{w.name}` | {clients} | {model} | {shown} | "
+                    f"{cell(ceiling, '{:.3g}')} | {pair('combiner')} | {pair('controller')} | "
                     f"{cell(mem.get('client_proc', {}).get('vmhwm'), '{:.0f}')} |")
     return "\n".join(rows)
 

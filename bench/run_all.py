@@ -72,11 +72,11 @@ WORKLOADS: list[Workload] = [
     fedavg(4, 25_000_000, procs=4, quick=(2, 100_000), timeout_s=900, groups=("clients", "size")),
     fedavg(100, 1_000_000, rounds=5, quick=(10, 10_000), timeout_s=900, groups=("clients",)),
     fedavg(500, 100_000, quick=(20, 1_000), timeout_s=900, groups=("clients",)),
-    fedavg(1_000, 10_000, quick=(20, 1_000), timeout_s=1200, groups=("clients",),
+    fedavg(1_000, 10_000, quick=(30, 1_000), timeout_s=1200, groups=("clients",),
            note="2 combiners"),
-    fedavg(3_000, 10_000, procs=4, quick=(30, 1_000), timeout_s=2400, groups=("clients",),
+    fedavg(3_000, 10_000, procs=4, quick=(40, 1_000), timeout_s=2400, groups=("clients",),
            round_timeout_s=1200),
-    fedavg(10_000, 10_000, procs=4, quick=(40, 1_000), timeout_s=5400, groups=("clients",),
+    fedavg(10_000, 10_000, procs=4, quick=(50, 1_000), timeout_s=5400, groups=("clients",),
            round_timeout_s=1800),
     fedavg(4, 100_000_000, procs=4, quick=(2, 200_000), timeout_s=1800, groups=("size",),
            note="memory sweep"),
@@ -193,7 +193,7 @@ def run_workload(w: Workload, args: argparse.Namespace, logs: Path) -> dict[str,
     # raw_grpc takes its own median over --repeat rounds: one run of it is enough
     runs = 1 if w.script == "raw_grpc.py" else args.runs
     timeout_s = min(w.timeout_s, 240.0) if args.quick else w.timeout_s
-    results, errors = [], []
+    results, errors, failed_log = [], [], None
     for k in range(runs):
         log_path = logs / f"{w.name}{'-quick' if args.quick else ''}-{k + 1}.log"
         started = time.monotonic()
@@ -204,14 +204,16 @@ def run_workload(w: Workload, args: argparse.Namespace, logs: Path) -> dict[str,
         result = last_json(stdout)
         if status is None:
             errors.append(f"run {k + 1}: timed out after {timeout_s:.0f} s")
+            failed_log = failed_log or log_path
         elif status != 0 or result is None or "error" in result:
             reason = (result or {}).get("error") or (result or {}).get("reason") or ""
             errors.append(f"run {k + 1}: exit {status} {reason}".strip())
+            failed_log = failed_log or log_path
         if result is not None and status == 0:
             results.append(result)
     if errors:
         line["error"] = "; ".join(errors)
-        line["stderr_tail"] = tail(log_path)
+        line["stderr_tail"] = tail(failed_log)  # the first failed run's
     if w.script == "raw_grpc.py":
         return {**line, **(results[0] if results else {}), "bench": "raw_grpc"}
     return {**line, **summarize(results), "runs": len(results), "runs_asked": runs}
