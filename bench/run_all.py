@@ -168,6 +168,11 @@ def leftovers(group: int) -> None:
         os.killpg(group, signal.SIGTERM)
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the checkout when it is inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def tail(path: Path, lines: int = 12) -> str:
     text = path.read_text(errors="replace").splitlines() if path.exists() else []
     return "\n".join(text[-lines:])
@@ -200,7 +205,7 @@ def run_workload(w: Workload, args: argparse.Namespace, logs: Path) -> dict[str,
         status, stdout = Child.run(cmd, log_path, timeout_s)
         seconds = round(time.monotonic() - started, 1)
         print(f"[run_all] {w.name} run {k + 1}/{runs}: exit {status} in {seconds} s "
-              f"(log {log_path.relative_to(ROOT)})", file=sys.stderr, flush=True)
+              f"(log {shown(log_path)})", file=sys.stderr, flush=True)
         result = last_json(stdout)
         if status is None:
             errors.append(f"run {k + 1}: timed out after {timeout_s:.0f} s")

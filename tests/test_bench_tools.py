@@ -160,3 +160,32 @@ def test_run_all_stops_a_workload_and_its_children_at_its_timeout(tmp_path: Path
     assert (status, out) == (None, "")
     child = int(pid_file.read_text())
     wait_until(lambda: _gone(child), f"the workload's child {child} to be stopped", timeout=15)
+
+
+def test_run_all_records_a_failed_workload_as_an_error_line(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a bench whose first run fails and second run finishes
+    (tmp_path / "flaky.py").write_text(
+        "import json, pathlib, sys\n"
+        f"mark = pathlib.Path({str(tmp_path / 'ran')!r})\n"
+        "first = not mark.exists(); mark.touch()\n"
+        "line = {'clients': 2, 'params': 10, 'rounds': 1, 'combiners': 1, 'procs': 1,\n"
+        "        'model_bytes': 40, 'median_round_s': 0.5, 'state': 'finished',\n"
+        "        'peak_rss_mb': {'combiner-0': 100.0}, 'controller_peak_rss_mb': 90.0,\n"
+        "        'peak_private_rss_mb': {'combiner-0': 80.0, 'controller': 70.0},\n"
+        "        'client_proc_peak_rss_mb': [60.0]}\n"
+        "if first: print('boom', file=sys.stderr); line.update(state='error', reason='boom')\n"
+        "print(json.dumps(line)); sys.exit(2 if first else 0)\n")
+    monkeypatch.setattr(run_all, "BENCH", tmp_path)
+    w = run_all.Workload("flaky", "flaky.py", (), (), 30, ("clients",))
+    args = run_all.parse_args(["--runs", "2"])
+
+    # Execute
+    line = run_all.run_workload(w, args, tmp_path)
+
+    # Assert
+    assert line["error"] == "run 1: exit 2 boom"
+    assert "boom" in line["stderr_tail"]
+    assert (line["runs"], line["runs_asked"], line["median_round_s"]) == (1, 2, 0.5)
+    assert line["memory_mb"]["combiner"] == {"vmhwm": 100.0, "own": 80.0}
+    assert line["memory_mb"]["controller"] == {"vmhwm": 90.0, "own": 70.0}
