@@ -103,6 +103,7 @@ def make_train(index: int):
 def worker_main(args: argparse.Namespace) -> int:
     """Host ``--count`` edge clients (indices from ``--first``) in one asyncio loop."""
     from fedray.edge.client import EdgeRunner, EdgeSettings
+    from fedray.edge.tasks import TaskRunner
     from fedray.edge.workers import CallbackWorker
 
     first_task: list[float] = []
@@ -137,21 +138,28 @@ def worker_main(args: argparse.Namespace) -> int:
             finally:
                 timings["heartbeat"].append(time.perf_counter() - started)
 
-    class BenchRunner(EdgeRunner):
-        async def _handle(self, stub, task):  # noqa: ANN001 - EdgeRunner's own signature
+    class TimedTasks(TaskRunner):
+        """Times each task (received -> update acknowledged) and each model download."""
+
+        async def handle(self, link, task):  # noqa: ANN001 - TaskRunner's own signature
             if not first_task:
                 first_task.append(time.time())
                 report(first_task=first_task[0], name=self.settings.name)
             started = time.perf_counter()
-            await super()._handle(stub, task)
+            await super().handle(link, task)
             timings["task"].append(time.perf_counter() - started)
 
-        async def _fetch(self, stub, model_id, size=0):  # noqa: ANN001
+        async def _fetch(self, link, model_id, size=0):  # noqa: ANN001
             started = time.perf_counter()
             try:
-                return await super()._fetch(stub, model_id, size)
+                return await super()._fetch(link, model_id, size)
             finally:
                 timings["fetch"].append(time.perf_counter() - started)
+
+    class BenchRunner(EdgeRunner):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.tasks = TimedTasks(self.worker, self.settings, self._line, self.say)
 
         async def _heartbeats(self, stub, stream):  # noqa: ANN001
             return await super()._heartbeats(TimedStub(stub), stream)
