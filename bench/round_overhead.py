@@ -149,10 +149,10 @@ def worker_main(args: argparse.Namespace) -> int:
             await super().handle(link, task)
             timings["task"].append(time.perf_counter() - started)
 
-        async def _fetch(self, link, model_id, size=0):  # noqa: ANN001
+        async def _fetch(self, link, model_id, size=0, task=None):  # noqa: ANN001
             started = time.perf_counter()
             try:
-                return await super()._fetch(link, model_id, size)
+                return await super()._fetch(link, model_id, size, task)
             finally:
                 timings["fetch"].append(time.perf_counter() - started)
 
