@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from fedray.actors.balance import CombinerLoad
 from fedray.errors import (
     CombinerError,
     CombinerFailed,
@@ -113,6 +114,15 @@ class RayCombinerPool:
                                        return_exceptions=True)
         return {n: (a["load"], a["address"]) for n, a in zip(self.names, answers, strict=True)
                 if isinstance(a, dict)}
+
+    async def balance(self, recent_s: float, settle_s: float) -> dict[str, CombinerLoad]:
+        answers = await asyncio.gather(*(self._ask(n, "balance_info", recent_s, settle_s)
+                                         for n in self.names), return_exceptions=True)
+        return {n: CombinerLoad(a["load"], a["address"], a["movable"], frozenset(a["joined"]))
+                for n, a in zip(self.names, answers, strict=True) if isinstance(a, dict)}
+
+    async def release(self, combiner: str, count: int, settle_s: float) -> list[str]:
+        return await self._ask(combiner, "release", count, settle_s)
 
     async def wait_for_change(self, online: dict[str, list[Any]], timeout_s: float) -> None:
         """Return as soon as any combiner's number of online clients changes."""
