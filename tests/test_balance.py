@@ -166,8 +166,7 @@ async def test_a_combiner_releases_only_idle_settled_clients_and_never_while_pla
         RoundSpec(session_id="s", round=1, kind=TaskKind.TRAIN, clients=("a", "b"), config={},
                   timeout_s=30), model))
     await async_wait_until(lambda: core.share is not None, "the share to open")  # a, b: tasks
-    core.snapshot_at -= PLANNING_HOLD_S
-    assert core.balance_info(5.0, 1.0)["movable"] == 2
+    assert core.balance_info(5.0, 1.0)["movable"] == 2  # the planned round's share is open
     released = core.release(4, settle_s=1.0)
     assert sorted(released) == ["c", "d"]  # a and b train on
     assert all(links[c].moved for c in released) and not links["a"].moved
@@ -175,4 +174,9 @@ async def test_a_combiner_releases_only_idle_settled_clients_and_never_while_pla
     fresh = core.connect("e", "e")
     assert core.release(4, settle_s=1.0) == []  # e just came: it stays put
     assert fresh.moved == ""
+    fresh.joined_at -= 60
+    core.online_info()  # the next plan: held again, until PLANNING_HOLD_S passed
+    assert core.release(4, settle_s=1.0) == []
+    core.snapshot_at -= PLANNING_HOLD_S
+    assert core.release(4, settle_s=1.0) == ["e"]
     run.cancel()

@@ -130,6 +130,8 @@ class CombinerCore:
         share = self.share
         waiting = set() if share is None or share.closed.is_set() else \
             {e.client_id for e in share.tasks.values()} - share.settled
+        if share is not None and share.asynchronous:  # its update is with the controller
+            waiting |= self.async_share.waiting
         return [ClientView(cid, link.joined_at, cid in waiting)
                 for cid, link in self.registry.links.items()
                 if link.status != "offline" and not link.moved]  # a mover is leaving
@@ -140,17 +142,23 @@ class CombinerCore:
         that joined within ``recent_s``."""
         now = time.monotonic()
         views = self.views()
-        held = now - self.snapshot_at < PLANNING_HOLD_S
         return {"load": len(views),
-                "movable": 0 if held or self.stopping else len(movable_ids(views, now, settle_s)),
+                "movable": 0 if self._held(now) else len(movable_ids(views, now, settle_s)),
                 "joined": [v.client_id for v in views if now - v.joined_at < recent_s]}
+
+    def _held(self, now: float) -> bool:
+        """No move now: this combiner stops, or a round planned over its last snapshot of
+        clients may be on its way (until that round's share opens here)."""
+        share = self.share
+        opened = share is not None and share.started >= self.snapshot_at
+        return self.stopping or (now - self.snapshot_at < PLANNING_HOLD_S and not opened)
 
     def release(self, count: int, settle_s: float) -> list[str]:
         """End the task streams of up to ``count`` movable clients (``movable_ids``), so
         they ask the gateway again; decided here, in one step of this combiner's loop, so
         a client that got a task meanwhile, or a round being planned, is left alone."""
         now = time.monotonic()
-        if count <= 0 or self.stopping or now - self.snapshot_at < PLANNING_HOLD_S:
+        if count <= 0 or self._held(now):
             return []
         chosen = movable_ids(self.views(), now, settle_s)[:count]
         for client_id in chosen:
