@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 UNFINISHED = [state.value for state in SessionState if not state.terminal]
 LATEST = "latest"  # session.continue_from: the last session that committed a round
 ENDED_KEPT = 32  # queued sessions that never ran, remembered for fedray session list
+MOVES_LAND_S = 3.0  # a round's planning waits at most this long for moved clients to rejoin
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -83,6 +84,7 @@ class Controller:
                                        settle_s=config.combiners.rebalance_settle_s)
         self._rebalancer = asyncio.ensure_future(  # even load: clients move, a few a second
             Rebalancer(self.pool, self.gateway, config.combiners, self.observer.event).run())
+        self.pool.before_online = lambda: self.gateway.landed(MOVES_LAND_S)
         self._ready = asyncio.ensure_future(self._serve(token))
         # Restarted by Ray after a crash: pick the interrupted session up where it stopped.
         self._resumed = (asyncio.ensure_future(self._resume_after_restart())

@@ -44,6 +44,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.boundary = Boundary("the gateway", on_event)
         self.pending: OrderedDict[str, Pending] = OrderedDict()  # oldest first
         self.reserved: dict[str, Pending] = {}  # moved clients: where the move planned them
+        self.moving: dict[str, float] = {}  # moved clients not seen joined anywhere yet
         self._loads: tuple[float, asyncio.Future] | None = None
         self._counted: tuple[object, dict[str, int]] | None = None
 
@@ -95,6 +96,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             self._uncount(client_id, loads, counts)
             self._count(client_id, combiner, counts)
             self.reserved[client_id] = Pending(combiner, now)
+            self.moving[client_id] = now
+
+    async def landed(self, timeout_s: float, poll_s: float = 0.1) -> None:
+        """Until every moved client has joined a combiner again (or ``timeout_s``): a round
+        planned over clients in transit would leave them out."""
+        deadline = time.monotonic() + timeout_s
+        while self.moving and time.monotonic() < deadline:
+            loads = await self.loads(fresh=True)
+            joined = set().union(*(load.joined for load in loads.values()))
+            now = time.monotonic()
+            for client_id in [c for c, at in self.moving.items()
+                              if c in joined or now - at >= 2 * self.RECENT_S]:
+                del self.moving[client_id]
+            if self.moving:
+                await asyncio.sleep(poll_s)
 
     async def Assign(self, request: pb.AssignRequest, context) -> pb.Assignment:
         client_id = await caller_id(context, request.name, request.name)
