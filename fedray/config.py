@@ -52,6 +52,12 @@ class CombinersConfig:
     max_event_bytes: int = 2048  # of a client event's message and data, once recorded
     max_connection_age_s: float = 3600.0  # then gRPC closes a connection (after 10 min grace)
     max_connection_idle_s: float = 300.0  # a connection without calls is closed after this
+    # Even load: clients move from the most to the least loaded combiner while the spread
+    # is over rebalance_tolerance; at most rebalance_max_moves_per_s a second (0: never),
+    # only clients that hold no task and joined at least rebalance_settle_s ago.
+    rebalance_max_moves_per_s: float = 20.0
+    rebalance_tolerance: int = 1
+    rebalance_settle_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -225,6 +225,16 @@ class SimPool:
         return {name: (len(core.online_info()), f"sim://{name}")
                 for name, core in self.cores.items()}
 
+    async def balance(self, recent_s: float, settle_s: float):
+        from fedray.actors.balance import CombinerLoad
+
+        return {name: CombinerLoad(a["load"], f"sim://{name}", a["movable"], frozenset(a["joined"]))
+                for name, core in self.cores.items()
+                for a in [core.balance_info(recent_s, settle_s)]}
+
+    async def release(self, combiner: str, count: int, settle_s: float):
+        return self.cores[combiner].release(count, settle_s)
+
     async def start_session(self, session_id: str, strategy, combiners=None) -> None:
         self.sessions_sent.extend(self.names if combiners is None else combiners)
         for name in self.names if combiners is None else combiners:

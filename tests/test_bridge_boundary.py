@@ -198,15 +198,16 @@ def test_every_rpc_of_both_servicers_is_guarded():
 
 
 async def test_the_gateway_answers_a_bug_with_internal_and_an_event_of_the_controller():
+    from fedray.actors.balance import CombinerLoad
     from fedray.actors.controller.gateway import GatewayServicer
 
     class Pool:
         broken = True
 
-        async def loads(self):
+        async def balance(self, recent_s, settle_s):
             if Pool.broken:
                 raise RuntimeError(SECRET)
-            return {"combiner-0": (0, "127.0.0.1:1")}
+            return {"combiner-0": CombinerLoad(0, "127.0.0.1:1")}
 
     observer = Recorder()
     gateway = GatewayServicer(Pool(), max_clients=10, on_event=observer.event)

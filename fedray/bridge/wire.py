@@ -17,6 +17,9 @@ from fedray.text import printable
 
 AUTH_HEADER = "authorization"
 CLIENT_HEADER = "x-fedray-client"  # the name a client claims; keys its rate limit
+# Trailing metadata of a Join stream a combiner ended to send the client elsewhere
+# ("fedray-rejoin: rebalance"): the client pauses with jitter and asks the gateway again.
+REJOIN_HEADER = "fedray-rejoin"
 
 _KINDS = {TaskKind.TRAIN: pb.TASK_KIND_TRAIN, TaskKind.VALIDATE: pb.TASK_KIND_VALIDATE,
           TaskKind.STAGE: pb.TASK_KIND_STAGE}

@@ -110,6 +110,14 @@ def check(c: FederationConfig, blame: Blame) -> None:
     for where, value in positive.items():
         if value <= 0:
             raise bad(where, f"must be greater than 0, got {value}")
+    nonnegative = {"combiners.rebalance_max_moves_per_s": c.combiners.rebalance_max_moves_per_s,
+                   "combiners.rebalance_settle_s": c.combiners.rebalance_settle_s}
+    for where, value in nonnegative.items():
+        if value < 0:
+            raise bad(where, f"must be 0 or more, got {value}")
+    if c.combiners.rebalance_tolerance < 1:
+        raise bad("combiners.rebalance_tolerance", "must be at least 1 (a spread of 1 is as "
+                  f"even as whole clients get), got {c.combiners.rebalance_tolerance}")
     if c.combiners.offline_after_s <= c.combiners.heartbeat_interval_s:
         raise blame.among(("combiners.offline_after_s", "combiners.heartbeat_interval_s"),
                           "combiners.offline_after_s",

@@ -25,7 +25,7 @@ from fedray.bridge.identity import CallSigner
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.tls import ClientTls
-from fedray.bridge.wire import auth_metadata, task_from_proto
+from fedray.bridge.wire import REJOIN_HEADER, auth_metadata, task_from_proto
 from fedray.edge.diagnosis import (
     DOWN,
     MISTAKE,
@@ -70,6 +70,9 @@ MAX_HEARTBEAT_MISSES = 3
 HEARTBEAT_BOUNDS_S = (0.5, 60.0)  # what a combiner's heartbeat interval is clamped to
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same setting mistake this often in a row ends it
 QUIET_REMINDER_S = 600.0  # while the federation is down, a line this often
+# A client its combiner moved (to even the load) asks the gateway again after this many
+# times backoff_initial_s, drawn uniformly: moved clients never come back in step.
+MOVED_PAUSE = (0.5, 2.0)
 
 
 def check_attrs(attrs: dict[str, str]) -> dict[str, str]:
@@ -120,6 +123,7 @@ class EdgeRunner:
         self.combiner = ""
         self.target = f"gateway {settings.gateway}"  # what we are talking to, for messages
         self.joined = False  # in this attempt; a failure after joining is not a TLS mistake
+        self.moved = False  # the last stream ended because its combiner sent us elsewhere
         self.was_connected = False  # ever joined a combiner
         self.stop = asyncio.Event()
         self._told_identity = ""
@@ -201,8 +205,11 @@ class EdgeRunner:
                                f"retrying in {backoff:.1f}s")
             if self.stop.is_set():
                 break
+            pause = self.settings.backoff_initial_s * random.uniform(*MOVED_PAUSE) \
+                if self.moved else backoff * random.uniform(0.8, 1.2)
+            self.moved = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), backoff * random.uniform(0.8, 1.2))
+                await asyncio.wait_for(self.stop.wait(), pause)
             backoff = min(backoff * 2, self.settings.backoff_max_s)
 
     def _address(self) -> str:
@@ -288,7 +295,11 @@ class EdgeRunner:
                         return
                     msg = nxt.result()
                     if msg is None:
-                        self._line(f"{assignment.combiner} closed the task stream")
+                        self.moved = bool(dict(await stream.trailing_metadata() or ())
+                                          .get(REJOIN_HEADER))
+                        self._line(f"{assignment.combiner} moved this client to even the "
+                                   "load; asking the gateway again" if self.moved else
+                                   f"{assignment.combiner} closed the task stream")
                         return
                     link = Link(stub, lambda: self.metadata, self.client_id)
                     try:

@@ -117,6 +117,15 @@ class Combiner:
         """Address and load, for the gateway's balancing."""
         return {**(await self._ready), "load": len(self.core.online_clients())}
 
+    @quiet
+    async def balance_info(self, recent_s: float, settle_s: float) -> dict[str, Any]:
+        """Load, movable clients and recent joins, for the gateway and the rebalancer."""
+        return {**(await self._ready), **self.core.balance_info(recent_s, settle_s)}
+
+    async def release(self, count: int, settle_s: float) -> list[str]:
+        """Send up to ``count`` idle clients back to the gateway (to even the load)."""
+        return self.core.release(count, settle_s)
+
     async def start_session(self, session_id: str, strategy: Strategy) -> None:
         self.core.start_session(session_id, strategy)
 

@@ -40,7 +40,9 @@ class ClientLink:
     attrs: dict[str, str] = field(default_factory=dict)
     queue: asyncio.Queue[Task | None] = field(default_factory=asyncio.Queue)
     last_seen: float = field(default_factory=time.monotonic)
+    joined_at: float = field(default_factory=time.monotonic)
     status: str = "online"
+    moved: str = ""  # why this combiner ended the stream to send it elsewhere (rebalance)
     peer: str = ""  # the connection it joined on (a shared-token client is bound to it)
     # this Join's id, tracked with the client: unchanged while the client stays connected
     connection_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])

@@ -20,12 +20,14 @@ never stop a round.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from fedray.actors.balance import ClientView, movable_ids
 from fedray.actors.combiner.async_share import AsyncServing
 from fedray.actors.combiner.clients import ClientLink, ClientRegistry, CombinerListener
 from fedray.actors.combiner.intake import UpdateIntake
@@ -52,6 +54,10 @@ from fedray.strategies.updates import Buffer
 log = logging.getLogger(__name__)
 
 KEPT_SESSIONS = 4  # strategies of recent sessions (a restarted controller may resume one)
+# No client is moved away this long after the controller took a snapshot of who is online
+# here: a round planned over that snapshot may be on its way (its tasks not out yet).
+PLANNING_HOLD_S = 3.0
+MOVED = "rebalance"  # ClientLink.moved: the stream ended to even the load
 
 
 class NullListener:
@@ -80,6 +86,7 @@ class CombinerCore:
         self.settings = settings
         self.listener = listener or NullListener()
         self.stopping = False
+        self.snapshot_at = -PLANNING_HOLD_S  # when online_info last answered
         self.sessions: OrderedDict[str, tuple[Strategy, Declaration]] = OrderedDict()
         max_update = int(settings.max_update_mb * 1024 * 1024)
         self.registry = ClientRegistry(name, settings, self.listener, self._joined, self._gone)
@@ -115,7 +122,55 @@ class CombinerCore:
         return self.registry.online_ids()
 
     def online_info(self) -> list[ClientInfo]:
+        """Who is online, as a round is planned over it: moves wait ``PLANNING_HOLD_S``."""
+        self.snapshot_at = time.monotonic()
         return self.registry.online_info()
+
+    def views(self) -> list[ClientView]:
+        """Every online client as the balancing policy sees it (not the ones leaving)."""
+        share = self.share
+        waiting = set() if share is None or share.closed.is_set() else \
+            {e.client_id for e in share.tasks.values()} - share.settled
+        if share is not None and share.asynchronous:  # its update is with the controller
+            waiting |= self.async_share.waiting
+        return [ClientView(cid, link.joined_at, cid in waiting)
+                for cid, link in self.registry.links.items()
+                if link.status != "offline" and not link.moved]  # a mover is leaving
+
+    def balance_info(self, recent_s: float, settle_s: float) -> dict[str, Any]:
+        """Load for the gateway and the rebalancer: online clients, how many of them may
+        move now (none within ``PLANNING_HOLD_S`` of a planning snapshot), and the ids
+        that joined within ``recent_s``."""
+        now = time.monotonic()
+        views = self.views()
+        return {"load": len(views),
+                "movable": 0 if self._held(now) else len(movable_ids(views, now, settle_s)),
+                "joined": [v.client_id for v in views if now - v.joined_at < recent_s]}
+
+    def _held(self, now: float) -> bool:
+        """No move now: this combiner stops, or a round planned over its last snapshot of
+        clients may be on its way (until that round's share opens here)."""
+        share = self.share
+        opened = share is not None and share.started >= self.snapshot_at
+        return self.stopping or (now - self.snapshot_at < PLANNING_HOLD_S and not opened)
+
+    def release(self, count: int, settle_s: float) -> list[str]:
+        """End the task streams of up to ``count`` movable clients (``movable_ids``), so
+        they ask the gateway again; decided here, in one step of this combiner's loop, so
+        a client that got a task meanwhile, or a round being planned, is left alone."""
+        now = time.monotonic()
+        if count <= 0 or self._held(now):
+            return []
+        chosen = movable_ids(self.views(), now, settle_s)[:count]
+        for client_id in chosen:
+            link = self.registry.links[client_id]
+            link.moved = MOVED
+            link.close()
+        if chosen:
+            self.listener.event("info", f"combiner {self.name} sent {len(chosen)} client(s) "
+                                "to the gateway to even the load", moved=len(chosen),
+                                reason=MOVED)
+        return chosen
 
     def accepts_clients(self) -> bool:
         return self.registry.has_room()

@@ -25,6 +25,7 @@ from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
 from fedray.bridge.server import caller_id
 from fedray.bridge.wire import (
+    REJOIN_HEADER,
     client_values,
     header_from_proto,
     stage_reply_from_proto,
@@ -119,6 +120,8 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         await context.send_initial_metadata(())  # the client's wait_for_connection returns now
         async for task in self.core.tasks(link):
             yield task_to_proto(task)
+        if link.moved:  # the client asks the gateway again, after a jittered pause
+            context.set_trailing_metadata(((REJOIN_HEADER, link.moved),))
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         known = self.core.heartbeat(await caller_id(context, request.client_id), request.status)

@@ -28,6 +28,7 @@ from fedray.actors.controller.callbacks import (
 from fedray.actors.controller.gateway import GatewayServicer
 from fedray.actors.controller.queue import SessionQueue, SessionRequest
 from fedray.actors.controller.ray_pool import RayCombinerPool
+from fedray.actors.controller.rebalancer import Rebalancer
 from fedray.actors.controller.session_runner import SessionRunner, Start
 from fedray.actors.hosting import advertised_host, quiet
 from fedray.actors.memory import tune_allocator
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 UNFINISHED = [state.value for state in SessionState if not state.terminal]
 LATEST = "latest"  # session.continue_from: the last session that committed a round
 ENDED_KEPT = 32  # queued sessions that never ran, remembered for fedray session list
+MOVES_LAND_S = 3.0  # a round's planning waits at most this long for moved clients to rejoin
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -78,20 +80,18 @@ class Controller:
         self.queue = SessionQueue()
         self.ended: dict[str, dict[str, Any]] = {}  # queued sessions that never ran
         self._drain: asyncio.Task[None] | None = None
+        self.gateway = GatewayServicer(self.pool, config.combiners.max_clients, self.observer.event,
+                                       settle_s=config.combiners.rebalance_settle_s)
+        self._rebalancer = asyncio.ensure_future(  # even load: clients move, a few a second
+            Rebalancer(self.pool, self.gateway, config.combiners, self.observer.event).run())
+        self.pool.before_online = lambda: self.gateway.landed(MOVES_LAND_S)
         self._ready = asyncio.ensure_future(self._serve(token))
         # Restarted by Ray after a crash: pick the interrupted session up where it stopped.
         self._resumed = (asyncio.ensure_future(self._resume_after_restart())
                          if ray.get_runtime_context().was_current_actor_reconstructed else None)
 
     async def _serve(self, token: BridgeKeys | str | None) -> dict[str, Any]:
-        c = self.config.controller
-
-        def register(server):
-            servicer = GatewayServicer(self.pool, self.config.combiners.max_clients,
-                                       self.observer.event)
-            pb_grpc.add_GatewayServicer_to_server(servicer, server)
-
-        combiners = self.config.combiners
+        c, combiners = self.config.controller, self.config.combiners
         gate = make_gate(token, tracking_token_loader(self.tracking_uri,
                                                      self.config.tracking.database),
                          combiners.max_rpcs_per_s, self.observer.event,
@@ -99,8 +99,9 @@ class Controller:
         # The gateway answers every client of every combiner: its bounds are theirs summed.
         limits = ServerLimits.for_settings(combiners,
                                            clients=combiners.count * combiners.max_clients)
-        self._server, bound = await start_server(register, c.host, c.port, gate, self.tls,
-                                                 limits)
+        self._server, bound = await start_server(
+            lambda server: pb_grpc.add_GatewayServicer_to_server(self.gateway, server),
+            c.host, c.port, gate, self.tls, limits)
         self._gate = gate
         return {"address": f"{advertised_host(c.host, self.config.combiners.advertise)}:{bound}",
                 "port": bound}
@@ -393,6 +394,7 @@ class Controller:
         return halted
 
     async def stop(self) -> None:
+        self._rebalancer.cancel()
         await self._server.stop(grace=1.0)
         await self._gate.close()
         await asyncio.to_thread(self.observer.close)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from fedray.actors.balance import CombinerLoad
 from fedray.messages import AsyncSpec, RoundResult, RoundSpec
 from fedray.strategies.base import Strategy
 from fedray.strategies.snapshots import ClientInfo
@@ -24,6 +25,10 @@ class CombinerPool(Protocol):
 
     async def online(self) -> dict[str, list[ClientInfo]]: ...
     async def loads(self) -> dict[str, tuple[int, str]]: ...  # name -> (clients, address)
+    async def balance(self, recent_s: float, settle_s: float) -> dict[str, CombinerLoad]:
+        """Each live combiner's load, movable clients and recent joins (``fedray.actors.balance``)."""
+    async def release(self, combiner: str, count: int, settle_s: float) -> list[str]:
+        """Ask ``combiner`` to send up to ``count`` idle clients back to the gateway."""
     async def wait_for_change(self, online: Mapping[str, list[Any]], timeout_s: float) -> None: ...
     def put_model(self, data: bytes) -> Any: ...
     async def resolve(self, handle: Any) -> Buffer: ...

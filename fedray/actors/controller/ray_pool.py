@@ -14,12 +14,13 @@ raised itself comes through as it was.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 import ray
 
+from fedray.actors.balance import CombinerLoad
 from fedray.errors import (
     CombinerError,
     CombinerFailed,
@@ -75,6 +76,9 @@ class RayCombinerPool:
         self.namespace = namespace
         self.strategies: dict[str, Strategy] = {}
         self._handles: dict[str, Any] = {}
+        # Awaited before every snapshot of who is online (the controller's: until clients
+        # the rebalancer moved have landed, so a round planned now asks them too).
+        self.before_online: Callable[[], Awaitable[None]] | None = None
 
     def handle(self, name: str):
         """The actor's handle: looked up once (a blocking call to Ray's control plane, in
@@ -104,6 +108,8 @@ class RayCombinerPool:
             raise translate(exc, name, round_) from None
 
     async def online(self) -> dict[str, list[ClientInfo]]:
+        if self.before_online is not None:
+            await self.before_online()
         answers = await asyncio.gather(*(self._ask(n, "online_info") for n in self.names),
                                        return_exceptions=True)
         return {n: a for n, a in zip(self.names, answers, strict=True) if isinstance(a, list)}
@@ -113,6 +119,15 @@ class RayCombinerPool:
                                        return_exceptions=True)
         return {n: (a["load"], a["address"]) for n, a in zip(self.names, answers, strict=True)
                 if isinstance(a, dict)}
+
+    async def balance(self, recent_s: float, settle_s: float) -> dict[str, CombinerLoad]:
+        answers = await asyncio.gather(*(self._ask(n, "balance_info", recent_s, settle_s)
+                                         for n in self.names), return_exceptions=True)
+        return {n: CombinerLoad(a["load"], a["address"], a["movable"], frozenset(a["joined"]))
+                for n, a in zip(self.names, answers, strict=True) if isinstance(a, dict)}
+
+    async def release(self, combiner: str, count: int, settle_s: float) -> list[str]:
+        return await self._ask(combiner, "release", count, settle_s)
 
     async def wait_for_change(self, online: dict[str, list[Any]], timeout_s: float) -> None:
         """Return as soon as any combiner's number of online clients changes."""

@@ -153,7 +153,9 @@ class CombinerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Long-lived task stream; the client is online while it is open.
+        """Long-lived task stream; the client is online while it is open. A stream the
+        combiner ends to even the load carries the trailing metadata `fedray-rejoin:
+        rebalance`: the client pauses a random moment and asks the Gateway again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
