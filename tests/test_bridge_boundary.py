@@ -104,7 +104,7 @@ async def test_a_server_streaming_rpc_that_raises_before_or_after_a_message(watc
     ref = _ref_of(await _failure(join.read()), "combiner c-test")
     _event_of(recorder, ref, "Join")
 
-    def one_chunk_then_a_bug(wanted: str):
+    def one_chunk_then_a_bug(wanted: str, delta_from: str = ""):
         yield memoryview(b"12345678"), 0, 16
         raise RuntimeError(SECRET)
 
