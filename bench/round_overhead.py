@@ -144,7 +144,8 @@ def worker_main(args: argparse.Namespace) -> int:
         async def handle(self, link, task):  # noqa: ANN001 - TaskRunner's own signature
             if not first_task:
                 first_task.append(time.time())
-                report(first_task=first_task[0], name=self.settings.name)
+                report(first_task=first_task[0], name=self.settings.name,
+                       idle_rss_mb=memory_mb().get("VmRSS"))
             started = time.perf_counter()
             await super().handle(link, task)
             timings["task"].append(time.perf_counter() - started)
@@ -251,6 +252,7 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
         self.first_task: list[float] = []
         self.exits: dict[int, dict[str, Any]] = {}
+        self.idle_rss: dict[int, float] = {}  # per process: VmRSS when its first task came
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
 
@@ -286,6 +288,8 @@ class Workers:
             with self._lock:
                 if "first_task" in msg:
                     self.first_task.append(float(msg["first_task"]))
+                    if msg.get("idle_rss_mb") is not None:
+                        self.idle_rss.setdefault(k, float(msg["idle_rss_mb"]))
                 if msg.get("exit"):
                     self.exits[k] = msg
 
@@ -314,6 +318,14 @@ class Workers:
         return "\n".join(out)
 
 
+def over_idle_models(sampler: "PeakSampler", model_bytes: int) -> dict[str, float]:
+    """(own-memory peak - own memory at ready) / model size, per actor: issue 16's memory
+    bounds are idle + 3 models (4 for a 400 MB model)."""
+    model_mib = model_bytes / 2**20
+    return {name: round((peak - sampler.idle[name]) / model_mib, 2)
+            for name, peak in sorted(sampler.private_peaks.items()) if name in sampler.idle}
+
+
 class PeakSampler:
     """Samples VmHWM of the federation's actor processes until stopped (VmHWM only grows,
     so the last sample before teardown is the peak of the whole run)."""
@@ -322,6 +334,7 @@ class PeakSampler:
         self.pids: dict[str, int] = {}
         self.peaks: dict[str, float] = {}
         self.private_peaks: dict[str, float] = {}  # max of VmRSS - RssShmem over the samples
+        self.idle: dict[str, float] = {}  # VmRSS - RssShmem when the federation is ready
         self.cpu_start: dict[str, float] = {}
         self.cpu: dict[str, float] = {}  # CPU seconds since start(), at the last sample
         self.after_round: dict[int, dict[str, dict[str, float]]] = {}  # round -> name -> MiB
@@ -338,6 +351,8 @@ class PeakSampler:
         self.ray_pids = ray_process_pids()
         for name, pid in self.pids.items():
             self.cpu_start[name] = cpu_seconds(pid) or 0.0
+            if mem := memory_mb(pid):
+                self.idle[name] = round(mem["VmRSS"] - mem["RssShmem"], 1)
         self._sample()
         self._thread.start()
 
@@ -378,25 +393,49 @@ class PeakSampler:
             self._thread.join(timeout=5)
 
 
+PEAK_STEP = 16 * 2**20  # a new snapshot at the traced peak each time it grows by this
+
+
 def _trace_start(actor: Any) -> None:
+    """Start tracemalloc, and a thread that snapshots what is live at each new traced peak
+    (the snapshot says what the peak was made of; the growth alone says only what stayed)."""
+    import threading
     import tracemalloc
 
     tracemalloc.start(8)
     actor._bench_trace = tracemalloc.take_snapshot()
+    actor._bench_peak = (0, None)
+
+    def watch() -> None:
+        while True:
+            current, _ = tracemalloc.get_traced_memory()
+            if current > actor._bench_peak[0] + PEAK_STEP:
+                actor._bench_peak = (current, tracemalloc.take_snapshot())
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True, name="bench-peak").start()
+
+
+def _stat_lines(stats: list[Any], top: int) -> list[str]:
+    lines = []
+    for stat in stats[:top]:
+        frames = " <- ".join(f"{f.filename.rpartition('/site-packages/')[2]}:{f.lineno}"
+                             for f in list(stat.traceback)[::-1][:5])  # newest first
+        lines.append(f"{stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+6d} blocks  {frames}")
+    return lines
 
 
 def _trace_diff(actor: Any, top: int = 12) -> list[str]:
     import tracemalloc
 
     now = tracemalloc.take_snapshot()
-    stats = now.compare_to(actor._bench_trace, "traceback")
     # Not tracemalloc.stop(): on Python < 3.12 it races numpy's allocation tracking in
     # threads that do not hold the GIL and can crash the actor (cpython gh-128679).
-    lines = []
-    for stat in stats[:top]:
-        frames = " <- ".join(f"{f.filename.rpartition('/site-packages/')[2]}:{f.lineno}"
-                             for f in stat.traceback[:4])
-        lines.append(f"{stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+6d} blocks  {frames}")
+    lines = _stat_lines(now.compare_to(actor._bench_trace, "traceback"), top)
+    peak, snapshot = actor._bench_peak
+    if snapshot is not None:
+        lines.append(f"at the traced peak ({peak / 2**20:.1f} MiB live), over the start:")
+        lines += _stat_lines(snapshot.compare_to(actor._bench_trace, "traceback"), top)
     return lines
 
 
@@ -546,8 +585,11 @@ def bench_main(args: argparse.Namespace) -> int:
         peak_rss_mb={n: v for n, v in sorted(sampler.peaks.items()) if n != CONTROLLER},
         controller_peak_rss_mb=sampler.peaks.get(CONTROLLER),
         peak_private_rss_mb=dict(sorted(sampler.private_peaks.items())),
+        idle_private_rss_mb=dict(sorted(sampler.idle.items())),
+        over_idle_models=over_idle_models(sampler, model_bytes),
         rss_after_round_mb={str(k): v for k, v in sorted(sampler.after_round.items())},
         client_proc_peak_rss_mb=[e.get("peak_rss_mb") for e in exits],
+        client_proc_idle_rss_mb=[workers.idle_rss.get(k) for k in range(len(workers.procs))],
         client_tasks=sum(int(e.get("tasks", 0)) for e in exits),
         actor_cpu_s=dict(sorted(sampler.cpu.items())),
         client_timings_s=summarize_timings(exits),

@@ -223,6 +223,27 @@ def copy_model(model: Mapping[str, np.ndarray]) -> Model:
     return {name: np.array(arr, copy=True) for name, arr in model.items()}
 
 
+def writable_copy(data: Buffer) -> tuple[bytearray, Model]:
+    """A private copy of ``data`` and writable views into it. A train callback that updates
+    these arrays in place hands back a model that is already serialized
+    (``serialized_in_place``): no second copy of the model to encode it."""
+    buf = bytearray(data)
+    model = decode(buf)
+    for arr in model.values():
+        if arr.size:  # an empty tensor is not a view (nothing to write)
+            arr.flags.writeable = True
+    return buf, model
+
+
+def serialized_in_place(buf: bytearray, views: Mapping[str, np.ndarray],
+                        new: Mapping[str, object]) -> bytearray | None:
+    """``buf`` when ``new`` holds exactly the arrays ``writable_copy`` gave out (updated in
+    place, or not at all), else None (encode ``new``)."""
+    if set(new) != set(views) or any(new[name] is not view for name, view in views.items()):
+        return None
+    return buf
+
+
 MAX_NPZ_BYTES = 64 * 1024**3  # what an .npz may unpack to (its arrays, uncompressed)
 _POSITION_RE = re.compile(r"0|[1-9][0-9]{0,8}")
 

@@ -92,6 +92,9 @@ class EdgeSettings:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 15.0
     cached_models: int = 2
+    # ...and at most this many bytes of them (the newest always stays): a model over half
+    # of it is held once between rounds (the old copy goes before the new one comes).
+    cache_max_bytes: int = 64 * MiB
     version: str = "fedray-0.1"
     tls: ClientTls | None = None  # None: plaintext; else verify the servers' certificates
     attrs: dict[str, str] = field(default_factory=dict)  # sent with every Join

@@ -59,10 +59,17 @@ class Link:
 
 
 class ModelCache:
-    """Models by id; an entry is only ever stored after its sha256 matched the id."""
+    """Models by id; an entry is only ever stored after its sha256 matched the id.
 
-    def __init__(self, size: int) -> None:
+    Bounded by count and by bytes (the newest entry always stays): before a whole model
+    is downloaded, older entries go until it fits (``make_room``), so that a client holds
+    one copy of a large model between rounds, not two (issue 16: memory). A codec delta
+    is rebuilt on its cached parent, which stays until the rebuilt model is stored.
+    """
+
+    def __init__(self, size: int, max_bytes: int) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, memoryview] = OrderedDict()
 
     def get(self, model_id: str) -> memoryview | None:
@@ -73,8 +80,23 @@ class ModelCache:
 
     def put(self, model_id: str, data: memoryview) -> None:
         self._items[model_id] = data
-        while len(self._items) > self.size:
+        self._items.move_to_end(model_id)
+        while len(self._items) > 1 and (len(self._items) > self.size
+                                        or self.nbytes > self.max_bytes):
             self._items.popitem(last=False)
+
+    def make_room(self, incoming: int) -> None:
+        """Drop the oldest entries until ``incoming`` more bytes fit."""
+        while self._items and (len(self._items) >= self.size
+                               or self.nbytes + incoming > self.max_bytes):
+            self._items.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.nbytes for item in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class TaskRunner:
@@ -86,7 +108,7 @@ class TaskRunner:
         self.settings = settings  # EdgeSettings
         self._line = line  # a line of this client's output, with its name
         self.say = say  # a raw line (a traceback)
-        self.cache = ModelCache(settings.cached_models)
+        self.cache = ModelCache(settings.cached_models, settings.cache_max_bytes)
         self.halves = ClientHalves(settings.client_halves)
         self.coding = UpdateCoding()  # session.codec's memory (topk's error feedback)
         self.done = 0
@@ -120,6 +142,7 @@ class TaskRunner:
             rebuilt = await self._fetch_delta(link, task)
             if rebuilt is not None:
                 return rebuilt
+        self.cache.make_room(size)
         data = await fetch_model(link.stub, link.metadata, link.client_id, model_id, size,
                                  self.settings.max_model_bytes)
         if await asyncio.to_thread(_sha256, data) != model_id:

@@ -18,7 +18,14 @@ import numpy as np
 from fedray.errors import ConfigError, FedrayError, PackageError
 from fedray.packages.archive import is_sha256
 from fedray.packages.env import RETRY_AFTER_S
-from fedray.serialization import Buffer, copy_model, decode, encode
+from fedray.serialization import (
+    Buffer,
+    copy_model,
+    decode,
+    encode,
+    serialized_in_place,
+    writable_copy,
+)
 
 TrainFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[Mapping[str, np.ndarray], int, dict]]
 ValidateFn = Callable[[dict[str, np.ndarray], dict[str, Any]], tuple[int, dict]]
@@ -38,16 +45,18 @@ class CallbackWorker:
         self._train = train
         self._validate = validate
 
-    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[bytes, int, dict]:
-        params = copy_model(decode(model))
+    def train(self, model: Buffer, config: dict[str, Any]) -> tuple[Buffer, int, dict]:
+        buf, params = writable_copy(model)
         result = self._train(params, dict(config))
         if not (isinstance(result, tuple) and len(result) == 3):
             raise FedrayError("train must return (params, num_examples, metrics)")
         new, examples, metrics = result
         if not isinstance(new, Mapping) or set(new) != set(params):
             raise FedrayError(f"train must return the same tensor names as it got: {sorted(params)[:5]}")
-        return encode({k: np.asarray(v, dtype=params[k].dtype) for k, v in new.items()}), \
-            _count(examples), dict(metrics or {})
+        data = serialized_in_place(buf, params, new)  # trained in place: already encoded
+        if data is None:  # new arrays: encode them
+            data = encode({k: np.asarray(v, dtype=params[k].dtype) for k, v in new.items()})
+        return data, _count(examples), dict(metrics or {})
 
     def validate(self, model: Buffer, config: dict[str, Any]) -> tuple[int, dict]:
         if self._validate is None:

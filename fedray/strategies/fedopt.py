@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedray.strategies.fedavg import FedAvg, WeightedSums, weighted_mean
+from fedray.strategies.fedavg import FedAvg, WeightedSums, mean_step, weighted_mean
 from fedray.strategies.numeric import Model
 
 
@@ -34,7 +34,7 @@ class ServerOptimizer(FedAvg):
                 out[name] = mean[name]  # counters and the like are simply averaged
                 continue
             # The float64 mean, not the cast one: a float32 round trip would bias small steps.
-            delta = reduced.sums[name] / reduced.weight - current.astype(np.float64)
+            delta = mean_step(global_model, reduced, name)
             out[name] = (current + self.step(name, delta)).astype(current.dtype)
         return out
 

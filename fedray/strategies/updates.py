@@ -53,6 +53,10 @@ class ShareStart:
     keep: Keeper = bytes  # combiners keep updates in Ray's object store
     # Asynchronously, updates start from different versions: the model of each.
     base_of: Callable[[int], Mapping[str, np.ndarray]] | None = None
+    # A bound on num_examples x |update - base| for every value of an accepted update (the
+    # norm bound times session.max_examples_per_update), None when there is none: under
+    # it, sums of deltas cannot overflow float32 (``fedavg.WeightedSum``).
+    max_term: float | None = None
 
 
 @dataclass

@@ -76,8 +76,10 @@ class RoundShares:
             if version is None:
                 raise UpdateRejected("malformed", "a train stage needs the round's model")
             expected = expected_for(declared.layout, version, self.max_update_bytes)
+            max_term = version.norm.limit * spec.max_examples if version.norm else None
             accumulator = strategy.start(ShareStart(spec=version.layout.spec(), base=version.base,
-                                                    params=dict(spec.params), keep=self.keeper))
+                                                    params=dict(spec.params), keep=self.keeper,
+                                                    max_term=max_term))
         tasks = {uuid.uuid4().hex: TaskEntry(client, spec.version) for client in spec.clients}
         share = Share(session_id=spec.session_id, round=spec.round, kind=spec.kind,
                       strategy=strategy, accumulator=accumulator,

@@ -34,6 +34,7 @@ from fedray.strategies.base import Strategy
 from fedray.strategies.codecs import make_codec
 from fedray.strategies.codecs.downlink import Downlink
 from fedray.strategies.snapshots import RoundState
+from fedray.strategies.updates import Buffer
 from fedray.tracking.resume import commit_mac
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,11 @@ class Session:
             self._put = None  # the old copy goes before the new one comes
             self._put = (mid, self.pool.put_model(model))
         return self._put[1]
+
+    async def shared_model(self, model: Buffer) -> Buffer:
+        """The current model as a read-only view of its object-store copy, so that the
+        controller keeps no private copy of it through a round (issue 16: memory)."""
+        return await self.pool.resolve(self.model_ref(self.model_id, model))
 
     def record_model(self, mid: str, parent_id: str | None, number: int, data: bytes) -> None:
         spec = read_layout(data).spec()

@@ -106,7 +106,8 @@ class SessionRunner:
             model = await self._begin(start)
             if s.asynchronous:
                 await AsyncLoop(s).run(model)
-            else:
+            else:  # from its object-store copy: no private copy through the rounds
+                model = await s.shared_model(model)
                 await SyncRounds(s, self.claims).run(model)
             if s.stop is not None:
                 self._stopped()

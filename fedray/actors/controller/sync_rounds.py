@@ -42,6 +42,7 @@ class SyncRounds:
         for number in range(self.s.rounds_done + 1, self.s.settings.rounds + 1):
             if self.s.stop is not None:  # asked to stop: no round starts after that
                 return
+            model = await self.s.shared_model(model)  # the private bytes go here
             model = await self.round(number, model)
 
     async def round(self, number: int, model: bytes) -> bytes:
