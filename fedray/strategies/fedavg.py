@@ -11,7 +11,8 @@ the memory of every partial and of the controller's reduce, and summing deltas k
 accurate: each float32 addition rounds by at most 2^-24 of the running sum, so a sum of
 n weighted deltas is within (n - 1) x 2^-24 x sum_i w_i |d_i| of exact (per value; the
 recursive-summation bound, Higham, *Accuracy and Stability of Numerical Algorithms*, 4.2),
-and the mean within ``delta_sum_error(n) x max_i |d_i|``: an error on the *step*, not on
+plus 2 x 2^-24 for each term's own float32 difference and product, and the mean within
+``delta_sum_error(n) x max_i |d_i|``: an error on the *step*, not on
 the weights, far below the float32 rounding of the committed model for any step smaller
 than the weights over n. Across k combiners, n counts every update and k - 1 more additions.
 """
@@ -33,7 +34,7 @@ MAX_TERM32 = 1e30
 
 def delta_sum_error(n: int) -> float:
     """The relative error bound of a float32 sum of n weighted deltas (see the module)."""
-    return max(n - 1, 0) * 2.0**-24
+    return (max(n - 1, 0) + 2) * 2.0**-24
 
 
 @dataclass
