@@ -9,7 +9,9 @@ The protocol's core, as pure code over typed messages (no I/O, no Ray, no gRPC):
     graph       the sparse random neighbour graph and its degree and threshold
     messages    what the four stages send
     client      a client's side of a round
-    server      a combiner's fold and the controller's reduce and unmask
+    fold        a combiner's side: the ring sum of masked vectors
+    server      the controller's side: relay, reduce across combiners, unmask
+    inprocess   one round with every party in one process (tests, bench)
 
 Nothing here is imported by ``fedray.strategies``: the package is loaded by its own
 strategy when a session names it.
