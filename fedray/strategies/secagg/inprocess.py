@@ -9,6 +9,7 @@ unmasking, so tests can check that none of it says anything about one input.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class Trace:
     clients: dict[int, SecAggClient] = field(default_factory=dict)
     server: SecAggServer | None = None
     failures: dict[int, SecAggError] = field(default_factory=dict)  # clients that aborted
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step, all parties
 
 
 def run_round(setup: RoundSetup, updates: Mapping[int, np.ndarray], combiners: int = 1,
@@ -63,8 +65,13 @@ def run_round(setup: RoundSetup, updates: Mapping[int, np.ndarray], combiners: i
     clients = trace.clients
     clients.update({i: SecAggClient(setup, i) for i in setup.clients})
     live = [i for i in setup.clients if i not in drop.before_advertise]
-    trace.adverts = [clients[i].advertise() for i in live]
-    roster = server.roster(trace.adverts)
+
+    def timed(step, call, *args):
+        started = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            trace.seconds[step] = time.perf_counter() - started
 
     def each(ids, call):
         out = []
@@ -75,17 +82,23 @@ def run_round(setup: RoundSetup, updates: Mapping[int, np.ndarray], combiners: i
                 trace.failures[i] = exc
         return out
 
+    trace.adverts = timed("advertise", each, live, lambda i: clients[i].advertise())
+    roster = timed("roster", server.roster, trace.adverts)
     live = [i for i in live if i not in drop.before_share]
-    trace.shares = each(live, lambda i: clients[i].share_keys(roster))
-    inboxes = server.route(trace.shares)
+    trace.shares = timed("share_keys", each, live, lambda i: clients[i].share_keys(roster))
+    inboxes = timed("route", server.route, trace.shares)
     live = [i for i in inboxes if i not in drop.before_input]
-    trace.inputs = each(live, lambda i: clients[i].masked_input(
+    trace.inputs = timed("masked_input", each, live, lambda i: clients[i].masked_input(
         inboxes[i], updates[i], (weights or {}).get(i, 1)))
     folds = [MaskedFold(setup) for _ in range(combiners)]
-    for masked in trace.inputs:
-        folds[setup.clients.index(masked.sender) % combiners].fold(masked)
-    trace.partials = [f.partial() for f in folds]
-    request = trace.request = server.reduce(trace.partials)
+
+    def fold_all():
+        for masked in trace.inputs:
+            folds[setup.clients.index(masked.sender) % combiners].fold(masked)
+        return [f.partial() for f in folds]
+
+    trace.partials = timed("fold", fold_all)
+    request = trace.request = timed("reduce", server.reduce, trace.partials)
     live = [i for i in sorted(request.survivors) if i not in drop.before_unmask]
-    replies = each(live, lambda i: clients[i].unmask(request))
-    return server.finish(replies)
+    replies = timed("unmask_replies", each, live, lambda i: clients[i].unmask(request))
+    return timed("finish", server.finish, replies)
