@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedray.errors import ConfigError, SecAggError
-from fedray.strategies.secagg import shamir
+from fedray.strategies.secagg import graph, shamir
 from fedray.strategies.secagg.client import SecAggClient
 from fedray.strategies.secagg.fold import MaskedFold
 from fedray.strategies.secagg.inprocess import Dropouts, Trace, run_round
@@ -92,6 +92,17 @@ def test_30_percent_dropping_still_gives_the_survivors_exact_sum(stage, degree):
     assert trace.request.dropped == (gone if stage == "before_input" else frozenset())
 
 
+def test_a_planned_sparse_graph_over_100_clients_with_10_percent_dropping():
+    plan = graph.plan(100, 0.1)
+    assert not plan.complete
+    setup = _setup(n=100, degree=plan.degree, threshold=plan.threshold, length=500)
+    updates = _updates(setup)
+    gone = frozenset(np.random.default_rng(5).choice(setup.clients, 10, replace=False).tolist())
+    result = run_round(setup, updates, 3, Dropouts(before_input=gone))
+    counted = set(setup.clients) - gone
+    assert np.array_equal(result.total, _expected_ring(setup, updates, counted))
+
+
 def test_dropouts_at_every_stage_at_once():
     setup = _setup(n=40, degree=20)
     updates = _updates(setup)
@@ -151,6 +162,7 @@ def test_every_partial_and_input_the_servers_hold_looks_uniform(inputs):
     trace = Trace()
     run_round(setup, updates, 3, trace=trace)
     held = [p.total for p in trace.partials] + [m.vector for m in trace.inputs]
+    held.append(sum((p.total for p in trace.partials), np.zeros(setup.length, np.uint32)))
     for values in held:
         assert _chi2_bytes(values) < 360
     sealed = b"".join(e.sealed[12:-16] for s in trace.shares for e in s.envelopes)
