@@ -2,6 +2,7 @@
 
     python bench/secagg_core.py                       # n = 100, P = 100k, 0/10/30% dropouts
     python bench/secagg_core.py --clients 500 --params 1000000 --dropouts 0.1
+    python bench/secagg_core.py --repeat 3          # the median of 3 rounds per case
 
 One JSON line per case: the PRG's speed at P = 1M, then for each dropout fraction the
 graph (planned for ``--plan-dropout``, 30% by default, so the cases share one graph),
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import numpy as np
@@ -64,11 +66,16 @@ def main() -> None:
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1, 0.3])
     parser.add_argument("--plan-dropout", type=float, default=0.3)
     parser.add_argument("--combiners", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds per case; the median")
     args = parser.parse_args()
     print(json.dumps(prg_speed()), flush=True)
     for dropout in args.dropouts:
-        print(json.dumps(one_round(args.clients, args.params, dropout, args.plan_dropout,
-                                   args.combiners)), flush=True)
+        runs = [one_round(args.clients, args.params, dropout, args.plan_dropout,
+                          args.combiners) for _ in range(args.repeat)]
+        line = dict(runs[0], runs=len(runs))
+        for key in ("client_s", "client_mask_s", "fold_s", "reduce_s", "unmask_s"):
+            line[key] = statistics.median(r[key] for r in runs)
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ class SecAggServer:
 
     def finish(self, replies: Sequence[UnmaskReply]) -> Aggregate:
         self._step(Phase.UNMASK, Phase.DONE)
-        assert self._total is not None
+        if self._total is None:  # cannot happen after reduce; never unmask a missing sum
+            raise self._fail("refused", "no reduced sum to unmask")
         got = self._collect(replies)
         t = self.setup.threshold
         short = sorted(v for v, shares in got.items() if len(shares) < t)
