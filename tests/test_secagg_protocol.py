@@ -4,6 +4,8 @@ the servers hold before unmasking says anything about one input."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from fedray.strategies.secagg.messages import (
     Envelope,
     Inbox,
     MaskedInput,
+    Roster,
     RoundSetup,
     UnmaskReply,
     UnmaskRequest,
@@ -211,6 +214,9 @@ def test_a_client_reveals_one_kind_of_share_per_neighbour_and_answers_once():
     setup = _setup(n=8)
     trace = Trace()
     run_round(setup, _updates(setup), 1, Dropouts(before_input=frozenset({2})), trace=trace)
+    for reply in trace.replies:  # 2 dropped: its key share; the others: seed shares
+        assert set(reply.key_shares) == {2}
+        assert set(reply.self_shares) == set(setup.clients) - {2, reply.sender}
     client = trace.clients[3]
     assert client.phase.value == "done"
     with pytest.raises(SecAggError, match="not masked"):
@@ -283,3 +289,30 @@ def test_a_setup_that_could_wrap_or_be_unmasked_twice_is_refused():
         _setup(n=300, bits=24)
     with pytest.raises(ValueError, match="over half"):
         _setup(n=10, threshold=4)
+
+
+def test_stages_out_of_order_or_for_another_client_are_refused():
+    setup = _setup(n=4, length=3)
+    client = SecAggClient(setup, 1)
+    with pytest.raises(SecAggError, match="out of order"):
+        client.share_keys(None)
+    ad = client.advertise()
+    other = SecAggClient(setup, 2).advertise()
+    with pytest.raises(SecAggError, match="own keys"):
+        client.share_keys(Roster({1: (other.c_public, other.s_public), 2: (ad.c_public,
+                                                                          ad.s_public)}))
+    assert client.phase.value == "aborted"
+    with pytest.raises(ValueError, match="not in this round"):
+        SecAggClient(setup, 9)
+
+
+def test_the_round_values_cross_process_boundaries():
+    setup = _setup(n=6, length=4)
+    assert setup.neighbours  # cached: it must pickle too
+    trace = Trace()
+    run_round(setup, _updates(setup), 2, trace=trace)
+    for value in (setup, trace.partials[0], trace.request, trace.replies[0], trace.shares[0],
+                  trace.inputs[0]):
+        again = pickle.loads(pickle.dumps(value))
+        assert type(again) is type(value)
+    assert pickle.loads(pickle.dumps(setup)).neighbours == setup.neighbours

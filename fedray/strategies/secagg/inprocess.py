@@ -24,6 +24,7 @@ from fedray.strategies.secagg.messages import (
     MaskedPartial,
     RoundSetup,
     ShareKeys,
+    UnmaskReply,
     UnmaskRequest,
 )
 from fedray.strategies.secagg.server import Aggregate, SecAggServer
@@ -49,6 +50,7 @@ class Trace:
     inputs: list[MaskedInput] = field(default_factory=list)
     partials: list[MaskedPartial] = field(default_factory=list)
     request: UnmaskRequest | None = None
+    replies: list[UnmaskReply] = field(default_factory=list)
     clients: dict[int, SecAggClient] = field(default_factory=dict)
     server: SecAggServer | None = None
     failures: dict[int, SecAggError] = field(default_factory=dict)  # clients that aborted
@@ -100,5 +102,5 @@ def run_round(setup: RoundSetup, updates: Mapping[int, np.ndarray], combiners: i
     trace.partials = timed("fold", fold_all)
     request = trace.request = timed("reduce", server.reduce, trace.partials)
     live = [i for i in sorted(request.survivors) if i not in drop.before_unmask]
-    replies = timed("unmask_replies", each, live, lambda i: clients[i].unmask(request))
-    return timed("finish", server.finish, replies)
+    trace.replies = timed("unmask_replies", each, live, lambda i: clients[i].unmask(request))
+    return timed("finish", server.finish, trace.replies)
