@@ -26,10 +26,11 @@ and that none is defined outside this module).
        9  ├── SessionError            a session or round could not complete
       16  │   ├── UnknownSession      a combiner does not know the session (it is sent again)
       17  │   ├── AttemptFailed       one attempt at a round did not commit (it may run again)
-      18  │   └── CombinerError       a combiner did not do its part of a round
-      19  │       ├── CombinerLost    its actor died or cannot be reached
-      20  │       ├── CombinerTimeout no answer within the round's deadline and grace
-      21  │       └── CombinerFailed  the call raised inside the combiner
+      18  │   ├── CombinerError       a combiner did not do its part of a round
+      19  │   │   ├── CombinerLost    its actor died or cannot be reached
+      20  │   │   ├── CombinerTimeout no answer within the round's deadline and grace
+      21  │   │   └── CombinerFailed  the call raised inside the combiner
+      27  │   └── SecAggError         secure aggregation could not complete (``reason``: a code)
       10  ├── AlreadyRunning          the federation already runs: another live process owns it
       22  ├── AggregateRefused        the strategy could not aggregate, or its model is refused
       23  └── NotRunning              `fedray status`: no controller of the federation is alive
@@ -243,3 +244,21 @@ class ApiError(TransportError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.status))
+
+
+class SecAggError(SessionError):
+    """Secure aggregation could not go on, and revealed nothing it should not have:
+    ``reason`` is a stable short code (``too_few_shares``, ``duplicate_share``,
+    ``malformed_share``, ``tampered``, ``too_few_survivors``, ``refused``...), ``detail``
+    says what to do about it."""
+
+    exit_code = 27
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"secure aggregation: {reason}: {detail}" if detail
+                         else f"secure aggregation: {reason}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.detail))

@@ -129,7 +129,8 @@ def _loaded(module: str) -> list[str]:
 
 
 @pytest.mark.parametrize("module", ["fedray", "fedray.strategies", "fedray.strategies.dp",
-                                    "fedray.strategies.fedbuff", "fedray.config",
+                                    "fedray.strategies.fedbuff", "fedray.strategies.secagg.client",
+                                    "fedray.strategies.secagg.server", "fedray.config",
                                     "fedray.actors.controller.policy", "fedray.tracking.resume",
                                     "fedray.tracking.schema"])
 def test_light_modules_load_no_server_library(module):

@@ -43,6 +43,9 @@ SAMPLES: dict[str, tuple[tuple, dict]] = {
     "CombinerTimeout": (("combiner-0", None, "no answer within 90 s"),
                         {"combiner": "combiner-0", "round": None,
                          "why": "no answer within 90 s"}),
+    "SecAggError": (("too_few_survivors", "3 of 10 clients sent masked inputs"),
+                    {"reason": "too_few_survivors",
+                     "detail": "3 of 10 clients sent masked inputs"}),
     "CombinerFailed": (("combiner-2", 7, "ValueError: bad spec"),
                        {"combiner": "combiner-2", "round": 7, "why": "ValueError: bad spec"}),
 }
