@@ -249,14 +249,14 @@ async def test_a_client_that_hangs_up_during_the_check_keeps_its_slot_until_it_e
     try:
         tasks = await bridge.open_round(CLIENTS, timeout=30)
         checking, checked = threading.Event(), threading.Event()
-        check = bridge.core.intake._check
+        check = bridge.core.intake._verify
 
         def slow_check(*args):
             checking.set()
             checked.wait(30)  # a long check: it ends when the test says so
             return check(*args)
 
-        bridge.core.intake._check = slow_check
+        bridge.core.intake._verify = slow_check
         calls = bridge.gate.in_flight._running  # the joins' streams, then the upload too
         before = sum(calls.values())
         data = update_bytes(GOOD_VALUE)

@@ -128,24 +128,31 @@ class UpdateIntake:
 
     async def _accept(self, share: Share, data: np.ndarray, header: UpdateHeader,
                       ) -> tuple[bool, str]:
-        """Check, fold and count a fully received update, all under the share's fold lock."""
+        """Check, fold and count a fully received update. The checks of the bytes (hash,
+        layout, values, norm) run outside the share's fold lock, so that two updates are
+        checked at once (hashlib and numpy release the GIL); the strategy's ``accept``, the
+        fold and the counting run under it, after the task is asked for again."""
         try:
+            entry = share.admit(header.client_id, header.task_id, header.session_id,
+                                header.round, TaskKind.TRAIN, header.model_id)
+            started = time.perf_counter()
+            checked = await asyncio.to_thread(self._verify, share, entry, data, header)
             async with share.fold_lock:
                 # Asked again now: while this update waited its round may have closed (its
                 # partial is taken) or a concurrent copy of it may have been folded.
                 entry = share.admit(header.client_id, header.task_id, header.session_id,
                                     header.round, TaskKind.TRAIN, header.model_id)
-                started = time.perf_counter()
                 if share.buffer:  # a slot among the round's first K, between check and fold
-                    update = await asyncio.to_thread(self._check, share, entry, data, header)
+                    update = await asyncio.to_thread(self._decide, share, entry, checked,
+                                                     data, header)
                     if not await self._claim(share, header.client_id):
                         raise UpdateRejected("round_closed", f"the round's first {share.buffer}"
                                              " updates arrived before this one "
                                              "(session.buffer_size)")
                     await asyncio.to_thread(self._fold, share, update)
                 else:  # one trip to the worker thread
-                    await asyncio.to_thread(
-                        lambda: self._fold(share, self._check(share, entry, data, header)))
+                    await asyncio.to_thread(lambda: self._fold(
+                        share, self._decide(share, entry, checked, data, header)))
                 share.aggregation_s += time.perf_counter() - started
                 share.delivered(header.client_id)  # marked offline mid-upload, but delivered
                 share.accepted += 1
@@ -160,9 +167,10 @@ class UpdateIntake:
                            num_examples=header.num_examples)
         return True, "accepted"
 
-    def _check(self, share: Share, entry: TaskEntry, data: np.ndarray,
-               header: UpdateHeader) -> Update:
-        """Runs in a worker thread: hashing and checking never stall the event loop."""
+    def _verify(self, share: Share, entry: TaskEntry, data: np.ndarray,
+                header: UpdateHeader) -> tuple[Any, float | None]:
+        """The checks of the bytes alone, in a worker thread (they never stall the event
+        loop): the model view and its norm (None when not computed)."""
         if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
             raise UpdateRejected("checksum", "payload does not match the header's sha256")
         version = share.versions[entry.version]
@@ -183,6 +191,13 @@ class UpdateIntake:
             if bound is not None and not norm <= bound.limit:
                 raise UpdateRejected("norm", f"the update moves the model by {norm:.4g} (L2), "
                                      f"over {bound.rule} = {bound.limit:.4g}")
+        return model, norm
+
+    def _decide(self, share: Share, entry: TaskEntry, checked: tuple[Any, float | None],
+                data: np.ndarray, header: UpdateHeader) -> Update:
+        """The strategy's ``accept`` over the update's metadata (user code: refuses, never
+        crashes)."""
+        model, norm = checked
         meta = UpdateMeta(client_id=header.client_id, round=header.round,
                           num_examples=header.num_examples, base_version=entry.version,
                           staleness=share.current - entry.version, norm=norm,
