@@ -36,6 +36,11 @@ class ControllerConfig:
 @dataclass(frozen=True)
 class CombinersConfig:
     count: int = 2
+    # Where they run: "spread" over the Ray cluster's nodes, or "pack" onto as few as fit;
+    # resources: what each takes of a node, e.g. {"fedray_combiner": 1} (only nodes that
+    # offer them are eligible; fedray.actors.placement).
+    placement: str = "spread"
+    resources: dict = field(default_factory=dict)
     host: str = "0.0.0.0"
     base_port: int = 12081  # combiner i listens on base_port + i; 0 picks free ports
     advertise: str = "auto"  # the host clients are told to dial; auto = this node's IP

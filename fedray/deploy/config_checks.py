@@ -8,6 +8,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
+from fedray.actors.placement import PLACEMENTS
 from fedray.bridge.tls import server_tls
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError
@@ -115,6 +116,7 @@ def check(c: FederationConfig, blame: Blame) -> None:
     for where, value in nonnegative.items():
         if value < 0:
             raise bad(where, f"must be 0 or more, got {value}")
+    _check_placement(c, blame)
     if c.combiners.rebalance_tolerance < 1:
         raise bad("combiners.rebalance_tolerance", "must be at least 1 (a spread of 1 is as "
                   f"even as whole clients get), got {c.combiners.rebalance_tolerance}")
@@ -137,6 +139,20 @@ def check(c: FederationConfig, blame: Blame) -> None:
 
 
 STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
+
+
+def _check_placement(c: FederationConfig, blame: Blame) -> None:
+    if c.combiners.placement not in PLACEMENTS:
+        raise blame.error("combiners.placement", f"must be {' or '.join(PLACEMENTS)}, got "
+                          f"{c.combiners.placement!r}")
+    for name, amount in c.combiners.resources.items():
+        where = f"combiners.resources.{name}"
+        if not isinstance(name, str) or not name:
+            raise blame.error("combiners.resources", f"names a resource {name!r}: names are "
+                              "Ray resource names such as fedray_combiner")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount <= 0:
+            raise blame.error(where, f"must be a number greater than 0 (what one combiner "
+                              f"takes of a node's {name}), got {amount!r}")
 
 
 def _check_session(c: FederationConfig, blame: Blame) -> None:
