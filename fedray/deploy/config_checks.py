@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from fedray.actors.placement import PLACEMENTS
 from fedray.bridge.tls import server_tls
@@ -136,6 +137,39 @@ def check(c: FederationConfig, blame: Blame) -> None:
     if uri != "embedded" and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise bad("tracking.uri", f"must be 'embedded' or a mongodb:// URI, got {uri!r}")
     server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
+
+
+TIER = ("combiners.count", "combiners.min", "combiners.max")
+
+
+def resolve_tier(c: FederationConfig, given: Any, blame: Blame) -> FederationConfig:
+    """``combiners.min``/``max`` filled in from ``count`` (the fixed-size shorthand), or
+    ``count`` from ``min`` (the tier starts there); ``given`` is the raw ``combiners``
+    mapping, to tell a ``count`` given from its default. Contradictions are refused."""
+    t = c.combiners
+    count_given = isinstance(given, dict) and "count" in given
+    if t.min is None and t.max is None:
+        low = high = t.count
+    elif count_given:
+        low = t.count if t.min is None else t.min
+        high = t.count if t.max is None else t.max
+        if not low == high == t.count:
+            raise blame.among(TIER, "combiners.count",
+                              f"{t.count} is the fixed-size shorthand for min = max = "
+                              f"{t.count}, but min is {t.min} and max {t.max}: give count "
+                              "alone, or min and max without count")
+    else:
+        low = 1 if t.min is None else t.min
+        high = low if t.max is None else t.max
+    if low < 1:
+        raise blame.error("combiners.min", f"must be at least 1, got {low}")
+    if high < low:
+        raise blame.among(TIER[1:], "combiners.max",
+                          f"({high}) must be at least combiners.min ({low})")
+    if t.clients_per_combiner < 1:
+        raise blame.error("combiners.clients_per_combiner",
+                          f"must be at least 1, got {t.clients_per_combiner}")
+    return replace(c, combiners=replace(t, min=low, max=high, count=low))
 
 
 STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
