@@ -36,6 +36,17 @@ class ControllerConfig:
 @dataclass(frozen=True)
 class CombinersConfig:
     count: int = 2
+    # Where they run: "spread" over the Ray cluster's nodes, or "pack" onto as few as fit;
+    # resources: what each takes of a node, e.g. {"fedray_combiner": 1} (only nodes that
+    # offer them are eligible; fedray.actors.placement).
+    placement: str = "spread"
+    resources: dict = field(default_factory=dict)
+    # The elastic tier's bounds and target load (fedray.actors.scaling; not acted on yet).
+    # count is the fixed-size shorthand: count N alone means min = max = N; with min and max
+    # and no count, the tier starts at min.
+    min: int | None = None
+    max: int | None = None
+    clients_per_combiner: int = 2000
     host: str = "0.0.0.0"
     base_port: int = 12081  # combiner i listens on base_port + i; 0 picks free ports
     advertise: str = "auto"  # the host clients are told to dial; auto = this node's IP

@@ -2,8 +2,8 @@
 
 ``advertised_host`` is the host clients are told to dial (``combiners.advertise``; auto:
 the node's IP, or this host's primary address when Ray's node is loopback, or loopback
-when the server binds loopback). ``quiet`` marks the actor
-methods called every round or more often.
+when the server binds loopback), ``node_of`` the Ray node an actor runs on (for `fedray
+status`). ``quiet`` marks the actor methods called every round or more often.
 """
 
 from __future__ import annotations
@@ -26,3 +26,9 @@ def advertised_host(bind_host: str, advertise: str) -> str:
     node = ray.util.get_node_ip_address()
     # A private local Ray takes 127.0.0.1 as its node's address; clients need this host's.
     return primary_ip() if is_loopback(node) else node
+
+
+def node_of() -> dict[str, str]:
+    """The Ray node this actor runs on: its id and IP."""
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address()}

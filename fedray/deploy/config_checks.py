@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
+from fedray.actors.placement import PLACEMENTS
 from fedray.bridge.tls import server_tls
 from fedray.config import FederationConfig
 from fedray.errors import ConfigError
@@ -115,6 +117,7 @@ def check(c: FederationConfig, blame: Blame) -> None:
     for where, value in nonnegative.items():
         if value < 0:
             raise bad(where, f"must be 0 or more, got {value}")
+    _check_placement(c, blame)
     if c.combiners.rebalance_tolerance < 1:
         raise bad("combiners.rebalance_tolerance", "must be at least 1 (a spread of 1 is as "
                   f"even as whole clients get), got {c.combiners.rebalance_tolerance}")
@@ -136,7 +139,54 @@ def check(c: FederationConfig, blame: Blame) -> None:
     server_tls(c.tls, c.source)  # the files exist and hold PEM, or a ConfigError names the field
 
 
+TIER = ("combiners.count", "combiners.min", "combiners.max")
+
+
+def resolve_tier(c: FederationConfig, given: Any, blame: Blame) -> FederationConfig:
+    """``combiners.min``/``max`` filled in from ``count`` (the fixed-size shorthand), or
+    ``count`` from ``min`` (the tier starts there); ``given`` is the raw ``combiners``
+    mapping, to tell a ``count`` given from its default. Contradictions are refused."""
+    t = c.combiners
+    count_given = isinstance(given, dict) and "count" in given
+    if t.min is None and t.max is None:
+        low = high = t.count
+    elif count_given:
+        low = t.count if t.min is None else t.min
+        high = t.count if t.max is None else t.max
+        if not low == high == t.count:
+            raise blame.among(TIER, "combiners.count",
+                              f"{t.count} is the fixed-size shorthand for min = max = "
+                              f"{t.count}, but min is {t.min} and max {t.max}: give count "
+                              "alone, or min and max without count")
+    else:
+        low = 1 if t.min is None else t.min
+        high = low if t.max is None else t.max
+    if low < 1:
+        raise blame.error("combiners.min", f"must be at least 1, got {low}")
+    if high < low:
+        raise blame.among(TIER[1:], "combiners.max",
+                          f"({high}) must be at least combiners.min ({low})")
+    if t.clients_per_combiner < 1:
+        raise blame.error("combiners.clients_per_combiner",
+                          f"must be at least 1, got {t.clients_per_combiner}")
+    return replace(c, combiners=replace(t, min=low, max=high, count=low))
+
+
 STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
+
+
+def _check_placement(c: FederationConfig, blame: Blame) -> None:
+    if c.combiners.placement not in PLACEMENTS:
+        raise blame.error("combiners.placement", f"must be {' or '.join(PLACEMENTS)}, got "
+                          f"{c.combiners.placement!r}")
+    for name, amount in c.combiners.resources.items():
+        where = f"combiners.resources.{name}"
+        if not isinstance(name, str) or not name:
+            raise blame.error("combiners.resources", f"names a resource {name!r}: names are "
+                              "Ray resource names such as fedray_combiner")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount <= 0:
+            raise blame.error(where, f"must be a number greater than 0 (what one combiner "
+                              f"takes of a node's {name}), got {amount!r}")
 
 
 def _check_session(c: FederationConfig, blame: Blame) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from fedray.config import DATA_DIR_ENV, DEFAULT_DATABASE, FederationConfig, uri_database
-from fedray.deploy.config_checks import Blame, check, field_hint
+from fedray.deploy.config_checks import Blame, check, field_hint, resolve_tier
 from fedray.errors import ConfigError
 
 
@@ -110,6 +110,7 @@ def _from_dict(raw: dict[str, Any], blame: Blame) -> FederationConfig:
         database = uri_database(config.tracking.uri) or DEFAULT_DATABASE
         config = dataclasses.replace(
             config, tracking=dataclasses.replace(config.tracking, database=database))
+    config = resolve_tier(config, raw.get("combiners"), blame)
     check(config, blame)
     return config
 

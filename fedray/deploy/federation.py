@@ -32,7 +32,7 @@ from fedray.bridge.auth import BridgeKeys
 from fedray.bridge.keys import load_token_secret, tokens_issued
 from fedray.bridge.tls import ServerTls, server_tls
 from fedray.config import FederationConfig, RayConfig
-from fedray.deploy import lifecycle
+from fedray.deploy import lifecycle, nodes
 from fedray.errors import AlreadyRunning, FedrayError, ListenError, SessionError, TransportError
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,10 @@ class Federation:
         names = [combiner_name(i) for i in range(c.count)]
         common = {"namespace": self.namespace, "lifetime": "detached",
                   "runtime_env": {"env_vars": forwarded_env()}}
-        for i, name in enumerate(names):
+        placed = nodes.place_combiners(self.config)  # a placement group: one bundle each
+        for i, (name, where) in enumerate(zip(names, placed, strict=True)):
             port = c.base_port + i if c.base_port else 0
-            self.combiners.append(Combiner.options(name=name, **common).remote(
+            self.combiners.append(Combiner.options(name=name, **common, **where).remote(
                 name, self.config.federation, c, port, keys, self.tracking_uri,
                 self.config.tracking.database, package, tls=tls))
         with self._listen_errors("combiners", c.base_port), ray_errors("starting the combiners"):
@@ -288,6 +289,7 @@ class Federation:
                         self.config.federation)
             with contextlib.suppress(ValueError):  # gone meanwhile
                 ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
+        nodes.release(self.config)  # the combiners' placement group an earlier run left
 
     def serve_package(self, sha256: str, data: bytes) -> None:
         """Make every combiner serve this compute package too (for a session to come)."""
@@ -372,6 +374,8 @@ class Federation:
                     with contextlib.suppress(ValueError, ray.exceptions.RayError):
                         ray.kill(ray.get_actor(entry["name"], namespace=self.namespace),
                                  no_restart=True)
+            with contextlib.suppress(ray.exceptions.RayError):
+                nodes.release(self.config)  # the combiners' placement group
         self.combiners, self.controller, self.lease, self._serving = [], None, None, []
 
 

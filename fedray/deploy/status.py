@@ -6,7 +6,7 @@ picture: which combiners are up, where edge clients should dial, how far the ses
 Everything lives in named, detached actors in namespace ``fedray-<federation>``, so
 ``describe`` joins the cluster as a short-lived driver, asks those actors read-only
 questions (``ready``, ``watch(-1, ...)``, ``info``, ``online_clients``) and leaves again.
-It never changes the federation. Named by neither a config nor ``--federation``, the
+It never changes the federation. Each actor says which Ray node it runs on (its id and IP). Named by neither a config nor ``--federation``, the
 federation is the one whose controller runs in the cluster (several: it asks which).
 The command itself, its options and its extra check, is ``fedray.cli.status``.
 """
@@ -131,9 +131,10 @@ def _combiner(name: str, namespace: str) -> dict[str, Any]:
                                 timeout=CALL_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - a dead or restarting combiner is a status, not a crash
         return {"name": name, "address": "", "status": "unreachable", "clients": 0,
-                "client_names": [], "error": _first_line(exc)}
+                "client_names": [], "node_id": "", "node_ip": "", "error": _first_line(exc)}
     return {"name": name, "address": info["address"], "status": "online",
-            "clients": len(clients), "client_names": sorted(clients)}
+            "clients": len(clients), "client_names": sorted(clients),
+            "node_id": info.get("node_id", ""), "node_ip": info.get("node_ip", "")}
 
 
 def running_federations() -> list[str]:
@@ -186,6 +187,9 @@ def describe(federation: str | None, address: str) -> dict[str, Any]:
         combiners = [_combiner(n, namespace) for n in names]
         return {"federation": federation, "namespace": namespace, "ray_address": address,
                 "gateway": gateway.get("address", ""), "combiners": combiners,
+                "controller": {"node_id": gateway.get("node_id", ""),
+                               "node_ip": gateway.get("node_ip", "")},
+                "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                 "clients_connected": sum(c["clients"] for c in combiners), "session": session}
     finally:
         ray.shutdown()
@@ -195,15 +199,17 @@ def render(status: dict[str, Any], console: Console) -> None:
     """Print ``status`` as a panel. Clients choose their names, metric names and what ends
     up in a failure's reason, so every such string is shown as text, never as markup."""
     table = Table(title="combiners", title_justify="left")
-    for column in ("name", "address", "status", "clients", "client names"):
+    for column in ("name", "address", "node", "status", "clients", "client names"):
         table.add_column(column, justify="right" if column == "clients" else "left")
     for c in status["combiners"]:
         shown = ", ".join(c["client_names"][:6]) + (" …" if len(c["client_names"]) > 6 else "")
         style = "green" if c["status"] == "online" else "bold red"
-        table.add_row(_text(c["name"]), _text(c["address"] or "-"),
+        table.add_row(_text(c["name"]), _text(c["address"] or "-"), _text(_node(c)),
                       Text(_plain(c["status"]), style=style), str(c["clients"]), _text(shown))
     lines = [f"gateway  [bold]{_shown(status['gateway'] or 'unknown')}[/]   "
-             f"(namespace {_shown(status['namespace'])}, Ray {_shown(status['ray_address'])})"]
+             f"(namespace {_shown(status['namespace'])}, Ray {_shown(status['ray_address'])})",
+             f"nodes    {status.get('nodes', '?')} in the Ray cluster; the controller on "
+             f"{_shown(_node(status.get('controller', {})))}"]
     s = status["session"]
     if s is None:
         lines.append("session  none started yet")
@@ -226,6 +232,12 @@ def render(status: dict[str, Any], console: Console) -> None:
                          + "".join(f" · {_shown(k)} {_number(v)}" for k, v in metrics.items()))
     title = Text(f"federation {_plain(status['federation'])}")
     console.print(Panel(Group(*lines, "", table), title=title, title_align="left", expand=False))
+
+
+def _node(where: dict[str, Any]) -> str:
+    """A Ray node as `ray list nodes` starts its id, with its IP: ``3f2a9c1b@10.0.0.5``."""
+    node = where.get("node_id", "")
+    return f"{node[:8]}@{where.get('node_ip', '')}" if node else "-"
 
 
 def _plain(value: Any) -> str:

@@ -17,7 +17,7 @@ import ray
 
 from fedray.actors.combiner.core import CombinerCore
 from fedray.actors.combiner.servicer import CombinerServicer
-from fedray.actors.hosting import advertised_host, quiet
+from fedray.actors.hosting import advertised_host, node_of, quiet
 from fedray.actors.memory import release_free_memory, tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
@@ -82,7 +82,7 @@ class Combiner:
         self.observer.combiner_status(self.address, "online", restarted=self._restarted)
         if self._restarted:
             self.observer.event("warning", f"combiner {self.name} was restarted by Ray")
-        return {"name": self.name, "address": self.address, "port": bound}
+        return {"name": self.name, "address": self.address, "port": bound, **node_of()}
 
     def _disconnect(self, names: set[str]) -> None:
         """Close the task streams of clients whose tokens were just revoked."""

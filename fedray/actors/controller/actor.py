@@ -30,7 +30,7 @@ from fedray.actors.controller.queue import SessionQueue, SessionRequest
 from fedray.actors.controller.ray_pool import RayCombinerPool
 from fedray.actors.controller.rebalancer import Rebalancer
 from fedray.actors.controller.session_runner import SessionRunner, Start
-from fedray.actors.hosting import advertised_host, quiet
+from fedray.actors.hosting import advertised_host, node_of, quiet
 from fedray.actors.memory import tune_allocator
 from fedray.actors.metrics import FederationMetrics
 from fedray.actors.observers import TrackingObserver
@@ -104,7 +104,7 @@ class Controller:
             c.host, c.port, gate, self.tls, limits)
         self._gate = gate
         return {"address": f"{advertised_host(c.host, self.config.combiners.advertise)}:{bound}",
-                "port": bound}
+                "port": bound, **node_of()}
 
     @quiet
     async def ready(self) -> dict[str, Any]:
