@@ -318,7 +318,7 @@ class Workers:
         return "\n".join(out)
 
 
-def over_idle_models(sampler: "PeakSampler", model_bytes: int) -> dict[str, float]:
+def over_idle_models(sampler: PeakSampler, model_bytes: int) -> dict[str, float]:
     """(own-memory peak - own memory at ready) / model size, per actor: issue 16's memory
     bounds are idle + 3 models (4 for a 400 MB model)."""
     model_mib = model_bytes / 2**20

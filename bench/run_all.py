@@ -84,18 +84,35 @@ WORKLOADS: list[Workload] = [
            note="memory sweep"),
     Workload("flower_4x25M", "", (), (), 0, ("compare",),
              "Flower's deployment engine, 4 clients x 100 MB"),
-    Workload("flower_sim_100x1M", "", (), (), 0, ("compare",),
-             "Flower's Ray simulation, 100 clients x 4 MB"),
+    Workload("flower_sim_100x1M", "flower_sim.py",
+             ("--clients", "100", "--params", "1000000", "--rounds", "5"),
+             ("--clients", "10", "--params", "10000", "--rounds", "2"), 900, ("compare",),
+             "Flower's Ray simulation, 100 clients x 4 MB (against fedavg_100x1M)"),
+    Workload("flower_sim_500x100k", "flower_sim.py",
+             ("--clients", "500", "--params", "100000", "--rounds", "3"),
+             ("--clients", "20", "--params", "1000", "--rounds", "2"), 900, ("compare",),
+             "Flower's Ray simulation, 500 clients x 400 kB (against fedavg_500x100k)"),
 ]
+FLOWER_ENV = "FEDRAY_FLOWER_PYTHON"  # the python of a venv with Flower (it pins its own Ray)
 
 
-def flower_skip() -> str:
-    """Why the Flower comparison cannot run here (no bench in bench/ drives Flower yet)."""
-    installed = importlib.util.find_spec("flwr") is not None
-    why = "no bench in bench/ drives Flower yet"
-    if not installed:
-        why += f"; Flower is not installed: {FLOWER_PIP} (in its own venv)"
-    return why
+def flower_python() -> str | None:
+    """The interpreter that runs flower_sim.py: $FEDRAY_FLOWER_PYTHON, or this one when it
+    has Flower; None when neither does."""
+    chosen = os.environ.get(FLOWER_ENV)
+    if chosen:
+        return chosen if Path(chosen).exists() else None
+    return sys.executable if importlib.util.find_spec("flwr") is not None else None
+
+
+def flower_skip(w: Workload | None = None) -> str:
+    """Why a Flower workload cannot run here ("" when it can)."""
+    if w is not None and w.script and flower_python() is not None:
+        return ""
+    if w is not None and not w.script:
+        return "no bench in bench/ drives Flower's deployment engine yet"
+    return (f"Flower is not installed: python3 -m venv /tmp/flower && /tmp/flower/bin/"
+            f"{FLOWER_PIP}, then {FLOWER_ENV}=/tmp/flower/bin/python")
 
 
 # --------------------------------------------------------------------------- running
@@ -190,10 +207,14 @@ def last_json(stdout: str) -> dict[str, Any] | None:
 def run_workload(w: Workload, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     line: dict[str, Any] = {"workload": w.name, "bench": w.script.removesuffix(".py") or None,
                             "groups": list(w.groups), "quick": args.quick, "note": w.note}
-    if not w.script:
-        return {**line, "bench": "flower", "skipped": flower_skip()}
+    python = sys.executable
+    if w.name.startswith("flower"):
+        why = flower_skip(w)
+        if why:
+            return {**line, "bench": "flower", "skipped": why}
+        python = flower_python() or python
     argv = list(w.quick if args.quick else w.argv)
-    cmd = [sys.executable, str(BENCH / w.script), *argv]
+    cmd = [python, str(BENCH / w.script), *argv]
     line["command"] = " ".join(["python", f"bench/{w.script}", *argv])
     # raw_grpc takes its own median over --repeat rounds: one run of it is enough
     runs = 1 if w.script == "raw_grpc.py" else args.runs
@@ -221,6 +242,12 @@ def run_workload(w: Workload, args: argparse.Namespace, logs: Path) -> dict[str,
         line["stderr_tail"] = tail(failed_log)  # the first failed run's
     if w.script == "raw_grpc.py":
         return {**line, **(results[0] if results else {}), "bench": "raw_grpc"}
+    if w.script == "flower_sim.py":
+        return {**line, "bench": "flower_sim", "runs": len(results), "runs_asked": runs,
+                "median_round_s": med([r.get("median_round_s") for r in results]),
+                "median_round_s_runs": [r.get("median_round_s") for r in results],
+                "loadavg_1m": [x for r in results for x in r.get("loadavg_1m", [])],
+                "run_lines": results}
     return {**line, **summarize(results), "runs": len(results), "runs_asked": runs}
 
 
@@ -309,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [w for w in WORKLOADS if not args.only or w.name in args.only]
     if args.list:
         for w in chosen:
-            flags = " ".join(w.quick if args.quick else w.argv) if w.script else "(skipped: " + flower_skip() + ")"
+            why = flower_skip(w) if w.name.startswith("flower") else ""
+            flags = f"(skipped: {why})" if why else " ".join(w.quick if args.quick else w.argv)
             print(f"{w.name:22} {w.script or '-':18} {flags}")
         return 0
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback

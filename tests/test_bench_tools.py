@@ -189,3 +189,16 @@ def test_run_all_records_a_failed_workload_as_an_error_line(tmp_path: Path,
     assert (line["runs"], line["runs_asked"], line["median_round_s"]) == (1, 2, 0.5)
     assert line["memory_mb"]["combiner"] == {"vmhwm": 100.0, "own": 80.0}
     assert line["memory_mb"]["controller"] == {"vmhwm": 90.0, "own": 70.0}
+
+
+def test_run_all_runs_flower_only_with_a_flower_python(monkeypatch, tmp_path: Path) -> None:
+    flower = next(w for w in run_all.WORKLOADS if w.name == "flower_sim_100x1M")
+    assert (BENCH / flower.script).is_file()
+    monkeypatch.setenv(run_all.FLOWER_ENV, str(tmp_path / "no-such-python"))
+    assert run_all.FLOWER_ENV in run_all.flower_skip(flower)  # says how to set one up
+    fake = tmp_path / "python"
+    fake.write_text("")
+    monkeypatch.setenv(run_all.FLOWER_ENV, str(fake))
+    assert run_all.flower_skip(flower) == ""
+    engine = next(w for w in run_all.WORKLOADS if w.name == "flower_4x25M")
+    assert "deployment engine" in run_all.flower_skip(engine)
