@@ -73,7 +73,7 @@ def test_receive_takes_exactly_the_announced_bytes_in_order(payload, announced, 
     core = _core()
     total = sum(len(c) for c, _ in pieces)
     try:
-        got = asyncio.run(core.intake._receive(hdr, _aiter(pieces)))
+        got, _ = asyncio.run(core.intake._receive(hdr, _aiter(pieces)))
     except UpdateRejected as exc:
         assert not (_in_order(pieces) and total == announced)
         assert exc.reason in {"out_of_order", "too_large", "truncated"}

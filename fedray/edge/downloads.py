@@ -4,12 +4,15 @@ A combiner, or whoever sits between it and the client, decides how many bytes a 
 carries; the client does not have to take them all. Each download stops as soon as it
 runs past the size the task announced (0: unknown) or past this client's own cap, and a
 model is assembled in one preallocated buffer, so its peak is the model's size, not twice
-that. Both are checked against their sha256 by the caller.
+that. A model is checked against its sha256 as it arrives (``checked``), a package by the
+caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +21,7 @@ import grpc
 
 from fedray.bridge.proto import fedray_v1_pb2 as pb
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
+from fedray.bridge.streamhash import StreamHash
 from fedray.errors import FedrayError, PackageError, TransportError
 
 MiB = 1024 * 1024
@@ -40,13 +44,17 @@ def _overrun(announced: int, limit: int, what: str, option: str) -> str:
 
 
 async def fetch_model(stub: pb_grpc.CombinerStub, metadata, client_id: str, model_id: str,
-                      size: int, cap: int, delta_from: str = "") -> memoryview:
+                      size: int, cap: int, delta_from: str = "", checked: bool = False,
+                      ) -> memoryview:
     """The model's bytes, read-only (the cache keeps them); ``size`` 0 means unknown. With
-    ``delta_from``, the codec delta that rebuilds it from that model (the caller does)."""
+    ``delta_from``, the codec delta that rebuilds it from that model (the caller does).
+    ``checked``: the bytes are the model ``model_id`` names (its sha256), hashed while they
+    arrive; TransportError when they are not."""
     what = f"model {model_id[:12]}" + (f" (delta from {delta_from[:12]})" if delta_from else "")
     limit = _limit(size, cap, what, "--max-model-mb", TransportError)
     buffer = bytearray(size)  # grows chunk by chunk only when the size is unknown
     view = memoryview(buffer) if size else None
+    hasher = StreamHash(buffer) if checked and size else None
     received = 0
     call = stub.FetchModel(pb.FetchModelRequest(client_id=client_id, model_id=model_id,
                                                 delta_from=delta_from), metadata=metadata)
@@ -60,10 +68,15 @@ async def fetch_model(stub: pb_grpc.CombinerStub, metadata, client_id: str, mode
             else:
                 buffer += chunk.data
             received = end
-    if view is not None:
-        view.release()
+            if hasher is not None:
+                await hasher.advance(received)
     if size and received != size:
         raise TransportError(f"{what} arrived truncated ({received} of {size} bytes)")
+    if checked:
+        digest = await hasher.hexdigest(received) if hasher is not None \
+            else await asyncio.to_thread(lambda: hashlib.sha256(buffer).hexdigest())
+        if digest != model_id:
+            raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
     return memoryview(buffer).toreadonly()
 
 

@@ -144,9 +144,7 @@ class TaskRunner:
                 return rebuilt
         self.cache.make_room(size)
         data = await fetch_model(link.stub, link.metadata, link.client_id, model_id, size,
-                                 self.settings.max_model_bytes)
-        if await asyncio.to_thread(_sha256, data) != model_id:
-            raise TransportError(f"model {model_id[:12]} arrived corrupted (checksum mismatch)")
+                                 self.settings.max_model_bytes, checked=True)
         self.cache.put(model_id, data)
         return data
 

@@ -32,6 +32,7 @@ import numpy as np
 from fedray.actors.combiner.checks import check_update
 from fedray.actors.combiner.share import Share, TaskEntry
 from fedray.bridge.limits import RateLimiter
+from fedray.bridge.streamhash import StreamHash
 from fedray.errors import UpdateRejected
 from fedray.messages import TaskKind, UpdateHeader
 from fedray.strategies.declaration import NormCheck
@@ -91,9 +92,9 @@ class UpdateIntake:
                 raise
             accepting: asyncio.Future | None = None
             try:
-                data = await self._receive_while_open(share, header, chunks)
+                data, digest = await self._receive_while_open(share, header, chunks)
                 share.bytes_in += len(data)
-                accepting = asyncio.ensure_future(self._accept(share, data, header))
+                accepting = asyncio.ensure_future(self._accept(share, data, header, digest))
                 # The slot stays taken until the check ends, even if the client hangs up.
                 accepting.add_done_callback(
                     lambda done: self._settled(done, share, header.client_id))
@@ -127,7 +128,7 @@ class UpdateIntake:
                                  f"({share.limits.max_examples})")
 
     async def _accept(self, share: Share, data: np.ndarray, header: UpdateHeader,
-                      ) -> tuple[bool, str]:
+                      digest: str = "") -> tuple[bool, str]:
         """Check, fold and count a fully received update. The checks of the bytes (hash,
         layout, values, norm) run outside the share's fold lock, so that two updates are
         checked at once (hashlib and numpy release the GIL); the strategy's ``accept``, the
@@ -136,7 +137,7 @@ class UpdateIntake:
             entry = share.admit(header.client_id, header.task_id, header.session_id,
                                 header.round, TaskKind.TRAIN, header.model_id)
             started = time.perf_counter()
-            checked = await asyncio.to_thread(self._verify, share, entry, data, header)
+            checked = await asyncio.to_thread(self._verify, share, entry, data, header, digest)
             async with share.fold_lock:
                 # Asked again now: while this update waited its round may have closed (its
                 # partial is taken) or a concurrent copy of it may have been folded.
@@ -168,10 +169,11 @@ class UpdateIntake:
         return True, "accepted"
 
     def _verify(self, share: Share, entry: TaskEntry, data: np.ndarray,
-                header: UpdateHeader) -> tuple[Any, float | None]:
+                header: UpdateHeader, digest: str = "") -> tuple[Any, float | None]:
         """The checks of the bytes alone, in a worker thread (they never stall the event
-        loop): the model view and its norm (None when not computed)."""
-        if header.sha256 and hashlib.sha256(data).hexdigest() != header.sha256:
+        loop): the model view and its norm (None when not computed). ``digest`` is the
+        bytes' sha256 when it was taken as they arrived."""
+        if header.sha256 and (digest or hashlib.sha256(data).hexdigest()) != header.sha256:
             raise UpdateRejected("checksum", "payload does not match the header's sha256")
         version = share.versions[entry.version]
         assert share.expected is not None
@@ -224,7 +226,7 @@ class UpdateIntake:
         share.metrics.fold(update.meta.metrics, float(update.meta.num_examples))
 
     async def _receive_while_open(self, share: Share, header: UpdateHeader,
-                                  chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
+                                  chunks: AsyncIterator[tuple[bytes, int]]) -> tuple[np.ndarray, str]:
         """``_receive``, given up when the share closes: an upload that stalls cannot keep
         its buffer and its upload slot past the round it was for."""
         receive = asyncio.ensure_future(self._receive(header, chunks))
@@ -240,12 +242,14 @@ class UpdateIntake:
                              f"({share.close_reason}) before the upload ended")
 
     async def _receive(self, header: UpdateHeader,
-                       chunks: AsyncIterator[tuple[bytes, int]]) -> np.ndarray:
-        """The announced bytes, in order. Bounded three ways, so a client with a valid task
+                       chunks: AsyncIterator[tuple[bytes, int]]) -> tuple[np.ndarray, str]:
+        """The announced bytes, in order, and their sha256 (hashed as they arrive; "" when
+        the header names none). Bounded three ways, so a client with a valid task
         cannot hold its upload slot by sending little: ``idle_s`` without data, an average
         under ``MIN_UPLOAD_BYTES_PER_S``, or more parts than ``size / CHUNK_BYTES_PER_PART``
         (+ ``CHUNK_SLACK``) each end the upload."""
         data = np.empty(header.size, dtype=np.uint8)  # not zero-filled: every byte is written
+        hasher = StreamHash(data) if header.sha256 else None
         received = parts = 0
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -270,6 +274,8 @@ class UpdateIntake:
                                              f"{header.size} bytes")
                     data[received:end] = np.frombuffer(chunk, dtype=np.uint8)
                     received = end
+                    if hasher is not None:
+                        await hasher.advance(received)
         except TimeoutError:
             if loop.time() >= deadline:
                 raise UpdateRejected("too_slow", f"{received} of {header.size} bytes in "
@@ -279,7 +285,7 @@ class UpdateIntake:
                                  f"of {header.size} bytes") from None
         if received != header.size:
             raise UpdateRejected("truncated", f"{received} of {header.size} bytes arrived")
-        return data
+        return data, (await hasher.hexdigest(received) if hasher is not None else "")
 
     def reject(self, share: Share | None, header: UpdateHeader, exc: UpdateRejected) -> None:
         """Say why, and settle the client's task unless the refusal changes nothing."""
