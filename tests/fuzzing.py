@@ -36,6 +36,11 @@ C = grpc.StatusCode
 EXPECTED = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.DEADLINE_EXCEEDED, C.RESOURCE_EXHAUSTED,
             C.UNAUTHENTICATED, C.PERMISSION_DENIED, C.UNAVAILABLE}
 PARSE_ERROR = "Error parsing message"  # grpc's UNKNOWN for bytes that are not the message
+# grpc.aio's client, not the server: when the server answers a client stream early (a
+# refusal) while the client still writes, the failed write can overwrite the server's
+# status with this one (grpc/grpc#36066, fix pending in grpc/grpc#43486). Our servers'
+# own INTERNAL always carries a reference instead.
+CLIENT_WRITE_RACE = "Internal error from Core"
 
 
 class Fuzzer:
@@ -140,7 +145,9 @@ class Fuzzer:
         self.outcomes[f"{path.rsplit('/', 1)[1]} {code.name}"] += 1
         took = asyncio.get_running_loop().time() - began
         self.slowest[path] = max(self.slowest.get(path, 0.0), took)
-        if code not in EXPECTED and not (code is C.UNKNOWN and PARSE_ERROR in details):
+        client_race = request_streaming and code is C.INTERNAL and details == CLIENT_WRITE_RACE
+        if code not in EXPECTED and not (code is C.UNKNOWN and PARSE_ERROR in details) \
+                and not client_race:
             self.findings.append(f"{path} -> {code.name}: {details[:300]}")
 
     async def round_of(self, channel: grpc.aio.Channel, path: str) -> None:

@@ -92,7 +92,9 @@ def test_a_killed_controller_resumes_after_its_last_committed_round(
         np.testing.assert_allclose(final, 9.049, rtol=1e-5)
     assert rounds[2]["aggregator_state_id"]
     events = [e["message"] for e in tracking.find("events", {"session_id": session_id})]
-    assert any("resumed after round 2" in m for m in events), events
+    # After round 2, or 3 when the kill came late (a loaded machine: the status that says
+    # round 2 is done can arrive while round 3 commits); never before round 2.
+    assert any(f"resumed after round {n}" in m for m in events for n in (2, 3)), events
 
 
 def test_a_resumed_session_does_not_train_from_a_model_tracking_was_made_to_name(
