@@ -96,6 +96,8 @@ class SyncRounds:
             if stage.kind is TaskKind.TRAIN:
                 results, lost = await self._train(number, attempt, stage, stage_plan, ref,
                                                   parent_id)
+                state = state.with_trained({r.combiner: r.folded for r in results
+                                            if r.partial is not None and r.updates})
             else:
                 state = await self._stage(number, attempt, stage, stage_plan, ref, parent_id,
                                           state)
