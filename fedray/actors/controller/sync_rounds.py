@@ -92,7 +92,10 @@ class SyncRounds:
         results: list[RoundResult] = []
         lost: list[str] = []
         for stage in s.declaration.before_commit:
-            stage_plan = plan_stage(s, stage, state)
+            try:
+                stage_plan = plan_stage(s, stage, state)
+            except AttemptFailed as exc:  # the strategy cannot plan it: said like any failure
+                raise self._failed(number, attempt, str(exc)) from None
             if stage.kind is TaskKind.TRAIN:
                 results, lost = await self._train(number, attempt, stage, stage_plan, ref,
                                                   parent_id)
