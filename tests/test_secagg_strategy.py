@@ -59,6 +59,7 @@ def test_secagg_is_a_registered_strategy_with_its_stages_layout_and_half():
     assert declared.layout.expected({"w": ("F32", (3, 4)), "n": ("I64", (1,)),
                                      "b": ("F16", (4,))}) == {MASKED: ("U32", (16,))}
     assert declared.client_half == "fedray.strategies.secagg.half:SecAggHalf"
+    assert declared.min_updates == 3  # rounds wait for, ask and need 3 clients at least
 
 
 @pytest.mark.parametrize(("kwargs", "why"), [

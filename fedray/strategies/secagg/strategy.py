@@ -62,6 +62,7 @@ from fedray.strategies.updates import Accumulator, ShareStart, Update
 
 PARAM = "secagg"  # RoundPlan.params key of the attempt's SecAggRound
 HALF = "fedray.strategies.secagg.half:SecAggHalf"
+MIN_CLIENTS = 3
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,9 @@ class SecAgg(Strategy[MaskedPartial, Unmasked]):
                   max_reply_bytes=MAX_REPLY_BYTES, min_replies=0),
             VALIDATE,
         )
-        return Declaration(stages=stages, layout=MaskedLayout(), client_half=HALF)
+        # three clients at least: two could tell each other's input from their sum
+        return Declaration(stages=stages, layout=MaskedLayout(), client_half=HALF,
+                           min_updates=MIN_CLIENTS)
 
     def max_weight_for(self, settings: SessionConfig, clients: int) -> int:
         """The most examples one update counts for in a round of ``clients``: secagg
@@ -174,7 +177,7 @@ class SecAgg(Strategy[MaskedPartial, Unmasked]):
     def check_settings(self, settings: SessionConfig) -> None:
         if settings.codec not in ("", "none"):
             raise ValueError("secagg masks its updates itself: set session.codec to none")
-        n = max(3, int(settings.clients_per_round) if settings.clients_per_round > 1
+        n = max(MIN_CLIENTS, int(settings.clients_per_round) if settings.clients_per_round > 1
                 else settings.min_clients)
         try:
             self.quantizer.check_headroom(n * self.max_weight_for(settings, n))
@@ -187,9 +190,10 @@ class SecAgg(Strategy[MaskedPartial, Unmasked]):
     def configure(self, ctx: RoundContext) -> RoundPlan:
         plan = plan_round(ctx)
         ids = sorted(i for ids in plan.clients.values() for i in ids)
-        if len(ids) < 3:
-            raise AttemptFailed(f"secagg needs at least 3 clients in a round, {len(ids)} "
-                                "asked: raise session.min_clients to 3 or more")
+        if len(ids) < MIN_CLIENTS:  # a select policy may ask fewer than min_updates
+            raise AttemptFailed(f"secagg needs at least {MIN_CLIENTS} clients in a round, "
+                                f"{len(ids)} asked: raise session.min_clients to "
+                                f"{MIN_CLIENTS} or more")
         n = len(ids)
         drawn = graph.plan(n, self.dropout)
         threshold = self.threshold or drawn.threshold
