@@ -235,3 +235,19 @@ async def test_too_many_dropouts_fail_the_round_before_anything_is_unmasked():
     assert all(("secagg.unmask", 1) not in c.tasks_seen for c in clients.values())
     assert session.recorder.of(RoundFailed)
     np.testing.assert_array_equal(decode(store.get(session.model_id))["w"], SEED["w"])
+
+
+class JunkAdvert(SecAggHalf):
+    """Sets its round up, then answers the advertise stage with bytes that do not parse."""
+
+    def run_stage(self, task, model):
+        reply = super().run_stage(task, model)
+        return b"\x01junk" if task.stage == "secagg.advertise" else reply
+
+
+async def test_a_reply_that_does_not_parse_is_that_clients_dropout_not_a_crash():
+    state, reason, session, store, clients = await _run(1, halves={"d": OneHalf(JunkAdvert())})
+    assert (state, reason) == ("finished", "")
+    want = expected_model({k: v for k, v in VALUES.items() if k != "d"}, EXAMPLES)
+    np.testing.assert_array_equal(decode(store.get(session.model_id))["w"], want["w"])
+    assert ("train", 1) not in clients["d"].tasks_seen  # left out from the roster on
