@@ -204,6 +204,7 @@ class RoundResult:
     attempt: int = 1
     stage: str = "train"
     replies: dict[str, bytes] = field(default_factory=dict)  # a STAGE share: client -> reply
+    folded: tuple[str, ...] = ()  # a train share: the clients whose updates the partial holds
 
 
 @dataclass(frozen=True, slots=True)

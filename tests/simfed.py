@@ -147,7 +147,7 @@ class SimClient:
             return
         payload = encode({k: np.asarray(v, dtype=params[k].dtype) for k, v in new.items()})
         if half is not None:
-            payload = encode_update(half, task, payload, data)
+            payload = encode_update(half, task, payload, data, int(n))
         header = UpdateHeader(self.client_id, task.task_id, task.session_id, task.round,
                               task.model_id, int(n), dict(metrics), len(payload),
                               hashlib.sha256(payload).hexdigest())

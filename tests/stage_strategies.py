@@ -88,3 +88,42 @@ class RebuildHalf(ClientHalf):
 
     def receive(self, task: Task, model: Mapping[str, np.ndarray] | None):
         return {name: value + 10 for name, value in model.items()}
+
+
+AUDIT = Stage(TaskKind.STAGE, name="audit", with_model=False, max_reply_bytes=256)
+
+
+class AuditHalf(ClientHalf):
+    """Answers the audit with the payload it got (who the controller says trained)."""
+
+    def run_stage(self, task: Task, model: Mapping[str, np.ndarray] | None) -> bytes:
+        return task.payload
+
+
+class AuditAvg(FedAvg):
+    """FedAvg with a stage after train: each audited client gets the ids of every client
+    whose update was folded, by combiner; ``seen`` keeps the round states it was given."""
+
+    name = "audit_avg"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[RoundState] = []
+
+    def declare(self) -> Declaration:
+        return Declaration(stages=(TRAIN, AUDIT, VALIDATE),
+                           client_half="tests.stage_strategies:AuditHalf")
+
+    def plan_stage(self, stage: Stage, state: RoundState) -> RoundPlan:
+        plan = super().plan_stage(stage, state)
+        if stage.name != AUDIT.name:
+            return plan
+        self.seen.append(state)
+        trained = json.dumps({c: sorted(ids) for c, ids in sorted(state.trained.items())})
+        return RoundPlan(clients=plan.clients,
+                         payloads={c: trained.encode() for ids in plan.clients.values()
+                                   for c in ids})
+
+    def reduce_round(self, partials, state: RoundState):
+        self.seen.append(state)
+        return super().reduce_round(partials, state)

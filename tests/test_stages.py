@@ -4,6 +4,8 @@ client half as the edge does)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ from fedray.strategies import (
 )
 from fedray.strategies.fedavg import FedAvg
 from tests.simfed import MemoryStore, SimPool, session_settings
-from tests.stage_strategies import SURVEY, SurveyAvg
+from tests.stage_strategies import AUDIT, SURVEY, AuditAvg, SurveyAvg
 from tests.test_session_runner import SEED, _from_seed, shift_by
 
 # ------------------------------------------------------------------ declarations (pure)
@@ -105,6 +107,17 @@ def test_later_stages_ask_only_the_clients_that_answered_the_earlier_ones():
     assert validate.clients == {"c0": ("a", "b", "c", "d")} and not validate.config
 
 
+def test_a_stage_after_train_asks_only_the_clients_whose_updates_were_folded():
+    state = _state({"survey": {c: Reply(c) for c in "abc"}})
+    assert state.trained is None and state.trained_ids is None
+    trained = state.with_trained({"c0": ("c", "a")})
+    assert trained.trained == {"c0": ("c", "a")} and trained.trained_ids == {"a", "c"}
+    after = FedAvg().plan_stage(Stage(TaskKind.STAGE, name="audit"), trained)
+    assert after.clients == {"c0": ("a", "c")}
+    assert FedAvg().plan_stage(Stage(TaskKind.STAGE, name="audit"), state.with_trained({})
+                               ).clients == {"c0": ()}
+
+
 def test_power_of_choice_probes_d_candidates_and_trains_the_m_worst_fitted():
     strategy = PowerOfChoice(candidates=2.0)
     state = _state()
@@ -164,6 +177,33 @@ async def test_a_stage_of_the_strategys_own_is_answered_by_its_client_half():
     # the half added 1 to every update: two rounds of mean(1, 3, 5) + 1
     final = decode(store.get(session.model_id))
     np.testing.assert_allclose(final["w"], 2 * (3.0 + 1.0), rtol=1e-6)
+
+
+async def test_a_stage_after_train_sees_whose_updates_each_combiner_folded():
+    def refuses(params, config, client_id, round_):
+        raise RuntimeError("no data today")
+
+    pool = SimPool(2)
+    pool.add("a", shift_by(1.0), combiner="combiner-0")
+    pool.add("b", shift_by(3.0), combiner="combiner-1")
+    pool.add("c", refuses, combiner="combiner-1")
+    pool.add("d", shift_by(5.0), combiner="combiner-0")
+    store = MemoryStore()
+    strategy = AuditAvg()
+    settings = session_settings(rounds=1, min_clients=3,
+                                aggregator="tests.stage_strategies:AuditAvg")
+    clients = dict(pool.clients)
+    state, reason, session = await _from_seed(pool, store, settings, strategy=strategy)
+    assert (state, reason) == ("finished", "")
+    planned, reduced = strategy.seen
+    assert {k: sorted(v) for k, v in planned.trained.items()} == {
+        "combiner-0": ["a", "d"], "combiner-1": ["b"]}
+    # the audit asked only the clients that trained, and they got the same view
+    assert sorted(reduced.replies[AUDIT.name]) == ["a", "b", "d"]
+    assert json.loads(reduced.replies[AUDIT.name]["b"].payload) == {
+        "combiner-0": ["a", "d"], "combiner-1": ["b"]}
+    assert ("audit", 1) not in clients["c"].tasks_seen
+    np.testing.assert_allclose(decode(store.get(session.model_id))["w"], 3.0, rtol=1e-6)
 
 
 async def test_a_stage_with_too_few_replies_fails_the_attempt_and_commits_nothing():

@@ -1,6 +1,6 @@
 """Strategy options from the constructor's signature: a missing option is named with a
 ``--set`` example that works, an unknown one with its near miss; every built-in strategy
-but the DP ones needs none (docs/strategies.md, "Defaults")."""
+but the DP ones and secagg needs none (docs/strategies.md, "Defaults")."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from fedray.strategies.fedavg import FedAvg
 from fedray.strategies.options import flow_yaml
 
 DIGITS = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
-NEEDS_OPTIONS = {"dp_fixed", "dp_adaptive"}  # no safe default: docs/privacy.md, "No defaults"
+# no safe default: docs/privacy.md, "No defaults" (secagg: the clip decides what it learns)
+NEEDS_OPTIONS = {"dp_fixed", "dp_adaptive", "secagg"}
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

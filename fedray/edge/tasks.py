@@ -220,7 +220,7 @@ class TaskRunner:
             raise TransportError(f"train task {task.task_id[:12]} names no model")
         data, examples, metrics = await asyncio.to_thread(self.worker.train, model, task.config)
         if half is not None:  # encode, clip, add noise, mask: what the strategy declared
-            data = await asyncio.to_thread(encode_update, half, task, data, model)
+            data = await asyncio.to_thread(encode_update, half, task, data, model, examples)
         if task.codec not in ("", "none"):  # its delta from the round's model, as the codec writes it
             data = await asyncio.to_thread(self.coding.encode, task, data,
                                            sent if sent is not None else model)
@@ -328,9 +328,11 @@ def received(half: ClientHalf, task: Task, model: Buffer | None) -> Buffer | Non
     return encode({str(k): np.asarray(v) for k, v in new.items()})
 
 
-def encode_update(half: ClientHalf, task: Task, data: bytes, model: Buffer) -> bytes:
-    """The trained update through the client half (``ClientHalf.encode_update``)."""
-    new = half.encode_update(task, decode(data), decode(model))
+def encode_update(half: ClientHalf, task: Task, data: bytes, model: Buffer,
+                  examples: int = 0) -> bytes:
+    """The trained update through the client half (``ClientHalf.encode_trained``, by
+    default its ``encode_update``), ``examples`` what the user's train reported."""
+    new = half.encode_trained(task, decode(data), decode(model), int(examples))
     if not isinstance(new, Mapping):
         raise FedrayError(f"{task.client_half}.encode_update must return a mapping of "
                           f"names to arrays, got {type(new).__name__}")

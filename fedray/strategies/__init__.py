@@ -67,6 +67,7 @@ REGISTRY: dict[str, str] = {
     "fedbuff": "fedray.strategies.fedbuff:FedBuff",
     "dp_fixed": "fedray.strategies.dp:DPFedAvgFixed",
     "dp_adaptive": "fedray.strategies.dp:DPFedAvgAdaptive",
+    "secagg": "fedray.strategies.secagg.strategy:SecAgg",
 }
 
 __all__ = [

@@ -97,11 +97,14 @@ class Strategy(ABC, Generic[P, R]):
     def plan_stage(self, stage: Stage, state: RoundState) -> RoundPlan:
         """Who runs ``stage``, with which config and payloads. By default: before the
         commit, the round's plan, less the clients that did not answer an earlier stage;
-        after it, every client online then (``state.ctx.online``), with no config."""
+        after it, every client online then (``state.ctx.online``), with no config. A stage
+        after train (before the commit) asks only clients whose update was folded."""
         if stage.when is When.COMMITTED:
             return RoundPlan(clients={combiner: tuple(c.client_id for c in clients)
                                       for combiner, clients in state.ctx.by_combiner().items()})
         answered = [set(replies) for replies in state.replies.values()]
+        if state.trained_ids is not None:
+            answered.append(set(state.trained_ids))
         plan = state.plan if not answered else state.plan.only(set.intersection(*answered))
         return plan if stage.kind is TaskKind.TRAIN else RoundPlan(
             clients=plan.clients, config=plan.config, payloads=plan.payloads)

@@ -13,6 +13,10 @@ under ``fedray.`` always, any other only when the client allows it: ``fedray edg
     encode_update(task, update, base)   a train task's update, before it is sent: encode,
         -> Model                        clip, add noise, mask. What it returns must fit the
                                         strategy's declared ``UpdateLayout``
+    encode_trained(task, update, base,  what the edge calls: ``encode_update``, unless the
+        num_examples) -> Model          half weighs the update itself by the examples the
+                                        user's train reported (secure aggregation masks
+                                        ``num_examples x update``)
     run_stage(task, model)              a task of kind STAGE (a stage of the strategy's
         -> bytes                        own): the reply, at most the stage's max_reply_bytes
 
@@ -45,6 +49,13 @@ class ClientHalf:
         """The update to send for ``task``: ``update`` is what the user's train returned,
         ``base`` the model it was trained from (both read-only)."""
         return update
+
+    def encode_trained(self, task: Task, update: Mapping[str, np.ndarray],
+                       base: Mapping[str, np.ndarray], num_examples: int,
+                       ) -> Mapping[str, np.ndarray]:
+        """``encode_update``, with the ``num_examples`` the user's train reported (the
+        header sent with the update carries the same number)."""
+        return self.encode_update(task, update, base)
 
     def run_stage(self, task: Task, model: Mapping[str, np.ndarray] | None) -> bytes:
         """The reply to a task of kind STAGE (``task.stage`` names it; ``model`` is the

@@ -85,15 +85,29 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class RoundState:
-    """A round attempt as far as it got: the plan ``configure`` made, and the replies of
-    every stage that ran already (stage name -> client id -> reply)."""
+    """A round attempt as far as it got: the plan ``configure`` made, the replies of
+    every stage that ran already (stage name -> client id -> reply), and, once the train
+    stage ran, whose updates each combiner folded (combiner -> client ids; None before
+    train): exactly the updates the round's partials hold, so a stage after training
+    (secure aggregation's unmasking) knows who is in the sum."""
 
     ctx: RoundContext
     plan: RoundPlan
     replies: Mapping[str, Mapping[str, Reply]] = field(default_factory=dict)
+    trained: Mapping[str, tuple[str, ...]] | None = None
 
     def with_replies(self, stage: str, replies: Mapping[str, Reply]) -> RoundState:
         return replace(self, replies={**self.replies, stage: dict(replies)})
+
+    def with_trained(self, trained: Mapping[str, tuple[str, ...]]) -> RoundState:
+        return replace(self, trained={c: tuple(ids) for c, ids in trained.items()})
+
+    @property
+    def trained_ids(self) -> frozenset[str] | None:
+        """Every client whose update a combiner folded (None before the train stage)."""
+        if self.trained is None:
+            return None
+        return frozenset(i for ids in self.trained.values() for i in ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -157,6 +157,8 @@ class UpdateIntake:
                 share.aggregation_s += time.perf_counter() - started
                 share.delivered(header.client_id)  # marked offline mid-upload, but delivered
                 share.accepted += 1
+                if not share.asynchronous:  # a stream's would grow without end
+                    share.folded.append(header.client_id)
                 share.arrived.set()
                 self._settle(share, header.client_id, True)
         except UpdateRejected as exc:

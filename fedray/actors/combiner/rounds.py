@@ -126,7 +126,7 @@ class RoundShares:
             aggregation_s=share.aggregation_s, partial=partial, validations=share.validations,
             rejections=dict(share.rejected), metrics=share.metrics,
             failures=dict(share.failures), attempt=spec.attempt, stage=share.stage.name,
-            replies=dict(share.replies))
+            replies=dict(share.replies), folded=tuple(share.folded))
         self.listener.round_closed(result)
         return result
 

@@ -107,6 +107,7 @@ class Share:
     metrics: MetricSums = field(default_factory=MetricSums)
     validations: list[Any] = field(default_factory=list)
     replies: dict[str, bytes] = field(default_factory=dict)  # a STAGE share's answers
+    folded: list[str] = field(default_factory=list)  # a train share: whose updates it folded
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set on every accepted fold
     close_reason: str = ""

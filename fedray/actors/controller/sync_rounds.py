@@ -92,10 +92,15 @@ class SyncRounds:
         results: list[RoundResult] = []
         lost: list[str] = []
         for stage in s.declaration.before_commit:
-            stage_plan = plan_stage(s, stage, state)
+            try:
+                stage_plan = plan_stage(s, stage, state)
+            except AttemptFailed as exc:  # the strategy cannot plan it: said like any failure
+                raise self._failed(number, attempt, str(exc)) from None
             if stage.kind is TaskKind.TRAIN:
                 results, lost = await self._train(number, attempt, stage, stage_plan, ref,
                                                   parent_id)
+                state = state.with_trained({r.combiner: r.folded for r in results
+                                            if r.partial is not None and r.updates})
             else:
                 state = await self._stage(number, attempt, stage, stage_plan, ref, parent_id,
                                           state)

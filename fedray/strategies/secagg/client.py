@@ -131,6 +131,8 @@ class SecAggClient:
             raise self._abort("refused", f"weight {weight} is over the round's "
                               f"{self.setup.max_weight}")
         values = np.asarray(update).reshape(-1)
+        if not self.setup.length and values.size:  # drawn before the model was at hand
+            self.setup = self.setup.sized(values.size)
         if values.size != self.setup.length:
             raise self._abort("refused", f"the update has {values.size} values, the round "
                               f"masks {self.setup.length}")

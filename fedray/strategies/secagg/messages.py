@@ -13,6 +13,7 @@ the controller draws it and sends it with the first stage.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class RoundSetup:
     degree: int
     threshold: int
     quantizer: Quantizer
-    length: int  # values in a masked vector (P)
+    length: int  # values in a masked vector (P); 0: the model's, sized by each party (sized)
     max_weight: int = 1
 
     def __post_init__(self) -> None:
@@ -48,9 +49,19 @@ class RoundSetup:
             raise ValueError(f"threshold {self.threshold} must be over half the degree "
                              f"{degree} and at most it, so that no one can be unmasked "
                              "twice over")
-        if self.length < 1 or self.max_weight < 1:
-            raise ValueError("length and max_weight are whole numbers >= 1")
+        if self.length < 0 or self.max_weight < 1:
+            raise ValueError("length is a whole number >= 0, max_weight one >= 1")
         self.quantizer.check_headroom(len(clients) * self.max_weight)
+
+    def sized(self, length: int) -> RoundSetup:
+        """This setup for masked vectors of ``length`` values: a setup drawn before the
+        model was at hand (length 0) takes it; one of another length refuses it."""
+        if self.length == length:
+            return self
+        if self.length or length < 1:
+            raise SecAggError("refused", f"a masked vector of {length} values in a round "
+                              f"of {self.length}: the model changed under the round")
+        return dataclasses.replace(self, length=length)
 
     @functools.cached_property
     def neighbours(self) -> Mapping[int, frozenset[int]]:

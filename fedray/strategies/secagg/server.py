@@ -129,13 +129,31 @@ class SecAggServer:
         total = np.zeros(self.setup.length, np.uint32)
         survivors: set[int] = set()
         for p in partials:
-            if p.senders & survivors or not p.senders <= self._delivered.keys():
-                raise self._fail("refused", "a partial holds an input twice, or one of a "
-                                 "client that never shared keys: it cannot be unmasked")
+            if p.senders & survivors or not p.senders <= self._delivered.keys() \
+                    or p.total.shape != total.shape:
+                raise self._fail("refused", "a partial holds an input twice, one of a client "
+                                 "that never shared keys, or a sum of another length: it "
+                                 "cannot be unmasked")
             np.add(total, p.total, out=total)
             survivors |= p.senders
             self._weight += p.weight
-        self._survivors = frozenset(survivors)
+        request = self._request(frozenset(survivors))
+        self._total = total
+        return request
+
+    def request(self, survivors: frozenset[int]) -> UnmaskRequest:
+        """What to ask the survivors, from who they are alone (the runtime plans the unmask
+        stage before the partials' sums reach the controller); the same checks as
+        ``reduce``, and a round that cannot be unmasked fails here, before anything is
+        asked."""
+        self._step(Phase.MASKED, Phase.UNMASK)
+        if not survivors <= self._delivered.keys():
+            raise self._fail("refused", "an input of a client that never shared keys cannot "
+                             "be unmasked")
+        return self._request(frozenset(survivors))
+
+    def _request(self, survivors: frozenset[int]) -> UnmaskRequest:
+        self._survivors = survivors
         self._dropped = frozenset(self._delivered) - self._survivors
         short = {v: n for v in self._delivered
                  if (n := len(self._delivered[v] & self._survivors)) < self.setup.threshold}
@@ -145,7 +163,6 @@ class SecAggServer:
                              f"inputs; each needs {self.setup.threshold} of its neighbours to "
                              f"survive ({worst or 'too few in all'}): no share is asked for, "
                              "nothing is revealed")
-        self._total = total
         return UnmaskRequest(self._survivors, self._dropped)
 
     def _collect(self, replies: Sequence[UnmaskReply]) -> dict[int, list[shamir.Share]]:
