@@ -11,29 +11,10 @@ committed models.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import uuid
-from pathlib import Path
-
 import pytest
-import ray
 
-from fedray.actors.controller.queue import SessionRequest
-from fedray.deploy.config_file import config_from_dict
-from fedray.deploy.federation import Federation
-from fedray.edge.workers import CallbackWorker
-from fedray.serialization import decode, encode
-from fedray.storage import open_model_store
 from fedray.tracking.store import TrackingStore
-from tests.waiting import wait_connected
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from examples.digits import app  # noqa: E402
-from examples.digits.client import model  # noqa: E402
-from examples.digits.data import load_client_data, write_partitions  # noqa: E402
-from examples.digits.seed import seed_model  # noqa: E402
+from tests.digits_federation import digits_federation
 
 pytestmark = pytest.mark.integration
 
@@ -42,44 +23,18 @@ CLIENTS, ROUNDS = 10, 5
 
 @pytest.fixture(scope="module")
 def federation(ray_session, tracking_uri, tmp_path_factory):
-    from tests.conftest import EdgeFleet
-
-    tmp = tmp_path_factory.mktemp("codecs")
-    paths = write_partitions(tmp / "data", CLIENTS, "iid", seed=0)
-    config = config_from_dict({
-        "federation": "codecs", "seed_model": "unused", "data_dir": str(tmp),
-        "controller": {"host": "127.0.0.1", "port": 0},
-        "combiners": {"count": 2, "host": "127.0.0.1", "base_port": 0},
-        "tracking": {"database": "t_codecs"},
-        "session": {"rounds": ROUNDS, "min_clients": CLIENTS, "round_timeout_s": 60,
-                    "validate": False, "wait_for_clients_s": 60, "seed": 1},
-    })
-    store = open_model_store("file", config.resolved_data_dir())
-    seed_id = store.put(encode(seed_model()))
-    fed = Federation(config, None, tracking_uri).deploy()
-    fleet = EdgeFleet()
-    try:
-        for i, path in enumerate(paths):
-            fleet.add(f"digits-{i:02d}", CallbackWorker(*app.make_client_fns(str(path))),
-                      fed.gateway)
-        wait_connected(fleet, CLIENTS, timeout=60)
-        yield fed, store, seed_id, TrackingStore.from_uri(tracking_uri, "t_codecs"), \
-            load_client_data(tmp / "data" / "test.npz")
-    finally:
-        fleet.close()
-        fed.shutdown()
+    with digits_federation("codecs", tmp_path_factory.mktemp("codecs"), tracking_uri,
+                           CLIENTS, ROUNDS) as digits:
+        yield digits, TrackingStore.from_uri(tracking_uri, "t_codecs")
 
 
 def run(federation, **session):
     """(held-out accuracy of the final model, bytes in and out of rounds 2 and later)."""
-    fed, store, seed_id, tracking, test = federation
-    settings = dataclasses.replace(fed.config.session, **session)
-    session_id = uuid.uuid4().hex[:16]
-    ray.get(fed.controller.submit_session.remote(SessionRequest(session_id, settings, seed_id)))
-    status = fed.follow(lambda s: None)
+    digits, tracking = federation
+    session_id, status = digits.submit(**session)
     assert status["session_id"] == session_id
     assert status["state"] == "finished", str({k: v for k, v in status.items() if k != "history"})[:3000]
-    accuracy = model.evaluate(decode(store.get(status["model_id"])), test.X, test.y)["accuracy"]
+    accuracy = digits.accuracy(status)
     rounds = [tracking.get_round(status["session_id"], r) for r in range(2, ROUNDS + 1)]
     assert all(r["codec"] == session.get("codec", "none") for r in rounds)
     return accuracy, sum(r["bytes_in"] + r["bytes_out"] for r in rounds)
