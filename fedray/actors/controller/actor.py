@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import uuid
 from typing import Any
 
 import ray
 
+from fedray.actors.controller import starts
 from fedray.actors.controller.callbacks import (
     Callbacks,
     ReleaseAfterRounds,
@@ -30,6 +30,7 @@ from fedray.actors.controller.queue import SessionQueue, SessionRequest
 from fedray.actors.controller.ray_pool import RayCombinerPool
 from fedray.actors.controller.rebalancer import Rebalancer
 from fedray.actors.controller.session_runner import SessionRunner, Start
+from fedray.actors.controller.starts import LATEST
 from fedray.actors.hosting import advertised_host, node_of, quiet
 from fedray.actors.memory import tune_allocator
 from fedray.actors.metrics import FederationMetrics
@@ -43,15 +44,12 @@ from fedray.errors import SessionError
 from fedray.states import SessionState
 from fedray.storage import open_model_store
 from fedray.strategies import make_strategy
-from fedray.tracking.resume import resume_point
-from fedray.tracking.schema import ROUNDS, SESSIONS
+from fedray.tracking.schema import SESSIONS
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.tokens import tracking_token_loader
 
 log = logging.getLogger(__name__)
 
-UNFINISHED = [state.value for state in SessionState if not state.terminal]
-LATEST = "latest"  # session.continue_from: the last session that committed a round
 ENDED_KEPT = 32  # queued sessions that never ran, remembered for fedray session list
 MOVES_LAND_S = 3.0  # a round's planning waits at most this long for moved clients to rejoin
 
@@ -126,64 +124,15 @@ class Controller:
         """The federation's latest session that did not end, and where to resume it."""
         if not self.tracking_uri:
             return None
-        store = self._tracking()
-        try:
-            docs = store.find("sessions", {SESSIONS.federation: self.config.federation,
-                                           SESSIONS.status: {"$in": UNFINISHED}},
-                              sort=[(SESSIONS.created_at, -1)], limit=1)
-            if not docs:
-                return None
-            session_id = docs[0][SESSIONS.session_id]
-            point = resume_point(docs[0], store.find("rounds", {ROUNDS.session_id: session_id}),
-                                 self.secret)
-        finally:
-            store.close()
-        if point.unverified:
-            self.observer.event("warning", f"session {session_id}: {point.unverified} committed "
-                                "round(s) in tracking do not verify under this federation's key "
-                                "(altered, or not committed by it); a resume passes them over",
-                                session_id=session_id, reason="unverified_commit")
-        if not point.trusted:
-            self.observer.event("warning", f"session {session_id} is not resumed: nothing it "
-                                "committed, nor its seed, verifies under this federation's key; "
-                                "a new session starts instead", session_id=session_id,
-                                reason="unverified_resume")
-            return None
-        return docs[0], Start(point.model_id, point.rounds_done, point.aggregator_state_id,
-                              resume=True)
+        return starts.unfinished_session(self._tracking(), self.config.federation,
+                                         self.secret, self.observer.event)
 
     def _continued(self, session_id: str) -> Start:
         """A new session's start from another session's last committed model and state."""
         if not self.tracking_uri:
             raise SessionError("session.continue_from needs tracking to find that session")
-        store = self._tracking()
-        try:
-            if session_id == LATEST:  # the federation's last session that committed a round
-                found = store.find("sessions", {SESSIONS.federation: self.config.federation,
-                                                SESSIONS.rounds_done: {"$gt": 0}},
-                                   sort=[(SESSIONS.created_at, -1)], limit=1)
-                if not found:
-                    raise SessionError("session.continue_from latest: no session of this "
-                                       "federation has committed a round yet")
-            else:
-                found = store.find(
-                    "sessions", {SESSIONS.session_id: {"$regex": "^" + re.escape(session_id)}},
-                    limit=3)
-            if len(found) != 1:
-                what = "no session" if not found else "more than one session"
-                raise SessionError(f"session.continue_from {session_id!r}: {what} matches")
-            doc = found[0]
-            point = resume_point(doc, store.find("rounds",
-                                                 {ROUNDS.session_id: doc[SESSIONS.session_id]}),
-                                 self.secret)
-        finally:
-            store.close()
-        if not point.rounds_done:
-            signed = " this federation signed" if point.unverified else ""
-            raise SessionError(f"session.continue_from {session_id!r}: that session committed "
-                               f"no round{signed} yet")
-        return Start(point.model_id, 0, point.aggregator_state_id,
-                     continued_from=doc[SESSIONS.session_id])
+        return starts.continued(self._tracking(), self.config.federation, self.secret,
+                                session_id)
 
     async def _resume_after_restart(self) -> None:
         await self._ready
