@@ -28,6 +28,7 @@ import ray
 
 from fedray.actors.combiner.actor import Combiner
 from fedray.actors.controller.actor import Controller
+from fedray.actors.hosting import FORWARDED_ENV, forwarded_env  # noqa: F401 - FORWARDED_ENV: tests read it here
 from fedray.bridge.auth import BridgeKeys
 from fedray.bridge.keys import load_token_secret, tokens_issued
 from fedray.bridge.tls import ServerTls, server_tls
@@ -165,16 +166,6 @@ def _init_errors(what: str, hint: str) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever Ray raises, say it with a hint
         raise TransportError(f"{what}: {_first_line(exc)}; {hint}") from None
-
-
-# Credentials the actors need (the model store's keys). Actors of a cluster that was joined
-# rather than started here do not inherit the driver's environment, so pass them along.
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 class Federation:
