@@ -29,11 +29,13 @@ from fedray.actors.controller.gateway import GatewayServicer
 from fedray.actors.controller.queue import SessionQueue, SessionRequest
 from fedray.actors.controller.ray_pool import RayCombinerPool
 from fedray.actors.controller.rebalancer import Rebalancer
+from fedray.actors.controller.scaler import Scaler, paused_by, round_over
 from fedray.actors.controller.session_runner import SessionRunner, Start
 from fedray.actors.controller.starts import LATEST
+from fedray.actors.controller.tier import CombinerTier, known_combiners
 from fedray.actors.hosting import advertised_host, node_of, quiet
 from fedray.actors.memory import tune_allocator
-from fedray.actors.metrics import FederationMetrics
+from fedray.actors.metrics import FederationMetrics, TierMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.bridge.auth import BridgeKeys, make_gate
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -64,6 +66,8 @@ class Controller:
         # Signs every commit, and checks what a resume would train from (tracking.resume).
         self.secret = BridgeKeys.of(token).token_secret
         self.tls = tls
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # and the tier changed
+            combiner_names = known_combiners(config.namespace) or combiner_names
         self.pool = RayCombinerPool(combiner_names, config.namespace)
         self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller",
                                          metrics=FederationMetrics(config.federation, "controller"),
@@ -83,6 +87,14 @@ class Controller:
         self._rebalancer = asyncio.ensure_future(  # even load: clients move, a few a second
             Rebalancer(self.pool, self.gateway, config.combiners, self.observer.event).run())
         self.pool.before_online = lambda: self.gateway.landed(MOVES_LAND_S)
+        s = config.session
+        self.tier = CombinerTier(  # the elastic tier: combiners added and drained at run time
+            self.pool, self.gateway, config, token, tracking_uri, tls, self.observer.event,
+            lambda: round_over(lambda: self.status, self._changed,
+                               s.round_timeout_s * s.round_attempts + 30.0))
+        self.scaler = Scaler(self.tier, config.combiners, lambda: paused_by(self.status),
+                             TierMetrics(config.federation))
+        self._scaling = asyncio.ensure_future(self.scaler.run())
         self._ready = asyncio.ensure_future(self._serve(token))
         # Restarted by Ray after a crash: pick the interrupted session up where it stopped.
         self._resumed = (asyncio.ensure_future(self._resume_after_restart())
@@ -95,8 +107,8 @@ class Controller:
                          combiners.max_rpcs_per_s, self.observer.event,
                          max_ids_per_peer=combiners.max_clients_per_connection)
         # The gateway answers every client of every combiner: its bounds are theirs summed.
-        limits = ServerLimits.for_settings(combiners,
-                                           clients=combiners.count * combiners.max_clients)
+        limits = ServerLimits.for_settings(
+            combiners, clients=max(combiners.count, combiners.max or 0) * combiners.max_clients)
         self._server, bound = await start_server(
             lambda server: pb_grpc.add_GatewayServicer_to_server(self.gateway, server),
             c.host, c.port, gate, self.tls, limits)
@@ -298,6 +310,11 @@ class Controller:
                 "ended": list(self.ended.values())[-ENDED_KEPT:]}
 
     @quiet
+    async def tier_status(self) -> dict[str, Any]:
+        """The elastic tier: size, bounds, draining combiners and the last change."""
+        return self.scaler.describe()
+
+    @quiet
     async def claim_update(self, session_id: str, round_: int, attempt: int,
                            client_id: str) -> int:
         """A combiner's request to fold an update of a buffered round (see SessionRunner)."""
@@ -344,6 +361,8 @@ class Controller:
 
     async def stop(self) -> None:
         self._rebalancer.cancel()
+        self._scaling.cancel()
+        await self.tier.stop()
         await self._server.stop(grace=1.0)
         await self._gate.close()
         await asyncio.to_thread(self.observer.close)
