@@ -101,10 +101,13 @@ def test_the_tier_grows_with_clients_and_shrinks_when_they_leave(ray_session, tr
     assert last["action"] == "removed" and last["size"] == 1, last
     assert any(DRAINED in line for line in fleet.lines), fleet.lines[-20:]
     tracking = TrackingStore.from_uri(tracking_uri, config.tracking.database)
-    changes = [(e["data"]["action"], e["data"]["combiner"])
+    changes = [(e["data"].get("action", e["data"]["reason"]), e["data"]["combiner"])
                for e in tracking.find("events", {"data.reason": {"$regex": "^tier_"}},
                                       sort=[("created_at", 1)])]
     assert sorted(c for a, c in changes if a == "add") == ["combiner-1", "combiner-2"], changes
+    assert "tier_trouble" not in [a for a, _ in changes], changes
+    sent = tracking.find("events", {"data.reason": "drain"})  # each drained combiner's own
+    assert sorted(e["source"] for e in sent) == sorted(c for a, c in changes if a == "drain")
     drained = sorted(c for a, c in changes if a == "drain")
     assert len(drained) == 2 and drained == sorted(c for a, c in changes if a == "removed")
     rounds = tracking.find("rounds", {"session_id": session_id}, sort=[("round", 1)])

@@ -205,7 +205,9 @@ class CombinerTier:
                     break
                 await asyncio.sleep(POLL_S)
         except Exception as exc:  # noqa: BLE001 - the combiner goes anyway
-            log.info("draining %s: %s: %s", name, type(exc).__name__, exc)
+            self.on_event("warning", f"tier: draining {name} failed ({type(exc).__name__}: "
+                          f"{str(exc).strip()[:200]}); it is removed anyway and its clients "
+                          "rejoin through the gateway", combiner=name, reason="tier_trouble")
         finally:
             await self._remove(name)
             self.draining.pop(name, None)
