@@ -80,7 +80,13 @@ def test_the_tier_grows_with_clients_and_shrinks_when_they_leave(ray_session, tr
                            retry_on=(Exception,), describe=lambda: (_loads(config), tier()))
         mark(f"tier at 3: {grown}")
         assert tier()["size"] == 3
-        leaving = names[: len(names) - PER // 2]
+        # those who stay are spread over the 3 combiners: the drained ones have clients to move
+        by: dict[str, list[str]] = {}
+        for name in names:
+            by.setdefault(fleet.runners[name].combiner, []).append(name)
+        staying = [n for group in zip(*by.values(), strict=False) for n in group][: PER // 2]
+        assert len(by) == 3 and len(staying) == PER // 2, by
+        leaving = [n for n in names if n not in staying]
         for name in leaving:
             fleet.stop(name)
         mark(f"{len(leaving)} clients stopped")

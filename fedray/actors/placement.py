@@ -17,7 +17,7 @@ moves the bundle (and restarts its combiner) when its node is lost. No Ray here.
 A placement group cannot grow, so a combiner the elastic tier adds at run time gets no
 bundle: ``choose_node`` picks its node by the same rule (spread: the eligible node that
 runs the fewest combiners; pack: the one that runs the most and still has room), and the
-controller starts it there with a soft node affinity and the same resources.
+controller starts it there (a hard node affinity) with the same resources.
 """
 
 from __future__ import annotations

@@ -283,9 +283,15 @@ class Federation:
         nodes.release(self.config)  # the combiners' placement group an earlier run left
 
     def serve_package(self, sha256: str, data: bytes) -> None:
-        """Make every combiner serve this compute package too (for a session to come)."""
+        """Make every combiner serve this compute package too (for a session to come):
+        the ones the elastic tier added since the deploy as well, not the ones it drained."""
+        handles = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == self.namespace and entry["name"].startswith("combiner-"):
+                with contextlib.suppress(ValueError):  # drained meanwhile
+                    handles.append(ray.get_actor(entry["name"], namespace=self.namespace))
         with ray_errors("sending the compute package to the combiners"):
-            ray.get([h.add_package.remote(sha256, data) for h in self.combiners])
+            ray.get([h.add_package.remote(sha256, data) for h in handles])
 
     def start_session(self, seed_model_id: str, package_sha256: str = "",
                       resume: bool = False, package_size: int = 0,

@@ -5,8 +5,11 @@ detached actor in the federation's namespace, with the deploy's settings, keys, 
 tracking and the compute packages the other combiners serve. A placement group cannot
 grow, so an added combiner has no bundle: ``placement.choose_node`` picks its node by
 ``combiners.placement`` over the nodes and the combiners on them, and it is started
-there with a soft node affinity and ``combiners.resources`` as its own resource demand
-(a combiner that fits nowhere waits for Ray, and with Ray's autoscaler asks for a node).
+there with a hard node affinity (Ray 2.60 put soft-affine combiners on other nodes than
+asked, two runs of two on a 3-node cluster) and ``combiners.resources`` as its own
+resource demand. So an added combiner is pinned to its node: if that node is lost, it is
+not recreated elsewhere (its clients rejoin the others through the gateway). When no
+node has room, it is started without affinity, a resource demand Ray's autoscaler sees.
 Once it serves, it joins the pool (the next round plans over it) and the gateway.
 
 ``drain`` takes a combiner out: out of the pool's set and the gateway's choices first
@@ -107,6 +110,10 @@ class CombinerTier:
         self.adding = 0
         self.started: set[str] = set()  # added here: stopped with the controller
         self.highest = max((index_of(n) for n in pool.names), default=-1)
+        self.asked_node = ""  # the node the placement asked for the last combiner added
+        # Where each combiner runs, as it said when it came up (Ray may move one when its
+        # node is lost: then the placement of the next one is off by that one).
+        self.nodes: dict[str, str] = {}
 
     @property
     def size(self) -> int:
@@ -122,16 +129,21 @@ class CombinerTier:
         """Ray options that put one more combiner where ``combiners.placement`` says."""
         c = self.config.combiners
         nodes = await asyncio.to_thread(alive_nodes)
-        infos = await asyncio.gather(*(self.pool.call(n, "info") for n in self.pool.names),
+        unknown = [n for n in self.pool.names if n not in self.nodes]
+        infos = await asyncio.gather(*(self.pool.call(n, "info") for n in unknown),
                                      return_exceptions=True)
-        running: dict[str, int] = {}
-        for info in infos:
+        for name, info in zip(unknown, infos, strict=True):
             if isinstance(info, dict) and info.get("node_id"):
-                running[info["node_id"]] = running.get(info["node_id"], 0) + 1
+                self.nodes[name] = info["node_id"]
+        running: dict[str, int] = {}
+        for name in self.pool.names:
+            if name in self.nodes:
+                running[self.nodes[name]] = running.get(self.nodes[name], 0) + 1
         node = choose_node(nodes, running, c.placement, c.resources)
+        self.asked_node = node or ""
         where: dict[str, Any] = actor_resources(dict(c.resources))
         if node is not None:
-            where["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+            where["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)  # pinned: docstring
         return where
 
     async def _packages(self) -> dict[str, bytes]:
@@ -174,10 +186,13 @@ class CombinerTier:
         finally:
             self.adding -= 1
         self.pool.add(name, handle)
+        self.nodes[name] = info.get("node_id", "")
         self.gateway.refresh()
         change = TierChange("add", name, self.size, reason, time.time(), info.get("node_ip", ""))
         self._record(change, "info", f"tier: added {name} at {info['address']} on node "
-                     f"{info.get('node_ip', '?')}: {self.size} combiner(s) now ({reason})")
+                     f"{info.get('node_id', '?')[:8]}@{info.get('node_ip', '?')} (placement "
+                     f"asked {self.asked_node[:8] or 'any'}): {self.size} combiner(s) now "
+                     f"({reason})")
         return change
 
     def drain(self, name: str, reason: str) -> asyncio.Task[None]:
@@ -226,6 +241,7 @@ class CombinerTier:
             with contextlib.suppress(Exception):
                 ray.kill(handle, no_restart=True)
         self.pool.forget(name)
+        self.nodes.pop(name, None)
         self.started.discard(name)
         self.gateway.refresh()
 
