@@ -344,6 +344,13 @@ class Federation:
             if status["state"] in {"finished", "failed"}:
                 return status
 
+    def _live(self, handles: list[Any]) -> list[Any]:
+        """``handles`` without the deploy's combiners the elastic tier drained (and removed)."""
+        live = {e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+                if e["namespace"] == self.namespace}
+        drained = {id(h) for i, h in enumerate(self.combiners) if combiner_name(i) not in live}
+        return [h for h in handles if id(h) not in drained]
+
     def shutdown(self, signum: int | None = None) -> None:
         """Stop and remove the federation's actors, also those a deploy cut short left.
         Stopped by a signal (``signum``), the controller first records its running session
@@ -356,10 +363,11 @@ class Federation:
                     ray.get(self.controller.halt.remote(why), timeout=STOP_TIMEOUT_S)
             except FedrayError as exc:
                 log.warning("the session was not stopped cleanly: %s", exc)
-        if self._serving:
+        serving = self._live(self._serving)
+        if serving:
             try:
                 with ray_errors("stopping the actors"):
-                    ray.get([h.stop.remote() for h in self._serving], timeout=STOP_TIMEOUT_S)
+                    ray.get([h.stop.remote() for h in serving], timeout=STOP_TIMEOUT_S)
             except FedrayError as exc:  # tearing down: report and go on
                 log.warning("actors did not stop cleanly: %s", exc)
         for handle in handles:
