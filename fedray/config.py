@@ -41,12 +41,16 @@ class CombinersConfig:
     # offer them are eligible; fedray.actors.placement).
     placement: str = "spread"
     resources: dict = field(default_factory=dict)
-    # The elastic tier's bounds and target load (fedray.actors.scaling; not acted on yet).
-    # count is the fixed-size shorthand: count N alone means min = max = N; with min and max
-    # and no count, the tier starts at min.
+    # The elastic tier's bounds and target load (fedray.actors.scaling, carried out by the
+    # controller's scaler: fedray.actors.controller.scaler). count is the fixed-size
+    # shorthand: count N alone means min = max = N; with min and max and no count, the tier
+    # starts at min. The scaler looks every scale_interval_s and, after a change, holds for
+    # scale_cooldown_s (except to get back within min..max).
     min: int | None = None
     max: int | None = None
     clients_per_combiner: int = 2000
+    scale_interval_s: float = 2.0
+    scale_cooldown_s: float = 30.0
     host: str = "0.0.0.0"
     base_port: int = 12081  # combiner i listens on base_port + i; 0 picks free ports
     advertise: str = "auto"  # the host clients are told to dial; auto = this node's IP

@@ -59,3 +59,22 @@ class FederationMetrics:
     def round_committed(self, seconds: float) -> None:
         self.rounds.inc()
         self.round_seconds.observe(seconds)
+
+
+class TierMetrics:
+    """The elastic tier's size and changes (the controller's; ``fedray_combiners`` and
+    ``ray_fedray_tier_changes_total{action=add|drain|removed|failed}`` on the dashboard)."""
+
+    def __init__(self, federation: str) -> None:
+        keys = ("federation", "source")
+        tags = {"federation": federation, "source": "controller"}
+        self.size = Gauge("fedray_combiners", "Combiners in the tier (not draining)",
+                          tag_keys=keys)
+        self.changes = Counter("fedray_tier_changes", "Changes of the combiner tier, by action",
+                               tag_keys=(*keys, "action"))
+        self.size.set_default_tags(tags)
+        self.changes.set_default_tags(tags)
+
+    def changed(self, action: str, size: int) -> None:
+        self.changes.inc(tags={"action": action})
+        self.size.set(size)

@@ -13,6 +13,11 @@ ask for something; with no ``combiners.resources`` each asks ``MARKER`` (1 MiB o
 ``memory`` resource, which every node has plenty of). ``fedray.deploy.nodes`` creates
 the group and starts each combiner in its bundle: Ray then keeps a bundle's place, and
 moves the bundle (and restarts its combiner) when its node is lost. No Ray here.
+
+A placement group cannot grow, so a combiner the elastic tier adds at run time gets no
+bundle: ``choose_node`` picks its node by the same rule (spread: the eligible node that
+runs the fewest combiners; pack: the one that runs the most and still has room), and the
+controller starts it there (a hard node affinity) with the same resources.
 """
 
 from __future__ import annotations
@@ -74,3 +79,18 @@ def plan(snapshot: Sequence[NodeView], count: int, mode: str,
     fits = [capacity(n, asked) for n in snapshot]
     return PlacementPlan(strategy=mode.upper(), bundles=tuple(dict(asked) for _ in range(count)),
                          room=sum(fits), eligible=sum(1 for f in fits if f >= 1))
+
+
+def choose_node(snapshot: Sequence[NodeView], running: Mapping[str, int], mode: str,
+                need: Mapping[str, float]) -> str | None:
+    """The node for one more combiner, given how many run on each node (``running``, by
+    node id): the eligible node with room that runs the fewest (``spread``) or the most
+    (``pack``), ties to the lowest id; None when no node has room."""
+    if mode not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {mode!r}")
+    asked = bundle(need)
+    room = [n for n in snapshot if capacity(n, asked) - running.get(n.node_id, 0) >= 1]
+    if not room:
+        return None
+    sign = 1 if mode == SPREAD else -1
+    return min(room, key=lambda n: (sign * running.get(n.node_id, 0), n.node_id)).node_id

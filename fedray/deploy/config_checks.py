@@ -169,6 +169,11 @@ def resolve_tier(c: FederationConfig, given: Any, blame: Blame) -> FederationCon
     if t.clients_per_combiner < 1:
         raise blame.error("combiners.clients_per_combiner",
                           f"must be at least 1, got {t.clients_per_combiner}")
+    if t.scale_interval_s <= 0:
+        raise blame.error("combiners.scale_interval_s", f"must be positive, got {t.scale_interval_s}")
+    if t.scale_cooldown_s < 0:
+        raise blame.error("combiners.scale_cooldown_s",
+                          f"must be 0 or more, got {t.scale_cooldown_s}")
     return replace(c, combiners=replace(t, min=low, max=high, count=low))
 
 

@@ -28,6 +28,7 @@ import ray
 
 from fedray.actors.combiner.actor import Combiner
 from fedray.actors.controller.actor import Controller
+from fedray.actors.hosting import FORWARDED_ENV, forwarded_env  # noqa: F401 - FORWARDED_ENV: tests read it here
 from fedray.bridge.auth import BridgeKeys
 from fedray.bridge.keys import load_token_secret, tokens_issued
 from fedray.bridge.tls import ServerTls, server_tls
@@ -167,16 +168,6 @@ def _init_errors(what: str, hint: str) -> Iterator[None]:
         raise TransportError(f"{what}: {_first_line(exc)}; {hint}") from None
 
 
-# Credentials the actors need (the model store's keys). Actors of a cluster that was joined
-# rather than started here do not inherit the driver's environment, so pass them along.
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-
-
 class Federation:
     def __init__(self, config: FederationConfig, token: str | None, tracking_uri: str | None,
                  tls: ServerTls | None = None) -> None:
@@ -292,9 +283,15 @@ class Federation:
         nodes.release(self.config)  # the combiners' placement group an earlier run left
 
     def serve_package(self, sha256: str, data: bytes) -> None:
-        """Make every combiner serve this compute package too (for a session to come)."""
+        """Make every combiner serve this compute package too (for a session to come):
+        the ones the elastic tier added since the deploy as well, not the ones it drained."""
+        handles = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == self.namespace and entry["name"].startswith("combiner-"):
+                with contextlib.suppress(ValueError):  # drained meanwhile
+                    handles.append(ray.get_actor(entry["name"], namespace=self.namespace))
         with ray_errors("sending the compute package to the combiners"):
-            ray.get([h.add_package.remote(sha256, data) for h in self.combiners])
+            ray.get([h.add_package.remote(sha256, data) for h in handles])
 
     def start_session(self, seed_model_id: str, package_sha256: str = "",
                       resume: bool = False, package_size: int = 0,
@@ -347,6 +344,13 @@ class Federation:
             if status["state"] in {"finished", "failed"}:
                 return status
 
+    def _live(self, handles: list[Any]) -> list[Any]:
+        """``handles`` without the deploy's combiners the elastic tier drained (and removed)."""
+        live = {e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+                if e["namespace"] == self.namespace}
+        drained = {id(h) for i, h in enumerate(self.combiners) if combiner_name(i) not in live}
+        return [h for h in handles if id(h) not in drained]
+
     def shutdown(self, signum: int | None = None) -> None:
         """Stop and remove the federation's actors, also those a deploy cut short left.
         Stopped by a signal (``signum``), the controller first records its running session
@@ -359,10 +363,11 @@ class Federation:
                     ray.get(self.controller.halt.remote(why), timeout=STOP_TIMEOUT_S)
             except FedrayError as exc:
                 log.warning("the session was not stopped cleanly: %s", exc)
-        if self._serving:
+        serving = self._live(self._serving)
+        if serving:
             try:
                 with ray_errors("stopping the actors"):
-                    ray.get([h.stop.remote() for h in self._serving], timeout=STOP_TIMEOUT_S)
+                    ray.get([h.stop.remote() for h in serving], timeout=STOP_TIMEOUT_S)
             except FedrayError as exc:  # tearing down: report and go on
                 log.warning("actors did not stop cleanly: %s", exc)
         for handle in handles:

@@ -21,13 +21,13 @@ import ray
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fedray.actors.hosting import alive_nodes
 from fedray.actors.placement import NodeView, PlacementPlan, plan
 from fedray.config import FederationConfig
 from fedray.deploy import reach
 from fedray.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
-HEAD_RESOURCE = "node:__internal_head__"
 READY_S = 60.0  # a feasible placement group is ready in about a second
 
 
@@ -44,10 +44,7 @@ logging.getLogger("ray.actor").addFilter(_Expected())
 
 def snapshot() -> tuple[NodeView, ...]:
     """The cluster's alive nodes, now."""
-    return tuple(NodeView(node_id=n["NodeID"], address=n.get("NodeManagerAddress", ""),
-                          resources=dict(n.get("Resources", {})),
-                          head=HEAD_RESOURCE in n.get("Resources", {}))
-                 for n in ray.nodes() if n.get("Alive"))
+    return alive_nodes()
 
 
 def check_reach(config: FederationConfig, nodes: tuple[NodeView, ...]) -> None:

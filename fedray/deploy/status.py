@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,12 +186,17 @@ def describe(federation: str | None, address: str) -> dict[str, Any]:
                         if e["namespace"] == namespace and e["name"].startswith("combiner-")),
                        key=lambda n: int(n.rpartition("-")[2]) if n[-1:].isdigit() else 0)
         combiners = [_combiner(n, namespace) for n in names]
+        try:  # the elastic tier: its size and last change
+            tier = ray.get(controller.tier_status.remote(), timeout=CALL_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a controller without one, or one restarting
+            tier = None
         return {"federation": federation, "namespace": namespace, "ray_address": address,
                 "gateway": gateway.get("address", ""), "combiners": combiners,
                 "controller": {"node_id": gateway.get("node_id", ""),
                                "node_ip": gateway.get("node_ip", "")},
                 "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
-                "clients_connected": sum(c["clients"] for c in combiners), "session": session}
+                "clients_connected": sum(c["clients"] for c in combiners), "session": session,
+                "tier": tier}
     finally:
         ray.shutdown()
 
@@ -210,6 +216,7 @@ def render(status: dict[str, Any], console: Console) -> None:
              f"(namespace {_shown(status['namespace'])}, Ray {_shown(status['ray_address'])})",
              f"nodes    {status.get('nodes', '?')} in the Ray cluster; the controller on "
              f"{_shown(_node(status.get('controller', {})))}"]
+    lines.extend(_tier_lines(status.get("tier")))
     s = status["session"]
     if s is None:
         lines.append("session  none started yet")
@@ -232,6 +239,26 @@ def render(status: dict[str, Any], console: Console) -> None:
                          + "".join(f" · {_shown(k)} {_number(v)}" for k, v in metrics.items()))
     title = Text(f"federation {_plain(status['federation'])}")
     console.print(Panel(Group(*lines, "", table), title=title, title_align="left", expand=False))
+
+
+def _tier_lines(tier: dict[str, Any] | None) -> list[str]:
+    """The elastic tier: its size and bounds, what drains, and its last change."""
+    if not tier:
+        return []
+    line = (f"tier     {tier['size']} combiner(s) (min {tier['min']}, max {tier['max']}, "
+            f"{tier['clients_per_combiner']} clients each)")
+    if tier.get("draining"):
+        line += f"; draining {_shown(', '.join(tier['draining']))}"
+    if tier.get("adding"):
+        line += f"; adding {tier['adding']}"
+    lines = [line]
+    last = tier.get("last_change")
+    if last:
+        when = time.strftime("%H:%M:%S", time.gmtime(last["at"]))
+        lines.append(f"change   {when} UTC  {_shown(last['action'])} "
+                     f"{_shown(last['combiner'])} -> {last['size']} combiner(s): "
+                     f"{_shown(last['reason'])}")
+    return lines
 
 
 def _node(where: dict[str, Any]) -> str:

@@ -70,6 +70,9 @@ MAX_HEARTBEAT_MISSES = 3
 HEARTBEAT_BOUNDS_S = (0.5, 60.0)  # what a combiner's heartbeat interval is clamped to
 TLS_FAILURES_BEFORE_GIVING_UP = 3  # the same setting mistake this often in a row ends it
 QUIET_REMINDER_S = 600.0  # while the federation is down, a line this often
+# What a client says when its combiner sends it back to the gateway, by the rejoin reason.
+MOVED_BECAUSE = {"drain": "left the tier (drained) and moved this client",
+                 "": "moved this client to even the load"}
 # A client its combiner moved (to even the load) asks the gateway again after this many
 # times backoff_initial_s, drawn uniformly: moved clients never come back in step.
 MOVED_PAUSE = (0.5, 2.0)
@@ -298,10 +301,11 @@ class EdgeRunner:
                         return
                     msg = nxt.result()
                     if msg is None:
-                        self.moved = bool(dict(await stream.trailing_metadata() or ())
-                                          .get(REJOIN_HEADER))
-                        self._line(f"{assignment.combiner} moved this client to even the "
-                                   "load; asking the gateway again" if self.moved else
+                        why = str(dict(await stream.trailing_metadata() or ())
+                                  .get(REJOIN_HEADER) or "")
+                        self.moved = bool(why)
+                        self._line(f"{assignment.combiner} {MOVED_BECAUSE.get(why, MOVED_BECAUSE[''])}"
+                                   "; asking the gateway again" if self.moved else
                                    f"{assignment.combiner} closed the task stream")
                         return
                     link = Link(stub, lambda: self.metadata, self.client_id)

@@ -126,6 +126,15 @@ class Combiner:
         """Send up to ``count`` idle clients back to the gateway (to even the load)."""
         return self.core.release(count, settle_s)
 
+    async def drain(self) -> list[str]:
+        """Leave the elastic tier (``CombinerCore.drain``): the ids sent to the gateway."""
+        return await self.core.drain()
+
+    @quiet
+    async def served_packages(self) -> dict[str, bytes]:
+        """The compute packages served, oldest first (a combiner added later serves them too)."""
+        return dict(self.packages)
+
     async def start_session(self, session_id: str, strategy: Strategy) -> None:
         self.core.start_session(session_id, strategy)
 

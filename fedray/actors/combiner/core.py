@@ -19,6 +19,7 @@ never stop a round.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -58,6 +59,7 @@ KEPT_SESSIONS = 4  # strategies of recent sessions (a restarted controller may r
 # here: a round planned over that snapshot may be on its way (its tasks not out yet).
 PLANNING_HOLD_S = 3.0
 MOVED = "rebalance"  # ClientLink.moved: the stream ended to even the load
+DRAINED = "drain"  # ClientLink.moved: this combiner leaves the elastic tier
 
 
 class NullListener:
@@ -86,6 +88,7 @@ class CombinerCore:
         self.settings = settings
         self.listener = listener or NullListener()
         self.stopping = False
+        self.draining = False  # leaving the elastic tier: no new client joins
         self.snapshot_at = -PLANNING_HOLD_S  # when online_info last answered
         self.sessions: OrderedDict[str, tuple[Strategy, Declaration]] = OrderedDict()
         max_update = int(settings.max_update_mb * 1024 * 1024)
@@ -173,7 +176,35 @@ class CombinerCore:
         return chosen
 
     def accepts_clients(self) -> bool:
-        return self.registry.has_room()
+        return not self.draining and self.registry.has_room()
+
+    async def drain(self) -> list[str]:
+        """Leave the elastic tier: accept no new client; once the open share has closed
+        (this combiner's part of the current round is handed in) and no round planned over
+        its clients can still be on its way (``PLANNING_HOLD_S``), end every client's task
+        stream with ``fedray-rejoin: drain`` so that it asks the gateway again. Returns
+        the ids sent away."""
+        self.draining = True
+        while True:
+            share = self.share
+            if share is not None and not share.asynchronous and not share.closed.is_set():
+                await share.closed.wait()
+                continue
+            left = PLANNING_HOLD_S - (time.monotonic() - self.snapshot_at)
+            opened = share is not None and share.started >= self.snapshot_at
+            if left > 0 and not opened:
+                await asyncio.sleep(left)  # until that planning's snapshot is too old to use
+                continue
+            break
+        ids = [cid for cid, link in self.registry.links.items()
+               if link.status != "offline" and not link.moved]
+        for client_id in ids:
+            link = self.registry.links[client_id]
+            link.moved = DRAINED
+            link.close()
+        self.listener.event("info", f"combiner {self.name} is drained: {len(ids)} client(s) "
+                            "sent to the gateway", moved=len(ids), reason=DRAINED)
+        return ids
 
     def connect(self, client_id: str, name: str, attrs: Mapping[str, str] | None = None,
                 version: str = "", peer: str = "") -> ClientLink:

@@ -103,8 +103,9 @@ class CombinerServicer(pb_grpc.CombinerServicer):
         if refused:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"attrs: {refused}")
         if client_id not in self.core.clients and not self.core.accepts_clients():
+            state = "is leaving the tier" if self.core.draining else "is full"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"combiner {self.core.name} is full; ask the gateway again")
+                                f"combiner {self.core.name} {state}; ask the gateway again")
         caller = current_caller()
         if caller.kind != "client" and self.core.registry.held_elsewhere(client_id, caller.peer):
             if caller.gate is not None:  # throttled like every refusal

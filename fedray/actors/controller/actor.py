@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import re
 import uuid
 from typing import Any
 
 import ray
 
+from fedray.actors.controller import starts
 from fedray.actors.controller.callbacks import (
     Callbacks,
     ReleaseAfterRounds,
@@ -29,10 +29,13 @@ from fedray.actors.controller.gateway import GatewayServicer
 from fedray.actors.controller.queue import SessionQueue, SessionRequest
 from fedray.actors.controller.ray_pool import RayCombinerPool
 from fedray.actors.controller.rebalancer import Rebalancer
+from fedray.actors.controller.scaler import Scaler, paused_by, round_over
 from fedray.actors.controller.session_runner import SessionRunner, Start
+from fedray.actors.controller.starts import LATEST
+from fedray.actors.controller.tier import CombinerTier, known_combiners
 from fedray.actors.hosting import advertised_host, node_of, quiet
 from fedray.actors.memory import tune_allocator
-from fedray.actors.metrics import FederationMetrics
+from fedray.actors.metrics import FederationMetrics, TierMetrics
 from fedray.actors.observers import TrackingObserver
 from fedray.bridge.auth import BridgeKeys, make_gate
 from fedray.bridge.proto import fedray_v1_pb2_grpc as pb_grpc
@@ -43,15 +46,12 @@ from fedray.errors import SessionError
 from fedray.states import SessionState
 from fedray.storage import open_model_store
 from fedray.strategies import make_strategy
-from fedray.tracking.resume import resume_point
-from fedray.tracking.schema import ROUNDS, SESSIONS
+from fedray.tracking.schema import SESSIONS
 from fedray.tracking.store import TrackingStore
 from fedray.tracking.tokens import tracking_token_loader
 
 log = logging.getLogger(__name__)
 
-UNFINISHED = [state.value for state in SessionState if not state.terminal]
-LATEST = "latest"  # session.continue_from: the last session that committed a round
 ENDED_KEPT = 32  # queued sessions that never ran, remembered for fedray session list
 MOVES_LAND_S = 3.0  # a round's planning waits at most this long for moved clients to rejoin
 
@@ -66,6 +66,8 @@ class Controller:
         # Signs every commit, and checks what a resume would train from (tracking.resume).
         self.secret = BridgeKeys.of(token).token_secret
         self.tls = tls
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # and the tier changed
+            combiner_names = known_combiners(config.namespace) or combiner_names
         self.pool = RayCombinerPool(combiner_names, config.namespace)
         self.observer = TrackingObserver(tracking_uri, config.tracking.database, source="controller",
                                          metrics=FederationMetrics(config.federation, "controller"),
@@ -85,6 +87,14 @@ class Controller:
         self._rebalancer = asyncio.ensure_future(  # even load: clients move, a few a second
             Rebalancer(self.pool, self.gateway, config.combiners, self.observer.event).run())
         self.pool.before_online = lambda: self.gateway.landed(MOVES_LAND_S)
+        s = config.session
+        self.tier = CombinerTier(  # the elastic tier: combiners added and drained at run time
+            self.pool, self.gateway, config, token, tracking_uri, tls, self.observer.event,
+            lambda: round_over(lambda: self.status, self._changed,
+                               s.round_timeout_s * s.round_attempts + 30.0))
+        self.scaler = Scaler(self.tier, config.combiners, lambda: paused_by(self.status),
+                             TierMetrics(config.federation))
+        self._scaling = asyncio.ensure_future(self.scaler.run())
         self._ready = asyncio.ensure_future(self._serve(token))
         # Restarted by Ray after a crash: pick the interrupted session up where it stopped.
         self._resumed = (asyncio.ensure_future(self._resume_after_restart())
@@ -97,8 +107,8 @@ class Controller:
                          combiners.max_rpcs_per_s, self.observer.event,
                          max_ids_per_peer=combiners.max_clients_per_connection)
         # The gateway answers every client of every combiner: its bounds are theirs summed.
-        limits = ServerLimits.for_settings(combiners,
-                                           clients=combiners.count * combiners.max_clients)
+        limits = ServerLimits.for_settings(
+            combiners, clients=max(combiners.count, combiners.max or 0) * combiners.max_clients)
         self._server, bound = await start_server(
             lambda server: pb_grpc.add_GatewayServicer_to_server(self.gateway, server),
             c.host, c.port, gate, self.tls, limits)
@@ -126,64 +136,15 @@ class Controller:
         """The federation's latest session that did not end, and where to resume it."""
         if not self.tracking_uri:
             return None
-        store = self._tracking()
-        try:
-            docs = store.find("sessions", {SESSIONS.federation: self.config.federation,
-                                           SESSIONS.status: {"$in": UNFINISHED}},
-                              sort=[(SESSIONS.created_at, -1)], limit=1)
-            if not docs:
-                return None
-            session_id = docs[0][SESSIONS.session_id]
-            point = resume_point(docs[0], store.find("rounds", {ROUNDS.session_id: session_id}),
-                                 self.secret)
-        finally:
-            store.close()
-        if point.unverified:
-            self.observer.event("warning", f"session {session_id}: {point.unverified} committed "
-                                "round(s) in tracking do not verify under this federation's key "
-                                "(altered, or not committed by it); a resume passes them over",
-                                session_id=session_id, reason="unverified_commit")
-        if not point.trusted:
-            self.observer.event("warning", f"session {session_id} is not resumed: nothing it "
-                                "committed, nor its seed, verifies under this federation's key; "
-                                "a new session starts instead", session_id=session_id,
-                                reason="unverified_resume")
-            return None
-        return docs[0], Start(point.model_id, point.rounds_done, point.aggregator_state_id,
-                              resume=True)
+        return starts.unfinished_session(self._tracking(), self.config.federation,
+                                         self.secret, self.observer.event)
 
     def _continued(self, session_id: str) -> Start:
         """A new session's start from another session's last committed model and state."""
         if not self.tracking_uri:
             raise SessionError("session.continue_from needs tracking to find that session")
-        store = self._tracking()
-        try:
-            if session_id == LATEST:  # the federation's last session that committed a round
-                found = store.find("sessions", {SESSIONS.federation: self.config.federation,
-                                                SESSIONS.rounds_done: {"$gt": 0}},
-                                   sort=[(SESSIONS.created_at, -1)], limit=1)
-                if not found:
-                    raise SessionError("session.continue_from latest: no session of this "
-                                       "federation has committed a round yet")
-            else:
-                found = store.find(
-                    "sessions", {SESSIONS.session_id: {"$regex": "^" + re.escape(session_id)}},
-                    limit=3)
-            if len(found) != 1:
-                what = "no session" if not found else "more than one session"
-                raise SessionError(f"session.continue_from {session_id!r}: {what} matches")
-            doc = found[0]
-            point = resume_point(doc, store.find("rounds",
-                                                 {ROUNDS.session_id: doc[SESSIONS.session_id]}),
-                                 self.secret)
-        finally:
-            store.close()
-        if not point.rounds_done:
-            signed = " this federation signed" if point.unverified else ""
-            raise SessionError(f"session.continue_from {session_id!r}: that session committed "
-                               f"no round{signed} yet")
-        return Start(point.model_id, 0, point.aggregator_state_id,
-                     continued_from=doc[SESSIONS.session_id])
+        return starts.continued(self._tracking(), self.config.federation, self.secret,
+                                session_id)
 
     async def _resume_after_restart(self) -> None:
         await self._ready
@@ -349,6 +310,11 @@ class Controller:
                 "ended": list(self.ended.values())[-ENDED_KEPT:]}
 
     @quiet
+    async def tier_status(self) -> dict[str, Any]:
+        """The elastic tier: size, bounds, draining combiners and the last change."""
+        return self.scaler.describe()
+
+    @quiet
     async def claim_update(self, session_id: str, round_: int, attempt: int,
                            client_id: str) -> int:
         """A combiner's request to fold an update of a buffered round (see SessionRunner)."""
@@ -395,6 +361,8 @@ class Controller:
 
     async def stop(self) -> None:
         self._rebalancer.cancel()
+        self._scaling.cancel()
+        await self.tier.stop()
         await self._server.stop(grace=1.0)
         await self._gate.close()
         await asyncio.to_thread(self.observer.close)

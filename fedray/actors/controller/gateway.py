@@ -98,6 +98,17 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             self.reserved[client_id] = Pending(combiner, now)
             self.moving[client_id] = now
 
+    def refresh(self) -> None:
+        """The combiner set changed: the next Assign asks the loads afresh."""
+        self._loads = None
+
+    def expect(self, client_ids: list[str]) -> None:
+        """These clients were sent back to ask again (a drained combiner's): a round's
+        planning waits for them to land (``landed``), wherever Assign then sends them."""
+        now = time.monotonic()
+        for client_id in client_ids:
+            self.moving[client_id] = now
+
     async def landed(self, timeout_s: float, poll_s: float = 0.1) -> None:
         """Until every moved client has joined a combiner again (or ``timeout_s``): a round
         planned over clients in transit would leave them out."""

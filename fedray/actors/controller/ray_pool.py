@@ -107,6 +107,28 @@ class RayCombinerPool:
         except Exception as exc:  # noqa: BLE001 - every other failure, translated once here
             raise translate(exc, name, round_) from None
 
+    # The elastic tier (``fedray.actors.controller.tier``) changes the set between rounds:
+    # ``names`` is replaced, never changed in place, so a round keeps the set it planned on.
+
+    def add(self, name: str, handle: Any) -> None:
+        """A combiner joins the set: the next round's planning sees it."""
+        self._handles[name] = handle
+        self.names = [*[n for n in self.names if n != name], name]
+
+    def retire(self, name: str) -> None:
+        """Out of the set (a drain begins); calls by name still reach it, for the round in
+        flight there."""
+        self.names = [n for n in self.names if n != name]
+
+    def forget(self, name: str) -> None:
+        """The combiner is gone for good."""
+        self.retire(name)
+        self._handles.pop(name, None)
+
+    async def call(self, name: str, method: str, *args: Any) -> Any:
+        """Any combiner method, with the pool's error translation (``translate``)."""
+        return await self._ask(name, method, *args)
+
     async def online(self) -> dict[str, list[ClientInfo]]:
         if self.before_online is not None:
             await self.before_online()
