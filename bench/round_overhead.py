@@ -37,6 +37,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 TENSORS = 4
 EXAMPLES = 100
@@ -81,13 +82,21 @@ def peak_rss_mb(pid: int | str = "self") -> float | None:
 # --------------------------------------------------------------------------- worker side
 
 
-def make_train(index: int):
-    """A client's train callback: params + noise seeded by (client index, round)."""
+class BenchDropout(RuntimeError):
+    """Raised by the train callback of a client that ``--drop`` makes drop every round."""
+
+
+def make_train(index: int, drops: bool = False):
+    """A client's train callback: params + noise seeded by (client index, round). A client
+    that ``drops`` fails every train task: under secagg it has shared its keys by then, so
+    the round pays for unmasking it (the costly dropout)."""
     rounds = 0
 
     def train(params: dict[str, np.ndarray], config: dict[str, Any]):
         nonlocal rounds
         rounds += 1  # every client trains every round (clients_per_round 1.0, min_clients N)
+        if drops:
+            raise BenchDropout(f"client {index} drops out of round {rounds} (--drop)")
         rng = np.random.default_rng([index, rounds])
         for arr in params.values():
             flat = arr.reshape(-1)
@@ -145,7 +154,7 @@ def worker_main(args: argparse.Namespace) -> int:
             if not first_task:
                 first_task.append(time.time())
                 report(first_task=first_task[0], name=self.settings.name,
-                       idle_rss_mb=memory_mb().get("VmRSS"))
+                       idle_rss_mb=memory_mb().get("VmRSS"), idle_cpu_s=cpu_seconds())
             started = time.perf_counter()
             await super().handle(link, task)
             timings["task"].append(time.perf_counter() - started)
@@ -172,7 +181,7 @@ def worker_main(args: argparse.Namespace) -> int:
 
     token = os.environ.get("FEDRAY_TOKEN") or None
     runners = [
-        BenchRunner(TimedWorker(make_train(i)),
+        BenchRunner(TimedWorker(make_train(i, drops=i < args.drop_count)),
                     EdgeSettings(gateway=args.gateway, name=f"client-{i:05d}", token=token),
                     say=say)
         for i in range(args.first, args.first + args.count)
@@ -237,10 +246,29 @@ def bench_config(args: argparse.Namespace, data_dir: Path, seed: Path) -> dict[s
         "ray": {"address": "local", "num_cpus": 2},
         "controller": {"host": "127.0.0.1", "port": 0},
         "combiners": {"count": args.combiners, "host": "127.0.0.1", "base_port": 0},
-        "session": {"rounds": args.rounds, "aggregator": "fedavg", "clients_per_round": 1.0,
+        "session": {"rounds": args.rounds, "aggregator": args.aggregator,
+                    "clients_per_round": 1.0,
                     "min_clients": args.clients, "round_timeout_s": args.round_timeout,
-                    "wait_for_clients_s": args.round_timeout, "validate": False},
+                    "wait_for_clients_s": args.round_timeout, "validate": False,
+                    **({"secagg": secagg_options(args)} if args.aggregator == "secagg" else {})},
     }
+
+
+def dropped(args: argparse.Namespace) -> int:
+    """How many clients (the first ones) fail every train task under ``--drop F``."""
+    return round(args.drop * args.clients)
+
+
+def secagg_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--secagg clip=1.0 dropout=0.1``: session.secagg (clip 1.0 by default; the noise
+    "training" moves P parameters by ~NOISE/sqrt(3) each, ||delta|| ~ 0.58 at P = 1M)."""
+    options: dict[str, Any] = {"clip": 1.0, "stage_timeout_s": args.round_timeout}
+    if args.drop:  # the masks must survive the drops asked for
+        options["dropout"] = max(0.1, args.drop)
+    for item in args.secagg:
+        key, _, value = item.partition("=")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 class Workers:
@@ -253,6 +281,7 @@ class Workers:
         self.first_task: list[float] = []
         self.exits: dict[int, dict[str, Any]] = {}
         self.idle_rss: dict[int, float] = {}  # per process: VmRSS when its first task came
+        self.idle_cpu: dict[int, float] = {}  # per process: CPU seconds at its first task
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
 
@@ -264,7 +293,8 @@ class Workers:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for k, count in enumerate(counts):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--gateway", gateway,
-                   "--first", str(first), "--count", str(count), "--params", str(self.args.params)]
+                   "--first", str(first), "--count", str(count), "--params", str(self.args.params),
+                   "--drop-count", str(dropped(self.args))]
             if not self.args.client_logs:
                 cmd.append("--quiet")
             with open(self.logs / f"worker-{k}.log", "wb") as err:
@@ -290,6 +320,8 @@ class Workers:
                     self.first_task.append(float(msg["first_task"]))
                     if msg.get("idle_rss_mb") is not None:
                         self.idle_rss.setdefault(k, float(msg["idle_rss_mb"]))
+                    if msg.get("idle_cpu_s") is not None:
+                        self.idle_cpu.setdefault(k, float(msg["idle_cpu_s"]))
                 if msg.get("exit"):
                     self.exits[k] = msg
 
@@ -536,6 +568,8 @@ def bench_main(args: argparse.Namespace) -> int:
             traced.pop(0)
 
     out: dict[str, Any] = {
+        "aggregator": args.aggregator,
+        **({"secagg": secagg_options(args)} if args.aggregator == "secagg" else {}),
         "clients": args.clients, "params": args.params, "rounds": args.rounds,
         "combiners": args.combiners, "procs": min(args.procs, args.clients),
         "model_bytes": model_bytes,
@@ -561,12 +595,17 @@ def bench_main(args: argparse.Namespace) -> int:
 
     round_s = [round(r["seconds"], 3) for r in status["history"]]
     by_round = {r["round"]: r for r in rounds}
-    bytes_per_round = []
+    bytes_per_round, stage_bytes_per_round, reduce_s = [], [], []
     for record in status["history"]:
         doc = by_round.get(record["round"], {})
         combiners = doc.get("combiners") or {}
         bytes_per_round.append(sum(int(c.get("bytes_in", 0)) + int(c.get("bytes_out", 0))
                                    for c in combiners.values()))
+        if doc.get("reduce_s") is not None:
+            reduce_s.append(float(doc["reduce_s"]))
+        stages = doc.get("stages") or {}  # secagg's key stages (rounds.stages)
+        stage_bytes_per_round.append(sum(int(t.get("bytes_in", 0)) + int(t.get("bytes_out", 0))
+                                         for t in stages.values()))
     first_doc = rounds[0] if rounds else {}
     clients_asked = {name: c.get("asked") for name, c in
                      sorted((first_doc.get("combiners") or {}).items())}
@@ -579,6 +618,10 @@ def bench_main(args: argparse.Namespace) -> int:
         round_s=round_s,
         median_round_s=round(statistics.median(round_s), 3) if round_s else None,
         bytes_per_round=bytes_per_round,
+        stage_bytes_per_round=stage_bytes_per_round,
+        stage_s=stage_seconds(rounds),
+        median_reduce_s=round(statistics.median(reduce_s), 3) if reduce_s else None,
+        dropped_per_round=dropped(args),
         expected_bytes_per_round=2 * args.clients * model_bytes,
         clients_asked=clients_asked,
         updates_failed_or_rejected=lost,
@@ -594,6 +637,7 @@ def bench_main(args: argparse.Namespace) -> int:
         actor_cpu_s=dict(sorted(sampler.cpu.items())),
         client_timings_s=summarize_timings(exits),
         client_proc_cpu_s=[e.get("cpu_s") for e in exits],
+        client_cpu_s_per_round=client_cpu_per_round(workers, exits, args),
         total_s=round(total_s, 2),
         loadavg_1m=[LOAD_AT_START, round(os.getloadavg()[0], 2)],  # others' work skews times
         state=status["state"],
@@ -606,6 +650,26 @@ def bench_main(args: argparse.Namespace) -> int:
     print(json.dumps(out))
     cleanup(args, data_dir)
     return 0 if ok else 1
+
+
+def stage_seconds(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds of each non-train stage over the rounds (rounds.stages)."""
+    seconds: dict[str, list[float]] = {}
+    for doc in rounds:
+        for name, traffic in (doc.get("stages") or {}).items():
+            seconds.setdefault(name, []).append(float(traffic.get("seconds", 0.0)))
+    return {name: round(statistics.median(v), 3) for name, v in sorted(seconds.items())}
+
+
+def client_cpu_per_round(workers: Workers, exits: list[dict[str, Any]],
+                         args: argparse.Namespace) -> float | None:
+    """CPU seconds one client spends per round: the worker processes' CPU from their
+    first task to their exit, over clients x rounds (imports and connecting excluded)."""
+    spent = [e["cpu_s"] - workers.idle_cpu[k] for k, e in enumerate(exits)
+             if e.get("cpu_s") is not None and k in workers.idle_cpu]
+    if not spent or not args.rounds:
+        return None
+    return round(sum(spent) / (args.clients * args.rounds), 4)
 
 
 def summarize_timings(exits: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -639,6 +703,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--params", type=int, default=100_000, help="float32 parameters (P)")
     p.add_argument("--rounds", type=int, default=3, help="rounds (R)")
     p.add_argument("--combiners", type=int, default=2, help="combiner actors (K)")
+    p.add_argument("--aggregator", default="fedavg", choices=("fedavg", "secagg"),
+                   help="the session's strategy (secagg: SecAgg+ over the same workload)")
+    p.add_argument("--secagg", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="session.secagg options (clip=1.0 by default)")
+    p.add_argument("--drop", type=float, default=0.0, metavar="F",
+                   help="this fraction of the clients fails every train task (a dropout "
+                        "after secagg's key stages); the rounds commit without them")
     p.add_argument("--procs", type=int, default=1, help="client worker processes (M)")
     p.add_argument("--round-timeout", type=float, default=600.0,
                    help="session.round_timeout_s and wait_for_clients_s")
@@ -659,10 +730,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--drop-count", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("clients", "params", "rounds", "combiners", "procs", "count"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive")
+    if not 0 <= args.drop < 1:
+        p.error("--drop is a fraction in [0, 1)")
     if args.tracemalloc and len(args.tracemalloc.split(",")) != 2:
         p.error("--tracemalloc needs two rounds, A,B")
     if args.worker and not args.gateway:

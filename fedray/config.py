@@ -89,6 +89,9 @@ class SessionConfig:
     rounds: int = 5  # rounds; for an asynchronous strategy (fedbuff), model versions
     aggregator: str = "fedavg"
     aggregator_kwargs: dict = field(default_factory=dict)
+    # aggregator: secagg's options (clip, quantization_bits, threshold, ...) as their own
+    # block (added to aggregator_kwargs: strategy_options)
+    secagg: dict = field(default_factory=dict)
     clients_per_round: float = 1.0  # a fraction (<= 1.0) or a count (> 1)
     min_clients: int = 2
     round_timeout_s: float = 120.0
@@ -112,6 +115,14 @@ class SessionConfig:
     codec_downlink: bool = True  # with a codec, clients fetch each new model as its delta
     time_budget_s: float | None = None  # asynchronous sessions also end after this long
     continue_from: str = ""  # a session id: start from its last model and strategy state
+
+    @property
+    def strategy_options(self) -> dict:
+        """What the strategy is built with: ``aggregator_kwargs``, and for ``secagg`` its
+        own block over them (the config check refuses the two disagreeing)."""
+        if self.aggregator == "secagg" and self.secagg:
+            return {**self.aggregator_kwargs, **self.secagg}
+        return self.aggregator_kwargs
 
 
 def recorded_settings(raw: object, default: SessionConfig) -> SessionConfig:

@@ -33,7 +33,8 @@ and that none is defined outside this module).
       27  │   └── SecAggError         secure aggregation could not complete (``reason``: a code)
       10  ├── AlreadyRunning          the federation already runs: another live process owns it
       22  ├── AggregateRefused        the strategy could not aggregate, or its model is refused
-      23  └── NotRunning              `fedray status`: no controller of the federation is alive
+      23  ├── NotRunning              `fedray status`: no controller of the federation is alive
+      28  └── TierError               the elastic tier could not add or drain a combiner
 
 Lower-layer exceptions (grpc, ray, pymongo, minio) are translated into these once, at the
 adapter that calls the library. All of them stay picklable, with their fields, so they can
@@ -262,3 +263,10 @@ class SecAggError(SessionError):
 
     def __reduce__(self):
         return (type(self), (self.reason, self.detail))
+
+
+class TierError(FedrayError):
+    """The elastic tier could not add or drain a combiner (the message says which, and
+    why); the tier is left as it was before the change."""
+
+    exit_code = 28

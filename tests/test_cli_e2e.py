@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from netutil import free_ports
+from netutil import free_block, free_ports
 from procs import assert_none_left, marked, new_mark
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,8 @@ def test_fedray_run_with_edge_clients_then_query(ray_session, tmp_path):
     from examples.digits.data import write_partitions
     from fedray.packages import build_package
 
-    gateway_port, combiner_port, _ = free_ports(3)
+    (gateway_port,) = free_ports(1)
+    combiner_port = free_block(2, avoid=(gateway_port,))  # the config's two combiners
     data_dir = tmp_path / "fed"
     paths = write_partitions(tmp_path / "data", 3, seed=1)
     config = tmp_path / "digits.yaml"

@@ -14,11 +14,12 @@ from rich.console import Console
 from fedray.actors.combiner.core import DRAINED, PLANNING_HOLD_S, CombinerCore
 from fedray.actors.controller.callbacks import SessionStatus
 from fedray.actors.controller.scaler import Scaler, paused_by, round_over, rules_of
-from fedray.actors.controller.tier import TierChange, TierError, actor_resources
+from fedray.actors.controller.tier import TierChange, actor_resources
 from fedray.actors.placement import NodeView, choose_node
 from fedray.actors.scaling import Action
 from fedray.config import CombinersConfig
 from fedray.deploy.status import render
+from fedray.errors import TierError
 from fedray.messages import RoundSpec, TaskKind
 from fedray.serialization import encode
 from fedray.strategies.fedavg import FedAvg

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netutil import free_ports
+from netutil import free_block, free_ports
 
 from tests.waiting import wait_until
 
@@ -48,7 +48,8 @@ def test_a_federation_on_every_interface_runs_with_key_credentials_over_its_own_
         ray_session, tmp_path):
     from examples.digits.data import write_partitions
 
-    gateway_port, combiner_port, _ = free_ports(3)
+    (gateway_port,) = free_ports(1)
+    combiner_port = free_block(2, avoid=(gateway_port,))  # the config's two combiners
     fed, other = tmp_path / "fed", tmp_path / "other"
     env = {k: v for k, v in os.environ.items() if k not in ("FEDRAY_TOKEN", "FEDRAY_DATA_DIR")}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

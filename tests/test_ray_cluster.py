@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netutil import free_ports
+from netutil import free_block, free_ports
 
 from tests.waiting import wait_until
 
@@ -37,19 +36,6 @@ BIN = Path(sys.executable).parent
 # As in the README. Ray 2.60 always leaves out .git (and warns when it is listed) and also
 # honours .gitignore; these keep virtualenvs out even of a checkout without one.
 EXCLUDES = [".ci-venv", "venv", ".venv", "__pycache__"]
-
-
-def _free_pair() -> int:
-    """A port p with p + 1 free too (combiner i listens on base_port + i)."""
-    for _ in range(50):
-        (port,) = free_ports(1)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 @dataclass
@@ -174,7 +160,8 @@ def test_ray_job_submit_on_a_ray_start_head(ray_head, tmp_path):
 
     started = time.monotonic()
     head = ray_head
-    gateway, combiner = free_ports(1)[0], _free_pair()
+    (gateway,) = free_ports(1)
+    combiner = free_block(2, avoid=(gateway,))  # combiner i listens on base_port + i
     data_dir, fed_token = tmp_path / "fed", uuid.uuid4().hex
     paths = write_partitions(tmp_path / "data", 2, seed=1)
     job_id = f"fedray-test-{uuid.uuid4().hex[:8]}"

@@ -30,7 +30,7 @@ def accuracy(federation, **session) -> float:
 def test_secagg_reaches_plain_fedavgs_held_out_accuracy_within_a_hundredth(federation):
     plain = accuracy(federation, aggregator="fedavg")
     secure = accuracy(federation, aggregator="secagg",
-                      aggregator_kwargs={"clip": 5.0, "quantization_bits": 16})
+                      secagg={"clip": 5.0, "quantization_bits": 16})
     print(f"\ndigits, {ROUNDS} rounds: fedavg {plain:.4f}, secagg {secure:.4f}")
     assert plain > 0.85
     assert abs(secure - plain) <= 0.01

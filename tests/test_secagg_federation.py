@@ -1,7 +1,7 @@
 """Integration: ``aggregator: secagg`` end to end, real Ray, real gRPC edge clients.
 
 A federation of 4 in-process edge clients (whose updates are their model plus a value of
-their own, some clipped) runs with 1 and with 2 combiners: the committed models equal
+their own, some clipped) runs with 1 and with 3 combiners: the committed models equal
 plain FedAvg over the same clipped, quantized deltas, exactly, round after round (fresh
 keys each round); a client that drops after sending its masked input, and one that drops
 before, leave the survivors' exact sum.
@@ -45,7 +45,7 @@ def trains_by(value: float, examples: int, fails: set[str], name: str):
     return train
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-combiner", "2-combiners"])
+@pytest.fixture(scope="module", params=[1, 3], ids=["1-combiner", "3-combiners"])
 def federation(request, ray_session, tracking_uri, tmp_path_factory):
     from tests.conftest import EdgeFleet
 
@@ -59,7 +59,7 @@ def federation(request, ray_session, tracking_uri, tmp_path_factory):
         "session": {"rounds": 2, "min_clients": len(VALUES), "round_timeout_s": 30,
                     "validate": False, "wait_for_clients_s": 60, "seed": 1,
                     "aggregator": "secagg",
-                    "aggregator_kwargs": {**KWARGS, "stage_timeout_s": 20.0}},
+                    "secagg": {**KWARGS, "stage_timeout_s": 20.0}},
     })
     store = open_model_store("file", config.resolved_data_dir())
     seed_id = store.put(encode(SEED))
@@ -109,8 +109,14 @@ def test_secagg_commits_fedavg_of_the_clipped_quantized_deltas_exactly(federatio
     assert status["state"] == "finished", str(status)[:3000]
     for number in (1, 2):  # every combiner folded masked inputs: pairs span combiners
         shares = tracking.get_round(status["session_id"], number)["combiners"]
-        assert sorted(c["updates"] for c in shares.values()) == (
-            [4] if combiners == 1 else [2, 2]), shares
+        folded = [c["updates"] for c in shares.values()]
+        assert len(folded) == combiners and sum(folded) == 4 and min(folded) >= 1, shares
+        stages = tracking.get_round(status["session_id"], number)["stages"]
+        assert sorted(stages) == ["secagg.advertise", "secagg.share", "secagg.unmask"]
+        for name, traffic in stages.items():  # every key stage's messages are counted
+            assert traffic["asked"] == traffic["replies"] == 4, (name, traffic)
+            assert traffic["bytes_in"] > 0 and traffic["seconds"] > 0, (name, traffic)
+        assert stages["secagg.share"]["bytes_out"] > 0  # the neighbours' keys went out
     final = decode(store.get(status["model_id"]))
     want = expected_after(2, set(VALUES))
     for name in SEED:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from netutil import free_ports
+from netutil import free_block, free_ports
 from procs import assert_none_left, marked, new_mark
 
 from tests.waiting import wait_until
@@ -31,7 +31,8 @@ def _cli(*args: str, env, timeout: float = 180) -> subprocess.CompletedProcess:
 def test_serve_then_sessions_from_the_cli_and_the_python_api_then_down(ray_session, tmp_path):
     from examples.digits.data import write_partitions
 
-    gateway, combiner, api = free_ports(3)
+    gateway, api = free_ports(2)
+    combiner = free_block(2, avoid=(gateway, api))  # the config's two combiners
     data_dir = tmp_path / "fed"
     paths = write_partitions(tmp_path / "data", 4, seed=1)
     env = {**{k: v for k, v in os.environ.items() if k != "FEDRAY_DATA_DIR"},

@@ -51,7 +51,45 @@ def test_the_example_in_the_message_loads_when_pasted(name):
     pasted = str(info.value).split("e.g. --set ", 1)[1].strip("'")
     field, value = parse_override(pasted)
     config = load_config(DIGITS, {"session.aggregator": name, field: value})
-    assert config.session.aggregator == name and config.session.aggregator_kwargs == value
+    assert config.session.aggregator == name and config.session.strategy_options == value
+
+
+def test_secaggs_options_are_a_block_of_their_own():
+    config = load_config(DIGITS, {"session.aggregator": "secagg", "session.min_clients": 3,
+                                  "session.secagg": {"clip": 5.0, "quantization_bits": 12}})
+    assert config.session.strategy_options == {"clip": 5.0, "quantization_bits": 12}
+    strategy = make_strategy("secagg", config.session.strategy_options)
+    assert strategy.quantizer.bits == 12
+    one = load_config(DIGITS, {"session.aggregator": "secagg", "session.secagg.clip": 2.0})
+    assert one.session.strategy_options == {"clip": 2.0}
+
+
+def test_secaggs_message_names_its_block():
+    with pytest.raises(ConfigError) as info:
+        load_config(DIGITS, {"session.aggregator": "secagg"})
+    assert str(info.value) == ("--set session.aggregator: secagg needs session.secagg clip, "
+                               "e.g. --set 'session.secagg={clip: 1.0}'")
+    with pytest.raises(ConfigError, match="secagg has no option thresold in session.secagg "
+                                          r"\(did you mean threshold\?\)"):
+        load_config(DIGITS, {"session.aggregator": "secagg",
+                             "session.secagg": {"clip": 1.0, "thresold": 3}})
+
+
+def test_a_secagg_block_without_secagg_or_disagreeing_is_refused():
+    with pytest.raises(ConfigError) as info:
+        load_config(DIGITS, {"session.secagg": {"clip": 1.0}})
+    assert str(info.value) == ("--set session.secagg: holds secagg's options, but "
+                               "session.aggregator is 'fedavg': set session.aggregator: "
+                               "secagg, or remove session.secagg")
+    with pytest.raises(ConfigError, match="sets clip: 2.0, and session.aggregator_kwargs "
+                                          "sets it to 1.0: set it in one place"):
+        load_config(DIGITS, {"session.aggregator": "secagg",
+                             "session.aggregator_kwargs": {"clip": 1.0},
+                             "session.secagg": {"clip": 2.0}})
+    agreeing = load_config(DIGITS, {"session.aggregator": "secagg",
+                                    "session.aggregator_kwargs": {"clip": 1.0},
+                                    "session.secagg": {"clip": 1.0, "dropout": 0.2}})
+    assert agreeing.session.strategy_options == {"clip": 1.0, "dropout": 0.2}
 
 
 def test_options_already_given_keep_their_values_in_the_example():

@@ -177,7 +177,28 @@ def resolve_tier(c: FederationConfig, given: Any, blame: Blame) -> FederationCon
     return replace(c, combiners=replace(t, min=low, max=high, count=low))
 
 
-STRATEGY = ("session.aggregator", "session.aggregator_kwargs")
+STRATEGY = ("session.aggregator", "session.aggregator_kwargs", "session.secagg")
+BLOCKS = {"secagg": "session.secagg"}  # strategies whose options have a block of their own
+
+
+def _check_block(c: FederationConfig, blame: Blame) -> None:
+    """``session.secagg`` adds to ``aggregator_kwargs`` (``SessionConfig.strategy_options``):
+    a block for a strategy the session does not run is refused, not ignored, and so is
+    one option set in both to different values."""
+    s = c.session
+    if not s.secagg:
+        return
+    if s.aggregator != "secagg":
+        raise blame.among(("session.secagg", "session.aggregator"), "session.secagg",
+                          f"holds secagg's options, but session.aggregator is "
+                          f"{s.aggregator!r}: set session.aggregator: secagg, or remove "
+                          "session.secagg")
+    for key, value in s.secagg.items():
+        if key in s.aggregator_kwargs and s.aggregator_kwargs[key] != value:
+            raise blame.among(("session.secagg", "session.aggregator_kwargs"),
+                              "session.secagg", f"sets {key}: {value!r}, and "
+                              f"session.aggregator_kwargs sets it to "
+                              f"{s.aggregator_kwargs[key]!r}: set it in one place")
 
 
 def _check_placement(c: FederationConfig, blame: Blame) -> None:
@@ -213,10 +234,12 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
     if s.max_examples_per_update > 2**53:
         raise bad("session.max_examples_per_update", f"must be at most 2**53, got "
                   f"{s.max_examples_per_update}")
+    _check_block(c, blame)
     try:
         problem = options_problem(s.aggregator, strategy_class(s.aggregator),
-                                  s.aggregator_kwargs)
-        strategy = None if problem else make_strategy(s.aggregator, s.aggregator_kwargs)
+                                  s.strategy_options,
+                                  BLOCKS.get(s.aggregator, "session.aggregator_kwargs"))
+        strategy = None if problem else make_strategy(s.aggregator, s.strategy_options)
     except ConfigError as exc:
         raise blame.among(STRATEGY, "session.aggregator",
                           f"names no strategy that loads: {exc}") from None

@@ -59,19 +59,21 @@ def unknown_options(cls: type, given: Mapping[str, Any]) -> list[str]:
     return [k for k in given if k not in names]
 
 
-def options_problem(name: str, cls: type, given: Mapping[str, Any] | None) -> str:
-    """One line saying what is wrong with ``given`` for strategy ``name`` (``cls``), or ""."""
+def options_problem(name: str, cls: type, given: Mapping[str, Any] | None,
+                    where: str = "session.aggregator_kwargs") -> str:
+    """One line saying what is wrong with ``given`` for strategy ``name`` (``cls``), or "";
+    ``where`` is the config field the options are set in."""
     given = dict(given or {})
     params = _parameters(cls)
     unknown = unknown_options(cls, given)
     if unknown:
         known = [p.name for p in params or []]
         if not known:
-            return f"{name} takes no options; leave session.aggregator_kwargs empty " \
+            return f"{name} takes no options; leave {where} empty " \
                    f"(got {', '.join(unknown)})"
         close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else f"its options: {', '.join(known)}"
-        return f"{name} has no option {unknown[0]} in session.aggregator_kwargs ({hint})"
+        return f"{name} has no option {unknown[0]} in {where} ({hint})"
     missing = missing_options(cls, given)
     if not missing:
         return ""
@@ -83,8 +85,8 @@ def options_problem(name: str, cls: type, given: Mapping[str, Any] | None) -> st
         elif p.name in missing:
             example[p.name] = examples.get(p.name, _placeholder(p.annotation))
     names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
-    return (f"{name} needs session.aggregator_kwargs {names}, e.g. --set "
-            f"'session.aggregator_kwargs={flow_yaml(example)}'")
+    return (f"{name} needs {where} {names}, e.g. --set "
+            f"'{where}={flow_yaml(example)}'")
 
 
 def _placeholder(annotation: Any) -> Any:

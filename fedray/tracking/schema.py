@@ -71,6 +71,14 @@ class CombinerShare(TypedDict):
     aggregation_s: float
 
 
+class StageTraffic(TypedDict):
+    asked: int
+    replies: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+
 class Contribution(TypedDict):
     client_id: str
     base_version: int
@@ -108,6 +116,7 @@ class Round(TypedDict):
     codec: NotRequired[str]  # session.codec the round's updates were sent in
     bytes_in: NotRequired[int]  # update bytes the combiners received (all of them)
     bytes_out: NotRequired[int]  # model bytes the combiners served
+    stages: NotRequired[dict[str, StageTraffic]]  # the strategy's other stages (secagg's keys)
 
 
 class TensorSpec(TypedDict):
@@ -211,7 +220,7 @@ DOCUMENTS: dict[str, type] = {
     "packages": Package,
     "tokens": Token,
 }
-PARTS: tuple[type, ...] = (CombinerShare, Contribution, TensorSpec)  # sub-documents
+PARTS: tuple[type, ...] = (CombinerShare, StageTraffic, Contribution, TensorSpec)
 
 
 @functools.cache

@@ -97,9 +97,11 @@ class RoundShares:
                 share.failures[entry.client_id] = "offline when the round started"
                 share.settled.add(entry.client_id)
                 continue
+            payload = spec.payloads.get(entry.client_id, b"")
+            share.bytes_sent += len(payload)
             link.send(task_for(task_id, share, version, spec.config, deadline_unix,
                                (spec.package_sha256, spec.package_size),
-                               spec.payloads.get(entry.client_id, b""), declared.client_half,
+                               payload, declared.client_half,
                                codec_of(declared.layout) if spec.kind is TaskKind.TRAIN
                                else (spec.codec, spec.codec_options),
                                self.shelf.delta_of(version.model_id) if version else ("", 0)))
@@ -122,7 +124,7 @@ class RoundShares:
             asked=len(share.tasks), updates=share.accepted, rejected=sum(share.rejected.values()),
             failed=share.failed, close_reason=share.close_reason,
             seconds=time.monotonic() - share.started, bytes_in=share.bytes_in,
-            bytes_out=self.shelf.bytes_out - bytes_out_before,
+            bytes_out=self.shelf.bytes_out - bytes_out_before + share.bytes_sent,
             aggregation_s=share.aggregation_s, partial=partial, validations=share.validations,
             rejections=dict(share.rejected), metrics=share.metrics,
             failures=dict(share.failures), attempt=spec.attempt, stage=share.stage.name,
@@ -201,6 +203,7 @@ class RoundShares:
                         TaskKind.STAGE, stage=reply.stage)
         except UpdateRejected as exc:
             return False, str(exc)
+        share.bytes_in += len(reply.payload)
         most = share.stage.max_reply_bytes
         if len(reply.payload) > most:  # its task is answered, and refused: settle it
             share.rejected["too_large"] = share.rejected.get("too_large", 0) + 1

@@ -102,7 +102,8 @@ class Share:
     rejected: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     failures: dict[str, str] = field(default_factory=dict)  # client id -> why its task failed
-    bytes_in: int = 0
+    bytes_in: int = 0  # update bytes, and a STAGE share's reply bytes
+    bytes_sent: int = 0  # task payloads sent (the strategy's messages to its clients)
     aggregation_s: float = 0.0
     metrics: MetricSums = field(default_factory=MetricSums)
     validations: list[Any] = field(default_factory=list)

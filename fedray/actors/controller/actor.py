@@ -166,10 +166,10 @@ class Controller:
         tracking = TrackingCallback(self.observer)
         runner = SessionRunner(
             federation=self.config.federation, session_id=session_id, settings=s,
-            strategy=make_strategy(s.aggregator, s.aggregator_kwargs), pool=self.pool,
+            strategy=make_strategy(s.aggregator, s.strategy_options), pool=self.pool,
             store=self.store, callbacks=Callbacks([tracking, StatusCallback(status, self._on_change),
                                                    ReleaseAfterRounds()], flush=tracking.flush),
-            combiner_strategy=make_strategy(s.aggregator, s.aggregator_kwargs),
+            combiner_strategy=make_strategy(s.aggregator, s.strategy_options),
             package=(package_sha256, package_size), secret=self.secret)
         self.runners = {session_id: runner}
         self.sessions = {sid: task for sid, task in self.sessions.items() if not task.done()}

@@ -96,6 +96,7 @@ class RoundCommitted:
     mode: str = "sync"
     commit_mac: str = ""  # the controller's signature of what it committed
     codec: str = "none"  # session.codec: how the round's updates were sent
+    stages: dict[str, Any] = field(default_factory=dict)  # the non-train stages' traffic
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,8 @@ class TrackingCallback:
                   contributions=e.contributions, mode=e.mode, codec=e.codec,
                   bytes_in=sum(c.get("bytes_in", 0) for c in e.combiners.values()),
                   bytes_out=sum(c.get("bytes_out", 0) for c in e.combiners.values()),
-                  **({"commit_mac": e.commit_mac} if e.commit_mac else {}))
+                  **({"commit_mac": e.commit_mac} if e.commit_mac else {}),
+                  **({"stages": e.stages} if e.stages else {}))
             write("update_session", e.session_id, rounds_done=e.round, model_id=e.model_id)
             self.observer.round_committed(e.seconds)
             what = "version" if e.mode == "async" else "round"

@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from fedray.actors.controller.callbacks import SessionStatus
-from fedray.actors.controller.tier import CombinerTier, TierChange, TierError
+from fedray.actors.controller.tier import CombinerTier, TierChange
 from fedray.actors.metrics import TierMetrics
 from fedray.actors.scaling import Action, ScalingDecision, ScalingRules, TierSnapshot, decide
 from fedray.config import CombinersConfig
+from fedray.errors import TierError
 from fedray.states import SessionState
 
 log = logging.getLogger(__name__)

@@ -74,6 +74,7 @@ class Commit:
     lost_combiners: list[str] | None = None
     contributions: list[dict[str, Any]] | None = None
     mode: str = "sync"
+    stages: dict[str, dict[str, Any]] | None = None  # the non-train stages' traffic
 
 
 class Session:
@@ -194,7 +195,8 @@ class Session:
             time.monotonic() - facts.started, facts.reduce_s, state_id,
             facts.train_metrics or {}, facts.combiners or {}, facts.lost_combiners or [],
             self.report(), facts.contributions or [], facts.mode,
-            self.sign(number, new_id, state_id), self.settings.codec or "none"))
+            self.sign(number, new_id, state_id), self.settings.codec or "none",
+            facts.stages or {}))
         await self.callbacks.flush()  # committed: a restarted controller resumes after this
         self.rounds_done, self.model_id, self.state_id = number, new_id, state_id
         return new_id

@@ -91,6 +91,7 @@ class SyncRounds:
         state = RoundState(ctx, plan)
         results: list[RoundResult] = []
         lost: list[str] = []
+        stages: dict[str, dict[str, Any]] = {}  # traffic of the stages that are not training
         for stage in s.declaration.before_commit:
             try:
                 stage_plan = plan_stage(s, stage, state)
@@ -102,10 +103,13 @@ class SyncRounds:
                 state = state.with_trained({r.combiner: r.folded for r in results
                                             if r.partial is not None and r.updates})
             else:
-                state = await self._stage(number, attempt, stage, stage_plan, ref, parent_id,
-                                          state)
+                stage_started = time.monotonic()
+                state, stage_results = await self._stage(number, attempt, stage, stage_plan,
+                                                         ref, parent_id, state)
+                stages[stage.name] = stage_doc(stage_results, state, stage.name,
+                                               time.monotonic() - stage_started)
         return await self._commit(number, attempt, model, parent_id, started, plan, state,
-                                  results, lost)
+                                  results, lost, stages)
 
     async def _train(self, number: int, attempt: int, stage: Stage, plan: RoundPlan,
                      ref: Any, parent_id: str) -> tuple[list[RoundResult], list[str]]:
@@ -117,7 +121,8 @@ class SyncRounds:
             self.claims.close(number, attempt)
 
     async def _stage(self, number: int, attempt: int, stage: Stage, plan: RoundPlan,
-                     ref: Any, parent_id: str, state: RoundState) -> RoundState:
+                     ref: Any, parent_id: str, state: RoundState,
+                     ) -> tuple[RoundState, list[RoundResult]]:
         """A stage that is not training: its replies, or a failed attempt with too few."""
         with_model = stage.sends_model
         results, lost = await dispatch(self.s, number, stage, plan,
@@ -132,11 +137,12 @@ class SyncRounds:
             raise self._failed(number, attempt, f"stage {stage.name}: only {len(replies)} "
                                f"client(s) answered, {least} needed{gone}", combiners,
                                failures)
-        return state.with_replies(stage.name, replies)
+        return state.with_replies(stage.name, replies), results
 
     async def _commit(self, number: int, attempt: int, model: bytes, parent_id: str,
                       started: float, plan: RoundPlan, state: RoundState,
-                      results: list[RoundResult], lost: list[str]) -> bytes:
+                      results: list[RoundResult], lost: list[str],
+                      stages: dict[str, dict[str, Any]]) -> bytes:
         s = self.s
         updates = sum(r.updates for r in results)
         combiners = {r.combiner: combiner_doc(r) for r in results}
@@ -169,7 +175,7 @@ class SyncRounds:
         new_id = await s.commit(number, attempt, parent_id, new_model, Commit(
             started=started, updates=updates, rejected=sum(r.rejected for r in results),
             reduce_s=time.monotonic() - reduce_started, train_metrics=metrics.means(),
-            combiners=combiners, lost_combiners=lost))
+            combiners=combiners, lost_combiners=lost, stages=stages))
         if delta:
             s.delta = (new_id, parent_id, delta)
         record = {"round": number, "updates": updates, "model_id": new_id,
@@ -189,6 +195,15 @@ class SyncRounds:
             raise AttemptFailed(f"a kept update could not be read ({type(exc).__name__}: "
                                 f"{str(exc)[:200]}); its combiner may have died after it "
                                 "answered") from None
+
+
+def stage_doc(results: list[RoundResult], state: RoundState, name: str,
+              seconds: float) -> dict[str, Any]:
+    """A stage's traffic, as the round document records it (``rounds.stages``)."""
+    return {"asked": sum(r.asked for r in results),
+            "replies": len(state.replies.get(name, {})),
+            "bytes_in": sum(r.bytes_in for r in results),
+            "bytes_out": sum(r.bytes_out for r in results), "seconds": round(seconds, 4)}
 
 
 def failure_note(failures: Mapping[str, str]) -> str:

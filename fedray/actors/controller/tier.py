@@ -42,17 +42,13 @@ from fedray.bridge.auth import BridgeKeys
 from fedray.bridge.boundary import EventSink
 from fedray.bridge.tls import ServerTls
 from fedray.config import FederationConfig
-from fedray.errors import FedrayError
+from fedray.errors import TierError
 
 log = logging.getLogger(__name__)
 
 READY_S = 120.0  # an added combiner that is not serving by then is removed again
 GONE_S = 30.0  # a drained combiner's clients have left by then (or are left behind)
 POLL_S = 0.2  # how often a drain asks whether the drained combiner's clients are gone
-
-
-class TierError(FedrayError):
-    """The elastic tier could not add or drain a combiner."""
 
 
 @dataclass(frozen=True)

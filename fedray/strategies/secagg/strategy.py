@@ -108,8 +108,8 @@ class MaskedSum(Accumulator[MaskedPartial]):
 
 
 class SecAgg(Strategy[MaskedPartial, Unmasked]):
-    """Options (``session.aggregator_kwargs``): ``clip`` (required: the L2 norm, or per
-    value with ``clip_mode: coordinate``, each client's delta is clipped to),
+    """Options (``session.secagg``, or ``aggregator_kwargs``): ``clip`` (required: the L2
+    norm, or per value with ``clip_mode: coordinate``, each client's delta is clipped to),
     ``quantization_bits`` (16), ``threshold`` (shares that rebuild a secret; default:
     ``graph.plan``'s for ``dropout``), ``dropout`` (the fraction of clients a round must
     survive losing, 0.1), ``max_weight`` (the most examples one update counts for;
