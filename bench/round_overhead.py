@@ -248,7 +248,8 @@ def bench_config(args: argparse.Namespace, data_dir: Path, seed: Path) -> dict[s
         "combiners": {"count": args.combiners, "host": "127.0.0.1", "base_port": 0},
         "session": {"rounds": args.rounds, "aggregator": args.aggregator,
                     "clients_per_round": 1.0,
-                    "min_clients": args.clients, "round_timeout_s": args.round_timeout,
+                    "min_clients": args.clients, "min_updates": args.clients - dropped(args),
+                    "round_timeout_s": args.round_timeout,
                     "wait_for_clients_s": args.round_timeout, "validate": False,
                     **({"secagg": secagg_options(args)} if args.aggregator == "secagg" else {})},
     }

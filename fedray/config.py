@@ -94,6 +94,9 @@ class SessionConfig:
     secagg: dict = field(default_factory=dict)
     clients_per_round: float = 1.0  # a fraction (<= 1.0) or a count (> 1)
     min_clients: int = 2
+    # a round commits with this many updates at least (0: min_clients): rounds wait for
+    # min_clients online and ask them all, and clients that drop out do not fail the round
+    min_updates: int = 0
     round_timeout_s: float = 120.0
     round_attempts: int = 3  # a round with too few updates runs again, up to this many times
     wait_for_clients_s: float = 600.0

@@ -127,6 +127,10 @@ def test_a_robust_strategy_with_a_fraction_of_many_clients_loads_its_rounds_are_
     ("{aggregator: bulyan, buffer_size: 6}",  # bulyan with f=1 needs 4f + 3 = 7
      "session.buffer_size (6) closes rounds before the 7 updates 'bulyan' needs per round can "
      "arrive; raise it"),
+    ("{min_clients: 3, min_updates: 4}",
+     "session.min_updates must be at most session.min_clients (3, the clients a round waits "
+     "for), got 4: lower it, or leave it 0 (a round then needs min_clients updates)"),
+    ("{min_updates: -1}", "session.min_updates must be 0 or more, got -1"),
 ])
 def test_only_round_bounds_that_can_never_work_are_refused_at_load(tmp_path, session, message):
     path = _write(tmp_path, MINIMAL + f"session: {session}\n")

@@ -141,10 +141,21 @@ def test_a_client_dropping_after_its_masked_input_is_still_in_the_exact_sum(fede
 def test_a_client_dropping_before_its_masked_input_leaves_the_others_exact_sum(federation):
     fed, store, seed_id, fleet, fails, *_ = federation
     fails.add("c")  # c shares its keys, then is gone: its pairwise masks are taken away
-    try:
-        status = run(federation, rounds=1, min_clients=3)
+    try:  # the round waits for all 4 and commits with the 3 left (session.min_updates)
+        status = run(federation, rounds=1, min_clients=4, min_updates=3)
     finally:
         fails.clear()
     assert status["state"] == "finished", str(status)[:3000]
     final = decode(store.get(status["model_id"]))
     np.testing.assert_array_equal(final["w"], expected_after(1, {"a", "b", "d"})["w"])
+
+
+def test_without_min_updates_a_dropout_fails_the_round_that_needs_every_client(federation):
+    fed, store, seed_id, fleet, fails, *_ = federation
+    fails.add("c")
+    try:
+        status = run(federation, rounds=1, min_clients=4, round_attempts=1)
+    finally:
+        fails.clear()
+    assert status["state"] == "failed"
+    assert "only 3 update(s) arrived, session.min_clients is 4" in status["reason"], status

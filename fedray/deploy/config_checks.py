@@ -220,10 +220,16 @@ def _check_session(c: FederationConfig, blame: Blame) -> None:
 
     bad = blame.error
     s = c.session
-    nonnegative = {"session.buffer_size": s.buffer_size, "session.over_select": s.over_select}
+    nonnegative = {"session.buffer_size": s.buffer_size, "session.over_select": s.over_select,
+                   "session.min_updates": s.min_updates}
     for where, value in nonnegative.items():
         if value < 0:
             raise bad(where, f"must be 0 or more, got {value}")
+    if s.min_updates > s.min_clients:
+        raise blame.among(("session.min_updates", "session.min_clients"), "session.min_updates",
+                          f"must be at most session.min_clients ({s.min_clients}, the "
+                          f"clients a round waits for), got {s.min_updates}: lower it, or "
+                          "leave it 0 (a round then needs min_clients updates)")
     for where, value in {"session.max_examples_per_update": s.max_examples_per_update,
                          "session.max_kept_updates": s.max_kept_updates,
                          "session.max_update_norm": s.max_update_norm,

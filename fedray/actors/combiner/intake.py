@@ -47,6 +47,10 @@ MIN_UPLOAD_BYTES_PER_S = 64 * 1024  # an upload slower than this on average is c
 CHUNK_BYTES_PER_PART = 1024  # an upload may come in size / this (+ CHUNK_SLACK) parts at most
 CHUNK_SLACK = 16
 REJECTIONS_PER_S = 1.0  # rejection events recorded per client (bursts of 30 s' worth)
+# Refusals counted but not taken as the client's answer: a stream that ends before its
+# bytes do is also what gRPC shows a handler when it drops the call (an oversized message,
+# a reset), so the client may send its update again.
+LEAVES_TASK_OPEN = frozenset({"truncated"})
 
 
 ShareLookup = Callable[[str], Share]  # session id -> the open share (UpdateRejected: none)
@@ -309,4 +313,5 @@ class UpdateIntake:
         if entry is None or entry.client_id != header.client_id:
             return  # a foreign task: nothing of the open share changes
         share.rejected[exc.reason] = share.rejected.get(exc.reason, 0) + 1
-        self._settle(share, header.client_id, False)
+        if exc.reason not in LEAVES_TASK_OPEN:
+            self._settle(share, header.client_id, False)

@@ -94,6 +94,9 @@ class Session:
         self.min_clients = max(settings.min_clients, self.declaration.min_updates)
         self.round_settings = settings if self.min_clients == settings.min_clients \
             else replace(settings, min_clients=self.min_clients)  # what configure sees
+        # ...and commits with session.min_updates of them, when that is set (dropouts)
+        self.min_updates = max(settings.min_updates, self.declaration.min_updates) \
+            if settings.min_updates else self.min_clients
         self.pool = pool
         self.store = store
         self.callbacks = callbacks
@@ -124,6 +127,16 @@ class Session:
             return f"session.min_clients is {configured}"
         return (f"{self.settings.aggregator!r} needs {self.min_clients} per round "
                 f"(session.min_clients is {configured})")
+
+    @property
+    def min_updates_rule(self) -> str:
+        """Where the fewest updates a round commits with comes from, for messages."""
+        if not self.settings.min_updates:
+            return self.min_clients_rule
+        if self.min_updates == self.settings.min_updates:
+            return f"session.min_updates is {self.min_updates}"
+        return (f"{self.settings.aggregator!r} needs {self.min_updates} per round "
+                f"(session.min_updates is {self.settings.min_updates})")
 
     # ----------------------------------------------------------------- what happens
 

@@ -129,7 +129,7 @@ class SyncRounds:
                                        ref if with_model else None,
                                        parent_id if with_model else "", attempt)
         replies = replies_of(results, stage)
-        least = stage.least(self.s.min_clients)
+        least = stage.least(self.s.min_updates)
         if len(replies) < least:
             failures = {cid: why for r in results for cid, why in r.failures.items()}
             combiners = {r.combiner: combiner_doc(r) for r in results}
@@ -148,9 +148,9 @@ class SyncRounds:
         combiners = {r.combiner: combiner_doc(r) for r in results}
         failures = {cid: why for r in results for cid, why in r.failures.items()}
         train = s.declaration.train
-        least = max(train.least(s.min_clients), s.declaration.min_updates)
+        least = max(train.least(s.min_updates), s.declaration.min_updates)
         verdict = round_verdict(updates, least, lost,
-                                s.min_clients_rule if least == s.min_clients else "")
+                                s.min_updates_rule if least == s.min_updates else "")
         if not verdict.ok:
             raise self._failed(number, attempt, verdict.reason + failure_note(failures),
                                combiners, failures)
